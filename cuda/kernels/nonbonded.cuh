@@ -1,0 +1,165 @@
+// Lennard-Jones + Coulomb, no cutoff, as OpenMM's NonbondedForce(NoCutoff) and
+// timemachine/potentials/nonbonded.py: all pairs with a pair mask (exclusions), plus the
+// scaled 1-4 exceptions (a pair list, evaluated by bonded.cuh with the same pair scalars).
+//
+//   φ(r) = 4 ε (s¹² - s⁶) + C qq / r,   s = σ/r,  σ = (σ_i + σ_j)/2,
+//   ε = lj_scale √ε_i √ε_j,  qq = coulomb_scale q_i q_j    (√ with derivative 0 at 0)
+//
+// Pair Hessian block (DESIGN.md): ∂g_i/∂x_j = -(A d dᵀ + B I), A = (φ'' - φ'/r)/r², B = φ'/r.
+// ζ for tangent p at atom i: Σ_j A d (d·δ) + B δ + ∂φ'/∂θ_p d/r, δ = t_pi - t_pj, d = x_i - x_j.
+#pragma once
+#include "tm_common.cuh"
+
+namespace tmk {
+
+// φ, φ', φ'' and, per channel c = (q_i, q_j, σ_i, σ_j, ε_i, ε_j), ∂φ/∂c and ∂φ'/∂c
+struct PairScalars {
+  double e, d1, d2;
+  double de[6];
+  double dd1[6];
+};
+
+TM_HD double safe_sqrt_derivative(double eps, double sqrt_eps) {
+  return eps > 0.0 ? 0.5 / sqrt_eps : 0.0;
+}
+
+TM_HD PairScalars lj_coulomb_pair(double r, double qi, double qj, double si, double sj,
+                                  double ei, double ej, double coulomb_scale, double lj_scale) {
+  PairScalars o;
+  const double inv_r = 1.0 / r, inv_r2 = inv_r * inv_r;
+  const double s = 0.5 * (si + sj) * inv_r;
+  const double s2 = s * s, s5 = s2 * s2 * s, s6 = s5 * s, s11 = s5 * s6, s12 = s6 * s6;
+  const double rei = tm_safe_sqrt(ei), rej = tm_safe_sqrt(ej);
+  const double eps = lj_scale * rei * rej;
+  const double cq = COULOMB * coulomb_scale;
+  const double coul = cq * qi * qj * inv_r;
+  const double lj0 = 4.0 * (s12 - s6);                  // φ_LJ per unit ε
+  const double lj1 = 4.0 * (6.0 * s6 - 12.0 * s12) * inv_r;  // ∂φ_LJ/∂r per unit ε
+  o.e = eps * lj0 + coul;
+  o.d1 = eps * lj1 - coul * inv_r;
+  o.d2 = (4.0 * eps * (156.0 * s12 - 42.0 * s6) + 2.0 * coul) * inv_r2;
+  // charges
+  o.de[0] = cq * qj * inv_r;
+  o.de[1] = cq * qi * inv_r;
+  o.dd1[0] = -cq * qj * inv_r2;
+  o.dd1[1] = -cq * qi * inv_r2;
+  // σ_i and σ_j enter through σ = (σ_i + σ_j)/2: ∂s/∂σ_i = 1/(2r)
+  const double ds = 2.0 * eps * (12.0 * s11 - 6.0 * s5) * inv_r;
+  const double dds = 2.0 * eps * (36.0 * s5 - 144.0 * s11) * inv_r2;
+  o.de[2] = o.de[3] = ds;
+  o.dd1[2] = o.dd1[3] = dds;
+  // ε_i, ε_j through √ε
+  const double dsi = lj_scale * safe_sqrt_derivative(ei, rei) * rej;
+  const double dsj = lj_scale * safe_sqrt_derivative(ej, rej) * rei;
+  o.de[4] = lj0 * dsi;
+  o.de[5] = lj0 * dsj;
+  o.dd1[4] = lj1 * dsi;
+  o.dd1[5] = lj1 * dsj;
+  return o;
+}
+
+// ------------------------------------------------------------ all-pairs kernel bodies
+struct NonbondedArgs {
+  const double* x;           // (N, 3)
+  const double* charge;      // (N,) e
+  const double* sigma;       // (N,) nm
+  const double* epsilon;     // (N,) kJ/mol
+  const i32* slot_q;     // (N,) tangent p of atom i's charge type, or -1
+  const i32* slot_sig;   // (N,)
+  const i32* slot_eps;   // (N,)
+  const u32* mask;      // (N, W) bit j%32 of word j/32: pair (i, j) interacts
+  const double* dx;          // (P, N, 3)
+  double* energy;            // (N,) ½ Σ_j φ_ij, or null
+  double* grad;              // (N, 3) accumulated (+=), or null
+  double* dedp;              // (N, 3) Σ_j ∂φ_ij/∂(q_i, σ_i, ε_i), or null
+  double* zeta;              // (P, N, 3) accumulated (+=)
+  i64 n_atoms;
+  i64 n_words;
+  i64 n_params;
+};
+
+TM_HD bool pair_on(const u32* mask, i64 n_words, i64 i, i64 j) {
+  return (mask[i * n_words + (j >> 5)] >> (j & 31)) & 1u;
+}
+
+// thread i: row i of the pair sum (energy, gradient, ∂E/∂ per-atom parameters)
+TM_HD void nonbonded_primal_body(i64 i, const NonbondedArgs& a) {
+  if (i >= a.n_atoms) return;
+  const double xi0 = a.x[3 * i], xi1 = a.x[3 * i + 1], xi2 = a.x[3 * i + 2];
+  const double qi = a.charge[i], si = a.sigma[i], ei = a.epsilon[i];
+  double e = 0.0, g0 = 0.0, g1 = 0.0, g2 = 0.0, dq = 0.0, ds = 0.0, de = 0.0;
+  for (i64 j = 0; j < a.n_atoms; ++j) {
+    if (j == i || !pair_on(a.mask, a.n_words, i, j)) continue;
+    const double d0 = xi0 - a.x[3 * j], d1 = xi1 - a.x[3 * j + 1], d2 = xi2 - a.x[3 * j + 2];
+    const double r = tm_sqrt(d0 * d0 + d1 * d1 + d2 * d2);
+    const PairScalars s =
+        lj_coulomb_pair(r, qi, a.charge[j], si, a.sigma[j], ei, a.epsilon[j], 1.0, 1.0);
+    const double b = s.d1 / r;
+    e += s.e;
+    g0 += b * d0;
+    g1 += b * d1;
+    g2 += b * d2;
+    dq += s.de[0];
+    ds += s.de[2];
+    de += s.de[4];
+  }
+  if (a.energy) a.energy[i] = 0.5 * e;
+  if (a.grad) {
+    a.grad[3 * i] += g0;
+    a.grad[3 * i + 1] += g1;
+    a.grad[3 * i + 2] += g2;
+  }
+  if (a.dedp) {
+    a.dedp[3 * i] = dq;
+    a.dedp[3 * i + 1] = ds;
+    a.dedp[3 * i + 2] = de;
+  }
+}
+
+// thread (i, chunk): ζ of atom i for tangents p = chunk·PCHUNK ... (+PCHUNK); the pair
+// scalars are computed once per pair and contracted with the chunk's tangents in registers
+TM_HD void nonbonded_zeta_body(i64 i, i64 chunk, const NonbondedArgs& a) {
+  if (i >= a.n_atoms) return;
+  const i64 p0 = chunk * PCHUNK;
+  if (p0 >= a.n_params) return;
+  const int np = (int)((a.n_params - p0) < PCHUNK ? (a.n_params - p0) : PCHUNK);
+  double ti[PCHUNK][3], z[PCHUNK][3];
+  for (int c = 0; c < PCHUNK; ++c)
+    for (int k = 0; k < 3; ++k) {
+      ti[c][k] = c < np ? a.dx[3 * ((p0 + c) * a.n_atoms + i) + k] : 0.0;
+      z[c][k] = 0.0;
+    }
+  const double xi0 = a.x[3 * i], xi1 = a.x[3 * i + 1], xi2 = a.x[3 * i + 2];
+  const double qi = a.charge[i], si = a.sigma[i], ei = a.epsilon[i];
+  const int sqi = a.slot_q[i], ssi = a.slot_sig[i], sei = a.slot_eps[i];
+  for (i64 j = 0; j < a.n_atoms; ++j) {
+    if (j == i || !pair_on(a.mask, a.n_words, i, j)) continue;
+    const double d[3] = {xi0 - a.x[3 * j], xi1 - a.x[3 * j + 1], xi2 - a.x[3 * j + 2]};
+    const double r = tm_sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
+    const PairScalars s =
+        lj_coulomb_pair(r, qi, a.charge[j], si, a.sigma[j], ei, a.epsilon[j], 1.0, 1.0);
+    const double inv_r = 1.0 / r;
+    const double B = s.d1 * inv_r;
+    const double A = (s.d2 - s.d1 * inv_r) * inv_r * inv_r;
+    const int sqj = a.slot_q[j], ssj = a.slot_sig[j], sej = a.slot_eps[j];
+    for (int c = 0; c < PCHUNK; ++c) {
+      if (c >= np) break;
+      const int p = (int)(p0 + c);
+      const double* tj = a.dx + 3 * ((p0 + c) * a.n_atoms + j);
+      const double dl[3] = {ti[c][0] - tj[0], ti[c][1] - tj[1], ti[c][2] - tj[2]};
+      double mix = 0.0;
+      if (sqi == p) mix += s.dd1[0];
+      if (sqj == p) mix += s.dd1[1];
+      if (ssi == p) mix += s.dd1[2];
+      if (ssj == p) mix += s.dd1[3];
+      if (sei == p) mix += s.dd1[4];
+      if (sej == p) mix += s.dd1[5];
+      const double ad = A * (d[0] * dl[0] + d[1] * dl[1] + d[2] * dl[2]) + mix * inv_r;
+      for (int k = 0; k < 3; ++k) z[c][k] += ad * d[k] + B * dl[k];
+    }
+  }
+  for (int c = 0; c < np; ++c)
+    for (int k = 0; k < 3; ++k) a.zeta[3 * ((p0 + c) * a.n_atoms + i) + k] += z[c][k];
+}
+
+}  // namespace tmk

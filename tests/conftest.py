@@ -1,0 +1,46 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+VILLIN_PDB = os.path.join(
+    os.path.dirname(__import__("openmm.app").app.__file__), "data", "test.pdb"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import cupy
+
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CuPy")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trialanine():
+    """(topology, positions nm) of zwitterionic Ala-Ala-Ala, 33 atoms, built by PeptideBuilder."""
+    import timemachine as tm
+
+    return tm.build_peptide("AAA")
+
+
+@pytest.fixture(scope="session")
+def villin():
+    """(topology, positions nm) of the villin headpiece in OpenMM's test.pdb, solvent removed."""
+    import openmm.app as app
+
+    import timemachine as tm
+
+    pdb = app.PDBFile(VILLIN_PDB)
+    top, x = tm.strip_solvent(pdb.topology, pdb.positions)
+    assert np.isfinite(x).all()
+    return top, x

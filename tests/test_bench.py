@@ -1,0 +1,139 @@
+"""Smoke test of the benchmark suite on tiny settings: the JSON schema, the report files,
+and that each method's relative error is taken against timemachine's own dx/dθ."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from timemachine.bench import Settings, derivatives, run_suite, write_report
+from timemachine.bench.derivatives import DerivativeSettings, relative_error, run_method
+from timemachine.bench.systems import load_case, torsion_k_map
+
+TINY = Settings(
+    plain_md={"trialanine-vacuum": 20},
+    openmm_platforms=("Reference", "CPU"),
+    derivatives=(("trialanine-vacuum", 3, 20),),
+    derivative_methods=("timemachine", "openmm-fd"),
+    isolate=False,
+    scaling_p=(),
+    scaling_n_cases=(),
+    memory_case="trialanine-vacuum",
+    memory_p=3,
+    agreement_steps=20,
+)
+
+
+# about 35 s of CPU; over a minute of wall time when the 2 cores are shared
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """The tiny suite, with each dx/dθ method's raw result kept on the side."""
+    out = tmp_path_factory.mktemp("bench")
+    arrays = {}
+
+    def keep(settings, method):
+        record, value = run_method(settings, method)
+        arrays[method] = value
+        return record, value
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(derivatives, "run_method", keep)
+        result = run_suite(TINY, log=lambda msg: None)
+    paths = write_report(result, out, out / "tiny.json")
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    return result, paths, data, arrays
+
+
+def test_json_schema_and_files(suite):
+    _, paths, data, _ = suite
+    assert data["schema"] == "timemachine.bench/1"
+    assert set(data) >= {"settings", "environment", "plain_md", "derivatives", "scaling", "goals"}
+    assert data["environment"]["cpu_count"] >= 1
+    engines = {r["engine"] for r in data["plain_md"]}
+    assert engines == {"timemachine (JAX)", "OpenMM Reference", "OpenMM CPU"}
+    for r in data["plain_md"]:
+        assert r["case"] == "trialanine-vacuum" and r["n_atoms"] == 33
+        assert r["us_per_step"] > 0 and np.isfinite(r["ratio_to_timemachine"])
+    for g in data["goals"]:
+        assert set(g) == {"goal", "measured", "target", "met", "detail"}
+    trialanine_goal = next(g for g in data["goals"] if g["goal"].startswith("trialanine vacuum"))
+    assert trialanine_goal["met"] == (trialanine_goal["measured"] <= 2.0)
+    mem = data["scaling"]["memory"]
+    assert [m["method"] for m in mem][0] == "exact"
+    for m in mem:  # the formula matches what the propagation state really holds
+        assert m["allocated_bytes"] == m["expected_bytes"]
+    with open(paths["markdown"]) as f:
+        text = f.read()
+    assert "| system | atoms | engine |" in text and "openmm-fd" in text
+    assert {os.path.basename(p) for p in paths["plots"]} >= {"plain_md.png", "derivatives.png"}
+
+
+def test_same_trajectory_as_openmm_reference(suite):
+    """Noise-free, ours and OpenMM's LangevinIntegrator follow the same trajectory from the
+    same start: the timings compare like with like."""
+    result, _, _, _ = suite
+    ours = next(r for r in result["plain_md"] if r["engine"] == "timemachine (JAX)")
+    # OpenMM 8's LangevinIntegrator is not bitwise eqs. 3-4 (2e-6 nm apart after one
+    # noise-free step); a different force field or T/γ/δt would be far further apart
+    assert ours["max_dx_vs_reference_nm"] < 1e-4
+
+
+def test_relative_errors_against_ours(suite):
+    result, _, _, _ = suite
+    by = {r["method"]: r for r in result["derivatives"]}
+    assert by["timemachine"]["rel_error_vs_timemachine"] == 0.0
+    assert by["timemachine"]["speedup_of_timemachine"] == 1.0
+    fd = by["openmm-fd"]
+    assert fd["P"] == 3 and fd["trajectories"] == 6
+    # FD in OpenMM's mixed precision differentiates the same trajectory: small, not zero
+    assert 0.0 < fd["rel_error_vs_timemachine"] < 1e-2
+    assert fd["speedup_of_timemachine"] == pytest.approx(fd["time_s"] / by["timemachine"]["time_s"])
+
+
+def test_fd_error_is_taken_against_our_dx_dtheta(suite):
+    result, _, _, arrays = suite
+    ours, fd = arrays["timemachine"], arrays["openmm-fd"]
+    assert ours.shape == fd.shape == (3, 33, 3)
+    assert np.abs(ours).max() > 0
+    record = next(r for r in result["derivatives"] if r["method"] == "openmm-fd")
+    expected = np.linalg.norm(fd - ours) / np.linalg.norm(ours)
+    assert record["rel_error_vs_timemachine"] == pytest.approx(expected, rel=1e-12)
+    assert relative_error(ours, ours) == 0.0
+
+
+def test_torsion_map_covers_every_openmm_torsion():
+    import openmm as mm
+
+    case = load_case("trialanine-vacuum")
+    force = next(
+        f for f in case.openmm_system.getForces() if isinstance(f, mm.PeriodicTorsionForce)
+    )
+    keys = [tuple(force.getTorsionParameters(t)[:5]) for t in range(force.getNumTorsions())]
+    wrt = case.system.select("torsion/*/k*")
+    owners = torsion_k_map(case.system, keys, wrt)
+    # every barrier type owns at least one entry, and the entries carry its value
+    theta = np.asarray(case.system.params)
+    for p, idx in zip(wrt, owners, strict=True):
+        assert idx.size > 0
+        for t in idx:
+            k = force.getTorsionParameters(int(t))[6].value_in_unit(
+                __import__("openmm.unit").unit.kilojoule_per_mole
+            )
+            assert k == pytest.approx(theta[p], rel=1e-12)
+
+
+def test_unknown_case_is_named():
+    from timemachine.errors import InputError
+
+    with pytest.raises(InputError, match="villin-water"):
+        load_case("villin-water")
+    with pytest.raises(InputError, match="n_params = 999"):
+        run_method(
+            dataclasses.replace(DerivativeSettings("trialanine-vacuum", 999, 5)), "timemachine"
+        )

@@ -1,0 +1,48 @@
+"""The main job runs end to end and leaves complete output files."""
+
+import json
+import os
+
+from timemachine.cli import main
+
+
+def test_run_writes_trajectory_summary_and_plot(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["run", "--time", "0.4", "--save-interval", "0.02", "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_atoms"] == 33 and summary["n_steps"] == 400
+    assert 100.0 < summary["mean_temperature_K_second_half"] < 600.0
+    models = (out / "trajectory.pdb").read_text().count("\nMODEL")
+    assert models == 20
+    assert (out / "energy_temperature.png").stat().st_size > 10_000
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    rc = main(["run", "--pdb", str(tmp_path / "missing.pdb"), "--out", str(tmp_path)])
+    assert rc == 1
+    assert "missing.pdb" in capsys.readouterr().err
+
+
+def test_fit_writes_history_xml_plots_and_resumes(tmp_path):
+    out = tmp_path / "fit"
+    rc = main(["fit", "--quick", "--out", str(out), "--quiet"])
+    assert rc == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["epochs"]) == 2
+    assert history["param_names"] == ["torsion/C-N-CT-C/k3", "torsion/C-N-CT-C/k2"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["original"] == [1.75728, 1.12968]
+    import openmm.app as app
+
+    app.ForceField(str(out / "fitted.xml"))  # OpenMM reads what was written
+    for name in ("loss.png", "observables.png", "parameters.png"):
+        assert (out / name).stat().st_size > 5000
+    assert len(json.loads((out / "targets.json").read_text())["targets"]) == 5
+    # one more epoch continues from the checkpoint instead of starting over
+    rc = main(["fit", "--quick", "--epochs", "3", "--resume", "--out", str(out), "--quiet"])
+    assert rc == 0
+    again = json.loads((out / "history.json").read_text())
+    assert again["epochs"][:2] == history["epochs"] and len(again["epochs"]) == 3
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]

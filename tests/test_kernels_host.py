@@ -1,0 +1,382 @@
+"""The CUDA kernels' maths, built for the CPU, against the JAX reference.
+
+Every kernel body in cuda/kernels/*.cuh is compiled for the host (timemachine.backends.host)
+and driven by the same launch sequence the GPU backend issues (backends.plan.Pipeline).
+Each potential is checked on its own (a System with that one term) on random inputs that
+exercise every parameter channel, and on real ones (trialanine with OBC2, villin in
+vacuum): energy, gradient, ∂E/∂θ (jax.grad) and ζ (zeta_reference: one jvp of ∇E per
+parameter), to 1e-12 relative (max-abs error over max-abs value of each array).
+Then whole Langevin runs through tm.simulate(backend="cuda") on the host build against
+backend="jax": noise-free, and with the CUDA noise stream fed to a JAX loop.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine.backends import cupy_backend, noise
+from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
+from timemachine.backends.plan import DTYPES, PCHUNK, Pipeline, build_plan
+from timemachine.sensitivity.zeta import make_gradient_and_zeta, zeta_reference
+from timemachine.system import (
+    OBC2,
+    HarmonicAngles,
+    HarmonicBonds,
+    Nonbonded,
+    PeriodicTorsions,
+    System,
+)
+
+pytestmark = pytest.mark.skipif(host_compiler() is None, reason="needs a host C++ compiler")
+
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def executor():
+    t0 = time.perf_counter()
+    ex = HostExecutor(load_host_library())
+    print(f"host build + load: {time.perf_counter() - t0:.1f} s")
+    return ex
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
+
+
+def kernel_results(executor, system, x, wrt, dx):
+    """(E, ∇E, ∂E/∂θ, ζ) from the host-built kernels."""
+    pl = Pipeline(build_plan(system, wrt), executor, system.params)
+    pl.x[...] = x
+    pl.dx[...] = dx
+    e = pl.energy()
+    g = pl.grad.copy()
+    pl.zeta_pass()
+    z = pl.zeta.copy()
+    pl.dedtheta_pass()
+    return e, g, pl.dedtheta.copy(), z
+
+
+def reference_results(system, x, wrt, dx):
+    ef = system.energy_fn()
+    xj, th = jnp.asarray(x), jnp.asarray(system.params)
+    e = float(ef(xj, th))
+    g = np.asarray(jax.grad(ef)(xj, th))
+    d = np.asarray(jax.grad(ef, argnums=1)(xj, th))
+    z = np.asarray(zeta_reference(ef, xj, th, jnp.asarray(dx), np.asarray(wrt)))
+    return e, g, d, z
+
+
+def compare(executor, system, x, wrt, dx, label):
+    got = kernel_results(executor, system, x, wrt, dx)
+    ref = reference_results(system, x, wrt, dx)
+    errs = [abs(got[0] - ref[0]) / max(abs(ref[0]), 1e-300)] + [
+        rel(a, b) for a, b in zip(got[1:], ref[1:], strict=True)
+    ]
+    print(
+        f"{label}: rel err E {errs[0]:.1e}  ∇E {errs[1]:.1e}  ∂E/∂θ {errs[2]:.1e}  ζ {errs[3]:.1e}"
+    )
+    for name, err in zip(("energy", "gradient", "dE/dθ", "ζ"), errs, strict=True):
+        assert err < TOL, f"{label}: {name} relative error {err:.2e}"
+    # the references are not trivially zero
+    assert abs(ref[0]) > 0 and np.abs(ref[1]).max() > 0 and np.abs(ref[3]).max() > 0
+    return errs
+
+
+def single_terms(system):
+    """One System per term kind (the term-by-term comparison)."""
+    return [
+        (t.kind, System(system.masses, [t], system.param_names, system.params))
+        for t in system.terms
+    ]
+
+
+# --------------------------------------------------------------------------- layout, noise
+
+
+def test_struct_layouts_and_chunk_match_the_headers(executor):
+    lib = executor.lib
+    for name, dtype in DTYPES.items():
+        assert lib.tm_sizeof(name.encode()) == dtype.itemsize, name
+    assert lib.tm_pchunk() == PCHUNK
+
+
+def test_philox_known_answers_and_numpy_port(executor):
+    # Random123 kat_vectors for philox4x32_10
+    cases = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        (
+            [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+            [0xA4093822, 0x299F31D0],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ),
+    ]
+    for ctr, key, want in cases:
+        c = np.array(ctr, dtype=np.uint32)
+        k = np.array(key, dtype=np.uint32)
+        out = np.zeros(4, dtype=np.uint32)
+        executor.lib.tm_philox4x32_10(c.ctypes.data, k.ctypes.data, out.ctypes.data)
+        assert out.tolist() == want
+        assert noise.philox4x32_10(c[None], k)[0].tolist() == want
+    # the per-atom normals: C++ and NumPy give the same stream; it is standard normal
+    for seed, step, replica in [(0, 0, 0), (2**40 + 7, 2**33 + 5, 3)]:
+        host = np.zeros((50, 3))
+        executor.lib.tm_normals(seed, step, replica, 50, host.ctypes.data)
+        np.testing.assert_allclose(
+            host, noise.philox_normal(seed, step, 50, replica), rtol=1e-14, atol=1e-15
+        )
+    draws = np.concatenate([noise.philox_normal(1, t, 2000) for t in range(5)]).reshape(-1)
+    assert abs(draws.mean()) < 0.02 and abs(draws.std() - 1.0) < 0.02
+    assert abs(np.mean(draws**4) - 3.0) < 0.1  # Gaussian kurtosis
+    assert not np.array_equal(noise.philox_normal(1, 0, 10), noise.philox_normal(1, 1, 10))
+    assert not np.array_equal(noise.philox_normal(1, 0, 10, 0), noise.philox_normal(1, 0, 10, 1))
+
+
+# --------------------------------------------------------------------------- random inputs
+
+
+def random_system(seed=0, n=14):
+    """Every term kind on random, well-separated atoms, with every parameter used."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    x = grid[rng.permutation(len(grid))[:n]] * 0.17 + rng.normal(scale=0.02, size=(n, 3))
+    names, values = [], []
+
+    def typed(kind, count, fields, low_high):
+        start = len(values)
+        for t in range(count):
+            for f, (lo, hi) in zip(fields, low_high, strict=True):
+                names.append(f"{kind}/T{t}/{f}")
+                values.append(rng.uniform(lo, hi))
+        return np.arange(start, len(values)).reshape(count, len(fields))
+
+    bt = typed("bond", 3, ("length", "k"), [(0.1, 0.2), (1e4, 3e5)])
+    at = typed("angle", 2, ("theta0", "k"), [(1.7, 2.1), (200, 600)])
+    tt = typed("torsion", 3, ("phase", "k"), [(0, 3.1), (0.5, 8)])
+    it = typed("improper", 2, ("phase", "k"), [(0, 3.1), (1, 4)])
+    qt = typed("charge", 4, ("q",), [(-0.8, 0.8)])
+    st = typed("sigma", 3, ("sigma",), [(0.1, 0.35)])
+    et = typed("epsilon", 3, ("epsilon",), [(0.05, 0.9)])
+    values[et[0, 0]] = 0.0  # ε = 0 (amber hydrogens): the safe-sqrt branch
+    gt = typed("gb", 3, ("radius", "scale"), [(0.12, 0.2), (0.7, 0.9)])
+
+    def pick(k, count):
+        return np.array([rng.choice(n, size=k, replace=False) for _ in range(count)])
+
+    bidx, btype = pick(2, 10), rng.integers(0, 3, 10)
+    aidx, atype = pick(3, 8), rng.integers(0, 2, 8)
+    tidx, ttype = pick(4, 9), rng.integers(0, 3, 9)
+    iidx, itype = pick(4, 4), rng.integers(0, 2, 4)
+    q_of, s_of, e_of, g_of = (rng.integers(0, c, n) for c in (4, 3, 3, 3))
+    mask = rng.random((n, n)) < 0.8
+    mask = np.triu(mask, 1)
+    mask = mask | mask.T
+    off = np.argwhere(np.triu(~mask, 1))
+    exc = off[rng.permutation(len(off))[:6]]
+    terms = [
+        HarmonicBonds(bidx, bt[btype, 0], bt[btype, 1]),
+        HarmonicAngles(aidx, at[atype, 0], at[atype, 1]),
+        PeriodicTorsions(tidx, rng.integers(1, 5, 9), tt[ttype, 0], tt[ttype, 1], "torsion"),
+        PeriodicTorsions(iidx, np.full(4, 2), it[itype, 0], it[itype, 1], "improper"),
+        Nonbonded(
+            qt[q_of, 0],
+            st[s_of, 0],
+            et[e_of, 0],
+            mask,
+            exc,
+            rng.uniform(0.5, 0.9, len(exc)),
+            rng.uniform(0.4, 0.6, len(exc)),
+        ),
+        OBC2(qt[q_of, 0], gt[g_of, 0], gt[g_of, 1]),
+    ]
+    system = System(rng.uniform(1, 16, n), terms, names, values)
+    return system, x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_potential_matches_jax_on_random_inputs(executor, seed):
+    system, x = random_system(seed)
+    rng = np.random.default_rng(100 + seed)
+    wrt = np.arange(system.n_params)  # every channel of every term
+    dx = rng.normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
+    assert wrt.size > PCHUNK and wrt.size % PCHUNK  # several chunks, a partial last one
+    for kind, single in single_terms(system):
+        compare(executor, single, x, wrt, dx, f"random{seed} {kind}")
+    compare(executor, system, x, wrt, dx, f"random{seed} all terms")
+
+
+def overlapping(system, x):
+    """Atom 1 moved onto atom 0 and the GB scales shrunk, so that r + sr_j < or_i there."""
+    x = x.copy()
+    x[1] = x[0] + np.array([0.02, 0.0, 0.0])
+    params = np.array(system.params)
+    params[[i for i, n in enumerate(system.param_names) if n.endswith("/scale")]] = 0.3
+    return system.with_params(params), x
+
+
+def test_gb_branches_are_exercised():
+    # both sides of OBC2's "r + sr_j >= or_i" and of max(or_i, |r - sr_j|) occur
+    for system, x in (random_system(0), overlapping(*random_system(0))):
+        gb = system.terms[-1]
+        radius = system.params[gb.radius_index] - 0.009
+        sr = system.params[gb.scale_index] * radius
+        r = np.linalg.norm(x[:, None] - x[None], axis=-1) + np.eye(len(x))
+        off = ~np.eye(len(x), dtype=bool)
+        lower_is_or = radius[:, None] >= np.abs(r - sr[None, :])
+        assert lower_is_or[off].any() and (~lower_is_or)[off].any()
+    assert ((r + sr[None, :] - radius[:, None]) < 0)[off].any()
+
+
+def test_overlapping_gb_atoms_match_jax(executor):
+    # the skipped branch of the Born integral (an atom inside another's offset radius)
+    system, x = overlapping(*random_system(0))
+    gb_only = System(system.masses, [system.terms[-1]], system.param_names, system.params)
+    wrt = np.flatnonzero([n.split("/")[0] in ("gb", "charge") for n in system.param_names])
+    dx = np.random.default_rng(5).normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
+    compare(executor, gb_only, x, wrt, dx, "overlapping gb")
+
+
+# --------------------------------------------------------------------------- real inputs
+
+
+@pytest.fixture(scope="module")
+def trialanine_obc2(trialanine):
+    return tm.load_system(trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2")
+
+
+def test_trialanine_obc2_term_by_term(executor, trialanine_obc2):
+    system, x = trialanine_obc2
+    wrt = np.arange(system.n_params)  # all 167 parameters: every type of every term
+    dx = np.random.default_rng(1).normal(scale=0.02, size=(wrt.size, system.n_atoms, 3))
+    for kind, single in single_terms(system):
+        compare(executor, single, x, wrt, dx, f"trialanine obc2 {kind}")
+    compare(executor, system, x, wrt, dx, "trialanine obc2 all terms")
+
+
+@pytest.mark.slow
+def test_villin_vacuum_term_by_term(executor, villin):
+    system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
+    torsions = system.select("torsion*")
+    wrt = np.concatenate([torsions[:56], system.select(["charge/*", "sigma/*"])[:4]])
+    dx = np.random.default_rng(2).normal(scale=0.01, size=(wrt.size, system.n_atoms, 3))
+    assert system.n_atoms > 500 and wrt.size == 60
+    for kind, single in single_terms(system):
+        compare(executor, single, x, wrt, dx, f"villin {kind}")
+    # the whole system against the production JAX path (itself tested against the reference)
+    got = kernel_results(executor, system, x, wrt, dx)
+    g_ref, z_ref = make_gradient_and_zeta(system, wrt)(
+        jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
+    )
+    assert rel(got[1], g_ref) < TOL and rel(got[3], z_ref) < TOL
+
+
+# --------------------------------------------------------------------------- dynamics
+
+
+@pytest.fixture()
+def host_cuda_backend(monkeypatch):
+    """tm.simulate(backend="cuda") running the host build of the kernels."""
+    from timemachine import backends
+
+    monkeypatch.setattr(backends, "require_cuda", lambda: None)
+    real = cupy_backend.make_program
+    monkeypatch.setattr(
+        cupy_backend,
+        "make_program",
+        lambda system, wrt, method, executor=None: real(system, wrt, method, HostExecutor()),
+    )
+
+
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_noise_free_simulate_matches_jax(host_cuda_backend, trialanine_obc2, method):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=0.0, friction=50.0, dt=0.001, seed=3)
+    v0 = np.random.default_rng(0).normal(scale=0.3, size=x.shape)
+    kw = dict(
+        wrt=["torsion/*", "gb/*/radius"],
+        save_every=10,
+        method=method,
+        v0=v0,
+        progress=False,
+        chunk_steps=20,
+    )
+    if method == "window":
+        kw["window"] = 7  # folds happen within the run
+    ref = tm.simulate(system, x, integ, 40, backend="jax", **kw)
+    got = tm.simulate(system, x, integ, 40, backend="cuda", **kw)
+    for key in ("x", "v", "dx_dtheta"):
+        err = rel(getattr(got, key), getattr(ref, key))
+        print(f"{method} {key}: rel err {err:.1e}")
+        assert err < 1e-10, key
+    np.testing.assert_array_equal(got.steps, ref.steps)
+    np.testing.assert_allclose(got.potential_energy, ref.potential_energy, rtol=1e-10)
+    np.testing.assert_allclose(got.kinetic_energy, ref.kinetic_energy, rtol=1e-10)
+    assert np.abs(ref.dx_dtheta[-1]).max() > 1e-6
+    # the returned state continues the same run
+    more = tm.simulate(
+        system,
+        got.final_state,
+        integ,
+        20,
+        backend="cuda",
+        **{k: v for k, v in kw.items() if k != "v0"},
+    )
+    again = tm.simulate(system, x, integ, 60, backend="cuda", **kw)
+    np.testing.assert_array_equal(more.x[-1], again.x[-1])
+    np.testing.assert_array_equal(more.dx_dtheta[-1], again.dx_dtheta[-1])
+
+
+def test_thermal_run_matches_jax_fed_the_same_noise(host_cuda_backend, trialanine_obc2):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=11)
+    n_steps, replica = 30, 2
+    got = tm.simulate(
+        system,
+        x,
+        integ,
+        n_steps,
+        wrt="torsion*",
+        save_every=n_steps,
+        backend="cuda",
+        replica=replica,
+        progress=False,
+    )
+    wrt = system.select("torsion*")
+    v = np.asarray(
+        tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 11, replica)
+    )
+    coeffs = integ.coefficients(system.masses)
+    grad_zeta = jax.jit(make_gradient_and_zeta(system, wrt))
+    theta = jnp.asarray(system.params)
+    xr, dx, dv = jnp.asarray(x), jnp.zeros((wrt.size,) + x.shape), jnp.zeros((wrt.size,) + x.shape)
+    b = coeffs.b[None, :, None]
+    for t in range(n_steps):
+        g, z = grad_zeta(xr, theta, dx)
+        n = noise.philox_normal(11, t, system.n_atoms, replica)
+        v = coeffs.a * v - coeffs.b[:, None] * g + coeffs.c[:, None] * n
+        xr = xr + coeffs.dt * v
+        dv = coeffs.a * dv - b * z
+        dx = dx + coeffs.dt * dv
+    assert rel(got.x[-1], xr) < 1e-10
+    assert rel(got.dx_dtheta[-1], dx) < 1e-10
+    assert np.abs(np.asarray(xr) - x).max() > 1e-3  # it moved
+
+
+def test_repeated_runs_are_bitwise_identical(host_cuda_backend, trialanine_obc2):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
+    runs = [
+        tm.simulate(
+            system, x, integ, 20, wrt="charge/*", save_every=10, backend="cuda", progress=False
+        )
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(runs[0].x, runs[1].x)
+    np.testing.assert_array_equal(runs[0].dx_dtheta, runs[1].dx_dtheta)

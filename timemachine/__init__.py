@@ -1,0 +1,61 @@
+"""timemachine: forward-mode sensitivity molecular dynamics.
+
+Runs Langevin dynamics on OpenMM force fields and carries dx/dθ, the derivative of every
+coordinate with respect to typed force-field parameters, forward step by step.
+
+    import timemachine as tm
+    system, x = tm.load_system("protein.pdb", forcefield=("amber99sbildn.xml",),
+                               implicit_solvent="obc2")
+    system.energy(x), system.gradient(x), system.select("torsion/*/k*")
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from timemachine import fitting  # noqa: E402
+from timemachine.errors import (  # noqa: E402
+    ForceFieldError,
+    InputError,
+    MissingFileError,
+    SimulationError,
+    TimemachineError,
+)
+from timemachine.fitting import fit  # noqa: E402
+from timemachine.integrator import LangevinIntegrator, minimize  # noqa: E402
+from timemachine.io import (  # noqa: E402
+    build_peptide,
+    export_forcefield,
+    from_openmm,
+    load_system,
+    strip_solvent,
+)
+from timemachine.sensitivity import compare, finite_difference, simulate  # noqa: E402
+from timemachine.system import System  # noqa: E402
+
+# The System lives below the OpenMM layer, so the constructor that needs OpenMM is attached
+# here rather than imported by timemachine.system itself.
+System.from_openmm = staticmethod(from_openmm)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ForceFieldError",
+    "InputError",
+    "LangevinIntegrator",
+    "MissingFileError",
+    "SimulationError",
+    "System",
+    "TimemachineError",
+    "build_peptide",
+    "compare",
+    "export_forcefield",
+    "finite_difference",
+    "fit",
+    "fitting",
+    "from_openmm",
+    "load_system",
+    "minimize",
+    "simulate",
+    "strip_solvent",
+]

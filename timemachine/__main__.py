@@ -1,0 +1,5 @@
+import sys
+
+from timemachine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""backend="cuda": the CUDA kernels of ``cuda/kernels/``, loaded with CuPy.
+
+``make_program(system, wrt, method)`` returns the chunk program ``tm.simulate`` runs,
+with the same call signature and results as the JAX one (``trajectory._program``): it
+runs ``n_blocks`` blocks of ``save_every`` Langevin steps with exact or windowed
+propagation of dx/dθ, keeping x, v, dx/dθ, dv/dθ and the window ring on the device
+across steps and across chunks, and copies back only the saved frames (and dv/dθ of the
+last one, so the returned state can continue a run).
+
+The kernels are float64 and deterministic (every sum in a fixed order; no atomics), so
+the same seed gives the same bits on the same GPU. The noise is the counter-based
+Philox stream of ``philox.cuh`` (``timemachine.backends.noise.philox_normal``), not
+jax.random: with temperature > 0 the CUDA and JAX trajectories differ from the first
+step; noise-free runs, or a JAX run fed ``philox_normal``, agree to round-off.
+
+``CupyExecutor`` is the GPU executor of :class:`~timemachine.backends.plan.Pipeline`.
+Launches are checked before they are issued (kernel name, argument block type, grid
+extent); allocation failures and launch errors become ``SimulationError`` naming the
+buffer or kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from timemachine.backends import kernel_dir, require_cuda
+from timemachine.backends.plan import (
+    DTYPES,
+    KERNELS,
+    Pipeline,
+    build_plan,
+    check_array,
+    device_error,
+    struct_bytes,
+)
+from timemachine.errors import InputError, SimulationError
+
+THREADS = 128
+# CUDA's limit on gridDim.y (tangent chunks, or tangents in the ζ gather)
+_MAX_GRID_Y = 65535
+
+
+@functools.lru_cache(maxsize=4)
+def _module(options=()):
+    import cupy
+
+    src_dir = kernel_dir()
+    with open(os.path.join(src_dir, "tm_kernels.cu")) as f:
+        code = f.read()
+    opts = ("-std=c++17", f"-I{src_dir}") + tuple(options)
+    try:
+        module = cupy.RawModule(code=code, options=opts)
+        module.compile()
+    except Exception as exc:
+        raise SimulationError(f"NVRTC could not compile {src_dir}/tm_kernels.cu: {exc}") from exc
+    return module
+
+
+class CupyExecutor:
+    """Runs Pipeline launches on the current CuPy device."""
+
+    name = "cuda"
+
+    def __init__(self, options=()):
+        require_cuda()
+        import cupy
+
+        self.cp = cupy
+        self.xp = cupy
+        self.module = _module(tuple(options))
+        self._fns = {}
+        self._blocks = {}
+
+    def alloc(self, name, shape, dtype):
+        try:
+            return self.cp.zeros(shape, dtype=dtype)
+        except self.cp.cuda.memory.OutOfMemoryError as exc:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raise SimulationError(
+                f"GPU out of memory allocating {name!r} {tuple(shape)} ({nbytes / 2**20:.1f} MiB): "
+                f"use fewer parameters (wrt), a smaller window or method='exact'"
+            ) from exc
+
+    def upload(self, key, array):
+        out = self.alloc(key, array.shape, array.dtype)
+        out.set(np.ascontiguousarray(array))
+        return out
+
+    def ptr(self, array) -> int:
+        if not array.flags.c_contiguous:
+            raise InputError("cuda executor: arrays handed to kernels must be C-contiguous")
+        return int(array.data.ptr)
+
+    def struct(self, key, name, fields):
+        host = struct_bytes(name, fields)
+        dev = self.upload(f"argument block {key}", host.view(np.uint8))
+        self._blocks[key] = (name, dev)
+        return (name, dev)
+
+    def _function(self, kernel):
+        fn = self._fns.get(kernel)
+        if fn is None:
+            fn = self._fns[kernel] = self.module.get_function(kernel)
+        return fn
+
+    def launch(self, kernel, nx, ny, block):
+        want = KERNELS.get(kernel)
+        if want is None:
+            raise InputError(f"unknown kernel {kernel!r}; kernels: {sorted(KERNELS)}")
+        name, dev = block
+        if name != want:
+            raise InputError(f"{kernel}: argument block is a {name}, expected a {want}")
+        check_array(kernel, "argument block", dev, (DTYPES[want].itemsize,), np.uint8)
+        if not (0 <= nx < 2**31 * THREADS) or not (1 <= ny <= _MAX_GRID_Y):
+            raise InputError(f"{kernel}: launch extent ({nx}, {ny}) outside the CUDA grid limits")
+        if nx == 0:
+            return
+        grid = (-(-int(nx) // THREADS), int(ny))
+        try:
+            self._function(kernel)(grid, (THREADS,), (dev,))
+        except Exception as exc:
+            raise device_error(kernel, exc) from exc
+
+    def to_host(self, array):
+        return self.cp.asnumpy(array)
+
+    def synchronize(self, what):
+        try:
+            self.cp.cuda.get_current_stream().synchronize()
+        except Exception as exc:
+            raise device_error(what, exc) from exc
+
+
+class DeviceRing:
+    """The window ring (k, P, N, 3) of a CUDA run, left on the device until asked for.
+
+    ``np.asarray`` copies it to the host while the run it belongs to has not advanced
+    past it; afterwards it raises SimulationError (the device buffer moved on).
+    """
+
+    def __init__(self, program, version):
+        self._program, self._version = program, version
+        ring = program.pipeline.ring
+        self.shape, self.dtype = tuple(ring.shape), np.dtype(ring.dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        if self._program.version != self._version:
+            raise SimulationError(
+                "this window state's ζ ring lives on the GPU and its run has advanced since; "
+                "continue from the trajectory's latest final_state"
+            )
+        out = self._program.pipeline.ex.to_host(self._program.pipeline.ring)
+        return out if dtype is None else out.astype(dtype)
+
+
+class CudaProgram:
+    """The chunk program of ``simulate`` on the kernels (see module docstring)."""
+
+    def __init__(self, system, wrt, method, executor=None):
+        if method not in ("exact", "window"):
+            raise InputError(f"method must be 'exact' or 'window', got {method!r}")
+        self.plan = build_plan(system, wrt)
+        self.method = method
+        self.ex = executor if executor is not None else CupyExecutor()
+        self.pipeline = None
+        self.version = 0
+        self._last = None
+        self._theta = None
+        self._frames = None
+
+    def _ensure_pipeline(self, theta, window):
+        if self.pipeline is None or self.pipeline.window != window:
+            self.pipeline = Pipeline(self.plan, self.ex, theta, window=window)
+            self._theta = np.array(theta)
+        elif not np.array_equal(theta, self._theta):
+            self.pipeline.set_params(theta)
+            self._theta = np.array(theta)
+
+    def _upload_state(self, state):
+        pl, n, p = self.pipeline, self.plan.n_atoms, self.plan.n_params
+        fields = [("x", pl.x, (n, 3)), ("v", pl.v, (n, 3))]
+        if p:
+            fields += [("dx_dtheta", pl.dx, (p, n, 3)), ("dv_dtheta", pl.dv, (p, n, 3))]
+        if self.method == "window":
+            fields += [
+                ("zeta_window", pl.ring, (pl.window, p, n, 3)),
+                ("to_fold", pl.to_fold, (p, n, 3)),
+                ("folded_last", pl.folded_last, (p, n, 3)),
+            ]
+        for name, dst, shape in fields:
+            host = np.ascontiguousarray(np.asarray(getattr(state, name)), dtype=np.float64)
+            check_array("state upload", f"state.{name}", host, shape, np.float64)
+            _copy_in(self.ex, dst, host)
+        _copy_in(self.ex, pl.step, np.array([int(np.asarray(state.step))], dtype=np.int64))
+
+    def _frame_buffers(self, capacity):
+        if self._frames is None or self._frames[0].shape[0] != capacity:
+            n, p = self.plan.n_atoms, self.plan.n_params
+            alloc = self.ex.alloc
+            self._frames = (
+                alloc("frames.x", (capacity, n, 3), np.float64),
+                alloc("frames.v", (capacity, n, 3), np.float64),
+                alloc("frames.dx_dtheta", (capacity, max(p, 1), n, 3), np.float64),
+                alloc("frames.v_first", (capacity, n, 3), np.float64),
+                alloc("frames.potential_energy", (capacity,), np.float64),
+            )
+        return self._frames
+
+    def __call__(
+        self, capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica
+    ):
+        from timemachine.sensitivity.propagation import ExactState, WindowState
+
+        n_blocks, save_every = int(n_blocks), int(save_every)
+        window = int(np.shape(state.zeta_window)[0]) if self.method == "window" else None
+        self._ensure_pipeline(np.asarray(theta, dtype=np.float64), window)
+        pl = self.pipeline
+        fold = float(np.asarray(wcoeffs.fold)) if wcoeffs is not None else 0.0
+        pl.set_integrator(coeffs, int(np.asarray(seed)), int(np.asarray(replica)), fold)
+        if state is not self._last:
+            self._upload_state(state)
+        step0 = int(np.asarray(state.step))
+        xs, vs, dxs, v_first, pe = self._frame_buffers(int(capacity))
+        p = self.plan.n_params
+        xp = self.ex.xp
+        for j in range(n_blocks):
+            for i in range(save_every):
+                pl.step_once(self.method)
+                if i == 0:
+                    v_first[j] = pl.v
+            xs[j] = pl.x
+            vs[j] = pl.v
+            if p:
+                dxs[j] = pl.dx
+            pl.gradient()
+            pe[j] = xp.sum(pl.energies[: self.plan.n_energies])
+        v_look = pl.lookahead_v()
+        if hasattr(self.ex, "synchronize"):
+            self.ex.synchronize(f"the {n_blocks * save_every} steps after step {step0}")
+        host = self.ex.to_host
+        b = n_blocks
+        frames_x, frames_v = host(xs[:b]), host(vs[:b])
+        frames_dx = host(dxs[:b]) if p else np.zeros((b, 0, self.plan.n_atoms, 3))
+        steps = step0 + save_every * np.arange(1, b + 1, dtype=np.int64)
+        frames = (frames_x, frames_v, frames_dx, steps, host(v_first[:b]), host(pe[:b]))
+        self.version += 1
+        dv = host(pl.dv) if p else np.zeros_like(frames_dx[-1])
+        step = np.asarray(steps[-1], dtype=np.int64)
+        if self.method == "exact":
+            final = ExactState(frames_x[-1], frames_v[-1], frames_dx[-1], dv, step)
+        else:
+            final = WindowState(
+                frames_x[-1],
+                frames_v[-1],
+                frames_dx[-1],
+                dv,
+                step,
+                DeviceRing(self, self.version),
+                host(pl.to_fold),
+                host(pl.folded_last),
+            )
+        self._last = final
+        return final, frames, host(v_look)
+
+
+def _copy_in(executor, dst, host):
+    if executor.xp is np:
+        dst[...] = host.reshape(dst.shape)
+    else:
+        dst.set(host.reshape(dst.shape))
+
+
+def make_program(system, wrt, method, executor=None) -> CudaProgram:
+    """The ``simulate`` chunk program on the CUDA kernels for θ[wrt] and ``method``.
+
+    ``executor`` defaults to the GPU (CupyExecutor); the host executor
+    (``timemachine.backends.host.HostExecutor``) runs the same kernels on the CPU.
+    """
+    return CudaProgram(system, np.asarray(wrt, dtype=np.int64), method, executor)

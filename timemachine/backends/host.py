@@ -1,0 +1,144 @@
+"""The kernel bodies built for the CPU: the executor the test suite checks the GPU program with.
+
+``load_host_library()`` compiles ``cuda/kernels/host/tm_host.cpp`` (which includes the
+very headers the CUDA kernels are made of) with the host C++ compiler into a cache
+directory keyed by a hash of the sources, and loads it with ctypes. ``HostExecutor``
+runs a :class:`~timemachine.backends.plan.Pipeline` with it: every kernel launch becomes
+a serial loop over the same thread indices, in the same order of launches. It is slow
+(one core, no vectorisation across atoms) and meant for verification on small systems.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from timemachine.backends import kernel_dir, kernel_sources
+from timemachine.backends.plan import DTYPES, KERNELS, STRUCTS, struct_bytes
+from timemachine.errors import InputError, SimulationError
+
+_LIB = None
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("TIMEMACHINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "timemachine",
+    )
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def host_compiler() -> str | None:
+    """The C++ compiler used for the host build ($CXX, else g++, else clang++), or None."""
+    for cand in (os.environ.get("CXX"), "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
+    """Compile (once per source hash) and load the host build of the kernels.
+
+    Raises:
+        SimulationError: no C++ compiler, or the sources do not compile (compiler output
+            in the message).
+    """
+    global _LIB
+    if _LIB is not None and flags == ("-O2",):
+        return _LIB
+    cxx = host_compiler()
+    if cxx is None:
+        raise SimulationError(
+            "no host C++ compiler (set $CXX, or install g++) to build the kernels"
+        )
+    src = os.path.join(kernel_dir(), "host", "tm_host.cpp")
+    digest = hashlib.sha256()
+    for path in kernel_sources() + [src]:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + f.read())
+    digest.update(" ".join((cxx,) + tuple(flags)).encode())
+    out = os.path.join(_cache_dir(), f"tm_host_{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(out):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+        os.close(fd)
+        cmd = [cxx, "-std=c++17", *flags, "-fPIC", "-shared", "-o", tmp, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.remove(tmp)
+            raise SimulationError(
+                f"host build of the kernels failed ({' '.join(cmd)}):\n{proc.stderr}"
+            )
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(out)
+    for name in KERNELS:
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+        fn.restype = None
+    lib.tm_pchunk.restype = ctypes.c_longlong
+    lib.tm_sizeof.restype = ctypes.c_longlong
+    lib.tm_sizeof.argtypes = [ctypes.c_char_p]
+    lib.tm_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
+    lib.tm_normals.argtypes = [
+        ctypes.c_ulonglong,
+        ctypes.c_longlong,
+        ctypes.c_ulonglong,
+        ctypes.c_longlong,
+        ctypes.c_void_p,
+    ]
+    for name in STRUCTS:
+        size = lib.tm_sizeof(name.encode())
+        if size != DTYPES[name].itemsize:
+            raise SimulationError(
+                f"struct {name}: the kernels' sizeof is {size} bytes but plan.STRUCTS describes "
+                f"{DTYPES[name].itemsize}: the Python and C++ layouts disagree"
+            )
+    if flags == ("-O2",):
+        _LIB = lib
+    return lib
+
+
+class HostExecutor:
+    """Runs Pipeline launches on the CPU with the host build (numpy arrays)."""
+
+    xp = np
+    name = "host"
+
+    def __init__(self, lib=None):
+        self.lib = lib if lib is not None else load_host_library()
+        self._blocks = {}
+
+    def alloc(self, name, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def upload(self, key, array):
+        return np.array(array, copy=True)
+
+    def ptr(self, array) -> int:
+        if not array.flags["C_CONTIGUOUS"]:
+            raise InputError("host executor: arrays handed to kernels must be C-contiguous")
+        return int(array.ctypes.data)
+
+    def struct(self, key, name, fields):
+        block = struct_bytes(name, fields)
+        self._blocks[key] = block
+        return block
+
+    def launch(self, kernel, nx, ny, block):
+        want = KERNELS.get(kernel)
+        if want is None:
+            raise InputError(f"unknown kernel {kernel!r}")
+        if block.dtype != DTYPES[want]:
+            raise InputError(f"{kernel}: argument block is not a {want}")
+        if nx < 0 or ny < 1:
+            raise InputError(f"{kernel}: bad launch extent ({nx}, {ny})")
+        getattr(self.lib, kernel)(int(nx), int(ny), int(block.ctypes.data))
+
+    def to_host(self, array):
+        return np.array(array, copy=True)

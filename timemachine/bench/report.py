@@ -1,0 +1,429 @@
+"""Write a suite result: the goals, a markdown report, the JSON file and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["goals", "markdown", "write_json", "plots", "write_report"]
+
+
+def _us(rows, case, engine):
+    for r in rows:
+        if r["case"] == case and r["engine"] == engine:
+            return r["us_per_step"]
+    return None
+
+
+def _goal(name, measured, target, met, detail):
+    return {"goal": name, "measured": measured, "target": target, "met": met, "detail": detail}
+
+
+def goals(result: dict) -> list[dict]:
+    """The issue's goals, evaluated on ratios measured in this one run.
+
+    A goal whose measurements are absent from the run is reported with met = None.
+    """
+    rows, out = result["plain_md"], []
+    ours = "timemachine (JAX)"
+
+    def ratio_goal(name, case, engine, factor, detail):
+        a, b = _us(rows, case, ours), _us(rows, case, engine)
+        if a is None or b is None:
+            out.append(_goal(name, None, f"ours ≤ {factor}× {engine}", None, "not run"))
+            return
+        out.append(_goal(name, a / b, f"ours/{engine} ≤ {factor}", a / b <= factor, detail))
+
+    ratio_goal(
+        "villin vacuum faster than OpenMM Reference",
+        "villin-vacuum",
+        "OpenMM Reference",
+        1.0,
+        "µs/step ratio",
+    )
+    ratio_goal(
+        "villin vacuum within 1.5× of OpenMM CPU",
+        "villin-vacuum",
+        "OpenMM CPU",
+        1.5,
+        "µs/step ratio",
+    )
+    ratio_goal(
+        "villin OBC2 faster than OpenMM CPU", "villin-obc2", "OpenMM CPU", 1.0, "µs/step ratio"
+    )
+    ratio_goal(
+        "trialanine vacuum within 2× of OpenMM Reference",
+        "trialanine-vacuum",
+        "OpenMM Reference",
+        2.0,
+        "µs/step ratio",
+    )
+    ratio_goal(
+        "trialanine OBC2 within 2× of OpenMM Reference",
+        "trialanine-obc2",
+        "OpenMM Reference",
+        2.0,
+        "µs/step ratio",
+    )
+
+    deriv = [r for r in result["derivatives"] if r.get("case", "").startswith("villin")]
+    by = {r["method"]: r for r in deriv}
+    for method, factor in (("openmm-fd", 5.0), ("jaxmd-forward", 10.0)):
+        r = by.get(method)
+        name = f"villin dx/dθ ≥ {factor:g}× faster than {method}"
+        if r is None or "error" in r or "timemachine" not in by:
+            why = r["error"][:200] if r and "error" in r else "not run"
+            out.append(_goal(name, None, f"speedup ≥ {factor:g}", None, why))
+            continue
+        out.append(
+            _goal(
+                name,
+                r["speedup_of_timemachine"],
+                f"speedup ≥ {factor:g}",
+                r["speedup_of_timemachine"] >= factor,
+                f"P = {r['P']}, {r['n_steps']} steps; its rel. error vs ours "
+                f"{r['rel_error_vs_timemachine']:.2e}",
+            )
+        )
+    rev = by.get("reverse")
+    if rev is not None and "steps_to_24GiB" in rev:
+        ours_bytes = by["timemachine"].get("state_bytes")
+        out.append(
+            _goal(
+                "constant memory in steps where reverse mode grows",
+                rev["steps_to_24GiB"],
+                "report",
+                True,
+                f"reverse mode keeps {rev['bytes_per_step'] / 2**20:.2f} MiB per step, "
+                f"24 GiB after ≈{rev['steps_to_24GiB']:.3g} steps; exact mode holds "
+                f"{ours_bytes / 2**20:.2f} MiB at any length",
+            )
+        )
+    return out
+
+
+def _fmt(x, spec=".3g"):
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float, np.floating)):
+        return format(x, spec)
+    return str(x)
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The report as markdown: environment, goals, plain MD, dx/dθ, scaling, memory."""
+    env = result["environment"]
+    parts = ["# timemachine benchmark", ""]
+    parts.append(
+        f"{env['cpu_count']} CPU cores (load average at start {env['load_average'][0]:.1f}); "
+        f"JAX {env['jax']} on {', '.join(env['jax_devices'])}; OpenMM {env['openmm']} "
+        f"({', '.join(env['openmm_platforms'])}); JAX MD {env['jax_md'] or 'not installed'}. "
+        + ("" if env["gpu"] else "No GPU: the GPU columns are absent. ")
+        + (
+            "CUDA backend: available."
+            if env["cuda_backend"]["available"]
+            else f"CUDA backend: unavailable ({env['cuda_backend'].get('reason', '')})."
+        )
+    )
+    s = result["settings"]
+    parts.append(
+        f"Langevin T = {s['temperature']} K, γ = {s['friction']}/ps, δt = {s['dt']} ps, "
+        f"amber99sbildn, NoCutoff, no constraints. Timings exclude compilation and Context "
+        f"creation (reported in the JSON). Suite wall time {result.get('wall_s', 0):.0f} s."
+    )
+    parts += ["", "## Goals", ""]
+    parts.append(
+        _table(
+            ["goal", "measured", "target", "met", "detail"],
+            [[g["goal"], g["measured"], g["target"], g["met"], g["detail"]] for g in goals(result)],
+        )
+    )
+    parts += ["", "## Plain MD (µs per step)", ""]
+    parts.append(
+        _table(
+            ["system", "atoms", "engine", "device", "steps", "µs/step", "× ours", "notes"],
+            [
+                [
+                    r["case"],
+                    r["n_atoms"],
+                    r["engine"],
+                    r["device"],
+                    r["n_steps"],
+                    r["us_per_step"],
+                    r["ratio_to_timemachine"],
+                    (
+                        f"compile {r['compile_s']:.1f} s; "
+                        f"|x − x_Reference| {r['max_dx_vs_reference_nm']:.1e} nm"
+                        if "compile_s" in r and "max_dx_vs_reference_nm" in r
+                        else f"{r['threads']} threads"
+                        if r.get("threads")
+                        else ""
+                    ),
+                ]
+                for r in result["plain_md"]
+            ],
+        )
+    )
+    parts += ["", "## dx/dθ over the same steps (P torsion barrier types)", ""]
+    rows = []
+    for r in result["derivatives"]:
+        if "error" in r:
+            rows.append(
+                [
+                    r["case"],
+                    r["method"],
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    "failed: " + r["error"][-160:].replace("\n", " "),
+                ]
+            )
+            continue
+        note = {
+            "timemachine": "exact mode",
+            "openmm-fd": f"{r.get('trajectories')} trajectories",
+            "jaxmd-forward": f"jacfwd through BAOAB; {r.get('energy', '')}",
+            "reverse": "dO/dθ of O = r·x_T only"
+            + (f"; 24 GiB at ≈{r['steps_to_24GiB']:.3g} steps" if r.get("steps_to_24GiB") else ""),
+        }[r["method"]]
+        rows.append(
+            [
+                r["case"],
+                r["method"],
+                r["P"],
+                r["n_steps"],
+                r["time_s"],
+                r["speedup_of_timemachine"],
+                r["peak_rss_bytes"] / 2**20,
+                r["rel_error_vs_timemachine"],
+                note,
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "system",
+                "method",
+                "P",
+                "steps",
+                "time s",
+                "× ours",
+                "peak RSS MiB",
+                "rel. error vs ours",
+                "notes",
+            ],
+            rows,
+        )
+    )
+    sc = result["scaling"]
+    for key, title in (("in_p", "Scaling in P"), ("in_n", "Scaling in N")):
+        if sc.get(key):
+            parts += ["", f"## {title} (exact sensitivity step)", ""]
+            parts.append(
+                _table(
+                    ["system", "N", "P", "ms/step", "plain ms/step", "× plain step"],
+                    [
+                        [
+                            r["case"],
+                            r.get("N"),
+                            r["P"],
+                            r.get("ms_per_step"),
+                            r.get("plain_ms_per_step"),
+                            r.get("plain_steps_per_step"),
+                        ]
+                        for r in sc[key]
+                    ],
+                )
+            )
+    if sc.get("memory"):
+        m0 = sc["memory"][0]
+        parts += ["", f"## State memory (N = {m0['N']}, P = {m0['P']})", ""]
+        parts.append(
+            _table(
+                ["method", "window k", "expected MiB", "allocated MiB"],
+                [
+                    [
+                        r["method"],
+                        _fmt(r["window"]) + (" (default)" if r.get("default_window") else ""),
+                        r["expected_bytes"] / 2**20,
+                        None if r["allocated_bytes"] is None else r["allocated_bytes"] / 2**20,
+                    ]
+                    for r in sc["memory"]
+                ],
+            )
+        )
+    return "\n".join(parts) + "\n"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _atomic_write(path, text):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(result: dict, path) -> None:
+    """The result, with the evaluated goals, as JSON (written atomically)."""
+    data = dict(result, goals=goals(result))
+    _atomic_write(path, json.dumps(_jsonable(data), indent=1, allow_nan=True))
+
+
+def plots(result: dict, out_dir) -> list[str]:
+    """PNG plots in ``out_dir``: plain MD, dx/dθ time, scaling in P and N, memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        tmp = os.path.join(out_dir, ".tmp-" + name)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+        plt.close(fig)
+        written.append(path)
+
+    rows = result["plain_md"]
+    if rows:
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        engines = list(dict.fromkeys(r["engine"] + " " + r["device"] for r in rows))
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(engines)
+        for e, engine in enumerate(engines):
+            ys = [
+                next(
+                    (
+                        r["us_per_step"]
+                        for r in rows
+                        if r["case"] == c and r["engine"] + " " + r["device"] == engine
+                    ),
+                    np.nan,
+                )
+                for c in cases
+            ]
+            ax.bar(np.arange(len(cases)) + e * width, ys, width, label=engine)
+        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2, cases, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("µs per step")
+        ax.set_title("Plain Langevin MD")
+        ax.legend(fontsize=8)
+        save(fig, "plain_md.png")
+
+    deriv = [r for r in result["derivatives"] if "error" not in r]
+    if deriv:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels = [f"{r['case']}\n{r['method']}" for r in deriv]
+        ax.barh(labels, [r["time_s"] for r in deriv])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (same steps, same P)")
+        ax.set_title("dx/dθ")
+        save(fig, "derivatives.png")
+
+    sc = result["scaling"]
+    for key, xkey, name in (("in_p", "P", "scaling_p.png"), ("in_n", "N", "scaling_n.png")):
+        pts = [r for r in sc.get(key, []) if "ms_per_step" in r]
+        if pts:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            ax.plot(
+                [r[xkey] for r in pts],
+                [r["ms_per_step"] for r in pts],
+                "o-",
+                label="sensitivity step",
+            )
+            ax.plot(
+                [r[xkey] for r in pts],
+                [r["plain_ms_per_step"] for r in pts],
+                "s--",
+                label="plain step",
+            )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xkey)
+            ax.set_ylabel("ms per step")
+            ax.legend()
+            save(fig, name)
+
+    mem = sc.get("memory", [])
+    rev = [r for r in result["derivatives"] if r.get("method") == "reverse" and "memory_steps" in r]
+    if mem:
+        fig, axes = plt.subplots(1, 2 if rev else 1, figsize=(10 if rev else 5, 4), squeeze=False)
+        ax = axes[0, 0]
+        win = [r for r in mem if r["method"] == "window"]
+        ax.plot(
+            [r["window"] for r in win],
+            [r["expected_bytes"] / 2**20 for r in win],
+            "o-",
+            label="window mode",
+        )
+        ax.axhline(mem[0]["expected_bytes"] / 2**20, color="k", ls="--", label="exact mode")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("window k (steps)")
+        ax.set_ylabel("state MiB")
+        ax.legend()
+        if rev:
+            ax = axes[0, 1]
+            for r in rev:
+                steps = np.array([1, max(r["memory_steps"]), r.get("steps_to_24GiB") or 1])
+                slope = r.get("bytes_per_step", 0.0)
+                base = r["memory_bytes"][0] - slope * r["memory_steps"][0]
+                ax.plot(steps, (base + slope * steps) / 2**30, "-", label=f"reverse, {r['case']}")
+                ax.plot(r["memory_steps"], np.array(r["memory_bytes"]) / 2**30, "o")
+            ax.axhline(24, color="r", ls=":", label="24 GiB")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("steps")
+            ax.set_ylabel("GiB (XLA buffers)")
+            ax.legend(fontsize=8)
+        save(fig, "memory.png")
+    return written
+
+
+def write_report(result: dict, out_dir, json_path=None) -> dict:
+    """Write report.md, results.json (or ``json_path``) and the plots into ``out_dir``.
+
+    Returns {"markdown": path, "json": path, "plots": [paths]}.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.fspath(json_path) if json_path else os.path.join(out_dir, "results.json")
+    write_json(result, json_path)
+    md_path = os.path.join(out_dir, "report.md")
+    _atomic_write(md_path, markdown(result))
+    return {"markdown": md_path, "json": json_path, "plots": plots(result, out_dir)}

@@ -1,0 +1,219 @@
+"""The benchmark suite: settings (full, quick) and the run that fills one result dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from timemachine.errors import InputError  # noqa: E402
+
+__all__ = ["Settings", "FULL", "QUICK", "environment", "run_suite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the suite runs.
+
+    Attributes:
+      plain_md: {case: n_steps} timed per engine.
+      openmm_platforms: OpenMM platforms to time (those missing here are skipped);
+        None: every one this machine has.
+      derivatives: ((case, P, n_steps), ...) dx/dθ comparisons.
+      derivative_methods: names from ``derivatives.METHODS``.
+      isolate: run each derivative method in its own subprocess (per-method peak memory).
+      scaling_p_case, scaling_p: the case and the P values of the P scan (empty: skipped).
+      scaling_n_cases, scaling_n_p: the cases of the N scan at fixed P (empty: skipped).
+      scaling_steps: steps per timed sensitivity run; plain_steps: per plain run.
+      memory_case, memory_p: (N, P) of the memory table come from this case and P.
+      temperature K, friction 1/ps, dt ps, seed: the Langevin settings everywhere.
+      agreement_steps: noise-free steps for the ours-vs-OpenMM-Reference trajectory check.
+    """
+
+    plain_md: dict
+    derivatives: tuple
+    derivative_methods: tuple = ("timemachine", "openmm-fd", "jaxmd-forward", "reverse")
+    openmm_platforms: tuple | None = None
+    isolate: bool = True
+    scaling_p_case: str = "villin-vacuum"
+    scaling_p: tuple = (1, 10, 30, 60, 100, 200)
+    scaling_n_cases: tuple = ("trialanine-obc2", "villin-obc2", "peptide2k-obc2")
+    scaling_n_p: int = 10
+    scaling_steps: int = 20
+    plain_steps: int = 50
+    memory_case: str = "villin-vacuum"
+    memory_p: int = 60
+    temperature: float = 300.0
+    friction: float = 1.0
+    dt: float = 0.001
+    seed: int = 0
+    agreement_steps: int = 20
+
+
+FULL = Settings(
+    plain_md={
+        "trialanine-vacuum": 2000,
+        "trialanine-obc2": 2000,
+        "villin-vacuum": 200,
+        "villin-obc2": 200,
+        "peptide2k-obc2": 20,
+    },
+    derivatives=(("villin-vacuum", 60, 50), ("trialanine-obc2", 20, 200)),
+)
+
+QUICK = Settings(
+    plain_md={
+        "trialanine-vacuum": 500,
+        "trialanine-obc2": 500,
+        "villin-vacuum": 50,
+        "villin-obc2": 30,
+    },
+    derivatives=(("villin-vacuum", 60, 10),),
+    scaling_p_case="trialanine-obc2",
+    scaling_p=(1, 10, 40),
+    scaling_n_cases=(),
+    scaling_steps=20,
+    plain_steps=100,
+)
+
+
+def environment() -> dict:
+    """Machine, library versions and accelerators: JAX devices, OpenMM platforms, and
+    whether timemachine's CUDA backend can run (with the reason when it cannot)."""
+    import openmm
+
+    from timemachine.bench.plain_md import openmm_platforms
+
+    cuda_backend = {"available": False}
+    try:
+        import timemachine.sensitivity.trajectory as trajectory
+
+        trajectory._check_backend("cuda")
+        cuda_backend["available"] = True
+    except InputError as exc:
+        cuda_backend["reason"] = str(exc)
+    try:
+        from importlib.metadata import version
+
+        import jax_md  # noqa: F401
+
+        jax_md_version = version("jax-md")
+    except ImportError:
+        jax_md_version = None
+    return {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_md": jax_md_version,
+        "openmm": openmm.__version__,
+        "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+        "gpu": any(d.platform == "gpu" for d in jax.devices()),
+        "openmm_platforms": openmm_platforms(),
+        "cuda_backend": cuda_backend,
+    }
+
+
+def _integrator(settings):
+    import timemachine as tm
+
+    return tm.LangevinIntegrator(
+        settings.temperature, settings.friction, settings.dt, settings.seed
+    )
+
+
+def run_plain_md(settings: Settings, log=print) -> list[dict]:
+    from timemachine.bench import plain_md
+    from timemachine.bench.systems import load_case
+
+    integrator = _integrator(settings)
+    available = plain_md.openmm_platforms()
+    wanted = available if settings.openmm_platforms is None else settings.openmm_platforms
+    rows = []
+    for name, n_steps in settings.plain_md.items():
+        case = load_case(name)
+        log(f"plain MD: {name} ({case.n_atoms} atoms), {n_steps} steps")
+        ours = plain_md.bench_ours(case, integrator, n_steps)
+        ours.pop("final_x")
+        ours["max_dx_vs_reference_nm"] = plain_md.reference_agreement(
+            case, integrator, settings.agreement_steps
+        )
+        case_rows = [ours]
+        if any(d.platform == "gpu" for d in jax.devices()):
+            with jax.default_device(jax.devices("cpu")[0]):
+                cpu = plain_md.bench_ours(case, integrator, n_steps)
+            cpu.pop("final_x")
+            case_rows.append(cpu)
+        for p in wanted:
+            if p in available:
+                case_rows.append(plain_md.bench_openmm(case, p, integrator, n_steps))
+        for row in case_rows:
+            row["ratio_to_timemachine"] = row["us_per_step"] / ours["us_per_step"]
+            rows.append({"case": name, "n_atoms": case.n_atoms, **row})
+    return rows
+
+
+def run_derivatives(settings: Settings, log=print) -> list[dict]:
+    from timemachine.bench.derivatives import DerivativeSettings, run_methods
+
+    records = []
+    for case, n_params, n_steps in settings.derivatives:
+        log(
+            f"dx/dθ: {case}, P = {n_params}, {n_steps} steps: "
+            f"{', '.join(settings.derivative_methods)}"
+        )
+        ds = DerivativeSettings(
+            case,
+            n_params,
+            n_steps,
+            settings.temperature,
+            settings.friction,
+            settings.dt,
+            settings.seed,
+        )
+        records.extend(run_methods(ds, settings.derivative_methods, isolate=settings.isolate))
+    return records
+
+
+def run_scaling(settings: Settings, log=print) -> dict:
+    from timemachine.bench import scaling
+    from timemachine.bench.systems import load_case
+
+    integrator = _integrator(settings)
+    out = {"in_p": [], "in_n": []}
+    if settings.scaling_p:
+        case = load_case(settings.scaling_p_case)
+        log(f"scaling in P: {case.name}, P = {settings.scaling_p}")
+        out["in_p"] = scaling.scaling_in_p(
+            case, integrator, settings.scaling_p, settings.scaling_steps, settings.plain_steps
+        )
+    if settings.scaling_n_cases:
+        log(f"scaling in N: {settings.scaling_n_cases}, P = {settings.scaling_n_p}")
+        cases = [load_case(c) for c in settings.scaling_n_cases]
+        out["in_n"] = scaling.scaling_in_n(
+            cases, integrator, settings.scaling_n_p, settings.scaling_steps, settings.plain_steps
+        )
+    n_atoms = load_case(settings.memory_case).n_atoms
+    out["memory"] = scaling.memory_table(n_atoms, settings.memory_p, integrator)
+    return out
+
+
+def run_suite(settings: Settings, log=print) -> dict:
+    """Run every part of ``settings``; the result dict that ``report`` writes out."""
+    t0 = time.perf_counter()
+    result = {
+        "schema": "timemachine.bench/1",
+        "settings": dataclasses.asdict(settings),
+        "environment": environment(),
+    }
+    result["plain_md"] = run_plain_md(settings, log)
+    result["derivatives"] = run_derivatives(settings, log)
+    result["scaling"] = run_scaling(settings, log)
+    result["wall_s"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,291 @@
+"""Gradients of averaged observables d⟨O⟩/dθ: pathwise and thermodynamic, with errors.
+
+Pathwise (the paper's estimator): differentiate every sample through the dynamics,
+
+    d⟨O⟩/dθ ≈ (1/S) Σ_s ∂O/∂x (x_s) · dx_s/dθ,
+
+with x_s the last frames of independent replicas (ensemble average) or reservoir-sampled
+frames of one trajectory (time average) and dx_s/dθ their forward sensitivities.
+
+Fluctuation (thermodynamic) estimator, for O that depends on θ only through the
+canonical ensemble p(x) ∝ exp(-βE(x; θ)):
+
+    d⟨O⟩/dθ = -β (⟨O ∂E/∂θ⟩ - ⟨O⟩⟨∂E/∂θ⟩),      β = 1/(k_B T).
+
+It needs only equilibrium samples and ∂E/∂θ, not dx/dθ, so it is an independent check of
+the pathwise one; ``compare_estimators`` measures their difference in units of the
+combined standard error.
+
+Standard errors come from the sample variance (independent samples: replicas), or, with
+``blocks=B``, from the scatter of B contiguous block means (correlated samples: frames of
+a time series; with M replicas laid out replica by replica, ``blocks=M``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timemachine.constants import BOLTZMANN  # noqa: E402
+from timemachine.errors import InputError  # noqa: E402
+
+__all__ = [
+    "EstimatorComparison",
+    "GradientEstimate",
+    "compare_estimators",
+    "fluctuation_gradient",
+    "pathwise_gradient",
+]
+
+
+class GradientEstimate(NamedTuple):
+    """An estimate of ⟨O⟩ and d⟨O⟩/dθ from S samples; K observable values, P parameters.
+
+    Attributes:
+        value: (K,) ⟨O⟩ in the observable's unit.
+        value_stderr: (K,) its standard error.
+        gradient: (K, P) d⟨O⟩/dθ, unit of O per unit of θ.
+        stderr: (K, P) its standard error.
+        n_samples: S.
+        labels: K observable labels; param_names: P names (may be empty).
+        method: "pathwise" or "fluctuation".
+    """
+
+    value: np.ndarray
+    value_stderr: np.ndarray
+    gradient: np.ndarray
+    stderr: np.ndarray
+    n_samples: int
+    labels: tuple
+    param_names: tuple
+    method: str
+
+
+def _mean_and_stderr(samples: np.ndarray, blocks: int | None):
+    """Mean over axis 0 and its standard error, from samples or from B block means."""
+    s = samples.shape[0]
+    mean = samples.mean(axis=0)
+    if blocks is None:
+        if s < 2:
+            return mean, np.full(mean.shape, np.inf)
+        return mean, samples.std(axis=0, ddof=1) / np.sqrt(s)
+    block_means = np.stack([b.mean(axis=0) for b in np.array_split(samples, blocks)])
+    return mean, block_means.std(axis=0, ddof=1) / np.sqrt(blocks)
+
+
+def _check_blocks(blocks, s):
+    if blocks is None:
+        return None
+    if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 2:
+        raise InputError(f"blocks must be an integer >= 2 or None, got {blocks!r}")
+    if blocks > s:
+        raise InputError(f"blocks = {blocks} but there are only {s} samples")
+    return int(blocks)
+
+
+def _check_frames(x, name="x"):
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 3 or x.shape[2] != 3 or x.shape[0] == 0:
+        raise InputError(f"{name} must have shape (S, N, 3) nm with S >= 1, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(
+            f"{name} has non-finite values (sample {np.argwhere(~np.isfinite(x))[0][0]})"
+        )
+    return x
+
+
+def _labels(observable, k):
+    labels = tuple(getattr(observable, "labels", ()))
+    return labels if len(labels) == k else tuple(f"O[{i}]" for i in range(k))
+
+
+@functools.lru_cache(maxsize=32)
+def _pathwise_program(observable, batch_size):
+    def one(args):
+        x, dx = args
+        value, lin = jax.linearize(observable, x)
+        return value, jax.vmap(lin)(dx).T  # (K,), (K, P)
+
+    return jax.jit(lambda x, dx: jax.lax.map(one, (x, dx), batch_size=batch_size))
+
+
+def pathwise_gradient(
+    observable, x, dx_dtheta, blocks: int | None = None, param_names=(), batch_size: int = 64
+) -> GradientEstimate:
+    """d⟨O⟩/dθ ≈ mean over samples of ∂O/∂x · dx/dθ (one linearisation of O per sample).
+
+    Args:
+        observable: ``obs(x (N, 3)) -> (K,)``, JAX-traceable (``timemachine.fitting``
+            observables).
+        x: (S, N, 3) sampled positions, nm.
+        dx_dtheta: (S, P, N, 3) their sensitivities, nm per unit of θ.
+        blocks: None for independent samples, or B for block-averaged standard errors.
+        param_names: P names carried into the result.
+        batch_size: samples per vectorised batch (bounds the memory of the tangents).
+
+    Returns:
+        ``GradientEstimate`` (method "pathwise").
+    """
+    x = _check_frames(x)
+    dx = np.asarray(dx_dtheta, dtype=np.float64)
+    if dx.ndim != 4 or dx.shape[0] != x.shape[0] or dx.shape[2:] != x.shape[1:]:
+        raise InputError(
+            f"dx_dtheta must have shape (S, P, N, 3) = ({x.shape[0]}, P, {x.shape[1]}, 3) to "
+            f"match x, got {dx.shape}"
+        )
+    blocks = _check_blocks(blocks, x.shape[0])
+    values, grads = _pathwise_program(observable, int(min(batch_size, x.shape[0])))(
+        jnp.asarray(x), jnp.asarray(dx)
+    )
+    values, grads = np.asarray(values), np.asarray(grads)
+    value, value_se = _mean_and_stderr(values, blocks)
+    grad, grad_se = _mean_and_stderr(grads, blocks)
+    return GradientEstimate(
+        value,
+        value_se,
+        grad,
+        grad_se,
+        x.shape[0],
+        _labels(observable, value.shape[0]),
+        tuple(param_names),
+        "pathwise",
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _fluctuation_program(observable, energy, wrt):
+    # keyed on the System itself: its energy_fn() is a new object at every call
+    energy_fn = energy.energy_fn() if hasattr(energy, "energy_fn") else energy
+    grad_theta = jax.grad(energy_fn, argnums=1)
+
+    def one(x, theta):
+        return observable(x), grad_theta(x, theta)[np.asarray(wrt)]
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
+def fluctuation_gradient(
+    observable, energy, x, params=None, wrt=None, temperature=300.0, blocks: int | None = None
+) -> GradientEstimate:
+    """d⟨O⟩/dθ = -β (⟨O ∂E/∂θ⟩ - ⟨O⟩⟨∂E/∂θ⟩) from equilibrium samples x.
+
+    Args:
+        observable: ``obs(x (N, 3)) -> (K,)``; it must not depend on θ itself.
+        energy: a ``timemachine.System`` or a JAX function ``E(x (N, 3), θ (P_all,))``
+            in kJ/mol; ∂E/∂θ comes from ``jax.grad`` with respect to θ.
+        x: (S, N, 3) samples of the canonical ensemble at θ and ``temperature``, nm.
+        params: (P_all,) θ; default ``system.params`` when ``energy`` is a System.
+        wrt: the P parameters: int indices into θ, or (with a System) globs.
+        temperature: K.
+        blocks: None for independent samples, or B for block-averaged standard errors.
+
+    Returns:
+        ``GradientEstimate`` (method "fluctuation"); the covariance uses the unbiased
+        S/(S-1) normalisation.
+    """
+    from timemachine.sensitivity.trajectory import _resolve_params, _resolve_wrt
+    from timemachine.system import System
+
+    x = _check_frames(x)
+    blocks = _check_blocks(blocks, x.shape[0])
+    if x.shape[0] < 2:
+        raise InputError("fluctuation_gradient needs at least 2 samples (a covariance)")
+    if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
+        raise InputError(f"temperature must be a number > 0 (K), got {temperature!r}")
+    if isinstance(energy, System):
+        theta = _resolve_params(energy, params)
+        wrt = _resolve_wrt(energy, "*" if wrt is None else wrt)
+        names = tuple(energy.param_names[i] for i in wrt)
+    elif callable(energy):
+        if params is None or wrt is None:
+            raise InputError("fluctuation_gradient with an energy function needs params and wrt")
+        theta = np.asarray(params, dtype=np.float64)
+        wrt = np.atleast_1d(np.asarray(wrt))
+        if not np.issubdtype(wrt.dtype, np.integer) or wrt.ndim != 1:
+            raise InputError(f"wrt must be int indices into params, got {wrt!r}")
+        names = ()
+    else:
+        raise InputError(
+            f"energy must be a timemachine.System or a function E(x, θ), got {energy!r}"
+        )
+    program = _fluctuation_program(observable, energy, tuple(int(i) for i in wrt))
+    o, de = (np.asarray(a) for a in program(jnp.asarray(x), jnp.asarray(theta)))
+    s = x.shape[0]
+    beta = 1.0 / (BOLTZMANN * temperature)
+    # -β (O - Ō)(∂E/∂θ - mean) per sample: its mean is the estimate, its scatter the error
+    u = -beta * (o - o.mean(0))[:, :, None] * (de - de.mean(0))[:, None, :] * (s / (s - 1))
+    value, value_se = _mean_and_stderr(o, blocks)
+    grad, grad_se = _mean_and_stderr(u, blocks)
+    return GradientEstimate(
+        value, value_se, grad, grad_se, s, _labels(observable, o.shape[1]), names, "fluctuation"
+    )
+
+
+class EstimatorComparison(NamedTuple):
+    """How far two gradient estimates are apart, entry by entry.
+
+    Attributes:
+        difference: (K, P) a - b.
+        combined_stderr: (K, P) sqrt(se_a² + se_b²).
+        z: (K, P) difference / combined_stderr.
+        max_abs_z: the largest |z|.
+        threshold: |z| beyond which an entry counts as disagreeing (Bonferroni, 1 %
+            family-wise over K·P entries).
+        consistent: max_abs_z <= threshold.
+        summary: human-readable report.
+    """
+
+    difference: np.ndarray
+    combined_stderr: np.ndarray
+    z: np.ndarray
+    max_abs_z: float
+    threshold: float
+    consistent: bool
+    summary: str
+
+
+def compare_estimators(a: GradientEstimate, b: GradientEstimate, alpha: float = 0.01):
+    """Compare two ``GradientEstimate`` (pathwise vs fluctuation) in units of their error.
+
+    Returns:
+        ``EstimatorComparison``; ``summary`` lists the worst entries by |z|.
+    """
+    from scipy.stats import norm
+
+    if a.gradient.shape != b.gradient.shape:
+        raise InputError(
+            f"cannot compare gradients of shapes {a.gradient.shape} ({a.method}) and "
+            f"{b.gradient.shape} ({b.method})"
+        )
+    diff = a.gradient - b.gradient
+    se = np.sqrt(a.stderr**2 + b.stderr**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, diff / se, np.where(diff == 0, 0.0, np.inf))
+    k, p = diff.shape
+    threshold = float(norm.isf(alpha / (2 * k * p)))
+    max_abs_z = float(np.abs(z).max())
+    labels = a.labels or b.labels or tuple(f"O[{i}]" for i in range(k))
+    names = a.param_names or b.param_names or tuple(f"θ[{j}]" for j in range(p))
+    verdict = "consistent" if max_abs_z <= threshold else "INCONSISTENT"
+    lines = [
+        f"{a.method} ({a.n_samples} samples) vs {b.method} ({b.n_samples} samples) over "
+        f"{k}×{p} entries: max |z| = {max_abs_z:.2f}, {verdict} at the {alpha:g} level "
+        f"(|z| <= {threshold:.2f}); {int((np.abs(z) > 2).sum())} entries beyond 2σ",
+    ]
+    order = np.argsort(-np.abs(z), axis=None)[: min(5, k * p)]
+    for flat in order:
+        i, j = divmod(int(flat), p)
+        lines.append(
+            f"  {labels[i]} / {names[j]}: {a.gradient[i, j]:.4g} ± {a.stderr[i, j]:.2g} vs "
+            f"{b.gradient[i, j]:.4g} ± {b.stderr[i, j]:.2g}  (z = {z[i, j]:+.2f})"
+        )
+    return EstimatorComparison(
+        diff, se, z, max_abs_z, threshold, max_abs_z <= threshold, "\n".join(lines)
+    )

@@ -1,0 +1,559 @@
+"""The fitting loop: simulate with sensitivities, score against targets, take an optax step.
+
+Each epoch runs M replicas (``run_replicas``) at the current θ, carrying dx/dθ for the
+fitted parameters θ[wrt]; their last frames give the ensemble average and, optionally, a
+reservoir sample of frames along them gives the time average. The loss
+(``timemachine.fitting.loss``) and its gradient by the chain rule, plus an optional
+force-matching loss, drive one optax step. The optimiser works on u, with θ = θ₀(1 + u)
+("relative", the default), θ = θ₀ exp(u) ("log") or θ = u ("absolute"), so torsion
+barriers of different size move by similar fractions per step.
+
+After every epoch a checkpoint (u, the optax state, the history, the epoch) is written
+atomically to ``out_dir``; ``resume=True`` continues from it. The noise of epoch e is a
+pure function of (integrator seed, e, replica), so a resumed fit reproduces the epochs an
+uninterrupted one would have run, bit for bit; a fit killed mid-epoch loses that epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from timemachine.errors import InputError, SimulationError
+from timemachine.fitting.loss import (
+    loss_and_gradient,
+    observable_samples,
+    target_vector,
+)
+from timemachine.fitting.replicas import run_replicas
+from timemachine.fitting.reservoir import Reservoir
+from timemachine.integrator.langevin import LangevinIntegrator
+from timemachine.sensitivity.trajectory import _resolve_wrt
+from timemachine.system import System
+
+__all__ = ["FitResult", "atomic_write_bytes", "atomic_write_text", "fit", "load_checkpoint"]
+
+PARAMETRIZATIONS = ("relative", "log", "absolute")
+CHECKPOINT = "checkpoint.npz"
+HISTORY = "history.json"
+_FORMAT = "timemachine.fit-checkpoint"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- result
+
+
+class FitResult(NamedTuple):
+    """The outcome of ``fit``.
+
+    Attributes:
+        params: (P_all,) the fitted full θ (θ[wrt] after the last step).
+        theta: (P,) the fitted θ[wrt]; theta_initial: (P,) where the fit started.
+        param_names: P names of θ[wrt]; wrt: (P,) int indices into ``system.params``.
+        history: one dict per epoch: ``epoch``, ``loss``, ``chi2``, ``ergodicity``,
+            ``prior``, ``force_matching``, ``gradient_norm``, ``observables`` (K,),
+            ``observable_errors`` (K,), ``ensemble_average``, ``time_average``,
+            ``params`` (P, θ[wrt] the epoch was simulated at), ``gradient`` (P,),
+            ``wall_s``.
+        labels: K observable labels; target_values, target_uncertainties: (K,).
+        out_dir: where checkpoint and history live, or None.
+    """
+
+    params: np.ndarray
+    theta: np.ndarray
+    theta_initial: np.ndarray
+    param_names: tuple
+    wrt: np.ndarray
+    history: list
+    labels: tuple
+    target_values: np.ndarray
+    target_uncertainties: np.ndarray
+    out_dir: str | None
+
+    def history_dict(self) -> dict:
+        """A JSON-ready dict of the whole fit (what ``history.json`` holds)."""
+        return {
+            "param_names": list(self.param_names),
+            "theta_initial": [float(v) for v in self.theta_initial],
+            "theta_final": [float(v) for v in self.theta],
+            "labels": list(self.labels),
+            "target_values": [float(v) for v in self.target_values],
+            "target_uncertainties": [float(v) for v in self.target_uncertainties],
+            "epochs": self.history,
+        }
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _optimizer(optimizer, learning_rate, clip_norm):
+    import optax
+
+    if isinstance(optimizer, str):
+        makers = {
+            "adam": optax.adam,
+            "sgd": optax.sgd,
+            "adamw": optax.adamw,
+            "rmsprop": optax.rmsprop,
+        }
+        if optimizer not in makers:
+            raise InputError(
+                f"optimizer {optimizer!r} unknown; use one of {sorted(makers)} "
+                "or an optax transformation"
+            )
+        if not (isinstance(learning_rate, numbers.Real) and learning_rate > 0):
+            raise InputError(f"learning_rate must be a number > 0, got {learning_rate!r}")
+        opt = makers[optimizer](learning_rate)
+    elif hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+        opt = optimizer
+    else:
+        raise InputError(
+            f"optimizer must be a name or an optax GradientTransformation, got {optimizer!r}"
+        )
+    if clip_norm is not None:
+        if not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
+            raise InputError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}")
+        opt = optax.chain(optax.clip_by_global_norm(float(clip_norm)), opt)
+    return opt
+
+
+class _Parametrization:
+    """θ(u) and dθ/du for the optimiser's variable u."""
+
+    def __init__(self, kind, theta0, names):
+        if kind not in PARAMETRIZATIONS:
+            raise InputError(f"parametrization must be one of {PARAMETRIZATIONS}, got {kind!r}")
+        zero = np.flatnonzero(theta0 == 0)
+        if kind != "absolute" and zero.size:
+            raise InputError(
+                f"parametrization={kind!r} scales by the starting value, but {names[zero[0]]} "
+                "starts at 0; use parametrization='absolute'"
+            )
+        self.kind, self.theta0 = kind, np.asarray(theta0, dtype=np.float64)
+
+    def initial(self):
+        return self.theta0.copy() if self.kind == "absolute" else np.zeros_like(self.theta0)
+
+    def theta(self, u):
+        if self.kind == "relative":
+            return self.theta0 * (1.0 + u)
+        if self.kind == "log":
+            return self.theta0 * np.exp(u)
+        return np.array(u, dtype=np.float64)
+
+    def jacobian(self, u):
+        if self.kind == "relative":
+            return self.theta0.copy()
+        if self.kind == "log":
+            return self.theta0 * np.exp(u)
+        return np.ones_like(u)
+
+
+def _time_samples(result, capacity, seed):
+    """Reservoir sample of the replicas' saved frames, streamed in time order."""
+    reservoir = Reservoir(capacity, seed)
+    fx, fdx = result.frames_x, result.frames_dx_dtheta
+    for f in range(fx.shape[1]):
+        for r in range(fx.shape[0]):
+            slot = reservoir.next_slot()
+            if slot is not None:
+                reservoir.put(slot, (f, r))
+    held = sorted(reservoir.items)
+    return (
+        np.stack([fx[r, f] for f, r in held]),
+        np.stack([fdx[r, f] for f, r in held]),
+    )
+
+
+def _diagnose(epoch, names, loss, grad, result, samples):
+    """A SimulationError that says what went non-finite or exploded, and where."""
+    lines = [f"epoch {epoch}: "]
+    dx = np.abs(result.dx_dtheta)
+    worst = [
+        float(dx[:, p].max()) if np.isfinite(dx[:, p]).all() else math.inf
+        for p in range(len(names))
+    ]
+    bad_values = [s for s in samples if not np.isfinite(s.values).all()]
+    if not np.isfinite(loss) or bad_values:
+        lines.append("the loss is not finite: an observable is NaN/inf on a sampled frame")
+    else:
+        p = int(np.nanargmax(np.where(np.isfinite(grad), np.abs(grad), math.inf)))
+        lines.append(
+            f"the loss gradient is {'not finite' if not np.isfinite(grad).all() else 'exploding'} "
+            f"(|dL/d{names[p]}| = {abs(grad[p]):.3g})"
+        )
+    p = int(np.argmax(worst))
+    lines.append(
+        f"; largest |dx/dθ| over the replicas is {worst[p]:.3g} nm per unit of {names[p]} "
+        "(sensitivities grow along chaotic trajectories). Use fewer steps per epoch, more "
+        "friction, method='window', a smaller learning rate or dt."
+    )
+    return SimulationError("".join(lines))
+
+
+def _fingerprint(**config) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(out_dir, epoch, u, opt_state, history, fingerprint):
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(opt_state)
+    arrays = {f"opt_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        format=np.array(_FORMAT),
+        fingerprint=np.array(fingerprint),
+        epoch=np.array(epoch, dtype=np.int64),
+        u=np.asarray(u, dtype=np.float64),
+        n_opt=np.array(len(leaves)),
+        history=np.array(json.dumps(history)),
+        **arrays,
+    )
+    atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), buf.getvalue())
+
+
+def load_checkpoint(out_dir) -> dict:
+    """The last checkpoint of a fit in ``out_dir``: ``epoch``, ``u``, ``opt_leaves``,
+    ``history``, ``fingerprint``; None if there is none."""
+    path = os.path.join(os.fspath(out_dir), CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as data:
+        if str(data["format"]) != _FORMAT:
+            raise InputError(f"{path} is not a timemachine fit checkpoint")
+        return {
+            "epoch": int(data["epoch"]),
+            "u": np.array(data["u"]),
+            "opt_leaves": [np.array(data[f"opt_{i}"]) for i in range(int(data["n_opt"]))],
+            "history": json.loads(str(data["history"])),
+            "fingerprint": str(data["fingerprint"]),
+        }
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(
+    system: System,
+    x0,
+    integrator: LangevinIntegrator,
+    targets,
+    wrt="torsion/*/k*",
+    *,
+    epochs: int = 20,
+    n_replicas: int = 8,
+    n_steps: int = 1000,
+    time_samples: int = 0,
+    save_every: int | None = None,
+    optimizer="adam",
+    learning_rate: float = 0.05,
+    clip_norm: float | None = 1.0,
+    parametrization: str = "relative",
+    average: str = "auto",
+    ergodicity_weight: float = 0.0,
+    prior_sigma=None,
+    fresh_noise: bool = True,
+    params=None,
+    method: str = "exact",
+    force_matching=None,
+    force_matching_weight: float = 1.0,
+    max_gradient_norm: float = 1e6,
+    out_dir=None,
+    resume: bool = False,
+    progress: bool | None = None,
+    callback: Callable | None = None,
+) -> FitResult:
+    """Fit force-field parameters θ[wrt] so that simulated averages match targets.
+
+    Args:
+        system: a ``timemachine.System``.
+        x0: (N, 3) or (M, N, 3) starting positions (nm) of the replicas, every epoch.
+        integrator: ``LangevinIntegrator``; its seed fixes the noise of every epoch.
+        targets: list of ``Target`` (``timemachine.fitting.targets``) or a target-file path
+            (read with ``system.topology``).
+        wrt: the fitted parameters: a glob, a list of globs, or int indices into θ.
+        epochs: total epochs (a resumed fit runs the missing ones).
+        n_replicas: M replicas per epoch; their last frames give the ensemble average.
+        n_steps: Langevin steps per replica per epoch.
+        time_samples: R > 0 also draws R frames (reservoir sampling, every ``save_every``
+            steps of every replica) for the time average.
+        save_every: spacing of the frames the reservoir sees (default n_steps // 10).
+        optimizer: "adam" (default), "sgd", "adamw", "rmsprop", or any optax
+            GradientTransformation (then ``learning_rate`` is not used).
+        learning_rate: step size in u (relative/log: a fraction of θ₀).
+        clip_norm: ``optax.clip_by_global_norm`` of the u-gradient; None for none.
+        parametrization: "relative" θ = θ₀(1+u), "log" θ = θ₀eᵘ, or "absolute" θ = u.
+        average: which average enters χ² ("auto", "ensemble", "time", "both").
+        ergodicity_weight: λ of the time-vs-ensemble regulariser (needs time_samples).
+        prior_sigma: widths (θ's units; scalar or (P,)) of a Gaussian prior on θ - θ₀.
+        fresh_noise: True gives epoch e the replica indices e·M … e·M+M-1 (new noise and
+            velocities); False reuses the same M every epoch (common random numbers: the
+            loss is then a deterministic function of θ).
+        params: (P_all,) starting θ (default ``system.params``); θ₀ = params[wrt].
+        method: "exact" or "window" sensitivity propagation.
+        force_matching: a ``ForceMatchingLoss`` (``timemachine.fitting.force_matching``)
+            added to the loss with ``force_matching_weight``; with ``targets=None`` it is
+            the whole loss and no dynamics run.
+        max_gradient_norm: a u-gradient norm above this stops the fit with a diagnosis.
+        out_dir: folder for ``checkpoint.npz`` and ``history.json`` (written atomically
+            after every epoch); None keeps everything in memory.
+        resume: continue from ``out_dir``'s checkpoint when there is one (it must come from
+            the same settings); False starts over.
+        progress: tqdm bar over epochs; None shows it when stderr is a terminal.
+        callback: ``callback(epoch_record)`` after every epoch.
+
+    Returns:
+        ``FitResult``.
+
+    Raises:
+        InputError: invalid settings, or a checkpoint from a different fit.
+        SimulationError: non-finite or exploding loss/gradient, with a diagnosis.
+    """
+    import jax
+    import optax
+
+    if not isinstance(system, System):
+        raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
+    if targets is not None and not isinstance(integrator, LangevinIntegrator):
+        raise InputError(
+            f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
+        )
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("n_replicas", n_replicas, 1),
+        ("n_steps", n_steps, 1),
+        ("time_samples", time_samples, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(targets, (str, os.PathLike)):
+        from timemachine.fitting.targets import load_targets
+
+        targets = load_targets(targets, system.topology)
+    if targets is None and force_matching is None:
+        raise InputError("fit needs targets, a force_matching loss, or both")
+    if save_every is None:
+        save_every = max(1, n_steps // 10)
+    if time_samples and n_steps % save_every:
+        raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
+    if ergodicity_weight and not time_samples:
+        raise InputError("ergodicity_weight > 0 needs time_samples > 0 (a time average)")
+
+    wrt = _resolve_wrt(system, wrt)
+    names = tuple(system.param_names[i] for i in wrt)
+    full0 = np.array(system.params if params is None else params, dtype=np.float64)
+    if full0.shape != (system.n_params,):
+        raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
+    theta0 = full0[wrt]
+    param = _Parametrization(parametrization, theta0, names)
+    opt = _optimizer(optimizer, learning_rate, clip_norm)
+    target = target_vector(targets) if targets is not None else None
+    if target is not None:
+        # evaluate once on x0 so that a shape error surfaces before any simulation
+        x_check = np.asarray(x0, dtype=np.float64)
+        x_check = x_check if x_check.ndim == 2 else x_check[0]
+        system.check_positions(x_check, "x0")
+        got = np.asarray(target.observable(x_check)).shape
+        if got != target.value.shape:
+            raise InputError(
+                f"targets' observables return {got} values, targets have {target.value.shape}"
+            )
+
+    fingerprint = _fingerprint(
+        wrt=[int(i) for i in wrt],
+        names=names,
+        theta0=theta0.tolist(),
+        n_replicas=n_replicas,
+        n_steps=n_steps,
+        time_samples=time_samples,
+        save_every=save_every,
+        parametrization=parametrization,
+        integrator=None
+        if integrator is None
+        else [integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
+        labels=None if target is None else list(target.labels),
+        fresh_noise=fresh_noise,
+        method=method,
+        average=average,
+    )
+
+    u = param.initial()
+    opt_state = opt.init(u)
+    history, start = [], 0
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt = load_checkpoint(out_dir) if resume else None
+        if ckpt is not None:
+            if ckpt["fingerprint"] != fingerprint:
+                raise InputError(
+                    f"{os.path.join(out_dir, CHECKPOINT)} comes from a fit with other settings "
+                    "(parameters, targets, replicas, steps or integrator); resume it with the same "
+                    "settings or use another out_dir"
+                )
+            u = ckpt["u"]
+            treedef = jax.tree_util.tree_structure(opt_state)
+            opt_state = jax.tree_util.tree_unflatten(
+                treedef, [np.asarray(a) for a in ckpt["opt_leaves"]]
+            )
+            history, start = ckpt["history"], ckpt["epoch"]
+    elif resume:
+        raise InputError("resume=True needs out_dir (where the checkpoint lives)")
+
+    show = progress if progress is not None else __import__("sys").stderr.isatty()
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=min(start, epochs), unit="epoch", desc="fit")
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            theta = param.theta(u)
+            full = full0.copy()
+            full[wrt] = theta
+            record = {"epoch": epoch, "params": [float(v) for v in theta]}
+            total = 0.0
+            grad_theta = np.zeros_like(theta)
+            if target is not None:
+                replicas = np.arange(n_replicas) + (epoch * n_replicas if fresh_noise else 0)
+                try:
+                    result = run_replicas(
+                        system,
+                        x0,
+                        integrator,
+                        n_steps,
+                        wrt=wrt,
+                        replicas=replicas,
+                        params=full,
+                        save_every=save_every if time_samples else None,
+                        method=method,
+                    )
+                except SimulationError as e:
+                    raise SimulationError(f"epoch {epoch}: {e}") from None
+                ensemble = observable_samples(target.observable, result.x, result.dx_dtheta)
+                time_set = None
+                if time_samples:
+                    tx, tdx = _time_samples(result, time_samples, (integrator.seed, epoch))
+                    time_set = observable_samples(target.observable, tx, tdx)
+                use_ensemble = average in ("auto", "ensemble", "both") or ergodicity_weight > 0
+                lr = loss_and_gradient(
+                    target,
+                    ensemble=ensemble if use_ensemble else None,
+                    time=time_set,
+                    average=average,
+                    ergodicity_weight=ergodicity_weight,
+                    theta=theta,
+                    theta_ref=theta0,
+                    prior_sigma=prior_sigma,
+                )
+                total, grad_theta = lr.loss, lr.gradient
+                samples = [s for s in (ensemble, time_set) if s is not None]
+                record.update(
+                    chi2=lr.chi2,
+                    ergodicity=lr.ergodicity,
+                    prior=lr.prior,
+                    observables=lr.average.tolist(),
+                    observable_errors=lr.average_error.tolist(),
+                    ensemble_average=None
+                    if lr.ensemble_average is None
+                    else lr.ensemble_average.tolist(),
+                    time_average=None if lr.time_average is None else lr.time_average.tolist(),
+                )
+            else:
+                result, samples = None, []
+            if force_matching is not None:
+                fm_value, fm_grad = force_matching.loss_and_gradient(full, wrt)
+                total += force_matching_weight * fm_value
+                grad_theta = grad_theta + force_matching_weight * fm_grad
+                record["force_matching"] = float(fm_value)
+            grad_u = grad_theta * param.jacobian(u)
+            gnorm = float(np.linalg.norm(grad_u))
+            if not (
+                np.isfinite(total) and np.isfinite(grad_u).all() and gnorm <= max_gradient_norm
+            ):
+                if result is None:
+                    raise SimulationError(
+                        f"epoch {epoch}: force-matching loss {total} / gradient norm {gnorm} "
+                        "is not usable"
+                    )
+                raise _diagnose(epoch, names, total, grad_theta, result, samples)
+            record.update(loss=float(total), gradient=grad_theta.tolist(), gradient_norm=gnorm)
+            updates, opt_state = opt.update(grad_u, opt_state, u)
+            u = np.asarray(optax.apply_updates(u, updates), dtype=np.float64)
+            record["wall_s"] = time.perf_counter() - t0
+            history.append(record)
+            if out_dir is not None:
+                _save_checkpoint(out_dir, epoch + 1, u, opt_state, history, fingerprint)
+                _write_history(
+                    out_dir, _result(full0, wrt, names, param, u, theta0, history, target, out_dir)
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4g}")
+            if callback is not None:
+                callback(record)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _result(full0, wrt, names, param, u, theta0, history, target, out_dir)
+
+
+def _result(full0, wrt, names, param, u, theta0, history, target, out_dir):
+    theta = param.theta(np.asarray(u, dtype=np.float64))
+    full = full0.copy()
+    full[wrt] = theta
+    return FitResult(
+        params=full,
+        theta=theta,
+        theta_initial=theta0,
+        param_names=names,
+        wrt=np.asarray(wrt),
+        history=list(history),
+        labels=() if target is None else target.labels,
+        target_values=np.zeros(0) if target is None else target.value,
+        target_uncertainties=np.zeros(0) if target is None else target.uncertainty,
+        out_dir=out_dir,
+    )
+
+
+def _write_history(out_dir, result):
+    atomic_write_text(os.path.join(out_dir, HISTORY), json.dumps(result.history_dict(), indent=1))

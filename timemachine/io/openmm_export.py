@@ -1,0 +1,365 @@
+"""Write fitted parameters back as an OpenMM ForceField XML file.
+
+OpenMM has no writer for a ``ForceField``, so the export edits the force field's own XML:
+it reads the original files (OpenMM's bundled data directory or paths, with their
+``<Include>`` files, in the order ``ForceField.loadFile`` reads them), finds the element
+that defines each typed parameter, replaces its value, and writes one self-contained
+file that ``openmm.app.ForceField(path)`` loads on its own.
+
+Which XML element a parameter name belongs to is found the way
+``timemachine.io.openmm_import`` names parameters: OpenMM types the topology (with every
+bonded force constant replaced by a unique tag, so each term names the entry it came
+from), and the names are rebuilt from those entries. Every name of the System is then
+required to resolve, so a System that was not built from ``forcefield`` is refused rather
+than exported wrongly.
+
+Generalized-Born radii and scales (``gb/*``) are computed by OpenMM's ``implicit/obc2.xml``
+script from elements, not read from XML; they are exported unchanged, and a fit that
+changed them is refused with an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+
+import numpy as np
+
+from timemachine.errors import ForceFieldError, InputError
+from timemachine.io import openmm_import as imp
+from timemachine.system import System
+
+__all__ = ["export_forcefield", "forcefield_sources"]
+
+
+# --------------------------------------------------------------------------- XML files
+
+
+def _data_dirs():
+    import openmm.app.forcefield as off
+
+    return list(off._getDataDirectories())
+
+
+def _read_trees(files):
+    """(path, ElementTree) in ``ForceField.loadFile`` order: given files, then includes."""
+    files = [os.fspath(f) for f in files]
+    out, i = [], 0
+    while i < len(files):
+        name = files[i]
+        path = name
+        if not os.path.isfile(path):
+            for d in _data_dirs():
+                if os.path.isfile(os.path.join(d, name)):
+                    path = os.path.join(d, name)
+                    break
+        if not os.path.isfile(path):
+            raise ForceFieldError(
+                f"force-field file {name!r} not found on disk or in openmm/app/data"
+            )
+        try:
+            tree = ET.parse(path)
+        except ET.ParseError as e:
+            raise ForceFieldError(f"force-field file {path!r} is not valid XML: {e}") from e
+        out.append((path, tree))
+        i += 1
+        parent = os.path.dirname(path)
+        for inc in tree.getroot().findall("Include"):
+            f = inc.attrib["file"]
+            joined = os.path.join(parent, f)
+            f = joined if os.path.isfile(joined) else f
+            if f not in files:
+                files.append(f)
+    return out
+
+
+def _merge(trees):
+    """One <ForceField> root equivalent to loading all trees together.
+
+    ``loadFile`` reads only the first <AtomTypes>, <Residues> and <Patches> of each file,
+    so those are merged into one element each; force sections and scripts keep their order.
+    """
+    root = ET.Element("ForceField")
+    merged = {tag: ET.SubElement(root, tag) for tag in ("AtomTypes", "Residues", "Patches")}
+    for _, tree in trees:
+        for child in tree.getroot():
+            if child.tag in merged:
+                merged[child.tag].extend(list(child))
+            elif child.tag not in ("Include", "Info"):
+                root.append(child)
+    for el in merged.values():
+        if len(el) == 0:
+            root.remove(el)
+    return root
+
+
+# --------------------------------------------------------------------------- name -> source
+
+
+def _registered(root, section, entry, n_types, ff, torsion=False):
+    """Elements of ``section/entry`` that OpenMM registered, in generator order."""
+    out = []
+    for sec in root.findall(section):
+        for el in sec.findall(entry):
+            types = ff._findAtomTypes(el.attrib, n_types)
+            if None in types:
+                continue
+            if torsion and ff._parseTorsion(el.attrib) is None:
+                continue
+            out.append(el)
+    return out
+
+
+def forcefield_sources(system: System, forcefield, implicit_solvent=None):
+    """Where each typed parameter of ``system`` lives in the XML of ``forcefield``.
+
+    Returns:
+        (root, sources): the merged XML root (a copy, safe to edit) and a dict
+        ``name -> list of (element, attribute)`` for every parameter that XML defines.
+        ``gb/*`` parameters are absent (computed by OpenMM's script).
+
+    Raises:
+        ForceFieldError: the System has a bonded or nonbonded parameter the force field
+            does not produce on its topology (it was built from another force field).
+    """
+    if system.topology is None:
+        raise InputError("export needs system.topology (the System has none)")
+    ff, files = imp._make_forcefield(forcefield, implicit_solvent)
+    root = _merge(_read_trees(files))
+    topology = system.topology
+
+    recorder = imp._DataRecorder()
+    ff.registerGenerator(recorder)
+    try:
+        real = imp._create_system(ff, topology, "system.topology")
+        data = recorder.data
+        with imp._tagged(ff) as tags:
+            tagged = imp._create_system(ff, topology, "system.topology")
+    finally:
+        ff._forces.remove(recorder)
+
+    bonds = _registered(root, "HarmonicBondForce", "Bond", 2, ff)
+    angles = _registered(root, "HarmonicAngleForce", "Angle", 3, ff)
+    propers = _registered(root, "PeriodicTorsionForce", "Proper", 4, ff, torsion=True)
+    impropers = _registered(root, "PeriodicTorsionForce", "Improper", 4, ff, torsion=True)
+    sources = defaultdict(list)
+
+    def add(name, element, attribute):
+        if (element, attribute) not in sources[name]:
+            sources[name].append((element, attribute))
+
+    _bonded_sources(real, tagged, ff, tags, bonds, angles, propers, impropers, add)
+    _nonbonded_sources(real, ff, data, topology, root, add)
+
+    bonded = ("bond/", "angle/", "torsion/", "improper/", "charge/", "sigma/", "epsilon/")
+    missing = [n for n in system.param_names if n.startswith(bonded) and n not in sources]
+    if missing:
+        raise ForceFieldError(
+            f"parameter {missing[0]!r} of the System is not produced by force field "
+            f"{list(files)} on its topology ({len(missing)} such); export with the force field "
+            "the System was built from"
+        )
+    return root, dict(sources)
+
+
+def _bonded_sources(real, tagged, ff, tags, bonds, angles, propers, impropers, add):
+    """Mirror of ``openmm_import._bonded_terms``: the same names, pointing at XML elements."""
+    import openmm as mm
+
+    label = imp._Labeler(ff)
+    def_names = {}
+
+    def type_key(kind, gen, d, typesets):
+        key = (kind, id(gen), d)
+        if key not in def_names:
+            taken = {v for k, v in def_names.items() if k[0] == kind}
+            def_names[key] = imp._unique_name(taken, "-".join(label(t) for t in typesets))
+        return def_names[key]
+
+    for f_real, f_tag in zip(real.getForces(), tagged.getForces(), strict=True):
+        if isinstance(f_real, mm.HarmonicBondForce):
+            for b in range(f_real.getNumBonds()):
+                gen, d, _ = tags[f_tag.getBondParameters(b)[3]._value]
+                key = type_key("bond", gen, d, (gen.types1[d], gen.types2[d]))
+                add(f"bond/{key}/length", bonds[d], "length")
+                add(f"bond/{key}/k", bonds[d], "k")
+        elif isinstance(f_real, mm.HarmonicAngleForce):
+            for a in range(f_real.getNumAngles()):
+                gen, d, _ = tags[f_tag.getAngleParameters(a)[4]._value]
+                key = type_key("angle", gen, d, (gen.types1[d], gen.types2[d], gen.types3[d]))
+                add(f"angle/{key}/theta0", angles[d], "angle")
+                add(f"angle/{key}/k", angles[d], "k")
+        elif isinstance(f_real, mm.PeriodicTorsionForce):
+            for t in range(f_real.getNumTorsions()):
+                gen, (which, d), m = tags[f_tag.getTorsionParameters(t)[6]._value]
+                tordef = (gen.proper if which == "proper" else gen.improper)[d]
+                kind = "torsion" if which == "proper" else "improper"
+                key = type_key(
+                    kind,
+                    gen,
+                    (which, d),
+                    (tordef.types1, tordef.types2, tordef.types3, tordef.types4),
+                )
+                field = f"{tordef.periodicity[m]}"
+                if list(tordef.periodicity).count(tordef.periodicity[m]) > 1:
+                    field += f"_{m}"
+                el = (propers if which == "proper" else impropers)[d]
+                add(f"{kind}/{key}/k{field}", el, f"k{m + 1}")
+                add(f"{kind}/{key}/phase{field}", el, f"phase{m + 1}")
+
+
+def _nonbonded_sources(real, ff, data, topology, root, add):
+    """Mirror of ``openmm_import._nonbonded_term``'s charge and Lennard-Jones keys."""
+    import openmm as mm
+
+    forces = [f for f in real.getForces() if isinstance(f, mm.NonbondedForce)]
+    if not forces:
+        return
+    f = forces[0]
+    gen = imp._generators(ff, "NonbondedGenerator")[0]
+    per_type = gen.params.paramsForType
+    atoms = list(topology.atoms())
+    templates = ff.getMatchingTemplates(topology)
+    values = np.array([[v._value for v in f.getParticleParameters(i)] for i in range(len(atoms))])
+
+    nb_atoms = [el for sec in root.findall("NonbondedForce") for el in sec.findall("Atom")]
+
+    def nb_elements(atom_type):
+        cls = ff._atomTypes[atom_type].atomClass
+        hits = [
+            el
+            for el in nb_atoms
+            if el.attrib.get("type") == atom_type
+            or ("class" in el.attrib and el.attrib["class"] == cls)
+        ]
+        if not hits:
+            raise ForceFieldError(f"no <NonbondedForce><Atom> entry for atom type {atom_type!r}")
+        return hits
+
+    residues = {el.attrib["name"]: el for el in root.iter("Residue")}
+    type_label = {}
+    for a in atoms:
+        t = data.atomType[a]
+        tmpl = templates[a.residue.index]
+        atom_name = tmpl.atoms[data.atomTemplateIndexes[a]].name
+        where = f"{tmpl.name}:{atom_name}"
+        if "charge" in per_type.get(t, {}):
+            key = type_label.setdefault(t, where if t.isdigit() else t)
+            for el in nb_elements(t):
+                add(f"charge/{key}/q", el, "charge")
+        else:
+            res = residues.get(tmpl.name)
+            hits = (
+                []
+                if res is None
+                else [e for e in res.findall("Atom") if e.attrib.get("name") == atom_name]
+            )
+            if not hits:
+                raise ForceFieldError(
+                    f"no <Residue name={tmpl.name!r}><Atom name={atom_name!r}> in the XML"
+                )
+            add(f"charge/{where}/q", hits[0], "charge")
+
+    cls_of = {a.index: ff._atomTypes[data.atomType[a]].atomClass for a in atoms}
+    lj_by_class = defaultdict(set)
+    for a in atoms:
+        lj_by_class[cls_of[a.index]].add(tuple(values[a.index, 1:]))
+    for a in atoms:
+        t = data.atomType[a]
+        key = cls_of[a.index] if len(lj_by_class[cls_of[a.index]]) == 1 else t
+        for el in nb_elements(t):
+            add(f"sigma/{key}/sigma", el, "sigma")
+            add(f"epsilon/{key}/epsilon", el, "epsilon")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _format(value: float) -> str:
+    return repr(float(value))
+
+
+def export_forcefield(
+    system: System,
+    params,
+    path,
+    forcefield=("amber99sbildn.xml",),
+    implicit_solvent="auto",
+) -> str:
+    """Write ``params`` as an OpenMM ForceField XML file that OpenMM loads on its own.
+
+    Args:
+        system: the System the parameters belong to (built from ``forcefield``; its
+            topology decides which XML entry each name refers to).
+        params: (P,) float64 θ in the System's units (nm, rad, kJ/mol, e), e.g. a fit's
+            result; entries equal to ``system.params`` keep the force field's original text.
+        path: output ``.xml``; written atomically (temporary file, then rename).
+        forcefield: the XML files the System was built from (bundled names or paths).
+        implicit_solvent: None, "obc2", or "auto" (obc2 when the System has a GB term);
+            its XML (a script OpenMM runs) is merged in, so ``ForceField(path)`` alone
+            rebuilds the same energy.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        InputError: params of the wrong shape or non-finite, or a changed parameter that
+            XML cannot carry (``gb/*`` radii and scales, terms added with ``add_term``).
+        ForceFieldError: the System was not built from ``forcefield``.
+    """
+    if not isinstance(system, System):
+        raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
+    theta = np.asarray(params, dtype=np.float64)
+    if theta.shape != (system.n_params,):
+        raise InputError(f"params must have shape ({system.n_params},), got {theta.shape}")
+    bad = np.flatnonzero(~np.isfinite(theta))
+    if bad.size:
+        raise InputError(
+            f"params[{bad[0]}] ({system.param_names[bad[0]]}) is {theta[bad[0]]}; cannot export"
+        )
+    if implicit_solvent == "auto":
+        implicit_solvent = "obc2" if any(t.kind == "gb" for t in system.terms) else None
+    root, sources = forcefield_sources(system, forcefield, implicit_solvent)
+
+    originals = {}
+    for p, name in enumerate(system.param_names):
+        changed = not np.isclose(theta[p], system.params[p], rtol=1e-15, atol=0.0)
+        if name not in sources:
+            if changed:
+                raise InputError(
+                    f"parameter {name!r} changed ({system.params[p]!r} -> {theta[p]!r}) but an "
+                    "OpenMM ForceField XML cannot carry it (GB radii/scales are computed by "
+                    "OpenMM's script; custom terms have no XML form)"
+                )
+            continue
+        for el, attr in sources[name]:
+            old = originals.setdefault((id(el), attr), el.attrib.get(attr))
+            if old is None:
+                raise ForceFieldError(f"XML element {el.tag} {el.attrib} has no {attr!r}")
+            if changed:
+                el.set(attr, _format(theta[p]))
+
+    comment = ET.Comment(
+        f" written by timemachine.export_forcefield from {list(forcefield)}"
+        + (f" + implicit solvent {implicit_solvent}" if implicit_solvent else "")
+        + " "
+    )
+    root.insert(0, comment)
+    tree = ET.ElementTree(copy.deepcopy(root))
+    ET.indent(tree, space=" ")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            tree.write(fh, encoding="utf-8", xml_declaration=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

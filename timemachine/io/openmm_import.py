@@ -1,0 +1,502 @@
+"""Systems from OpenMM force fields, with the force field's *types* as parameters.
+
+OpenMM's own ``ForceField`` does all residue-template and parameter matching. To learn
+which force-field type each term came from, we build the System twice: once as is, and
+once with every bonded type's force constant replaced by a unique integer tag. Term i of
+each force is the same in both, so the tag read back from term i names its type. Per-atom
+nonbonded types come from the atom types and residue templates OpenMM matched (recorded
+by a generator we register), and GB radii/scales from their (mbondi2) element classes.
+Every parameter rebuilt from θ is checked against OpenMM's value for that term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from timemachine.errors import ForceFieldError, InputError, MissingFileError
+from timemachine.system import (
+    OBC2,
+    HarmonicAngles,
+    HarmonicBonds,
+    Nonbonded,
+    PeriodicTorsions,
+    System,
+)
+
+IMPLICIT_SOLVENT_FILES = {"obc2": "implicit/obc2.xml"}
+
+
+class _DataRecorder:
+    """A ForceField generator that creates no force and keeps OpenMM's matching data."""
+
+    data = None
+
+    def createForce(self, sys, data, nonbondedMethod, nonbondedCutoff, args):  # noqa: N802
+        self.data = data
+
+
+def _make_forcefield(forcefield, implicit_solvent):
+    import openmm.app as app
+
+    if isinstance(forcefield, (str, os.PathLike)):
+        forcefield = (forcefield,)
+    files = [os.fspath(f) for f in forcefield]
+    if implicit_solvent is not None:
+        if implicit_solvent not in IMPLICIT_SOLVENT_FILES:
+            raise InputError(
+                f"implicit_solvent={implicit_solvent!r} is not supported; "
+                f"choose None or one of {sorted(IMPLICIT_SOLVENT_FILES)}"
+            )
+        files.append(IMPLICIT_SOLVENT_FILES[implicit_solvent])
+    try:
+        return app.ForceField(*files), files
+    except ValueError as e:
+        missing = [f for f in files if f'Could not locate file "{f}"' in str(e)]
+        if missing:
+            raise MissingFileError(
+                f"force-field file {missing[0]!r} not found on disk or among OpenMM's bundled "
+                f"force fields (openmm/app/data)"
+            ) from None
+        raise ForceFieldError(f"force-field files {files} could not be read: {e}") from e
+    except Exception as e:  # XML parse errors and the like
+        raise ForceFieldError(f"force-field files {files} could not be read: {e}") from e
+
+
+def _create_system(ff, topology, source):
+    import openmm.app as app
+
+    try:
+        return ff.createSystem(
+            topology,
+            nonbondedMethod=app.NoCutoff,
+            constraints=None,
+            rigidWater=False,
+            removeCMMotion=False,
+        )
+    except ValueError as e:
+        raise ForceFieldError(f"OpenMM could not parametrise {source}: {e}") from e
+
+
+def _generators(ff, cls_name):
+    return [g for g in ff._forces if type(g).__name__ == cls_name]
+
+
+@contextlib.contextmanager
+def _tagged(ff):
+    """Temporarily replace every bonded type's k by a unique tag; yields tag -> (gen, def, slot)."""
+    saved, tags = [], {}
+    counter = 1.0
+
+    def tag_list(owner, attr, gen, d, skip_zero):
+        nonlocal counter
+        values = getattr(owner, attr)
+        saved.append((owner, attr, list(values)))
+        new = list(values)
+        for m, v in enumerate(values):
+            if skip_zero and v == 0:
+                continue
+            new[m] = counter
+            tags[counter] = (gen, d, m)
+            counter += 1.0
+        setattr(owner, attr, new)
+
+    try:
+        for gen in _generators(ff, "HarmonicBondGenerator") + _generators(
+            ff, "HarmonicAngleGenerator"
+        ):
+            saved.append((gen, "k", list(gen.k)))
+            for d in range(len(gen.k)):
+                tags[counter] = (gen, d, None)
+                gen.k[d] = counter
+                counter += 1.0
+        for gen in _generators(ff, "PeriodicTorsionGenerator"):
+            for d, tordef in enumerate(gen.proper):
+                tag_list(tordef, "k", gen, ("proper", d), True)
+            for d, tordef in enumerate(gen.improper):
+                tag_list(tordef, "k", gen, ("improper", d), True)
+        yield tags
+    finally:
+        for owner, attr, values in reversed(saved):
+            if isinstance(getattr(owner, attr), list) and attr == "k" and hasattr(owner, "types1"):
+                getattr(owner, attr)[:] = values
+            else:
+                setattr(owner, attr, values)
+
+
+class _Labeler:
+    """Readable labels for the type sets OpenMM stores in its generators."""
+
+    def __init__(self, ff):
+        self.by_set = {}
+        for cls, types in ff._atomClasses.items():
+            self.by_set.setdefault(frozenset(types), "X" if cls == "" else cls)
+
+    def __call__(self, typeset):
+        s = frozenset(typeset)
+        if s in self.by_set:
+            return self.by_set[s]
+        if len(s) == 1:
+            return next(iter(s))
+        return "|".join(sorted(s))
+
+
+class _Params:
+    """Accumulates named parameters, de-duplicating by name and checking values agree."""
+
+    def __init__(self):
+        self.names, self.values, self.index = [], [], {}
+
+    def get(self, name, value, where):
+        i = self.index.get(name)
+        if i is None:
+            i = self.index[name] = len(self.names)
+            self.names.append(name)
+            self.values.append(float(value))
+        elif not np.isclose(self.values[i], value, rtol=1e-12, atol=0.0):
+            raise ForceFieldError(
+                f"parameter {name!r} is shared by terms with different values "
+                f"({self.values[i]!r} and {value!r}, at {where}); cannot type it"
+            )
+        return i
+
+
+def _unique_name(taken, base):
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}#{n}" in taken:
+        n += 1
+    return f"{base}#{n}"
+
+
+def _check(value, expected, what):
+    if not np.isclose(value, expected, rtol=1e-10, atol=1e-14):
+        raise ForceFieldError(f"{what}: typed value {value!r} differs from OpenMM's {expected!r}")
+
+
+def _bonded_terms(real, tagged, ff, tags, params):
+    import openmm as mm
+
+    label = _Labeler(ff)
+    def_names = {}  # (gen id, def) -> label, unique per kind
+
+    def type_key(kind, gen, d, typesets):
+        key = (kind, id(gen), d)
+        if key not in def_names:
+            taken = {v for k, v in def_names.items() if k[0] == kind}
+            def_names[key] = _unique_name(taken, "-".join(label(t) for t in typesets))
+        return def_names[key]
+
+    terms = []
+    for f_real, f_tag in zip(real.getForces(), tagged.getForces(), strict=True):
+        if isinstance(f_real, mm.HarmonicBondForce) and f_real.getNumBonds():
+            idx, li, ki = [], [], []
+            for b in range(f_real.getNumBonds()):
+                i, j, r0, k = f_real.getBondParameters(b)
+                gen, d, _ = tags[f_tag.getBondParameters(b)[3]._value]
+                key = type_key("bond", gen, d, (gen.types1[d], gen.types2[d]))
+                where = f"bond {b} (atoms {i}-{j})"
+                li.append(params.get(f"bond/{key}/length", gen.length[d], where))
+                ki.append(params.get(f"bond/{key}/k", gen.k[d], where))
+                _check(gen.length[d], r0._value, where + " length")
+                _check(gen.k[d], k._value, where + " k")
+                idx.append((i, j))
+            terms.append(HarmonicBonds(np.array(idx), np.array(li), np.array(ki)))
+        elif isinstance(f_real, mm.HarmonicAngleForce) and f_real.getNumAngles():
+            idx, ti, ki = [], [], []
+            for a in range(f_real.getNumAngles()):
+                i, j, k_, th, k = f_real.getAngleParameters(a)
+                gen, d, _ = tags[f_tag.getAngleParameters(a)[4]._value]
+                key = type_key("angle", gen, d, (gen.types1[d], gen.types2[d], gen.types3[d]))
+                where = f"angle {a} (atoms {i}-{j}-{k_})"
+                ti.append(params.get(f"angle/{key}/theta0", gen.angle[d], where))
+                ki.append(params.get(f"angle/{key}/k", gen.k[d], where))
+                _check(gen.angle[d], th._value, where + " theta0")
+                _check(gen.k[d], k._value, where + " k")
+                idx.append((i, j, k_))
+            terms.append(HarmonicAngles(np.array(idx), np.array(ti), np.array(ki)))
+        elif isinstance(f_real, mm.PeriodicTorsionForce) and f_real.getNumTorsions():
+            by_kind = {"proper": ([], [], [], []), "improper": ([], [], [], [])}
+            for t in range(f_real.getNumTorsions()):
+                i, j, k_, l_, n, phase, k = f_real.getTorsionParameters(t)
+                gen, (which, d), m = tags[f_tag.getTorsionParameters(t)[6]._value]
+                tordef = (gen.proper if which == "proper" else gen.improper)[d]
+                kind = "torsion" if which == "proper" else "improper"
+                key = type_key(
+                    kind,
+                    gen,
+                    (which, d),
+                    (tordef.types1, tordef.types2, tordef.types3, tordef.types4),
+                )
+                field = f"{tordef.periodicity[m]}"
+                if list(tordef.periodicity).count(tordef.periodicity[m]) > 1:
+                    field += f"_{m}"
+                where = f"{kind} {t} (atoms {i}-{j}-{k_}-{l_})"
+                _check(tordef.k[m], k._value, where + " k")
+                _check(tordef.phase[m], phase._value, where + " phase")
+                lists = by_kind[which]
+                lists[0].append((i, j, k_, l_))
+                lists[1].append(n)
+                lists[2].append(params.get(f"{kind}/{key}/phase{field}", tordef.phase[m], where))
+                lists[3].append(params.get(f"{kind}/{key}/k{field}", tordef.k[m], where))
+            for which, (idx, per, pi, ki) in by_kind.items():
+                if idx:
+                    terms.append(
+                        PeriodicTorsions(
+                            np.array(idx),
+                            np.array(per, dtype=np.float64),
+                            np.array(pi),
+                            np.array(ki),
+                            kind="torsion" if which == "proper" else "improper",
+                        )
+                    )
+    return terms
+
+
+def _bond_graph(topology):
+    nbrs = defaultdict(set)
+    for b in topology.bonds():
+        nbrs[b[0].index].add(b[1].index)
+        nbrs[b[1].index].add(b[0].index)
+    return nbrs
+
+
+def _graph_distance(nbrs, i, j, limit=3):
+    frontier, seen = {i}, {i}
+    for d in range(1, limit + 1):
+        frontier = {n for a in frontier for n in nbrs[a]} - seen
+        if j in frontier:
+            return d
+        seen |= frontier
+    return None
+
+
+def _nonbonded_term(f, ff, data, topology, params):
+    gen = _generators(ff, "NonbondedGenerator")[0]
+    atoms = list(topology.atoms())
+    n = len(atoms)
+    templates = ff.getMatchingTemplates(topology)
+    per_type = gen.params.paramsForType
+    values = np.array([[v._value for v in f.getParticleParameters(i)] for i in range(n)])
+
+    # charge: typed by atom type when the XML gives it per type, else by residue-template atom
+    # (numbered types, as in amber99sbildn.xml, are labelled by their first template atom)
+    charge_keys, type_label = [], {}
+    for a in atoms:
+        t = data.atomType[a]
+        tmpl = templates[a.residue.index]
+        where = f"{tmpl.name}:{tmpl.atoms[data.atomTemplateIndexes[a]].name}"
+        if "charge" in per_type.get(t, {}):
+            charge_keys.append(type_label.setdefault(t, where if t.isdigit() else t))
+        else:
+            charge_keys.append(where)
+    # LJ: by atom class when every type of that class in this system agrees, else by type
+    cls_of = {a.index: ff._atomTypes[data.atomType[a]].atomClass for a in atoms}
+    lj_by_class = defaultdict(set)
+    for a in atoms:
+        lj_by_class[cls_of[a.index]].add(tuple(values[a.index, 1:]))
+    lj_keys = [
+        cls_of[a.index] if len(lj_by_class[cls_of[a.index]]) == 1 else data.atomType[a]
+        for a in atoms
+    ]
+    qi = np.array(
+        [params.get(f"charge/{charge_keys[i]}/q", values[i, 0], f"atom {i}") for i in range(n)]
+    )
+    si = np.array(
+        [params.get(f"sigma/{lj_keys[i]}/sigma", values[i, 1], f"atom {i}") for i in range(n)]
+    )
+    ei = np.array(
+        [params.get(f"epsilon/{lj_keys[i]}/epsilon", values[i, 2], f"atom {i}") for i in range(n)]
+    )
+
+    nbrs = _bond_graph(topology)
+    mask = ~np.eye(n, dtype=bool)
+    exc, cs, ls = [], [], []
+    c14, l14 = float(gen.coulomb14scale), float(gen.lj14scale)
+    for e in range(f.getNumExceptions()):
+        i, j, qq, sig, eps = f.getExceptionParameters(e)
+        mask[i, j] = mask[j, i] = False
+        qq, sig, eps = qq._value, sig._value, eps._value
+        d = _graph_distance(nbrs, i, j)
+        where = f"nonbonded exception {e} (atoms {i}-{j})"
+        if d in (1, 2):
+            if qq != 0 or eps != 0:
+                raise ForceFieldError(f"{where}: a 1-{d + 1} pair has non-zero parameters")
+            continue
+        if d != 3:
+            raise ForceFieldError(
+                f"{where}: exception between atoms {d or '>3'} bonds apart is not supported"
+            )
+        _check(c14 * values[i, 0] * values[j, 0], qq, where + " chargeProd")
+        _check(l14 * np.sqrt(values[i, 2] * values[j, 2]), eps, where + " epsilon")
+        if eps != 0:
+            _check(0.5 * (values[i, 1] + values[j, 1]), sig, where + " sigma")
+        exc.append((i, j))
+        cs.append(c14)
+        ls.append(l14)
+    return Nonbonded(
+        qi,
+        si,
+        ei,
+        mask,
+        np.array(exc, dtype=np.int64).reshape(-1, 2),
+        np.array(cs),
+        np.array(ls),
+    ), qi
+
+
+def _gb_class(atom, nbrs, atoms):
+    sym = atom.element.symbol if atom.element is not None else "X"
+    if sym == "H":
+        partner = [atoms[j] for j in nbrs[atom.index]]
+        if partner and partner[0].element is not None and partner[0].element.symbol == "N":
+            return "H(N)"
+    return sym
+
+
+def _obc2_term(f, topology, charge_index, params):
+    names = [f.getPerParticleParameterName(k) for k in range(f.getNumPerParticleParameters())]
+    if names != ["charge", "or", "sr"] or "4.85*psi^3" not in f.getComputedValueParameters(1)[1]:
+        raise ForceFieldError(
+            "only OpenMM's implicit/obc2.xml generalized Born model is supported; found a "
+            f"CustomGBForce with per-particle parameters {names}"
+        )
+    atoms = list(topology.atoms())
+    nbrs = _bond_graph(topology)
+    ri, si = [], []
+    for i, a in enumerate(atoms):
+        q, offset_r, sr = f.getParticleParameters(i)
+        key = _gb_class(a, nbrs, atoms)
+        where = f"GB atom {i}"
+        _check(params.values[charge_index[i]], q, where + " charge")
+        ri.append(params.get(f"gb/{key}/radius", offset_r + 0.009, where))
+        si.append(params.get(f"gb/{key}/scale", sr / offset_r, where))
+    return OBC2(np.array(charge_index), np.array(ri), np.array(si))
+
+
+_IGNORED_FORCES = ("CMMotionRemover",)
+
+
+def _build(ff, topology, source):
+    import openmm as mm
+
+    recorder = _DataRecorder()
+    ff.registerGenerator(recorder)
+    try:
+        real = _create_system(ff, topology, source)
+        data = recorder.data
+        with _tagged(ff) as tags:
+            tagged = _create_system(ff, topology, source)
+    finally:
+        ff._forces.remove(recorder)
+
+    params = _Params()
+    terms = _bonded_terms(real, tagged, ff, tags, params)
+    charge_index = None
+    for f in real.getForces():
+        if isinstance(f, mm.NonbondedForce):
+            term, charge_index = _nonbonded_term(f, ff, data, topology, params)
+            terms.append(term)
+    for f in real.getForces():
+        name = type(f).__name__
+        if isinstance(
+            f,
+            (
+                mm.HarmonicBondForce,
+                mm.HarmonicAngleForce,
+                mm.PeriodicTorsionForce,
+                mm.NonbondedForce,
+            ),
+        ):
+            continue
+        if isinstance(f, mm.CustomGBForce):
+            if charge_index is None:
+                raise ForceFieldError("generalized Born needs a NonbondedForce for its charges")
+            terms.append(_obc2_term(f, topology, charge_index, params))
+        elif name not in _IGNORED_FORCES:
+            raise ForceFieldError(f"{source}: OpenMM force {name} is not supported by timemachine")
+    masses = np.array([real.getParticleMass(i)._value for i in range(real.getNumParticles())])
+    return System(masses, terms, params.names, params.values, topology), real
+
+
+def _read_structure(pdb):
+    import openmm.app as app
+    import openmm.unit as unit
+
+    if hasattr(pdb, "topology") and hasattr(pdb, "positions"):
+        return pdb.topology, pdb.positions, repr(pdb)
+    if isinstance(pdb, tuple) and len(pdb) == 2:
+        top, pos = pdb
+        if not unit.is_quantity(pos):
+            pos = np.asarray(pos, dtype=np.float64) * unit.nanometer
+        return top, pos, "the given topology"
+    path = os.fspath(pdb)
+    if not os.path.exists(path):
+        raise MissingFileError(f"structure file {path!r} does not exist")
+    try:
+        f = app.PDBxFile(path) if path.endswith((".cif", ".pdbx")) else app.PDBFile(path)
+    except Exception as e:
+        raise ForceFieldError(f"could not read structure file {path!r}: {e}") from e
+    return f.topology, f.positions, f"structure file {path!r}"
+
+
+def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None):
+    """Parametrise a structure with OpenMM force-field XML files.
+
+    Args:
+      pdb: path to a PDB/PDBx file, an object with ``.topology`` and ``.positions``
+        (``openmm.app.PDBFile``, ``Modeller``), or a ``(topology, positions_nm)`` tuple.
+      forcefield: OpenMM force-field XML files (bundled names such as
+        "amber99sbildn.xml", "amber14-all.xml", or paths).
+      implicit_solvent: None (vacuum) or "obc2" (OpenMM's implicit/obc2.xml).
+    Returns:
+      (system, positions): a :class:`timemachine.System` and (N, 3) float64 positions, nm.
+    """
+    import openmm.unit as unit
+
+    topology, positions, source = _read_structure(pdb)
+    ff, _ = _make_forcefield(forcefield, implicit_solvent)
+    system, _ = _build(ff, topology, source)
+    x = np.array(positions.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 3)
+    return system, system.check_positions(x, where=f"positions of {source}").__array__()
+
+
+def openmm_system_for(topology, forcefield=("amber99sbildn.xml",), implicit_solvent=None):
+    """The OpenMM System that :func:`load_system` parametrises (NoCutoff, no constraints)."""
+    ff, _ = _make_forcefield(forcefield, implicit_solvent)
+    return _create_system(ff, topology, "the given topology")
+
+
+def from_openmm(openmm_system, topology, forcefield=("amber99sbildn.xml",), implicit_solvent=None):
+    """A System equivalent to an OpenMM System built from ``forcefield`` on ``topology``.
+
+    The force field is needed to know which *types* the terms came from. Every term of the
+    given System is checked against the typed reconstruction, so a System that was edited
+    after creation, or built with other settings, raises ForceFieldError naming the term.
+    """
+    import openmm as mm
+
+    ff, _ = _make_forcefield(forcefield, implicit_solvent)
+    system, rebuilt = _build(ff, topology, "the given topology")
+    if openmm_system.getNumParticles() != rebuilt.getNumParticles():
+        raise InputError(
+            f"openmm_system has {openmm_system.getNumParticles()} particles but the topology "
+            f"has {rebuilt.getNumParticles()}"
+        )
+    ours = {type(f).__name__: f for f in rebuilt.getForces()}
+    for f in openmm_system.getForces():
+        name = type(f).__name__
+        if name in _IGNORED_FORCES:
+            continue
+        if name not in ours:
+            raise ForceFieldError(f"openmm_system has a {name} that {forcefield} does not create")
+        if mm.XmlSerializer.serialize(f) != mm.XmlSerializer.serialize(ours[name]):
+            raise ForceFieldError(
+                f"openmm_system's {name} differs from what {forcefield} creates on this topology "
+                "(was it modified, or built with a cutoff or constraints?)"
+            )
+    return system

@@ -1,0 +1,87 @@
+"""Lennard-Jones + Coulomb over all pairs, no cutoff, as OpenMM's NonbondedForce(NoCutoff).
+
+Pairs are evaluated densely as (N, N) matrices: for the molecule sizes this engine
+targets that is cheap, and it is the layout the structured Hessian contractions of
+``timemachine.sensitivity`` need. Excluded pairs (1-2, 1-3, and 1-4 which are re-added
+scaled) are masked out, never subtracted, so no precision is lost.
+
+Lorentz-Berthelot combination: σ_ij = (σ_i + σ_j)/2, ε_ij = sqrt(ε_i ε_j).
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+from timemachine.constants import COULOMB  # noqa: E402
+
+
+@jax.custom_jvp
+def safe_sqrt(a):
+    """sqrt with derivative 0 at a == 0 instead of inf.
+
+    ε = 0 (hydrogens in amber) would otherwise poison forward-mode tangents with 0·inf.
+    """
+    return jnp.sqrt(a)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    s = jnp.sqrt(a)
+    return s, jnp.where(a > 0, da / (2.0 * jnp.where(a > 0, s, 1.0)), 0.0)
+
+
+def _lj_coulomb(r, sigma, epsilon, qq):
+    s6 = (sigma / r) ** 6
+    return 4.0 * epsilon * (s6 * s6 - s6) + COULOMB * qq / r
+
+
+def pair_distances(x):
+    """(N, N) distance matrix with ones on the diagonal (so 1/r stays finite there)."""
+    n = x.shape[0]
+    d = x[:, None, :] - x[None, :, :]
+    eye = jnp.eye(n, dtype=x.dtype)
+    return jnp.sqrt(jnp.sum(d * d, axis=-1) + eye)
+
+
+def nonbonded_all_pairs(x, charge, sigma, epsilon, pair_mask):
+    """LJ + Coulomb energy summed over every unordered pair (i, j) with pair_mask[i, j].
+
+    Args:
+      x: (N, 3) positions, nm.
+      charge: (N,) partial charges, e.
+      sigma: (N,) LJ diameters, nm.
+      epsilon: (N,) LJ well depths, kJ/mol.
+      pair_mask: (N, N) float or bool, symmetric, zero on the diagonal and for excluded pairs.
+    Returns: scalar energy, kJ/mol.
+    """
+    r = pair_distances(x)
+    sig = 0.5 * (sigma[:, None] + sigma[None, :])
+    sqrt_eps = safe_sqrt(epsilon)
+    eps = sqrt_eps[:, None] * sqrt_eps[None, :]
+    qq = charge[:, None] * charge[None, :]
+    return 0.5 * jnp.sum(jnp.where(pair_mask, _lj_coulomb(r, sig, eps, qq), 0.0))
+
+
+def nonbonded_exceptions(x, idx, charge, sigma, epsilon, coulomb_scale, lj_scale):
+    """Scaled 1-4 interactions, OpenMM's NonbondedForce exceptions.
+
+    chargeProd = coulomb_scale q_i q_j, σ = (σ_i + σ_j)/2, ε = lj_scale sqrt(ε_i ε_j).
+
+    Args:
+      x: (N, 3) positions, nm.
+      idx: (E, 2) int atom pairs.
+      charge, sigma, epsilon: (N,) per-atom parameters (e, nm, kJ/mol).
+      coulomb_scale, lj_scale: (E,) or scalar scale factors.
+    Returns: scalar energy, kJ/mol.
+    """
+    i, j = idx[:, 0], idx[:, 1]
+    d = x[j] - x[i]
+    r = jnp.sqrt(jnp.sum(d * d, axis=-1))
+    sig = 0.5 * (sigma[i] + sigma[j])
+    sqrt_eps = safe_sqrt(epsilon)
+    eps = lj_scale * sqrt_eps[i] * sqrt_eps[j]
+    qq = coulomb_scale * charge[i] * charge[j]
+    return jnp.sum(_lj_coulomb(r, sig, eps, qq))

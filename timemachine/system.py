@@ -1,0 +1,349 @@
+"""The System: atoms, masses, typed parameters, and the energy as a sum of terms.
+
+A System holds a flat float64 parameter vector θ (length P, one name per entry, named
+``kind/type-key/field``) and a tuple of terms. Every term maps its per-term parameters
+to entries of θ through integer index arrays, so a force-field *type* shared by many
+terms is one entry of θ and derivatives with respect to it sum over all its uses.
+
+Terms are JAX pytrees (their index arrays are leaves), so ``energy_fn(terms, x, θ)`` can be
+jit-compiled once and reused for any θ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timemachine import potentials  # noqa: E402
+from timemachine.errors import InputError  # noqa: E402
+
+
+def _pytree(cls, data, meta=()):
+    return jax.tree_util.register_dataclass(
+        dataclasses.dataclass(frozen=True, eq=False)(cls),
+        data_fields=list(data),
+        meta_fields=list(meta),
+    )
+
+
+class HarmonicBonds:
+    """Harmonic bonds. idx (B, 2); length_index, k_index (B,) into θ."""
+
+    kind = "bond"
+    idx: np.ndarray
+    length_index: np.ndarray
+    k_index: np.ndarray
+
+    def energy(self, x, params):
+        return potentials.harmonic_bond(
+            x, self.idx, params[self.length_index], params[self.k_index]
+        )
+
+
+HarmonicBonds = _pytree(HarmonicBonds, ["idx", "length_index", "k_index"])
+
+
+class HarmonicAngles:
+    """Harmonic angles. idx (A, 3); theta0_index, k_index (A,) into θ."""
+
+    kind = "angle"
+    idx: np.ndarray
+    theta0_index: np.ndarray
+    k_index: np.ndarray
+
+    def energy(self, x, params):
+        return potentials.harmonic_angle(
+            x, self.idx, params[self.theta0_index], params[self.k_index]
+        )
+
+
+HarmonicAngles = _pytree(HarmonicAngles, ["idx", "theta0_index", "k_index"])
+
+
+class PeriodicTorsions:
+    """Periodic torsions. idx (T, 4); periodicity (T,) fixed; phase_index, k_index (T,) into θ.
+
+    ``kind`` is "torsion" for propers and "improper" for impropers.
+    """
+
+    idx: np.ndarray
+    periodicity: np.ndarray
+    phase_index: np.ndarray
+    k_index: np.ndarray
+    kind: str = "torsion"
+
+    def energy(self, x, params):
+        return potentials.periodic_torsion(
+            x, self.idx, self.periodicity, params[self.phase_index], params[self.k_index]
+        )
+
+
+PeriodicTorsions = _pytree(
+    PeriodicTorsions, ["idx", "periodicity", "phase_index", "k_index"], ["kind"]
+)
+
+
+class Nonbonded:
+    """All-pairs LJ + Coulomb with exclusions and scaled 1-4 exceptions (no cutoff).
+
+    charge_index, sigma_index, epsilon_index: (N,) into θ.
+    pair_mask: (N, N) bool, True for pairs that interact at full strength.
+    exception_idx: (E, 2) scaled pairs; coulomb_scale, lj_scale: (E,) fixed scale factors.
+    """
+
+    kind = "nonbonded"
+    charge_index: np.ndarray
+    sigma_index: np.ndarray
+    epsilon_index: np.ndarray
+    pair_mask: np.ndarray
+    exception_idx: np.ndarray
+    coulomb_scale: np.ndarray
+    lj_scale: np.ndarray
+
+    def energy(self, x, params):
+        q = params[self.charge_index]
+        sig = params[self.sigma_index]
+        eps = params[self.epsilon_index]
+        e = potentials.nonbonded_all_pairs(x, q, sig, eps, self.pair_mask)
+        return e + potentials.nonbonded_exceptions(
+            x, self.exception_idx, q, sig, eps, self.coulomb_scale, self.lj_scale
+        )
+
+
+Nonbonded = _pytree(
+    Nonbonded,
+    [
+        "charge_index",
+        "sigma_index",
+        "epsilon_index",
+        "pair_mask",
+        "exception_idx",
+        "coulomb_scale",
+        "lj_scale",
+    ],
+)
+
+
+class OBC2:
+    """OBC2 generalized Born + ACE surface term; charge/radius/scale_index (N,) into θ."""
+
+    kind = "gb"
+    charge_index: np.ndarray
+    radius_index: np.ndarray
+    scale_index: np.ndarray
+    solute_dielectric: float = 1.0
+    solvent_dielectric: float = 78.5
+
+    def energy(self, x, params):
+        return potentials.obc2_energy(
+            x,
+            params[self.charge_index],
+            params[self.radius_index],
+            params[self.scale_index],
+            self.solute_dielectric,
+            self.solvent_dielectric,
+        )
+
+
+OBC2 = _pytree(
+    OBC2,
+    ["charge_index", "radius_index", "scale_index"],
+    ["solute_dielectric", "solvent_dielectric"],
+)
+
+
+class CustomTerm:
+    """Any JAX-traceable energy ``fn(x, p) -> scalar`` of its own parameters ``p = θ[param_index]``.
+
+    This is how a new functional form enters a System: its derivatives (forces, Hessian
+    products, mixed partials) come from autodiff.
+    """
+
+    param_index: np.ndarray
+    fn: Callable
+    kind: str = "custom"
+
+    def energy(self, x, params):
+        return self.fn(x, params[self.param_index])
+
+
+CustomTerm = _pytree(CustomTerm, ["param_index"], ["fn", "kind"])
+
+
+def _energy(terms, x, params):
+    return sum(t.energy(x, params) for t in terms)
+
+
+_energy_jit = jax.jit(_energy)
+_gradient_jit = jax.jit(jax.grad(_energy, argnums=1))
+_term_energies_jit = jax.jit(lambda terms, x, params: [t.energy(x, params) for t in terms])
+
+
+class System:
+    """A molecular system: masses, typed parameters θ and energy terms.
+
+    Attributes:
+      masses: (N,) float64, amu.
+      param_names: tuple of P names ``kind/type-key/field``.
+      params: (P,) float64 default parameter vector (read-only copy).
+      terms: tuple of term pytrees, each with ``energy(x, params)``.
+      topology: the OpenMM Topology it came from, or None.
+    """
+
+    def __init__(self, masses, terms, param_names, params, topology=None):
+        masses = np.asarray(masses, dtype=np.float64)
+        if masses.ndim != 1 or masses.size == 0:
+            raise InputError(f"masses must be a non-empty 1-D array, got shape {masses.shape}")
+        bad = np.flatnonzero(~(np.isfinite(masses) & (masses > 0)))
+        if bad.size:
+            raise InputError(
+                f"masses must be finite and > 0: atom {bad[0]} has mass {float(masses[bad[0]])} amu"
+            )
+        params = np.array(params, dtype=np.float64)
+        param_names = tuple(param_names)
+        if params.shape != (len(param_names),):
+            raise InputError(
+                f"params has shape {params.shape} but there are {len(param_names)} param_names"
+            )
+        dup = (
+            {n for n in param_names if param_names.count(n) > 1}
+            if len(set(param_names)) != len(param_names)
+            else set()
+        )
+        if dup:
+            raise InputError(f"duplicate parameter names: {sorted(dup)[:5]}")
+        params.setflags(write=False)
+        masses.setflags(write=False)
+        self.masses = masses
+        self.terms = tuple(terms)
+        self.param_names = param_names
+        self.params = params
+        self.topology = topology
+
+    @property
+    def n_atoms(self) -> int:
+        return self.masses.shape[0]
+
+    @property
+    def n_params(self) -> int:
+        return len(self.param_names)
+
+    def __repr__(self):
+        kinds = ", ".join(t.kind for t in self.terms)
+        return f"System(n_atoms={self.n_atoms}, n_params={self.n_params}, terms=[{kinds}])"
+
+    # -- parameters -----------------------------------------------------------------
+    def select(self, pattern: str | Sequence[str]) -> np.ndarray:
+        """Indices into θ of the parameters whose names match a glob (or any of several).
+
+        ``system.select("torsion/*/k*")`` → (P_sel,) int array in θ order.
+        Raises InputError if a pattern matches nothing.
+        """
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        if not patterns:
+            raise InputError("select() needs at least one glob pattern, got an empty list")
+        chosen = np.zeros(self.n_params, dtype=bool)
+        for pat in patterns:
+            if not isinstance(pat, str):
+                raise InputError(f"parameter pattern must be a string, got {pat!r}")
+            hit = np.array([fnmatch.fnmatchcase(n, pat) for n in self.param_names], dtype=bool)
+            if not hit.any():
+                kinds = sorted({n.split("/")[0] for n in self.param_names})
+                raise InputError(
+                    f"parameter glob {pat!r} matches none of the {self.n_params} parameters "
+                    f"(kinds present: {', '.join(kinds)}; names look like {self.param_names[0]!r})"
+                )
+            chosen |= hit
+        return np.flatnonzero(chosen)
+
+    def index(self, name: str) -> int:
+        """Index into θ of one parameter name."""
+        try:
+            return self.param_names.index(name)
+        except ValueError:
+            raise InputError(f"no parameter named {name!r} in this system") from None
+
+    def with_params(self, params) -> System:
+        """A copy of this System whose default θ is ``params`` (P,)."""
+        return System(self.masses, self.terms, self.param_names, params, self.topology)
+
+    def add_term(self, fn: Callable, param_names=(), values=(), kind="custom") -> System:
+        """A new System with an extra energy term ``fn(x, p)`` with its own parameters.
+
+        Args:
+          fn: JAX-traceable ``fn(x (N,3) nm, p (k,)) -> energy kJ/mol``.
+          param_names: k new names, ``kind/type-key/field``.
+          values: k initial values.
+        """
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(param_names) != values.size:
+            raise InputError(f"add_term: {len(param_names)} param_names but {values.size} values")
+        start = self.n_params
+        term = CustomTerm(np.arange(start, start + values.size), fn, kind)
+        return System(
+            self.masses,
+            self.terms + (term,),
+            self.param_names + tuple(param_names),
+            np.concatenate([self.params, values]),
+            self.topology,
+        )
+
+    def without_terms(self, kind: str) -> System:
+        """A new System without the terms of one kind (for example to replace 'bond')."""
+        kept = tuple(t for t in self.terms if t.kind != kind)
+        if len(kept) == len(self.terms):
+            raise InputError(f"no term of kind {kind!r}; kinds: {[t.kind for t in self.terms]}")
+        return System(self.masses, kept, self.param_names, self.params, self.topology)
+
+    # -- energies -------------------------------------------------------------------
+    def check_positions(self, x, where="positions") -> jnp.ndarray:
+        """Validate positions: shape (N, 3) and finite. Returns a float64 array."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.n_atoms, 3):
+            raise InputError(
+                f"{where} must have shape ({self.n_atoms}, 3) for this system, got {x.shape}"
+            )
+        bad = np.argwhere(~np.isfinite(x))
+        if bad.size:
+            i, c = bad[0]
+            raise InputError(
+                f"{where} contains {float(x[i, c])} at atom {i}, coordinate {'xyz'[c]}"
+            )
+        return jnp.asarray(x)
+
+    def _params(self, params):
+        if params is None:
+            return jnp.asarray(self.params)
+        p = jnp.asarray(params, dtype=jnp.float64)
+        if p.shape != (self.n_params,):
+            raise InputError(f"params must have shape ({self.n_params},), got {p.shape}")
+        return p
+
+    def energy_fn(self) -> Callable:
+        """The pure function ``E(x, θ)``, for use inside jit/scan/grad (no input checks)."""
+        return partial(_energy, self.terms)
+
+    def energy(self, x, params=None) -> float:
+        """Potential energy (kJ/mol) at positions x (N, 3) nm and parameters θ (P,)."""
+        return _energy_jit(self.terms, self.check_positions(x), self._params(params))
+
+    def gradient(self, x, params=None) -> jnp.ndarray:
+        """∇_x E (N, 3), kJ/mol/nm (forces are its negative)."""
+        return _gradient_jit(self.terms, self.check_positions(x), self._params(params))
+
+    def energy_terms(self, x, params=None) -> dict:
+        """Energy of each term, {kind: kJ/mol}."""
+        values = _term_energies_jit(self.terms, self.check_positions(x), self._params(params))
+        out = {}
+        for t, v in zip(self.terms, values, strict=True):
+            out[t.kind] = out.get(t.kind, 0.0) + float(v)
+        return out

@@ -2,7 +2,6 @@
 (common random numbers): trialanine OBC2 and vacuum, villin, and the FD machinery."""
 
 import math
-import random
 import warnings
 
 import jax
@@ -49,15 +48,10 @@ def total_rel(a, b):
 
 @pytest.fixture(scope="module")
 def trialanine_fixed():
-    """Trialanine with reproducible hydrogens. OpenMM's Modeller.addHydrogens places them
-    with Python's ``random``, so the shared ``trialanine`` fixture differs from process to
-    process; chaotic trajectories (and where they meet OBC2's kinks) differ with it."""
-    state = random.getstate()
-    random.seed(2024)
-    try:
-        return tm.build_peptide("AAA")
-    finally:
-        random.setstate(state)
+    """Trialanine as ``build_peptide`` makes it: bitwise the same in every process (it seeds
+    the ``random`` that OpenMM's Modeller.addHydrogens uses). Chaotic trajectories, and
+    where they meet OBC2's kinks, depend on the structure to the last bit."""
+    return tm.build_peptide("AAA")
 
 
 @pytest.fixture(scope="module")
@@ -76,25 +70,26 @@ def trialanine_vacuum(trialanine_fixed):
 
 def test_trialanine_obc2_torsion_sensitivities_match_finite_differences(trialanine_obc2, tmp_path):
     """1,000 steps (1 ps at 1 fs, 300 K, γ = 1/ps) of minimised trialanine in OBC2; all 18
-    torsion force constants; central FD with h = 3e-6 (relative): each parameter within
-    1e-6 (measured ≤ 9e-8 here).
+    torsion force constants; central FD with h = 1e-6 (relative): each parameter within
+    1e-6 (measured ≤ 6e-8 here).
 
     Why not a larger h: OBC2 as OpenMM defines it is only C¹. Its descreening integral
     switches branch at r = or_i + sr_j (L = max(or_i, |r - sr_j|)), where the force is
     continuous but the Hessian jumps. x_t(θ) is then C¹ with jumps in d²x/dθ² wherever a
     step lands on such a surface, and a central difference whose interval [θ - h, θ + h]
     contains one is off by O(h · jump) — large, because chaos amplifies second derivatives
-    more than first ones. For this structure at h = 1e-5, integrator seeds 1-4 and 6 agree
-    to ≤ 4e-7 but seed 5 straddles a jump (3e-5); h = 3e-6 passes all six (≤ 1.9e-7) and
-    round-off is still ≈ 1e-7. Vacuum is smooth: see the h-scan below."""
+    more than first ones. For this structure and seed, torsion/X-CT-CT-X/k3 is off by
+    3.1e-5 at h = 1e-5 and 1.9e-5 at h = 3e-6 (its interval straddles a jump), and agrees
+    to 4e-9 at h = 1e-6; seeds 2 and 3 agree to ≤ 3e-8 at every h from 1e-5 to 1e-6.
+    Round-off at h = 1e-6 is still ≈ 5e-8. Vacuum is smooth: see the h-scan below."""
     system, x0 = trialanine_obc2
     integrator = LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=1)
     traj = simulate(
         system, x0, integrator, 1000, wrt="torsion/*/k*", save_every=100, progress=False
     )
-    fd = finite_difference(system, x0, integrator, 1000, wrt="torsion/*/k*", h=3e-6)
+    fd = finite_difference(system, x0, integrator, 1000, wrt="torsion/*/k*", h=1e-6)
     table = compare(traj, fd)
-    print(f"\ntrialanine OBC2, 1000 steps, FD h = 3e-6:\n{table}")
+    print(f"\ntrialanine OBC2, 1000 steps, FD h = 1e-6:\n{table}")
     assert isinstance(table, ComparisonTable) and len(table) == 18
     assert [row["name"] for row in table] == list(traj.param_names)
     assert table.max_rel_error <= 1e-6

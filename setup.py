@@ -1,4 +1,38 @@
+import glob
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_KERNEL_PATTERNS = ("*.cu", "*.cuh", "*.cpp")
+
+
+class build_py_with_kernels(build_py):  # noqa: N801 (setuptools command naming)
+    """build_py that also copies cuda/kernels/**/{*.cu,*.cuh,*.cpp} into the built package
+    as timemachine/backends/_kernels (where timemachine.backends.kernel_dir() looks first).
+
+    Editable installs skip the copy: there kernel_dir() falls back to the source tree.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src_root = os.path.join(_HERE, "cuda", "kernels")
+        dst_root = os.path.join(self.build_lib, "timemachine", "backends", "_kernels")
+        sources = sorted(
+            path
+            for pattern in _KERNEL_PATTERNS
+            for path in glob.glob(os.path.join(src_root, "**", pattern), recursive=True)
+        )
+        if os.path.join(src_root, "tm_kernels.cu") not in sources:
+            raise RuntimeError(f"CUDA kernel sources missing under {src_root}: cannot build")
+        for path in sources:
+            dst = os.path.join(dst_root, os.path.relpath(path, src_root))
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(path, dst, preserve_mode=False)
+
 
 setup(
     name="timemachine",
@@ -9,6 +43,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["timemachine", "timemachine.*"]),
     include_package_data=True,
+    # the kernel sources, copied in by build_py_with_kernels (see above)
+    package_data={"timemachine.backends": [f"_kernels/**/{p}" for p in _KERNEL_PATTERNS]},
+    cmdclass={"build_py": build_py_with_kernels},
     install_requires=[
         "numpy>=1.24",
         "scipy>=1.10",

@@ -4,10 +4,18 @@ Every kernel body in cuda/kernels/*.cuh is compiled for the host (timemachine.ba
 and driven by the same launch sequence the GPU backend issues (backends.plan.Pipeline).
 Each potential is checked on its own (a System with that one term) on random inputs that
 exercise every parameter channel, and on real ones (trialanine with OBC2, villin in
-vacuum): energy, gradient, ∂E/∂θ (jax.grad) and ζ (zeta_reference: one jvp of ∇E per
-parameter), to 1e-12 relative (max-abs error over max-abs value of each array).
-Then whole Langevin runs through tm.simulate(backend="cuda") on the host build against
-backend="jax": noise-free, and with the CUDA noise stream fed to a JAX loop.
+vacuum): energy, gradient, ∂E/∂θ (jax.value_and_grad) and ζ (zeta_reference: one jvp of
+∇E per parameter; for villin's all-pairs nonbonded term the production structured ζ,
+make_gradient_and_zeta, which test_zeta checks against zeta_reference), to 1e-12
+relative (max-abs error over max-abs value of each array). The whole system is then
+checked against the sum of the per-term references (E, ∇E, ∂E/∂θ and ζ are sums over
+terms). Then whole Langevin runs through tm.simulate(backend="cuda") on the host build
+against backend="jax": noise-free, and with the CUDA noise stream fed to a JAX loop.
+
+The references are jitted with the terms as *arguments* (they are pytrees), so systems
+with the same term shapes share one XLA compilation, and compiled at XLA's lowest
+optimisation level (compilation is most of this file's time; the arithmetic is the same
+IEEE float64, without fast-math).
 """
 
 import time
@@ -63,19 +71,56 @@ def kernel_results(executor, system, x, wrt, dx):
     return e, g, pl.dedtheta.copy(), z
 
 
-def reference_results(system, x, wrt, dx):
-    ef = system.energy_fn()
-    xj, th = jnp.asarray(x), jnp.asarray(system.params)
-    e = float(ef(xj, th))
-    g = np.asarray(jax.grad(ef)(xj, th))
-    d = np.asarray(jax.grad(ef, argnums=1)(xj, th))
-    z = np.asarray(zeta_reference(ef, xj, th, jnp.asarray(dx), np.asarray(wrt)))
-    return e, g, d, z
+# XLA compile options for the references: compilation, not arithmetic, is their cost
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_COMPILED = {}
 
 
-def compare(executor, system, x, wrt, dx, label):
-    got = kernel_results(executor, system, x, wrt, dx)
-    ref = reference_results(system, x, wrt, dx)
+def compiled_call(fn, *args):
+    """fn(*args) through jax.jit, compiled once per (fn, pytree structure, leaf shapes)."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = (fn, tree, tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(fn).lower(*args).compile(FAST_COMPILE)
+    return _COMPILED[key](*args)
+
+
+def _terms_energy(terms):
+    return lambda y, th: sum(t.energy(y, th) for t in terms)
+
+
+def _reference_fn(terms, x, theta, dx, wrt):
+    energy = _terms_energy(terms)
+    e, (g, d) = jax.value_and_grad(energy, argnums=(0, 1))(x, theta)
+    return e, g, d, zeta_reference(energy, x, theta, dx, wrt)
+
+
+def _primal_fn(terms, x, theta):
+    return jax.value_and_grad(_terms_energy(terms), argnums=(0, 1))(x, theta)
+
+
+def reference_results(term, system, x, wrt, dx, zeta="reference"):
+    """(E, ∇E, ∂E/∂θ, ζ) of one term of ``system`` from JAX. ζ from zeta_reference, or
+    from the production structured path (``zeta="structured"``)."""
+    args = (jnp.asarray(x), jnp.asarray(system.params))
+    if zeta == "reference":
+        wrt_j = jnp.asarray(wrt, dtype=jnp.int64)
+        out = compiled_call(_reference_fn, (term,), *args, jnp.asarray(dx), wrt_j)
+    else:
+        single = System(system.masses, [term], system.param_names, system.params)
+        e, (g, d) = compiled_call(_primal_fn, (term,), *args)
+        fn = make_gradient_and_zeta(single, wrt)
+        z = (
+            jax.jit(fn)
+            .lower(*args, jnp.asarray(dx))
+            .compile(FAST_COMPILE)(*args, jnp.asarray(dx))[1]
+        )
+        out = (e, g, d, z)
+    return (float(out[0]),) + tuple(np.asarray(a) for a in out[1:])
+
+
+def check(got, ref, label):
+    """Assert kernel results ``got`` match ``ref`` (E, ∇E, ∂E/∂θ, ζ) to TOL relative."""
     errs = [abs(got[0] - ref[0]) / max(abs(ref[0]), 1e-300)] + [
         rel(a, b) for a, b in zip(got[1:], ref[1:], strict=True)
     ]
@@ -89,12 +134,19 @@ def compare(executor, system, x, wrt, dx, label):
     return errs
 
 
-def single_terms(system):
-    """One System per term kind (the term-by-term comparison)."""
-    return [
-        (t.kind, System(system.masses, [t], system.param_names, system.params))
-        for t in system.terms
-    ]
+def compare_term_by_term(executor, system, x, wrt, dx, label, structured=()):
+    """Each term of ``system`` alone (a System with that one term), then all of them
+    together against the sum of the per-term references. Terms whose kind is in
+    ``structured`` get the production structured ζ as their reference."""
+    refs = []
+    for term in system.terms:
+        single = System(system.masses, [term], system.param_names, system.params)
+        zeta = "structured" if term.kind in structured else "reference"
+        ref = reference_results(term, system, x, wrt, dx, zeta)
+        check(kernel_results(executor, single, x, wrt, dx), ref, f"{label} {term.kind}")
+        refs.append(ref)
+    total = tuple(sum(r[i] for r in refs) for i in range(4))
+    check(kernel_results(executor, system, x, wrt, dx), total, f"{label} all terms")
 
 
 # --------------------------------------------------------------------------- layout, noise
@@ -207,9 +259,7 @@ def test_every_potential_matches_jax_on_random_inputs(executor, seed):
     wrt = np.arange(system.n_params)  # every channel of every term
     dx = rng.normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
     assert wrt.size > PCHUNK and wrt.size % PCHUNK  # several chunks, a partial last one
-    for kind, single in single_terms(system):
-        compare(executor, single, x, wrt, dx, f"random{seed} {kind}")
-    compare(executor, system, x, wrt, dx, f"random{seed} all terms")
+    compare_term_by_term(executor, system, x, wrt, dx, f"random{seed}")
 
 
 def overlapping(system, x):
@@ -236,11 +286,14 @@ def test_gb_branches_are_exercised():
 
 def test_overlapping_gb_atoms_match_jax(executor):
     # the skipped branch of the Born integral (an atom inside another's offset radius)
+    # (every parameter: the same shapes as the random systems, so the same compiled reference)
     system, x = overlapping(*random_system(0))
-    gb_only = System(system.masses, [system.terms[-1]], system.param_names, system.params)
-    wrt = np.flatnonzero([n.split("/")[0] in ("gb", "charge") for n in system.param_names])
+    gb = system.terms[-1]
+    gb_only = System(system.masses, [gb], system.param_names, system.params)
+    wrt = np.arange(system.n_params)
     dx = np.random.default_rng(5).normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
-    compare(executor, gb_only, x, wrt, dx, "overlapping gb")
+    ref = reference_results(gb, system, x, wrt, dx)
+    check(kernel_results(executor, gb_only, x, wrt, dx), ref, "overlapping gb")
 
 
 # --------------------------------------------------------------------------- real inputs
@@ -255,9 +308,7 @@ def test_trialanine_obc2_term_by_term(executor, trialanine_obc2):
     system, x = trialanine_obc2
     wrt = np.arange(system.n_params)  # all 167 parameters: every type of every term
     dx = np.random.default_rng(1).normal(scale=0.02, size=(wrt.size, system.n_atoms, 3))
-    for kind, single in single_terms(system):
-        compare(executor, single, x, wrt, dx, f"trialanine obc2 {kind}")
-    compare(executor, system, x, wrt, dx, "trialanine obc2 all terms")
+    compare_term_by_term(executor, system, x, wrt, dx, "trialanine obc2")
 
 
 @pytest.mark.slow
@@ -267,14 +318,10 @@ def test_villin_vacuum_term_by_term(executor, villin):
     wrt = np.concatenate([torsions[:56], system.select(["charge/*", "sigma/*"])[:4]])
     dx = np.random.default_rng(2).normal(scale=0.01, size=(wrt.size, system.n_atoms, 3))
     assert system.n_atoms > 500 and wrt.size == 60
-    for kind, single in single_terms(system):
-        compare(executor, single, x, wrt, dx, f"villin {kind}")
-    # the whole system against the production JAX path (itself tested against the reference)
-    got = kernel_results(executor, system, x, wrt, dx)
-    g_ref, z_ref = make_gradient_and_zeta(system, wrt)(
-        jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
-    )
-    assert rel(got[1], g_ref) < TOL and rel(got[3], z_ref) < TOL
+    assert {t.kind for t in system.terms} == {"bond", "angle", "torsion", "improper", "nonbonded"}
+    # the all-pairs term's ζ against the production path (zeta_reference there would vmap
+    # 60 jvps over 582² pair arrays); the bonded terms against zeta_reference
+    compare_term_by_term(executor, system, x, wrt, dx, "villin", structured=("nonbonded",))
 
 
 # --------------------------------------------------------------------------- dynamics
@@ -294,41 +341,98 @@ def host_cuda_backend(monkeypatch):
     )
 
 
+WRT = ["torsion/*", "gb/*/radius"]  # the θ of the dynamics tests (one compiled ζ for all)
+_GRAD_ZETA = {}
+
+
+def grad_zeta(system, wrt):
+    """(x, dx) -> (∇E, ζ) numpy, the production JAX path, compiled once per (system, wrt)."""
+    key = (id(system), tuple(int(i) for i in wrt))
+    if key not in _GRAD_ZETA:  # the system is kept in the value, so its id stays unique
+        _GRAD_ZETA[key] = (system, make_gradient_and_zeta(system, wrt))
+    fn, theta = _GRAD_ZETA[key][1], jnp.asarray(system.params)
+
+    def call(x, dx):
+        g, z = compiled_call(fn, jnp.asarray(x), theta, jnp.asarray(dx))
+        return np.asarray(g), np.asarray(z)
+
+    return call
+
+
+def _energy_fn(terms, x, theta):
+    return _terms_energy(terms)(x, theta)
+
+
+def reference_run(system, x, v, integ, wrt, n_steps, window=None, replica=0):
+    """States after steps 0..n_steps: (xs, vs, dxs), each (n_steps + 1, ...), numpy.
+
+    The Langevin update (paper eqs. 3-4) and exact (window None) or windowed (eq. 9:
+    ring of the last k ζ's, each evicted ζ folded with weight a^{k+1}/(1 - a))
+    propagation of dx/dθ written out here around JAX's ∇E and ζ, with the CUDA backend's
+    noise stream (noise.philox_normal) when the temperature is above zero.
+    """
+    from timemachine.sensitivity.propagation import window_coefficients
+
+    co = integ.coefficients(system.masses)
+    a, b, c, dt = float(co.a), np.asarray(co.b)[:, None], np.asarray(co.c)[:, None], float(co.dt)
+    x, v = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
+    dx, dv = np.zeros((len(wrt),) + x.shape), np.zeros((len(wrt),) + x.shape)
+    if window is not None:
+        fold = float(window_coefficients(integ, window).fold)
+        ring = np.zeros((window,) + dx.shape)
+        to_fold, folded_last = np.zeros_like(dx), np.zeros_like(dx)
+    gz = grad_zeta(system, wrt)
+    xs, vs, dxs = [x], [v], [dx]
+    for t in range(n_steps):
+        g, z = gz(x, dx)
+        v = a * v - b * g
+        if integ.temperature > 0:
+            v = v + c * noise.philox_normal(integ.seed, t, system.n_atoms, replica)
+        x = x + dt * v
+        if window is None:
+            source = z
+        else:
+            ring[t % window] = z
+            source = z + fold * (to_fold - folded_last)
+            folded_last, to_fold = to_fold, ring[(t + 1) % window].copy()
+        dv = a * dv - b[None] * source
+        dx = dx + dt * dv
+        xs.append(x)
+        vs.append(v)
+        dxs.append(dx)
+    return np.array(xs), np.array(vs), np.array(dxs)
+
+
 @pytest.mark.parametrize("method", ["exact", "window"])
 def test_noise_free_simulate_matches_jax(host_cuda_backend, trialanine_obc2, method):
     system, x = trialanine_obc2
     integ = tm.LangevinIntegrator(temperature=0.0, friction=50.0, dt=0.001, seed=3)
     v0 = np.random.default_rng(0).normal(scale=0.3, size=x.shape)
-    kw = dict(
-        wrt=["torsion/*", "gb/*/radius"],
-        save_every=10,
-        method=method,
-        v0=v0,
-        progress=False,
-        chunk_steps=20,
-    )
+    wrt = system.select(WRT)
+    kw = dict(wrt=wrt, save_every=10, method=method, progress=False, chunk_steps=20)
     if method == "window":
         kw["window"] = 7  # folds happen within the run
-    ref = tm.simulate(system, x, integ, 40, backend="jax", **kw)
-    got = tm.simulate(system, x, integ, 40, backend="cuda", **kw)
-    for key in ("x", "v", "dx_dtheta"):
-        err = rel(getattr(got, key), getattr(ref, key))
+    got = tm.simulate(system, x, integ, 40, backend="cuda", v0=v0, **kw)
+    xs, vs, dxs = reference_run(system, x, v0, integ, wrt, 41, kw.get("window"))
+    frames = np.array([10, 20, 30, 40])
+    np.testing.assert_array_equal(got.steps, frames)
+    for key, ref in (("x", xs), ("v", vs), ("dx_dtheta", dxs)):
+        err = rel(getattr(got, key), ref[frames])
         print(f"{method} {key}: rel err {err:.1e}")
         assert err < 1e-10, key
-    np.testing.assert_array_equal(got.steps, ref.steps)
-    np.testing.assert_allclose(got.potential_energy, ref.potential_energy, rtol=1e-10)
-    np.testing.assert_allclose(got.kinetic_energy, ref.kinetic_energy, rtol=1e-10)
-    assert np.abs(ref.dx_dtheta[-1]).max() > 1e-6
+    assert np.abs(dxs[-1]).max() > 1e-6 and np.abs(xs[-1] - x).max() > 1e-3
+    if method == "window":  # the folds matter: the windowed dx/dθ is not the exact one
+        exact_dxs = reference_run(system, x, v0, integ, wrt, 40)[2]
+        assert rel(dxs[40], exact_dxs[40]) > 1e-6
+    # energies of the frames: E(x_t), and the on-step kinetic energy from v_{t±1/2}
+    pe = [compiled_call(_energy_fn, tuple(system.terms), xs[t], system.params) for t in frames]
+    m = np.asarray(system.masses)[:, None]
+    ke = [0.5 * np.sum(m * (0.5 * (vs[t] + vs[t + 1])) ** 2) for t in frames]
+    np.testing.assert_allclose(got.potential_energy, pe, rtol=1e-10)
+    np.testing.assert_allclose(got.kinetic_energy, ke, rtol=1e-10)
     # the returned state continues the same run
-    more = tm.simulate(
-        system,
-        got.final_state,
-        integ,
-        20,
-        backend="cuda",
-        **{k: v for k, v in kw.items() if k != "v0"},
-    )
-    again = tm.simulate(system, x, integ, 60, backend="cuda", **kw)
+    more = tm.simulate(system, got.final_state, integ, 20, backend="cuda", **kw)
+    again = tm.simulate(system, x, integ, 60, backend="cuda", v0=v0, **kw)
     np.testing.assert_array_equal(more.x[-1], again.x[-1])
     np.testing.assert_array_equal(more.dx_dtheta[-1], again.dx_dtheta[-1])
 
@@ -337,36 +441,25 @@ def test_thermal_run_matches_jax_fed_the_same_noise(host_cuda_backend, trialanin
     system, x = trialanine_obc2
     integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=11)
     n_steps, replica = 30, 2
+    wrt = system.select(WRT)
     got = tm.simulate(
         system,
         x,
         integ,
         n_steps,
-        wrt="torsion*",
+        wrt=wrt,
         save_every=n_steps,
         backend="cuda",
         replica=replica,
         progress=False,
     )
-    wrt = system.select("torsion*")
     v = np.asarray(
         tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 11, replica)
     )
-    coeffs = integ.coefficients(system.masses)
-    grad_zeta = jax.jit(make_gradient_and_zeta(system, wrt))
-    theta = jnp.asarray(system.params)
-    xr, dx, dv = jnp.asarray(x), jnp.zeros((wrt.size,) + x.shape), jnp.zeros((wrt.size,) + x.shape)
-    b = coeffs.b[None, :, None]
-    for t in range(n_steps):
-        g, z = grad_zeta(xr, theta, dx)
-        n = noise.philox_normal(11, t, system.n_atoms, replica)
-        v = coeffs.a * v - coeffs.b[:, None] * g + coeffs.c[:, None] * n
-        xr = xr + coeffs.dt * v
-        dv = coeffs.a * dv - b * z
-        dx = dx + coeffs.dt * dv
-    assert rel(got.x[-1], xr) < 1e-10
-    assert rel(got.dx_dtheta[-1], dx) < 1e-10
-    assert np.abs(np.asarray(xr) - x).max() > 1e-3  # it moved
+    xs, _, dxs = reference_run(system, x, v, integ, wrt, n_steps, replica=replica)
+    assert rel(got.x[-1], xs[-1]) < 1e-10
+    assert rel(got.dx_dtheta[-1], dxs[-1]) < 1e-10
+    assert np.abs(xs[-1] - x).max() > 1e-3  # it moved
 
 
 def test_repeated_runs_are_bitwise_identical(host_cuda_backend, trialanine_obc2):

@@ -15,7 +15,9 @@ step; noise-free runs, or a JAX run fed ``philox_normal``, agree to round-off.
 
 ``CupyExecutor`` is the GPU executor of :class:`~timemachine.backends.plan.Pipeline`.
 Launches are checked before they are issued (kernel name, argument block type, grid
-extent); allocation failures and launch errors become ``SimulationError`` naming the
+extent), and so, once per chunk, are the uploaded state and the device buffers the
+argument blocks point to (``Pipeline.check_buffers``); errors name the kernel and the
+argument. Allocation failures and launch errors become ``SimulationError`` naming the
 buffer or kernel.
 """
 
@@ -186,19 +188,29 @@ class CudaProgram:
 
     def _upload_state(self, state):
         pl, n, p = self.pipeline, self.plan.n_atoms, self.plan.n_params
-        fields = [("x", pl.x, (n, 3)), ("v", pl.v, (n, 3))]
+        # (state field, device buffer, shape, kernel, argument)
+        fields = [
+            ("x", pl.x, (n, 3), "tm_langevin_primal", "x"),
+            ("v", pl.v, (n, 3), "tm_langevin_primal", "v"),
+        ]
+        sens = "tm_sens_exact" if self.method == "exact" else "tm_sens_window"
         if p:
-            fields += [("dx_dtheta", pl.dx, (p, n, 3)), ("dv_dtheta", pl.dv, (p, n, 3))]
+            fields += [
+                ("dx_dtheta", pl.dx, (p, n, 3), sens, "dx"),
+                ("dv_dtheta", pl.dv, (p, n, 3), sens, "dv"),
+            ]
         if self.method == "window":
             fields += [
-                ("zeta_window", pl.ring, (pl.window, p, n, 3)),
-                ("to_fold", pl.to_fold, (p, n, 3)),
-                ("folded_last", pl.folded_last, (p, n, 3)),
+                ("zeta_window", pl.ring, (pl.window, p, n, 3), sens, "ring"),
+                ("to_fold", pl.to_fold, (p, n, 3), sens, "to_fold"),
+                ("folded_last", pl.folded_last, (p, n, 3), sens, "folded_last"),
             ]
-        for name, dst, shape in fields:
-            host = np.ascontiguousarray(np.asarray(getattr(state, name)), dtype=np.float64)
-            check_array("state upload", f"state.{name}", host, shape, np.float64)
-            _copy_in(self.ex, dst, host)
+        for name, dst, shape, kernel, arg in fields:
+            value = np.asarray(getattr(state, name))
+            check_array(kernel, f"{arg} (state.{name})", value, shape, value.dtype)
+            if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+                raise InputError(f"{kernel}: argument {arg!r} (state.{name}) must be finite floats")
+            _copy_in(self.ex, dst, np.ascontiguousarray(value, dtype=np.float64))
         _copy_in(self.ex, pl.step, np.array([int(np.asarray(state.step))], dtype=np.int64))
 
     def _frame_buffers(self, capacity):
@@ -227,6 +239,7 @@ class CudaProgram:
         pl.set_integrator(coeffs, int(np.asarray(seed)), int(np.asarray(replica)), fold)
         if state is not self._last:
             self._upload_state(state)
+        pl.check_buffers()
         step0 = int(np.asarray(state.step))
         xs, vs, dxs, v_first, pe = self._frame_buffers(int(capacity))
         p = self.plan.n_params

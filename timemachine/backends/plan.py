@@ -221,24 +221,33 @@ class KernelPlan:
         return int(self.wrt.size)
 
 
-def _int_table(a, name, shape_tail, upper, what):
+def kernels_of(struct: str) -> str:
+    """The kernels that take a ``struct`` argument block, for error messages."""
+    return "/".join(k for k, s in KERNELS.items() if s == struct)
+
+
+def _int_table(a, name, shape_tail, upper, what, use):
+    """``a`` as a C-contiguous int32 table of shape (n, *shape_tail) with values in
+    [0, upper); ``use`` = (kernels, argument) that read it, named in the InputError."""
+    kernels, arg = use
+    where = f"{kernels}: argument {arg!r} ({name})"
     a = np.asarray(a)
     if a.ndim != 1 + len(shape_tail) or tuple(a.shape[1:]) != tuple(shape_tail):
         raise InputError(
-            f"{name} must have shape (n,{','.join(map(str, shape_tail))}), got {a.shape}"
+            f"{where} must have shape (n,{','.join(map(str, shape_tail))}), got {a.shape}"
         )
     if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise InputError(f"{name} must hold integers, got dtype {a.dtype}")
+        raise InputError(f"{where} must hold integers, got dtype {a.dtype}")
     if a.size:
         bad = np.flatnonzero((a.reshape(-1) < 0) | (a.reshape(-1) >= upper))
         if bad.size:
             v = int(a.reshape(-1)[bad[0]])
             raise InputError(
-                f"{name} holds {v} at flat position {int(bad[0])}: not a valid {what} "
+                f"{where} holds {v} at flat position {int(bad[0])}: not a valid {what} "
                 f"(must be in [0, {upper}))"
             )
     if upper >= 2**31:
-        raise InputError(f"{name}: {what} count {upper} does not fit the kernels' int32 indices")
+        raise InputError(f"{where}: {what} count {upper} does not fit the kernels' int32 indices")
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
@@ -251,8 +260,10 @@ def build_plan(system, wrt) -> KernelPlan:
             (the table and the value are named).
     """
     n, p_all = system.n_atoms, system.n_params
-    wrt = np.asarray(wrt, dtype=np.int64).reshape(-1)
-    wrt_i = _int_table(wrt, "wrt", (), p_all, "parameter index")
+    terms_k, nb_k, gb_k = kernels_of("TermArgs"), kernels_of("NonbondedArgs"), kernels_of("GBArgs")
+    wrt = np.asarray(wrt).reshape(-1)
+    wrt_i = _int_table(wrt, "wrt", (), p_all, "parameter index", (terms_k, "inv_wrt"))
+    wrt = wrt.astype(np.int64)
     if np.unique(wrt).size != wrt.size:
         raise InputError(f"wrt has repeated indices: {wrt.tolist()}")
     inv_wrt = np.full(p_all, -1, dtype=np.int32)
@@ -293,17 +304,34 @@ def build_plan(system, wrt) -> KernelPlan:
                 )
             )
         elif isinstance(term, Nonbonded):
-            ci = _int_table(term.charge_index, f"{where}.charge_index", (), p_all, "θ index")
-            si = _int_table(term.sigma_index, f"{where}.sigma_index", (), p_all, "θ index")
-            ei = _int_table(term.epsilon_index, f"{where}.epsilon_index", (), p_all, "θ index")
-            for name, a in (("charge_index", ci), ("sigma_index", si), ("epsilon_index", ei)):
+            per_atom = []
+            for name, arg in (("charge_index", "charge"), ("sigma_index", "sigma"),
+                              ("epsilon_index", "epsilon")):  # fmt: skip
+                a = _int_table(
+                    getattr(term, name), f"{where}.{name}", (), p_all, "θ index", (nb_k, arg)
+                )
                 if a.shape != (n,):
-                    raise InputError(f"{where}.{name} must have shape ({n},), got {a.shape}")
+                    raise InputError(
+                        f"{nb_k}: argument {arg!r} ({where}.{name}) must have shape ({n},), "
+                        f"got {a.shape}"
+                    )
+                per_atom.append(a)
+            ci, si, ei = per_atom
             mask = np.asarray(term.pair_mask, dtype=bool)
             if mask.shape != (n, n):
-                raise InputError(f"{where}.pair_mask must have shape ({n}, {n}), got {mask.shape}")
+                raise InputError(
+                    f"{nb_k}: argument 'mask' ({where}.pair_mask) must have shape ({n}, {n}), "
+                    f"got {mask.shape}"
+                )
             pairs.append((ci, si, ei, pack_mask(mask)))
-            exc = _int_table(term.exception_idx, f"{where}.exception_idx", (2,), n, "atom index")
+            exc = _int_table(
+                term.exception_idx,
+                f"{where}.exception_idx",
+                (2,),
+                n,
+                "atom index",
+                (terms_k, "idx"),
+            )
             if exc.shape[0]:
                 i, j = exc[:, 0], exc[:, 1]
                 pidx = np.stack([ci[i], ci[j], si[i], si[j], ei[i], ei[j]], 1)
@@ -317,10 +345,16 @@ def build_plan(system, wrt) -> KernelPlan:
                 raw.append((KIND_EXCEPTION, exc, pidx, cst, f"{where} exceptions"))
         elif isinstance(term, OBC2):
             idx = []
-            for name in ("charge_index", "radius_index", "scale_index"):
-                a = _int_table(getattr(term, name), f"{where}.{name}", (), p_all, "θ index")
+            for name, arg in (("charge_index", "charge"), ("radius_index", "radius"),
+                              ("scale_index", "scale")):  # fmt: skip
+                a = _int_table(
+                    getattr(term, name), f"{where}.{name}", (), p_all, "θ index", (gb_k, arg)
+                )
                 if a.shape != (n,):
-                    raise InputError(f"{where}.{name} must have shape ({n},), got {a.shape}")
+                    raise InputError(
+                        f"{gb_k}: argument {arg!r} ({where}.{name}) must have shape ({n},), "
+                        f"got {a.shape}"
+                    )
                 idx.append(a)
             pre = -138.935485 * (1.0 / term.solute_dielectric - 1.0 / term.solvent_dielectric)
             gbs.append((*idx, pre))
@@ -334,8 +368,10 @@ def build_plan(system, wrt) -> KernelPlan:
     slot_off = value_off = energy_off = 0
     for kind, idx, pidx, cst, where in raw:
         k, c, nc = KIND_ATOMS[kind], KIND_CHANNELS[kind], KIND_CONSTS[kind]
-        idx = _int_table(idx, f"{where} atom indices", (k,), n, "atom index")
-        pidx = _int_table(pidx, f"{where} parameter indices", (c,), p_all, "θ index")
+        idx = _int_table(idx, f"{where} atom indices", (k,), n, "atom index", (terms_k, "idx"))
+        pidx = _int_table(
+            pidx, f"{where} parameter indices", (c,), p_all, "θ index", (terms_k, "pidx")
+        )
         cst = np.ascontiguousarray(np.asarray(cst, dtype=np.float64).reshape(idx.shape[0], nc))
         if idx.shape[0] == 0:
             continue
@@ -440,7 +476,48 @@ class Pipeline:
         self.energies.fill(0)
         self.values.fill(0)
         self._up = {}  # uploaded constant tables, kept alive
+        # buffer attribute -> (kernel, argument) that reads it, for check_buffers()
+        uses = {
+            "x": ("tm_langevin_primal", "x"),
+            "v": ("tm_langevin_primal", "v"),
+            "x_tmp": ("tm_langevin_primal", "x_out"),
+            "v_tmp": ("tm_langevin_primal", "v_out"),
+            "grad": ("tm_gather_grad", "grad"),
+            "dx": ("tm_sens_exact", "dx"),
+            "dv": ("tm_sens_exact", "dv"),
+            "zeta": ("tm_gather_zeta", "zeta"),
+            "grad_slots": ("tm_terms_primal", "grad_slots"),
+            "zeta_slots": ("tm_terms_zeta", "zeta_slots"),
+            "values": ("tm_gather_params", "values"),
+            "energies": ("tm_terms_primal", "energy"),
+            "dedtheta": ("tm_gather_params", "dedtheta"),
+            "step": ("tm_step_advance", "step"),
+        }
+        if window is not None:
+            uses.update(
+                ring=("tm_sens_window", "ring"),
+                to_fold=("tm_sens_window", "to_fold"),
+                folded_last=("tm_sens_window", "folded_last"),
+            )
+        self._buffers = {
+            attr: (use, tuple(getattr(self, attr).shape), np.dtype(getattr(self, attr).dtype),
+                   executor.ptr(getattr(self, attr)))
+            for attr, use in uses.items()
+        }  # fmt: skip
         self.set_params(theta)
+
+    def check_buffers(self):
+        """Raise InputError naming the kernel and argument if a device buffer was replaced
+        (``pl.x = ...`` instead of ``pl.x[...] = ...``) or changed shape or dtype since the
+        argument blocks were built: the kernels would read the old memory."""
+        for attr, ((kernel, arg), shape, dtype, ptr) in self._buffers.items():
+            a = getattr(self, attr)
+            check_array(kernel, f"{arg} (Pipeline.{attr})", a, shape, dtype)
+            if self.ex.ptr(a) != ptr:
+                raise InputError(
+                    f"{kernel}: argument {arg!r} (Pipeline.{attr}) is not the buffer its "
+                    f"argument block points to: assign in place (Pipeline.{attr}[...] = ...)"
+                )
 
     # -- helpers
     def _const(self, key, array, dtype):
@@ -456,8 +533,10 @@ class Pipeline:
         plan, ex = self.plan, self.ex
         theta = np.asarray(theta, dtype=np.float64)
         if theta.shape != (plan.n_theta,) or not np.isfinite(theta).all():
+            bad = "" if theta.shape != (plan.n_theta,) else f" (non-finite at {_first_bad(theta)})"
             raise InputError(
-                f"params must be a finite ({plan.n_theta},) array, got shape {theta.shape}"
+                f"{kernels_of('TermArgs')}: argument 'theta' (params) must be a finite "
+                f"({plan.n_theta},) array, got shape {theta.shape}{bad}"
             )
         self.theta = theta
         n, p, s = plan.n_atoms, plan.n_params, plan.n_slots
@@ -582,10 +661,12 @@ class Pipeline:
         n = plan.n_atoms
         b = np.asarray(coeffs.b, dtype=np.float64)
         c = np.asarray(coeffs.c, dtype=np.float64)
-        if b.shape != (n,) or c.shape != (n,):
-            raise InputError(
-                f"Langevin coefficients b, c must have shape ({n},), got {b.shape}, {c.shape}"
-            )
+        for arg, a in (("b", b), ("c", c)):
+            if a.shape != (n,):
+                raise InputError(
+                    f"tm_langevin_primal: argument {arg!r} (Langevin coefficient {arg}) must "
+                    f"have shape ({n},), got {a.shape}"
+                )
         P = ex.ptr
         common = dict(
             grad=P(self.grad),
@@ -680,6 +761,10 @@ class Pipeline:
         self.gradient()
         self.ex.launch("tm_langevin_primal", self.plan.n_atoms, 1, self.lookahead_block)
         return self.v_tmp
+
+
+def _first_bad(a):
+    return int(np.flatnonzero(~np.isfinite(a))[0])
 
 
 def struct_bytes(name: str, fields: dict) -> np.ndarray:

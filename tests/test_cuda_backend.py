@@ -1,0 +1,389 @@
+"""backend="cuda" (the CUDA kernels through CuPy) against backend="jax", and its input checks.
+
+GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU):
+
+* noise-free runs of 1,000 steps, ``tm.simulate(backend="cuda")`` against
+  ``tm.simulate(backend="jax")`` (exact and window propagation): positions and dx/dθ to
+  1e-9 relative;
+* thermal runs of 1,000 steps on trialanine (OBC2) and villin (P = 60 torsion parameters):
+  the CUDA run against a JAX loop fed the CUDA noise stream (``noise.philox_normal``), to
+  1e-9 relative;
+* repeated runs with one seed are bitwise identical;
+* bad shapes, out-of-range indices and a device out of memory raise TimemachineErrors
+  naming the kernel (or buffer) and the argument.
+
+CPU tests (no GPU needed): the validation in backends.plan and cupy_backend runs before
+any launch, and its errors name the kernel and the argument.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine.backends import cuda_available, cupy_backend, noise
+from timemachine.backends.host import HostExecutor
+from timemachine.backends.plan import STRUCTS, Pipeline, build_plan, struct_bytes
+from timemachine.errors import InputError, SimulationError, TimemachineError
+from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
+from timemachine.sensitivity.zeta import make_gradient_and_zeta
+from timemachine.system import HarmonicBonds, Nonbonded, System
+
+N_STEPS = 1000
+TOL = 1e-9
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
+
+
+@pytest.fixture(scope="module")
+def trialanine_obc2(trialanine):
+    return tm.load_system(trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2")
+
+
+@pytest.fixture(scope="module")
+def villin_vacuum(villin):
+    system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
+    theta = jnp.asarray(system.params)
+    energy = system.energy_fn()
+    x = tm.minimize(
+        jax.jit(lambda y: energy(y, theta)),
+        jax.jit(jax.grad(lambda y: energy(y, theta))),
+        x,
+        tolerance=10.0,
+        max_iterations=300,
+    )
+    return system, np.asarray(x)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def fed_noise_reference(system, x, v, integ, wrt, replica=0):
+    """(x, dx/dθ) after N_STEPS exact-mode steps of a jitted JAX loop fed the CUDA noise."""
+    co = integ.coefficients(system.masses)
+    a, b, c, dt = co.a, co.b[:, None], co.c[:, None], co.dt
+    gz = make_gradient_and_zeta(system, wrt)
+    theta = jnp.asarray(system.params)
+    normals = jnp.asarray(
+        np.stack(
+            [noise.philox_normal(integ.seed, t, system.n_atoms, replica) for t in range(N_STEPS)]
+        )
+    )
+
+    def step(carry, n):
+        x, v, dx, dv = carry
+        g, z = gz(x, theta, dx)
+        v = a * v - b * g + c * n
+        x = x + dt * v
+        dv = a * dv - b[None] * z
+        dx = dx + dt * dv
+        return (x, v, dx, dv), None
+
+    zeros = jnp.zeros((len(wrt),) + x.shape)
+    init = (jnp.asarray(x), jnp.asarray(v), zeros, zeros)
+    (xf, _, dxf, _), _ = jax.jit(lambda s, ns: jax.lax.scan(step, s, ns))(init, normals)
+    return np.asarray(xf), np.asarray(dxf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_noise_free_cuda_matches_jax_after_1000_steps(trialanine_obc2, method):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.001, seed=3)
+    v0 = np.random.default_rng(0).normal(scale=0.3, size=x.shape)
+    kw = dict(wrt="torsion*", save_every=250, method=method, v0=v0, progress=False)
+    if method == "window":
+        kw["window"] = 50
+    ref = tm.simulate(system, x, integ, N_STEPS, backend="jax", **kw)
+    got = tm.simulate(system, x, integ, N_STEPS, backend="cuda", **kw)
+    for key in ("x", "dx_dtheta"):
+        err = rel(getattr(got, key), getattr(ref, key))
+        print(f"{method} {key}: rel err {err:.1e}")
+        assert err < TOL, key
+    np.testing.assert_allclose(got.potential_energy, ref.potential_energy, rtol=TOL)
+    assert np.abs(ref.dx_dtheta[-1]).max() > 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["trialanine", "villin"])
+def test_thermal_cuda_matches_jax_fed_the_same_noise(case, request):
+    if case == "trialanine":
+        system, x = request.getfixturevalue("trialanine_obc2")
+        wrt = system.select("torsion*")
+    else:
+        system, x = request.getfixturevalue("villin_vacuum")
+        wrt = system.select("torsion*")[:60]
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=11)
+    replica = 1
+    got = tm.simulate(
+        system,
+        x,
+        integ,
+        N_STEPS,
+        wrt=wrt,
+        save_every=N_STEPS,
+        backend="cuda",
+        replica=replica,
+        progress=False,
+    )
+    v = tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 11, replica)
+    xr, dxr = fed_noise_reference(system, x, v, integ, wrt, replica)
+    ex, edx = rel(got.x[-1], xr), rel(got.dx_dtheta[-1], dxr)
+    print(f"{case} (N={system.n_atoms}, P={wrt.size}): rel err x {ex:.1e} dx/dθ {edx:.1e}")
+    assert ex < TOL and edx < TOL
+    assert np.abs(xr - x).max() > 1e-2  # it moved
+
+
+@pytest.mark.gpu
+def test_repeated_gpu_runs_are_bitwise_identical(trialanine_obc2):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
+    runs = [
+        tm.simulate(
+            system,
+            x,
+            integ,
+            N_STEPS,
+            wrt="torsion*",
+            save_every=100,
+            backend="cuda",
+            progress=False,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for key in ("x", "v", "dx_dtheta", "potential_energy"):
+        np.testing.assert_array_equal(getattr(runs[0], key), getattr(runs[1], key))
+
+
+@pytest.mark.gpu
+def test_gpu_errors_name_the_kernel_and_argument(trialanine_obc2):
+    system, x = trialanine_obc2
+    ex = cupy_backend.CupyExecutor()
+    wrt = system.select("torsion*")
+    pl = Pipeline(build_plan(system, wrt), ex, system.params)
+    with pytest.raises(InputError, match=r"tm_nonbonded_zeta: launch extent"):
+        ex.launch("tm_nonbonded_zeta", 33, 0, pl.pair_blocks[0])
+    with pytest.raises(InputError, match=r"tm_gb_psi: argument block is a NonbondedArgs"):
+        ex.launch("tm_gb_psi", 33, 1, pl.pair_blocks[0])
+    with pytest.raises(SimulationError, match=r"GPU out of memory allocating 'huge'"):
+        ex.alloc("huge", (2**44,), np.float64)
+    program = cupy_backend.make_program(system, wrt, "exact")
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
+    bad = exact_init(x[:-1], x[:-1], wrt.size)
+    with pytest.raises(InputError, match=r"tm_langevin_primal: argument 'x \(state\.x\)'"):
+        program(1, bad, 1, 10, system.params, integ.coefficients(system.masses), None, 0, 0)
+    # the interpreter survives and the device still works
+    pl.x.set(x)
+    assert np.isfinite(pl.energy())
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+class NoLaunchExecutor(HostExecutor):
+    """The host executor's numpy buffers, without the compiled library: any launch fails
+    the test (the validation must run before anything is launched)."""
+
+    def __init__(self):
+        self._blocks = {}
+        self.launched = []
+
+    def launch(self, kernel, nx, ny, block):
+        raise AssertionError(f"{kernel} was launched")
+
+
+def small_system():
+    """4 atoms: two bonds (θ 0-3) and a nonbonded term (θ 4-6)."""
+    names = ["bond/a/length", "bond/a/k", "bond/b/length", "bond/b/k", "charge/q", "sigma/s"]
+    names += ["epsilon/e"]
+    values = [0.1, 1e4, 0.15, 2e4, 0.2, 0.3, 0.5]
+    bonds = HarmonicBonds(np.array([[0, 1], [2, 3]]), np.array([0, 2]), np.array([1, 3]))
+    mask = ~np.eye(4, dtype=bool)
+    nb = Nonbonded(
+        np.full(4, 4), np.full(4, 5), np.full(4, 6), mask, np.zeros((0, 2), int),
+        np.zeros(0), np.zeros(0),
+    )  # fmt: skip
+    x = np.array([[0, 0, 0], [0.1, 0, 0], [0, 0.3, 0], [0, 0.3, 0.15]], dtype=np.float64)
+    return System(np.ones(4), [bonds, nb], names, values), x
+
+
+def replace_term(system, k, **changes):
+    import dataclasses
+
+    terms = list(system.terms)
+    terms[k] = dataclasses.replace(terms[k], **changes)
+    return System(system.masses, terms, system.param_names, system.params)
+
+
+def test_every_error_is_a_timemachine_error():
+    assert issubclass(InputError, TimemachineError)
+    assert issubclass(SimulationError, TimemachineError)
+
+
+@pytest.mark.parametrize(
+    "term, changes, pattern",
+    [
+        (
+            0,
+            dict(idx=np.array([[0, 1], [2, 9]])),
+            r"tm_terms_primal/tm_terms_zeta: argument 'idx' \(system\.terms\[0\] \(bond\) atom "
+            r"indices\) holds 9 at flat position 3: not a valid atom index \(must be in \[0, 4\)\)",
+        ),
+        (
+            0,
+            dict(k_index=np.array([1, 70])),
+            r"tm_terms_primal/tm_terms_zeta: argument 'pidx' .* holds 70 .*θ index",
+        ),
+        (
+            0,
+            dict(idx=np.array([[0, 1, 2], [1, 2, 3]])),
+            r"tm_terms_primal/tm_terms_zeta: argument 'idx' .* must have shape \(n,2\), "
+            r"got \(2, 3\)",
+        ),
+        (
+            1,
+            dict(charge_index=np.array([4, 4, 4, -1])),
+            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'charge' "
+            r"\(system\.terms\[1\] \(nonbonded\)\.charge_index\) holds -1",
+        ),
+        (
+            1,
+            dict(sigma_index=np.array([5, 5, 5])),
+            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'sigma' .* must have shape \(4,\)",
+        ),
+        (
+            1,
+            dict(pair_mask=np.ones((4, 3), bool)),
+            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'mask' .* must have shape \(4, 4\)",
+        ),
+        (
+            1,
+            dict(exception_idx=np.array([[0, 4]]), coulomb_scale=np.ones(1), lj_scale=np.ones(1)),
+            r"tm_terms_primal/tm_terms_zeta: argument 'idx' .*exception_idx\) holds 4",
+        ),
+        (
+            1,
+            dict(epsilon_index=np.array([6.0, 6.0, 6.0, 6.0])),
+            r"argument 'epsilon' .* must hold integers, got dtype float64",
+        ),
+    ],
+)
+def test_bad_tables_name_the_kernel_and_argument(term, changes, pattern):
+    system, _ = small_system()
+    bad = replace_term(system, term, **changes)
+    with pytest.raises(InputError, match=pattern):
+        build_plan(bad, np.arange(3))
+    build_plan(system, np.arange(3))  # the unmodified system is fine
+
+
+def test_bad_wrt_names_the_kernel_argument():
+    system, _ = small_system()
+    with pytest.raises(InputError, match=r"argument 'inv_wrt' \(wrt\) holds 7 .*\[0, 7\)"):
+        build_plan(system, np.array([0, 7]))
+    with pytest.raises(InputError, match=r"wrt has repeated indices"):
+        build_plan(system, np.array([1, 1]))
+
+
+def test_bad_pipeline_inputs_name_the_kernel_and_argument():
+    system, x = small_system()
+    plan = build_plan(system, np.arange(4))
+    ex = NoLaunchExecutor()
+    with pytest.raises(InputError, match=r"tm_terms_primal.*argument 'theta' .*\(7,\).*\(6,\)"):
+        Pipeline(plan, ex, system.params[:-1])
+    nan_theta = np.array(system.params)
+    nan_theta[2] = np.nan
+    with pytest.raises(InputError, match=r"argument 'theta' .*non-finite at 2"):
+        Pipeline(plan, ex, nan_theta)
+    pl = Pipeline(plan, ex, system.params)
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
+    coeffs = integ.coefficients(np.ones(5))
+    with pytest.raises(InputError, match=r"tm_langevin_primal: argument 'b' .*\(4,\), got \(5,\)"):
+        pl.set_integrator(coeffs, 0, 0)
+    pl.check_buffers()  # as built: fine
+    pl.x[...] = x  # in place: fine
+    pl.check_buffers()
+    orig = pl.x
+    pl.x = np.zeros((4, 3))  # a new buffer the argument blocks do not point to
+    with pytest.raises(InputError, match=r"tm_langevin_primal: argument 'x' .*assign in place"):
+        pl.check_buffers()
+    pl.x = np.zeros((5, 3))
+    with pytest.raises(
+        InputError, match=r"tm_langevin_primal: argument 'x \(Pipeline\.x\)' has shape"
+    ):
+        pl.check_buffers()
+    pl.x = orig
+    pl.check_buffers()
+    pl.dx = pl.dx.astype(np.float32)
+    with pytest.raises(
+        InputError, match=r"tm_sens_exact: argument 'dx \(Pipeline\.dx\)' has dtype"
+    ):
+        pl.check_buffers()
+
+
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_bad_state_names_the_kernel_and_argument(method):
+    system, x = small_system()
+    wrt = np.arange(4)
+    program = cupy_backend.make_program(system, wrt, method, NoLaunchExecutor())
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
+    coeffs = integ.coefficients(system.masses)
+    wco = None
+    sens = "tm_sens_exact"
+    if method == "window":
+        wco = window_coefficients(integ, 3)
+        sens = "tm_sens_window"
+
+    def init(xx, p, k=3):
+        return exact_init(xx, xx, p) if method == "exact" else window_init(xx, xx, p, k)
+
+    def call(state):
+        program(1, state, 1, 5, system.params, coeffs, wco, 0, 0)
+
+    with pytest.raises(
+        InputError, match=r"tm_langevin_primal: argument 'x \(state\.x\)' has shape"
+    ):
+        call(init(x[:3], 4))
+    with pytest.raises(InputError, match=rf"{sens}: argument 'dx \(state\.dx_dtheta\)' has shape"):
+        call(init(x, 3))
+    bad = init(x, 4)._replace(v=np.full((4, 3), np.inf))
+    with pytest.raises(InputError, match=r"tm_langevin_primal: argument 'v' .* must be finite"):
+        call(bad)
+    if method == "window":
+        bad = init(x, 4)._replace(to_fold=np.zeros((4, 4, 2)))
+        with pytest.raises(InputError, match=r"tm_sens_window: argument 'to_fold"):
+            call(bad)
+
+
+def test_cupy_executor_checks_launches_before_touching_the_gpu():
+    # the checks in CupyExecutor.launch are Python-side: exercise them without CuPy
+    ex = object.__new__(cupy_backend.CupyExecutor)
+    ex._fns, ex._blocks = {}, {}
+
+    def block(name):
+        fields = dict.fromkeys((f for f, _ in STRUCTS[name]), 0)
+        return (name, struct_bytes(name, fields).view(np.uint8))
+
+    with pytest.raises(InputError, match=r"unknown kernel 'tm_nope'"):
+        ex.launch("tm_nope", 1, 1, block("TermArgs"))
+    with pytest.raises(InputError, match=r"tm_gb_psi: argument block is a TermArgs, expected"):
+        ex.launch("tm_gb_psi", 1, 1, block("TermArgs"))
+    with pytest.raises(InputError, match=r"tm_terms_primal: argument 'argument block' has shape"):
+        ex.launch("tm_terms_primal", 1, 1, ("TermArgs", np.zeros(3, np.uint8)))
+    with pytest.raises(InputError, match=r"tm_gather_zeta: launch extent \(10, 70000\)"):
+        ex.launch("tm_gather_zeta", 10, 70000, block("GatherArgs"))
+    with pytest.raises(InputError, match=r"tm_terms_zeta: launch extent \(-1, 1\)"):
+        ex.launch("tm_terms_zeta", -1, 1, block("TermArgs"))
+    ex.launch("tm_terms_zeta", 0, 1, block("TermArgs"))  # empty: nothing to launch
+
+
+@pytest.mark.skipif(cuda_available()[0], reason="CuPy and a GPU are available here")
+def test_cuda_backend_without_gpu_says_why(trialanine_obc2):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
+    with pytest.raises(InputError, match=r"backend='cuda' is not available .*: (CuPy|no CUDA)"):
+        tm.simulate(system, x, integ, 10, save_every=10, backend="cuda", progress=False)

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from timemachine.cli import main
 
 
@@ -27,13 +29,15 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
 
 def test_fit_writes_history_xml_plots_and_resumes(tmp_path):
     out = tmp_path / "fit"
-    rc = main(["fit", "--quick", "--out", str(out), "--quiet"])
+    rc = main(["fit", "--size", "tiny", "--out", str(out), "--quiet"])
     assert rc == 0
     history = json.loads((out / "history.json").read_text())
     assert len(history["epochs"]) == 2
     assert history["param_names"] == ["torsion/C-N-CT-C/k3", "torsion/C-N-CT-C/k2"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["original"] == [1.75728, 1.12968]
+    assert summary["perturbed_start"] == pytest.approx([1.75728 * 1.3, 1.12968 * 0.7], rel=1e-14)
+    assert len(summary["loss_per_epoch"]) == 2 and isinstance(summary["recovered"], bool)
     import openmm.app as app
 
     app.ForceField(str(out / "fitted.xml"))  # OpenMM reads what was written
@@ -41,8 +45,19 @@ def test_fit_writes_history_xml_plots_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 5000
     assert len(json.loads((out / "targets.json").read_text())["targets"]) == 5
     # one more epoch continues from the checkpoint instead of starting over
-    rc = main(["fit", "--quick", "--epochs", "3", "--resume", "--out", str(out), "--quiet"])
+    rc = main(["fit", "--smoke", "--epochs", "3", "--resume", "--out", str(out), "--quiet"])
     assert rc == 0
     again = json.loads((out / "history.json").read_text())
     assert again["epochs"][:2] == history["epochs"] and len(again["epochs"]) == 3
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_no_command_runs_the_main_job_fit(monkeypatch, capsys):
+    import timemachine.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_fit", lambda args: seen.append(args))
+    assert cli.main([]) == 0
+    (args,) = seen
+    assert args.command == "fit" and args.size == "quick" and args.out == "timemachine-out"
+    assert "timemachine fit" in capsys.readouterr().out

@@ -140,6 +140,58 @@ def test_killed_fit_resumes_exactly(problem, tmp_path):
         )
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (fit has no except/finally that writes)."""
+
+
+def test_fit_killed_mid_epoch_loses_only_that_epoch(problem, tmp_path, monkeypatch):
+    """Kill inside epoch 2's dynamics and again inside epoch 3's checkpoint write; resuming
+    gives the uninterrupted fit's history and parameters bit for bit."""
+    import timemachine.fitting.train as train
+
+    system, x0, integrator, targets, wrt, start, settings = problem
+    common = dict(params=start, learning_rate=0.05, progress=False, epochs=4, **settings)
+    straight = tm.fit(system, x0, integrator, targets, wrt, out_dir=tmp_path / "a", **common)
+    out = tmp_path / "b"
+    real_run, real_write = train.run_replicas, train.atomic_write_bytes
+    calls = {"run": 0}
+
+    def dying_run(*args, **kwargs):
+        calls["run"] += 1
+        if calls["run"] == 3:  # epoch 2, mid-simulation: epochs 0 and 1 are checkpointed
+            raise _Killed
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run_replicas", dying_run)
+    with pytest.raises(_Killed):
+        tm.fit(system, x0, integrator, targets, wrt, out_dir=out, **common)
+    assert train.load_checkpoint(out)["epoch"] == 2
+    assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
+
+    def dying_write(path, data):
+        # killed while epoch 2's checkpoint is half written to its temporary file
+        if str(path).endswith("checkpoint.npz"):
+            (out / ".tmp-checkpoint.npz").write_bytes(data[: len(data) // 2])
+            raise _Killed
+        return real_write(path, data)
+
+    monkeypatch.setattr(train, "run_replicas", real_run)
+    monkeypatch.setattr(train, "atomic_write_bytes", dying_write)
+    with pytest.raises(_Killed):
+        tm.fit(system, x0, integrator, targets, wrt, out_dir=out, resume=True, **common)
+    assert train.load_checkpoint(out)["epoch"] == 2  # the torn write did not replace it
+    monkeypatch.setattr(train, "atomic_write_bytes", real_write)
+    ran = []
+    monkeypatch.setattr(train, "run_replicas", lambda *a, **k: ran.append(1) or real_run(*a, **k))
+    resumed = tm.fit(system, x0, integrator, targets, wrt, out_dir=out, resume=True, **common)
+    assert len(ran) == 2  # only epochs 2 and 3 were simulated again
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    assert _strip(resumed.history) == _strip(straight.history)
+    np.testing.assert_array_equal(resumed.params, straight.params)
+    # the parameters moved: the comparison is not between two unchanged fits
+    assert np.all(np.abs(resumed.theta / start[wrt] - 1) > 0.05)
+
+
 def test_exploding_gradient_stops_with_a_diagnosis(problem):
     system, x0, integrator, targets, wrt, start, settings = problem
     with pytest.raises(SimulationError, match=r"epoch 0: .*exploding.*dx/dθ"):

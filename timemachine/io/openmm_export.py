@@ -355,6 +355,9 @@ def export_forcefield(
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 → what open() would have given
         with os.fdopen(fd, "wb") as fh:
             tree.write(fh, encoding="utf-8", xml_declaration=False)
         os.replace(tmp, path)

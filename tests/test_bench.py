@@ -23,10 +23,12 @@ TINY = Settings(
     memory_case="trialanine-vacuum",
     memory_p=3,
     agreement_steps=20,
+    repeats=1,
+    profile=(),  # compiles a dozen programs; its arithmetic is tested on a fixed result below
 )
 
 
-# about 35 s of CPU; over a minute of wall time when the 2 cores are shared
+# about 30 s of CPU (mostly XLA compiles); longer in wall time when the 2 cores are shared
 pytestmark = pytest.mark.slow
 
 
@@ -89,6 +91,10 @@ def test_relative_errors_against_ours(suite):
     by = {r["method"]: r for r in result["derivatives"]}
     assert by["timemachine"]["rel_error_vs_timemachine"] == 0.0
     assert by["timemachine"]["speedup_of_timemachine"] == 1.0
+    # our dx/dθ against central differences of our own float64 trajectory: an
+    # independent check that does not involve OpenMM
+    assert by["timemachine"]["own_fd_rows"] == [0, 2]
+    assert by["timemachine"]["own_fd_rel_error"] < 1e-6
     fd = by["openmm-fd"]
     assert fd["P"] == 3 and fd["trajectories"] == 6
     # FD in OpenMM's mixed precision differentiates the same trajectory: small, not zero
@@ -137,3 +143,102 @@ def test_unknown_case_is_named():
         run_method(
             dataclasses.replace(DerivativeSettings("trialanine-vacuum", 999, 5)), "timemachine"
         )
+
+
+def test_native_gbsaobc_force_is_the_same_energy():
+    """The OpenMM row with GBSAOBCForce times the same OBC2 energy as obc2.xml's
+    CustomGBForce (which is what load_system reproduces)."""
+    import openmm as mm
+    import openmm.unit as unit
+
+    import timemachine as tm
+    from timemachine.bench.plain_md import native_gb_system
+    from timemachine.io.openmm_import import openmm_system_for
+
+    topology, x = tm.build_peptide("AAA")
+    custom = openmm_system_for(topology, implicit_solvent="obc2")
+    native = native_gb_system(custom)
+    kinds = [type(f).__name__ for f in native.getForces()]
+    assert "GBSAOBCForce" in kinds and "CustomGBForce" not in kinds
+    assert native_gb_system(openmm_system_for(topology)) is None  # vacuum: nothing to swap
+
+    def energy(system):
+        context = mm.Context(
+            system, mm.VerletIntegrator(0.001), mm.Platform.getPlatformByName("Reference")
+        )
+        context.setPositions(np.asarray(x) * unit.nanometer)
+        state = context.getState(getEnergy=True)
+        return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    # the GB part is large (a wrong radius offset or scale would move it by kJ/mol), and
+    # the swap reproduces it
+    vacuum = energy(openmm_system_for(topology))
+    assert abs(energy(custom) - vacuum) > 10.0
+    assert energy(native) == pytest.approx(energy(custom), abs=1e-3)
+
+
+def test_goals_arithmetic_and_profile_note():
+    """goals() on a fixed result: ratios, thresholds, and the profile note of a miss."""
+    from timemachine.bench import goals
+
+    def plain(case, engine, us, cpu):
+        return {"case": case, "engine": engine, "us_per_step": us, "cpu_us_per_step": cpu}
+
+    result = {
+        "plain_md": [
+            plain("villin-vacuum", "timemachine (JAX)", 9000.0, 9000.0),
+            plain("villin-vacuum", "OpenMM Reference", 10000.0, 10000.0),
+            plain("villin-vacuum", "OpenMM CPU", 3000.0, 6000.0),
+        ],
+        "derivatives": [
+            {
+                "method": "timemachine",
+                "case": "villin-vacuum",
+                "P": 60,
+                "n_steps": 10,
+                "time_s": 1.0,
+                "cpu_s": 1.0,
+                "own_fd_rel_error": 1e-9,
+            },
+            {
+                "method": "openmm-fd",
+                "case": "villin-vacuum",
+                "P": 60,
+                "n_steps": 10,
+                "time_s": 4.0,
+                "cpu_s": 8.0,
+                "speedup_of_timemachine": 4.0,
+                "rel_error_vs_timemachine": 1e-3,
+            },
+        ],
+        "profile": [
+            {
+                "case": "villin-vacuum",
+                "N": 582,
+                "P": 60,
+                "zeta_in_gradients": 4.0,
+                "step_in_gradients": 10.0,
+                "overhead_ms": 55.0,
+                "dominant_term": "nonbonded",
+                "ms": {
+                    "gradient": 10.0,
+                    "gradient/nonbonded": 9.0,
+                    "zeta": 40.0,
+                    "gradient_and_zeta": 45.0,
+                    "plain_step": 9.0,
+                    "sensitivity_step": 100.0,
+                },
+            },
+        ],
+    }
+    by = {g["goal"]: g for g in goals(result)}
+    ref = by["villin vacuum faster than OpenMM Reference"]
+    assert ref["measured"] == pytest.approx(0.9) and ref["met"] is True
+    cpu = by["villin vacuum within 1.5× of OpenMM CPU"]
+    assert cpu["measured"] == pytest.approx(3.0) and cpu["met"] is False
+    assert "CPU-time ratio 1.5" in cpu["detail"] and "nonbonded 9 ms" in cpu["detail"]
+    fd = by["villin dx/dθ ≥ 5× faster than openmm-fd"]
+    assert fd["measured"] == 4.0 and fd["met"] is False
+    # 2P OpenMM CPU steps of 3 ms = 360 ms per step of FD work; 5× needs ours ≤ 72 ms
+    assert "our step ≤ 72 ms" in fd["detail"] and "own float64 FD 1.0e-09" in fd["detail"]
+    assert by["villin OBC2 faster than OpenMM CPU"]["met"] is None  # not run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from timemachine.bench.report import markdown, write_report
 from timemachine.bench.suite import FULL, QUICK, run_suite
@@ -30,8 +31,10 @@ def main(argv=None) -> int:
 
         settings = dataclasses.replace(settings, isolate=False)
 
+    t0 = time.perf_counter()
+
     def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     result = run_suite(settings, log=log)
     paths = write_report(result, args.out, args.json)

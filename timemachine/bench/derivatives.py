@@ -22,7 +22,19 @@ deterministic trajectory from the same start. OpenMM's LangevinIntegrator and JA
 BAOAB are other discretisations of the same dynamics (OpenMM's is 2e-6 nm from ours after
 one trialanine step), so their errors against ours include that O(δt) difference (and,
 for FD, its truncation and OpenMM CPU's single-precision forces): they measure what a user
-would get from those tools, not only the error of their differentiation.
+would get from those tools, not only the error of their differentiation. Ours and
+OpenMM's leapfrog start from the half-step velocity v_{-1/2}; BAOAB's momentum is on the
+step, so JAX MD starts from v_0 = v_{-1/2} - (δt/2) ∇E(x_0; θ)/m (θ-dependent, inside the
+differentiated function). Starting BAOAB from v_{-1/2} itself would shift its whole
+trajectory by half a kick, an O(1/T) relative difference in dx_T/dθ that is no error of
+its differentiation.
+
+``own_fd_rel_error`` (timemachine's row) checks our dx/dθ independently of every other
+tool: central differences of our own float64 trajectory (the primal of ``simulate`` at
+θ ± h) for a few of the P parameters, against the same rows of our result.
+
+Timings are the best of ``repeats`` runs (within a time budget), with the process CPU
+time (all threads) of that run as ``cpu_s``.
 
 Each method runs in its own subprocess (``python -m timemachine.bench.derivatives``) so
 that its peak resident memory (``ru_maxrss``) is its own; ``baseline_rss_bytes`` is the
@@ -56,6 +68,8 @@ __all__ = ["METHODS", "DerivativeSettings", "run_method", "run_methods", "relati
 
 METHODS = ("timemachine", "openmm-fd", "jaxmd-forward", "reverse")
 MEMORY_LIMIT_BYTES = 24 * 2**30
+# no further timing repeat of a method once its runs have taken this long
+REPEAT_BUDGET_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +84,9 @@ class DerivativeSettings:
       temperature: K, for the starting velocities only (the thermostat runs at 0 K).
       friction: 1/ps. dt: ps. seed: starting-velocity seed.
       fd_rel_step: FD step h = fd_rel_step · max(|θ_p|, 1 kJ/mol).
+      repeats: timings are the best of this many runs (fewer once a method has spent
+        ``REPEAT_BUDGET_S``).
+      own_fd_params: how many parameters our own float64 FD check covers (0: none).
     """
 
     case: str
@@ -80,6 +97,8 @@ class DerivativeSettings:
     dt: float = 0.001
     seed: int = 0
     fd_rel_step: float = 1e-3
+    repeats: int = 3
+    own_fd_params: int = 2
 
 
 def _setup(settings: DerivativeSettings):
@@ -111,7 +130,8 @@ def _projection(n_atoms: int) -> np.ndarray:
 # --------------------------------------------------------------------------- methods
 
 
-def _timemachine(case, wrt, integrator, v0, n_steps):
+def _timemachine(case, wrt, integrator, v0, n_steps, repeats=1, own_fd_params=0):
+    from timemachine.bench.plain_md import best_of
     from timemachine.sensitivity import simulate
 
     def go(n):
@@ -130,17 +150,58 @@ def _timemachine(case, wrt, integrator, v0, n_steps):
     t0 = time.perf_counter()
     go(1)  # compiles the chunk program; loop counts are runtime values, so it is reused
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    traj = go(n_steps)
-    elapsed = time.perf_counter() - t0
-    extra = {"state_bytes": int(traj.memory_bytes["state"])}
-    return np.asarray(traj.dx_dtheta[-1]), elapsed, compile_s, extra
+    elapsed, cpu, traj = best_of(lambda: go(n_steps), repeats, REPEAT_BUDGET_S)
+    dx = np.asarray(traj.dx_dtheta[-1])
+    extra = {"state_bytes": int(traj.memory_bytes["state"]), "cpu_s": cpu}
+    if own_fd_params:
+        extra.update(_own_fd_check(case, wrt, integrator, v0, n_steps, dx, own_fd_params))
+    return dx, elapsed, compile_s, extra
 
 
-def _openmm_fd(case, wrt, integrator, v0, n_steps, rel_step):
+def _own_fd_check(case, wrt, integrator, v0, n_steps, dx, n_check):
+    """Central differences of our own float64 trajectory for ``n_check`` of the
+    parameters (evenly spread over wrt), against the same rows of ``dx`` (P, N, 3).
+
+    The perturbed trajectories are the primal x of ``simulate`` runs at θ ± h: θ is a
+    runtime argument of the compiled program, so this check compiles nothing new."""
+    from timemachine.sensitivity import simulate
+
+    theta = np.asarray(case.system.params)
+    rows = np.unique(np.linspace(0, len(wrt) - 1, min(n_check, len(wrt))).astype(int))
+
+    def final(th):
+        traj = simulate(
+            case.system,
+            case.positions,
+            integrator,
+            n_steps,
+            wrt=wrt,
+            params=th,
+            save_every=n_steps,
+            v0=v0,
+            progress=False,
+            chunk_steps=n_steps,
+        )
+        return np.asarray(traj.x[-1])
+
+    fd = []
+    for p in rows:
+        h = 1e-4 * max(abs(theta[wrt[p]]), 1.0)
+        plus, minus = theta.copy(), theta.copy()
+        plus[wrt[p]] += h
+        minus[wrt[p]] -= h
+        fd.append((final(plus) - final(minus)) / (2 * h))
+    fd = np.stack(fd)
+    return {
+        "own_fd_rows": rows.tolist(),
+        "own_fd_rel_error": float(np.linalg.norm(fd - dx[rows]) / np.linalg.norm(dx[rows])),
+    }
+
+
+def _openmm_fd(case, wrt, integrator, v0, n_steps, rel_step, repeats=1):
     import openmm as mm
 
-    from timemachine.bench.plain_md import openmm_context, openmm_positions
+    from timemachine.bench.plain_md import best_of, openmm_context, openmm_positions
     from timemachine.bench.systems import torsion_k_map
 
     t0 = time.perf_counter()
@@ -171,14 +232,22 @@ def _openmm_fd(case, wrt, integrator, v0, n_steps, rel_step):
             force.setTorsionParameters(int(t), *entries[t])
         return x
 
-    t0 = time.perf_counter()
-    dx = np.stack(
-        [(trajectory(p, +1) - trajectory(p, -1)) / (2 * steps[p]) for p in range(len(wrt))]
-    )
-    elapsed = time.perf_counter() - t0
+    def all_trajectories():
+        return np.stack(
+            [(trajectory(p, +1) - trajectory(p, -1)) / (2 * steps[p]) for p in range(len(wrt))]
+        )
+
+    elapsed, cpu, dx = best_of(all_trajectories, repeats, REPEAT_BUDGET_S)
     if not np.isfinite(dx).all():
         raise SimulationError(f"OpenMM FD on {case.name}: non-finite positions")
-    extra = {"trajectories": 2 * len(wrt), "platform": "CPU", "h": steps.tolist()}
+    threads = context.getPlatform().getPropertyValue(context, "Threads")
+    extra = {
+        "trajectories": 2 * len(wrt),
+        "platform": "CPU",
+        "threads": threads,
+        "h": steps.tolist(),
+        "cpu_s": cpu,
+    }
     return dx, elapsed, setup_s, extra
 
 
@@ -237,10 +306,11 @@ def _jaxmd_energy(case, wrt):
     return energy, "JAX MD AMBER energy (jax_md.mm_forcefields, from the OpenMM System)"
 
 
-def _jaxmd_forward(case, wrt, integrator, v0, n_steps):
+def _jaxmd_forward(case, wrt, integrator, v0, n_steps, repeats=1):
     from jax_md import simulate as jmd_simulate
     from jax_md import space
 
+    from timemachine.bench.plain_md import best_of
     from timemachine.constants import BOLTZMANN
 
     energy, source = _jaxmd_energy(case, wrt)
@@ -254,11 +324,14 @@ def _jaxmd_forward(case, wrt, integrator, v0, n_steps):
         center_velocity=False,
     )
     mass = jnp.asarray(case.system.masses)[:, None]
-    momenta = mass * jnp.asarray(v0)
+    v_half = jnp.asarray(v0)
     x0 = jnp.asarray(case.positions)
     key = jax.random.key(integrator.seed)
+    grad = jax.grad(energy)
 
     def final_positions(theta):
+        # BAOAB's momentum is on the step: v_0 = v_{-1/2} - (δt/2) ∇E(x_0)/m (see above)
+        momenta = mass * v_half - 0.5 * integrator.dt * grad(x0, theta)
         state = init_fn(key, x0, mass=mass, momenta=momenta, theta=theta)
         state = jax.lax.fori_loop(0, n_steps, lambda _, s: apply_fn(s, theta=theta), state)
         return state.position
@@ -267,10 +340,11 @@ def _jaxmd_forward(case, wrt, integrator, v0, n_steps):
     t0 = time.perf_counter()
     jac = jax.jit(jax.jacfwd(final_positions)).lower(theta0).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    d = np.asarray(jax.block_until_ready(jac(theta0)))  # (N, 3, P)
-    elapsed = time.perf_counter() - t0
-    return np.moveaxis(d, -1, 0), elapsed, compile_s, {"energy": source, "integrator": "BAOAB"}
+    elapsed, cpu, d = best_of(
+        lambda: np.asarray(jax.block_until_ready(jac(theta0))), repeats, REPEAT_BUDGET_S
+    )  # (N, 3, P)
+    extra = {"energy": source, "integrator": "BAOAB", "cpu_s": cpu}
+    return np.moveaxis(d, -1, 0), elapsed, compile_s, extra
 
 
 def _reverse_program(case, wrt, integrator, v0, n_steps):
@@ -304,14 +378,16 @@ def _temp_bytes(compiled) -> int | None:
     return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
 
 
-def _reverse(case, wrt, integrator, v0, n_steps):
+def _reverse(case, wrt, integrator, v0, n_steps, repeats=1):
+    from timemachine.bench.plain_md import best_of
+
     theta0 = jnp.asarray(case.system.params)[jnp.asarray(wrt)]
     t0 = time.perf_counter()
     grad = _reverse_program(case, wrt, integrator, v0, n_steps)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    g = np.asarray(jax.block_until_ready(grad(theta0)))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu, g = best_of(
+        lambda: np.asarray(jax.block_until_ready(grad(theta0))), repeats, REPEAT_BUDGET_S
+    )
     # XLA's buffer assignment at two lengths: the slope is what each step keeps for the
     # backward pass
     lengths = [n_steps, 2 * n_steps]
@@ -319,7 +395,7 @@ def _reverse(case, wrt, integrator, v0, n_steps):
         _temp_bytes(grad),
         _temp_bytes(_reverse_program(case, wrt, integrator, v0, 2 * n_steps)),
     ]
-    extra = {"memory_steps": lengths, "memory_bytes": sizes}
+    extra = {"memory_steps": lengths, "memory_bytes": sizes, "cpu_s": cpu}
     if None not in sizes:
         slope = (sizes[1] - sizes[0]) / n_steps
         intercept = sizes[0] - slope * n_steps
@@ -342,16 +418,19 @@ def run_method(settings: DerivativeSettings, method: str) -> tuple[dict, np.ndar
         raise InputError(f"unknown derivative method {method!r}; known: {', '.join(METHODS)}")
     case, wrt, integrator, v0 = _setup(settings)
     baseline = _maxrss_bytes()
+    n, reps = settings.n_steps, settings.repeats
     if method == "timemachine":
-        out, elapsed, prep, extra = _timemachine(case, wrt, integrator, v0, settings.n_steps)
+        out, elapsed, prep, extra = _timemachine(
+            case, wrt, integrator, v0, n, reps, settings.own_fd_params
+        )
     elif method == "openmm-fd":
         out, elapsed, prep, extra = _openmm_fd(
-            case, wrt, integrator, v0, settings.n_steps, settings.fd_rel_step
+            case, wrt, integrator, v0, n, settings.fd_rel_step, reps
         )
     elif method == "jaxmd-forward":
-        out, elapsed, prep, extra = _jaxmd_forward(case, wrt, integrator, v0, settings.n_steps)
+        out, elapsed, prep, extra = _jaxmd_forward(case, wrt, integrator, v0, n, reps)
     else:
-        out, elapsed, prep, extra = _reverse(case, wrt, integrator, v0, settings.n_steps)
+        out, elapsed, prep, extra = _reverse(case, wrt, integrator, v0, n, reps)
     record = {
         "method": method,
         "case": settings.case,

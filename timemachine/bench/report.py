@@ -22,10 +22,37 @@ def _goal(name, measured, target, met, detail):
     return {"goal": name, "measured": measured, "target": target, "met": met, "detail": detail}
 
 
+def _profile(result, case):
+    return next((p for p in result.get("profile", []) if p["case"] == case), None)
+
+
+def _plain_where(result, case):
+    """Where a plain step of ``case`` goes, from the profile (or "" without one)."""
+    p = _profile(result, case)
+    if p is None:
+        return ""
+    ms = p["ms"]
+    kind = p["dominant_term"]
+    return (
+        f"; profile: step {ms['plain_step']:.3g} ms = gradient {ms['gradient']:.3g} ms "
+        f"(of which {kind} {ms['gradient/' + kind]:.3g} ms) + integrator"
+    )
+
+
+def _cpu_ratio(rows, case, engine):
+    a = next((r for r in rows if r["case"] == case and r["engine"] == "timemachine (JAX)"), None)
+    b = next((r for r in rows if r["case"] == case and r["engine"] == engine), None)
+    if a is None or b is None or "cpu_us_per_step" not in a or "cpu_us_per_step" not in b:
+        return ""
+    return f"; CPU-time ratio {a['cpu_us_per_step'] / b['cpu_us_per_step']:.3g}"
+
+
 def goals(result: dict) -> list[dict]:
     """The issue's goals, evaluated on ratios measured in this one run.
 
-    A goal whose measurements are absent from the run is reported with met = None.
+    Wall-time ratios (each timing the best of its repeats); the detail adds the ratio of
+    process CPU times and, for a missed goal, where the time goes (``profile``). A goal
+    whose measurements are absent from the run is reported with met = None.
     """
     rows, out = result["plain_md"], []
     ours = "timemachine (JAX)"
@@ -35,7 +62,11 @@ def goals(result: dict) -> list[dict]:
         if a is None or b is None:
             out.append(_goal(name, None, f"ours ≤ {factor}× {engine}", None, "not run"))
             return
-        out.append(_goal(name, a / b, f"ours/{engine} ≤ {factor}", a / b <= factor, detail))
+        met = a / b <= factor
+        detail += _cpu_ratio(rows, case, engine)
+        if not met:
+            detail += _plain_where(result, case)
+        out.append(_goal(name, a / b, f"ours/{engine} ≤ {factor}", met, detail))
 
     ratio_goal(
         "villin vacuum faster than OpenMM Reference",
@@ -52,7 +83,18 @@ def goals(result: dict) -> list[dict]:
         "µs/step ratio",
     )
     ratio_goal(
-        "villin OBC2 faster than OpenMM CPU", "villin-obc2", "OpenMM CPU", 1.0, "µs/step ratio"
+        "villin OBC2 faster than OpenMM CPU",
+        "villin-obc2",
+        "OpenMM CPU",
+        1.0,
+        "µs/step ratio; OpenMM runs the System we load (obc2.xml, a CustomGBForce)",
+    )
+    ratio_goal(
+        "villin OBC2 faster than OpenMM CPU, native GBSAOBCForce (same energy; stricter)",
+        "villin-obc2",
+        "OpenMM CPU GBSAOBCForce",
+        1.0,
+        "µs/step ratio",
     )
     ratio_goal(
         "trialanine vacuum within 2× of OpenMM Reference",
@@ -78,16 +120,33 @@ def goals(result: dict) -> list[dict]:
             why = r["error"][:200] if r and "error" in r else "not run"
             out.append(_goal(name, None, f"speedup ≥ {factor:g}", None, why))
             continue
-        out.append(
-            _goal(
-                name,
-                r["speedup_of_timemachine"],
-                f"speedup ≥ {factor:g}",
-                r["speedup_of_timemachine"] >= factor,
-                f"P = {r['P']}, {r['n_steps']} steps; its rel. error vs ours "
-                f"{r['rel_error_vs_timemachine']:.2e}",
-            )
+        ours_r = by["timemachine"]
+        met = r["speedup_of_timemachine"] >= factor
+        detail = (
+            f"P = {r['P']}, {r['n_steps']} steps; its rel. error vs ours "
+            f"{r['rel_error_vs_timemachine']:.2e}"
         )
+        if "own_fd_rel_error" in ours_r:
+            detail += f" (ours vs our own float64 FD {ours_r['own_fd_rel_error']:.1e})"
+        if "cpu_s" in r and "cpu_s" in ours_r:
+            detail += f"; CPU-time ratio {r['cpu_s'] / ours_r['cpu_s']:.3g}"
+        p = _profile(result, r["case"])
+        if not met and p is not None:
+            ms = p["ms"]
+            detail += (
+                f"; profile: our step {ms['sensitivity_step']:.3g} ms = "
+                f"{p['step_in_gradients']:.3g} gradients (∇E + ζ fused "
+                f"{ms['gradient_and_zeta']:.3g} ms, ζ alone {ms['zeta']:.3g} ms = "
+                f"{p['zeta_in_gradients']:.3g} gradients, gradient {ms['gradient']:.3g} ms, "
+                f"rest {p['overhead_ms']:.3g} ms)"
+            )
+            omm = _us(rows, r["case"], "OpenMM CPU")
+            if method == "openmm-fd" and omm is not None:
+                detail += (
+                    f" against 2P = {2 * r['P']} OpenMM CPU steps of {omm / 1e3:.3g} ms; "
+                    f"the goal needs our step ≤ {2 * r['P'] * omm / 1e3 / factor:.3g} ms"
+                )
+        out.append(_goal(name, r["speedup_of_timemachine"], f"speedup ≥ {factor:g}", met, detail))
     rev = by.get("reverse")
     if rev is not None and "steps_to_24GiB" in rev:
         ours_bytes = by["timemachine"].get("state_bytes")
@@ -121,6 +180,20 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
+def _plain_note(r):
+    if "compile_s" in r and "max_dx_vs_reference_nm" in r:
+        return (
+            f"compile {r['compile_s']:.1f} s; "
+            f"|x − x_Reference| {r['max_dx_vs_reference_nm']:.1e} nm"
+        )
+    notes = []
+    if r.get("threads"):
+        notes.append(f"{r['threads']} threads")
+    if "gb_energy_diff_kj_mol" in r:
+        notes.append(f"E − E(CustomGBForce) {r['gb_energy_diff_kj_mol']:.1e} kJ/mol")
+    return "; ".join(notes)
+
+
 def markdown(result: dict) -> str:
     """The report as markdown: environment, goals, plain MD, dx/dθ, scaling, memory."""
     env = result["environment"]
@@ -140,7 +213,10 @@ def markdown(result: dict) -> str:
     parts.append(
         f"Langevin T = {s['temperature']} K, γ = {s['friction']}/ps, δt = {s['dt']} ps, "
         f"amber99sbildn, NoCutoff, no constraints. Timings exclude compilation and Context "
-        f"creation (reported in the JSON). Suite wall time {result.get('wall_s', 0):.0f} s."
+        f"creation (reported in the JSON); each is the best of {s.get('repeats', 1)} runs, "
+        f"wall time, with the process CPU time (all threads) of that run beside it. "
+        f"Suite wall time {result.get('wall_s', 0):.0f} s; load average at the end "
+        f"{_fmt(result.get('load_average_end', [None])[0], '.1f')}."
     )
     parts += ["", "## Goals", ""]
     parts.append(
@@ -152,7 +228,17 @@ def markdown(result: dict) -> str:
     parts += ["", "## Plain MD (µs per step)", ""]
     parts.append(
         _table(
-            ["system", "atoms", "engine", "device", "steps", "µs/step", "× ours", "notes"],
+            [
+                "system",
+                "atoms",
+                "engine",
+                "device",
+                "steps",
+                "µs/step",
+                "CPU µs/step",
+                "× ours",
+                "notes",
+            ],
             [
                 [
                     r["case"],
@@ -161,15 +247,9 @@ def markdown(result: dict) -> str:
                     r["device"],
                     r["n_steps"],
                     r["us_per_step"],
+                    r.get("cpu_us_per_step"),
                     r["ratio_to_timemachine"],
-                    (
-                        f"compile {r['compile_s']:.1f} s; "
-                        f"|x − x_Reference| {r['max_dx_vs_reference_nm']:.1e} nm"
-                        if "compile_s" in r and "max_dx_vs_reference_nm" in r
-                        else f"{r['threads']} threads"
-                        if r.get("threads")
-                        else ""
-                    ),
+                    _plain_note(r),
                 ]
                 for r in result["plain_md"]
             ],
@@ -189,15 +269,21 @@ def markdown(result: dict) -> str:
                     None,
                     None,
                     None,
+                    None,
                     "failed: " + r["error"][-160:].replace("\n", " "),
                 ]
             )
             continue
         note = {
-            "timemachine": "exact mode",
-            "openmm-fd": f"{r.get('trajectories')} trajectories",
+            "timemachine": "exact mode"
+            + (
+                f"; vs own float64 FD {r['own_fd_rel_error']:.1e}"
+                if "own_fd_rel_error" in r
+                else ""
+            ),
+            "openmm-fd": (f"{r.get('trajectories')} trajectories, {r.get('threads', '?')} threads"),
             "jaxmd-forward": f"jacfwd through BAOAB; {r.get('energy', '')}",
-            "reverse": "dO/dθ of O = r·x_T only"
+            "reverse": f"dO/dθ of O = r·x_T only (all of dx_T/dθ: {3 * r['n_atoms']} passes)"
             + (f"; 24 GiB at ≈{r['steps_to_24GiB']:.3g} steps" if r.get("steps_to_24GiB") else ""),
         }[r["method"]]
         rows.append(
@@ -207,6 +293,7 @@ def markdown(result: dict) -> str:
                 r["P"],
                 r["n_steps"],
                 r["time_s"],
+                r.get("cpu_s"),
                 r["speedup_of_timemachine"],
                 r["peak_rss_bytes"] / 2**20,
                 r["rel_error_vs_timemachine"],
@@ -221,6 +308,7 @@ def markdown(result: dict) -> str:
                 "P",
                 "steps",
                 "time s",
+                "CPU s",
                 "× ours",
                 "peak RSS MiB",
                 "rel. error vs ours",
@@ -249,6 +337,28 @@ def markdown(result: dict) -> str:
                     ],
                 )
             )
+    for p in result.get("profile", []):
+        parts += ["", f"## Where the time goes: {p['case']} (N = {p['N']}, P = {p['P']})", ""]
+        g = p["ms"]["gradient"]
+        parts.append(
+            _table(
+                ["part", "ms", "× gradient"],
+                [[k, v, v / g] for k, v in p["ms"].items()],
+            )
+        )
+        parts.append("")
+        parts.append(
+            f"A sensitivity step costs {p['step_in_gradients']:.3g} gradients: ζ "
+            f"{p['zeta_in_gradients']:.3g}, the rest (propagation, loop) "
+            f"{p['overhead_ms']:.3g} ms. The largest term of the gradient: "
+            f"{p['dominant_term']}."
+            + (
+                " (A negative rest means the parts, timed one after another, saw different "
+                "load: compare within one row only.)"
+                if p["overhead_ms"] < 0
+                else ""
+            )
+        )
     if sc.get("memory"):
         m0 = sc["memory"][0]
         parts += ["", f"## State memory (N = {m0['N']}, P = {m0['P']})", ""]
@@ -322,17 +432,17 @@ def plots(result: dict, out_dir) -> list[str]:
     rows = result["plain_md"]
     if rows:
         cases = list(dict.fromkeys(r["case"] for r in rows))
-        engines = list(dict.fromkeys(r["engine"] + " " + r["device"] for r in rows))
+
+        def label(r):
+            return r["engine"] if r["device"] in r["engine"] else f"{r['engine']} ({r['device']})"
+
+        engines = list(dict.fromkeys(label(r) for r in rows))
         fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(engines)
         for e, engine in enumerate(engines):
             ys = [
                 next(
-                    (
-                        r["us_per_step"]
-                        for r in rows
-                        if r["case"] == c and r["engine"] + " " + r["device"] == engine
-                    ),
+                    (r["us_per_step"] for r in rows if r["case"] == c and label(r) == engine),
                     np.nan,
                 )
                 for c in cases
@@ -405,6 +515,18 @@ def plots(result: dict, out_dir) -> list[str]:
                 base = r["memory_bytes"][0] - slope * r["memory_steps"][0]
                 ax.plot(steps, (base + slope * steps) / 2**30, "-", label=f"reverse, {r['case']}")
                 ax.plot(r["memory_steps"], np.array(r["memory_bytes"]) / 2**30, "o")
+            ours = [
+                r
+                for r in result["derivatives"]
+                if r.get("method") == "timemachine" and "state_bytes" in r
+            ]
+            for r in ours[:1]:
+                ax.axhline(
+                    r["state_bytes"] / 2**30,
+                    color="k",
+                    ls="--",
+                    label=f"timemachine exact mode, {r['case']} (any length)",
+                )
             ax.axhline(24, color="r", ls=":", label="24 GiB")
             ax.set_xscale("log")
             ax.set_yscale("log")

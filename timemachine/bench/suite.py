@@ -33,6 +33,8 @@ class Settings:
       memory_case, memory_p: (N, P) of the memory table come from this case and P.
       temperature K, friction 1/ps, dt ps, seed: the Langevin settings everywhere.
       agreement_steps: noise-free steps for the ours-vs-OpenMM-Reference trajectory check.
+      repeats: every timing is the best of this many runs (the machine may be shared).
+      profile: ((case, P), ...) where the time of a sensitivity step goes (``profile``).
     """
 
     plain_md: dict
@@ -53,6 +55,8 @@ class Settings:
     dt: float = 0.001
     seed: int = 0
     agreement_steps: int = 20
+    repeats: int = 3
+    profile: tuple = (("villin-vacuum", 60), ("villin-obc2", 60))
 
 
 FULL = Settings(
@@ -79,6 +83,7 @@ QUICK = Settings(
     scaling_n_cases=(),
     scaling_steps=20,
     plain_steps=100,
+    profile=(("villin-vacuum", 60),),
 )
 
 
@@ -97,13 +102,11 @@ def environment() -> dict:
         cuda_backend["available"] = True
     except InputError as exc:
         cuda_backend["reason"] = str(exc)
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        import jax_md  # noqa: F401
-
+    try:  # importing jax_md itself takes seconds; the worker that needs it imports it
         jax_md_version = version("jax-md")
-    except ImportError:
+    except PackageNotFoundError:
         jax_md_version = None
     return {
         "host": platform.node(),
@@ -139,7 +142,7 @@ def run_plain_md(settings: Settings, log=print) -> list[dict]:
     for name, n_steps in settings.plain_md.items():
         case = load_case(name)
         log(f"plain MD: {name} ({case.n_atoms} atoms), {n_steps} steps")
-        ours = plain_md.bench_ours(case, integrator, n_steps)
+        ours = plain_md.bench_ours(case, integrator, n_steps, settings.repeats)
         ours.pop("final_x")
         ours["max_dx_vs_reference_nm"] = plain_md.reference_agreement(
             case, integrator, settings.agreement_steps
@@ -147,12 +150,21 @@ def run_plain_md(settings: Settings, log=print) -> list[dict]:
         case_rows = [ours]
         if any(d.platform == "gpu" for d in jax.devices()):
             with jax.default_device(jax.devices("cpu")[0]):
-                cpu = plain_md.bench_ours(case, integrator, n_steps)
+                cpu = plain_md.bench_ours(case, integrator, n_steps, settings.repeats)
             cpu.pop("final_x")
             case_rows.append(cpu)
         for p in wanted:
-            if p in available:
-                case_rows.append(plain_md.bench_openmm(case, p, integrator, n_steps))
+            if p not in available:
+                continue
+            case_rows.append(
+                plain_md.bench_openmm(case, p, integrator, n_steps, repeats=settings.repeats)
+            )
+            if case.solvent is not None:  # the same OBC2 energy through OpenMM's own force
+                native = plain_md.bench_openmm(
+                    case, p, integrator, n_steps, repeats=settings.repeats, native_gb=True
+                )
+                if native is not None:
+                    case_rows.append(native)
         for row in case_rows:
             row["ratio_to_timemachine"] = row["us_per_step"] / ours["us_per_step"]
             rows.append({"case": name, "n_atoms": case.n_atoms, **row})
@@ -176,6 +188,7 @@ def run_derivatives(settings: Settings, log=print) -> list[dict]:
             settings.friction,
             settings.dt,
             settings.seed,
+            repeats=settings.repeats,
         )
         records.extend(run_methods(ds, settings.derivative_methods, isolate=settings.isolate))
     return records
@@ -204,6 +217,18 @@ def run_scaling(settings: Settings, log=print) -> dict:
     return out
 
 
+def run_profile(settings: Settings, log=print) -> list[dict]:
+    from timemachine.bench.profile import profile_step
+    from timemachine.bench.systems import load_case
+
+    integrator = _integrator(settings)
+    rows = []
+    for name, n_params in settings.profile:
+        log(f"profile: {name}, P = {n_params}")
+        rows.append(profile_step(load_case(name), n_params, integrator, settings.repeats))
+    return rows
+
+
 def run_suite(settings: Settings, log=print) -> dict:
     """Run every part of ``settings``; the result dict that ``report`` writes out."""
     t0 = time.perf_counter()
@@ -215,5 +240,7 @@ def run_suite(settings: Settings, log=print) -> dict:
     result["plain_md"] = run_plain_md(settings, log)
     result["derivatives"] = run_derivatives(settings, log)
     result["scaling"] = run_scaling(settings, log)
+    result["profile"] = run_profile(settings, log)
     result["wall_s"] = time.perf_counter() - t0
+    result["load_average_end"] = list(os.getloadavg())
     return result

@@ -40,11 +40,11 @@ from timemachine.sensitivity.propagation import (  # noqa: E402
     window_step,
 )
 from timemachine.sensitivity.trajectory import (  # noqa: E402
-    _make_zeta,
     _physical_memory,
     _resolve_params,
     _resolve_wrt,
 )
+from timemachine.sensitivity.zeta import make_gradient_and_zeta  # noqa: E402
 from timemachine.system import System  # noqa: E402
 
 __all__ = ["ReplicaResult", "run_replicas"]
@@ -84,20 +84,18 @@ class ReplicaResult(NamedTuple):
 def _program(system, wrt_key, zeta_method, method, n_blocks, save_every, keep_frames):
     """The jitted vmapped run for one (system, wrt, ζ, mode, shape of the loop)."""
     energy_fn = system.energy_fn()
-    grad = jax.grad(energy_fn)
-    zeta_fn = _make_zeta(system, np.asarray(wrt_key, dtype=np.int64), zeta_method)
+    gz_fn = make_gradient_and_zeta(system, np.asarray(wrt_key, dtype=np.int64), zeta_method)
 
     def one_replica(state, replica, theta, coeffs, wcoeffs, seed):
-        def gradient_fn(y):
-            return grad(y, theta)
-
-        def z(y, dx):
-            return zeta_fn(y, theta, dx)
+        def gz(y, dx):  # ∇E and ζ from one fused call, as in simulate
+            return gz_fn(y, theta, dx)
 
         def one(_, s):
             if method == "exact":
-                return exact_step(gradient_fn, z, coeffs, s, seed, replica)
-            return window_step(gradient_fn, z, coeffs, wcoeffs, s, seed, replica)
+                return exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
+            return window_step(
+                None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
+            )
 
         def block(s, _):
             s = jax.lax.fori_loop(0, save_every, one, s)

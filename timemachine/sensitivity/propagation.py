@@ -211,6 +211,15 @@ def _primal(gradient_fn, coeffs, state, seed, replica) -> LangevinState:
     )
 
 
+def _primal_and_zeta(gradient_fn, zeta_fn, gradient_and_zeta_fn, coeffs, state, seed, replica):
+    """The primal step and ζ_t; from one fused call when ``gradient_and_zeta_fn`` is given
+    (the structured ζ gets ∇E almost free from the same pair scalars)."""
+    if gradient_and_zeta_fn is None:
+        return _primal(gradient_fn, coeffs, state, seed, replica), zeta_fn(state.x, state.dx_dtheta)
+    g, zeta = gradient_and_zeta_fn(state.x, state.dx_dtheta)
+    return _primal(lambda y: g, coeffs, state, seed, replica), zeta
+
+
 def exact_step(
     gradient_fn: GradientFn,
     zeta_fn: ZetaFn,
@@ -218,14 +227,18 @@ def exact_step(
     state: ExactState,
     seed,
     replica=0,
+    gradient_and_zeta_fn=None,
 ) -> ExactState:
     """One step of the Langevin scheme and of exact sensitivity propagation.
 
     ζ_t = zeta_fn(x_t, dx_t); dv_{t+1} = a dv_t - b ∘ ζ_t; dx_{t+1} = dx_t + δt dv_{t+1};
-    the primal step is ``langevin_step`` (same noise, same bits). Pure and traceable.
+    the primal step is ``langevin_step`` (same noise). ``gradient_and_zeta_fn(x, dx) ->
+    (∇E, ζ)``, if given, replaces both ``gradient_fn`` and ``zeta_fn`` with one fused call
+    (its ∇E equals ``gradient_fn``'s to round-off, not bitwise). Pure and traceable.
     """
-    primal = _primal(gradient_fn, coeffs, state, seed, replica)
-    zeta = zeta_fn(state.x, state.dx_dtheta)
+    primal, zeta = _primal_and_zeta(
+        gradient_fn, zeta_fn, gradient_and_zeta_fn, coeffs, state, seed, replica
+    )
     dv = coeffs.a * state.dv_dtheta - coeffs.b[None, :, None] * zeta
     dx = state.dx_dtheta + coeffs.dt * dv
     return ExactState(primal.x, primal.v, dx, dv, primal.step)
@@ -239,14 +252,17 @@ def window_step(
     state: WindowState,
     seed,
     replica=0,
+    gradient_and_zeta_fn=None,
 ) -> WindowState:
     """One step with windowed propagation (paper eq. 9); O(P·N) work per step.
 
     ζ_t goes into ring slot t mod k, evicting ζ_{t-k}, which is folded:
     dv_{t+1} = a dv_t - b ∘ (ζ_t + c_t - c_{t-1}), c_t = a^{k+1}/(1-a) ζ_{t-k}.
+    ``gradient_and_zeta_fn`` as in :func:`exact_step`.
     """
-    primal = _primal(gradient_fn, coeffs, state, seed, replica)
-    zeta = zeta_fn(state.x, state.dx_dtheta)
+    primal, zeta = _primal_and_zeta(
+        gradient_fn, zeta_fn, gradient_and_zeta_fn, coeffs, state, seed, replica
+    )
     k = state.zeta_window.shape[0]
     ring = jax.lax.dynamic_update_index_in_dim(
         state.zeta_window, zeta, jnp.mod(state.step, k), axis=0

@@ -10,12 +10,13 @@ for blow-ups, advances the progress bar, and either keeps the frames or, with
 run does not grow with its length.
 
 The primal trajectory is the integrator's: the same ``langevin_step`` and the same
-``noise(seed, t, N, replica)``. Both loop counts are runtime values, so XLA compiles one
-step for every chunking, and a run continued from ``final_state`` is bitwise one longer
-run. θ is a runtime argument too (one compilation serves every θ), so x and v are
-bitwise the integrator's ``run`` loop evaluated with θ as an argument; the public
-``integrator.run`` closes over θ, XLA folds the parameter expressions at compile time,
-and the two agree to round-off (~1e-15 nm).
+``noise(seed, t, N, replica)``, with ∇E taken from the fused ∇E-and-ζ call
+(``make_gradient_and_zeta``), which equals ``jax.grad`` of the energy to round-off, so x
+and v agree with ``integrator.run`` to round-off (~1e-13 nm after tens of steps; chaos
+amplifies it over long runs as it does any last-bit difference). Both loop counts are
+runtime values, so XLA compiles one step for every chunking, and a run continued from
+``final_state`` is bitwise one longer run; θ is a runtime argument too (one compilation
+serves every θ).
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ from timemachine.constants import BOLTZMANN  # noqa: E402
 from timemachine.errors import InputError, SimulationError  # noqa: E402
 from timemachine.integrator.langevin import (  # noqa: E402
     LangevinIntegrator,
-    LangevinState,
     _check_int,
     _check_replica,
     _check_vectors,
     langevin_init,
-    langevin_step,
 )
 from timemachine.sensitivity import zeta as zeta_module  # noqa: E402
 from timemachine.sensitivity.propagation import (  # noqa: E402
@@ -307,19 +306,6 @@ def _load_state(out_dir, meta):
 # --------------------------------------------------------------------------- program
 
 
-def _make_zeta(system, wrt, method):
-    """``zeta(x, params, dx_dtheta) -> (P, N, 3)``: the structured or reference ζ."""
-    if hasattr(zeta_module, "make_zeta"):
-        return zeta_module.make_zeta(system, wrt, method=method)
-    energy_fn = system.energy_fn()
-    wrt = np.asarray(wrt)
-
-    def zeta(x, params, dx_dtheta):
-        return zeta_module.zeta_reference(energy_fn, x, params, dx_dtheta, wrt)
-
-    return zeta
-
-
 @functools.lru_cache(maxsize=8)
 def _program(system, wrt_key, zeta_method, method):
     """The jitted chunk program for one (system, wrt, ζ method, mode).
@@ -332,22 +318,26 @@ def _program(system, wrt_key, zeta_method, method):
     continuation, and only ``capacity`` (the frame buffers' length) is compiled for.
     """
     energy_fn = system.energy_fn()
-    grad = jax.grad(energy_fn)
-    zeta_fn = _make_zeta(system, np.asarray(wrt_key, dtype=np.int64), zeta_method)
+    gz_fn = zeta_module.make_gradient_and_zeta(
+        system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method
+    )
 
     def chunk(capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica):
-        def gradient_fn(y):
-            return grad(y, theta)
+        # ∇E and ζ from one fused call: the structured path gets ∇E from the same pair
+        # scalars as ζ, which saves about one gradient per step over separate calls
+        def gz(y, dx):
+            return gz_fn(y, theta, dx)
 
-        def z(y, dx):
-            return zeta_fn(y, theta, dx)
+        def step(s):
+            if method == "exact":
+                return exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
+            return window_step(
+                None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
+            )
 
         def one(i, carry):
             s, v_first = carry
-            if method == "exact":
-                s = exact_step(gradient_fn, z, coeffs, s, seed, replica)
-            else:
-                s = window_step(gradient_fn, z, coeffs, wcoeffs, s, seed, replica)
+            s = step(s)
             # v after the block's first step is v_{t+1} of the previous block's frame
             return s, jnp.where(i == 0, s.v, v_first)
 
@@ -368,14 +358,12 @@ def _program(system, wrt_key, zeta_method, method):
         final, frames = jax.lax.fori_loop(0, n_blocks, block, (state, empty))
 
         # v_{t+1} of the last frame (the next step's, same noise), for its kinetic energy.
-        # It runs in a loop of (traced) trip count 1 so that its bits are those of the
-        # same step taken inside the next chunk's loop; the primal is unchanged by it.
-        def primal(i, s):
-            return langevin_step(gradient_fn, coeffs, s, seed, replica)
-
+        # It is the whole next step, in a loop of (traced) trip count 1, and all of its
+        # state is returned (nothing of it can be pruned), so that XLA compiles it as the
+        # step inside the next chunk's loop and its v has the same bits.
         once = jnp.minimum(save_every, 1)
-        look = jax.lax.fori_loop(0, once, primal, LangevinState(final.x, final.v, final.step))
-        return final, frames, look.v
+        look = jax.lax.fori_loop(0, once, lambda i, s: step(s), final)
+        return final, frames, look
 
     return jax.jit(chunk, static_argnums=(0,))
 
@@ -508,9 +496,16 @@ def _check_chunk(xs, dxs, steps, param_names, max_sensitivity, integrator):
     finite = np.isfinite(xs).all(axis=2)  # (F, N)
     if not finite.all():
         f, atom = np.argwhere(~finite)[0]
+        how = "first"
+        if (~finite[f]).sum() > 1 and f >= 2:
+            # NaN spreads to every atom a bad one interacts with within a few steps: name
+            # the one that ran away, the largest move between the last two good frames
+            with np.errstate(over="ignore", invalid="ignore"):
+                moved = np.linalg.norm(xs[f - 1] - xs[f - 2], axis=-1)
+            atom, how = int(np.argmax(moved)), "ran away first"
         err = SimulationError(
             f"simulate: non-finite coordinates at step {int(steps[f])} (first bad saved "
-            f"frame), atom {int(atom)} first ({int((~finite[f]).sum())} atoms bad), with "
+            f"frame), atom {int(atom)} {how} ({int((~finite[f]).sum())} atoms bad), with "
             f"dt = {integrator.dt} ps; minimize first or use a smaller dt"
         )
         err.step, err.atom, err.parameter = int(steps[f]), int(atom), None
@@ -701,6 +696,7 @@ def simulate(
                 per_chunk, state, jnp.asarray(blocks, dtype=jnp.int64), *args
             )
             xs, vs, dxs, steps, v_first, pe = (np.asarray(a)[:blocks] for a in frames)
+            v_look = getattr(v_look, "v", v_look)  # JAX returns the whole next state
             v_next = np.concatenate([v_first[1:], np.asarray(v_look)[None]])
             _check_chunk(xs, dxs, steps, param_names, max_sensitivity, integrator)
             ke = _on_step_kinetic_energy(vs, v_next, masses)

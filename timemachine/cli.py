@@ -13,24 +13,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 
 def _atomic_write(path, write):
-    """Write via a temporary file in the same folder, then rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w" if not path.endswith(".png") else "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Never half a file: ``timemachine.files.atomic_write``, binary for PNGs."""
+    from timemachine.files import atomic_write
+
+    atomic_write(path, write, binary=path.endswith(".png"))
 
 
 def _plot(path, times, potential, kinetic, temperature, target):
@@ -291,9 +283,10 @@ def _fmt_time(seconds):
 
 def run_fit(args) -> dict:
     import timemachine as tm
+    from timemachine.files import atomic_write_text
     from timemachine.fitting.plots import plot_fit
     from timemachine.fitting.targets import save_targets
-    from timemachine.fitting.train import atomic_write_text, load_checkpoint
+    from timemachine.fitting.train import load_checkpoint
 
     replicas, steps, epochs, equil = FIT_SIZES[args.size]
     replicas = args.replicas or replicas

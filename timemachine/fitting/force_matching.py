@@ -188,7 +188,7 @@ def read_extxyz(path, energy_key="energy", forces_key="forces") -> ReferenceData
 
 def write_extxyz(path, symbols, reference: ReferenceData) -> None:
     """Write ``reference`` (OpenMM units) as extended XYZ in Å, eV, eV/Å (atomically)."""
-    from timemachine.fitting.train import atomic_write_text
+    from timemachine.files import atomic_write_text
 
     ref = _check_reference(reference)
     out = []

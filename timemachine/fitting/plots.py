@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from timemachine.fitting.train import atomic_write_bytes
+from timemachine.files import atomic_write_bytes
 
 __all__ = ["plot_fit"]
 

@@ -213,6 +213,6 @@ def load_targets(path, topology=None) -> list[Target]:
 
 def save_targets(path, targets) -> None:
     """Write targets built from specs as a JSON target file (atomically)."""
-    from timemachine.fitting.train import atomic_write_text
+    from timemachine.files import atomic_write_text
 
     atomic_write_text(path, json.dumps({"targets": [t.to_dict() for t in targets]}, indent=1))

@@ -22,7 +22,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from timemachine.errors import InputError, SimulationError
+from timemachine.files import atomic_write_bytes, atomic_write_text
 from timemachine.fitting.loss import (
     loss_and_gradient,
     observable_samples,
@@ -50,39 +50,6 @@ _FORMAT = "timemachine.fit-checkpoint"
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 → what open() would have given
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path, text: str) -> None:
-    """``atomic_write_bytes`` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# --------------------------------------------------------------------------- result
 
 
 class FitResult(NamedTuple):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 
 import numpy as np
 
 from timemachine.errors import ForceFieldError, InputError
+from timemachine.files import atomic_write
 from timemachine.io import openmm_import as imp
 from timemachine.system import System
 
@@ -350,19 +350,4 @@ def export_forcefield(
     root.insert(0, comment)
     tree = ET.ElementTree(copy.deepcopy(root))
     ET.indent(tree, space=" ")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 → what open() would have given
-        with os.fdopen(fd, "wb") as fh:
-            tree.write(fh, encoding="utf-8", xml_declaration=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: tree.write(fh, encoding="utf-8", xml_declaration=False))

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from timemachine.constants import BOLTZMANN  # noqa: E402
 from timemachine.errors import InputError, SimulationError  # noqa: E402
+from timemachine.files import atomic_json, atomic_savez  # noqa: E402
 from timemachine.integrator.langevin import (  # noqa: E402
     LangevinIntegrator,
     _check_int,
@@ -265,31 +266,8 @@ def _chunk_files(out_dir):
     return sorted(glob.glob(os.path.join(glob.escape(str(out_dir)), "chunk_[0-9]*.npz")))
 
 
-def _atomic_savez(path, **arrays):
-    """Write an .npz so that ``path`` is either absent or complete (temp file + rename)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_json(path, obj):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_state(out_dir, state):
-    _atomic_savez(
+    atomic_savez(
         os.path.join(out_dir, "state.npz"), **{k: np.asarray(v) for k, v in state._asdict().items()}
     )
 
@@ -661,7 +639,7 @@ def simulate(
         chunk=per_chunk * frame_bytes,
     )
     if out_dir is not None:
-        _atomic_json(
+        atomic_json(
             os.path.join(out_dir, "meta.json"),
             _meta(system, method, k, param_names, wrt, save_every, memory, integrator, replica),
         )
@@ -712,7 +690,7 @@ def simulate(
             )
             if out_dir is not None:
                 path = os.path.join(out_dir, f"chunk_{first_chunk + c:05d}.npz")
-                _atomic_savez(path, **chunk)
+                atomic_savez(path, **chunk)
                 _save_state(out_dir, state)
             else:
                 kept.append(chunk)

@@ -1,0 +1,77 @@
+"""Result files that are either absent or complete: write to a temporary file in the same
+folder, flush it to disk, then rename it over the target (``os.replace`` is atomic).
+
+Every file timemachine writes for a user (trajectory chunks, checkpoints, histories,
+plots, force-field XML, benchmark JSON) goes through :func:`atomic_write`, so a killed
+run never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO
+
+__all__ = ["atomic_json", "atomic_savez", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write: Callable[[IO], None], binary: bool = True) -> str:
+    """Call ``write(fh)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    Args:
+        path: the target file; its folder is created if missing.
+        write: fills the open file handle (bytes when ``binary``, else UTF-8 text).
+        binary: open the temporary file in binary mode.
+
+    Returns:
+        ``path`` as a string. On any exception the temporary file is removed and ``path``
+        is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 → what open() would have given
+        with os.fdopen(
+            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
+        ) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write_text(path, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def atomic_json(path, obj, indent: int = 1) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    return atomic_write(path, lambda fh: json.dump(obj, fh, indent=indent), binary=False)
+
+
+def atomic_savez(path, **arrays) -> str:
+    """Write the arrays as an uncompressed ``.npz`` to ``path`` atomically."""
+    import numpy as np
+
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))

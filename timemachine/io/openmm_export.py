@@ -169,15 +169,7 @@ def _bonded_sources(real, tagged, ff, tags, bonds, angles, propers, impropers, a
     """Mirror of ``openmm_import._bonded_terms``: the same names, pointing at XML elements."""
     import openmm as mm
 
-    label = imp._Labeler(ff)
-    def_names = {}
-
-    def type_key(kind, gen, d, typesets):
-        key = (kind, id(gen), d)
-        if key not in def_names:
-            taken = {v for k, v in def_names.items() if k[0] == kind}
-            def_names[key] = imp._unique_name(taken, "-".join(label(t) for t in typesets))
-        return def_names[key]
+    type_key = imp._TypeKeys(ff)
 
     for f_real, f_tag in zip(real.getForces(), tagged.getForces(), strict=True):
         if isinstance(f_real, mm.HarmonicBondForce):
@@ -195,17 +187,7 @@ def _bonded_sources(real, tagged, ff, tags, bonds, angles, propers, impropers, a
         elif isinstance(f_real, mm.PeriodicTorsionForce):
             for t in range(f_real.getNumTorsions()):
                 gen, (which, d), m = tags[f_tag.getTorsionParameters(t)[6]._value]
-                tordef = (gen.proper if which == "proper" else gen.improper)[d]
-                kind = "torsion" if which == "proper" else "improper"
-                key = type_key(
-                    kind,
-                    gen,
-                    (which, d),
-                    (tordef.types1, tordef.types2, tordef.types3, tordef.types4),
-                )
-                field = f"{tordef.periodicity[m]}"
-                if list(tordef.periodicity).count(tordef.periodicity[m]) > 1:
-                    field += f"_{m}"
+                _, kind, key, field = imp._torsion_name(type_key, gen, which, d, m)
                 el = (propers if which == "proper" else impropers)[d]
                 add(f"{kind}/{key}/k{field}", el, f"k{m + 1}")
                 add(f"{kind}/{key}/phase{field}", el, f"phase{m + 1}")

@@ -178,18 +178,42 @@ def _check(value, expected, what):
         raise ForceFieldError(f"{what}: typed value {value!r} differs from OpenMM's {expected!r}")
 
 
+class _TypeKeys:
+    """``type_key(kind, gen, d, typesets)``: the type-key of entry d of a bonded generator,
+    its atom classes joined by "-", made unique per kind. Shared by the import and the
+    export (``openmm_export``), which must name every entry the same way."""
+
+    def __init__(self, ff):
+        self.label = _Labeler(ff)
+        self.names = {}  # (kind, gen id, def) -> key
+
+    def __call__(self, kind, gen, d, typesets):
+        key = (kind, id(gen), d)
+        if key not in self.names:
+            taken = {v for k, v in self.names.items() if k[0] == kind}
+            self.names[key] = _unique_name(taken, "-".join(self.label(t) for t in typesets))
+        return self.names[key]
+
+
+def _torsion_name(type_key, gen, which, d, m):
+    """(entry, kind, key, field) of periodicity term m of <Proper>/<Improper> entry d:
+    its parameters are ``{kind}/{key}/k{field}`` and ``phase{field}``; field is the
+    periodicity, with ``_m`` appended when the entry repeats that periodicity."""
+    tordef = (gen.proper if which == "proper" else gen.improper)[d]
+    kind = "torsion" if which == "proper" else "improper"
+    key = type_key(
+        kind, gen, (which, d), (tordef.types1, tordef.types2, tordef.types3, tordef.types4)
+    )
+    field = f"{tordef.periodicity[m]}"
+    if list(tordef.periodicity).count(tordef.periodicity[m]) > 1:
+        field += f"_{m}"
+    return tordef, kind, key, field
+
+
 def _bonded_terms(real, tagged, ff, tags, params):
     import openmm as mm
 
-    label = _Labeler(ff)
-    def_names = {}  # (gen id, def) -> label, unique per kind
-
-    def type_key(kind, gen, d, typesets):
-        key = (kind, id(gen), d)
-        if key not in def_names:
-            taken = {v for k, v in def_names.items() if k[0] == kind}
-            def_names[key] = _unique_name(taken, "-".join(label(t) for t in typesets))
-        return def_names[key]
+    type_key = _TypeKeys(ff)
 
     terms = []
     for f_real, f_tag in zip(real.getForces(), tagged.getForces(), strict=True):
@@ -224,17 +248,7 @@ def _bonded_terms(real, tagged, ff, tags, params):
             for t in range(f_real.getNumTorsions()):
                 i, j, k_, l_, n, phase, k = f_real.getTorsionParameters(t)
                 gen, (which, d), m = tags[f_tag.getTorsionParameters(t)[6]._value]
-                tordef = (gen.proper if which == "proper" else gen.improper)[d]
-                kind = "torsion" if which == "proper" else "improper"
-                key = type_key(
-                    kind,
-                    gen,
-                    (which, d),
-                    (tordef.types1, tordef.types2, tordef.types3, tordef.types4),
-                )
-                field = f"{tordef.periodicity[m]}"
-                if list(tordef.periodicity).count(tordef.periodicity[m]) > 1:
-                    field += f"_{m}"
+                tordef, kind, key, field = _torsion_name(type_key, gen, which, d, m)
                 where = f"{kind} {t} (atoms {i}-{j}-{k_}-{l_})"
                 _check(tordef.k[m], k._value, where + " k")
                 _check(tordef.phase[m], phase._value, where + " phase")

@@ -14,7 +14,8 @@ Cases (DESIGN.md, issue 3 "What it must show"):
 Variants, measured side by side in one process and interleaved repeat by repeat:
 
 * ``plain``: ``langevin_step`` (the integrator's step and noise) in a compiled loop whose
-  trip count is a runtime value, θ a runtime argument: ``simulate``'s program with P = 0.
+  trip count is a runtime value, θ a runtime argument, with the closed-form gradient
+  ``System.gradient_fn`` (the fastest plain step we have: FD would use it).
 * ``structured``: ``simulate``'s own compiled chunk program (exact mode, structured ζ).
 * ``reference``: the same program with the reference ζ (one jvp of ∇E per parameter).
 
@@ -85,9 +86,10 @@ CASES = {
 
 def minimized(system, x):
     energy, theta = system.energy_fn(), jnp.asarray(system.params)
+    gradient = system.gradient_fn()
     return tm.minimize(
         lambda y: energy(y, theta),
-        jax.grad(lambda y: energy(y, theta)),
+        lambda y: gradient(y, theta),
         x,
         tolerance=1.0,
         max_iterations=500,
@@ -95,8 +97,9 @@ def minimized(system, x):
 
 
 def plain_program(system):
-    """Jitted ``run(state, n_steps, θ, coeffs, seed, replica) -> state``: n plain steps."""
-    grad = jax.grad(system.energy_fn())
+    """Jitted ``run(state, n_steps, θ, coeffs, seed, replica) -> state``: n plain steps
+    with the closed-form gradient (``System.gradient_fn``), the fastest plain step."""
+    grad = system.gradient_fn()
 
     def run(state, n_steps, theta, coeffs, seed, replica):
         def one(i, s):
@@ -198,7 +201,7 @@ def run_case(name, repeats, scale, pieces):
         "dx_dtheta_rel_diff_structured_reference": dx_rel,
     }
     if pieces:
-        grad = jax.jit(jax.grad(system.energy_fn()))
+        grad = jax.jit(system.gradient_fn())
         joint = jax.jit(make_gradient_and_zeta(system, wrt))
         dx = jnp.asarray(dx_s)
         calls = max(1, steps // 10)

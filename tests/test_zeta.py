@@ -193,6 +193,12 @@ def test_custom_term_is_handled_by_autodiff(trialanine):
     fast0, ref0 = both(system, x, wrt, np.zeros_like(dx))
     assert rel_err(fast0, ref0) <= TOL
     assert np.abs(fast0[:3]).max() > 0  # the Morse parameters do have a mixed partial
+    # plain dynamics' closed-form gradient takes the Morse term by autodiff
+    theta = jnp.asarray(system.params)
+    grad = jax.jit(system.gradient_fn())(jnp.asarray(x), theta)
+    assert rel_err(grad, system.gradient(x)) <= 1e-13
+    without = system.without_terms("morse").gradient(x)
+    assert rel_err(grad, without) > 1e-6  # and the term is in it
 
 
 def test_zeta_is_jittable_inside_scan(trialanine_case):

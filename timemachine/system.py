@@ -332,6 +332,24 @@ class System:
         """The pure function ``E(x, θ)``, for use inside jit/scan/grad (no input checks)."""
         return partial(_energy, self.terms)
 
+    def gradient_fn(self) -> Callable:
+        """The pure function ``∇_x E(x, θ)`` (N, 3), kJ/mol/nm, in closed form: the fast
+        path for plain dynamics (``integrator.run``, finite-difference runs).
+
+        Pair scalars for the all-pairs terms, analytic internal-coordinate derivatives for
+        the bonded ones, ``jax.grad`` for custom terms (see
+        ``timemachine.sensitivity.zeta.make_gradient``). Equal to ``jax.grad`` of
+        :meth:`energy_fn` to round-off; :meth:`gradient` stays the autodiff reference.
+        One function per System (cached), so jitted programs keyed on it are reused. Use
+        inside jit/scan (no input checks).
+        """
+        fn = self.__dict__.get("_gradient_fn")
+        if fn is None:
+            from timemachine.sensitivity.zeta import make_gradient
+
+            fn = self.__dict__["_gradient_fn"] = make_gradient(self)
+        return fn
+
     def energy(self, x, params=None) -> float:
         """Potential energy (kJ/mol) at positions x (N, 3) nm and parameters θ (P,)."""
         return _energy_jit(self.terms, self.check_positions(x), self._params(params))

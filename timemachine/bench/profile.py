@@ -5,8 +5,10 @@ is jit-compiled on its own and timed as the best of ``repeats`` batches of calls
 batch at least ``min_batch_s`` long, so one preemption on a shared machine does not decide
 the number):
 
-``gradient``            ∇_x E, the whole force field (what a plain step costs, almost)
-``gradient/<kind>``     ∇_x E of each energy term alone (bonds, angles, torsions,
+``gradient``            ∇_x E, the whole force field, closed form (``System.gradient_fn``,
+                        what a plain step costs, almost)
+``gradient_autodiff``   the same by ``jax.grad`` of the energy (the reference)
+``gradient/<kind>``     ∇_x E of each energy term alone by ``jax.grad`` (bonds, angles, torsions,
                         nonbonded all-pairs, OBC2, ...): which term dominates
 ``zeta``                ζ = H·dx/dθ + ∂²E/∂x∂θ for all P (``make_zeta``, structured)
 ``gradient_and_zeta``   both from one fused call (``make_gradient_and_zeta``)
@@ -80,7 +82,8 @@ def profile_step(case, n_params: int, integrator, repeats: int = 3, n_steps: int
     dx = jnp.asarray(np.random.default_rng(0).normal(scale=1e-4, size=(wrt.size,) + x.shape))
     ms = {}
     energy = system.energy_fn()
-    ms["gradient"] = 1e3 * time_call(jax.jit(jax.grad(energy)), x, theta, repeats=repeats)
+    ms["gradient"] = 1e3 * time_call(jax.jit(system.gradient_fn()), x, theta, repeats=repeats)
+    ms["gradient_autodiff"] = 1e3 * time_call(jax.jit(jax.grad(energy)), x, theta, repeats=repeats)
     for term in system.terms:
         key = f"gradient/{term.kind}"
         # several terms of one kind (rare) are timed together

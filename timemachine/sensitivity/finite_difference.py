@@ -88,7 +88,7 @@ class FiniteDifferenceResult:
 def _runs_program(system):
     """Jitted ``runs(n_blocks, save_every, thetas (B, P_all), x, v, coeffs, seed, replica)``
     -> positions (B, F, N, 3): B independent plain runs, vmapped over θ."""
-    grad = jax.grad(system.energy_fn())
+    grad = system.gradient_fn()  # closed form, as the sensitivity runs' primal step
 
     def runs(n_blocks, save_every, thetas, x, v, coeffs, seed, replica):
         def one(theta):

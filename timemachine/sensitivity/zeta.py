@@ -141,6 +141,20 @@ def make_gradient_and_zeta(system, wrt, method="structured"):
     return _structured(system, wrt)
 
 
+def make_gradient(system):
+    """A jittable ``gradient(x (N,3), params (P_all,)) -> ∇_x E (N, 3)``, kJ/mol/nm.
+
+    The gradient half of the structured path, with no ζ: the all-pairs terms (LJ +
+    Coulomb, OBC2) as Σ_j B_ij d_ij from closed-form pair scalars, the bonded terms from
+    analytic internal-coordinate derivatives, ``jax.grad`` only for CustomTerm and other
+    terms without a closed form. It equals ``jax.grad(system.energy_fn())`` to round-off
+    (≤ 1e-13 relative on villin) at about a quarter of its cost for all-pairs systems,
+    because autodiff of the dense (N, N) energy keeps and reverses many (N, N)
+    intermediates. Pure, no input checks: jit it, or call it in a scan.
+    """
+    return _structured(system, np.zeros(0, np.int64), gradient_only=True)
+
+
 def _check_wrt(system, wrt):
     wrt = np.asarray(wrt)
     if wrt.ndim != 1 or wrt.size == 0 or not np.issubdtype(wrt.dtype, np.integer):
@@ -157,7 +171,7 @@ def _check_wrt(system, wrt):
     return wrt.astype(np.int64)
 
 
-def _structured(system, wrt):
+def _structured(system, wrt, gradient_only=False):
     n = system.n_atoms
     dense, coords, autodiff = [], [], []
     # propers and impropers share one form: one group, fewer kernels per call
@@ -208,6 +222,8 @@ def _structured(system, wrt):
                         wrt,
                     )
                 )
+        elif gradient_only:
+            autodiff.append(jax.grad(term.energy, argnums=0))
         else:
             autodiff.append(_autodiff_part(term, wrt))
     pair_terms = [c for c in coords if c.coord is _PAIR]
@@ -222,7 +238,6 @@ def _structured(system, wrt):
     unit = _unit_rows(n)
 
     def gradient_and_zeta(x, params, dx_dtheta):
-        p = dx_dtheta.shape[0]
         xt = x.T
         # components of d_ij = x_i - x_j as three (N, N) arrays: XLA on CPU fuses and
         # vectorises 2-D elementwise work far better than a (3, N, N) array with a reduction
@@ -244,15 +259,6 @@ def _structured(system, wrt):
             pb = jnp.concatenate([e["b"] for e in evals if "b" in e])
             a = a.at[pair_rows, pair_cols].add(pa)
             b = b.at[pair_rows, pair_cols].add(pb)
-        # G = C - (bonded blocks), rows/columns ordered (a, i): C[ai, bj] = A d_a d_b + B δ_ab.
-        # The Hessian is diag_i(Σ_j C_ij) - G; the bonded part drops out of the row sums
-        # (translation invariance), so one product [t | E]·G gives both t·G and Σ_j C_ij.
-        g = jnp.stack(
-            [
-                jnp.stack([a * dc[i] * dc[j] + (b if i == j else 0.0) for j in range(3)], 1)
-                for i in range(3)
-            ]
-        ).reshape(-1)  # (3, N, 3, N) flattened; stack, not concatenate, keeps the GEMM fast
         # gradient: Σ_j B_ij d_ij over every pair form, plus f' ∇q of the bonded blocks
         # Σ_j B_ij (x_i - x_j) as x_i Σ_j B_ij - B·x: a GEMM, where XLA's CPU row reductions
         # are slow; centring x keeps the cancellation to ~|x - x̄|/r ulps
@@ -262,9 +268,23 @@ def _structured(system, wrt):
         if block_atoms.size:
             gq = jnp.concatenate([e["grad"].reshape(-1, 3) for e in evals if "grad" in e])
             grad = grad.at[block_atoms].add(gq)
+        if gradient_only:
+            for part in autodiff:
+                grad = grad + part(x, params)
+            return grad
+        # G = C - (bonded blocks), rows/columns ordered (a, i): C[ai, bj] = A d_a d_b + B δ_ab.
+        # The Hessian is diag_i(Σ_j C_ij) - G; the bonded part drops out of the row sums
+        # (translation invariance), so one product [t | E]·G gives both t·G and Σ_j C_ij.
+        g = jnp.stack(
+            [
+                jnp.stack([a * dc[i] * dc[j] + (b if i == j else 0.0) for j in range(3)], 1)
+                for i in range(3)
+            ]
+        ).reshape(-1)  # (3, N, 3, N) flattened; stack, not concatenate, keeps the GEMM fast
         if block_flat.size:
             blocks = [e["block"].reshape(-1) for e in evals if "block" in e]
             g = g.at[block_flat].add(-jnp.concatenate(blocks))  # in place; sorting costs more
+        p = dx_dtheta.shape[0]
         tangents = jnp.transpose(dx_dtheta, (0, 2, 1)).reshape(p, 3 * n)
         ext = jnp.concatenate([tangents, unit])  # (P + 3, 3N)
         prod = ext @ g.reshape(3 * n, 3 * n)
@@ -283,6 +303,12 @@ def _structured(system, wrt):
             grad, out = grad + g_term, out + z_term
         return grad, out
 
+    if gradient_only:
+
+        def gradient(x, params):  # jit drops the Hessian scalars A that only ζ uses
+            return gradient_and_zeta(x, params, jnp.zeros((0,) + x.shape, x.dtype))
+
+        return gradient
     return gradient_and_zeta
 
 

@@ -376,6 +376,15 @@ def _exception_energy(r, p, c):
     return _lj_coulomb(r, 0.5 * (p[2] + p[3]), eps, c[0] * p[0] * p[1])
 
 
+def _materialised(a):
+    """``a`` (..., m), unchanged, through a product with the (m, m) identity.
+
+    XLA on CPU drops optimisation barriers and fuses any elementwise producer into its
+    consumer; a dot is never fused, so its input is computed once into memory.
+    """
+    return a @ jnp.eye(a.shape[-1], dtype=a.dtype)
+
+
 class _CoordinateTerms:
     """Terms E = Σ_t f(q(x[idx_t]); θ[pidx_t], c_t) of one scalar internal coordinate q.
 
@@ -433,12 +442,18 @@ class _CoordinateTerms:
             out["b"] = jnp.concatenate([b, b])
         else:
             out["grad"] = d1[:, None, None] * grad_q
-            hess_q = jax.vmap(jax.jacfwd(lambda xl: self.coord(xl)[1]))(xl)
+            # the block as (U, 3k, 3k) arrays: 5-D broadcasts fused into one loop make XLA
+            # index every entry the slow way and recompute ∇q, ∇²q for each of them
+            n_uniq, width = xl.shape[0], 3 * xl.shape[1]
+
+            def flat_grad(v):
+                return self.coord(v.reshape(-1, 3))[1].reshape(-1)
+
+            hess_q = jax.vmap(jax.jacfwd(flat_grad))(xl.reshape(n_uniq, width))
+            g2 = _materialised(grad_q.reshape(n_uniq, width))
+            hess_q = _materialised(hess_q)
             out["block"] = (
-                d2[:, None, None, None, None]
-                * grad_q[:, :, :, None, None]
-                * grad_q[:, None, None, :, :]
-                + d1[:, None, None, None, None] * hess_q
+                d2[:, None, None] * (g2[:, :, None] * g2[:, None, :]) + d1[:, None, None] * hess_q
             )
         if self.hit_term.size:
             t = self.hit_term

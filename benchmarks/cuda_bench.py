@@ -29,11 +29,9 @@ Goals (issue 4): CUDA sens ≥ 5× faster than JAX sens on the same GPU, and CUD
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import jax
@@ -45,12 +43,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sensitivity_bench import plain_program  # noqa: E402  (this folder)
+
 import timemachine as tm  # noqa: E402
 from timemachine.backends import cuda_available  # noqa: E402
+from timemachine.files import atomic_json  # noqa: E402
 from timemachine.integrator.langevin import (  # noqa: E402
     LangevinState,
     langevin_init,
-    langevin_step,
 )
 from timemachine.sensitivity.propagation import exact_init  # noqa: E402
 from timemachine.sensitivity.trajectory import _program  # noqa: E402
@@ -96,19 +96,6 @@ def load_case(name, residues):
     return system, np.asarray(x), note
 
 
-def jax_plain_program(system):
-    """Jitted ``run(state, n_steps, θ, coeffs, seed, replica) -> state``: n plain steps."""
-    grad = jax.grad(system.energy_fn())
-
-    def run(state, n_steps, theta, coeffs, seed, replica):
-        def one(i, s):
-            return langevin_step(lambda y: grad(y, theta), coeffs, s, seed, replica)
-
-        return jax.lax.fori_loop(0, n_steps, one, state)
-
-    return jax.jit(run)
-
-
 def timed(fn):
     """Seconds of one call of ``fn`` (which returns host arrays or JAX arrays)."""
     t0 = time.perf_counter()
@@ -134,7 +121,7 @@ def run_case(name, n_params, steps, repeats, residues):
         "sens": cupy_backend.make_program(system, wrt, "exact"),
     }
     cuda_state = {k: exact_init(start.x, start.v, 0 if k == "plain" else p) for k in cuda}
-    jax_plain = jax_plain_program(system)
+    jax_plain = plain_program(system)
     jax_sens = _program(system, tuple(int(i) for i in wrt), "structured", "exact")
     plain_state = LangevinState(start.x, start.v, start.step)
     sens_state = exact_init(start.x, start.v, p)
@@ -191,16 +178,6 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def write_json(path, payload):
-    """Write ``payload`` to ``path`` atomically (temporary file, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def gpu_name():
     import cupy
 
@@ -248,7 +225,7 @@ def main(argv=None):
     print(markdown(rows))
     for r in rows:
         print(f"- {r['case']}: {r['note']}")
-    write_json(
+    atomic_json(
         args.json,
         {
             "gpu": gpu,

@@ -215,12 +215,10 @@ def main(argv=None):
         "state_bytes": states,
         "state_measured": measured,
     }
-    path = os.path.abspath(args.json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    sys.path.insert(0, ROOT)
+    from timemachine.files import atomic_json  # light: no JAX
+
+    atomic_json(args.json, out, indent=2)
     print(f"\nwrote {args.json}")
 
 

@@ -28,7 +28,6 @@ reported too (``--no-pieces`` skips them). Prints a markdown table and writes JS
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import timemachine as tm  # noqa: E402
+from timemachine.files import atomic_json  # noqa: E402
 from timemachine.integrator.langevin import (  # noqa: E402
     LangevinState,
     langevin_init,
@@ -271,12 +271,7 @@ def main(argv=None):
         "integrator": {"temperature": 300.0, "friction": 1.0, "dt": 0.001, "seed": 0},
         "rows": rows,
     }
-    path = os.path.abspath(args.json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    atomic_json(args.json, out, indent=2)
     print(f"\nwrote {args.json}")
 
 

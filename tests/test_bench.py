@@ -242,3 +242,18 @@ def test_goals_arithmetic_and_profile_note():
     # 2P OpenMM CPU steps of 3 ms = 360 ms per step of FD work; 5× needs ours ≤ 72 ms
     assert "our step ≤ 72 ms" in fd["detail"] and "own float64 FD 1.0e-09" in fd["detail"]
     assert by["villin OBC2 faster than OpenMM CPU"]["met"] is None  # not run
+
+
+def test_shipped_settings_can_run_and_bad_ones_fail_at_once():
+    """FULL once asked trialanine for P = 20 of its 18 torsion types and died 25 min in."""
+    from timemachine.bench import FULL, QUICK, check_settings
+    from timemachine.errors import InputError
+
+    check_settings(FULL)
+    check_settings(QUICK)
+    too_many = dataclasses.replace(QUICK, derivatives=(("trialanine-obc2", 19, 10),))
+    with pytest.raises(InputError, match=r"P = 19 for 'trialanine-obc2', which has 18"):
+        check_settings(too_many)
+    unknown = dataclasses.replace(QUICK, profile=(("villin-water", 60),))
+    with pytest.raises(InputError, match=r"Settings.profile: unknown benchmark system"):
+        check_settings(unknown)

@@ -18,6 +18,15 @@ plots and evaluates the goals of the issue. On a GPU machine the JAX rows run on
 """
 
 from timemachine.bench.report import goals, markdown, write_report
-from timemachine.bench.suite import FULL, QUICK, Settings, run_suite
+from timemachine.bench.suite import FULL, QUICK, Settings, check_settings, run_suite
 
-__all__ = ["FULL", "QUICK", "Settings", "goals", "markdown", "run_suite", "write_report"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Settings",
+    "check_settings",
+    "goals",
+    "markdown",
+    "run_suite",
+    "write_report",
+]

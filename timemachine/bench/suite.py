@@ -13,7 +13,7 @@ jax.config.update("jax_enable_x64", True)
 
 from timemachine.errors import InputError  # noqa: E402
 
-__all__ = ["Settings", "FULL", "QUICK", "environment", "run_suite"]
+__all__ = ["Settings", "FULL", "QUICK", "check_settings", "environment", "run_suite"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ FULL = Settings(
         "villin-obc2": 200,
         "peptide2k-obc2": 20,
     },
-    derivatives=(("villin-vacuum", 60, 50), ("trialanine-obc2", 20, 200)),
+    derivatives=(("villin-vacuum", 60, 50), ("trialanine-obc2", 18, 200)),
 )
 
 QUICK = Settings(
@@ -229,8 +229,40 @@ def run_profile(settings: Settings, log=print) -> list[dict]:
     return rows
 
 
+def check_settings(settings: Settings) -> None:
+    """Fail before any timing if a part of ``settings`` cannot run: an unknown case name,
+    or a dx/dθ comparison asking for more torsion barrier types than its case has.
+
+    Raises:
+      InputError: naming the setting and the value.
+    """
+    from timemachine.bench.systems import CASES, load_case
+
+    names = [("plain_md", n) for n in settings.plain_md]
+    names += [("derivatives", c) for c, _, _ in settings.derivatives]
+    names += [("scaling_n_cases", c) for c in settings.scaling_n_cases]
+    names += [("profile", c) for c, _ in settings.profile]
+    if settings.scaling_p:
+        names.append(("scaling_p_case", settings.scaling_p_case))
+    for field, name in names:
+        if name not in CASES:
+            raise InputError(
+                f"Settings.{field}: unknown benchmark system {name!r}; known: {', '.join(CASES)}"
+            )
+    for name, n_params, _ in settings.derivatives:
+        pool = load_case(name, minimise_iterations=0).system.select("torsion/*/k*").size
+        if not 1 <= n_params <= pool:
+            raise InputError(
+                f"Settings.derivatives: P = {n_params} for {name!r}, which has {pool} torsion "
+                f"barrier types (torsion/*/k*)"
+            )
+
+
 def run_suite(settings: Settings, log=print) -> dict:
-    """Run every part of ``settings``; the result dict that ``report`` writes out."""
+    """Run every part of ``settings``; the result dict that ``report`` writes out.
+
+    ``check_settings`` runs first, so a setting that cannot work fails in seconds."""
+    check_settings(settings)
     t0 = time.perf_counter()
     result = {
         "schema": "timemachine.bench/1",

@@ -39,35 +39,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import timemachine as tm  # noqa: E402
+from timemachine.files import atomic_savefig, atomic_write_text  # noqa: E402
 from timemachine.sensitivity import plot_comparison  # noqa: E402
 
 WRT = "torsion/*/k*"
 H_SCAN = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 WINDOWS = (30, 40, 50, 75, 100, 150, 200, 300, 400)
-
-
-def atomic_path(path):
-    """A temporary name next to ``path``: write there, then ``os.replace`` it into place."""
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{os.getpid()}.tmp{os.path.splitext(tail)[1]}")
-
-
-def save_figure(fig, path):
-    tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def write_text(path, text):
-    tmp = atomic_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def new_figure(size=(6.4, 4.6)):
@@ -113,15 +90,9 @@ def check_fd(structure, out_dir, n_steps, seed):
         f"(relative)\n"
     )
     log(f"\n(a) {head}\n{table}\n\nmax relative error {table.max_rel_error:.3e} (goal ≤ 1e-6)")
-    write_text(os.path.join(out_dir, "fd_vs_analytic.md"), f"{head}\n{table}\n")
+    atomic_write_text(os.path.join(out_dir, "fd_vs_analytic.md"), f"{head}\n{table}\n")
     path = os.path.join(out_dir, "fd_vs_analytic.png")
-    tmp = atomic_path(path)
-    try:
-        plot_comparison(traj, fd, tmp, title=f"trialanine OBC2, step {n_steps}, h = 1e-6")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    plot_comparison(traj, fd, path, title=f"trialanine OBC2, step {n_steps}, h = 1e-6")
     return table
 
 
@@ -153,7 +124,7 @@ def h_scan(system, x0, out_dir, n_steps, seed):
     ax.set_title(f"trialanine vacuum, {n_steps} steps, {analytic.shape[0]} torsion k's")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "h_scan.png"))
+    atomic_savefig(fig, os.path.join(out_dir, "h_scan.png"), dpi=120)
     return hs, errors
 
 
@@ -202,7 +173,7 @@ def window_curve(system, x0, out_dir, n_steps, seed):
     ax.set_title(f"window mode, trialanine vacuum, γ = 100/ps, δt = 1 fs, {n_steps} steps")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "window_convergence.png"))
+    atomic_savefig(fig, os.path.join(out_dir, "window_convergence.png"), dpi=120)
     return ks, errors
 
 

@@ -6,7 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from timemachine.files import atomic_json, atomic_savez, atomic_write, atomic_write_text
+from timemachine.files import (
+    atomic_json,
+    atomic_savefig,
+    atomic_savez,
+    atomic_write,
+    atomic_write_text,
+)
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -32,3 +38,22 @@ def test_round_trips_and_permissions(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_savefig_takes_the_format_from_the_extension_and_is_atomic(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    FigureCanvasAgg(fig)
+    fig.subplots().plot([0, 1], [1, 0])
+    png, svg = tmp_path / "a.png", tmp_path / "a.svg"
+    atomic_savefig(fig, png, dpi=50)
+    atomic_savefig(fig, svg)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in svg.read_bytes()[:400]
+    before = png.read_bytes()
+    with pytest.raises(TypeError):  # savefig fails half-way: the old PNG stays
+        atomic_savefig(fig, png, dpi=50, format_that_does_not_exist=1)
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.svg"]

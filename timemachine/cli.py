@@ -42,7 +42,9 @@ def _plot(path, times, potential, kinetic, temperature, target):
     ax2.set_ylabel("T (K)")
     ax2.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    from timemachine.files import atomic_savefig
+
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

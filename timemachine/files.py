@@ -14,7 +14,14 @@ import tempfile
 from collections.abc import Callable
 from typing import IO
 
-__all__ = ["atomic_json", "atomic_savez", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_json",
+    "atomic_savefig",
+    "atomic_savez",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+]
 
 
 def _umask() -> int:
@@ -75,3 +82,10 @@ def atomic_savez(path, **arrays) -> str:
     import numpy as np
 
     return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def atomic_savefig(fig, path, **savefig_kwargs) -> str:
+    """Save a matplotlib figure to ``path`` atomically; the format comes from the file's
+    extension (PNG when it has none). ``savefig_kwargs`` go to ``fig.savefig`` (dpi, ...)."""
+    fmt = os.path.splitext(os.fspath(path))[1][1:] or "png"
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, **savefig_kwargs))

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from timemachine.files import atomic_write_text
+from timemachine.files import atomic_savefig, atomic_write_text
 
 __all__ = ["goals", "markdown", "write_json", "plots", "write_report"]
 
@@ -412,10 +412,7 @@ def plots(result: dict, out_dir) -> list[str]:
     written = []
 
     def save(fig, name):
-        path = os.path.join(out_dir, name)
-        tmp = os.path.join(out_dir, ".tmp-" + name)
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        path = atomic_savefig(fig, os.path.join(out_dir, name), dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 

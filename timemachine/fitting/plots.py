@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 
-from timemachine.files import atomic_write_bytes
+from timemachine.files import atomic_savefig
 
 __all__ = ["plot_fit"]
 
@@ -15,10 +14,10 @@ __all__ = ["plot_fit"]
 def _save(fig, path):
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_fit(history, out_dir, reference_params=None) -> list[str]:

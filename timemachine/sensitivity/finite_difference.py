@@ -338,7 +338,8 @@ def compare(analytic, fd: FiniteDifferenceResult) -> ComparisonTable:
 
 def plot_comparison(analytic, fd: FiniteDifferenceResult, path, title=None):
     """Write a PNG: analytic against FD dx/dθ (every component, one colour per parameter)
-    and the relative error of each parameter. Uses matplotlib's Agg canvas (no display).
+    and the relative error of each parameter. Uses matplotlib's Agg canvas (no display);
+    the file is written atomically.
 
     Returns the path written.
     """
@@ -369,5 +370,6 @@ def plot_comparison(analytic, fd: FiniteDifferenceResult, path, title=None):
     bx.set_xticklabels([row["name"] for row in table], rotation=90, fontsize=6)
     bx.set_ylabel("‖analytic − FD‖ / ‖FD‖")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    from timemachine.files import atomic_savefig
+
+    return atomic_savefig(fig, path, dpi=120)

@@ -84,6 +84,16 @@ def test_same_trajectory_as_openmm_reference(suite):
     # OpenMM 8's LangevinIntegrator is not bitwise eqs. 3-4 (2e-6 nm apart after one
     # noise-free step); a different force field or T/γ/δt would be far further apart
     assert ours["max_dx_vs_reference_nm"] < 1e-4
+    assert ours["agreement_steps"] == 20  # 20 trialanine steps fit in the time budget
+
+
+def test_slow_engines_time_fewer_steps():
+    from timemachine.bench.plain_md import steps_within
+
+    assert steps_within(0.001, 200, 30.0) == 200
+    assert steps_within(1.5, 200, 30.0) == 20  # 20 steps of 1.5 s fill the 30 s budget
+    assert steps_within(40.0, 200, 30.0) == 2  # never fewer than 2
+    assert steps_within(40.0, 1, 30.0) == 1  # nor more than asked
 
 
 def test_relative_errors_against_ours(suite):

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 __all__ = [
     "best_of",
+    "steps_within",
     "bench_ours",
     "bench_openmm",
     "native_gb_system",
@@ -190,6 +191,14 @@ def openmm_positions(context) -> np.ndarray:
     return np.asarray(x.value_in_unit(unit.nanometer), dtype=np.float64)
 
 
+def steps_within(first_step_s: float, n_steps: int, budget_s: float, least: int = 2) -> int:
+    """``n_steps``, or fewer (at least ``least``, at most ``n_steps``) when ``n_steps``
+    steps of ``first_step_s`` seconds each would take longer than ``budget_s``."""
+    if first_step_s * n_steps <= budget_s:
+        return int(n_steps)
+    return min(int(n_steps), max(int(least), int(budget_s / max(first_step_s, 1e-9))))
+
+
 def bench_openmm(
     case,
     platform: str,
@@ -198,10 +207,17 @@ def bench_openmm(
     warmup: int = 5,
     repeats: int = 3,
     native_gb: bool = False,
+    budget_s: float = float("inf"),
 ) -> dict | None:
     """µs per step of OpenMM's LangevinIntegrator on ``platform``, best of ``repeats``
     runs of ``n_steps``. ``native_gb``: time ``native_gb_system`` (GBSAOBCForce) instead
     of the CustomGBForce System (None when the case has no GB force).
+
+    ``budget_s`` caps one timed run: where the first (untimed) step shows that
+    ``n_steps`` would take longer, a run has fewer steps (at least 2), the warm-up is that
+    one step, and no new repeat starts after 2 · ``budget_s`` of timed runs. OpenMM's
+    Reference platform with the obc2.xml CustomGBForce takes seconds per step on
+    thousands of atoms; the returned ``n_steps`` is the count that was timed.
 
     Returns a dict: engine, device, n_steps, us_per_step (wall), cpu_us_per_step (process
     CPU time, all threads), setup_s, threads, and with ``native_gb`` the energy difference
@@ -226,15 +242,21 @@ def bench_openmm(
         ]
         extra["gb_energy_diff_kj_mol"] = energies[0] - energies[1]
         del custom
-    context.getIntegrator().step(warmup)
+    t1 = time.perf_counter()
+    context.getIntegrator().step(1)
     openmm_positions(context)
+    first_step = time.perf_counter() - t1
+    n_steps = steps_within(first_step, n_steps, budget_s)
+    if first_step * warmup <= budget_s:
+        context.getIntegrator().step(max(warmup - 1, 0))
+        openmm_positions(context)
     setup = time.perf_counter() - t0
 
     def go():
         context.getIntegrator().step(n_steps)
         openmm_positions(context)  # GPU platforms run asynchronously
 
-    elapsed, cpu, _ = best_of(go, repeats)
+    elapsed, cpu, _ = best_of(go, repeats, budget_s=2 * budget_s)
     threads = (
         context.getPlatform().getPropertyValue(context, "Threads") if platform == "CPU" else ""
     )
@@ -250,8 +272,12 @@ def bench_openmm(
     }
 
 
-def reference_agreement(case, integrator, n_steps: int) -> float:
-    """max |x_ours - x_OpenMM Reference| (nm) after ``n_steps`` noise-free steps.
+def reference_agreement(
+    case, integrator, n_steps: int, budget_s: float = float("inf")
+) -> tuple[float, int]:
+    """max |x_ours - x_OpenMM Reference| (nm) after ``n_steps`` noise-free steps, and the
+    number of steps compared: fewer (at least 2) where OpenMM Reference's first step
+    shows that ``n_steps`` would take longer than ``budget_s`` seconds.
 
     The thermostat temperature is set to 0 K (friction, δt and the Maxwell-Boltzmann
     starting velocities at ``integrator.temperature`` are kept) so both engines follow one
@@ -261,7 +287,10 @@ def reference_agreement(case, integrator, n_steps: int) -> float:
 
     cold = dataclasses.replace(integrator, temperature=0.0)
     v0 = initial_velocities(case, integrator)
-    ours = np.asarray(_run_ours(case, cold, n_steps, _gradient_fn(case.system), v0))
     context = openmm_context(case, "Reference", cold, v0)
-    context.getIntegrator().step(n_steps)
-    return float(np.abs(ours - openmm_positions(context)).max())
+    t0 = time.perf_counter()
+    context.getIntegrator().step(1)
+    n_steps = steps_within(time.perf_counter() - t0, n_steps, budget_s)
+    context.getIntegrator().step(n_steps - 1)
+    ours = np.asarray(_run_ours(case, cold, n_steps, _gradient_fn(case.system), v0))
+    return float(np.abs(ours - openmm_positions(context)).max()), n_steps

@@ -186,6 +186,7 @@ def _plain_note(r):
         return (
             f"compile {r['compile_s']:.1f} s; "
             f"|x − x_Reference| {r['max_dx_vs_reference_nm']:.1e} nm"
+            + (f" after {r['agreement_steps']} steps" if "agreement_steps" in r else "")
         )
     notes = []
     if r.get("threads"):

@@ -13,7 +13,8 @@ Cases (amber99sbildn):
                                       ``tm.strip_solvent`` removes the water and both Cl⁻
                                       ions (the issue quotes 584 atoms; 582 is what the file
                                       holds without them)
-  peptide2k-obc2                      a ~2,000-atom helical peptide, ``tm.build_peptide``
+  peptide2k-obc2                      1,987 atoms: a 144-residue helical peptide,
+                                      ``tm.build_peptide``
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from timemachine.errors import InputError
 
 __all__ = ["CASES", "Case", "load_case", "torsion_k_map"]
 
-# A helix-forming 20-residue motif, ten times: 200 residues, about 2,000 atoms with hydrogens.
-_PEPTIDE2K = "AEAAAKEAAAKALEKAAAEK" * 10
+# A helix-forming 20-residue motif, seven times and a four-residue tail: 144 residues,
+# 1,987 atoms with hydrogens.
+_PEPTIDE2K = "AEAAAKEAAAKALEKAAAEK" * 7 + "AEAA"
 
 # (structure, implicit solvent); structures are built lazily (PeptideBuilder, PDB reading).
 CASES = {

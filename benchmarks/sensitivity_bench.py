@@ -84,18 +84,6 @@ CASES = {
 }
 
 
-def minimized(system, x):
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    gradient = system.gradient_fn()
-    return tm.minimize(
-        lambda y: energy(y, theta),
-        lambda y: gradient(y, theta),
-        x,
-        tolerance=1.0,
-        max_iterations=500,
-    )
-
-
 def plain_program(system):
     """Jitted ``run(state, n_steps, θ, coeffs, seed, replica) -> state``: n plain steps
     with the closed-form gradient (``System.gradient_fn``), the fastest plain step."""
@@ -132,7 +120,7 @@ def run_case(name, repeats, scale, pieces):
     build, solvent, pattern, steps, ref_steps, note = CASES[name]
     steps, ref_steps = max(1, int(steps * scale)), max(1, int(ref_steps * scale))
     system, x = tm.load_system(build(), forcefield=("amber99sbildn.xml",), implicit_solvent=solvent)
-    x = minimized(system, x)
+    x = tm.minimize_system(system, x, tolerance=1.0, max_iterations=500)
     wrt = system.select(pattern)
     p = int(wrt.size)
     integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)

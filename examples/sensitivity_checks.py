@@ -29,13 +29,11 @@ import os
 import random
 import sys
 import time
-import warnings
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import timemachine as tm  # noqa: E402
@@ -56,19 +54,6 @@ def new_figure(size=(6.4, 4.6)):
     return fig, fig.subplots()
 
 
-def minimized(system, x):
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a loose tolerance is enough here
-        return tm.minimize(
-            lambda y: energy(y, theta),
-            jax.grad(lambda y: energy(y, theta)),
-            x,
-            tolerance=1.0,
-            max_iterations=500,
-        )
-
-
 def log(msg):
     print(msg, flush=True)
 
@@ -78,7 +63,7 @@ def check_fd(structure, out_dir, n_steps, seed):
     system, x = tm.load_system(
         structure, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2"
     )
-    x0 = minimized(system, x)
+    x0 = tm.minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
     integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=seed)
     traj = tm.simulate(system, x0, integrator, n_steps, wrt=WRT, save_every=n_steps // 10,
                        progress=False)  # fmt: skip
@@ -191,7 +176,7 @@ def main(argv=None):
     structure = tm.build_peptide("AAA")
     table = check_fd(structure, args.out_dir, args.steps, args.seed)
     system, x = tm.load_system(structure, forcefield=("amber99sbildn.xml",))
-    x0 = minimized(system, x)
+    x0 = tm.minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
     h_scan(system, x0, args.out_dir, args.steps, args.seed)
     window_curve(system, x0, args.out_dir, args.steps, args.seed)
     log(f"\nwrote fd_vs_analytic.png, fd_vs_analytic.md, h_scan.png, window_convergence.png "

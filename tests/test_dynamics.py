@@ -14,9 +14,7 @@ def trialanine_obc2(trialanine):
     system, x = tm.load_system(
         trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2"
     )
-    energy = system.energy_fn()
-    theta = jnp.asarray(system.params)
-    x = tm.minimize(lambda y: energy(y, theta), jax.grad(lambda y: energy(y, theta)), x)
+    x = tm.minimize_system(system, x)
     return system, x
 
 
@@ -26,6 +24,24 @@ def test_minimize_lowers_energy_to_a_stationary_point(trialanine_obc2, trialanin
     assert float(system.energy(x_min)) < float(system.energy(x0)) - 10.0
     rms = float(jnp.sqrt(jnp.mean(system.gradient(x_min) ** 2)))
     assert rms < 1e-3  # kJ/mol/nm, the default tolerance
+
+
+def test_minimize_system_params_and_warning(trialanine_obc2):
+    """``minimize_system`` relaxes at the θ it is given, and ``warn=False`` silences only
+    the not-converged warning."""
+    import warnings
+
+    system, x_min = trialanine_obc2
+    theta = np.asarray(system.params).copy()
+    theta[system.select("torsion/*/k*")] *= 3.0
+    x_other = tm.minimize_system(system, x_min, params=theta)
+    rms = float(jnp.sqrt(jnp.mean(system.gradient(x_other, jnp.asarray(theta)) ** 2)))
+    assert rms < 1e-3 and np.abs(x_other - x_min).max() > 1e-3
+    with pytest.warns(RuntimeWarning, match="best RMS force"):
+        tm.minimize_system(system, x_other, max_iterations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tm.minimize_system(system, x_other, max_iterations=1, warn=False)
 
 
 def test_trialanine_obc2_samples_the_target_temperature(trialanine_obc2):

@@ -2,7 +2,6 @@
 (common random numbers): trialanine OBC2 and vacuum, villin, and the FD machinery."""
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +32,6 @@ def x_start(seed=0):
     return np.random.default_rng(seed).normal(scale=0.1, size=(len(MASSES), 3))
 
 
-def minimized(system, x, **kwargs):
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a loose tolerance is enough here
-        return tm.minimize(
-            lambda y: energy(y, theta), jax.grad(lambda y: energy(y, theta)), x, **kwargs
-        )
-
-
 def total_rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -59,13 +49,13 @@ def trialanine_obc2(trialanine_fixed):
     system, x = tm.load_system(
         trialanine_fixed, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2"
     )
-    return system, minimized(system, x)
+    return system, tm.minimize_system(system, x, warn=False)
 
 
 @pytest.fixture(scope="module")
 def trialanine_vacuum(trialanine_fixed):
     system, x = tm.load_system(trialanine_fixed, forcefield=("amber99sbildn.xml",))
-    return system, minimized(system, x)
+    return system, tm.minimize_system(system, x, warn=False)
 
 
 def test_trialanine_obc2_torsion_sensitivities_match_finite_differences(trialanine_obc2, tmp_path):
@@ -129,7 +119,7 @@ def test_h_scan_falls_as_h_squared_then_rises_with_round_off(trialanine_vacuum):
 def test_villin_torsion_sensitivities_match_finite_differences(villin):
     """Villin headpiece (582 atoms, vacuum, amber99sbildn), 10 torsion types, 200 steps."""
     system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
-    x0 = minimized(system, x, tolerance=10.0, max_iterations=500)
+    x0 = tm.minimize_system(system, x, tolerance=10.0, max_iterations=500, warn=False)
     wrt = system.select("torsion/*/k*")[:10]
     integrator = LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=2)
     traj = simulate(system, x0, integrator, 200, wrt=wrt, save_every=200, progress=False)

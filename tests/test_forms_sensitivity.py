@@ -2,10 +2,6 @@
 neural-network dihedral systems against central finite differences of the same seeded
 trajectory (common random numbers), trialanine in vacuum, and blow-up guards on them."""
 
-import warnings
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,24 +24,11 @@ NN_WRT = ["nn_phipsi/W1/0", "nn_phipsi/W1/13", "nn_phipsi/b1/2", "nn_phipsi/W2/4
 # (every test uses the same systems and wrt lists, so simulate compiles once per system)
 
 
-def minimized(system, x):
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a loose tolerance is enough here
-        return tm.minimize(
-            lambda y: energy(y, theta),
-            jax.grad(lambda y: energy(y, theta)),
-            x,
-            tolerance=1.0,
-            max_iterations=500,
-        )
-
-
 @pytest.fixture(scope="module")
 def vacuum():
     """Minimised trialanine in vacuum (amber99sbildn), bitwise the same in every process."""
     system, x = tm.load_system(tm.build_peptide("AAA"), forcefield=("amber99sbildn.xml",))
-    return system, minimized(system, x)
+    return system, tm.minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
 
 
 @pytest.fixture(scope="module")

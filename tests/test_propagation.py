@@ -64,16 +64,14 @@ def trialanine_obc2(trialanine_fixed):
     system, x = tm.load_system(
         trialanine_fixed, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2"
     )
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    x = tm.minimize(lambda y: energy(y, theta), jax.grad(lambda y: energy(y, theta)), x)
+    x = tm.minimize_system(system, x)
     return system, x
 
 
 @pytest.fixture(scope="module")
 def trialanine_vacuum(trialanine_fixed):
     system, x = tm.load_system(trialanine_fixed, forcefield=("amber99sbildn.xml",))
-    energy, theta = system.energy_fn(), jnp.asarray(system.params)
-    x = tm.minimize(lambda y: energy(y, theta), jax.grad(lambda y: energy(y, theta)), x)
+    x = tm.minimize_system(system, x)
     return system, x
 
 

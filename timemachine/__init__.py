@@ -22,7 +22,7 @@ from timemachine.errors import (  # noqa: E402
     TimemachineError,
 )
 from timemachine.fitting import fit  # noqa: E402
-from timemachine.integrator import LangevinIntegrator, minimize  # noqa: E402
+from timemachine.integrator import LangevinIntegrator, minimize, minimize_system  # noqa: E402
 from timemachine.io import (  # noqa: E402
     build_peptide,
     export_forcefield,
@@ -56,6 +56,7 @@ __all__ = [
     "from_openmm",
     "load_system",
     "minimize",
+    "minimize_system",
     "simulate",
     "strip_solvent",
 ]

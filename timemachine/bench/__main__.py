@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from timemachine.bench.report import markdown, write_report
+from timemachine.bench.report import markdown, write_json, write_report
 from timemachine.bench.suite import FULL, QUICK, run_suite
 
 
@@ -36,7 +37,17 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    result = run_suite(settings, log=log)
+    partial = os.path.join(args.out, "partial.json")
+
+    def checkpoint(result):  # the parts so far, in case the run is cut short
+        if not result["complete"]:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(result, partial)
+            log(f"parts so far in {partial}")
+
+    result = run_suite(settings, log=log, checkpoint=checkpoint)
+    if os.path.exists(partial):
+        os.remove(partial)
     paths = write_report(result, args.out, args.json)
     print(markdown(result))
     log(f"wrote {paths['markdown']}, {paths['json']} and {len(paths['plots'])} plots")

@@ -398,8 +398,9 @@ def _atomic_write(path, text):
 
 
 def write_json(result: dict, path) -> None:
-    """The result, with the evaluated goals, as JSON (written atomically)."""
-    data = dict(result, goals=goals(result))
+    """The result, with the evaluated goals, as JSON (written atomically). A result whose
+    ``complete`` is False (the parts of a run so far) is written without goals."""
+    data = dict(result, goals=goals(result)) if result.get("complete", True) else result
     _atomic_write(path, json.dumps(_jsonable(data), indent=1, allow_nan=True))
 
 

@@ -275,21 +275,32 @@ def check_settings(settings: Settings) -> None:
             )
 
 
-def run_suite(settings: Settings, log=print) -> dict:
+def run_suite(settings: Settings, log=print, checkpoint=None) -> dict:
     """Run every part of ``settings``; the result dict that ``report`` writes out.
 
-    ``check_settings`` runs first, so a setting that cannot work fails in seconds."""
+    ``check_settings`` runs first, so a setting that cannot work fails in seconds.
+    ``checkpoint(result)``, if given, is called after each part with the parts so far
+    (``result["complete"]`` False until the last), so an interrupted run keeps them."""
     check_settings(settings)
     t0 = time.perf_counter()
     result = {
         "schema": "timemachine.bench/1",
         "settings": dataclasses.asdict(settings),
         "environment": environment(),
+        "complete": False,
     }
-    result["plain_md"] = run_plain_md(settings, log)
-    result["derivatives"] = run_derivatives(settings, log)
-    result["scaling"] = run_scaling(settings, log)
-    result["profile"] = run_profile(settings, log)
-    result["wall_s"] = time.perf_counter() - t0
+    parts = (
+        ("plain_md", run_plain_md),
+        ("derivatives", run_derivatives),
+        ("scaling", run_scaling),
+        ("profile", run_profile),
+    )
+    for key, part in parts:
+        result[key] = part(settings, log)
+        result["wall_s"] = time.perf_counter() - t0
+        if key == parts[-1][0]:
+            result["complete"] = True
+        if checkpoint is not None:
+            checkpoint(result)
     result["load_average_end"] = list(os.getloadavg())
     return result

@@ -19,7 +19,7 @@ from timemachine.integrator.langevin import (
     on_step_kinetic_energy,
     run,
 )
-from timemachine.integrator.minimize import minimize
+from timemachine.integrator.minimize import minimize, minimize_system
 
 __all__ = [
     "LangevinCoefficients",
@@ -28,6 +28,7 @@ __all__ = [
     "LangevinTrajectory",
     "on_step_kinetic_energy",
     "kinetic_energy",
+    "minimize_system",
     "kinetic_temperature",
     "langevin_coefficients",
     "langevin_init",

@@ -267,3 +267,18 @@ def test_shipped_settings_can_run_and_bad_ones_fail_at_once():
     unknown = dataclasses.replace(QUICK, profile=(("villin-water", 60),))
     with pytest.raises(InputError, match=r"Settings.profile: unknown benchmark system"):
         check_settings(unknown)
+
+
+def test_worker_peak_memory_is_its_own():
+    """A dx/dθ worker subprocess reports its own high-water mark, not its parent's (Linux
+    carries ru_maxrss across fork and exec, so a large parent would mask every worker)."""
+    import subprocess
+    import sys
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MiB, touched
+    parent = derivatives._maxrss_bytes()
+    code = "from timemachine.bench.derivatives import _maxrss_bytes as m; print(m())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)  # fmt: skip
+    assert ballast.sum() > 0 and parent > 600 * 2**20
+    assert child < parent - 300 * 2**20

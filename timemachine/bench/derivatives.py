@@ -37,7 +37,7 @@ Timings are the best of ``repeats`` runs (within a time budget), with the proces
 time (all threads) of that run as ``cpu_s``.
 
 Each method runs in its own subprocess (``python -m timemachine.bench.derivatives``) so
-that its peak resident memory (``ru_maxrss``) is its own; ``baseline_rss_bytes`` is the
+that its peak resident memory (``VmHWM``, see ``_maxrss_bytes``) is its own; ``baseline_rss_bytes`` is the
 high-water mark after building the system, before the method's own work. Reverse mode's
 memory against the number of steps comes from XLA's compiled memory analysis at two
 lengths, extrapolated linearly to the step count that would fill 24 GiB.
@@ -447,6 +447,20 @@ def run_method(settings: DerivativeSettings, method: str) -> tuple[dict, np.ndar
 
 
 def _maxrss_bytes() -> int:
+    """This process's resident-memory high-water mark, bytes.
+
+    Linux's ``VmHWM`` belongs to the address space, which ``exec`` replaces, so a worker
+    subprocess starts from zero. ``ru_maxrss`` does not: Linux carries the parent's high
+    water across fork and exec, so every worker of a 1.3 GB parent would report at least
+    1.3 GB. ``ru_maxrss`` is the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 

@@ -282,3 +282,22 @@ def test_worker_peak_memory_is_its_own():
                                check=True).stdout)  # fmt: skip
     assert ballast.sum() > 0 and parent > 600 * 2**20
     assert child < parent - 300 * 2**20
+
+
+def test_step_cost_cancels_the_cost_of_a_call(monkeypatch):
+    """Per-step cost from runs of n and 2n steps: a fixed cost per call (argument checks,
+    the saved frame) drops out. Driven by a fake clock, so the arithmetic is exact."""
+    import types
+
+    from timemachine.bench import plain_md, scaling
+
+    clock = {"t": 0.0}
+    fake = types.SimpleNamespace(perf_counter=lambda: clock["t"], process_time=lambda: clock["t"])
+    monkeypatch.setattr(plain_md, "time", fake)
+
+    def run(n):  # 50 ms per call and 2 ms per step
+        clock["t"] += 0.050 + 0.002 * n
+
+    wall, cpu = scaling._per_step(run, 20, repeats=2)
+    assert wall == pytest.approx(0.002, rel=1e-9) and cpu == pytest.approx(0.002, rel=1e-9)
+    # one call over n steps alone would have said 4.5 ms per step

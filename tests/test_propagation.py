@@ -272,7 +272,10 @@ def test_continuation_is_bitwise_one_longer_run(trialanine_obc2):
     system, x0 = trialanine_obc2
     integrator = LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.0015, seed=9)
     kw = dict(wrt="torsion/*/k*", save_every=1, progress=False)
-    whole = simulate(system, x0, integrator, 20, chunk_steps=4, **kw)  # 4 steps per chunk
+    # chunks of 4 steps everywhere (one compiled program): the whole run's chunk
+    # boundaries (4, 8, 12, 16) are not the split's (4, 8, 10 | 14, 18)
+    kw["chunk_steps"] = 4
+    whole = simulate(system, x0, integrator, 20, **kw)
     first = simulate(system, x0, integrator, 10, **kw)
     second = simulate(system, first.final_state, integrator, 10, **kw)
     assert isinstance(second.final_state, ExactState)

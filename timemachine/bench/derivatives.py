@@ -39,9 +39,9 @@ time (all threads) of that run as ``cpu_s``.
 Each method runs in its own subprocess (``python -m timemachine.bench.derivatives``) so
 that its peak resident memory (``VmHWM``, see ``_maxrss_bytes``) is its own;
 ``baseline_rss_bytes`` is the high-water mark after building the system, before the
-method's own work. Reverse mode's
-memory against the number of steps comes from XLA's compiled memory analysis at two
-lengths, extrapolated linearly to the step count that would fill 24 GiB.
+method's own work. Reverse mode's memory against the number of steps comes from XLA's
+compiled memory analysis at two lengths, extrapolated linearly to the step count that
+would fill 24 GiB.
 """
 
 from __future__ import annotations

@@ -191,6 +191,15 @@ def openmm_positions(context) -> np.ndarray:
     return np.asarray(x.value_in_unit(unit.nanometer), dtype=np.float64)
 
 
+def _first_step_s(context) -> float:
+    """Seconds one step of ``context`` takes, its positions read back (GPU platforms run
+    asynchronously)."""
+    t0 = time.perf_counter()
+    context.getIntegrator().step(1)
+    openmm_positions(context)
+    return time.perf_counter() - t0
+
+
 def steps_within(first_step_s: float, n_steps: int, budget_s: float, least: int = 2) -> int:
     """``n_steps``, or fewer (at least ``least``, at most ``n_steps``) when ``n_steps``
     steps of ``first_step_s`` seconds each would take longer than ``budget_s``."""
@@ -242,10 +251,7 @@ def bench_openmm(
         ]
         extra["gb_energy_diff_kj_mol"] = energies[0] - energies[1]
         del custom
-    t1 = time.perf_counter()
-    context.getIntegrator().step(1)
-    openmm_positions(context)
-    first_step = time.perf_counter() - t1
+    first_step = _first_step_s(context)
     n_steps = steps_within(first_step, n_steps, budget_s)
     if first_step * warmup <= budget_s:
         context.getIntegrator().step(max(warmup - 1, 0))
@@ -288,9 +294,7 @@ def reference_agreement(
     cold = dataclasses.replace(integrator, temperature=0.0)
     v0 = initial_velocities(case, integrator)
     context = openmm_context(case, "Reference", cold, v0)
-    t0 = time.perf_counter()
-    context.getIntegrator().step(1)
-    n_steps = steps_within(time.perf_counter() - t0, n_steps, budget_s)
+    n_steps = steps_within(_first_step_s(context), n_steps, budget_s)
     context.getIntegrator().step(n_steps - 1)
     ours = np.asarray(_run_ours(case, cold, n_steps, _gradient_fn(case.system), v0))
     return float(np.abs(ours - openmm_positions(context)).max()), n_steps

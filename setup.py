@@ -60,7 +60,7 @@ setup(
         "optax>=0.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff==0.17.6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff==0.17.6"],
         "cuda": ["cupy-cuda12x>=13"],
         # JAX MD for the forward-mode column of python -m timemachine.bench
         "bench": ["jax-md==0.2.29"],

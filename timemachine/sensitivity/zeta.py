@@ -305,7 +305,7 @@ def _structured(system, wrt, gradient_only=False):
                     for i in range(3)
                 ]
             ).reshape(-1)  # (3, N, 3, w) flattened; stack, not concatenate, keeps the GEMM fast
-            if local.size:  # one tile (small N): every entry, in order, with no gather
+            if local.size:  # one tile (small N) takes every entry, in order: no gather
                 g = g.at[local].add(blocks if len(tiles) == 1 else blocks[entries])
             pieces.append((ext @ g.reshape(3 * n, 3 * (j1 - j0))).reshape(-1, 3, j1 - j0))
         prod = jnp.concatenate(pieces, axis=2).reshape(-1, 3 * n)

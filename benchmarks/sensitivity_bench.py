@@ -137,6 +137,8 @@ def run_case(name, repeats, scale, pieces):
 
     plain = plain_program(system)
     programs = {zm: _program(system, key, zm, "exact") for zm in ("structured", "reference")}
+    # the same structured program with the bonded terms in XLA instead of the C++ call
+    programs["structured_jax_bonded"] = _program(system, key, "structured", "exact", "jax")
 
     def run_plain(n):
         return plain(plain_state, jnp.asarray(n, jnp.int64), theta, coeffs, seed, replica)
@@ -150,6 +152,7 @@ def run_case(name, repeats, scale, pieces):
     variants = {
         "plain": (lambda: run_plain(steps), steps),
         "structured": (lambda: run_sens("structured", steps), steps),
+        "structured_jax_bonded": (lambda: run_sens("structured_jax_bonded", steps), steps),
         "reference": (lambda: run_sens("reference", ref_steps), ref_steps),
     }
     compile_s = {}
@@ -181,6 +184,8 @@ def run_case(name, repeats, scale, pieces):
         "plain_us": us["plain"],
         "structured_us": us["structured"],
         "reference_us": us["reference"],
+        "structured_jax_bonded_us": us["structured_jax_bonded"],
+        "structured_jax_bonded_over_plain": us["structured_jax_bonded"] / us["plain"],
         "structured_over_plain": us["structured"] / us["plain"],
         "reference_over_plain": us["reference"] / us["plain"],
         "fd_over_structured": 2 * p * us["plain"] / us["structured"],

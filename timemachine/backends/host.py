@@ -43,6 +43,40 @@ def host_compiler() -> str | None:
     return None
 
 
+def build_shared_library(src, prefix, flags, include_dirs=(), key_extra="") -> str:
+    """Compile ``src`` (with the kernel headers) into a shared library, once per hash of
+    the sources, compiler, flags and ``key_extra``; return its path in the cache directory.
+
+    Raises:
+        SimulationError: no C++ compiler, or the sources do not compile (compiler output
+            in the message).
+    """
+    cxx = host_compiler()
+    if cxx is None:
+        raise SimulationError(
+            f"no host C++ compiler (set $CXX, or install g++) to build {os.path.basename(src)}"
+        )
+    digest = hashlib.sha256()
+    for path in kernel_sources() + [src]:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + f.read())
+    digest.update(" ".join((cxx,) + tuple(flags) + tuple(include_dirs) + (key_extra,)).encode())
+    out = os.path.join(_cache_dir(), f"{prefix}_{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(out):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+        os.close(fd)
+        includes = [f"-I{d}" for d in include_dirs]
+        cmd = [cxx, "-std=c++17", *flags, *includes, "-fPIC", "-shared", "-o", tmp, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.remove(tmp)
+            raise SimulationError(
+                f"host build of {os.path.basename(src)} failed ({' '.join(cmd)}):\n{proc.stderr}"
+            )
+        os.replace(tmp, out)  # atomic: a concurrent build never loads a half-written file
+    return out
+
+
 def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
     """Compile (once per source hash) and load the host build of the kernels.
 
@@ -53,29 +87,8 @@ def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
     global _LIB
     if _LIB is not None and flags == ("-O2",):
         return _LIB
-    cxx = host_compiler()
-    if cxx is None:
-        raise SimulationError(
-            "no host C++ compiler (set $CXX, or install g++) to build the kernels"
-        )
     src = os.path.join(kernel_dir(), "host", "tm_host.cpp")
-    digest = hashlib.sha256()
-    for path in kernel_sources() + [src]:
-        with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + f.read())
-    digest.update(" ".join((cxx,) + tuple(flags)).encode())
-    out = os.path.join(_cache_dir(), f"tm_host_{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
-        os.close(fd)
-        cmd = [cxx, "-std=c++17", *flags, "-fPIC", "-shared", "-o", tmp, src]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.remove(tmp)
-            raise SimulationError(
-                f"host build of the kernels failed ({' '.join(cmd)}):\n{proc.stderr}"
-            )
-        os.replace(tmp, out)
+    out = build_shared_library(src, "tm_host", flags)
     lib = ctypes.CDLL(out)
     for name in KERNELS:
         fn = getattr(lib, name)

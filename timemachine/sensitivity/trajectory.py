@@ -285,7 +285,7 @@ def _load_state(out_dir, meta):
 
 
 @functools.lru_cache(maxsize=8)
-def _program(system, wrt_key, zeta_method, method):
+def _program(system, wrt_key, zeta_method, method, bonded="auto"):
     """The jitted chunk program for one (system, wrt, ζ method, mode).
 
     ``chunk(capacity, state, n_blocks, save_every, θ, coeffs, wcoeffs, seed, replica)``
@@ -297,7 +297,7 @@ def _program(system, wrt_key, zeta_method, method):
     """
     energy_fn = system.energy_fn()
     gz_fn = zeta_module.make_gradient_and_zeta(
-        system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method
+        system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method, bonded=bonded
     )
 
     def chunk(capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica):

@@ -18,6 +18,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timemachine.backends import xla_cpu  # noqa: E402
 from timemachine.constants import COULOMB, COULOMB_GB  # noqa: E402
 from timemachine.errors import InputError  # noqa: E402
 from timemachine.potentials import gbsa  # noqa: E402
@@ -67,7 +68,7 @@ def mixed_partial_reference(energy_fn, x, params, wrt):
 # ---------------------------------------------------------------------------------------
 
 
-def make_zeta(system, wrt, method="structured"):
+def make_zeta(system, wrt, method="structured", bonded="auto"):
     """A jittable ``zeta(x (N,3), params (P_all,), dx_dtheta (P,N,3)) -> (P,N,3)``.
 
     ζ_p = H(x)·dx/dθ_p + ∂²E/∂x∂θ_p (paper eq. 6) for the P parameters ``wrt``.
@@ -111,7 +112,7 @@ def make_zeta(system, wrt, method="structured"):
         return zeta
     if method != "structured":
         raise InputError(f"method must be 'structured' or 'reference', got {method!r}")
-    both = _structured(system, wrt)
+    both = _structured(system, wrt, bonded=bonded)
 
     def zeta(x, params, dx_dtheta):
         return both(x, params, dx_dtheta)[1]  # jit drops the unused gradient
@@ -119,7 +120,7 @@ def make_zeta(system, wrt, method="structured"):
     return zeta
 
 
-def make_gradient_and_zeta(system, wrt, method="structured"):
+def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
     """A jittable ``fn(x, params, dx_dtheta) -> (∇_x E (N,3), ζ (P,N,3))``.
 
     A sensitivity step needs both at the same x; the structured path gets the gradient
@@ -138,7 +139,7 @@ def make_gradient_and_zeta(system, wrt, method="structured"):
         return fn
     if method != "structured":
         raise InputError(f"method must be 'structured' or 'reference', got {method!r}")
-    return _structured(system, wrt)
+    return _structured(system, wrt, bonded=bonded)
 
 
 def make_gradient(system):
@@ -171,12 +172,55 @@ def _check_wrt(system, wrt):
     return wrt.astype(np.int64)
 
 
-def _structured(system, wrt, gradient_only=False):
+def _use_host_bonded(bonded, gradient_only):
+    if bonded not in ("auto", "jax", "host"):
+        raise InputError(f"bonded must be 'auto', 'jax' or 'host', got {bonded!r}")
+    if gradient_only or bonded == "jax":
+        return False
+    ok, why = xla_cpu.available()
+    if bonded == "host" and not ok:
+        raise InputError(f"bonded='host': the CPU custom call cannot run here: {why}")
+    return ok
+
+
+def _host_bonded_groups(system):
+    """(kind, idx, pidx, consts) of every internal-coordinate term, for the custom call."""
+    groups = []
+    for term in system.terms:
+        if isinstance(term, HarmonicBonds):
+            pidx = np.stack([term.length_index, term.k_index], 1)
+            groups.append((xla_cpu.KIND_BOND, term.idx, pidx, np.zeros((len(term.idx), 0))))
+        elif isinstance(term, HarmonicAngles):
+            pidx = np.stack([term.theta0_index, term.k_index], 1)
+            groups.append((xla_cpu.KIND_ANGLE, term.idx, pidx, np.zeros((len(term.idx), 0))))
+        elif isinstance(term, PeriodicTorsions):
+            pidx = np.stack([term.phase_index, term.k_index], 1)
+            per = np.asarray(term.periodicity, np.float64).reshape(-1, 1)
+            groups.append((xla_cpu.KIND_TORSION, term.idx, pidx, per))
+        elif isinstance(term, Nonbonded) and np.asarray(term.exception_idx).shape[0]:
+            exc = np.asarray(term.exception_idx)
+            i, j = exc[:, 0], exc[:, 1]
+            per_atom = [np.asarray(a) for a in (term.charge_index, term.sigma_index)]
+            per_atom.append(np.asarray(term.epsilon_index))
+            pidx = np.stack([a[k] for a in per_atom for k in (i, j)], 1)
+            scales = [np.asarray(term.coulomb_scale, np.float64), np.asarray(term.lj_scale)]
+            consts = np.stack([np.broadcast_to(c, i.shape) for c in scales], 1)
+            groups.append((xla_cpu.KIND_EXCEPTION, exc, pidx, consts))
+    return groups
+
+
+def _structured(system, wrt, gradient_only=False, bonded="auto"):
     n = system.n_atoms
     dense, coords, autodiff = [], [], []
+    # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs
+    host = (
+        xla_cpu.BondedTables.build(_host_bonded_groups(system), system.n_params, wrt)
+        if _use_host_bonded(bonded, gradient_only)
+        else None
+    )
     # propers and impropers share one form: one group, fewer kernels per call
     torsions = [t for t in system.terms if isinstance(t, PeriodicTorsions)]
-    if torsions:
+    if torsions and host is None:
         coords.append(
             _CoordinateTerms(
                 _DIHEDRAL,
@@ -189,7 +233,9 @@ def _structured(system, wrt, gradient_only=False):
             )
         )
     for term in system.terms:
-        if isinstance(term, HarmonicBonds):
+        if host is not None and isinstance(term, (HarmonicBonds, HarmonicAngles)):
+            pass  # in the custom call
+        elif isinstance(term, HarmonicBonds):
             coords.append(
                 _CoordinateTerms(
                     _PAIR, term.idx, _bond_energy, [term.length_index, term.k_index], [], wrt
@@ -208,7 +254,7 @@ def _structured(system, wrt, gradient_only=False):
         elif isinstance(term, Nonbonded):
             dense.append(_NonbondedPairs(term, wrt))
             exc = np.asarray(term.exception_idx)
-            if exc.shape[0]:
+            if exc.shape[0] and host is None:
                 i, j = exc[:, 0], exc[:, 1]
                 per_atom = [np.asarray(a) for a in (term.charge_index, term.sigma_index)]
                 per_atom.append(np.asarray(term.epsilon_index))
@@ -263,6 +309,8 @@ def _structured(system, wrt, gradient_only=False):
             pb = jnp.concatenate([e["b"] for e in evals if "b" in e])
             a = a.at[pair_rows, pair_cols].add(pa)
             b = b.at[pair_rows, pair_cols].add(pb)
+        else:  # no pair list to scatter (bonds and exceptions in the custom call)
+            a, b = _in_memory(a, x), _in_memory(b, x)
         # gradient: Σ_j B_ij d_ij over every pair form, plus f' ∇q of the bonded blocks
         # Σ_j B_ij (x_i - x_j) as x_i Σ_j B_ij - B·x: a GEMM, where XLA's CPU row reductions
         # are slow; centring x keeps the cancellation to ~|x - x̄|/r ulps
@@ -319,6 +367,9 @@ def _structured(system, wrt, gradient_only=False):
         for c, e in zip(coords, evals, strict=True):
             if c.hit_term.size:
                 out = out.at[c.hit_param[:, None], c.hit_atoms].add(e["mixed"])
+        if host is not None:
+            g_host, z_host = host(x, params, dx_dtheta)
+            grad, out = grad + g_host, out + z_host
         for part in autodiff:
             g_term, z_term = part(x, params, dx_dtheta)
             grad, out = grad + g_term, out + z_term
@@ -395,6 +446,18 @@ def _exception_energy(r, p, c):
     # p = (q_i, q_j, σ_i, σ_j, ε_i, ε_j), c = (coulomb_scale, lj_scale)
     eps = c[1] * safe_sqrt(p[4]) * safe_sqrt(p[5])
     return _lj_coulomb(r, 0.5 * (p[2] + p[3]), eps, c[0] * p[0] * p[1])
+
+
+def _in_memory(a, x):
+    """``a`` unchanged, through an in-place scatter of one zero (data-dependent, so that
+    XLA cannot fold it away).
+
+    XLA on CPU fuses an elementwise producer into every consumer, so an (N, N) matrix of
+    pair scalars read by several products would be recomputed in each; a scatter updates
+    a buffer, so its operand is computed once into memory. Far cheaper than a product
+    with the identity (``_materialised``) for large arrays.
+    """
+    return a.at[(0,) * a.ndim].add(x[0, 0] * 0.0)
 
 
 def _materialised(a):

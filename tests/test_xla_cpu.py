@@ -1,0 +1,113 @@
+"""The C++ custom call for the bonded terms (timemachine.backends.xla_cpu) against the
+pure-JAX structured path and the reference ζ: the same ∇E and ζ, term kind by term kind,
+on trialanine (vacuum, OBC2) and villin; under jit, scan and vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine.backends import xla_cpu
+from timemachine.sensitivity.zeta import make_gradient_and_zeta, make_zeta
+
+pytestmark = pytest.mark.skipif(
+    not xla_cpu.available()[0], reason=f"CPU custom call unavailable: {xla_cpu.available()[1]}"
+)
+
+# every parameter kind the bonded terms have a mixed partial for, plus the torsion k's
+SELECTION = [
+    "torsion/*/k*",
+    "torsion/*/phase*",
+    "improper/*/k*",
+    "bond/*/k",
+    "bond/*/length",
+    "angle/*/theta0",
+    "angle/*/k",
+    "charge/*",  # 1-4 exceptions' q_i q_j
+    "sigma/*",
+    "epsilon/*",
+]
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def host_and_jax(system, wrt, x, dx):
+    x, theta, dx = jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
+    host = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))(x, theta, dx)
+    pure = jax.jit(make_gradient_and_zeta(system, wrt, bonded="jax"))(x, theta, dx)
+    return host, pure
+
+
+@pytest.mark.parametrize("solvent", [None, "obc2"], ids=["vacuum", "obc2"])
+def test_host_bonded_matches_jax_on_trialanine(trialanine, solvent):
+    system, x = tm.load_system(
+        trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent=solvent
+    )
+    wrt = system.select(SELECTION)
+    dx = np.random.default_rng(0).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
+    (g_h, z_h), (g_j, z_j) = host_and_jax(system, wrt, x, dx)
+    assert rel_err(g_h, g_j) <= 1e-13
+    assert rel_err(z_h, z_j) <= 1e-12
+    # parameter by parameter, so that no small ζ_p hides under the large ones
+    per = np.linalg.norm(np.asarray(z_h - z_j).reshape(len(wrt), -1), axis=1)
+    assert np.all(per <= 1e-11 * np.linalg.norm(np.asarray(z_j).reshape(len(wrt), -1), axis=1))
+    # and with zero tangents: the mixed partials alone
+    (_, m_h), (_, m_j) = host_and_jax(system, wrt, x, np.zeros_like(dx))
+    assert rel_err(m_h, m_j) <= 1e-12
+
+
+@pytest.mark.slow
+def test_host_bonded_matches_reference_on_villin(villin):
+    system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
+    wrt = system.select("torsion/*/k*")
+    dx = np.random.default_rng(1).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
+    x, theta = jnp.asarray(x), jnp.asarray(system.params)
+    fast = jax.jit(make_zeta(system, wrt, bonded="host"))(x, theta, jnp.asarray(dx))
+    ref = jax.jit(make_zeta(system, wrt, method="reference"))(x, theta, jnp.asarray(dx))
+    assert rel_err(fast, ref) <= 1e-10
+
+
+def test_host_bonded_under_vmap_and_scan(trialanine):
+    """Replicas vmap the step (``fitting.run_replicas``) and simulate scans it."""
+    system, x = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
+    wrt = system.select("torsion/*/k*")
+    fn = make_gradient_and_zeta(system, wrt, bonded="host")
+    theta = jnp.asarray(system.params)
+    rng = np.random.default_rng(2)
+    xs = jnp.asarray(x)[None] + jnp.asarray(rng.normal(scale=1e-3, size=(3, system.n_atoms, 3)))
+    dxs = jnp.asarray(rng.normal(scale=1e-3, size=(3, len(wrt), system.n_atoms, 3)))
+    g_v, z_v = jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))(xs, theta, dxs)
+    for r in range(3):
+        g_r, z_r = jax.jit(fn)(xs[r], theta, dxs[r])
+        np.testing.assert_array_equal(np.asarray(g_v[r]), np.asarray(g_r))
+        np.testing.assert_array_equal(np.asarray(z_v[r]), np.asarray(z_r))
+
+    def body(dx, _):
+        _, z = fn(xs[0], theta, dx)
+        return dx + 1e-6 * z, z
+
+    _, zs = jax.jit(lambda d: jax.lax.scan(body, d, None, length=2))(dxs[0])
+    np.testing.assert_array_equal(
+        np.asarray(zs[0]), np.asarray(jax.jit(fn)(xs[0], theta, dxs[0])[1])
+    )
+
+
+def test_bonded_argument_is_checked(trialanine):
+    system, _ = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
+    with pytest.raises(tm.InputError, match="bonded"):
+        make_zeta(system, system.select("torsion/*/k*"), bonded="cpp")
+
+
+def test_custom_call_rejects_mismatched_shapes(trialanine):
+    """The C++ side checks what it is given and raises, rather than reading out of bounds."""
+    system, x = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
+    wrt = system.select("torsion/*/k*")
+    from timemachine.sensitivity.zeta import _host_bonded_groups
+
+    tables = xla_cpu.BondedTables.build(_host_bonded_groups(system), system.n_params, wrt)
+    bad_dx = jnp.zeros((len(wrt), system.n_atoms + 1, 3))
+    with pytest.raises(Exception, match="dx must have shape"):
+        jax.block_until_ready(jax.jit(tables)(jnp.asarray(x), jnp.asarray(system.params), bad_dx))

@@ -1,0 +1,172 @@
+"""A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms.
+
+The structured ζ (``timemachine.sensitivity.zeta``) needs, for every bond, angle, proper
+and improper torsion and 1-4 exception, the block f''∇q∇qᵀ + f'∇²q of its coordinate q
+contracted with all P tangents, and the mixed partials of the terms whose parameters are
+chosen. In XLA on CPU that is hundreds of tiny kernels (about half of trialanine's
+sensitivity step) or, on a protein, a large scatter into the dense Hessian.
+``cuda/kernels/host/tm_xla_cpu.cpp`` does it in one serial pass over the distinct atom
+tuples with the per-term maths of ``bonded.cuh`` (the functions the CUDA kernels and the
+host build share), registered with ``jax.ffi`` so that it runs inside the compiled step.
+
+The pure-JAX path stays the reference: ``make_gradient_and_zeta(..., bonded="jax")``, and
+the tests compare the two. This path is used where JAX computes on the CPU and a C++
+compiler is present; ``TIMEMACHINE_HOST_KERNELS=0`` turns it off. The library is built on
+first use with ``-O3 -march=native`` into the cache directory (``$TIMEMACHINE_CACHE``,
+else ``~/.cache/timemachine``), keyed by the sources, the compiler, the CPU and jaxlib.
+
+It is a forward computation only: ``jax.grad``/``jax.jvp`` through it are not defined
+(nothing differentiates ζ; plain MD's gradient keeps the JAX path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timemachine.backends import kernel_dir
+from timemachine.backends.host import build_shared_library, host_compiler
+from timemachine.backends.plan import KIND_ANGLE, KIND_BOND, KIND_EXCEPTION, KIND_TORSION
+from timemachine.errors import SimulationError
+
+TARGET = "tm_bonded_gradient_zeta"
+FLAGS = ("-O3", "-march=native")
+_STATE: dict = {}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return platform.machine() + "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the custom call can run here, else (False, why)."""
+    if "ok" in _STATE:
+        return _STATE["ok"], _STATE["why"]
+    ok, why = True, ""
+    if os.environ.get("TIMEMACHINE_HOST_KERNELS", "1") == "0":
+        ok, why = False, "TIMEMACHINE_HOST_KERNELS=0"
+    elif jax.default_backend() != "cpu":
+        ok, why = False, f"JAX computes on {jax.default_backend()!r}, not the CPU"
+    elif host_compiler() is None:
+        ok, why = False, "no host C++ compiler ($CXX, g++ or clang++)"
+    elif not hasattr(jax, "ffi"):
+        ok, why = False, f"jax {jax.__version__} has no jax.ffi"
+    if ok:
+        try:
+            _register()
+        except SimulationError as exc:
+            ok, why = False, str(exc)
+    _STATE.update(ok=ok, why=why)
+    return ok, why
+
+
+def _register() -> None:
+    import jaxlib
+
+    src = os.path.join(kernel_dir(), "host", "tm_xla_cpu.cpp")
+    path = build_shared_library(
+        src,
+        "tm_xla_cpu",
+        FLAGS,
+        include_dirs=(jax.ffi.include_dir(),),
+        key_extra=_cpu_signature() + jaxlib.__version__,
+    )
+    lib = ctypes.CDLL(path)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmBondedGradientZeta), "cpu")
+    _STATE["lib"] = lib  # keep the library loaded for the process
+
+
+@dataclass(frozen=True, eq=False)
+class BondedTables:
+    """The internal-coordinate terms of a System as the custom call reads them.
+
+    tuples (U, 4) int32 distinct atom tuples (unused slots 0), kind (U,) int32 (bonded.cuh
+    TermKind), term_start (U + 1,) int32 (tuple u's terms are [term_start[u],
+    term_start[u+1]), pidx (T, 6) int32 θ indices per channel, consts (T, 2) float64,
+    inv_wrt (P_all,) int32: the tangent p of θ_m, or -1.
+    """
+
+    tuples: np.ndarray
+    kind: np.ndarray
+    term_start: np.ndarray
+    pidx: np.ndarray
+    consts: np.ndarray
+    inv_wrt: np.ndarray
+
+    @classmethod
+    def build(cls, groups, n_params, wrt):
+        """``groups``: (kind, idx (T, k), pidx (T, C), consts (T, NC)) per term group."""
+        tuples, kinds, counts, pidx, consts = [], [], [], [], []
+        for kind, idx, pi, cst in groups:
+            idx = np.asarray(idx, np.int64)
+            if idx.shape[0] == 0:
+                continue
+            uniq, inv = np.unique(idx, axis=0, return_inverse=True)
+            order = np.argsort(inv.reshape(-1), kind="stable")
+            k, c = idx.shape[1], np.shape(pi)[1]
+            tup = np.zeros((uniq.shape[0], 4), np.int32)
+            tup[:, :k] = uniq
+            tuples.append(tup)
+            kinds.append(np.full(uniq.shape[0], kind, np.int32))
+            counts.append(np.bincount(inv.reshape(-1), minlength=uniq.shape[0]))
+            p6 = np.zeros((idx.shape[0], 6), np.int32)
+            p6[:, :c] = np.asarray(pi, np.int64)[order]
+            pidx.append(p6)
+            c2 = np.zeros((idx.shape[0], 2))
+            cst = np.asarray(cst, np.float64).reshape(idx.shape[0], -1)
+            c2[:, : cst.shape[1]] = cst[order]
+            consts.append(c2)
+        if not tuples:
+            return None
+        inv_wrt = np.full(n_params, -1, np.int32)
+        inv_wrt[np.asarray(wrt, np.int64)] = np.arange(len(wrt), dtype=np.int32)
+        start = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int32)
+        return cls(
+            np.concatenate(tuples),
+            np.concatenate(kinds),
+            start,
+            np.concatenate(pidx),
+            np.concatenate(consts),
+            inv_wrt,
+        )
+
+    def __call__(self, x, params, dx_dtheta):
+        """(∇E (N, 3) kJ/mol/nm, ζ (P, N, 3)) of these terms at x with tangents dx/dθ."""
+        out = (
+            jax.ShapeDtypeStruct(x.shape, jnp.float64),
+            jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64),
+        )
+        call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+        return call(
+            x,
+            params,
+            dx_dtheta,
+            self.tuples,
+            self.kind,
+            self.term_start,
+            self.pidx,
+            self.consts,
+            self.inv_wrt,
+        )
+
+
+__all__ = [
+    "BondedTables",
+    "KIND_ANGLE",
+    "KIND_BOND",
+    "KIND_EXCEPTION",
+    "KIND_TORSION",
+    "available",
+]

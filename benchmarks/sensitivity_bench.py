@@ -16,7 +16,12 @@ Variants, measured side by side in one process and interleaved repeat by repeat:
 * ``plain``: ``langevin_step`` (the integrator's step and noise) in a compiled loop whose
   trip count is a runtime value, θ a runtime argument, with the closed-form gradient
   ``System.gradient_fn`` (the fastest plain step we have: FD would use it).
-* ``structured``: ``simulate``'s own compiled chunk program (exact mode, structured ζ).
+* ``structured``: ``simulate``'s own compiled chunk program (exact mode, structured ζ,
+  its bonds, angles, torsions and 1-4 exceptions in the C++ custom call of
+  ``timemachine.backends.xla_cpu``, as simulate runs it on CPU).
+* ``structured_jax_bonded``: the same with those terms in XLA (``bonded="jax"``).
+* ``plain_host_bonded``: the plain step with its bonded gradient in the custom call too,
+  so that the ratio can also be read against a plain step that gets the same help.
 * ``reference``: the same program with the reference ζ (one jvp of ∇E per parameter).
 
 Each variant is compiled and warmed up first; each repeat runs ``steps`` steps from the
@@ -53,7 +58,7 @@ from timemachine.integrator.langevin import (  # noqa: E402
 )
 from timemachine.sensitivity.propagation import exact_init  # noqa: E402
 from timemachine.sensitivity.trajectory import _program  # noqa: E402
-from timemachine.sensitivity.zeta import make_gradient_and_zeta  # noqa: E402
+from timemachine.sensitivity.zeta import make_gradient, make_gradient_and_zeta  # noqa: E402
 
 GOALS = {"villin-vacuum": 8.0, "trialanine-obc2": 4.0}
 
@@ -86,10 +91,10 @@ CASES = {
 }
 
 
-def plain_program(system):
+def plain_program(system, grad=None):
     """Jitted ``run(state, n_steps, θ, coeffs, seed, replica) -> state``: n plain steps
-    with the closed-form gradient (``System.gradient_fn``), the fastest plain step."""
-    grad = system.gradient_fn()
+    with the closed-form gradient (``System.gradient_fn``, or ``grad``)."""
+    grad = system.gradient_fn() if grad is None else grad
 
     def run(state, n_steps, theta, coeffs, seed, replica):
         def one(i, s):
@@ -136,12 +141,18 @@ def run_case(name, repeats, scale, pieces):
     key = tuple(int(i) for i in wrt)
 
     plain = plain_program(system)
+    # plain MD with its bonded gradient in the C++ custom call too, so that the ratio is
+    # also quoted against a plain step that gets the same help
+    plain_host = plain_program(system, make_gradient(system, bonded="host"))
     programs = {zm: _program(system, key, zm, "exact") for zm in ("structured", "reference")}
     # the same structured program with the bonded terms in XLA instead of the C++ call
     programs["structured_jax_bonded"] = _program(system, key, "structured", "exact", "jax")
 
     def run_plain(n):
         return plain(plain_state, jnp.asarray(n, jnp.int64), theta, coeffs, seed, replica)
+
+    def run_plain_host(n):
+        return plain_host(plain_state, jnp.asarray(n, jnp.int64), theta, coeffs, seed, replica)
 
     def run_sens(zm, n):
         # simulate's chunk program: one block of n steps, one saved frame
@@ -151,6 +162,7 @@ def run_case(name, repeats, scale, pieces):
 
     variants = {
         "plain": (lambda: run_plain(steps), steps),
+        "plain_host_bonded": (lambda: run_plain_host(steps), steps),
         "structured": (lambda: run_sens("structured", steps), steps),
         "structured_jax_bonded": (lambda: run_sens("structured_jax_bonded", steps), steps),
         "reference": (lambda: run_sens("reference", ref_steps), ref_steps),
@@ -165,6 +177,8 @@ def run_case(name, repeats, scale, pieces):
     primal_diff = float(np.abs(np.asarray(final_s.x) - final_plain).max())
     dx_s, dx_r = np.asarray(final_s.dx_dtheta), np.asarray(final_r.dx_dtheta)
     dx_rel = float(np.linalg.norm(dx_s - dx_r) / np.linalg.norm(dx_r))
+    dx_j = np.asarray(run_sens("structured_jax_bonded", ref_steps)[0].dx_dtheta)
+    dx_rel_j = float(np.linalg.norm(dx_s - dx_j) / np.linalg.norm(dx_j))
 
     best = dict.fromkeys(variants, np.inf)
     for _ in range(repeats):
@@ -186,6 +200,8 @@ def run_case(name, repeats, scale, pieces):
         "reference_us": us["reference"],
         "structured_jax_bonded_us": us["structured_jax_bonded"],
         "structured_jax_bonded_over_plain": us["structured_jax_bonded"] / us["plain"],
+        "plain_host_bonded_us": us["plain_host_bonded"],
+        "structured_over_plain_host_bonded": us["structured"] / us["plain_host_bonded"],
         "structured_over_plain": us["structured"] / us["plain"],
         "reference_over_plain": us["reference"] / us["plain"],
         "fd_over_structured": 2 * p * us["plain"] / us["structured"],
@@ -194,6 +210,7 @@ def run_case(name, repeats, scale, pieces):
         "compile_and_first_run_s": compile_s,
         "primal_max_abs_diff_nm": primal_diff,
         "dx_dtheta_rel_diff_structured_reference": dx_rel,
+        "dx_dtheta_rel_diff_host_jax_bonded": dx_rel_j,
     }
     if pieces:
         grad = jax.jit(system.gradient_fn())
@@ -260,6 +277,13 @@ def main(argv=None):
               f"primal vs plain max |Δx| = {r['primal_max_abs_diff_nm']:.1e} nm, "
               f"structured vs reference dx/dθ rel. diff = "
               f"{r['dx_dtheta_rel_diff_structured_reference']:.1e}")  # fmt: skip
+        print(
+            f"  bonded terms in XLA instead of the C++ custom call: sens "
+            f"{r['structured_jax_bonded_us']:.1f} µs/step "
+            f"({r['structured_jax_bonded_over_plain']:.2f}× plain); plain step with its bonded "
+            f"gradient in the custom call {r['plain_host_bonded_us']:.1f} µs "
+            f"(structured over it: {r['structured_over_plain_host_bonded']:.2f}×)"
+        )
         if "gradient_call_us" in r:
             print(
                 f"  per call: gradient {r['gradient_call_us']:.1f} µs, gradient + ζ "

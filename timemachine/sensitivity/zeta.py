@@ -97,6 +97,13 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
           scale, one jvp of its gradient per chosen GB parameter;
         * CustomTerm and any other term: ``jax.linearize`` of the term's gradient once
           per call, its linear map vmapped over the P tangents (exact autodiff).
+      bonded: where the bonds, angles, torsions and 1-4 exceptions go. "jax": as above,
+        in XLA (the pure-JAX path); "host": one C++ XLA custom call on the CPU
+        (:mod:`timemachine.backends.xla_cpu`) that applies each tuple's block to all P
+        tangents without forming it and scatters the mixed partials, the same maths to
+        round-off (≤ 1e-12 relative in the tests); "auto" (default): "host" where JAX
+        computes on the CPU and a C++ compiler is present, else "jax". The custom call
+        is forward-only: use "jax" to differentiate through ζ.
 
     The returned function is pure and does no input checks: jit it, or call it in a scan.
     Cost per call: O(N²) to assemble, O(N²·P) in one matrix product, O(terms) elsewhere;
@@ -125,8 +132,8 @@ def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
 
     A sensitivity step needs both at the same x; the structured path gets the gradient
     almost free from the same pair scalars (Σ_j B_ij d_ij), bonded derivatives and
-    linearizations, so one call costs about what ζ alone does. ``method`` as in
-    :func:`make_zeta`; "reference" is ``jax.grad`` plus :func:`zeta_reference`.
+    linearizations, so one call costs about what ζ alone does. ``method`` and ``bonded``
+    as in :func:`make_zeta`; "reference" is ``jax.grad`` plus :func:`zeta_reference`.
     """
     wrt = _check_wrt(system, wrt)
     if method == "reference":
@@ -142,7 +149,7 @@ def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
     return _structured(system, wrt, bonded=bonded)
 
 
-def make_gradient(system):
+def make_gradient(system, bonded="jax"):
     """A jittable ``gradient(x (N,3), params (P_all,)) -> ∇_x E (N, 3)``, kJ/mol/nm.
 
     The gradient half of the structured path, with no ζ: the all-pairs terms (LJ +
@@ -152,8 +159,12 @@ def make_gradient(system):
     (≤ 1e-13 relative on villin) at about a quarter of its cost for all-pairs systems,
     because autodiff of the dense (N, N) energy keeps and reverses many (N, N)
     intermediates. Pure, no input checks: jit it, or call it in a scan.
+
+    ``bonded`` defaults to "jax" here, not "auto", so that the gradient stays
+    differentiable (force matching differentiates it with respect to θ); "host" puts the
+    bonded terms' gradient in the C++ custom call (:func:`make_zeta`).
     """
-    return _structured(system, np.zeros(0, np.int64), gradient_only=True)
+    return _structured(system, np.zeros(0, np.int64), gradient_only=True, bonded=bonded)
 
 
 def _check_wrt(system, wrt):
@@ -175,8 +186,8 @@ def _check_wrt(system, wrt):
 def _use_host_bonded(bonded, gradient_only):
     if bonded not in ("auto", "jax", "host"):
         raise InputError(f"bonded must be 'auto', 'jax' or 'host', got {bonded!r}")
-    if gradient_only or bonded == "jax":
-        return False
+    if bonded == "jax" or (gradient_only and bonded == "auto"):
+        return False  # plain MD's gradient stays differentiable (force matching)
     ok, why = xla_cpu.available()
     if bonded == "host" and not ok:
         raise InputError(f"bonded='host': the CPU custom call cannot run here: {why}")
@@ -321,6 +332,8 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             gq = jnp.concatenate([e["grad"].reshape(-1, 3) for e in evals if "grad" in e])
             grad = grad.at[block_atoms].add(gq)
         if gradient_only:
+            if host is not None:
+                grad = grad + host(x, params, dx_dtheta)[0]
             for part in autodiff:
                 grad = grad + part(x, params)
             return grad

@@ -251,6 +251,41 @@ def _int_table(a, name, shape_tail, upper, what, use):
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+def coordinate_term_groups(system):
+    """The internal-coordinate terms of ``system``, one group per term object in order:
+    (kind, idx (T, k) atoms, pidx (T, C) θ indices per channel, consts (T, NC), where).
+
+    Bonds (r0, k), angles (θ0, k), proper and improper torsions (φ0, k; periodicity) and
+    the 1-4 exceptions of a Nonbonded term (q_i, q_j, σ_i, σ_j, ε_i, ε_j; coulomb_scale,
+    lj_scale), in the channel order of bonded.cuh. Shared by the CUDA plan and the CPU
+    custom call (``timemachine.backends.xla_cpu``); indices are not checked here.
+    """
+    groups = []
+    for t_no, term in enumerate(system.terms):
+        where = f"system.terms[{t_no}] ({term.kind})"
+        if isinstance(term, HarmonicBonds):
+            pidx = np.stack([term.length_index, term.k_index], 1)
+            groups.append((KIND_BOND, term.idx, pidx, np.zeros((len(term.idx), 0)), where))
+        elif isinstance(term, HarmonicAngles):
+            pidx = np.stack([term.theta0_index, term.k_index], 1)
+            groups.append((KIND_ANGLE, term.idx, pidx, np.zeros((len(term.idx), 0)), where))
+        elif isinstance(term, PeriodicTorsions):
+            pidx = np.stack([term.phase_index, term.k_index], 1)
+            per = np.asarray(term.periodicity, dtype=np.float64).reshape(-1, 1)
+            groups.append((KIND_TORSION, term.idx, pidx, per, where))
+        elif isinstance(term, Nonbonded) and np.asarray(term.exception_idx).shape[0]:
+            exc = np.asarray(term.exception_idx)
+            i, j = exc[:, 0], exc[:, 1]
+            per_atom = [
+                np.asarray(getattr(term, f"{k}_index")) for k in ("charge", "sigma", "epsilon")
+            ]
+            pidx = np.stack([a[k] for a in per_atom for k in (i, j)], 1)
+            scales = (term.coulomb_scale, term.lj_scale)
+            cst = np.stack([np.broadcast_to(np.asarray(c, np.float64), i.shape) for c in scales], 1)
+            groups.append((KIND_EXCEPTION, exc, pidx, cst, f"{where} exceptions"))
+    return groups
+
+
 def build_plan(system, wrt) -> KernelPlan:
     """The kernel tables of ``system`` for sensitivities to θ[wrt] (wrt may be empty).
 
@@ -269,40 +304,11 @@ def build_plan(system, wrt) -> KernelPlan:
     inv_wrt = np.full(p_all, -1, dtype=np.int32)
     inv_wrt[wrt_i] = np.arange(wrt.size, dtype=np.int32)
 
-    raw = []  # (kind, idx, pidx, consts, source)
     pairs, gbs = [], []
     for t_no, term in enumerate(system.terms):
         where = f"system.terms[{t_no}] ({term.kind})"
-        if isinstance(term, HarmonicBonds):
-            raw.append(
-                (
-                    KIND_BOND,
-                    term.idx,
-                    np.stack([term.length_index, term.k_index], 1),
-                    np.zeros((len(term.idx), 0)),
-                    where,
-                )
-            )
-        elif isinstance(term, HarmonicAngles):
-            raw.append(
-                (
-                    KIND_ANGLE,
-                    term.idx,
-                    np.stack([term.theta0_index, term.k_index], 1),
-                    np.zeros((len(term.idx), 0)),
-                    where,
-                )
-            )
-        elif isinstance(term, PeriodicTorsions):
-            raw.append(
-                (
-                    KIND_TORSION,
-                    term.idx,
-                    np.stack([term.phase_index, term.k_index], 1),
-                    np.asarray(term.periodicity, dtype=np.float64).reshape(-1, 1),
-                    where,
-                )
-            )
+        if isinstance(term, (HarmonicBonds, HarmonicAngles, PeriodicTorsions)):
+            pass  # coordinate_term_groups below
         elif isinstance(term, Nonbonded):
             per_atom = []
             for name, arg in (("charge_index", "charge"), ("sigma_index", "sigma"),
@@ -324,7 +330,8 @@ def build_plan(system, wrt) -> KernelPlan:
                     f"got {mask.shape}"
                 )
             pairs.append((ci, si, ei, pack_mask(mask)))
-            exc = _int_table(
+            # checked here, by name; the 1-4 exceptions come from coordinate_term_groups
+            _int_table(
                 term.exception_idx,
                 f"{where}.exception_idx",
                 (2,),
@@ -332,17 +339,6 @@ def build_plan(system, wrt) -> KernelPlan:
                 "atom index",
                 (terms_k, "idx"),
             )
-            if exc.shape[0]:
-                i, j = exc[:, 0], exc[:, 1]
-                pidx = np.stack([ci[i], ci[j], si[i], si[j], ei[i], ei[j]], 1)
-                cst = np.stack(
-                    [
-                        np.broadcast_to(np.asarray(term.coulomb_scale, np.float64), i.shape),
-                        np.broadcast_to(np.asarray(term.lj_scale, np.float64), i.shape),
-                    ],
-                    1,
-                )
-                raw.append((KIND_EXCEPTION, exc, pidx, cst, f"{where} exceptions"))
         elif isinstance(term, OBC2):
             idx = []
             for name, arg in (("charge_index", "charge"), ("radius_index", "radius"),
@@ -366,7 +362,7 @@ def build_plan(system, wrt) -> KernelPlan:
 
     terms, slot_atoms, value_theta = [], [], []
     slot_off = value_off = energy_off = 0
-    for kind, idx, pidx, cst, where in raw:
+    for kind, idx, pidx, cst, where in coordinate_term_groups(system):
         k, c, nc = KIND_ATOMS[kind], KIND_CHANNELS[kind], KIND_CONSTS[kind]
         idx = _int_table(idx, f"{where} atom indices", (k,), n, "atom index", (terms_k, "idx"))
         pidx = _int_table(

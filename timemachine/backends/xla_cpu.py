@@ -32,7 +32,6 @@ import numpy as np
 
 from timemachine.backends import kernel_dir
 from timemachine.backends.host import build_shared_library, host_compiler
-from timemachine.backends.plan import KIND_ANGLE, KIND_BOND, KIND_EXCEPTION, KIND_TORSION
 from timemachine.errors import SimulationError
 
 TARGET = "tm_bonded_gradient_zeta"
@@ -107,9 +106,10 @@ class BondedTables:
 
     @classmethod
     def build(cls, groups, n_params, wrt):
-        """``groups``: (kind, idx (T, k), pidx (T, C), consts (T, NC)) per term group."""
+        """``groups``: (kind, idx (T, k), pidx (T, C), consts (T, NC), where) per term group,
+        as :func:`timemachine.backends.plan.coordinate_term_groups` gives them."""
         tuples, kinds, counts, pidx, consts = [], [], [], [], []
-        for kind, idx, pi, cst in groups:
+        for kind, idx, pi, cst, _ in groups:
             idx = np.asarray(idx, np.int64)
             if idx.shape[0] == 0:
                 continue
@@ -162,11 +162,4 @@ class BondedTables:
         )
 
 
-__all__ = [
-    "BondedTables",
-    "KIND_ANGLE",
-    "KIND_BOND",
-    "KIND_EXCEPTION",
-    "KIND_TORSION",
-    "available",
-]
+__all__ = ["BondedTables", "available"]

@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from timemachine.backends import xla_cpu  # noqa: E402
+from timemachine.backends.plan import coordinate_term_groups  # noqa: E402
 from timemachine.constants import COULOMB, COULOMB_GB  # noqa: E402
 from timemachine.errors import InputError  # noqa: E402
 from timemachine.potentials import gbsa  # noqa: E402
@@ -194,38 +195,12 @@ def _use_host_bonded(bonded, gradient_only):
     return ok
 
 
-def _host_bonded_groups(system):
-    """(kind, idx, pidx, consts) of every internal-coordinate term, for the custom call."""
-    groups = []
-    for term in system.terms:
-        if isinstance(term, HarmonicBonds):
-            pidx = np.stack([term.length_index, term.k_index], 1)
-            groups.append((xla_cpu.KIND_BOND, term.idx, pidx, np.zeros((len(term.idx), 0))))
-        elif isinstance(term, HarmonicAngles):
-            pidx = np.stack([term.theta0_index, term.k_index], 1)
-            groups.append((xla_cpu.KIND_ANGLE, term.idx, pidx, np.zeros((len(term.idx), 0))))
-        elif isinstance(term, PeriodicTorsions):
-            pidx = np.stack([term.phase_index, term.k_index], 1)
-            per = np.asarray(term.periodicity, np.float64).reshape(-1, 1)
-            groups.append((xla_cpu.KIND_TORSION, term.idx, pidx, per))
-        elif isinstance(term, Nonbonded) and np.asarray(term.exception_idx).shape[0]:
-            exc = np.asarray(term.exception_idx)
-            i, j = exc[:, 0], exc[:, 1]
-            per_atom = [np.asarray(a) for a in (term.charge_index, term.sigma_index)]
-            per_atom.append(np.asarray(term.epsilon_index))
-            pidx = np.stack([a[k] for a in per_atom for k in (i, j)], 1)
-            scales = [np.asarray(term.coulomb_scale, np.float64), np.asarray(term.lj_scale)]
-            consts = np.stack([np.broadcast_to(c, i.shape) for c in scales], 1)
-            groups.append((xla_cpu.KIND_EXCEPTION, exc, pidx, consts))
-    return groups
-
-
 def _structured(system, wrt, gradient_only=False, bonded="auto"):
     n = system.n_atoms
     dense, coords, autodiff = [], [], []
     # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs
     host = (
-        xla_cpu.BondedTables.build(_host_bonded_groups(system), system.n_params, wrt)
+        xla_cpu.BondedTables.build(coordinate_term_groups(system), system.n_params, wrt)
         if _use_host_bonded(bonded, gradient_only)
         else None
     )

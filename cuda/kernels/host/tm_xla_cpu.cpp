@@ -21,7 +21,6 @@
 //   pidx (T,6) i32 θ indices per channel, consts (T,2) f64, inv_wrt (P_all) i32
 //   (tangent p of θ_m, or -1).
 // Results: grad (N,3) and zeta (P,N,3), this group's contribution (overwritten).
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -81,7 +80,6 @@ struct Tables {
   const int32_t* pidx;
   const double* consts;
   const int32_t* inv_wrt;
-  int64_t n_tuples;
 };
 
 // one tuple of K atoms: gradient into grad, ζ rows into zt (3N, stride), P tangents in dxt
@@ -173,7 +171,7 @@ ffi::Error BondedGradientZetaImpl(ffi::Buffer<ffi::F64> x, ffi::Buffer<ffi::F64>
         "tm_bonded_gradient_zeta: inv_wrt must have one entry per θ");
   Tables tb{x.typed_data(),      theta.typed_data(),  tuples.typed_data(),
             tuple_kind.typed_data(), term_start.typed_data(), pidx.typed_data(),
-            consts.typed_data(), inv_wrt.typed_data(), n_tuples};
+            consts.typed_data(), inv_wrt.typed_data()};
   double* g = grad->typed_data();
   std::memset(g, 0, sizeof(double) * 3 * n);
   const int64_t stride = (p + LANES - 1) / LANES * LANES;

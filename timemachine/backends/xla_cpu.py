@@ -1,13 +1,20 @@
-"""A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms.
+"""A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms, and the
+all-pairs Hessian contraction of ζ.
 
 The structured ζ (``timemachine.sensitivity.zeta``) needs, for every bond, angle, proper
 and improper torsion and 1-4 exception, the block f''∇q∇qᵀ + f'∇²q of its coordinate q
 contracted with all P tangents, and the mixed partials of the terms whose parameters are
 chosen. In XLA on CPU that is hundreds of tiny kernels (about half of trialanine's
 sensitivity step) or, on a protein, a large scatter into the dense Hessian.
-``cuda/kernels/host/tm_xla_cpu.cpp`` does it in one serial pass over the distinct atom
-tuples with the per-term maths of ``bonded.cuh`` (the functions the CUDA kernels and the
-host build share), registered with ``jax.ffi`` so that it runs inside the compiled step.
+``cuda/kernels/host/tm_xla_cpu.cpp`` does it in one pass over the distinct atom tuples
+with the per-term maths of ``bonded.cuh`` (the functions the CUDA kernels and the host
+build share), registered with ``jax.ffi`` so that it runs inside the compiled step.
+
+Given the all-pairs scalars A, B (N, N) that zeta.py computes in XLA, the same call also
+applies the pair blocks A_ij d dᵀ + B_ij I to the tangents over the upper triangle (half
+the flops of XLA's dense (P, 3N)·(3N, 3N) product, and no 24 MB matrix on villin). The
+tangents are split in chunks of 8 among XLA's intra-op threads; each chunk is summed in
+one fixed order, so the results do not depend on the number of threads.
 
 The pure-JAX path stays the reference: ``make_gradient_and_zeta(..., bonded="jax")``, and
 the tests compare the two. This path is used where JAX computes on the CPU and a C++
@@ -34,7 +41,7 @@ from timemachine.backends import kernel_dir
 from timemachine.backends.host import build_shared_library, host_compiler
 from timemachine.errors import SimulationError
 
-TARGET = "tm_bonded_gradient_zeta"
+TARGET = "tm_gradient_zeta"
 FLAGS = ("-O3", "-march=native")
 _STATE: dict = {}
 
@@ -83,7 +90,7 @@ def _register() -> None:
         key_extra=_cpu_signature() + jaxlib.__version__,
     )
     lib = ctypes.CDLL(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmBondedGradientZeta), "cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmGradientZeta), "cpu")
     _STATE["lib"] = lib  # keep the library loaded for the process
 
 
@@ -142,12 +149,20 @@ class BondedTables:
             inv_wrt,
         )
 
-    def __call__(self, x, params, dx_dtheta):
-        """(∇E (N, 3) kJ/mol/nm, ζ (P, N, 3)) of these terms at x with tangents dx/dθ."""
+    def __call__(self, x, params, dx_dtheta, pair_a=None, pair_b=None):
+        """(∇E (N, 3) kJ/mol/nm, ζ (P, N, 3)) of these terms at x with tangents dx/dθ.
+
+        ``pair_a``, ``pair_b``: optional symmetric (N, N) all-pairs Hessian scalars (the
+        block of pair ij is A_ij d dᵀ + B_ij I, d = x_i - x_j, kJ/mol/nm⁴ and kJ/mol/nm²);
+        given, ζ also gets Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) (not the gradient: that is
+        Σ_j B_ij d_ij, computed in XLA). The tangents are split among XLA's CPU threads.
+        """
         out = (
             jax.ShapeDtypeStruct(x.shape, jnp.float64),
             jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64),
         )
+        if pair_a is None:
+            pair_a = pair_b = jnp.zeros((0,), jnp.float64)
         call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
         return call(
             x,
@@ -159,6 +174,8 @@ class BondedTables:
             self.pidx,
             self.consts,
             self.inv_wrt,
+            pair_a,
+            pair_b,
         )
 
 

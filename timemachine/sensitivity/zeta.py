@@ -90,8 +90,10 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
         * OBC2: its pair part (through r with the Born radii fixed) joins the same two
           matrices; the Born-radius chain adds three matrix products over all tangents
           (see ``_OBC2Pairs``);
-        * all of the above form one dense symmetric (3N, 3N) Hessian, applied to the P
-          tangents with a single (P, 3N)·(3N, 3N) product;
+        * with ``bonded="jax"``, all of the above form one dense symmetric (3N, 3N)
+          Hessian, applied to the P tangents with a single (P, 3N)·(3N, 3N) product; with
+          the custom call, the pair blocks are applied there instead, over the upper
+          triangle (half the flops, no (3N, 3N) matrix), split among XLA's CPU threads;
         * mixed partials: scattered from the terms whose index arrays point at a chosen
           parameter; for per-atom charge/σ/ε of the all-pairs term, one
           (3N, N)·(N, P_kind) product per parameter kind; for OBC2's charge, radius and
@@ -102,13 +104,15 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
         in XLA (the pure-JAX path); "host": one C++ XLA custom call on the CPU
         (:mod:`timemachine.backends.xla_cpu`) that applies each tuple's block to all P
         tangents without forming it and scatters the mixed partials, the same maths to
-        round-off (≤ 1e-12 relative in the tests); "auto" (default): "host" where JAX
+        round-off (≤ 1e-12 relative in the tests), and also contracts the all-pairs
+        blocks A_ij d dᵀ + B_ij I with the tangents; "auto" (default): "host" where JAX
         computes on the CPU and a C++ compiler is present, else "jax". The custom call
         is forward-only: use "jax" to differentiate through ζ.
 
     The returned function is pure and does no input checks: jit it, or call it in a scan.
-    Cost per call: O(N²) to assemble, O(N²·P) in one matrix product, O(terms) elsewhere;
-    memory O(N²) (a 3N×3N float64 matrix, 24 MB for 582 atoms).
+    Cost per call: O(N²) to assemble, O(N²·P) in one matrix product (or the custom call's
+    contraction), O(terms) elsewhere; memory O(N²) (two N×N scalar matrices; the dense path
+    also a 3N×3N float64 matrix in column tiles, 24 MB in all for 582 atoms).
     """
     wrt = _check_wrt(system, wrt)
     if method == "reference":
@@ -312,52 +316,24 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             for part in autodiff:
                 grad = grad + part(x, params)
             return grad
-        # G = C - (bonded blocks), rows/columns ordered (a, i): C[ai, bj] = A d_a d_b + B δ_ab.
-        # The Hessian is diag_i(Σ_j C_ij) - G; the bonded part drops out of the row sums
-        # (translation invariance), so one product [t | E]·G gives both t·G and Σ_j C_ij.
         p = dx_dtheta.shape[0]
         tangents = jnp.transpose(dx_dtheta, (0, 2, 1)).reshape(p, 3 * n)
         ext = jnp.concatenate([tangents, unit])  # (P + 3, 3N)
-        blocks = (
-            -jnp.concatenate([e["block"].reshape(-1) for e in evals if "block" in e])
-            if block_flat.size
-            else None
-        )
-        # G by column tiles of atoms J: each (3N, 3|J|) tile is written, scattered into and
-        # multiplied while it is in cache, where the whole (3N, 3N) G would go to memory
-        pieces = []
-        for j0, j1, local, entries in tiles:
-            cols = slice(j0, j1)
-            g = jnp.stack(
-                [
-                    jnp.stack(
-                        [
-                            a[:, cols] * dc[i][:, cols] * dc[j][:, cols]
-                            + (b[:, cols] if i == j else 0.0)
-                            for j in range(3)
-                        ],
-                        1,
-                    )
-                    for i in range(3)
-                ]
-            ).reshape(-1)  # (3, N, 3, w) flattened; stack, not concatenate, keeps the GEMM fast
-            if local.size:  # one tile (small N) takes every entry, in order: no gather
-                g = g.at[local].add(blocks if len(tiles) == 1 else blocks[entries])
-            pieces.append((ext @ g.reshape(3 * n, 3 * (j1 - j0))).reshape(-1, 3, j1 - j0))
-        prod = jnp.concatenate(pieces, axis=2).reshape(-1, 3 * n)
-        rowsum = prod[p:].reshape(3, 3, n)  # [b, a, i] = Σ_j C_ij[a, b]
-        t3 = tangents.reshape(p, 3, n)
-        hess_t = sum(rowsum[k][None, :, :] * t3[:, k : k + 1, :] for k in range(3))
-        hess_t = hess_t - prod[:p].reshape(p, 3, n)
-        for apply in applies:
-            hess_t = hess_t + apply(ext)
-        out = jnp.transpose(hess_t, (0, 2, 1)) + mixed
+        if host is not None:
+            # the pair contraction Σ_j C_ij (t_i - t_j) joins the bonded terms in the custom
+            # call: half the flops of the dense product (upper triangle), no (3N, 3N) matrix
+            g_host, out = host(x, params, dx_dtheta, *((a, b) if dense else ()))
+            grad, out = grad + g_host, out + mixed
+            for apply in applies:
+                out = out + jnp.transpose(apply(ext), (0, 2, 1))
+        else:
+            hess_t = _dense_pair_product(a, b, dc, ext, tiles, evals, block_flat.size, p, n)
+            for apply in applies:
+                hess_t = hess_t + apply(ext)
+            out = jnp.transpose(hess_t, (0, 2, 1)) + mixed
         for c, e in zip(coords, evals, strict=True):
             if c.hit_term.size:
                 out = out.at[c.hit_param[:, None], c.hit_atoms].add(e["mixed"])
-        if host is not None:
-            g_host, z_host = host(x, params, dx_dtheta)
-            grad, out = grad + g_host, out + z_host
         for part in autodiff:
             g_term, z_term = part(x, params, dx_dtheta)
             grad, out = grad + g_term, out + z_term
@@ -370,6 +346,47 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
 
         return gradient
     return gradient_and_zeta
+
+
+def _dense_pair_product(a, b, dc, ext, tiles, evals, n_block, p, n):
+    """H·t of the pair forms and the bonded blocks through one dense symmetric Hessian,
+    (P, 3, N): the pure-JAX path (``bonded="jax"``).
+
+    G = C - (bonded blocks), rows/columns ordered (a, i): C[ai, bj] = A d_a d_b + B δ_ab.
+    The Hessian is diag_i(Σ_j C_ij) - G; the bonded part drops out of the row sums
+    (translation invariance), so one product [t | E]·G gives both t·G and Σ_j C_ij.
+    """
+    blocks = (
+        -jnp.concatenate([e["block"].reshape(-1) for e in evals if "block" in e])
+        if n_block
+        else None
+    )
+    # G by column tiles of atoms J: each (3N, 3|J|) tile is written, scattered into and
+    # multiplied while it is in cache, where the whole (3N, 3N) G would go to memory
+    pieces = []
+    for j0, j1, local, entries in tiles:
+        cols = slice(j0, j1)
+        g = jnp.stack(
+            [
+                jnp.stack(
+                    [
+                        a[:, cols] * dc[i][:, cols] * dc[j][:, cols]
+                        + (b[:, cols] if i == j else 0.0)
+                        for j in range(3)
+                    ],
+                    1,
+                )
+                for i in range(3)
+            ]
+        ).reshape(-1)  # (3, N, 3, w) flattened; stack, not concatenate, keeps the GEMM fast
+        if local.size:  # one tile (small N) takes every entry, in order: no gather
+            g = g.at[local].add(blocks if len(tiles) == 1 else blocks[entries])
+        pieces.append((ext @ g.reshape(3 * n, 3 * (j1 - j0))).reshape(-1, 3, j1 - j0))
+    prod = jnp.concatenate(pieces, axis=2).reshape(-1, 3 * n)
+    rowsum = prod[p:].reshape(3, 3, n)  # [b, a, i] = Σ_j C_ij[a, b]
+    t3 = ext[:p].reshape(p, 3, n)
+    hess_t = sum(rowsum[k][None, :, :] * t3[:, k : k + 1, :] for k in range(3))
+    return hess_t - prod[:p].reshape(p, 3, n)
 
 
 # -- internal coordinates: value and analytic gradient ----------------------------------

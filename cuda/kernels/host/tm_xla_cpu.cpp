@@ -1,7 +1,7 @@
 // XLA FFI custom call for the CPU: ∇E and ζ of every internal-coordinate term (bonds,
 // angles, proper and improper torsions, 1-4 exceptions) in one pass over the distinct atom
 // tuples, with the per-term maths of bonded.cuh (the same functions the CUDA kernels and
-// the host build use).
+// the host build use), and, optionally, the all-pairs Hessian contraction of ζ.
 //
 // Why: on CPU the JAX structured ζ spends a large share of a small system's step in the
 // hundreds of tiny XLA kernels that evaluate these 3k×3k blocks, and on a large one in
@@ -9,22 +9,41 @@
 //     f'' ∇q∇qᵀ + f' ∇²q
 // is applied to the tangents without being formed: ∇²q·t is the derivative of the
 // analytic ∇q along t, a Jet carrying LANES tangents at once through bonded.cuh's
-// formula. The tangents are held transposed, (3N, P) with P contiguous and padded to a
-// multiple of LANES, so every Jet operation is one SIMD operation over LANES tangents.
-// Mixed partials ∂²E/∂x∂θ_p are scattered from the terms that use a chosen θ_p.
-// Tuples are visited in a fixed order on one thread: the sums are deterministic.
+// formula. Mixed partials ∂²E/∂x∂θ_p are scattered from the terms that use a chosen θ_p.
+//
+// The all-pairs part (LJ + Coulomb, OBC2's pair part): given the symmetric pair scalars
+// A, B (N, N) that zeta.py computes in XLA, the block of pair (i, j) is A_ij d dᵀ + B_ij I
+// (d = x_i - x_j), and
+//     ζ_i += Σ_{j≠i} (A_ij d dᵀ + B_ij I)(t_i - t_j),
+// summed over the upper triangle only (each pair updates both atoms), in tiles of atoms
+// whose tangents stay in L1. That is half the flops of the dense (P, 3N)·(3N, 3N) product
+// and no (3N, 3N) matrix in memory.
+//
+// Layout: the tangents and ζ are held as chunks of LANES tangents, (chunk, 3N, LANES),
+// so every Jet or pair operation is one SIMD operation over LANES tangents and a chunk
+// is one contiguous block. Chunks are independent: they are shared among XLA's intra-op
+// threads (work-stealing, so a busy pool only means the caller does more of them). Each
+// chunk is computed in the same order whichever thread runs it, so results are bitwise
+// deterministic and independent of the thread count.
 //
 // Operands (built once per System and wrt in timemachine/backends/xla_cpu.py):
 //   x (N,3) f64, theta (P_all) f64, dx (P,N,3) f64,
 //   tuples (U,4) i32 atoms (unused slots 0), tuple_kind (U) i32 (bonded.cuh TermKind),
 //   term_start (U+1) i32 (tuple u's terms are [term_start[u], term_start[u+1])),
 //   pidx (T,6) i32 θ indices per channel, consts (T,2) f64, inv_wrt (P_all) i32
-//   (tangent p of θ_m, or -1).
-// Results: grad (N,3) and zeta (P,N,3), this group's contribution (overwritten).
+//   (tangent p of θ_m, or -1), pair_a, pair_b: (N,N) f64 symmetric, or empty (no pairs).
+// Results: grad (N,3) and zeta (P,N,3), this call's contribution (overwritten); the
+// pairs add to ζ only (their gradient is Σ_j B_ij d_ij, one GEMM in XLA).
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../bonded.cuh"
@@ -35,6 +54,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int LANES = 8;  // tangents per SIMD block: one AVX-512 or two AVX2 registers
+constexpr int64_t TILE = 64;  // atoms per pair tile: 2 × 64 × 3 × LANES doubles = 24 KiB
 
 // A dual number with LANES tangents as one GCC/Clang vector, so that each operation is a
 // SIMD instruction (the generic tmk::Jet's loops stay scalar after unrolling). It has
@@ -71,6 +91,22 @@ inline lanes load_lanes(const double* p) {
 }
 inline void store_lanes(double* p, lanes v) { std::memcpy(p, &v, sizeof v); }
 
+// 64-byte aligned scratch that keeps its capacity between calls (one per calling thread)
+struct Scratch {
+  double* p = nullptr;
+  size_t cap = 0;
+  double* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 7) / 8 * 8;
+      p = static_cast<double*>(std::aligned_alloc(64, cap * sizeof(double)));
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+thread_local Scratch t_dxt, t_zt, t_geom;
+
 struct Tables {
   const double* x;
   const double* theta;
@@ -82,10 +118,20 @@ struct Tables {
   const int32_t* inv_wrt;
 };
 
-// one tuple of K atoms: gradient into grad, ζ rows into zt (3N, stride), P tangents in dxt
+// per-tuple results of the scalar pass that the tangent pass reuses: ∇q (12), f', f''
+constexpr int GEOM = 14;
+
+struct Mixed {  // one mixed-partial entry: ζ[row, lane] of a chunk += value
+  int64_t row;
+  int lane;
+  double value;
+};
+
+// the scalar pass over one tuple of K atoms: ∇E into grad, ∇q, f', f'' into geom, and
+// the mixed partials f'_θ ∇q into the bucket of the chunk of their tangent
 template <int K>
-void tuple_gz(const Tables& tb, int64_t u, double* grad, const double* dxt, double* zt,
-              int64_t p, int64_t stride) {
+void tuple_scalars(const Tables& tb, int64_t u, double* grad, double* geom, bool tangents,
+                   std::vector<std::vector<Mixed>>& mixed) {
   const int kind = tb.kind[u];
   int atoms[K];
   double xl[K][3], g[K][3];
@@ -103,109 +149,221 @@ void tuple_gz(const Tables& tb, int64_t u, double* grad, const double* dxt, doub
     const tmk::TermScalars s = tmk::term_scalars(kind, q, prm, tb.consts + 2 * (int64_t)t);
     d1 += s.d1;
     d2 += s.d2;
-    if (p == 0) continue;
+    if (!tangents) continue;
     for (int c = 0; c < tmk::kind_channels(kind); ++c) {  // mixed partial ∂f'/∂θ_c ∇q
       const int32_t m = tb.inv_wrt[pi[c]];
       if (m < 0) continue;
       for (int i = 0; i < K; ++i)
         for (int a = 0; a < 3; ++a)
-          zt[(3 * (int64_t)atoms[i] + a) * stride + m] += s.dd1[c] * g[i][a];
+          mixed[m / LANES].push_back({3 * (int64_t)atoms[i] + a, m % LANES, s.dd1[c] * g[i][a]});
     }
   }
   for (int i = 0; i < K; ++i)
-    for (int c = 0; c < 3; ++c) grad[3 * (int64_t)atoms[i] + c] += d1 * g[i][c];
-  if (p == 0) return;
+    for (int c = 0; c < 3; ++c) {
+      grad[3 * (int64_t)atoms[i] + c] += d1 * g[i][c];
+      geom[3 * i + c] = g[i][c];
+    }
+  geom[12] = d1;
+  geom[13] = d2;
+}
+
+// the tangent pass over one tuple for one chunk: ζ += (f'' ∇q∇qᵀ + f' ∇²q) t, with ∇q
+// differentiated along the LANES tangents (a Jet through the analytic gradient), so that
+// ∇²q is never formed
+template <int K>
+void tuple_tangents(const Tables& tb, int64_t u, const double* geom, const double* t,
+                    double* z) {
+  const int kind = tb.kind[u];
+  const double d1 = geom[12], d2 = geom[13];
   int64_t row[K][3];
+  VJet xj[K][3], gj[K][3];
+  lanes dq = {};
   for (int i = 0; i < K; ++i)
-    for (int c = 0; c < 3; ++c) row[i][c] = (3 * (int64_t)atoms[i] + c) * stride;
-  // LANES tangents at a time: ∇q differentiated along each of them (a Jet of LANES
-  // tangents through the analytic gradient), so ∇²q is never formed
-  for (int64_t p0 = 0; p0 < stride; p0 += LANES) {
-    VJet xj[K][3], gj[K][3];
-    lanes dq = {};
-    for (int i = 0; i < K; ++i)
-      for (int c = 0; c < 3; ++c) {
-        xj[i][c].v = xl[i][c];
-        xj[i][c].d = load_lanes(dxt + row[i][c] + p0);
-        dq += g[i][c] * xj[i][c].d;
-      }
-    tmk::coord_grad<VJet>(kind, xj, gj);
-    for (int i = 0; i < K; ++i)
-      for (int c = 0; c < 3; ++c) {
-        double* out = zt + row[i][c] + p0;
-        store_lanes(out, load_lanes(out) + (d2 * g[i][c]) * dq + d1 * gj[i][c].d);
-      }
+    for (int c = 0; c < 3; ++c) {
+      row[i][c] = (3 * (int64_t)tb.tuples[4 * u + i] + c) * LANES;
+      xj[i][c].v = tb.x[3 * (int64_t)tb.tuples[4 * u + i] + c];
+      xj[i][c].d = load_lanes(t + row[i][c]);
+      dq += geom[3 * i + c] * xj[i][c].d;
+    }
+  tmk::coord_grad<VJet>(kind, xj, gj);
+  for (int i = 0; i < K; ++i)
+    for (int c = 0; c < 3; ++c) {
+      double* out = z + row[i][c];
+      store_lanes(out, load_lanes(out) + (d2 * geom[3 * i + c]) * dq + d1 * gj[i][c].d);
+    }
+}
+
+// ζ_i += Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) and ζ_j -= the same, d = x_i - x_j, for
+// i in [i0, i1), j in [j0, j1) with j > i: one tile of the upper triangle, one chunk
+void pair_tile(const double* x, const double* pa, const double* pb, int64_t n, int64_t i0,
+               int64_t i1, int64_t j0, int64_t j1, const double* t, double* z) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
+    const double* ti = t + 3 * i * LANES;
+    const lanes t0 = load_lanes(ti), t1 = load_lanes(ti + LANES), t2 = load_lanes(ti + 2 * LANES);
+    lanes acc0 = {}, acc1 = {}, acc2 = {};
+    const double* arow = pa + i * n;
+    const double* brow = pb + i * n;
+    for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+      const double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
+      const double aij = arow[j], bij = brow[j];
+      const double* tj = t + 3 * j * LANES;
+      double* zj = z + 3 * j * LANES;
+      const lanes e0 = t0 - load_lanes(tj), e1 = t1 - load_lanes(tj + LANES),
+                  e2 = t2 - load_lanes(tj + 2 * LANES);
+      const lanes as = aij * (d0 * e0 + d1 * e1 + d2 * e2);
+      const lanes f0 = as * d0 + bij * e0, f1 = as * d1 + bij * e1, f2 = as * d2 + bij * e2;
+      acc0 += f0;
+      acc1 += f1;
+      acc2 += f2;
+      store_lanes(zj, load_lanes(zj) - f0);
+      store_lanes(zj + LANES, load_lanes(zj + LANES) - f1);
+      store_lanes(zj + 2 * LANES, load_lanes(zj + 2 * LANES) - f2);
+    }
+    double* zi = z + 3 * i * LANES;
+    store_lanes(zi, load_lanes(zi) + acc0);
+    store_lanes(zi + LANES, load_lanes(zi + LANES) + acc1);
+    store_lanes(zi + 2 * LANES, load_lanes(zi + 2 * LANES) + acc2);
   }
 }
 
-// scratch for the transposed tangents and ζ rows; one per thread that runs the call
-thread_local std::vector<double> t_dxt, t_zt;
+// run work(0..units-1) on this thread and on up to units - 1 tasks of XLA's intra-op
+// pool. Units are claimed from a counter, so a task that starts late (the pool is busy)
+// finds nothing left and returns: the caller never waits for a unit nobody has claimed.
+void parallel_units(ffi::ThreadPool& pool, int units, const std::function<void(int)>& work) {
+  struct State {
+    std::atomic<int> next{0}, done{0};
+    int units = 0;
+    const std::function<void(int)>* work = nullptr;
+  };
+  auto st = std::make_shared<State>();
+  st->units = units;
+  st->work = &work;
+  auto run = [](State& s) {
+    for (int k; (k = s.next.fetch_add(1, std::memory_order_relaxed)) < s.units;) {
+      (*s.work)(k);  // only reached while the caller is still waiting for this unit
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
+  for (int h = 0; h < helpers; ++h) pool.Schedule([st, run] { run(*st); });
+  run(*st);
+  while (st->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
 
-ffi::Error BondedGradientZetaImpl(ffi::Buffer<ffi::F64> x, ffi::Buffer<ffi::F64> theta,
-                                  ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::S32> tuples,
-                                  ffi::Buffer<ffi::S32> tuple_kind,
-                                  ffi::Buffer<ffi::S32> term_start, ffi::Buffer<ffi::S32> pidx,
-                                  ffi::Buffer<ffi::F64> consts, ffi::Buffer<ffi::S32> inv_wrt,
-                                  ffi::ResultBuffer<ffi::F64> grad,
-                                  ffi::ResultBuffer<ffi::F64> zeta) {
+ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                            ffi::Buffer<ffi::F64> theta, ffi::Buffer<ffi::F64> dx,
+                            ffi::Buffer<ffi::S32> tuples, ffi::Buffer<ffi::S32> tuple_kind,
+                            ffi::Buffer<ffi::S32> term_start, ffi::Buffer<ffi::S32> pidx,
+                            ffi::Buffer<ffi::F64> consts, ffi::Buffer<ffi::S32> inv_wrt,
+                            ffi::Buffer<ffi::F64> pair_a, ffi::Buffer<ffi::F64> pair_b,
+                            ffi::ResultBuffer<ffi::F64> grad, ffi::ResultBuffer<ffi::F64> zeta) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_bonded_gradient_zeta: x must have shape (N, 3)");
+    return ffi::Error::InvalidArgument("tm_gradient_zeta: x must have shape (N, 3)");
   const int64_t n = xd[0];
   const auto dd = dx.dimensions();
   if (dd.size() != 3 || dd[1] != n || dd[2] != 3)
     return ffi::Error::InvalidArgument(
-        "tm_bonded_gradient_zeta: dx must have shape (P, " + std::to_string(n) + ", 3)");
+        "tm_gradient_zeta: dx must have shape (P, " + std::to_string(n) + ", 3)");
   const int64_t p = dd[0];
   const int64_t n_tuples = tuple_kind.element_count();
   if (tuples.element_count() != 4 * (size_t)n_tuples ||
       term_start.element_count() != (size_t)n_tuples + 1)
     return ffi::Error::InvalidArgument(
-        "tm_bonded_gradient_zeta: tuples, tuple_kind and term_start disagree in length");
+        "tm_gradient_zeta: tuples, tuple_kind and term_start disagree in length");
   const int64_t n_terms = term_start.typed_data()[n_tuples];
   if (pidx.element_count() != 6 * (size_t)n_terms || consts.element_count() != 2 * (size_t)n_terms)
     return ffi::Error::InvalidArgument(
-        "tm_bonded_gradient_zeta: pidx and consts must have one row per term");
+        "tm_gradient_zeta: pidx and consts must have one row per term");
   if (inv_wrt.element_count() != theta.element_count())
-    return ffi::Error::InvalidArgument(
-        "tm_bonded_gradient_zeta: inv_wrt must have one entry per θ");
+    return ffi::Error::InvalidArgument("tm_gradient_zeta: inv_wrt must have one entry per θ");
+  const bool pairs = pair_a.element_count() > 0;
+  if (pair_a.element_count() != pair_b.element_count() ||
+      (pairs && pair_a.element_count() != (size_t)(n * n)))
+    return ffi::Error::InvalidArgument("tm_gradient_zeta: pair_a and pair_b must both be (" +
+                                       std::to_string(n) + ", " + std::to_string(n) +
+                                       ") or both empty");
   Tables tb{x.typed_data(),      theta.typed_data(),  tuples.typed_data(),
             tuple_kind.typed_data(), term_start.typed_data(), pidx.typed_data(),
             consts.typed_data(), inv_wrt.typed_data()};
   double* g = grad->typed_data();
   std::memset(g, 0, sizeof(double) * 3 * n);
-  const int64_t stride = (p + LANES - 1) / LANES * LANES;
-  const int64_t rows = 3 * n;
-  double* dxt = nullptr;
-  double* zt = nullptr;
-  if (p > 0) {
-    t_dxt.assign(rows * stride, 0.0);
-    t_zt.assign(rows * stride, 0.0);
-    dxt = t_dxt.data();
-    zt = t_zt.data();
-    const double* src = dx.typed_data();
-    for (int64_t pp = 0; pp < p; ++pp)
-      for (int64_t r = 0; r < rows; ++r) dxt[r * stride + pp] = src[pp * rows + r];
-  }
+  const int64_t chunks = (p + LANES - 1) / LANES;
+  const int64_t rows = 3 * n, block = rows * LANES;
+  std::vector<std::vector<Mixed>> mixed(chunks);
+  double* geom = t_geom.get(GEOM * std::max<int64_t>(n_tuples, 1));
+  // the scalar pass, serial and in a fixed order: ∇E, and what the tangent pass reuses
   for (int64_t u = 0; u < n_tuples; ++u) {
     const int kind = tb.kind[u];
     if (kind == tmk::KIND_TORSION)
-      tuple_gz<4>(tb, u, g, dxt, zt, p, stride);
+      tuple_scalars<4>(tb, u, g, geom + GEOM * u, p > 0, mixed);
     else if (kind == tmk::KIND_ANGLE)
-      tuple_gz<3>(tb, u, g, dxt, zt, p, stride);
+      tuple_scalars<3>(tb, u, g, geom + GEOM * u, p > 0, mixed);
     else
-      tuple_gz<2>(tb, u, g, dxt, zt, p, stride);
+      tuple_scalars<2>(tb, u, g, geom + GEOM * u, p > 0, mixed);
   }
+  if (p == 0) return ffi::Error::Success();
+  double* dxt = t_dxt.get(chunks * block);
+  double* zt = t_zt.get(chunks * block);
+  const double* src = dx.typed_data();
   double* z = zeta->typed_data();
-  for (int64_t pp = 0; pp < p; ++pp)
-    for (int64_t r = 0; r < rows; ++r) z[pp * rows + r] = zt[r * stride + pp];
+  const double* xs = tb.x;
+  const double* pa = pair_a.typed_data();
+  const double* pb = pair_b.typed_data();
+  // the chunks of one unit: [c0, c1); units are contiguous runs of chunks
+  const int units = (int)std::min<int64_t>(chunks, std::max<int64_t>(pool.num_threads(), 1));
+  std::function<void(int)> work = [&](int k) {
+    const int64_t c0 = chunks * k / units, c1 = chunks * (k + 1) / units;
+    for (int64_t c = c0; c < c1; ++c) {  // tangents in, ζ zeroed, mixed partials
+      double* t = dxt + c * block;
+      double* zc = zt + c * block;
+      const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+      std::memset(zc, 0, sizeof(double) * block);
+      if (width < LANES) std::memset(t, 0, sizeof(double) * block);
+      for (int64_t l = 0; l < width; ++l) {
+        const double* s = src + (c * LANES + l) * rows;
+        for (int64_t r = 0; r < rows; ++r) t[r * LANES + l] = s[r];
+      }
+      for (const Mixed& e : mixed[c]) zc[e.row * LANES + e.lane] += e.value;
+    }
+    for (int64_t u = 0; u < n_tuples; ++u) {
+      const int kind = tb.kind[u];
+      for (int64_t c = c0; c < c1; ++c) {
+        const double* t = dxt + c * block;
+        double* zc = zt + c * block;
+        if (kind == tmk::KIND_TORSION)
+          tuple_tangents<4>(tb, u, geom + GEOM * u, t, zc);
+        else if (kind == tmk::KIND_ANGLE)
+          tuple_tangents<3>(tb, u, geom + GEOM * u, t, zc);
+        else
+          tuple_tangents<2>(tb, u, geom + GEOM * u, t, zc);
+      }
+    }
+    if (pairs)
+      for (int64_t i0 = 0; i0 < n; i0 += TILE)
+        for (int64_t j0 = i0; j0 < n; j0 += TILE)
+          for (int64_t c = c0; c < c1; ++c)
+            pair_tile(xs, pa, pb, n, i0, std::min(i0 + TILE, n), j0, std::min(j0 + TILE, n),
+                      dxt + c * block, zt + c * block);
+    for (int64_t c = c0; c < c1; ++c) {  // ζ out, (P, N, 3)
+      const double* zc = zt + c * block;
+      const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+      for (int64_t l = 0; l < width; ++l) {
+        double* d = z + (c * LANES + l) * rows;
+        for (int64_t r = 0; r < rows; ++r) d[r] = zc[r * LANES + l];
+      }
+    }
+  };
+  parallel_units(pool, units, work);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TmBondedGradientZeta, BondedGradientZetaImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F64>>()  // x
                                   .Arg<ffi::Buffer<ffi::F64>>()  // theta
                                   .Arg<ffi::Buffer<ffi::F64>>()  // dx
@@ -215,6 +373,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmBondedGradientZeta, BondedGradientZetaImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // pidx
                                   .Arg<ffi::Buffer<ffi::F64>>()  // consts
                                   .Arg<ffi::Buffer<ffi::S32>>()  // inv_wrt
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_a
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_b
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
 );

@@ -3,6 +3,10 @@ and the reference ζ: the same ∇E and ζ, term kind by term kind, on trialanin
 OBC2) and villin; its all-pairs contraction against a dense Hessian built in numpy;
 under jit, scan and vmap."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,3 +174,38 @@ def test_host_bonded_gradient_only(trialanine):
     x, theta = jnp.asarray(x), jnp.asarray(system.params)
     host = jax.jit(make_gradient(system, bonded="host"))(x, theta)
     assert rel_err(host, system.gradient(np.asarray(x))) <= 1e-13
+
+
+_ONE_CPU = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before jax: a 1-thread pool
+import jax, jax.numpy as jnp, numpy as np
+import timemachine as tm
+from timemachine.sensitivity.zeta import make_gradient_and_zeta
+system, x = tm.load_system(tm.build_peptide("AAA"), forcefield=("amber99sbildn.xml",))
+wrt = system.select("torsion/*/k*")
+dx = np.random.default_rng(3).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
+fn = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))
+g, z = fn(jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx))
+np.savez(sys.argv[1], g=np.asarray(g), z=np.asarray(z))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two CPUs to compare thread counts",
+)
+def test_custom_call_result_does_not_depend_on_threads(trialanine, tmp_path):
+    """The call splits tangent chunks among XLA's threads; each chunk is summed in one
+    fixed order, so one thread and two give bitwise the same ∇E and ζ (all pairs, bonded
+    terms and mixed partials of trialanine, 18 tangents in 3 chunks)."""
+    out = tmp_path / "one_cpu.npz"
+    subprocess.run([sys.executable, "-c", _ONE_CPU, str(out)], check=True, timeout=300)
+    system, x = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
+    wrt = system.select("torsion/*/k*")
+    dx = np.random.default_rng(3).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
+    fn = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))
+    g, z = fn(jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx))
+    one = np.load(out)
+    np.testing.assert_array_equal(np.asarray(g), one["g"])
+    np.testing.assert_array_equal(np.asarray(z), one["z"])

@@ -63,9 +63,10 @@ def mixed_partial_reference(energy_fn, x, params, wrt):
 
 
 # ---------------------------------------------------------------------------------------
-# Production ζ: the Hessian of every structured term is assembled once per call as one
-# dense symmetric (3N, 3N) matrix and applied to all P tangents with one matrix product;
-# mixed partials are scattered from the few terms that use each chosen parameter.
+# Production ζ: the Hessian of every structured term is applied to all P tangents at once:
+# in the pure-JAX path as one dense symmetric (3N, 3N) matrix and one matrix product; on
+# the CPU custom call as pair blocks over the upper triangle and per-tuple bonded blocks.
+# Mixed partials are scattered from the few terms that use each chosen parameter.
 # ---------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../bonded.cuh"
@@ -106,7 +107,6 @@ struct Scratch {
   }
   ~Scratch() { std::free(p); }
 };
-thread_local Scratch t_dxt, t_zt, t_geom, t_grad;
 
 struct Tables {
   const double* x;
@@ -127,6 +127,10 @@ struct Mixed {  // one mixed-partial entry: ζ[row, lane] of a chunk += value
   int lane;
   double value;
 };
+
+// scratch of the thread that runs the call, reused between calls
+thread_local Scratch t_dxt, t_zt, t_geom, t_grad;
+thread_local std::vector<std::vector<Mixed>> t_mixed[SCALAR_PARTS];
 
 // the scalar pass over one tuple of K atoms: ∇E into grad, ∇q, f', f'' into geom, and
 // the mixed partials f'_θ ∇q into the bucket of the chunk of their tangent
@@ -192,6 +196,17 @@ void tuple_tangents(const Tables& tb, int64_t u, const double* geom, const doubl
       double* out = z + row[i][c];
       store_lanes(out, load_lanes(out) + (d2 * geom[3 * i + c]) * dq + d1 * gj[i][c].d);
     }
+}
+
+// f(std::integral_constant<int, K>) with K the atom count of a tuple of this kind
+template <class F>
+void by_atoms(int kind, F&& f) {
+  if (kind == tmk::KIND_TORSION)
+    f(std::integral_constant<int, 4>{});
+  else if (kind == tmk::KIND_ANGLE)
+    f(std::integral_constant<int, 3>{});
+  else
+    f(std::integral_constant<int, 2>{});
 }
 
 // ζ_i += Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) and ζ_j -= the same, d = x_i - x_j, for
@@ -297,22 +312,19 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   // the scalar pass in SCALAR_PARTS fixed halves of the tuples (on two threads when the
   // pool has them): ∇E as part 0 + part 1, and what the tangent pass reuses; the mixed
   // partials of each part go to its own buckets, applied part by part (a fixed order)
-  std::vector<std::vector<Mixed>> mixed[SCALAR_PARTS];
+  auto& mixed = t_mixed;
   double* geom = t_geom.get(GEOM * std::max<int64_t>(n_tuples, 1));
   double* g1 = t_grad.get(3 * n * (SCALAR_PARTS - 1));
   std::memset(g1, 0, sizeof(double) * 3 * n * (SCALAR_PARTS - 1));
   std::function<void(int)> scalars = [&](int part) {
-    mixed[part].assign(chunks, {});
+    mixed[part].resize(chunks);
+    for (auto& bucket : mixed[part]) bucket.clear();  // keeps capacity between calls
     double* gp = part == 0 ? g : g1 + 3 * n * (part - 1);
     for (int64_t u = n_tuples * part / SCALAR_PARTS; u < n_tuples * (part + 1) / SCALAR_PARTS;
          ++u) {
-      const int kind = tb.kind[u];
-      if (kind == tmk::KIND_TORSION)
-        tuple_scalars<4>(tb, u, gp, geom + GEOM * u, p > 0, mixed[part]);
-      else if (kind == tmk::KIND_ANGLE)
-        tuple_scalars<3>(tb, u, gp, geom + GEOM * u, p > 0, mixed[part]);
-      else
-        tuple_scalars<2>(tb, u, gp, geom + GEOM * u, p > 0, mixed[part]);
+      by_atoms(tb.kind[u], [&](auto k) {
+        tuple_scalars<decltype(k)::value>(tb, u, gp, geom + GEOM * u, p > 0, mixed[part]);
+      });
     }
   };
   parallel_units(pool, SCALAR_PARTS, scalars);
@@ -343,19 +355,11 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       for (const auto& part : mixed)
         for (const Mixed& e : part[c]) zc[e.row * LANES + e.lane] += e.value;
     }
-    for (int64_t u = 0; u < n_tuples; ++u) {
-      const int kind = tb.kind[u];
-      for (int64_t c = c0; c < c1; ++c) {
-        const double* t = dxt + c * block;
-        double* zc = zt + c * block;
-        if (kind == tmk::KIND_TORSION)
-          tuple_tangents<4>(tb, u, geom + GEOM * u, t, zc);
-        else if (kind == tmk::KIND_ANGLE)
-          tuple_tangents<3>(tb, u, geom + GEOM * u, t, zc);
-        else
-          tuple_tangents<2>(tb, u, geom + GEOM * u, t, zc);
-      }
-    }
+    for (int64_t u = 0; u < n_tuples; ++u)
+      by_atoms(tb.kind[u], [&](auto k) {
+        for (int64_t c = c0; c < c1; ++c)
+          tuple_tangents<decltype(k)::value>(tb, u, geom + GEOM * u, dxt + c * block, zt + c * block);
+      });
     if (pairs)
       for (int64_t i0 = 0; i0 < n; i0 += TILE)
         for (int64_t j0 = i0; j0 < n; j0 += TILE)

@@ -107,14 +107,7 @@ def test_pair_contraction_matches_dense_hessian(n_atoms, n_tangents):
     (3N, 3N) Hessian H_ij = -(A_ij d dᵀ + B_ij I), H_ii = -Σ_j H_ij, applied by numpy."""
     # no internal-coordinate terms: the call is the pair contraction alone
     theta = np.ones(4)
-    tables = xla_cpu.BondedTables(
-        np.zeros((0, 4), np.int32),
-        np.zeros(0, np.int32),
-        np.zeros(1, np.int32),
-        np.zeros((0, 6), np.int32),
-        np.zeros((0, 2)),
-        np.full(theta.size, -1, np.int32),
-    )
+    tables = xla_cpu.BondedTables.build([], theta.size, [])
     rng = np.random.default_rng(n_atoms)
     n = n_atoms
     x = rng.uniform(0.0, 3.0, size=(n, 3))

@@ -114,7 +114,8 @@ class BondedTables:
     @classmethod
     def build(cls, groups, n_params, wrt):
         """``groups``: (kind, idx (T, k), pidx (T, C), consts (T, NC), where) per term group,
-        as :func:`timemachine.backends.plan.coordinate_term_groups` gives them."""
+        as :func:`timemachine.backends.plan.coordinate_term_groups` gives them (possibly
+        none: the tables are then empty)."""
         tuples, kinds, counts, pidx, consts = [], [], [], [], []
         for kind, idx, pi, cst, _ in groups:
             idx = np.asarray(idx, np.int64)
@@ -135,10 +136,14 @@ class BondedTables:
             cst = np.asarray(cst, np.float64).reshape(idx.shape[0], -1)
             c2[:, : cst.shape[1]] = cst[order]
             consts.append(c2)
-        if not tuples:
-            return None
         inv_wrt = np.full(n_params, -1, np.int32)
         inv_wrt[np.asarray(wrt, np.int64)] = np.arange(len(wrt), dtype=np.int32)
+        # none at all (an LJ fluid): empty tables, the call then does the pairs alone
+        tuples.append(np.zeros((0, 4), np.int32))
+        kinds.append(np.zeros(0, np.int32))
+        counts.append(np.zeros(0, np.int64))
+        pidx.append(np.zeros((0, 6), np.int32))
+        consts.append(np.zeros((0, 2)))
         start = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int32)
         return cls(
             np.concatenate(tuples),

@@ -263,6 +263,8 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             autodiff.append(jax.grad(term.energy, argnums=0))
         else:
             autodiff.append(_autodiff_part(term, wrt))
+    if host is not None and not host.kind.size and (gradient_only or not dense):
+        host = None  # nothing for the call to do: no bonded terms, no all-pairs blocks
     pair_terms = [c for c in coords if c.coord is _PAIR]
     block_terms = [c for c in coords if c.coord is not _PAIR]
     # static scatter targets, concatenated so that each kind lands in one scatter per call

@@ -302,7 +302,7 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             pb = jnp.concatenate([e["b"] for e in evals if "b" in e])
             a = a.at[pair_rows, pair_cols].add(pa)
             b = b.at[pair_rows, pair_cols].add(pb)
-        else:  # no pair list to scatter (bonds and exceptions in the custom call)
+        elif host is None:  # no pair list to scatter, and the G tiles read A and B
             a, b = _in_memory(a, x), _in_memory(b, x)
         # gradient: Σ_j B_ij d_ij over every pair form, plus f' ∇q of the bonded blocks
         # Σ_j B_ij (x_i - x_j) as x_i Σ_j B_ij - B·x: a GEMM, where XLA's CPU row reductions

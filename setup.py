@@ -60,7 +60,14 @@ setup(
         "optax>=0.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "ruff==0.17.6"],
+        "test": [
+            "pytest>=7",
+            "pytest-xdist>=3",
+            "ruff==0.17.6",
+            # NVRTC, the compiler CuPy runs: tests/test_kernels_compile.py builds the kernels
+            # with it on machines without a GPU
+            "nvidia-cuda-nvrtc==13.*; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        ],
         "cuda": ["cupy-cuda12x>=13"],
         # JAX MD for the forward-mode column of python -m timemachine.bench
         "bench": ["jax-md==0.2.29"],

@@ -6,8 +6,17 @@ resource report (--resource-usage) lists every entry function it compiled for ea
 test fails with the compiler output if the build fails or if an entry the Python side
 launches (backends.plan.KERNELS) was not compiled for an architecture. Skipped where nvcc
 is absent.
+
+NVRTC is the compiler that actually runs at run time (CuPy's RawModule), and it differs
+from nvcc: no host compiler and no C++ standard library headers. The NVRTC tests load
+libnvrtc (the nvidia-cuda-nvrtc wheel of the test extra, else the CUDA toolkit) with
+ctypes and compile the same source with the options CuPy passes, for compute_80 (PTX) and
+sm_90 (cubin). Compiling needs no GPU. Skipped where libnvrtc is absent.
 """
 
+import ctypes
+import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -17,6 +26,7 @@ import time
 import pytest
 
 from timemachine.backends import kernel_dir
+from timemachine.backends.cupy_backend import nvrtc_options
 from timemachine.backends.plan import KERNELS
 
 ARCHS = (80, 90)
@@ -34,7 +44,7 @@ def find_nvcc():
 
 
 NVCC = find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME)")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME)")
 
 
 def nvcc_build(src_dir, out_dir, archs=ARCHS):
@@ -73,6 +83,7 @@ def build(tmp_path_factory):
     return proc, out
 
 
+@needs_nvcc
 def test_every_kernel_compiles_for_sm80_and_sm90(build):
     proc, out = build
     output = proc.stdout + proc.stderr
@@ -97,6 +108,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(build):
     print("\n".join(warnings) or "no compiler warnings")
 
 
+@needs_nvcc
 def test_a_kernel_that_does_not_compile_fails_with_the_compiler_output(tmp_path):
     # the check above can fail: a type error in one header is reported, naming the file
     src = tmp_path / "kernels"
@@ -110,3 +122,111 @@ def test_a_kernel_that_does_not_compile_fails_with_the_compiler_output(tmp_path)
     assert proc.returncode != 0
     assert "bonded.cuh" in proc.stderr + proc.stdout
     assert not compiled_entries(proc.stdout + proc.stderr)
+
+
+# ------------------------------------------------------------------------------ NVRTC
+
+
+def find_nvrtc():
+    """Path of libnvrtc.so: the nvidia-cuda-nvrtc wheel (CUDA 13 or 12 layout), else the
+    toolkit under $CUDA_HOME / $CUDA_PATH / /usr/local/cuda; or None."""
+    roots = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            roots += [os.path.join(root, "cu13", "lib"), os.path.join(root, "cuda_nvrtc", "lib")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            roots.append(os.path.join(home, "lib64"))
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "libnvrtc.so*")))
+        if found:
+            return found[0]
+    return None
+
+
+NVRTC = find_nvrtc()
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    if NVRTC is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit)")
+    # libnvrtc dlopens its builtins by soname; load them first from the same folder
+    for builtins in glob.glob(os.path.join(os.path.dirname(NVRTC), "libnvrtc-builtins.so*")):
+        if ".alt." not in builtins:
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(NVRTC)
+
+
+def nvrtc_compile(lib, src_dir, arch, out_dir):
+    """Compile src_dir/tm_kernels.cu with NVRTC as CuPy's RawModule does → (rc, log, code).
+
+    ``arch`` is "compute_80" (PTX) or "sm_90" (cubin); code is the PTX text or the cubin."""
+    code = open(os.path.join(src_dir, "tm_kernels.cu"), "rb").read()
+    prog = ctypes.c_void_p()
+    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), code, b"tm_kernels.cu", 0, None, None)
+    assert rc == 0, f"nvrtcCreateProgram: {rc}"
+    try:
+        # what cupy.cuda.compiler adds to ours: the architecture, -ftz and -default-device
+        cupy_adds = (f"-arch={arch}", "-ftz=true", "--device-as-default-execution-space")
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        if (major.value, minor.value) >= (12, 8):
+            cupy_adds += ("--pch",)  # CuPy asks NVRTC 12.8+ for precompiled headers
+        # NVRTC writes its automatic precompiled headers under the working directory
+        opts = [o.encode() for o in nvrtc_options(src_dir, cupy_adds) + (f"--pch-dir={out_dir}",)]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        out = b""
+        if rc == 0:
+            get_size, get = (
+                (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+                if arch.startswith("compute")
+                else (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN)
+            )
+            get_size(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            get(prog, buf)
+            out = buf.raw
+        return rc, log.value.decode(errors="replace"), out
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "sm_90"])
+def test_nvrtc_compiles_every_kernel_with_cupys_options(nvrtc, arch, tmp_path):
+    t0 = time.perf_counter()
+    rc, log, out = nvrtc_compile(nvrtc, kernel_dir(), arch, str(tmp_path))
+    print(f"NVRTC {arch}: {time.perf_counter() - t0:.1f} s")
+    assert rc == 0, f"NVRTC {arch} failed (error {rc}):\n{log}"
+    assert "error" not in log.lower(), log
+    if arch.startswith("compute"):
+        ptx = out.decode()
+        assert ".target sm_80" in ptx
+        entries = set(re.findall(r"\.visible \.entry (\w+)\(", ptx))
+        assert entries == set(KERNELS), sorted(entries ^ set(KERNELS))
+        # float64 throughout: no single-precision arithmetic anywhere in the kernels
+        assert not re.search(r"\b(add|mul|fma\.rn|div\.rn)\.f32\b", ptx)
+    else:
+        assert out.startswith(b"\x7fELF")
+        for k in KERNELS:
+            assert k.encode() + b"\0" in out, k
+
+
+def test_nvrtc_rejects_what_only_nvcc_accepts(nvrtc, tmp_path):
+    # NVRTC has no C++ standard library: a header that nvcc would compile fails here, so
+    # the test above checks more than the nvcc build does
+    src = tmp_path / "kernels"
+    shutil.copytree(kernel_dir(), src)
+    path = src / "philox.cuh"
+    text = path.read_text()
+    marker = "#pragma once"
+    assert marker in text
+    path.write_text(text.replace(marker, marker + "\n#include <cstdint>", 1))
+    rc, log, _ = nvrtc_compile(nvrtc, str(src), "compute_80", str(tmp_path))
+    assert rc != 0
+    assert "cstdint" in log, log

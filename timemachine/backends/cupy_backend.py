@@ -45,6 +45,13 @@ THREADS = 128
 _MAX_GRID_Y = 65535
 
 
+def nvrtc_options(src_dir: str, extra=()) -> tuple[str, ...]:
+    """The options RawModule hands NVRTC for ``src_dir/tm_kernels.cu`` (CuPy adds the
+    architecture, ``-ftz=true`` and ``--device-as-default-execution-space``).
+    tests/test_kernels_compile.py compiles the kernels with NVRTC and these options."""
+    return ("-std=c++17", f"-I{src_dir}") + tuple(extra)
+
+
 @functools.lru_cache(maxsize=4)
 def _module(options=()):
     import cupy
@@ -52,7 +59,7 @@ def _module(options=()):
     src_dir = kernel_dir()
     with open(os.path.join(src_dir, "tm_kernels.cu")) as f:
         code = f.read()
-    opts = ("-std=c++17", f"-I{src_dir}") + tuple(options)
+    opts = nvrtc_options(src_dir, options)
     try:
         module = cupy.RawModule(code=code, options=opts)
         module.compile()

@@ -25,7 +25,9 @@ one host sync per repeat; every step of a repeat runs on the device):
 * ``jax sens``: ``simulate``'s own jitted chunk program (exact mode, structured ζ).
 
 Goals (issue 4): CUDA sens ≥ 5× faster than JAX sens on the same GPU, and CUDA sens
-≤ 4× CUDA plain. Prints a markdown table and writes JSON (atomically).
+≤ 4× CUDA plain. Prints a markdown table and writes JSON (atomically) after each case,
+so a run stopped at a time limit keeps the cases it finished. ``gpu_check.sh run`` runs
+it after the GPU tests.
 """
 
 import argparse
@@ -217,28 +219,34 @@ def main(argv=None):
             f"columns are not a same-GPU comparison (install a CUDA build of jaxlib)",
             file=sys.stderr,
         )
-    rows = [run_case(name, args.params, steps, repeats, args.residues) for name in names]
     gpu = gpu_name()
     print(f"GPU: {gpu}; JAX device: {jax_dev.platform} ({jax_dev.device_kind}); float64")
     print(f"Langevin 300 K, γ = 1/ps, δt = 1 fs; exact mode; {steps} steps per repeat, "
-          f"best of {repeats}, interleaved\n")  # fmt: skip
-    print(markdown(rows))
-    for r in rows:
-        print(f"- {r['case']}: {r['note']}")
-    atomic_json(
-        args.json,
-        {
-            "gpu": gpu,
-            "jax_device": f"{jax_dev.platform} ({jax_dev.device_kind})",
-            "host": platform.node(),
-            "jax_version": jax.__version__,
-            "goals": {
-                "cuda_sens_speedup_over_jax_sens_min": GOAL_CUDA_OVER_JAX,
-                "cuda_sens_cost_over_cuda_plain_max": GOAL_SENS_OVER_PLAIN,
+          f"best of {repeats}, interleaved")  # fmt: skip
+    rows = []
+    for name in names:
+        rows.append(run_case(name, args.params, steps, repeats, args.residues))
+        # the table and the JSON after each case, so a run stopped at a time limit keeps
+        # the cases it finished
+        print()
+        print(markdown(rows[-1:]))
+        print(f"- {rows[-1]['case']}: {rows[-1]['note']}")
+        atomic_json(
+            args.json,
+            {
+                "gpu": gpu,
+                "jax_device": f"{jax_dev.platform} ({jax_dev.device_kind})",
+                "host": platform.node(),
+                "jax_version": jax.__version__,
+                "goals": {
+                    "cuda_sens_speedup_over_jax_sens_min": GOAL_CUDA_OVER_JAX,
+                    "cuda_sens_cost_over_cuda_plain_max": GOAL_SENS_OVER_PLAIN,
+                },
+                "rows": rows,
             },
-            "rows": rows,
-        },
-    )
+        )
+    print()
+    print(markdown(rows))
     print(f"\nwrote {args.json}")
     return 0
 

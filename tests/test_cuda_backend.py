@@ -387,3 +387,36 @@ def test_cuda_backend_without_gpu_says_why(trialanine_obc2):
     integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
     with pytest.raises(InputError, match=r"backend='cuda' is not available .*: (CuPy|no CUDA)"):
         tm.simulate(system, x, integ, 10, save_every=10, backend="cuda", progress=False)
+
+
+def test_cuda_bench_runs_end_to_end_on_the_host_build(monkeypatch, tmp_path, capsys):
+    # benchmarks/cuda_bench.py is only ever timed on a GPU; run its whole path here with the
+    # host build of the kernels standing in for CuPy (a small OBC2 helix, 3 steps), so that
+    # a GPU session does not spend its minutes finding a broken script
+    import json
+    import os
+    import sys
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+    monkeypatch.syspath_prepend(bench_dir)
+    import cuda_bench
+
+    real = cupy_backend.make_program
+    monkeypatch.setattr(
+        cupy_backend,
+        "make_program",
+        lambda system, wrt, method, executor=None: real(system, wrt, method, HostExecutor()),
+    )
+    monkeypatch.setattr(cuda_bench, "cuda_available", lambda: (True, ""))
+    monkeypatch.setattr(cuda_bench, "gpu_name", lambda: "host build")
+    out = tmp_path / "cuda_bench.json"
+    argv = ["--cases", "protein-obc2", "--residues", "12", "--steps", "3", "--repeats", "1"]
+    assert cuda_bench.main(argv + ["--params", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["case"], row["P"], row["steps"]) == ("protein-obc2", 8, 3)
+    assert row["n_atoms"] > 150
+    assert set(row["steps_per_s"]) == {"cuda_plain", "cuda_sens", "jax_plain", "jax_sens"}
+    assert all(np.isfinite(v) and v > 0 for v in row["steps_per_s"].values())
+    assert "| protein-obc2 |" in capsys.readouterr().out
+    sys.modules.pop("cuda_bench", None)

@@ -61,3 +61,13 @@ def test_no_command_runs_the_main_job_fit(monkeypatch, capsys):
     (args,) = seen
     assert args.command == "fit" and args.size == "quick" and args.out == "timemachine-out"
     assert "timemachine fit" in capsys.readouterr().out
+
+
+def test_fit_on_cuda_without_a_gpu_says_why(tmp_path, capsys):
+    from timemachine.backends import cuda_available
+
+    if cuda_available()[0]:
+        pytest.skip("CuPy and a GPU are available here")
+    rc = main(["fit", "--size", "tiny", "--backend", "cuda", "--out", str(tmp_path), "--quiet"])
+    assert rc == 1
+    assert "backend='cuda' is not available" in capsys.readouterr().err

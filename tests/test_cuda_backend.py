@@ -8,6 +8,7 @@ GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU):
 * thermal runs of 1,000 steps on trialanine (OBC2) and villin (P = 60 torsion parameters):
   the CUDA run against a JAX loop fed the CUDA noise stream (``noise.philox_normal``), to
   1e-9 relative;
+* ``run_replicas(backend="cuda")`` against ``run_replicas(backend="jax")``, noise-free;
 * repeated runs with one seed are bitwise identical;
 * bad shapes, out-of-range indices and a device out of memory raise TimemachineErrors
   naming the kernel (or buffer) and the argument.
@@ -137,6 +138,22 @@ def test_thermal_cuda_matches_jax_fed_the_same_noise(case, request):
     print(f"{case} (N={system.n_atoms}, P={wrt.size}): rel err x {ex:.1e} dx/dθ {edx:.1e}")
     assert ex < TOL and edx < TOL
     assert np.abs(xr - x).max() > 1e-2  # it moved
+
+
+@pytest.mark.gpu
+def test_gpu_run_replicas_matches_jax_without_noise(trialanine_obc2):
+    from timemachine.fitting import run_replicas
+
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.001, seed=0)
+    v0 = np.random.default_rng(5).normal(scale=0.3, size=(3,) + x.shape)
+    kw = dict(wrt="torsion*", n_replicas=3, v0=v0, save_every=250)
+    ref = run_replicas(system, x, integ, N_STEPS, backend="jax", **kw)
+    got = run_replicas(system, x, integ, N_STEPS, backend="cuda", **kw)
+    for key in ("x", "dx_dtheta", "frames_x", "frames_dx_dtheta", "potential_energy"):
+        err = rel(getattr(got, key), getattr(ref, key))
+        print(f"run_replicas {key}: rel err {err:.1e}")
+        assert err < TOL, key
 
 
 @pytest.mark.gpu

@@ -473,3 +473,81 @@ def test_repeated_runs_are_bitwise_identical(host_cuda_backend, trialanine_obc2)
     ]
     np.testing.assert_array_equal(runs[0].x, runs[1].x)
     np.testing.assert_array_equal(runs[0].dx_dtheta, runs[1].dx_dtheta)
+
+
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_run_replicas_on_cuda_is_simulate_per_replica(host_cuda_backend, trialanine_obc2, method):
+    # run_replicas(backend="cuda") runs the replicas one after another on one program;
+    # each row is bitwise the run simulate(backend="cuda", replica=r) gives
+    from timemachine.fitting import run_replicas
+
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=7)
+    kw = dict(wrt="torsion/*", save_every=10, method=method)
+    if method == "window":
+        kw["window"] = 7
+    got = run_replicas(system, x, integ, 20, n_replicas=2, first_replica=3, backend="cuda", **kw)
+    np.testing.assert_array_equal(got.replicas, [3, 4])
+    np.testing.assert_array_equal(got.steps, [10, 20])
+    for row, replica in enumerate(got.replicas):
+        one = tm.simulate(
+            system, x, integ, 20, backend="cuda", replica=int(replica), progress=False, **kw
+        )
+        np.testing.assert_array_equal(got.frames_x[row], one.x)
+        np.testing.assert_array_equal(got.frames_dx_dtheta[row], one.dx_dtheta)
+        np.testing.assert_array_equal(got.v[row], one.v[-1])
+        assert got.potential_energy[row] == one.potential_energy[-1]
+        for field in one.final_state._fields:
+            np.testing.assert_array_equal(
+                np.asarray(getattr(got.final_state, field))[row],
+                np.asarray(getattr(one.final_state, field)),
+                err_msg=field,
+            )
+    assert np.abs(got.x[0] - got.x[1]).max() > 1e-3  # two noise streams
+
+
+def test_run_replicas_noise_free_cuda_matches_jax(host_cuda_backend, trialanine_obc2):
+    from timemachine.fitting import run_replicas
+
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=0.0, friction=20.0, dt=0.001, seed=0)
+    v0 = np.random.default_rng(1).normal(scale=0.3, size=(2,) + x.shape)
+    kw = dict(wrt=WRT, n_replicas=2, v0=v0, save_every=15)
+    ref = run_replicas(system, x, integ, 30, backend="jax", **kw)
+    got = run_replicas(system, x, integ, 30, backend="cuda", **kw)
+    for key in ("x", "v", "dx_dtheta", "frames_x", "frames_dx_dtheta", "potential_energy"):
+        err = rel(getattr(got, key), getattr(ref, key))
+        print(f"{key}: rel err {err:.1e}")
+        assert err < 1e-10, key
+    assert np.abs(ref.dx_dtheta).max() > 1e-6 and np.abs(ref.x[0] - ref.x[1]).max() > 1e-3
+
+
+def test_fit_on_cuda_matches_jax_without_noise(host_cuda_backend):
+    # tm.fit(backend="cuda"): the replicas run on the kernels; with no noise the loss and
+    # its gradient are the JAX backend's
+    from timemachine.cli import recovery_problem
+
+    problem = recovery_problem(2, 20, equilibration=0)
+    integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.002, seed=0)
+    x0 = problem["x0"] + np.random.default_rng(2).normal(scale=0.01, size=problem["x0"].shape)
+    fits = {
+        backend: tm.fit(
+            problem["system"],
+            x0,
+            integ,
+            problem["targets"],
+            problem["wrt"],
+            params=problem["start"],
+            epochs=2,
+            n_replicas=2,
+            n_steps=20,
+            progress=False,
+            backend=backend,
+        )  # fmt: skip
+        for backend in ("jax", "cuda")
+    }
+    for ref, got in zip(fits["jax"].history, fits["cuda"].history, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-9)
+        assert rel(got["gradient"], ref["gradient"]) < 1e-9
+    assert np.abs(fits["jax"].history[0]["gradient"]).max() > 0
+    assert rel(fits["cuda"].theta, fits["jax"].theta) < 1e-9

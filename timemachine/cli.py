@@ -185,6 +185,7 @@ def recovery_problem(
     dt=0.002,
     progress=False,
     log=None,
+    backend="jax",
 ):
     """The parameter-recovery experiment on trialanine in OBC2 (amber99sbildn).
 
@@ -196,6 +197,7 @@ def recovery_problem(
 
     Args:
         log: optional ``log(message)`` called at each stage.
+        backend: where the target replicas run ("jax" or "cuda", as the fit will).
 
     Returns:
         dict with system, x0 (M, N, 3), integrator, targets, wrt, start (P_all,), truth (P_all,).
@@ -249,7 +251,14 @@ def recovery_problem(
         f"({', '.join(spec['name'] for spec, _ in RECOVERY_TARGETS)})"
     )
     ref = run_replicas(
-        system, x0, integrator, n_steps, wrt=idx, n_replicas=n_replicas, params=truth
+        system,
+        x0,
+        integrator,
+        n_steps,
+        wrt=idx,
+        n_replicas=n_replicas,
+        params=truth,
+        backend=backend,
     )
     values = observable_samples(probe.observable, ref.x, ref.dx_dtheta).mean
     targets, i = [], 0
@@ -291,7 +300,9 @@ def run_fit(args) -> dict:
     from timemachine.fitting.plots import plot_fit
     from timemachine.fitting.targets import save_targets
     from timemachine.fitting.train import load_checkpoint
+    from timemachine.sensitivity.trajectory import _check_backend
 
+    _check_backend(args.backend)  # before minutes of set-up, not after
     replicas, steps, epochs, equil = FIT_SIZES[args.size]
     replicas = args.replicas or replicas
     steps = args.steps or steps
@@ -316,6 +327,7 @@ def run_fit(args) -> dict:
         equilibration=equil,
         seed=args.seed,
         log=log,
+        backend=args.backend,
     )
     system, wrt = problem["system"], problem["wrt"]
     names = [system.param_names[i] for i in wrt]
@@ -362,6 +374,7 @@ def run_fit(args) -> dict:
             resume=args.resume,
             progress=False,
             callback=on_epoch,
+            backend=args.backend,
         )
     finally:
         if bar is not None:
@@ -397,6 +410,7 @@ def run_fit(args) -> dict:
         "steps_per_epoch": steps,
         "epochs": epochs,
         "learning_rate": args.learning_rate,
+        "backend": args.backend,
         "fit_wall_s": t_fit,
         "wall_s": wall,
     }
@@ -468,6 +482,13 @@ def build_parser():
         help="fitted torsion types: phi (C-N-CT-C, default) or phi+psi (also N-CT-C-N)",
     )
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--backend",
+        default="jax",
+        choices=["jax", "cuda"],
+        help="where the replicas run: jax (CPU, or GPU through XLA; default) or cuda (the "
+        "CUDA kernels through CuPy; needs an NVIDIA GPU)",
+    )
     f.add_argument("--out", default="timemachine-out", help="output folder")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

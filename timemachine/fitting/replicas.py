@@ -8,6 +8,10 @@ batch are one ``jax.vmap`` of the step loop, compiled once: on a CPU the step's 
 kernels become M-wide, on a GPU the device is filled. The last frames of the M replicas
 are M independent samples for ensemble averages (DESIGN.md, "Observable gradients");
 saved frames along the way give time averages per replica.
+
+With ``backend="cuda"`` the replicas run one after another through the CUDA kernels
+(``timemachine.backends.cupy_backend``; one program, its tables uploaded once), each the
+same run as ``simulate(..., backend="cuda", replica=r)``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from timemachine.sensitivity.propagation import (  # noqa: E402
     window_step,
 )
 from timemachine.sensitivity.trajectory import (  # noqa: E402
+    _check_backend,
     _physical_memory,
     _resolve_params,
     _resolve_wrt,
@@ -125,6 +130,7 @@ def run_replicas(
     zeta: str = "structured",
     v0=None,
     batch_size: int | None = None,
+    backend: str = "jax",
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -153,7 +159,10 @@ def run_replicas(
         v0: (N, 3) or (M, N, 3) starting velocities, nm/ps; default Maxwell-Boltzmann
             per replica.
         batch_size: replicas per vmapped call; default all that fit in a quarter of the
-            physical memory.
+            physical memory (backend "jax" only).
+        backend: "jax" (vmapped, on CPU or GPU through XLA) or "cuda" (the CUDA kernels
+            through CuPy, replica after replica on the GPU; as in ``simulate``, its noise
+            is the Philox stream and ``zeta`` is not used).
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
@@ -162,6 +171,7 @@ def run_replicas(
         InputError: invalid arguments, named with their values.
         SimulationError: non-finite coordinates or sensitivities in a replica (named).
     """
+    _check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if not isinstance(integrator, LangevinIntegrator):
@@ -216,25 +226,55 @@ def run_replicas(
     elif window is not None:
         raise InputError(f"window = {window!r} is only used with method='window'")
 
-    per_replica = expected_state_bytes(method, n, p, k)["total"] * 3  # state, copy, ζ work
-    if keep_frames:
-        per_replica += (n_steps // save_every) * 8 * (n * 3 + p * n * 3)
-    if batch_size is None:
-        phys = _physical_memory() or 8 * 2**30
-        batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
-
-    program = _program(
-        system,
-        tuple(int(i) for i in wrt),
-        zeta,
-        method,
-        n_steps // save_every,
-        save_every,
-        keep_frames,
-    )
     coeffs = integrator.coefficients(system.masses)
-    seed = jnp.asarray(integrator.seed, dtype=jnp.int64)
+    n_blocks = n_steps // save_every
+    if backend == "cuda":
+        finals, frames_x, frames_dx, energies = _run_cuda(
+            system, wrt, method, k, theta, coeffs, wcoeffs, integrator.seed, replicas,
+            x_start, v_start, n_blocks, save_every,
+        )  # fmt: skip
+    else:
+        per_replica = expected_state_bytes(method, n, p, k)["total"] * 3  # state, copy, ζ
+        if keep_frames:
+            per_replica += n_blocks * 8 * (n * 3 + p * n * 3)
+        if batch_size is None:
+            phys = _physical_memory() or 8 * 2**30
+            batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
+        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        program = _program(
+            system, tuple(int(i) for i in wrt), zeta, method, n_blocks, save_every, keep_frames
+        )
+        finals, frames_x, frames_dx, energies = _run_jax(
+            program, method, k, p, theta, coeffs, wcoeffs, integrator.seed, replicas,
+            x_start, v_start, batch_size,
+        )  # fmt: skip
+
+    final = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *finals)
+    result = ReplicaResult(
+        x=final.x,
+        v=final.v,
+        dx_dtheta=final.dx_dtheta,
+        potential_energy=np.concatenate(energies),
+        replicas=replicas.astype(np.int64),
+        param_names=tuple(system.param_names[i] for i in wrt),
+        wrt=wrt,
+        steps=np.arange(1, n_blocks + 1, dtype=np.int64) * save_every
+        if keep_frames
+        else np.zeros(0, np.int64),
+        frames_x=np.concatenate(frames_x) if keep_frames else None,
+        frames_dx_dtheta=np.concatenate(frames_dx) if keep_frames else None,
+        final_state=final,
+    )
+    _check_finite(result, integrator)
+    return result
+
+
+def _run_jax(program, method, k, p, theta, coeffs, wcoeffs, seed, replicas, x_start, v_start,
+             batch_size):  # fmt: skip
+    """The replicas in vmapped batches of ``batch_size`` → per-batch lists of (final
+    states, frames of x, frames of dx/dθ, last energies), replicas along axis 0."""
+    m_rep = replicas.size
+    seed = jnp.asarray(seed, dtype=jnp.int64)
     finals, frames_x, frames_dx, energies = [], [], [], []
     for start in range(0, m_rep, batch_size):
         # the last batch is padded with copies of its last row, so every batch has the
@@ -256,28 +296,36 @@ def run_replicas(
         )
         finals.append(jax.tree_util.tree_map(lambda a, n=used: np.asarray(a)[:n], final))
         energies.append(np.asarray(pe)[:used])
-        if keep_frames:
+        if frames is not None:
             frames_x.append(np.asarray(frames[0])[:used])
             frames_dx.append(np.asarray(frames[1])[:used])
+    return finals, frames_x, frames_dx, energies
 
-    final = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *finals)
-    result = ReplicaResult(
-        x=final.x,
-        v=final.v,
-        dx_dtheta=final.dx_dtheta,
-        potential_energy=np.concatenate(energies),
-        replicas=replicas.astype(np.int64),
-        param_names=tuple(system.param_names[i] for i in wrt),
-        wrt=wrt,
-        steps=np.arange(1, n_steps // save_every + 1, dtype=np.int64) * save_every
-        if keep_frames
-        else np.zeros(0, np.int64),
-        frames_x=np.concatenate(frames_x) if keep_frames else None,
-        frames_dx_dtheta=np.concatenate(frames_dx) if keep_frames else None,
-        final_state=final,
-    )
-    _check_finite(result, integrator)
-    return result
+
+def _run_cuda(system, wrt, method, k, theta, coeffs, wcoeffs, seed, replicas, x_start,
+              v_start, n_blocks, save_every):  # fmt: skip
+    """The replicas one after another on the CUDA kernels (one program: the tables are
+    uploaded once) → the lists of ``_run_jax``, one row per replica."""
+    from timemachine.backends import cupy_backend
+
+    program = cupy_backend.make_program(system, wrt, method)
+    p = wrt.size
+    finals, frames_x, frames_dx, energies = [], [], [], []
+    for r, replica in enumerate(replicas):
+        if method == "exact":
+            state = exact_init(x_start[r], v_start[r], p)
+        else:
+            state = window_init(x_start[r], v_start[r], p, k)
+        final, frames, _ = program(
+            n_blocks, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, int(replica)
+        )
+        # the next replica reuses the device buffers: copy this one's state out now (the
+        # window ring would otherwise be read from the device later)
+        finals.append(type(final)(*(np.asarray(f)[None] for f in final)))
+        frames_x.append(frames[0][None])
+        frames_dx.append(frames[2][None])
+        energies.append(frames[5][-1:])
+    return finals, frames_x, frames_dx, energies
 
 
 def _per_replica(value, name, m_rep, n, unit):

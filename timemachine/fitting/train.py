@@ -38,7 +38,7 @@ from timemachine.fitting.loss import (
 from timemachine.fitting.replicas import run_replicas
 from timemachine.fitting.reservoir import Reservoir
 from timemachine.integrator.langevin import LangevinIntegrator
-from timemachine.sensitivity.trajectory import _resolve_wrt
+from timemachine.sensitivity.trajectory import _check_backend, _resolve_wrt
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_bytes", "atomic_write_text", "fit", "load_checkpoint"]
@@ -274,6 +274,7 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
     callback: Callable | None = None,
+    backend: str = "jax",
 ) -> FitResult:
     """Fit force-field parameters θ[wrt] so that simulated averages match targets.
 
@@ -313,6 +314,9 @@ def fit(
             the same settings); False starts over.
         progress: tqdm bar over epochs; None shows it when stderr is a terminal.
         callback: ``callback(epoch_record)`` after every epoch.
+        backend: where the replicas run, as in ``run_replicas``: "jax" or "cuda" (the
+            CUDA kernels through CuPy; its own noise stream, so a fit resumes only on the
+            backend it started on).
 
     Returns:
         ``FitResult``.
@@ -324,6 +328,7 @@ def fit(
     import jax
     import optax
 
+    _check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if targets is not None and not isinstance(integrator, LangevinIntegrator):
@@ -387,6 +392,9 @@ def fit(
         fresh_noise=fresh_noise,
         method=method,
         average=average,
+        # named only when it is not the default, so that checkpoints written before the
+        # option existed still resume
+        **({} if backend == "jax" else {"backend": backend}),
     )
 
     u = param.initial()
@@ -440,6 +448,7 @@ def fit(
                         params=full,
                         save_every=save_every if time_samples else None,
                         method=method,
+                        backend=backend,
                     )
                 except SimulationError as e:
                     raise SimulationError(f"epoch {epoch}: {e}") from None

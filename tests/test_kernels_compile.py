@@ -230,3 +230,42 @@ def test_nvrtc_rejects_what_only_nvcc_accepts(nvrtc, tmp_path):
     rc, log, _ = nvrtc_compile(nvrtc, str(src), "compute_80", str(tmp_path))
     assert rc != 0
     assert "cstdint" in log, log
+
+
+# ------------------------------------------------------------------------------ packaging
+
+
+def test_a_built_package_ships_the_kernels_and_finds_them(tmp_path):
+    # setup.py's build_py copies cuda/kernels into the package (a wheel holds what build_py
+    # wrote): every source is there byte for byte, and kernel_dir() of the built package
+    # (not the source tree) points at the copy
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = tmp_path / "lib"
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    src = os.path.join(root, "cuda", "kernels")
+    shipped = lib / "timemachine" / "backends" / "_kernels"
+    sources = [
+        os.path.relpath(p, src)
+        for pattern in ("*.cu", "*.cuh", "*.cpp")
+        for p in glob.glob(os.path.join(src, "**", pattern), recursive=True)
+    ]
+    assert "tm_kernels.cu" in sources and os.path.join("host", "tm_xla_cpu.cpp") in sources
+    for rel in sources:
+        assert (shipped / rel).read_bytes() == open(os.path.join(src, rel), "rb").read(), rel
+    found = subprocess.run(
+        [sys.executable, "-c", "from timemachine.backends import kernel_dir; print(kernel_dir())"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(lib)},
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == str(shipped)

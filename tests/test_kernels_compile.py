@@ -108,16 +108,21 @@ def test_every_kernel_compiles_for_sm80_and_sm90(build):
     print("\n".join(warnings) or "no compiler warnings")
 
 
+def broken_copy(tmp_path, header, marker, line):
+    """A copy of the kernel sources with ``line`` added after ``marker`` in ``header``."""
+    src = tmp_path / "kernels"
+    shutil.copytree(kernel_dir(), src)
+    path = src / header
+    text = path.read_text()
+    assert marker in text
+    path.write_text(text.replace(marker, f"{marker}\n{line}", 1))
+    return src
+
+
 @needs_nvcc
 def test_a_kernel_that_does_not_compile_fails_with_the_compiler_output(tmp_path):
     # the check above can fail: a type error in one header is reported, naming the file
-    src = tmp_path / "kernels"
-    shutil.copytree(kernel_dir(), src)
-    path = src / "bonded.cuh"
-    text = path.read_text()
-    marker = "namespace tmk {"
-    assert marker in text
-    path.write_text(text.replace(marker, marker + "\nstatic const double broken = nullptr;", 1))
+    src = broken_copy(tmp_path, "bonded.cuh", "namespace tmk {", "static const double x = nullptr;")
     proc = nvcc_build(str(src), str(tmp_path), archs=(80,))
     assert proc.returncode != 0
     assert "bonded.cuh" in proc.stderr + proc.stdout
@@ -220,13 +225,7 @@ def test_nvrtc_compiles_every_kernel_with_cupys_options(nvrtc, arch, tmp_path):
 def test_nvrtc_rejects_what_only_nvcc_accepts(nvrtc, tmp_path):
     # NVRTC has no C++ standard library: a header that nvcc would compile fails here, so
     # the test above checks more than the nvcc build does
-    src = tmp_path / "kernels"
-    shutil.copytree(kernel_dir(), src)
-    path = src / "philox.cuh"
-    text = path.read_text()
-    marker = "#pragma once"
-    assert marker in text
-    path.write_text(text.replace(marker, marker + "\n#include <cstdint>", 1))
+    src = broken_copy(tmp_path, "philox.cuh", "#pragma once", "#include <cstdint>")
     rc, log, _ = nvrtc_compile(nvrtc, str(src), "compute_80", str(tmp_path))
     assert rc != 0
     assert "cstdint" in log, log

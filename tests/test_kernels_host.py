@@ -29,6 +29,7 @@ import timemachine as tm
 from timemachine.backends import cupy_backend, noise
 from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
 from timemachine.backends.plan import DTYPES, PCHUNK, Pipeline, build_plan
+from timemachine.errors import InputError
 from timemachine.sensitivity.zeta import make_gradient_and_zeta, zeta_reference
 from timemachine.system import (
     OBC2,
@@ -551,3 +552,38 @@ def test_fit_on_cuda_matches_jax_without_noise(host_cuda_backend):
         assert rel(got["gradient"], ref["gradient"]) < 1e-9
     assert np.abs(fits["jax"].history[0]["gradient"]).max() > 0
     assert rel(fits["cuda"].theta, fits["jax"].theta) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_results_do_not_depend_on_the_order_threads_run_in(monkeypatch, trialanine_obc2, method):
+    # a GPU runs a launch's threads in no fixed order: run every launch of a thermal run
+    # (bonded, nonbonded and GB passes, gathers, Langevin and sensitivity updates) in index
+    # order, reversed and strided on the host, and ask for the same bits. A thread that
+    # reads or writes what another thread of its launch writes would change them.
+    from timemachine import backends
+    from timemachine.backends.host import LAUNCH_ORDERS
+
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=5)
+    kw = dict(wrt=WRT, save_every=4, method=method, progress=False)
+    if method == "window":
+        kw["window"] = 3
+    monkeypatch.setattr(backends, "require_cuda", lambda: None)
+    real = cupy_backend.make_program
+    runs = {}
+    for order in LAUNCH_ORDERS:
+        monkeypatch.setattr(
+            cupy_backend,
+            "make_program",
+            lambda system, wrt, method, executor=None, o=order: real(
+                system, wrt, method, HostExecutor(order=o)
+            ),
+        )
+        runs[order] = tm.simulate(system, x, integ, 12, backend="cuda", **kw)
+    ref = runs["index"]
+    assert np.abs(ref.dx_dtheta).max() > 1e-6
+    for order in LAUNCH_ORDERS[1:]:
+        for key in ("x", "v", "dx_dtheta", "potential_energy"):
+            np.testing.assert_array_equal(getattr(runs[order], key), getattr(ref, key), key)
+    with pytest.raises(InputError, match="order must be one of"):
+        HostExecutor(order="random")

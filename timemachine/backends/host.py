@@ -94,6 +94,7 @@ def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
         fn.restype = None
+    lib.tm_set_launch_order.argtypes = [ctypes.c_int]
     lib.tm_pchunk.restype = ctypes.c_longlong
     lib.tm_sizeof.restype = ctypes.c_longlong
     lib.tm_sizeof.argtypes = [ctypes.c_char_p]
@@ -117,14 +118,25 @@ def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
     return lib
 
 
+#: the orders a host launch can run its threads in (tm_host.cpp, LaunchOrder)
+LAUNCH_ORDERS = ("index", "reversed", "strided")
+
+
 class HostExecutor:
-    """Runs Pipeline launches on the CPU with the host build (numpy arrays)."""
+    """Runs Pipeline launches on the CPU with the host build (numpy arrays).
+
+    ``order`` is the order each launch runs its threads in (``LAUNCH_ORDERS``): a GPU
+    runs them in none, so results that change with it would be a race there.
+    """
 
     xp = np
     name = "host"
 
-    def __init__(self, lib=None):
+    def __init__(self, lib=None, order="index"):
+        if order not in LAUNCH_ORDERS:
+            raise InputError(f"order must be one of {LAUNCH_ORDERS}, got {order!r}")
         self.lib = lib if lib is not None else load_host_library()
+        self.order = LAUNCH_ORDERS.index(order)
         self._blocks = {}
 
     def alloc(self, name, shape, dtype):
@@ -151,6 +163,7 @@ class HostExecutor:
             raise InputError(f"{kernel}: argument block is not a {want}")
         if nx < 0 or ny < 1:
             raise InputError(f"{kernel}: bad launch extent ({nx}, {ny})")
+        self.lib.tm_set_launch_order(self.order)
         getattr(self.lib, kernel)(int(nx), int(ny), int(block.ctypes.data))
 
     def to_host(self, array):

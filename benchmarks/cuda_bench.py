@@ -19,8 +19,11 @@ Cases:
 Variants, each compiled and warmed up first, then timed interleaved (min over repeats,
 one host sync per repeat; every step of a repeat runs on the device):
 
-* ``cuda plain``: the CUDA chunk program with no parameters (gradient + Langevin update).
+* ``cuda plain``: the CUDA chunk program with no parameters (gradient + Langevin update),
+  its steps captured in CUDA graphs (the default).
 * ``cuda sens``: the same with dx/dθ carried (gradient, ζ for P tangents, exact mode).
+* ``cuda plain/sens direct`` (villin only): the same launched kernel by kernel from
+  Python, no graphs, to show what the graphs save.
 * ``jax plain``: ``langevin_step`` in a jitted ``fori_loop`` (θ a runtime argument).
 * ``jax sens``: ``simulate``'s own jitted chunk program (exact mode, structured ζ).
 
@@ -60,6 +63,7 @@ from timemachine.sensitivity.trajectory import _program  # noqa: E402
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 GOAL_CUDA_OVER_JAX = 5.0  # CUDA sens at least this many times faster than JAX sens
 GOAL_SENS_OVER_PLAIN = 4.0  # CUDA sens at most this many CUDA plain steps
+DIRECT_BELOW_ATOMS = 2000  # also time launch-by-launch stepping (no CUDA graphs) below this
 
 
 def villin_structure():
@@ -122,7 +126,14 @@ def run_case(name, n_params, steps, repeats, residues):
         "plain": cupy_backend.make_program(system, np.zeros(0, np.int64), "exact"),
         "sens": cupy_backend.make_program(system, wrt, "exact"),
     }
-    cuda_state = {k: exact_init(start.x, start.v, 0 if k == "plain" else p) for k in cuda}
+    # launch by launch as well, where the ~20 launches per step from Python could matter
+    direct = system.n_atoms < DIRECT_BELOW_ATOMS
+    if direct:
+        cuda["plain_direct"] = cupy_backend.make_program(
+            system, np.zeros(0, np.int64), "exact", graphs=False
+        )
+        cuda["sens_direct"] = cupy_backend.make_program(system, wrt, "exact", graphs=False)
+    cuda_state = {k: exact_init(start.x, start.v, 0 if k.startswith("plain") else p) for k in cuda}
     jax_plain = plain_program(system)
     jax_sens = _program(system, tuple(int(i) for i in wrt), "structured", "exact")
     plain_state = LangevinState(start.x, start.v, start.step)
@@ -135,6 +146,11 @@ def run_case(name, n_params, steps, repeats, residues):
     variants = {
         "cuda_plain": lambda: cuda_run("plain"),
         "cuda_sens": lambda: cuda_run("sens"),
+        **{
+            f"cuda_{k}": (lambda k=k: cuda_run(k))
+            for k in ("plain_direct", "sens_direct")
+            if direct
+        },
         "jax_plain": lambda: jax_plain(plain_state, n, theta, coeffs, seed, replica).x,
         "jax_sens": lambda: (
             jax_sens(1, sens_state, one, n, theta, coeffs, None, seed, replica)[0].x
@@ -165,17 +181,22 @@ def markdown(rows):
     lines = [
         "| case | N | P | CUDA plain steps/s | CUDA sens steps/s | JAX plain steps/s "
         "| JAX sens steps/s | CUDA sens / JAX sens (goal ≥ 5) | CUDA sens cost / CUDA plain "
-        "(goal ≤ 4) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(goal ≤ 4) | without graphs: CUDA plain, sens steps/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["steps_per_s"]
         up, cost = r["cuda_sens_speedup_over_jax_sens"], r["cuda_sens_cost_over_cuda_plain"]
+        direct = (
+            f"{s['cuda_plain_direct']:.0f}, {s['cuda_sens_direct']:.0f}"
+            if "cuda_sens_direct" in s
+            else "not timed"
+        )
         lines.append(
             f"| {r['case']} | {r['n_atoms']} | {r['P']} | {s['cuda_plain']:.0f} "
             f"| {s['cuda_sens']:.0f} | {s['jax_plain']:.0f} | {s['jax_sens']:.0f} "
             f"| {up:.2f} {'✓' if up >= GOAL_CUDA_OVER_JAX else '✗'} "
-            f"| {cost:.2f} {'✓' if cost <= GOAL_SENS_OVER_PLAIN else '✗'} |"
+            f"| {cost:.2f} {'✓' if cost <= GOAL_SENS_OVER_PLAIN else '✗'} | {direct} |"
         )
     return "\n".join(lines)
 

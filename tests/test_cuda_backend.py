@@ -9,7 +9,8 @@ GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU):
   the CUDA run against a JAX loop fed the CUDA noise stream (``noise.philox_normal``), to
   1e-9 relative;
 * ``run_replicas(backend="cuda")`` against ``run_replicas(backend="jax")``, noise-free;
-* repeated runs with one seed are bitwise identical;
+* repeated runs with one seed are bitwise identical, and the steps captured in CUDA graphs
+  give the bits of the same kernels launched one by one;
 * bad shapes, out-of-range indices and a device out of memory raise TimemachineErrors
   naming the kernel (or buffer) and the argument.
 
@@ -154,6 +155,29 @@ def test_gpu_run_replicas_matches_jax_without_noise(trialanine_obc2):
         err = rel(getattr(got, key), getattr(ref, key))
         print(f"run_replicas {key}: rel err {err:.1e}")
         assert err < TOL, key
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_give_the_bits_of_launch_by_launch(trialanine_obc2):
+    import warnings
+
+    system, x = trialanine_obc2
+    wrt = system.select("torsion*")
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
+    coeffs = integ.coefficients(system.masses)
+    v = np.asarray(tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 4))
+    out = {}
+    for graphs in (True, False):
+        program = cupy_backend.make_program(system, wrt, "exact", graphs=graphs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture fails the test
+            _, frames, _ = program(
+                2, exact_init(x, v, wrt.size), 2, 300, system.params, coeffs, None, 4, 0
+            )
+        assert program.graphs == graphs
+        out[graphs] = frames
+    for a, b in zip(out[True], out[False], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.gpu
@@ -422,7 +446,9 @@ def test_cuda_bench_runs_end_to_end_on_the_host_build(monkeypatch, tmp_path, cap
     monkeypatch.setattr(
         cupy_backend,
         "make_program",
-        lambda system, wrt, method, executor=None: real(system, wrt, method, HostExecutor()),
+        lambda system, wrt, method, executor=None, **kw: real(
+            system, wrt, method, HostExecutor(), **kw
+        ),
     )
     monkeypatch.setattr(cuda_bench, "cuda_available", lambda: (True, ""))
     monkeypatch.setattr(cuda_bench, "gpu_name", lambda: "host build")
@@ -433,7 +459,8 @@ def test_cuda_bench_runs_end_to_end_on_the_host_build(monkeypatch, tmp_path, cap
     (row,) = result["rows"]
     assert (row["case"], row["P"], row["steps"]) == ("protein-obc2", 8, 3)
     assert row["n_atoms"] > 150
-    assert set(row["steps_per_s"]) == {"cuda_plain", "cuda_sens", "jax_plain", "jax_sens"}
+    variants = {"cuda_plain", "cuda_sens", "jax_plain", "jax_sens"}
+    assert set(row["steps_per_s"]) == variants | {"cuda_plain_direct", "cuda_sens_direct"}
     assert all(np.isfinite(v) and v > 0 for v in row["steps_per_s"].values())
     assert "| protein-obc2 |" in capsys.readouterr().out
     sys.modules.pop("cuda_bench", None)

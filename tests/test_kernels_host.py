@@ -29,7 +29,8 @@ import timemachine as tm
 from timemachine.backends import cupy_backend, noise
 from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
 from timemachine.backends.plan import DTYPES, PCHUNK, Pipeline, build_plan
-from timemachine.errors import InputError
+from timemachine.errors import InputError, SimulationError
+from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
 from timemachine.sensitivity.zeta import make_gradient_and_zeta, zeta_reference
 from timemachine.system import (
     OBC2,
@@ -338,7 +339,9 @@ def host_cuda_backend(monkeypatch):
     monkeypatch.setattr(
         cupy_backend,
         "make_program",
-        lambda system, wrt, method, executor=None: real(system, wrt, method, HostExecutor()),
+        lambda system, wrt, method, executor=None, **kw: real(
+            system, wrt, method, HostExecutor(), **kw
+        ),
     )
 
 
@@ -372,7 +375,6 @@ def reference_run(system, x, v, integ, wrt, n_steps, window=None, replica=0):
     propagation of dx/dθ written out here around JAX's ∇E and ζ, with the CUDA backend's
     noise stream (noise.philox_normal) when the temperature is above zero.
     """
-    from timemachine.sensitivity.propagation import window_coefficients
 
     co = integ.coefficients(system.masses)
     a, b, c, dt = float(co.a), np.asarray(co.b)[:, None], np.asarray(co.c)[:, None], float(co.dt)
@@ -587,3 +589,64 @@ def test_results_do_not_depend_on_the_order_threads_run_in(monkeypatch, trialani
             np.testing.assert_array_equal(getattr(runs[order], key), getattr(ref, key), key)
     with pytest.raises(InputError, match="order must be one of"):
         HostExecutor(order="random")
+
+
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_graph_replay_gives_the_bits_of_launch_by_launch(monkeypatch, trialanine_obc2, method):
+    # the steps run as captured graphs (recorded launch sequences on the host), split into
+    # graphs of 1, MAX_GRAPH_STEPS and the rest; a new replica or θ rebuilds the argument
+    # blocks and must be captured again, never replayed from the old graph
+    system, x = trialanine_obc2
+    monkeypatch.setattr(cupy_backend, "MAX_GRAPH_STEPS", 3)
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=9)
+    coeffs = integ.coefficients(system.masses)
+    wrt = system.select(WRT)
+    k = 3 if method == "window" else None
+    wco = window_coefficients(integ, k) if k else None
+    theta2 = np.array(system.params)
+    theta2[wrt[:4]] *= 1.1
+    captures = []
+    runs = {}
+    for graphs in (True, False):
+        ex = HostExecutor()
+        real_capture = ex.capture
+        ex.capture = lambda fn, real=real_capture: captures.append(1) or real(fn)
+        program = cupy_backend.make_program(system, wrt, method, ex, graphs=graphs)
+        v = np.asarray(tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 9))
+        state = exact_init(x, v, wrt.size) if k is None else window_init(x, v, wrt.size, k)
+        out = []
+        for theta, replica in ((system.params, 0), (system.params, 0), (system.params, 1)):
+            state, frames, look = program(3, state, 2, 7, theta, coeffs, wco, 9, replica)
+            out.append((frames, look))
+        state, frames, look = program(3, state, 2, 7, theta2, coeffs, wco, 9, 1)
+        out.append((frames, look))
+        runs[graphs] = out
+    # graphs of 1 and 3 steps per epoch: captured for replica 0, replayed in its second
+    # call, captured again for replica 1 and again for the new θ
+    assert len(captures) == 6
+    for (fg, lg), (fd, ld) in zip(runs[True], runs[False], strict=True):
+        for a, b in zip(fg, fd, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(lg, ld)
+    assert np.abs(runs[True][-1][0][2]).max() > 1e-6
+
+
+def test_a_failed_capture_warns_and_launches_one_by_one(trialanine_obc2):
+    system, x = trialanine_obc2
+    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=9)
+    coeffs = integ.coefficients(system.masses)
+    wrt = system.select(WRT)
+    ex = HostExecutor()
+
+    def broken(fn):
+        raise SimulationError("CUDA kernel CUDA graph capture failed: cudaErrorNotSupported")
+
+    ex.capture = broken
+    program = cupy_backend.make_program(system, wrt, "exact", ex, graphs=True)
+    state = exact_init(x, np.zeros_like(x), wrt.size)
+    with pytest.warns(RuntimeWarning, match="graph capture failed.*one by one"):
+        got = program(1, state, 1, 5, system.params, coeffs, None, 9, 0)
+    assert not program.graphs
+    ref = cupy_backend.make_program(system, wrt, "exact", HostExecutor(), graphs=False)
+    want = ref(1, state, 1, 5, system.params, coeffs, None, 9, 0)
+    np.testing.assert_array_equal(got[1][2], want[1][2])

@@ -7,6 +7,11 @@ propagation of dx/dθ, keeping x, v, dx/dθ, dv/dθ and the window ring on the d
 across steps and across chunks, and copies back only the saved frames (and dv/dθ of the
 last one, so the returned state can continue a run).
 
+The steps run as captured CUDA graphs (``CudaProgram``; ``TIMEMACHINE_CUDA_GRAPHS=0``
+launches kernel by kernel): one graph launch replaces the ~20 kernel launches a step
+would otherwise issue from Python, which on a system of villin's size would cost more than
+the kernels themselves.
+
 The kernels are float64 and deterministic (every sum in a fixed order; no atomics), so
 the same seed gives the same bits on the same GPU. The noise is the counter-based
 Philox stream of ``philox.cuh`` (``timemachine.backends.noise.philox_normal``), not
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 
@@ -41,6 +47,9 @@ from timemachine.backends.plan import (
 from timemachine.errors import InputError, SimulationError
 
 THREADS = 128
+#: steps per captured CUDA graph at most: a block of save_every steps runs as graphs of
+#: 1 step (then v_first is copied), MAX_GRAPH_STEPS steps and the remainder
+MAX_GRAPH_STEPS = 128
 # CUDA's limit on gridDim.y (tangent chunks, or tangents in the ζ gather)
 _MAX_GRID_Y = 65535
 
@@ -82,6 +91,8 @@ class CupyExecutor:
         self.module = _module(tuple(options))
         self._fns = {}
         self._blocks = {}
+        for kernel in KERNELS:  # load every function now, not inside a graph capture
+            self._function(kernel)
 
     def alloc(self, name, shape, dtype):
         try:
@@ -133,6 +144,32 @@ class CupyExecutor:
         except Exception as exc:
             raise device_error(kernel, exc) from exc
 
+    def zero(self, array):
+        """Set ``array`` to 0: a memset on the current stream (capturable in a graph)."""
+        stream = self.cp.cuda.get_current_stream()
+        self.cp.cuda.runtime.memsetAsync(int(array.data.ptr), 0, int(array.nbytes), stream.ptr)
+
+    def capture(self, fn):
+        """A CUDA graph of the launches ``fn()`` issues, captured on a fresh stream (so a
+        failed capture leaves the stream the run uses untouched); ``graph.launch()`` runs
+        it on the current stream.
+
+        Raises:
+            SimulationError: the capture failed (the message names why).
+        """
+        stream = self.cp.cuda.Stream(non_blocking=True)
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    fn()
+                finally:
+                    graph = stream.end_capture()
+            graph.upload(self.cp.cuda.get_current_stream())
+        except Exception as exc:
+            raise device_error("CUDA graph capture", exc) from exc
+        return _CupyGraph(self, graph, stream)
+
     def to_host(self, array):
         return self.cp.asnumpy(array)
 
@@ -141,6 +178,19 @@ class CupyExecutor:
             self.cp.cuda.get_current_stream().synchronize()
         except Exception as exc:
             raise device_error(what, exc) from exc
+
+
+class _CupyGraph:
+    """A captured CUDA graph; ``launch()`` runs it on the current stream."""
+
+    def __init__(self, executor, graph, stream):
+        self.ex, self.graph, self._stream = executor, graph, stream  # the stream outlives it
+
+    def launch(self):
+        try:
+            self.graph.launch(self.ex.cp.cuda.get_current_stream())
+        except Exception as exc:
+            raise device_error("CUDA graph launch", exc) from exc
 
 
 class DeviceRing:
@@ -170,24 +220,42 @@ class DeviceRing:
         return out if dtype is None else out.astype(dtype)
 
 
-class CudaProgram:
-    """The chunk program of ``simulate`` on the kernels (see module docstring)."""
+def graphs_enabled() -> bool:
+    """Whether CudaProgram captures its steps in CUDA graphs by default:
+    ``TIMEMACHINE_CUDA_GRAPHS=0`` launches the kernels one by one instead."""
+    return os.environ.get("TIMEMACHINE_CUDA_GRAPHS", "1") != "0"
 
-    def __init__(self, system, wrt, method, executor=None):
+
+class CudaProgram:
+    """The chunk program of ``simulate`` on the kernels (see module docstring).
+
+    With ``graphs`` (default ``graphs_enabled()``) the steps run as captured CUDA graphs,
+    one launch for up to ``MAX_GRAPH_STEPS`` steps instead of ~20 launches per step from
+    Python; the kernels and their order are the same, so are the bits. A graph holds the
+    addresses of the argument blocks and is captured again when they are rebuilt (new θ,
+    integrator or replica: ``Pipeline.epoch``). If a capture fails, a RuntimeWarning says
+    why and the program launches kernel by kernel from then on.
+    """
+
+    def __init__(self, system, wrt, method, executor=None, graphs=None):
         if method not in ("exact", "window"):
             raise InputError(f"method must be 'exact' or 'window', got {method!r}")
         self.plan = build_plan(system, wrt)
         self.method = method
         self.ex = executor if executor is not None else CupyExecutor()
+        self.graphs = graphs_enabled() if graphs is None else bool(graphs)
+        self.graphs = self.graphs and hasattr(self.ex, "capture")
         self.pipeline = None
         self.version = 0
         self._last = None
         self._theta = None
         self._frames = None
+        self._graphs = {}  # (steps, pipeline epoch) -> captured graph
 
     def _ensure_pipeline(self, theta, window):
         if self.pipeline is None or self.pipeline.window != window:
             self.pipeline = Pipeline(self.plan, self.ex, theta, window=window)
+            self._graphs = {}
             self._theta = np.array(theta)
         elif not np.array_equal(theta, self._theta):
             self.pipeline.set_params(theta)
@@ -219,6 +287,41 @@ class CudaProgram:
                 raise InputError(f"{kernel}: argument {arg!r} (state.{name}) must be finite floats")
             _copy_in(self.ex, dst, np.ascontiguousarray(value, dtype=np.float64))
         _copy_in(self.ex, pl.step, np.array([int(np.asarray(state.step))], dtype=np.int64))
+
+    def _steps(self, n):
+        """``n`` Langevin steps of the pipeline: graphs of up to MAX_GRAPH_STEPS steps, or
+        launch by launch."""
+        pl = self.pipeline
+        while n > 0:
+            k = min(n, MAX_GRAPH_STEPS)
+            graph = self._graph(k) if self.graphs else None
+            if graph is not None:
+                graph.launch()
+            else:
+                for _ in range(k):
+                    pl.step_once(self.method)
+            n -= k
+
+    def _graph(self, k):
+        pl = self.pipeline
+        key = (k, pl.epoch)
+        graph = self._graphs.get(key)
+        if graph is None:
+            # graphs of earlier epochs point at argument blocks that no longer exist
+            self._graphs = {kk: g for kk, g in self._graphs.items() if kk[1] == pl.epoch}
+            try:
+                graph = self.ex.capture(lambda: [pl.step_once(self.method) for _ in range(k)])
+            except SimulationError as exc:
+                warnings.warn(
+                    f"{exc}; launching the kernels one by one from now on "
+                    f"(TIMEMACHINE_CUDA_GRAPHS=0 skips the capture)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.graphs = False
+                return None
+            self._graphs[key] = graph
+        return graph
 
     def _frame_buffers(self, capacity):
         if self._frames is None or self._frames[0].shape[0] != capacity:
@@ -252,10 +355,9 @@ class CudaProgram:
         p = self.plan.n_params
         xp = self.ex.xp
         for j in range(n_blocks):
-            for i in range(save_every):
-                pl.step_once(self.method)
-                if i == 0:
-                    v_first[j] = pl.v
+            self._steps(1)
+            v_first[j] = pl.v
+            self._steps(save_every - 1)
             xs[j] = pl.x
             vs[j] = pl.v
             if p:
@@ -298,10 +400,11 @@ def _copy_in(executor, dst, host):
         dst.set(host.reshape(dst.shape))
 
 
-def make_program(system, wrt, method, executor=None) -> CudaProgram:
+def make_program(system, wrt, method, executor=None, graphs=None) -> CudaProgram:
     """The ``simulate`` chunk program on the CUDA kernels for θ[wrt] and ``method``.
 
     ``executor`` defaults to the GPU (CupyExecutor); the host executor
-    (``timemachine.backends.host.HostExecutor``) runs the same kernels on the CPU.
+    (``timemachine.backends.host.HostExecutor``) runs the same kernels on the CPU, its
+    "graphs" being recorded launch sequences. ``graphs``: see ``CudaProgram``.
     """
-    return CudaProgram(system, np.asarray(wrt, dtype=np.int64), method, executor)
+    return CudaProgram(system, np.asarray(wrt, dtype=np.int64), method, executor, graphs)

@@ -118,6 +118,17 @@ def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
     return lib
 
 
+class HostGraph:
+    """A recorded sequence of host launches; ``launch()`` runs it again, in order."""
+
+    def __init__(self, ops):
+        self.ops = tuple(ops)
+
+    def launch(self):
+        for op in self.ops:
+            op()
+
+
 #: the orders a host launch can run its threads in (tm_host.cpp, LaunchOrder)
 LAUNCH_ORDERS = ("index", "reversed", "strided")
 
@@ -138,6 +149,7 @@ class HostExecutor:
         self.lib = lib if lib is not None else load_host_library()
         self.order = LAUNCH_ORDERS.index(order)
         self._blocks = {}
+        self._recording = None  # the ops of a capture in progress
 
     def alloc(self, name, shape, dtype):
         return np.zeros(shape, dtype=dtype)
@@ -163,8 +175,35 @@ class HostExecutor:
             raise InputError(f"{kernel}: argument block is not a {want}")
         if nx < 0 or ny < 1:
             raise InputError(f"{kernel}: bad launch extent ({nx}, {ny})")
-        self.lib.tm_set_launch_order(self.order)
-        getattr(self.lib, kernel)(int(nx), int(ny), int(block.ctypes.data))
+        fn, order = getattr(self.lib, kernel), self.order
+
+        def run():  # holds the block, as a CUDA graph holds its address
+            self.lib.tm_set_launch_order(order)
+            fn(int(nx), int(ny), int(block.ctypes.data))
+
+        self._issue(run)
+
+    def zero(self, array):
+        """Set ``array`` to 0 (a memset on the GPU)."""
+        self._issue(lambda: array.fill(0))
+
+    def _issue(self, op):
+        if self._recording is None:
+            op()
+        else:
+            self._recording.append(op)
+
+    def capture(self, fn) -> HostGraph:
+        """Record the launches and zeroings ``fn()`` issues, without running them: the
+        host counterpart of a CUDA graph capture (``CupyExecutor.capture``)."""
+        if self._recording is not None:
+            raise SimulationError("host executor: capture() is already recording")
+        self._recording = []
+        try:
+            fn()
+            return HostGraph(self._recording)
+        finally:
+            self._recording = None
 
     def to_host(self, array):
         return np.array(array, copy=True)

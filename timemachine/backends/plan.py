@@ -437,10 +437,14 @@ class Pipeline:
     """Device buffers of one system and the launch sequence of its kernels.
 
     The executor supplies ``xp`` (numpy or cupy), ``ptr(array)``, ``struct(name, dict)``
-    (an argument block in device memory), ``launch(kernel, nx, ny, block)`` and
-    ``alloc(name, shape, dtype)``. Buffers are allocated once; θ is uploaded by
-    ``set_params``. Shapes, dtypes and index ranges of every array handed to a kernel are
-    checked here, before the launch (``check_array``).
+    (an argument block in device memory), ``launch(kernel, nx, ny, block)``,
+    ``zero(array)`` and ``alloc(name, shape, dtype)``. Buffers are allocated once; θ is
+    uploaded by ``set_params``. Shapes, dtypes and index ranges of every array handed to a
+    kernel are checked here, before the launch (``check_array``).
+
+    ``epoch`` counts the rebuilds of the argument blocks (``set_params``, and
+    ``set_integrator`` when its values change): a recorded launch sequence (a CUDA graph)
+    holds their addresses and is valid only within its epoch.
     """
 
     def __init__(self, plan: KernelPlan, executor, theta, *, window: int | None = None):
@@ -463,6 +467,8 @@ class Pipeline:
         self.dedtheta = alloc("dE/dθ", (plan.n_theta,), f8)
         self.step = alloc("step", (1,), np.int64)
         self.window = window
+        self.epoch = 0
+        self._integrator_key = None
         if window is not None:
             self.ring = alloc("zeta_window", (window, max(p, 1), n, 3), f8)
             self.to_fold = alloc("to_fold", (max(p, 1), n, 3), f8)
@@ -650,9 +656,13 @@ class Pipeline:
             ),
         )
         self.langevin_block = None
+        self._integrator_key = None
+        self.epoch += 1
 
     def set_integrator(self, coeffs, seed, replica, fold=0.0):
-        """Langevin coefficients (a, b (N,), c (N,), dt), noise stream and window fold."""
+        """Langevin coefficients (a, b (N,), c (N,), dt), noise stream and window fold.
+
+        The argument blocks are rebuilt (a new ``epoch``) only when a value changed."""
         plan, ex = self.plan, self.ex
         n = plan.n_atoms
         b = np.asarray(coeffs.b, dtype=np.float64)
@@ -663,6 +673,10 @@ class Pipeline:
                     f"tm_langevin_primal: argument {arg!r} (Langevin coefficient {arg}) must "
                     f"have shape ({n},), got {a.shape}"
                 )
+        key = (float(coeffs.a), float(coeffs.dt), float(fold), int(seed), int(replica))
+        key += (b.tobytes(), c.tobytes())
+        if key == self._integrator_key:
+            return
         P = ex.ptr
         common = dict(
             grad=P(self.grad),
@@ -695,12 +709,14 @@ class Pipeline:
             "LangevinArgs",
             dict(common, x=P(self.x), v=P(self.v), x_out=P(self.x_tmp), v_out=P(self.v_tmp)),
         )
+        self._integrator_key = key
+        self.epoch += 1
 
     # -- evaluations
     def gradient(self):
         """∇E at self.x into self.grad; per-term energies and ∂E/∂θ values as a by-product."""
         ex, n = self.ex, self.plan.n_atoms
-        self.grad.fill(0)
+        ex.zero(self.grad)
         for block in self.pair_blocks:
             ex.launch("tm_nonbonded_primal", n, 1, block)
         for block in self.gb_blocks:
@@ -719,7 +735,7 @@ class Pipeline:
         if p == 0:
             return
         chunks = -(-p // PCHUNK)
-        self.zeta.fill(0)
+        ex.zero(self.zeta)
         for block in self.pair_blocks:
             ex.launch("tm_nonbonded_zeta", n, chunks, block)
         for block in self.gb_blocks:

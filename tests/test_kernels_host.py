@@ -18,6 +18,7 @@ optimisation level (compilation is most of this file's time; the arithmetic is t
 IEEE float64, without fast-math).
 """
 
+import os
 import time
 
 import jax
@@ -650,3 +651,62 @@ def test_a_failed_capture_warns_and_launches_one_by_one(trialanine_obc2):
     ref = cupy_backend.make_program(system, wrt, "exact", HostExecutor(), graphs=False)
     want = ref(1, state, 1, 5, system.params, coeffs, None, 9, 0)
     np.testing.assert_array_equal(got[1][2], want[1][2])
+
+
+SANITIZED_RUN = """
+import numpy as np
+import openmm.app as app, os
+import timemachine as tm
+from timemachine.backends import cupy_backend
+from timemachine.backends.host import HostExecutor, load_host_library
+from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
+
+lib = load_host_library(("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                         "-fno-sanitize-recover=all"))
+pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"))
+cases = [
+    (tm.build_peptide("AAA"), "obc2", ["torsion/*", "gb/*/radius", "charge/*"]),
+    (tm.strip_solvent(pdb.topology, pdb.positions), None, ["torsion/*"]),
+]
+integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=5)
+for structure, solvent, wrt in cases:
+    system, x = tm.load_system(structure, implicit_solvent=solvent)
+    wrt = system.select(wrt)[:60]
+    coeffs = integ.coefficients(system.masses)
+    for method, k in (("exact", None), ("window", 3)):
+        program = cupy_backend.make_program(system, wrt, method, HostExecutor(lib))
+        v = np.zeros_like(x)
+        state = exact_init(x, v, wrt.size) if k is None else window_init(x, v, wrt.size, k)
+        wco = window_coefficients(integ, k) if k else None
+        _, frames, _ = program(2, state, 2, 2, system.params, coeffs, wco, 5, 0)
+        assert np.isfinite(frames[2]).all()
+    program.pipeline.dedtheta_pass()
+    print(system.n_atoms, "atoms,", wrt.size, "parameters: clean")
+"""
+
+
+@pytest.mark.skipif(host_compiler() != "g++", reason="the sanitizer runtimes are g++'s")
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    # an out-of-bounds index on a GPU corrupts memory silently or faults the context; on
+    # the host ASan and UBSan stop at the first bad access and name it. Every kernel runs
+    # here (trialanine/OBC2 with torsions, radii and charges; villin with P = 60, a tail
+    # tangent chunk and several exclusion-mask words), exact and window, and ∂E/∂θ.
+    import subprocess
+    import sys
+
+    runtimes = []
+    for name in ("libasan.so", "libstdc++.so"):  # ASan first; libstdc++ for its interceptors
+        path = subprocess.run(
+            ["g++", f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
+        if not os.path.isabs(path):
+            pytest.skip(f"g++ has no {name}")
+        runtimes.append(path)
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0")
+    env.setdefault("TIMEMACHINE_CACHE", str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", SANITIZED_RUN], env=env, capture_output=True, text=True
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-6000:]
+    assert report.count("clean") == 2, report[-6000:]

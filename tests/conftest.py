@@ -44,3 +44,34 @@ def villin():
     top, x = tm.strip_solvent(pdb.topology, pdb.positions)
     assert np.isfinite(x).all()
     return top, x
+
+
+SANITIZER_FLAGS = (
+    "-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
+)
+
+
+@pytest.fixture()
+def sanitizer_env(tmp_path):
+    """Environment for a subprocess that loads libraries built with SANITIZER_FLAGS: g++'s
+    ASan runtime (and libstdc++, for its interceptors) preloaded, leak checks off, and a
+    fresh build cache. Skips where g++ lacks the runtimes."""
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("the sanitizer runtimes are g++'s, and there is no g++")
+    runtimes = []
+    for name in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run(
+            ["g++", f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
+        if not os.path.isabs(path):
+            pytest.skip(f"g++ has no {name}")
+        runtimes.append(path)
+    return dict(
+        os.environ,
+        LD_PRELOAD=" ".join(runtimes),
+        ASAN_OPTIONS="detect_leaks=0",
+        TIMEMACHINE_CACHE=str(tmp_path / "cache"),
+    )

@@ -18,7 +18,6 @@ optimisation level (compilation is most of this file's time; the arithmetic is t
 IEEE float64, without fast-math).
 """
 
-import os
 import time
 
 import jax
@@ -661,8 +660,7 @@ from timemachine.backends import cupy_backend
 from timemachine.backends.host import HostExecutor, load_host_library
 from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
 
-lib = load_host_library(("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                         "-fno-sanitize-recover=all"))
+lib = load_host_library(SANITIZER_FLAGS)
 pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"))
 cases = [
     (tm.build_peptide("AAA"), "obc2", ["torsion/*", "gb/*/radius", "charge/*"]),
@@ -685,8 +683,7 @@ for structure, solvent, wrt in cases:
 """
 
 
-@pytest.mark.skipif(host_compiler() != "g++", reason="the sanitizer runtimes are g++'s")
-def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(sanitizer_env):
     # an out-of-bounds index on a GPU corrupts memory silently or faults the context; on
     # the host ASan and UBSan stop at the first bad access and name it. Every kernel runs
     # here (trialanine/OBC2 with torsions, radii and charges; villin with P = 60, a tail
@@ -694,18 +691,11 @@ def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_
     import subprocess
     import sys
 
-    runtimes = []
-    for name in ("libasan.so", "libstdc++.so"):  # ASan first; libstdc++ for its interceptors
-        path = subprocess.run(
-            ["g++", f"-print-file-name={name}"], capture_output=True, text=True
-        ).stdout.strip()
-        if not os.path.isabs(path):
-            pytest.skip(f"g++ has no {name}")
-        runtimes.append(path)
-    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0")
-    env.setdefault("TIMEMACHINE_CACHE", str(tmp_path))
+    from conftest import SANITIZER_FLAGS
+
+    code = SANITIZED_RUN.replace("SANITIZER_FLAGS", repr(tuple(SANITIZER_FLAGS.split())))
     proc = subprocess.run(
-        [sys.executable, "-c", SANITIZED_RUN], env=env, capture_output=True, text=True
+        [sys.executable, "-c", code], env=sanitizer_env, capture_output=True, text=True
     )
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]

@@ -202,3 +202,45 @@ def test_custom_call_result_does_not_depend_on_threads(trialanine, tmp_path):
     one = np.load(out)
     np.testing.assert_array_equal(np.asarray(g), one["g"])
     np.testing.assert_array_equal(np.asarray(z), one["z"])
+
+
+_SANITIZED = """
+import jax, jax.numpy as jnp, numpy as np
+import openmm.app as app, os
+import timemachine as tm
+from timemachine.sensitivity.zeta import make_gradient_and_zeta
+
+pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"))
+cases = [
+    (tm.build_peptide("AAA"), "obc2", ["torsion/*", "bond/*", "angle/*", "charge/*"]),
+    (tm.strip_solvent(pdb.topology, pdb.positions), None, ["torsion/*", "improper/*"]),
+]
+for structure, solvent, wrt in cases:
+    system, x = tm.load_system(structure, implicit_solvent=solvent)
+    wrt = system.select(wrt)[:70]
+    dx = np.random.default_rng(0).normal(scale=1e-3, size=(wrt.size, system.n_atoms, 3))
+    args = jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
+    g, z = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))(*args)
+    g0, z0 = jax.jit(make_gradient_and_zeta(system, wrt, bonded="jax"))(*args)
+    scale = float(np.abs(z0).max())
+    assert float(np.abs(np.asarray(z) - np.asarray(z0)).max()) <= 1e-11 * scale
+    print(system.n_atoms, "atoms,", wrt.size, "tangents: clean")
+"""
+
+
+def test_custom_call_runs_clean_under_address_and_undefined_behaviour_sanitizers(
+    sanitizer_env,
+):
+    """tm_xla_cpu.cpp built with ASan and UBSan (TIMEMACHINE_XLA_CPU_FLAGS), inside XLA's
+    compiled step on XLA's threads: trialanine/OBC2 with bond, angle, torsion and charge
+    tangents (the mixed partials), villin with 70 torsion and improper tangents (a tail
+    chunk, tiles of 64 atoms and a partial last tile); the results match the pure-JAX ζ."""
+    from conftest import SANITIZER_FLAGS
+
+    env = dict(sanitizer_env, TIMEMACHINE_XLA_CPU_FLAGS=SANITIZER_FLAGS)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SANITIZED], env=env, capture_output=True, text=True, timeout=600
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-6000:]
+    assert report.count("clean") == 2, report[-6000:]

@@ -21,6 +21,8 @@ the tests compare the two. This path is used where JAX computes on the CPU and a
 compiler is present; ``TIMEMACHINE_HOST_KERNELS=0`` turns it off. The library is built on
 first use with ``-O3 -march=native`` into the cache directory (``$TIMEMACHINE_CACHE``,
 else ``~/.cache/timemachine``), keyed by the sources, the compiler, the CPU and jaxlib.
+``TIMEMACHINE_XLA_CPU_FLAGS`` replaces the compiler flags (the tests build it with the
+address and undefined-behaviour sanitizers that way).
 
 It is a forward computation only: ``jax.grad``/``jax.jvp`` through it are not defined
 (nothing differentiates ζ; plain MD's gradient keeps the JAX path).
@@ -82,10 +84,11 @@ def _register() -> None:
     import jaxlib
 
     src = os.path.join(kernel_dir(), "host", "tm_xla_cpu.cpp")
+    flags = tuple(os.environ.get("TIMEMACHINE_XLA_CPU_FLAGS", " ".join(FLAGS)).split())
     path = build_shared_library(
         src,
         "tm_xla_cpu",
-        FLAGS,
+        flags,
         include_dirs=(jax.ffi.include_dir(),),
         key_extra=_cpu_signature() + jaxlib.__version__,
     )

@@ -68,7 +68,10 @@ setup(
             # with it on machines without a GPU
             "nvidia-cuda-nvrtc==13.*; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],
+        # CuPy built for the CUDA runtime: 12.x runs on drivers >= 525 (also CUDA 13's);
+        # cuda13 for a CUDA 13 stack (drivers >= 580)
         "cuda": ["cupy-cuda12x>=13"],
+        "cuda13": ["cupy-cuda13x>=14"],
         # JAX MD for the forward-mode column of python -m timemachine.bench
         "bench": ["jax-md==0.2.29"],
     },

@@ -42,6 +42,8 @@ run)
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     export TIMEMACHINE_CACHE=${TIMEMACHINE_CACHE:-/tmp/timemachine_cache}
+    # JAX and CuPy share the GPU: JAX allocates as it goes instead of taking 75 % up front
+    export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
         "$PY" -c "import jax, cupy; print('jax', jax.__version__, jax.devices()); \

@@ -49,7 +49,7 @@ def cuda_available() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError:
-        return False, "CuPy is not installed (pip install 'timemachine[cuda]')"
+        return False, "CuPy is not installed (pip install 'timemachine[cuda]'; [cuda13]: CUDA 13)"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # no driver, or a driver/runtime mismatch

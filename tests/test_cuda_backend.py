@@ -340,6 +340,10 @@ def test_bad_pipeline_inputs_name_the_kernel_and_argument():
     nan_theta[2] = np.nan
     with pytest.raises(InputError, match=r"argument 'theta' .*non-finite at 2"):
         Pipeline(plan, ex, nan_theta)
+    negative_eps = np.array(system.params)
+    negative_eps[6] = -0.5  # epsilon/e: every atom's ε
+    with pytest.raises(InputError, match=r"tm_nonbonded_primal: .*ε of atom 0\) is -0.5"):
+        Pipeline(plan, ex, negative_eps)
     pl = Pipeline(plan, ex, system.params)
     integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
     coeffs = integ.coefficients(np.ones(5))

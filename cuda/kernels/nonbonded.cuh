@@ -23,13 +23,16 @@ TM_HD double safe_sqrt_derivative(double eps, double sqrt_eps) {
   return eps > 0.0 ? 0.5 / sqrt_eps : 0.0;
 }
 
-TM_HD PairScalars lj_coulomb_pair(double r, double qi, double qj, double si, double sj,
-                                  double ei, double ej, double coulomb_scale, double lj_scale) {
+// the pair scalars from √ε_i, √ε_j and their derivatives h = ∂√ε/∂ε (0 at ε = 0): the
+// all-pairs kernels read these per atom (NonbondedArgs.root_eps, droot_eps) instead of
+// taking two square roots and two divisions per pair; the numbers are the same
+TM_HD PairScalars lj_coulomb_pair_roots(double r, double qi, double qj, double si, double sj,
+                                        double rei, double rej, double hi, double hj,
+                                        double coulomb_scale, double lj_scale) {
   PairScalars o;
   const double inv_r = 1.0 / r, inv_r2 = inv_r * inv_r;
   const double s = 0.5 * (si + sj) * inv_r;
   const double s2 = s * s, s5 = s2 * s2 * s, s6 = s5 * s, s11 = s5 * s6, s12 = s6 * s6;
-  const double rei = tm_safe_sqrt(ei), rej = tm_safe_sqrt(ej);
   const double eps = lj_scale * rei * rej;
   const double cq = COULOMB * coulomb_scale;
   const double coul = cq * qi * qj * inv_r;
@@ -49,13 +52,20 @@ TM_HD PairScalars lj_coulomb_pair(double r, double qi, double qj, double si, dou
   o.de[2] = o.de[3] = ds;
   o.dd1[2] = o.dd1[3] = dds;
   // ε_i, ε_j through √ε
-  const double dsi = lj_scale * safe_sqrt_derivative(ei, rei) * rej;
-  const double dsj = lj_scale * safe_sqrt_derivative(ej, rej) * rei;
+  const double dsi = lj_scale * hi * rej;
+  const double dsj = lj_scale * hj * rei;
   o.de[4] = lj0 * dsi;
   o.de[5] = lj0 * dsj;
   o.dd1[4] = lj1 * dsi;
   o.dd1[5] = lj1 * dsj;
   return o;
+}
+
+TM_HD PairScalars lj_coulomb_pair(double r, double qi, double qj, double si, double sj,
+                                  double ei, double ej, double coulomb_scale, double lj_scale) {
+  const double rei = tm_safe_sqrt(ei), rej = tm_safe_sqrt(ej);
+  return lj_coulomb_pair_roots(r, qi, qj, si, sj, rei, rej, safe_sqrt_derivative(ei, rei),
+                               safe_sqrt_derivative(ej, rej), coulomb_scale, lj_scale);
 }
 
 // ------------------------------------------------------------ all-pairs kernel bodies
@@ -64,6 +74,8 @@ struct NonbondedArgs {
   const double* charge;      // (N,) e
   const double* sigma;       // (N,) nm
   const double* epsilon;     // (N,) kJ/mol
+  const double* root_eps;    // (N,) √ε
+  const double* droot_eps;   // (N,) ∂√ε/∂ε = 1/(2√ε), 0 where ε = 0
   const i32* slot_q;     // (N,) tangent p of atom i's charge type, or -1
   const i32* slot_sig;   // (N,)
   const i32* slot_eps;   // (N,)
@@ -76,6 +88,7 @@ struct NonbondedArgs {
   i64 n_atoms;
   i64 n_words;
   i64 n_params;
+  i64 has_slots;             // 1 if any slot_* is a tangent (mixed partials to add)
 };
 
 TM_HD bool pair_on(const u32* mask, i64 n_words, i64 i, i64 j) {
@@ -86,14 +99,14 @@ TM_HD bool pair_on(const u32* mask, i64 n_words, i64 i, i64 j) {
 TM_HD void nonbonded_primal_body(i64 i, const NonbondedArgs& a) {
   if (i >= a.n_atoms) return;
   const double xi0 = a.x[3 * i], xi1 = a.x[3 * i + 1], xi2 = a.x[3 * i + 2];
-  const double qi = a.charge[i], si = a.sigma[i], ei = a.epsilon[i];
+  const double qi = a.charge[i], si = a.sigma[i], rei = a.root_eps[i], hi = a.droot_eps[i];
   double e = 0.0, g0 = 0.0, g1 = 0.0, g2 = 0.0, dq = 0.0, ds = 0.0, de = 0.0;
   for (i64 j = 0; j < a.n_atoms; ++j) {
     if (j == i || !pair_on(a.mask, a.n_words, i, j)) continue;
     const double d0 = xi0 - a.x[3 * j], d1 = xi1 - a.x[3 * j + 1], d2 = xi2 - a.x[3 * j + 2];
     const double r = tm_sqrt(d0 * d0 + d1 * d1 + d2 * d2);
-    const PairScalars s =
-        lj_coulomb_pair(r, qi, a.charge[j], si, a.sigma[j], ei, a.epsilon[j], 1.0, 1.0);
+    const PairScalars s = lj_coulomb_pair_roots(r, qi, a.charge[j], si, a.sigma[j], rei,
+                                                a.root_eps[j], hi, a.droot_eps[j], 1.0, 1.0);
     const double b = s.d1 / r;
     e += s.e;
     g0 += b * d0;
@@ -116,6 +129,56 @@ TM_HD void nonbonded_primal_body(i64 i, const NonbondedArgs& a) {
   }
 }
 
+// ζ of atom i for the np tangents from p0; kMixed adds the mixed partials of the pair
+// parameters that are tangents (without them the compiler drops their arithmetic)
+template <bool kMixed>
+TM_HD void nonbonded_zeta_row(i64 i, i64 p0, int np, const NonbondedArgs& a) {
+  double ti[PCHUNK][3], z[PCHUNK][3];
+#pragma unroll
+  for (int c = 0; c < PCHUNK; ++c)
+    for (int k = 0; k < 3; ++k) {
+      ti[c][k] = c < np ? a.dx[3 * ((p0 + c) * a.n_atoms + i) + k] : 0.0;
+      z[c][k] = 0.0;
+    }
+  const double xi0 = a.x[3 * i], xi1 = a.x[3 * i + 1], xi2 = a.x[3 * i + 2];
+  const double qi = a.charge[i], si = a.sigma[i], rei = a.root_eps[i], hi = a.droot_eps[i];
+  const int sqi = a.slot_q[i], ssi = a.slot_sig[i], sei = a.slot_eps[i];
+  for (i64 j = 0; j < a.n_atoms; ++j) {
+    if (j == i || !pair_on(a.mask, a.n_words, i, j)) continue;
+    const double d[3] = {xi0 - a.x[3 * j], xi1 - a.x[3 * j + 1], xi2 - a.x[3 * j + 2]};
+    const double r = tm_sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
+    const PairScalars s = lj_coulomb_pair_roots(r, qi, a.charge[j], si, a.sigma[j], rei,
+                                                a.root_eps[j], hi, a.droot_eps[j], 1.0, 1.0);
+    const double inv_r = 1.0 / r;
+    const double B = s.d1 * inv_r;
+    const double A = (s.d2 - s.d1 * inv_r) * inv_r * inv_r;
+    // every lane of the chunk, so that the loop unrolls and ti, z stay in registers; the
+    // lanes past np read tangent p0 (zeros in ti) and are never stored
+#pragma unroll
+    for (int c = 0; c < PCHUNK; ++c) {
+      const double* tj = a.dx + 3 * ((p0 + (c < np ? c : 0)) * a.n_atoms + j);
+      const double dl[3] = {ti[c][0] - tj[0], ti[c][1] - tj[1], ti[c][2] - tj[2]};
+      double ad = A * (d[0] * dl[0] + d[1] * dl[1] + d[2] * dl[2]);
+      if constexpr (kMixed) {
+        const int p = (int)(p0 + c);
+        double mix = 0.0;
+        if (sqi == p) mix += s.dd1[0];
+        if (a.slot_q[j] == p) mix += s.dd1[1];
+        if (ssi == p) mix += s.dd1[2];
+        if (a.slot_sig[j] == p) mix += s.dd1[3];
+        if (sei == p) mix += s.dd1[4];
+        if (a.slot_eps[j] == p) mix += s.dd1[5];
+        ad += mix * inv_r;
+      }
+      for (int k = 0; k < 3; ++k) z[c][k] += ad * d[k] + B * dl[k];
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < PCHUNK; ++c)
+    if (c < np)
+      for (int k = 0; k < 3; ++k) a.zeta[3 * ((p0 + c) * a.n_atoms + i) + k] += z[c][k];
+}
+
 // thread (i, chunk): ζ of atom i for tangents p = chunk·PCHUNK ... (+PCHUNK); the pair
 // scalars are computed once per pair and contracted with the chunk's tangents in registers
 TM_HD void nonbonded_zeta_body(i64 i, i64 chunk, const NonbondedArgs& a) {
@@ -123,43 +186,10 @@ TM_HD void nonbonded_zeta_body(i64 i, i64 chunk, const NonbondedArgs& a) {
   const i64 p0 = chunk * PCHUNK;
   if (p0 >= a.n_params) return;
   const int np = (int)((a.n_params - p0) < PCHUNK ? (a.n_params - p0) : PCHUNK);
-  double ti[PCHUNK][3], z[PCHUNK][3];
-  for (int c = 0; c < PCHUNK; ++c)
-    for (int k = 0; k < 3; ++k) {
-      ti[c][k] = c < np ? a.dx[3 * ((p0 + c) * a.n_atoms + i) + k] : 0.0;
-      z[c][k] = 0.0;
-    }
-  const double xi0 = a.x[3 * i], xi1 = a.x[3 * i + 1], xi2 = a.x[3 * i + 2];
-  const double qi = a.charge[i], si = a.sigma[i], ei = a.epsilon[i];
-  const int sqi = a.slot_q[i], ssi = a.slot_sig[i], sei = a.slot_eps[i];
-  for (i64 j = 0; j < a.n_atoms; ++j) {
-    if (j == i || !pair_on(a.mask, a.n_words, i, j)) continue;
-    const double d[3] = {xi0 - a.x[3 * j], xi1 - a.x[3 * j + 1], xi2 - a.x[3 * j + 2]};
-    const double r = tm_sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
-    const PairScalars s =
-        lj_coulomb_pair(r, qi, a.charge[j], si, a.sigma[j], ei, a.epsilon[j], 1.0, 1.0);
-    const double inv_r = 1.0 / r;
-    const double B = s.d1 * inv_r;
-    const double A = (s.d2 - s.d1 * inv_r) * inv_r * inv_r;
-    const int sqj = a.slot_q[j], ssj = a.slot_sig[j], sej = a.slot_eps[j];
-    for (int c = 0; c < PCHUNK; ++c) {
-      if (c >= np) break;
-      const int p = (int)(p0 + c);
-      const double* tj = a.dx + 3 * ((p0 + c) * a.n_atoms + j);
-      const double dl[3] = {ti[c][0] - tj[0], ti[c][1] - tj[1], ti[c][2] - tj[2]};
-      double mix = 0.0;
-      if (sqi == p) mix += s.dd1[0];
-      if (sqj == p) mix += s.dd1[1];
-      if (ssi == p) mix += s.dd1[2];
-      if (ssj == p) mix += s.dd1[3];
-      if (sei == p) mix += s.dd1[4];
-      if (sej == p) mix += s.dd1[5];
-      const double ad = A * (d[0] * dl[0] + d[1] * dl[1] + d[2] * dl[2]) + mix * inv_r;
-      for (int k = 0; k < 3; ++k) z[c][k] += ad * d[k] + B * dl[k];
-    }
-  }
-  for (int c = 0; c < np; ++c)
-    for (int k = 0; k < 3; ++k) a.zeta[3 * ((p0 + c) * a.n_atoms + i) + k] += z[c][k];
+  if (a.has_slots)  // the same for every thread of a launch: no divergence
+    nonbonded_zeta_row<true>(i, p0, np, a);
+  else
+    nonbonded_zeta_row<false>(i, p0, np, a);
 }
 
 }  // namespace tmk

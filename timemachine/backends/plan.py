@@ -55,6 +55,8 @@ STRUCTS = {
         ("charge", "p"),
         ("sigma", "p"),
         ("epsilon", "p"),
+        ("root_eps", "p"),
+        ("droot_eps", "p"),
         ("slot_q", "p"),
         ("slot_sig", "p"),
         ("slot_eps", "p"),
@@ -67,6 +69,7 @@ STRUCTS = {
         ("n_atoms", "i"),
         ("n_words", "i"),
         ("n_params", "i"),
+        ("has_slots", "i"),
     ],
     "GBArgs": [
         ("x", "p"),
@@ -571,11 +574,23 @@ class Pipeline:
             self.term_blocks.append((t.idx.shape[0], ex.struct(f"term{k}", "TermArgs", fields)))
         self.pair_blocks = []
         for k, t in enumerate(plan.pairs):
+            eps = theta[t.epsilon_index]
+            if (eps < 0).any():
+                bad = int(np.argmin(eps))
+                raise InputError(
+                    f"tm_nonbonded_primal: argument 'epsilon' (Lennard-Jones ε of atom {bad}) "
+                    f"is {eps[bad]} kJ/mol: must be >= 0"
+                )
+            root = np.sqrt(eps)  # correctly rounded, as the kernels' sqrt
+            with np.errstate(divide="ignore"):
+                droot = np.where(eps > 0, 0.5 / root, 0.0)
             fields = dict(
                 x=P(self.x),
                 charge=self._const(f"nb{k}.q", theta[t.charge_index], np.float64),
                 sigma=self._const(f"nb{k}.sig", theta[t.sigma_index], np.float64),
-                epsilon=self._const(f"nb{k}.eps", theta[t.epsilon_index], np.float64),
+                epsilon=self._const(f"nb{k}.eps", eps, np.float64),
+                root_eps=self._const(f"nb{k}.root_eps", root, np.float64),
+                droot_eps=self._const(f"nb{k}.droot_eps", droot, np.float64),
                 slot_q=self._const(f"nb{k}.sq", plan.inv_wrt[t.charge_index], np.int32),
                 slot_sig=self._const(f"nb{k}.ss", plan.inv_wrt[t.sigma_index], np.int32),
                 slot_eps=self._const(f"nb{k}.se", plan.inv_wrt[t.epsilon_index], np.int32),
@@ -588,7 +603,11 @@ class Pipeline:
                 n_atoms=n,
                 n_words=t.mask.shape[1],
                 n_params=p,
-            )
+                has_slots=int(
+                    any((plan.inv_wrt[ix] >= 0).any() for ix in (t.charge_index, t.sigma_index,
+                                                                 t.epsilon_index))
+                ),
+            )  # fmt: skip
             self.pair_blocks.append(ex.struct(f"nb{k}", "NonbondedArgs", fields))
         self.gb_blocks = []
         for k, t in enumerate(plan.gb):

@@ -286,6 +286,19 @@ def test_gb_branches_are_exercised():
     assert ((r + sr[None, :] - radius[:, None]) < 0)[off].any()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bonded_tangents_only_match_jax_on_random_inputs(executor, seed):
+    # no charge, σ, ε, radius or scale among the tangents: the pair kernels take their
+    # paths without mixed partials (NonbondedArgs/GBArgs.has_slots = 0)
+    system, x = random_system(seed)
+    pair_kinds = ("charge/", "sigma/", "epsilon/", "gb/")
+    wrt = np.array([i for i, n in enumerate(system.param_names) if not n.startswith(pair_kinds)])
+    rng = np.random.default_rng(200 + seed)
+    dx = rng.normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
+    assert wrt.size > PCHUNK and wrt.size % PCHUNK
+    compare_term_by_term(executor, system, x, wrt, dx, f"random{seed} bonded tangents")
+
+
 def test_overlapping_gb_atoms_match_jax(executor):
     # the skipped branch of the Born integral (an atom inside another's offset radius)
     # (every parameter: the same shapes as the random systems, so the same compiled reference)

@@ -104,6 +104,7 @@ struct GBArgs {
   double pre;                // -COULOMB_GB (1/ε_in - 1/ε_out)
   i64 n_atoms;
   i64 n_params;
+  i64 has_slots;             // 1 if any slot_* is a tangent (parameter terms to add)
 };
 
 TM_HD double gb_offset(const GBArgs& a, i64 i) { return a.radius[i] - GB_DIELECTRIC_OFFSET; }
@@ -220,10 +221,13 @@ TM_HD double gb_dr(const GBArgs& a, const double* dhat, const double* ti, i64 p,
   return dhat[0] * (ti[0] - tj[0]) + dhat[1] * (ti[1] - tj[1]) + dhat[2] * (ti[2] - tj[2]);
 }
 
+// The three tangent passes are templated on kSlots, whether any GB charge, radius or
+// scale is a tangent (GBArgs.has_slots, the same for every thread of a launch): without,
+// the per-pair parameter terms, and the Jet lanes only they read, drop out.
+
 // tangent pass 1, thread (i, chunk): δψ_i → δB_i, δb'_i
-TM_HD void gb_dpsi_body(i64 i, i64 chunk, const GBArgs& a) {
-  const int np = gb_chunk(a, chunk);
-  if (i >= a.n_atoms || np == 0) return;
+template <bool kSlots>
+TM_HD void gb_dpsi_row(i64 i, i64 chunk, int np, const GBArgs& a) {
   const i64 p0 = chunk * PCHUNK;
   double ti[PCHUNK][3], acc[PCHUNK], d[3], dhat[3];
   gb_load_tangents(a, i, p0, np, ti);
@@ -240,9 +244,13 @@ TM_HD void gb_dpsi_body(i64 i, i64 chunk, const GBArgs& a) {
     for (int c = 0; c < PCHUNK; ++c) {
       if (c >= np) break;
       const int p = (int)(p0 + c);
-      const GBTangent tj = gb_tangent(a, j, p);
-      const double drad_i = a.slot_rad[i] == p ? 1.0 : 0.0;
-      acc[c] += t.d[0] * gb_dr(a, dhat, ti[c], p, j) + t.d[1] * drad_i + t.d[2] * tj.dsr;
+      if constexpr (kSlots) {
+        const GBTangent tj = gb_tangent(a, j, p);
+        const double drad_i = a.slot_rad[i] == p ? 1.0 : 0.0;
+        acc[c] += t.d[0] * gb_dr(a, dhat, ti[c], p, j) + t.d[1] * drad_i + t.d[2] * tj.dsr;
+      } else {
+        acc[c] += t.d[0] * gb_dr(a, dhat, ti[c], p, j);
+      }
     }
   }
   // B(ψ, radius) to second order: inner tangent ψ, outer (ψ, radius)
@@ -256,10 +264,18 @@ TM_HD void gb_dpsi_body(i64 i, i64 chunk, const GBArgs& a) {
   }
 }
 
-// tangent pass 2, thread (i, chunk): δβ_i → δc_i
-TM_HD void gb_dbeta_body(i64 i, i64 chunk, const GBArgs& a) {
+TM_HD void gb_dpsi_body(i64 i, i64 chunk, const GBArgs& a) {
   const int np = gb_chunk(a, chunk);
   if (i >= a.n_atoms || np == 0) return;
+  if (a.has_slots)
+    gb_dpsi_row<true>(i, chunk, np, a);
+  else
+    gb_dpsi_row<false>(i, chunk, np, a);
+}
+
+// tangent pass 2, thread (i, chunk): δβ_i → δc_i
+template <bool kSlots>
+TM_HD void gb_dbeta_row(i64 i, i64 chunk, int np, const GBArgs& a) {
   const i64 p0 = chunk * PCHUNK;
   double ti[PCHUNK][3], acc[PCHUNK], dbi[PCHUNK], d[3], dhat[3];
   gb_load_tangents(a, i, p0, np, ti);
@@ -288,11 +304,15 @@ TM_HD void gb_dbeta_body(i64 i, i64 chunk, const GBArgs& a) {
     for (int c = 0; c < PCHUNK; ++c) {
       if (c >= np) break;
       const int p = (int)(p0 + c);
-      const double dqi = a.slot_q[i] == p ? 1.0 : 0.0, dqj = a.slot_q[j] == p ? 1.0 : 0.0;
       const double dr = gb_dr(a, dhat, ti[c], p, j);
       const double dbj = a.dborn[(p0 + c) * a.n_atoms + j];
-      acc[c] += (dqi * qj + qi * dqj) * h.v.d[0] +
-                qi * qj * (h.d[0].d[0] * dr + h.d[1].d[0] * dbi[c] + h.d[2].d[0] * dbj);
+      if constexpr (kSlots) {
+        const double dqi = a.slot_q[i] == p ? 1.0 : 0.0, dqj = a.slot_q[j] == p ? 1.0 : 0.0;
+        acc[c] += (dqi * qj + qi * dqj) * h.v.d[0] +
+                  qi * qj * (h.d[0].d[0] * dr + h.d[1].d[0] * dbi[c] + h.d[2].d[0] * dbj);
+      } else {
+        acc[c] += qi * qj * (h.d[0].d[0] * dr + h.d[1].d[0] * dbi[c] + h.d[2].d[0] * dbj);
+      }
     }
   }
   const double or_i = gb_offset(a, i), beta = a.beta[i], b1 = a.b1[i];
@@ -304,19 +324,27 @@ TM_HD void gb_dbeta_body(i64 i, i64 chunk, const GBArgs& a) {
   }
 }
 
-// tangent pass 3, thread (k, chunk): ζ_k += δg_k = Σ_j δφ'_kj d̂ + φ'_kj (δd - d̂ δr)/r
-TM_HD void gb_zeta_body(i64 k, i64 chunk, const GBArgs& a) {
+TM_HD void gb_dbeta_body(i64 i, i64 chunk, const GBArgs& a) {
   const int np = gb_chunk(a, chunk);
-  if (k >= a.n_atoms || np == 0) return;
+  if (i >= a.n_atoms || np == 0) return;
+  if (a.has_slots)
+    gb_dbeta_row<true>(i, chunk, np, a);
+  else
+    gb_dbeta_row<false>(i, chunk, np, a);
+}
+
+// tangent pass 3, thread (k, chunk): ζ_k += δg_k = Σ_j δφ'_kj d̂ + φ'_kj (δd - d̂ δr)/r
+template <bool kSlots>
+TM_HD void gb_zeta_row(i64 k, i64 chunk, int np, const GBArgs& a) {
   const i64 p0 = chunk * PCHUNK;
   double tk[PCHUNK][3], z[PCHUNK][3], dbk[PCHUNK], dck[PCHUNK], d[3], dhat[3];
-  GBTangent tgk[PCHUNK];
+  GBTangent tgk[kSlots ? PCHUNK : 1];
   gb_load_tangents(a, k, p0, np, tk);
   for (int c = 0; c < PCHUNK; ++c) {
     for (int m = 0; m < 3; ++m) z[c][m] = 0.0;
     dbk[c] = c < np ? a.dborn[(p0 + c) * a.n_atoms + k] : 0.0;
     dck[c] = c < np ? a.dcfac[(p0 + c) * a.n_atoms + k] : 0.0;
-    tgk[c] = gb_tangent(a, k, (int)(p0 + c));
+    if constexpr (kSlots) tgk[c] = gb_tangent(a, k, (int)(p0 + c));
   }
   const double qk = a.charge[k], bk = a.born[k], ck = a.cfac[k];
   const double or_k = gb_offset(a, k), sr_k = gb_sr(a, k);
@@ -339,26 +367,41 @@ TM_HD void gb_zeta_body(i64 k, i64 chunk, const GBArgs& a) {
     const double inv_r = 1.0 / r;
     for (int c = 0; c < PCHUNK; ++c) {
       if (c >= np) break;
-      const int p = (int)(p0 + c);
-      const GBTangent tj = gb_tangent(a, j, p);
       const double* tjv = a.dx + 3 * ((p0 + c) * a.n_atoms + j);
       const double dd[3] = {tk[c][0] - tjv[0], tk[c][1] - tjv[1], tk[c][2] - tjv[2]};
       const double dr = dhat[0] * dd[0] + dhat[1] * dd[1] + dhat[2] * dd[2];
       const double dbj = a.dborn[(p0 + c) * a.n_atoms + j];
       const double dcj = a.dcfac[(p0 + c) * a.n_atoms + j];
-      const double ddphi =
-          (tgk[c].dq * qj + qk * tj.dq) * h.v.d[0] +
-          qq * (h.d[0].d[0] * dr + h.d[1].d[0] * dbk[c] + h.d[2].d[0] * dbj) +
-          dck[c] * tkj.v.d[0] +
-          ck * (tkj.d[0].d[0] * dr + tkj.d[1].d[0] * tgk[c].drad + tkj.d[2].d[0] * tj.dsr) +
-          dcj * tjk.v.d[0] +
-          cj * (tjk.d[0].d[0] * dr + tjk.d[1].d[0] * tj.drad + tjk.d[2].d[0] * tgk[c].dsr);
+      double ddphi;
+      if constexpr (kSlots) {
+        const GBTangent tj = gb_tangent(a, j, (int)(p0 + c));
+        ddphi =
+            (tgk[c].dq * qj + qk * tj.dq) * h.v.d[0] +
+            qq * (h.d[0].d[0] * dr + h.d[1].d[0] * dbk[c] + h.d[2].d[0] * dbj) +
+            dck[c] * tkj.v.d[0] +
+            ck * (tkj.d[0].d[0] * dr + tkj.d[1].d[0] * tgk[c].drad + tkj.d[2].d[0] * tj.dsr) +
+            dcj * tjk.v.d[0] +
+            cj * (tjk.d[0].d[0] * dr + tjk.d[1].d[0] * tj.drad + tjk.d[2].d[0] * tgk[c].dsr);
+      } else {
+        ddphi = qq * (h.d[0].d[0] * dr + h.d[1].d[0] * dbk[c] + h.d[2].d[0] * dbj) +
+                dck[c] * tkj.v.d[0] + ck * (tkj.d[0].d[0] * dr) +
+                dcj * tjk.v.d[0] + cj * (tjk.d[0].d[0] * dr);
+      }
       for (int m = 0; m < 3; ++m)
         z[c][m] += ddphi * dhat[m] + dphi * (dd[m] - dhat[m] * dr) * inv_r;
     }
   }
   for (int c = 0; c < np; ++c)
     for (int m = 0; m < 3; ++m) a.zeta[3 * ((p0 + c) * a.n_atoms + k) + m] += z[c][m];
+}
+
+TM_HD void gb_zeta_body(i64 k, i64 chunk, const GBArgs& a) {
+  const int np = gb_chunk(a, chunk);
+  if (k >= a.n_atoms || np == 0) return;
+  if (a.has_slots)
+    gb_zeta_row<true>(k, chunk, np, a);
+  else
+    gb_zeta_row<false>(k, chunk, np, a);
 }
 
 }  // namespace tmk

@@ -95,6 +95,7 @@ STRUCTS = {
         ("pre", "d"),
         ("n_atoms", "i"),
         ("n_params", "i"),
+        ("has_slots", "i"),
     ],
     "LangevinArgs": [
         ("x", "p"),
@@ -645,6 +646,12 @@ class Pipeline:
                 pre=t.pre,
                 n_atoms=n,
                 n_params=p,
+                has_slots=int(
+                    any(
+                        (plan.inv_wrt[ix] >= 0).any()
+                        for ix in (t.charge_index, t.radius_index, t.scale_index)
+                    )
+                ),  # fmt: skip
                 **{name: P(a) for name, a in scratch.items()},
             )
             self.gb_blocks.append(ex.struct(f"gb{k}", "GBArgs", fields))

@@ -75,3 +75,22 @@ def sanitizer_env(tmp_path):
         ASAN_OPTIONS="detect_leaks=0",
         TIMEMACHINE_CACHE=str(tmp_path / "cache"),
     )
+
+
+@pytest.fixture()
+def host_cuda_backend(monkeypatch):
+    """backend="cuda" (simulate, run_replicas, fit, cuda_bench) running the host build of
+    the kernels instead of CuPy, on the CPU."""
+    from timemachine import backends
+    from timemachine.backends import cupy_backend
+    from timemachine.backends.host import HostExecutor
+
+    monkeypatch.setattr(backends, "require_cuda", lambda: None)
+    real = cupy_backend.make_program
+    monkeypatch.setattr(
+        cupy_backend,
+        "make_program",
+        lambda system, wrt, method, executor=None, **kw: real(
+            system, wrt, method, HostExecutor(), **kw
+        ),
+    )

@@ -434,7 +434,9 @@ def test_cuda_backend_without_gpu_says_why(trialanine_obc2):
         tm.simulate(system, x, integ, 10, save_every=10, backend="cuda", progress=False)
 
 
-def test_cuda_bench_runs_end_to_end_on_the_host_build(monkeypatch, tmp_path, capsys):
+def test_cuda_bench_runs_end_to_end_on_the_host_build(
+    host_cuda_backend, monkeypatch, tmp_path, capsys
+):
     # benchmarks/cuda_bench.py is only ever timed on a GPU; run its whole path here with the
     # host build of the kernels standing in for CuPy (a small OBC2 helix, 3 steps), so that
     # a GPU session does not spend its minutes finding a broken script
@@ -446,14 +448,6 @@ def test_cuda_bench_runs_end_to_end_on_the_host_build(monkeypatch, tmp_path, cap
     monkeypatch.syspath_prepend(bench_dir)
     import cuda_bench
 
-    real = cupy_backend.make_program
-    monkeypatch.setattr(
-        cupy_backend,
-        "make_program",
-        lambda system, wrt, method, executor=None, **kw: real(
-            system, wrt, method, HostExecutor(), **kw
-        ),
-    )
     monkeypatch.setattr(cuda_bench, "cuda_available", lambda: (True, ""))
     monkeypatch.setattr(cuda_bench, "gpu_name", lambda: "host build")
     out = tmp_path / "cuda_bench.json"

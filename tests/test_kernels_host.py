@@ -342,22 +342,6 @@ def test_villin_vacuum_term_by_term(executor, villin):
 # --------------------------------------------------------------------------- dynamics
 
 
-@pytest.fixture()
-def host_cuda_backend(monkeypatch):
-    """tm.simulate(backend="cuda") running the host build of the kernels."""
-    from timemachine import backends
-
-    monkeypatch.setattr(backends, "require_cuda", lambda: None)
-    real = cupy_backend.make_program
-    monkeypatch.setattr(
-        cupy_backend,
-        "make_program",
-        lambda system, wrt, method, executor=None, **kw: real(
-            system, wrt, method, HostExecutor(), **kw
-        ),
-    )
-
-
 WRT = ["torsion/*", "gb/*/radius"]  # the θ of the dynamics tests (one compiled ζ for all)
 _GRAD_ZETA = {}
 

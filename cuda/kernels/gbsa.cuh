@@ -225,6 +225,17 @@ TM_HD double gb_dr(const GBArgs& a, const double* dhat, const double* ti, i64 p,
 // scale is a tangent (GBArgs.has_slots, the same for every thread of a launch): without,
 // the per-pair parameter terms, and the Jet lanes only they read, drop out.
 
+// body(i, chunk): the row for the threads with tangents, with or without parameter terms
+#define TM_GB_TANGENT_BODY(body, row)                          \
+  TM_HD void body(i64 i, i64 chunk, const GBArgs& a) {         \
+    const int np = gb_chunk(a, chunk);                         \
+    if (i >= a.n_atoms || np == 0) return;                     \
+    if (a.has_slots)                                           \
+      row<true>(i, chunk, np, a);                              \
+    else                                                       \
+      row<false>(i, chunk, np, a);                             \
+  }
+
 // tangent pass 1, thread (i, chunk): δψ_i → δB_i, δb'_i
 template <bool kSlots>
 TM_HD void gb_dpsi_row(i64 i, i64 chunk, int np, const GBArgs& a) {
@@ -264,14 +275,7 @@ TM_HD void gb_dpsi_row(i64 i, i64 chunk, int np, const GBArgs& a) {
   }
 }
 
-TM_HD void gb_dpsi_body(i64 i, i64 chunk, const GBArgs& a) {
-  const int np = gb_chunk(a, chunk);
-  if (i >= a.n_atoms || np == 0) return;
-  if (a.has_slots)
-    gb_dpsi_row<true>(i, chunk, np, a);
-  else
-    gb_dpsi_row<false>(i, chunk, np, a);
-}
+TM_GB_TANGENT_BODY(gb_dpsi_body, gb_dpsi_row)
 
 // tangent pass 2, thread (i, chunk): δβ_i → δc_i
 template <bool kSlots>
@@ -324,14 +328,7 @@ TM_HD void gb_dbeta_row(i64 i, i64 chunk, int np, const GBArgs& a) {
   }
 }
 
-TM_HD void gb_dbeta_body(i64 i, i64 chunk, const GBArgs& a) {
-  const int np = gb_chunk(a, chunk);
-  if (i >= a.n_atoms || np == 0) return;
-  if (a.has_slots)
-    gb_dbeta_row<true>(i, chunk, np, a);
-  else
-    gb_dbeta_row<false>(i, chunk, np, a);
-}
+TM_GB_TANGENT_BODY(gb_dbeta_body, gb_dbeta_row)
 
 // tangent pass 3, thread (k, chunk): ζ_k += δg_k = Σ_j δφ'_kj d̂ + φ'_kj (δd - d̂ δr)/r
 template <bool kSlots>
@@ -395,13 +392,6 @@ TM_HD void gb_zeta_row(i64 k, i64 chunk, int np, const GBArgs& a) {
     for (int m = 0; m < 3; ++m) a.zeta[3 * ((p0 + c) * a.n_atoms + k) + m] += z[c][m];
 }
 
-TM_HD void gb_zeta_body(i64 k, i64 chunk, const GBArgs& a) {
-  const int np = gb_chunk(a, chunk);
-  if (k >= a.n_atoms || np == 0) return;
-  if (a.has_slots)
-    gb_zeta_row<true>(k, chunk, np, a);
-  else
-    gb_zeta_row<false>(k, chunk, np, a);
-}
+TM_GB_TANGENT_BODY(gb_zeta_body, gb_zeta_row)
 
 }  // namespace tmk

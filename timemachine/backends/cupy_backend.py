@@ -115,10 +115,17 @@ class CupyExecutor:
         return int(array.data.ptr)
 
     def struct(self, key, name, fields):
-        host = struct_bytes(name, fields)
-        dev = self.upload(f"argument block {key}", host.view(np.uint8))
-        self._blocks[key] = (name, dev)
-        return (name, dev)
+        """The argument block ``key`` in device memory: new, or the one made before with
+        new contents (a synchronous copy on the null stream, after the launches that read
+        the old ones), at the same address, so captured graphs read the new values."""
+        host = struct_bytes(name, fields).view(np.uint8)
+        old = self._blocks.get(key)
+        if old is not None and old[0] == name:
+            old[1].set(host)
+            return old
+        block = (name, self.upload(f"argument block {key}", host))
+        self._blocks[key] = block
+        return block
 
     def _function(self, kernel):
         fn = self._fns.get(kernel)
@@ -232,9 +239,11 @@ class CudaProgram:
     With ``graphs`` (default ``graphs_enabled()``) the steps run as captured CUDA graphs,
     one launch for up to ``MAX_GRAPH_STEPS`` steps instead of ~20 launches per step from
     Python; the kernels and their order are the same, so are the bits. A graph holds the
-    addresses of the argument blocks and is captured again when they are rebuilt (new θ,
-    integrator or replica: ``Pipeline.epoch``). If a capture fails, a RuntimeWarning says
-    why and the program launches kernel by kernel from then on.
+    addresses of the argument blocks, which the pipeline rewrites in place (new θ,
+    integrator or replica), so one capture serves the whole life of the program; a graph
+    is captured again only if a block were replaced (``Pipeline.blocks``). If a capture
+    fails, a RuntimeWarning says why and the program launches kernel by kernel from then
+    on.
     """
 
     def __init__(self, system, wrt, method, executor=None, graphs=None):
@@ -250,7 +259,7 @@ class CudaProgram:
         self._last = None
         self._theta = None
         self._frames = None
-        self._graphs = {}  # (steps, pipeline epoch) -> captured graph
+        self._graphs = {}  # steps -> (captured graph, the block handles it was captured with)
 
     def _ensure_pipeline(self, theta, window):
         if self.pipeline is None or self.pipeline.window != window:
@@ -304,23 +313,24 @@ class CudaProgram:
 
     def _graph(self, k):
         pl = self.pipeline
-        key = (k, pl.epoch)
-        graph = self._graphs.get(key)
-        if graph is None:
-            # graphs of earlier epochs point at argument blocks that no longer exist
-            self._graphs = {kk: g for kk, g in self._graphs.items() if kk[1] == pl.epoch}
-            try:
-                graph = self.ex.capture(lambda: [pl.step_once(self.method) for _ in range(k)])
-            except SimulationError as exc:
-                warnings.warn(
-                    f"{exc}; launching the kernels one by one from now on "
-                    f"(TIMEMACHINE_CUDA_GRAPHS=0 skips the capture)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.graphs = False
-                return None
-            self._graphs[key] = graph
+        blocks = pl.blocks()
+        cached = self._graphs.get(k)
+        # the same handles (kept alive here, so identity is address): the graph is valid
+        if cached is not None and len(cached[1]) == len(blocks):
+            if all(a is b for a, b in zip(cached[1], blocks, strict=True)):
+                return cached[0]
+        try:
+            graph = self.ex.capture(lambda: [pl.step_once(self.method) for _ in range(k)])
+        except SimulationError as exc:
+            warnings.warn(
+                f"{exc}; launching the kernels one by one from now on "
+                f"(TIMEMACHINE_CUDA_GRAPHS=0 skips the capture)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.graphs = False
+            return None
+        self._graphs[k] = (graph, blocks)
         return graph
 
     def _frame_buffers(self, capacity):

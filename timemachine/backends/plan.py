@@ -446,9 +446,11 @@ class Pipeline:
     uploaded by ``set_params``. Shapes, dtypes and index ranges of every array handed to a
     kernel are checked here, before the launch (``check_array``).
 
-    ``epoch`` counts the rebuilds of the argument blocks (``set_params``, and
-    ``set_integrator`` when its values change): a recorded launch sequence (a CUDA graph)
-    holds their addresses and is valid only within its epoch.
+    The argument blocks keep their device addresses for the life of the pipeline:
+    ``set_params`` and ``set_integrator`` rewrite them in place (the executor's ``struct``
+    does, for a key it has seen), and the kernels read them when they run. A recorded
+    launch sequence (a CUDA graph) therefore stays valid across new θ, integrators and
+    replicas; ``blocks()`` lists the handles it depends on.
     """
 
     def __init__(self, plan: KernelPlan, executor, theta, *, window: int | None = None):
@@ -471,8 +473,8 @@ class Pipeline:
         self.dedtheta = alloc("dE/dθ", (plan.n_theta,), f8)
         self.step = alloc("step", (1,), np.int64)
         self.window = window
-        self.epoch = 0
         self._integrator_key = None
+        self.langevin_block = self.lookahead_block = None  # set_integrator
         if window is not None:
             self.ring = alloc("zeta_window", (window, max(p, 1), n, 3), f8)
             self.to_fold = alloc("to_fold", (max(p, 1), n, 3), f8)
@@ -681,14 +683,12 @@ class Pipeline:
                 n_theta=plan.n_theta,
             ),
         )
-        self.langevin_block = None
-        self._integrator_key = None
-        self.epoch += 1
+        self._integrator_key = None  # b and c: uploaded again with the next set_integrator
 
     def set_integrator(self, coeffs, seed, replica, fold=0.0):
         """Langevin coefficients (a, b (N,), c (N,), dt), noise stream and window fold.
 
-        The argument blocks are rebuilt (a new ``epoch``) only when a value changed."""
+        The blocks are rewritten (in place) only when a value changed."""
         plan, ex = self.plan, self.ex
         n = plan.n_atoms
         b = np.asarray(coeffs.b, dtype=np.float64)
@@ -736,7 +736,12 @@ class Pipeline:
             dict(common, x=P(self.x), v=P(self.v), x_out=P(self.x_tmp), v_out=P(self.v_tmp)),
         )
         self._integrator_key = key
-        self.epoch += 1
+
+    def blocks(self) -> tuple:
+        """Every argument-block handle the launches use (what a captured graph holds)."""
+        terms = tuple(b for _, b in self.term_blocks)
+        rest = (self.gather_block, self.langevin_block, self.lookahead_block)
+        return terms + tuple(self.pair_blocks) + tuple(self.gb_blocks) + rest
 
     # -- evaluations
     def gradient(self):

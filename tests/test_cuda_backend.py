@@ -289,18 +289,20 @@ def test_every_error_is_a_timemachine_error():
         (
             1,
             dict(charge_index=np.array([4, 4, 4, -1])),
-            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'charge' "
+            r"tm_nonbonded_primal/tm_nonbonded_zeta\[_xonly\]: argument 'charge' "
             r"\(system\.terms\[1\] \(nonbonded\)\.charge_index\) holds -1",
         ),
         (
             1,
             dict(sigma_index=np.array([5, 5, 5])),
-            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'sigma' .* must have shape \(4,\)",
+            r"tm_nonbonded_primal/tm_nonbonded_zeta\[_xonly\]: argument 'sigma' .* "
+            r"must have shape \(4,\)",
         ),
         (
             1,
             dict(pair_mask=np.ones((4, 3), bool)),
-            r"tm_nonbonded_primal/tm_nonbonded_zeta: argument 'mask' .* must have shape \(4, 4\)",
+            r"tm_nonbonded_primal/tm_nonbonded_zeta\[_xonly\]: argument 'mask' .* "
+            r"must have shape \(4, 4\)",
         ),
         (
             1,

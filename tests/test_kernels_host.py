@@ -286,17 +286,42 @@ def test_gb_branches_are_exercised():
     assert ((r + sr[None, :] - radius[:, None]) < 0)[off].any()
 
 
+class LaunchLog(HostExecutor):
+    """The host executor, keeping the names of the kernels it launched."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = set()
+
+    def launch(self, kernel, nx, ny, block):
+        self.kernels.add(kernel)
+        super().launch(kernel, nx, ny, block)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bonded_tangents_only_match_jax_on_random_inputs(executor, seed):
-    # no charge, σ, ε, radius or scale among the tangents: the pair kernels take their
-    # paths without mixed partials (NonbondedArgs/GBArgs.has_slots = 0)
+@pytest.mark.parametrize("tangents", ["bonded", "all"])
+def test_pair_passes_with_and_without_parameter_tangents(seed, tangents):
+    # without a charge, σ, ε, radius or scale among the tangents the pair ζ passes run as
+    # their _xonly entry points (no mixed partials); with them, as the full ones: both
+    # against JAX, term by term
     system, x = random_system(seed)
     pair_kinds = ("charge/", "sigma/", "epsilon/", "gb/")
-    wrt = np.array([i for i, n in enumerate(system.param_names) if not n.startswith(pair_kinds)])
+    wrt = np.array(
+        [
+            i
+            for i, n in enumerate(system.param_names)
+            if tangents == "all" or not n.startswith(pair_kinds)
+        ]
+    )
     rng = np.random.default_rng(200 + seed)
     dx = rng.normal(scale=0.05, size=(wrt.size, system.n_atoms, 3))
     assert wrt.size > PCHUNK and wrt.size % PCHUNK
-    compare_term_by_term(executor, system, x, wrt, dx, f"random{seed} bonded tangents")
+    log = LaunchLog()
+    compare_term_by_term(log, system, x, wrt, dx, f"random{seed} {tangents} tangents")
+    passes = {"tm_nonbonded_zeta", "tm_gb_dpsi", "tm_gb_dbeta", "tm_gb_zeta"}
+    want = passes if tangents == "all" else {k + "_xonly" for k in passes}
+    variants = passes | {k + "_xonly" for k in passes}
+    assert log.kernels & variants == want
 
 
 def test_overlapping_gb_atoms_match_jax(executor):

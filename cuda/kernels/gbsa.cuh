@@ -104,7 +104,6 @@ struct GBArgs {
   double pre;                // -COULOMB_GB (1/ε_in - 1/ε_out)
   i64 n_atoms;
   i64 n_params;
-  i64 has_slots;             // 1 if any slot_* is a tangent (parameter terms to add)
 };
 
 TM_HD double gb_offset(const GBArgs& a, i64 i) { return a.radius[i] - GB_DIELECTRIC_OFFSET; }
@@ -222,18 +221,21 @@ TM_HD double gb_dr(const GBArgs& a, const double* dhat, const double* ti, i64 p,
 }
 
 // The three tangent passes are templated on kSlots, whether any GB charge, radius or
-// scale is a tangent (GBArgs.has_slots, the same for every thread of a launch): without,
-// the per-pair parameter terms, and the Jet lanes only they read, drop out.
-
-// body(i, chunk): the row for the threads with tangents, with or without parameter terms
+// scale is a tangent. Each pass has two entry points, so that each is allocated registers
+// for its own path: body (with the parameter terms) and body_xonly (without them, and
+// without the Jet lanes only they read: torsion fits).
 #define TM_GB_TANGENT_BODY(body, row)                          \
-  TM_HD void body(i64 i, i64 chunk, const GBArgs& a) {         \
+  template <bool kSlots>                                       \
+  TM_HD void body##_chunk(i64 i, i64 chunk, const GBArgs& a) { \
     const int np = gb_chunk(a, chunk);                         \
     if (i >= a.n_atoms || np == 0) return;                     \
-    if (a.has_slots)                                           \
-      row<true>(i, chunk, np, a);                              \
-    else                                                       \
-      row<false>(i, chunk, np, a);                             \
+    row<kSlots>(i, chunk, np, a);                              \
+  }                                                            \
+  TM_HD void body(i64 i, i64 chunk, const GBArgs& a) {         \
+    body##_chunk<true>(i, chunk, a);                           \
+  }                                                            \
+  TM_HD void body##_xonly(i64 i, i64 chunk, const GBArgs& a) { \
+    body##_chunk<false>(i, chunk, a);                          \
   }
 
 // tangent pass 1, thread (i, chunk): δψ_i → δB_i, δb'_i

@@ -27,9 +27,14 @@
   X(tm_step_advance, LangevinArgs, step_advance_body)
 
 // kernels over (x, y): atom × tangent chunk, or atom × tangent
-#define TM_KERNELS_2D(X)                                   \
-  X(tm_nonbonded_zeta, NonbondedArgs, nonbonded_zeta_body) \
-  X(tm_gb_dpsi, GBArgs, gb_dpsi_body)                      \
-  X(tm_gb_dbeta, GBArgs, gb_dbeta_body)                    \
-  X(tm_gb_zeta, GBArgs, gb_zeta_body)                      \
+// (the _xonly pair passes: no pair parameter among the tangents, no mixed partials)
+#define TM_KERNELS_2D(X)                                               \
+  X(tm_nonbonded_zeta, NonbondedArgs, nonbonded_zeta_body)             \
+  X(tm_nonbonded_zeta_xonly, NonbondedArgs, nonbonded_zeta_body_xonly) \
+  X(tm_gb_dpsi, GBArgs, gb_dpsi_body)                                  \
+  X(tm_gb_dpsi_xonly, GBArgs, gb_dpsi_body_xonly)                      \
+  X(tm_gb_dbeta, GBArgs, gb_dbeta_body)                                \
+  X(tm_gb_dbeta_xonly, GBArgs, gb_dbeta_body_xonly)                    \
+  X(tm_gb_zeta, GBArgs, gb_zeta_body)                                  \
+  X(tm_gb_zeta_xonly, GBArgs, gb_zeta_body_xonly)                      \
   X(tm_gather_zeta, GatherArgs, gather_zeta_body)

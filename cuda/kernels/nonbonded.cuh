@@ -88,7 +88,6 @@ struct NonbondedArgs {
   i64 n_atoms;
   i64 n_words;
   i64 n_params;
-  i64 has_slots;             // 1 if any slot_* is a tangent (mixed partials to add)
 };
 
 TM_HD bool pair_on(const u32* mask, i64 n_words, i64 i, i64 j) {
@@ -180,16 +179,22 @@ TM_HD void nonbonded_zeta_row(i64 i, i64 p0, int np, const NonbondedArgs& a) {
 }
 
 // thread (i, chunk): ζ of atom i for tangents p = chunk·PCHUNK ... (+PCHUNK); the pair
-// scalars are computed once per pair and contracted with the chunk's tangents in registers
-TM_HD void nonbonded_zeta_body(i64 i, i64 chunk, const NonbondedArgs& a) {
+// scalars are computed once per pair and contracted with the chunk's tangents in registers.
+// Two entry points, so that each is allocated registers for its own path: with the mixed
+// partials (some charge, σ or ε is a tangent), and _xonly (none is: torsion fits).
+template <bool kMixed>
+TM_HD void nonbonded_zeta_chunk(i64 i, i64 chunk, const NonbondedArgs& a) {
   if (i >= a.n_atoms) return;
   const i64 p0 = chunk * PCHUNK;
   if (p0 >= a.n_params) return;
   const int np = (int)((a.n_params - p0) < PCHUNK ? (a.n_params - p0) : PCHUNK);
-  if (a.has_slots)  // the same for every thread of a launch: no divergence
-    nonbonded_zeta_row<true>(i, p0, np, a);
-  else
-    nonbonded_zeta_row<false>(i, p0, np, a);
+  nonbonded_zeta_row<kMixed>(i, p0, np, a);
+}
+TM_HD void nonbonded_zeta_body(i64 i, i64 chunk, const NonbondedArgs& a) {
+  nonbonded_zeta_chunk<true>(i, chunk, a);
+}
+TM_HD void nonbonded_zeta_body_xonly(i64 i, i64 chunk, const NonbondedArgs& a) {
+  nonbonded_zeta_chunk<false>(i, chunk, a);
 }
 
 }  // namespace tmk

@@ -69,7 +69,6 @@ STRUCTS = {
         ("n_atoms", "i"),
         ("n_words", "i"),
         ("n_params", "i"),
-        ("has_slots", "i"),
     ],
     "GBArgs": [
         ("x", "p"),
@@ -95,7 +94,6 @@ STRUCTS = {
         ("pre", "d"),
         ("n_atoms", "i"),
         ("n_params", "i"),
-        ("has_slots", "i"),
     ],
     "LangevinArgs": [
         ("x", "p"),
@@ -147,12 +145,16 @@ KERNELS = {
     "tm_terms_zeta": "TermArgs",
     "tm_nonbonded_primal": "NonbondedArgs",
     "tm_nonbonded_zeta": "NonbondedArgs",
+    "tm_nonbonded_zeta_xonly": "NonbondedArgs",
     "tm_gb_psi": "GBArgs",
     "tm_gb_beta": "GBArgs",
     "tm_gb_grad": "GBArgs",
     "tm_gb_dpsi": "GBArgs",
+    "tm_gb_dpsi_xonly": "GBArgs",
     "tm_gb_dbeta": "GBArgs",
+    "tm_gb_dbeta_xonly": "GBArgs",
     "tm_gb_zeta": "GBArgs",
+    "tm_gb_zeta_xonly": "GBArgs",
     "tm_gather_grad": "GatherArgs",
     "tm_gather_zeta": "GatherArgs",
     "tm_gather_params": "GatherArgs",
@@ -226,8 +228,14 @@ class KernelPlan:
 
 
 def kernels_of(struct: str) -> str:
-    """The kernels that take a ``struct`` argument block, for error messages."""
-    return "/".join(k for k, s in KERNELS.items() if s == struct)
+    """The kernels that take a ``struct`` argument block, for error messages (an _xonly
+    variant is written ``name[_xonly]``)."""
+    names = [k for k, s in KERNELS.items() if s == struct]
+    return "/".join(
+        k + ("[_xonly]" if k + "_xonly" in KERNELS else "")
+        for k in names
+        if not k.endswith("_xonly")
+    )
 
 
 def _int_table(a, name, shape_tail, upper, what, use):
@@ -606,11 +614,7 @@ class Pipeline:
                 n_atoms=n,
                 n_words=t.mask.shape[1],
                 n_params=p,
-                has_slots=int(
-                    any((plan.inv_wrt[ix] >= 0).any() for ix in (t.charge_index, t.sigma_index,
-                                                                 t.epsilon_index))
-                ),
-            )  # fmt: skip
+            )
             self.pair_blocks.append(ex.struct(f"nb{k}", "NonbondedArgs", fields))
         self.gb_blocks = []
         for k, t in enumerate(plan.gb):
@@ -648,12 +652,6 @@ class Pipeline:
                 pre=t.pre,
                 n_atoms=n,
                 n_params=p,
-                has_slots=int(
-                    any(
-                        (plan.inv_wrt[ix] >= 0).any()
-                        for ix in (t.charge_index, t.radius_index, t.scale_index)
-                    )
-                ),  # fmt: skip
                 **{name: P(a) for name, a in scratch.items()},
             )
             self.gb_blocks.append(ex.struct(f"gb{k}", "GBArgs", fields))
@@ -767,12 +765,13 @@ class Pipeline:
             return
         chunks = -(-p // PCHUNK)
         ex.zero(self.zeta)
-        for block in self.pair_blocks:
-            ex.launch("tm_nonbonded_zeta", n, chunks, block)
-        for block in self.gb_blocks:
-            ex.launch("tm_gb_dpsi", n, chunks, block)
-            ex.launch("tm_gb_dbeta", n, chunks, block)
-            ex.launch("tm_gb_zeta", n, chunks, block)
+        for t, block in zip(self.plan.pairs, self.pair_blocks, strict=True):
+            tail = _tangent_pass_suffix(self.plan, (t.charge_index, t.sigma_index, t.epsilon_index))
+            ex.launch("tm_nonbonded_zeta" + tail, n, chunks, block)
+        for t, block in zip(self.plan.gb, self.gb_blocks, strict=True):
+            tail = _tangent_pass_suffix(self.plan, (t.charge_index, t.radius_index, t.scale_index))
+            for kernel in ("tm_gb_dpsi", "tm_gb_dbeta", "tm_gb_zeta"):
+                ex.launch(kernel + tail, n, chunks, block)
         for n_terms, block in self.term_blocks:
             ex.launch("tm_terms_zeta", n_terms, 1, block)
         if self.term_blocks:
@@ -804,6 +803,12 @@ class Pipeline:
         self.gradient()
         self.ex.launch("tm_langevin_primal", self.plan.n_atoms, 1, self.lookahead_block)
         return self.v_tmp
+
+
+def _tangent_pass_suffix(plan, param_indices) -> str:
+    """ "" if any of a pair term's per-atom parameters (θ indices) is a tangent, so that its
+    ζ passes add the mixed partials, else "_xonly" (the entry points without them)."""
+    return "" if any((plan.inv_wrt[ix] >= 0).any() for ix in param_indices) else "_xonly"
 
 
 def _first_bad(a):

@@ -483,6 +483,19 @@ class Pipeline:
         self.window = window
         self._integrator_key = None
         self.langevin_block = self.lookahead_block = None  # set_integrator
+        # the ζ entry points of each pair term: with mixed partials, or _xonly
+        self._pair_zeta = [
+            "tm_nonbonded_zeta"
+            + _tangent_pass_suffix(plan, t.charge_index, t.sigma_index, t.epsilon_index)
+            for t in plan.pairs
+        ]
+        self._gb_tangent = [
+            tuple(
+                kernel + _tangent_pass_suffix(plan, t.charge_index, t.radius_index, t.scale_index)
+                for kernel in ("tm_gb_dpsi", "tm_gb_dbeta", "tm_gb_zeta")
+            )
+            for t in plan.gb
+        ]
         if window is not None:
             self.ring = alloc("zeta_window", (window, max(p, 1), n, 3), f8)
             self.to_fold = alloc("to_fold", (max(p, 1), n, 3), f8)
@@ -681,7 +694,6 @@ class Pipeline:
                 n_theta=plan.n_theta,
             ),
         )
-        self._integrator_key = None  # b and c: uploaded again with the next set_integrator
 
     def set_integrator(self, coeffs, seed, replica, fold=0.0):
         """Langevin coefficients (a, b (N,), c (N,), dt), noise stream and window fold.
@@ -765,13 +777,11 @@ class Pipeline:
             return
         chunks = -(-p // PCHUNK)
         ex.zero(self.zeta)
-        for t, block in zip(self.plan.pairs, self.pair_blocks, strict=True):
-            tail = _tangent_pass_suffix(self.plan, (t.charge_index, t.sigma_index, t.epsilon_index))
-            ex.launch("tm_nonbonded_zeta" + tail, n, chunks, block)
-        for t, block in zip(self.plan.gb, self.gb_blocks, strict=True):
-            tail = _tangent_pass_suffix(self.plan, (t.charge_index, t.radius_index, t.scale_index))
-            for kernel in ("tm_gb_dpsi", "tm_gb_dbeta", "tm_gb_zeta"):
-                ex.launch(kernel + tail, n, chunks, block)
+        for kernel, block in zip(self._pair_zeta, self.pair_blocks, strict=True):
+            ex.launch(kernel, n, chunks, block)
+        for kernels, block in zip(self._gb_tangent, self.gb_blocks, strict=True):
+            for kernel in kernels:
+                ex.launch(kernel, n, chunks, block)
         for n_terms, block in self.term_blocks:
             ex.launch("tm_terms_zeta", n_terms, 1, block)
         if self.term_blocks:
@@ -805,7 +815,7 @@ class Pipeline:
         return self.v_tmp
 
 
-def _tangent_pass_suffix(plan, param_indices) -> str:
+def _tangent_pass_suffix(plan, *param_indices) -> str:
     """ "" if any of a pair term's per-atom parameters (θ indices) is a tangent, so that its
     ζ passes add the mixed partials, else "_xonly" (the entry points without them)."""
     return "" if any((plan.inv_wrt[ix] >= 0).any() for ix in param_indices) else "_xonly"

@@ -6,6 +6,19 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+
+def rel(a, b):
+    """max |a - b| / max |b| (1 where b is all zero): the worst element, relative."""
+    a, b = np.asarray(a), np.asarray(b)
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
+
+
+def rel_err(a, b):
+    """‖a - b‖ / ‖b‖ over all elements (Frobenius norms)."""
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
 VILLIN_PDB = os.path.join(
     os.path.dirname(__import__("openmm.app").app.__file__), "data", "test.pdb"
 )

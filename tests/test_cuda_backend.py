@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel
 
 import timemachine as tm
 from timemachine.backends import cuda_available, cupy_backend, noise
@@ -34,12 +35,6 @@ from timemachine.system import HarmonicBonds, Nonbonded, System
 
 N_STEPS = 1000
 TOL = 1e-9
-
-
-def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    scale = np.abs(b).max()
-    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
 
 
 @pytest.fixture(scope="module")

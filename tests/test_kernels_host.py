@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel
 
 import timemachine as tm
 from timemachine.backends import cupy_backend, noise
@@ -52,12 +53,6 @@ def executor():
     ex = HostExecutor(load_host_library())
     print(f"host build + load: {time.perf_counter() - t0:.1f} s")
     return ex
-
-
-def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    scale = np.abs(b).max()
-    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
 
 
 def kernel_results(executor, system, x, wrt, dx):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import timemachine as tm
 from timemachine.errors import InputError, SimulationError
@@ -40,10 +41,6 @@ def oscillator(k=SPRING, c=None):
 
 def x_start(seed=0):
     return np.random.default_rng(seed).normal(scale=0.1, size=(len(MASSES), 3))
-
-
-def rel(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +93,7 @@ def test_first_three_steps_match_paper_eq7(trialanine_obc2):
         -b * dt * (z[0] * (1 + a) + z[1]),
         -b * dt * (z[0] * (1 + a + a * a) + z[1] * (1 + a) + z[2]),
     ]
-    errors = [rel(traj.dx_dtheta[i], expected[i]) for i in range(3)]
+    errors = [rel_err(traj.dx_dtheta[i], expected[i]) for i in range(3)]
     print(f"eq. 7, steps 1-3: relative errors {errors}")
     assert max(errors) < 1e-12
     assert np.abs(expected[0]).max() > 0
@@ -118,7 +115,7 @@ def test_harmonic_oscillator_matches_its_linear_recursion_over_10000_steps():
         dv = a * dv - b * (SPRING * dx + xs[t])
         dx = dx + integrator.dt * dv
         expected[t] = dx
-    err = rel(traj.dx_dtheta[:, 0], expected)
+    err = rel_err(traj.dx_dtheta[:, 0], expected)
     print(f"oscillator, 10,000 steps: relative error {err:.2e}, |dx/dk| max {np.abs(dx).max():.3e}")
     assert err < 1e-12
     assert traj.steps[-1] == 10_000 and traj.dx_dtheta.shape == (10_000, 1, 4, 3)
@@ -182,12 +179,12 @@ def test_window_is_paper_eq9_exactly():
             for t in range(1, n + 1)
         ]
     )
-    err = rel(traj.dx_dtheta[:, 0], expected)
+    err = rel_err(traj.dx_dtheta[:, 0], expected)
     print(f"window k={k}: eq. 9 by direct summation, relative error {err:.2e}")
     assert err < 1e-12
     # the window does fold: it differs from exact mode by about a^k
     exact = simulate(system, x0, integrator, n, wrt=[0], save_every=1, progress=False)
-    assert 1e-3 < rel(traj.dx_dtheta, exact.dx_dtheta) < 1.0
+    assert 1e-3 < rel_err(traj.dx_dtheta, exact.dx_dtheta) < 1.0
 
 
 def test_window_before_any_fold_is_exact_mode_bit_for_bit():
@@ -226,7 +223,7 @@ def test_window_converges_to_exact_mode_within_a_to_the_k(trialanine_vacuum):
         window = simulate(system, x0, integrator, 1000, method="window", window=k, **kwargs)
         assert window.window == k
         np.testing.assert_array_equal(window.x, exact.x)  # the primal is untouched
-        curve.append((k, a**k, rel(window.dx_dtheta, exact.dx_dtheta)))
+        curve.append((k, a**k, rel_err(window.dx_dtheta, exact.dx_dtheta)))
     print("window convergence (k, a^k, ‖dx_win - dx_exact‖/‖dx_exact‖):")
     for k, ak, err in curve:
         print(f"  k = {k:4d}  a^k = {ak:.2e}  error = {err:.2e}")

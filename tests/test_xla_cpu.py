@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import timemachine as tm
 from timemachine.backends import xla_cpu
@@ -33,10 +34,6 @@ SELECTION = [
     "sigma/*",
     "epsilon/*",
 ]
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def host_and_jax(system, wrt, x, dx):

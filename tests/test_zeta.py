@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import timemachine as tm
 from timemachine.sensitivity.zeta import make_gradient_and_zeta, make_zeta
@@ -22,10 +23,6 @@ MIXED_SELECTION = [
     "improper/*/k*",
     "torsion/*/phase*",
 ]
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def both(system, x, wrt, dx):

@@ -44,7 +44,10 @@ setup(
     packages=find_packages(include=["timemachine", "timemachine.*"]),
     include_package_data=True,
     # the kernel sources, copied in by build_py_with_kernels (see above)
-    package_data={"timemachine.backends": [f"_kernels/**/{p}" for p in _KERNEL_PATTERNS]},
+    package_data={
+        "timemachine.backends": [f"_kernels/**/{p}" for p in _KERNEL_PATTERNS],
+        "timemachine.data": ["*.json"],  # shipped target files (graf2007_ala3.json)
+    },
     cmdclass={"build_py": build_py_with_kernels},
     install_requires=[
         "numpy>=1.24",

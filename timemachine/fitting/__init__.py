@@ -37,9 +37,14 @@ from timemachine.fitting.loss import (
     target_vector,
 )
 from timemachine.fitting.observables import (
+    COUPLINGS,
     KARPLUS,
     Dihedral,
+    JCoupling1NCA,
+    JCoupling2NCA,
+    JCoupling3HAC,
     JCoupling3HNC,
+    JCoupling3HNCA,
     JCoupling3HNCB,
     JCoupling3HNHA,
     NOEDistance,
@@ -47,6 +52,7 @@ from timemachine.fitting.observables import (
     ObservableFunction,
     ObservableSet,
     RadiusOfGyration,
+    ScalarCoupling,
     observable_from_spec,
     select_atoms,
 )
@@ -54,6 +60,7 @@ from timemachine.fitting.replicas import ReplicaResult, run_replicas
 from timemachine.fitting.reservoir import Reservoir, reservoir_sample_trajectory
 from timemachine.fitting.targets import (
     Target,
+    graf2007_targets,
     load_targets,
     make_target,
     save_targets,
@@ -62,12 +69,17 @@ from timemachine.fitting.targets import (
 from timemachine.fitting.train import FitResult, fit, load_checkpoint
 
 __all__ = [
+    "COUPLINGS",
     "Dihedral",
     "EstimatorComparison",
     "FitResult",
     "ForceMatchingLoss",
     "GradientEstimate",
+    "JCoupling1NCA",
+    "JCoupling2NCA",
+    "JCoupling3HAC",
     "JCoupling3HNC",
+    "JCoupling3HNCA",
     "JCoupling3HNCB",
     "JCoupling3HNHA",
     "KARPLUS",
@@ -81,11 +93,13 @@ __all__ = [
     "ReplicaResult",
     "Reservoir",
     "SampleSet",
+    "ScalarCoupling",
     "Target",
     "TargetVector",
     "compare_estimators",
     "fit",
     "fluctuation_gradient",
+    "graf2007_targets",
     "load_checkpoint",
     "load_reference",
     "load_targets",

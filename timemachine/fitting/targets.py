@@ -10,12 +10,24 @@ observable spec (``timemachine.fitting.observable_from_spec``) and its data::
 ``value`` holds one number per value the observable returns (K of them, in its
 ``labels`` order); ``uncertainty`` (also ``sigma``) is one number for all or K numbers,
 each > 0, in the observable's units (Hz, nm, rad). ``weight`` (default 1) scales the
-entry's share of the χ² loss.
+entry's share of the χ² loss. A J-coupling entry may name its residues (indices or names
+like "ALA2"; ``value`` then follows their order)::
+
+    {"name": "3J(HA,C')", "type": "J3_HA_C", "model": "Bax1997", "residues": ["ALA2"],
+     "value": [1.84], "uncertainty": 0.24}
+
+For a coupling computed from a Karplus relation the uncertainty to give is the relation's
+RMS (``KARPLUS[type][model]["sigma"]``): it dominates the NMR measurement error, which is
+not added to it again. An entry with ``"skip": true`` (and, to say why, ``"skip_reason"``)
+stays in the file as a record but is not loaded: a measured value with no model, such as
+¹J(N,Cα) of a C-terminal residue, whose ψ does not exist. ``"note"`` is free text; a
+top-level ``"citation"`` and ``"note"`` (beside ``"targets"``) are kept for the reader.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
 import numbers
@@ -26,7 +38,14 @@ import numpy as np
 from timemachine.errors import InputError, MissingFileError
 from timemachine.fitting.observables import observable_from_spec
 
-__all__ = ["Target", "load_targets", "make_target", "save_targets", "targets_from_specs"]
+__all__ = [
+    "Target",
+    "graf2007_targets",
+    "load_targets",
+    "make_target",
+    "save_targets",
+    "targets_from_specs",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -137,7 +156,8 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
 
     Args:
         entries: list of dicts, each an observable spec plus ``value``, ``uncertainty``
-            (or ``sigma``), optional ``name`` and ``weight``.
+            (or ``sigma``), optional ``name``, ``weight``, ``note``; an entry with
+            ``"skip": true`` is left out (it must still be a dict with a ``type``).
         topology: OpenMM or mdtraj topology for J couplings, selections and Rg masses.
         source: where the entries came from, for error messages (a file name).
 
@@ -148,12 +168,21 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
     """
     if not isinstance(entries, (list, tuple)) or not entries:
         raise InputError(f"{source}: expected a non-empty list of targets, got {entries!r}")
+    if all(isinstance(e, dict) and e.get("skip") is True for e in entries):
+        raise InputError(f"{source}: every target is marked 'skip': nothing to load")
     out, names = [], set()
     for i, entry in enumerate(entries):
         label = entry.get("name") if isinstance(entry, dict) else None
         where = f"{source}, target {i}" + (f" ({label!r})" if label else "")
         if not isinstance(entry, dict):
             raise InputError(f"{where}: each target must be an object/dict, got {entry!r}")
+        skip = entry.get("skip", False)
+        if not isinstance(skip, bool):
+            raise InputError(f"{where}: 'skip' must be true or false, got {skip!r}")
+        if skip:
+            if "type" not in entry:
+                raise InputError(f"{where}: a skipped target still needs its 'type'")
+            continue
         value = entry.get("value", entry.get("values"))
         if value is None:
             raise InputError(f"{where}: no 'value' (the measured value(s))")
@@ -174,6 +203,8 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
                     "uncertainties",
                     "sigma",
                     "weight",
+                    "skip",
+                    "skip_reason",
                 )
             }
             name = label or f"{entry['type']}#{i}"
@@ -216,3 +247,26 @@ def save_targets(path, targets) -> None:
     from timemachine.files import atomic_write_text
 
     atomic_write_text(path, json.dumps({"targets": [t.to_dict() for t in targets]}, indent=1))
+
+
+GRAF2007_FILE = "graf2007_ala3.json"
+
+
+def graf2007_targets(topology) -> list[Target]:
+    """The trialanine couplings of Graf, Nguyen, Stock & Schwalbe, JACS 129, 1179 (2007).
+
+    Loads the shipped ``timemachine/data/graf2007_ala3.json`` with ``load_targets``: one
+    Target per coupling type (³J(HN,Hα) of ALA2 and ALA3; ³J(HN,C′), ³J(Hα,C′), ³J(HN,Cβ) and
+    ¹J(N,Cα) of ALA2; ²J(N,Cα) of ALA3), each σ the RMS of its Karplus set. The file's
+    "note" names the couplings of the paper's table that are not in it and why.
+
+    Args:
+        topology: the topology of ``timemachine.build_peptide("AAA")`` (uncapped trialanine,
+            residues ALA1-ALA3), OpenMM or mdtraj.
+
+    Raises:
+        InputError: the topology lacks a residue or dihedral a coupling needs.
+    """
+    resource = importlib.resources.files("timemachine.data").joinpath(GRAF2007_FILE)
+    with importlib.resources.as_file(resource) as path:
+        return load_targets(path, topology)

@@ -42,21 +42,21 @@ def _perturbed(system, patterns, scale=0.25, seed=0):
     return params
 
 
-@pytest.mark.parametrize("solvent", [None, "obc2"])
-def test_exported_amber99sbildn_reproduces_our_energy(tmp_path, trialanine, solvent):
+@pytest.mark.parametrize("solvent,mode", [(None, "auto"), ("obc2", "auto"), ("obc2", "obc2")])
+def test_exported_amber99sbildn_reproduces_our_energy(tmp_path, trialanine, solvent, mode):
     top, x = trialanine
     system, x = tm.load_system((top, x), implicit_solvent=solvent)
     params = _perturbed(
         system,
         ["torsion/*/k*", "improper/*/k*", "charge/*", "sigma/*", "epsilon/*", "bond/*", "angle/*"],
     )
-    path = tm.export_forcefield(system, params, tmp_path / "fitted.xml")
+    path = tm.export_forcefield(system, params, tmp_path / "fitted.xml", implicit_solvent=mode)
     ours = float(system.energy(x, params))
     assert abs(ours - float(system.energy(x))) > 10.0  # the change is visible
     theirs = _openmm_energy(path, top, x, steps=20)
     assert abs(theirs - ours) <= 1e-7 * abs(ours)
     # unchanged parameters give back the original force field's energy
-    same = tm.export_forcefield(system, system.params, tmp_path / "same.xml")
+    same = tm.export_forcefield(system, system.params, tmp_path / "same.xml", implicit_solvent=mode)
     e0 = float(system.energy(x))
     assert abs(_openmm_energy(same, top, x) - e0) <= 1e-7 * abs(e0)
 
@@ -79,7 +79,7 @@ def test_export_refuses_what_xml_cannot_carry(tmp_path, trialanine):
     i = system.index("gb/H(N)/radius")
     params[i] *= 1.1
     with pytest.raises(InputError, match=r"gb/H\(N\)/radius"):
-        tm.export_forcefield(system, params, tmp_path / "x.xml")
+        tm.export_forcefield(system, params, tmp_path / "x.xml", implicit_solvent="obc2")
     params = np.array(system.params)
     params[3] = np.nan
     with pytest.raises(InputError, match="nan"):

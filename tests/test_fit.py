@@ -53,7 +53,7 @@ def problem():
     cos_dihedral = ObservableFunction(lambda x: jnp.cos(dihedral(x)), ["cos phi1", "cos phi2"])
     observables = [cos_dihedral, RadiusOfGyration()]
     tv = target_vector([make_target(o, np.zeros(len(o.labels)), 1.0) for o in observables])
-    settings = dict(n_replicas=8, n_steps=100)
+    settings = dict(n_replicas=8, n_steps=100, estimator="pathwise")
     ref = run_replicas(system, x0, integrator, settings["n_steps"], wrt=wrt, n_replicas=8)
     values = observable_samples(tv.observable, ref.x, ref.dx_dtheta).mean
     targets = [

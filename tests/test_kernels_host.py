@@ -563,6 +563,7 @@ def test_fit_on_cuda_matches_jax_without_noise(host_cuda_backend):
             n_steps=20,
             progress=False,
             backend=backend,
+            estimator="pathwise",
         )  # fmt: skip
         for backend in ("jax", "cuda")
     }

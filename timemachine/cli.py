@@ -370,6 +370,7 @@ def run_fit(args) -> dict:
             n_steps=steps,
             learning_rate=args.learning_rate,
             fresh_noise=False,
+            estimator="pathwise",
             out_dir=args.out,
             resume=args.resume,
             progress=False,

@@ -55,7 +55,9 @@ class GradientEstimate(NamedTuple):
         stderr: (K, P) its standard error.
         n_samples: S.
         labels: K observable labels; param_names: P names (may be empty).
-        method: "pathwise" or "fluctuation".
+        method: "pathwise", "fluctuation" or "hybrid".
+        diagnostics: estimator-specific extras (effective sample sizes, horizon, the
+            pathwise and score parts of a hybrid estimate), or None.
     """
 
     value: np.ndarray
@@ -66,6 +68,7 @@ class GradientEstimate(NamedTuple):
     labels: tuple
     param_names: tuple
     method: str
+    diagnostics: dict | None = None
 
 
 def _mean_and_stderr(samples: np.ndarray, blocks: int | None):
@@ -172,7 +175,14 @@ def _fluctuation_program(observable, energy, wrt):
 
 
 def fluctuation_gradient(
-    observable, energy, x, params=None, wrt=None, temperature=300.0, blocks: int | None = None
+    observable,
+    energy,
+    x,
+    params=None,
+    wrt=None,
+    temperature=300.0,
+    blocks: int | None = None,
+    weights=None,
 ) -> GradientEstimate:
     """d⟨O⟩/dθ = -β (⟨O ∂E/∂θ⟩ - ⟨O⟩⟨∂E/∂θ⟩) from equilibrium samples x.
 
@@ -185,10 +195,14 @@ def fluctuation_gradient(
         wrt: the P parameters: int indices into θ, or (with a System) globs.
         temperature: K.
         blocks: None for independent samples, or B for block-averaged standard errors.
+        weights: optional (S,) importance weights ≥ 0 (``reweighting_weights``: samples
+            drawn at another θ, reweighted to this one); averages and the covariance are
+            then weighted, and errors come from the linearised (delta-method) influence of
+            each sample, block-averaged like the unweighted case.
 
     Returns:
-        ``GradientEstimate`` (method "fluctuation"); the covariance uses the unbiased
-        S/(S-1) normalisation.
+        ``GradientEstimate`` (method "fluctuation"); the unweighted covariance uses the
+        unbiased S/(S-1) normalisation; ``diagnostics`` holds ``kish_ess`` with weights.
     """
     from timemachine.sensitivity.trajectory import _resolve_params, _resolve_wrt
     from timemachine.system import System
@@ -219,6 +233,10 @@ def fluctuation_gradient(
     o, de = (np.asarray(a) for a in program(jnp.asarray(x), jnp.asarray(theta)))
     s = x.shape[0]
     beta = 1.0 / (BOLTZMANN * temperature)
+    if weights is not None:
+        return _weighted_fluctuation(
+            o, de, _check_weights(weights, s), beta, blocks, observable, names
+        )
     # -β (O - Ō)(∂E/∂θ - mean) per sample: its mean is the estimate, its scatter the error
     u = -beta * (o - o.mean(0))[:, :, None] * (de - de.mean(0))[:, None, :] * (s / (s - 1))
     value, value_se = _mean_and_stderr(o, blocks)
@@ -289,3 +307,275 @@ def compare_estimators(a: GradientEstimate, b: GradientEstimate, alpha: float = 
     return EstimatorComparison(
         diff, se, z, max_abs_z, threshold, max_abs_z <= threshold, "\n".join(lines)
     )
+
+
+# --------------------------------------------------------------------------- weighted samples
+
+
+def _check_weights(weights, s):
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (s,):
+        raise InputError(f"weights must have shape ({s},) (one per sample), got {w.shape}")
+    if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise InputError("weights must be finite, >= 0 and not all zero")
+    return w / w.sum()
+
+
+def kish_effective_sample_size(weights) -> float:
+    """Kish's effective sample size (Σw)² / Σw² of importance weights (S,)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w.sum() ** 2 / np.sum(w * w)) if w.size and w.sum() > 0 else 0.0
+
+
+def reweighting_weights(energy, x, params_from, params_to, temperature=300.0):
+    """Importance weights that carry samples of p_θ₀ to p_θ₁: w ∝ exp(-β (E(x;θ₁) - E(x;θ₀))).
+
+    Args:
+        energy: a ``timemachine.System`` or a JAX function ``E(x (N, 3), θ (P_all,))``.
+        x: (S, N, 3) samples drawn at θ₀ = ``params_from``, nm.
+        params_from, params_to: (P_all,) θ₀ and θ₁.
+        temperature: K.
+
+    Returns:
+        (weights (S,) normalised to sum 1, Kish effective sample size). Computed in log
+        space (the largest log weight is subtracted), so large ΔE cannot overflow.
+    """
+    x = _check_frames(x)
+    if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
+        raise InputError(f"temperature must be a number > 0 (K), got {temperature!r}")
+    batched = _energy_program(energy)
+    a = jnp.asarray(np.asarray(params_from, dtype=np.float64))
+    b = jnp.asarray(np.asarray(params_to, dtype=np.float64))
+    de = np.asarray(batched(jnp.asarray(x), b)) - np.asarray(batched(jnp.asarray(x), a))
+    log_w = -de / (BOLTZMANN * temperature)
+    if not np.isfinite(log_w).all():
+        bad = int(np.argmax(~np.isfinite(log_w)))
+        raise InputError(f"the energy difference of sample {bad} is {de[bad]}; cannot reweight")
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    return w, kish_effective_sample_size(w)
+
+
+@functools.lru_cache(maxsize=32)
+def _values_program(observable):
+    return jax.jit(jax.vmap(observable))
+
+
+@functools.lru_cache(maxsize=32)
+def _energy_program(energy):
+    energy_fn = energy.energy_fn() if hasattr(energy, "energy_fn") else energy
+    return jax.jit(jax.vmap(energy_fn, in_axes=(0, None)))
+
+
+def _weighted_fluctuation(o, de, w, beta, blocks, observable, names):
+    s = o.shape[0]
+    o_bar, d_bar = w @ o, w @ de
+    do, dd = o - o_bar, de - d_bar
+    a = -beta * do[:, :, None] * dd[:, None, :]  # (S, K, P)
+    grad = np.einsum("s,skp->kp", w, a)
+    # delta-method influence of each sample on the ratio estimators Σ w a / Σ w
+    inf_g = s * w[:, None, None] * (a - grad)
+    inf_o = s * w[:, None] * do
+    _, grad_se = _mean_and_stderr(inf_g, blocks)
+    _, value_se = _mean_and_stderr(inf_o, blocks)
+    ess = kish_effective_sample_size(w)
+    return GradientEstimate(
+        o_bar,
+        value_se,
+        grad,
+        grad_se,
+        s,
+        _labels(observable, o.shape[1]),
+        names,
+        "fluctuation",
+        {"kish_ess": ess},
+    )
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+def hybrid_gradient(
+    observable,
+    energy,
+    x_start,
+    x_end,
+    dx_end,
+    params=None,
+    wrt=None,
+    temperature=300.0,
+    blocks: int | None = None,
+    horizon: int | None = None,
+) -> GradientEstimate:
+    """d⟨O⟩/dθ from M short sensitivity replicas started at equilibrium (unbiased for any n).
+
+    With x_0 ~ p_θ (fresh Maxwell-Boltzmann velocities, fresh noise, dx_0/dθ = 0) and x_n
+    the replica after n steps, stationarity gives ⟨O⟩_θ = E[O(x_n)], and differentiating
+    through both the dynamics and the start distribution (DESIGN.md, "hybrid"):
+
+        d⟨O⟩/dθ = E[∂O/∂x(x_n) · dx_n/dθ]                                  (pathwise)
+                  - β E[(O(x_n) - ⟨O⟩)(∂E/∂θ(x_0) - ⟨∂E/∂θ⟩)]                (score of x_0)
+
+    The centring makes the score term's expectation the covariance and cuts its variance;
+    both means are the replicas' own, with the M/(M-1) correction. n = 0 is the fluctuation
+    estimator; the pathwise term alone (``pathwise_gradient``) is the gradient of the
+    n-step protocol average, biased for ⟨O⟩.
+
+    Args:
+        observable: ``obs(x (N, 3)) -> (K,)``.
+        energy: the ``timemachine.System`` (or ``E(x, θ)`` with ``params`` and int ``wrt``).
+        x_start: (M, N, 3) equilibrium starting frames, nm.
+        x_end: (M, N, 3) the replicas after n steps; dx_end: (M, P, N, 3) their dx/dθ.
+        params, wrt, temperature: as in ``fluctuation_gradient`` (``wrt`` must be the
+            parameters dx_end was carried for, in the same order).
+        blocks: None (independent replicas) or B.
+        horizon: n, recorded in ``diagnostics``.
+
+    Returns:
+        ``GradientEstimate`` (method "hybrid"); ``diagnostics`` has the two parts
+        ("pathwise", "score", each (K, P)) and their standard errors.
+    """
+    x0 = _check_frames(x_start, "x_start")
+    xn = _check_frames(x_end, "x_end")
+    if x0.shape != xn.shape:
+        raise InputError(f"x_start {x0.shape} and x_end {xn.shape} must have the same shape")
+    if x0.shape[0] < 2:
+        raise InputError("hybrid_gradient needs at least 2 replicas (a covariance)")
+    dx = np.asarray(dx_end, dtype=np.float64)
+    if dx.ndim != 4 or dx.shape[0] != xn.shape[0] or dx.shape[2:] != xn.shape[1:]:
+        raise InputError(f"dx_end must have shape (M, P, N, 3) to match x_end, got {dx.shape}")
+    if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
+        raise InputError(f"temperature must be a number > 0 (K), got {temperature!r}")
+    blocks = _check_blocks(blocks, x0.shape[0])
+    idx = tuple(int(i) for i in _wrt_indices(energy, wrt))
+    if len(idx) != dx.shape[1]:
+        raise InputError(f"wrt names {len(idx)} parameters but dx_end carries {dx.shape[1]}")
+    names = tuple(energy.param_names[i] for i in idx) if hasattr(energy, "param_names") else ()
+    program = _fluctuation_program(observable, energy, idx)
+    theta = _theta_of(energy, params)
+    o_end, _ = (np.asarray(a) for a in program(jnp.asarray(xn), jnp.asarray(theta)))
+    _, de0 = (np.asarray(a) for a in program(jnp.asarray(x0), jnp.asarray(theta)))
+    m = x0.shape[0]
+    beta = 1.0 / (BOLTZMANN * temperature)
+    u_score = (
+        -beta
+        * (o_end - o_end.mean(0))[:, :, None]
+        * (de0 - de0.mean(0))[:, None, :]
+        * (m / (m - 1))
+    )
+    values, grads = _pathwise_program(observable, int(min(64, m)))(jnp.asarray(xn), jnp.asarray(dx))
+    u_path = np.asarray(grads)
+    u = u_path + u_score
+    grad, grad_se = _mean_and_stderr(u, blocks)
+    value, value_se = _mean_and_stderr(np.asarray(values), blocks)
+    p_mean, p_se = _mean_and_stderr(u_path, blocks)
+    s_mean, s_se = _mean_and_stderr(u_score, blocks)
+    return GradientEstimate(
+        value,
+        value_se,
+        grad,
+        grad_se,
+        m,
+        _labels(observable, o_end.shape[1]),
+        names,
+        "hybrid",
+        {
+            "horizon_steps": horizon,
+            "pathwise": p_mean,
+            "pathwise_stderr": p_se,
+            "score": s_mean,
+            "score_stderr": s_se,
+        },
+    )
+
+
+def _theta_of(energy, params):
+    from timemachine.sensitivity.trajectory import _resolve_params
+    from timemachine.system import System
+
+    if isinstance(energy, System):
+        return _resolve_params(energy, params)
+    return np.asarray(params, dtype=np.float64)
+
+
+def _wrt_indices(energy, wrt):
+    from timemachine.sensitivity.trajectory import _resolve_wrt
+    from timemachine.system import System
+
+    if isinstance(energy, System):
+        return _resolve_wrt(energy, "*" if wrt is None else wrt)
+    return np.atleast_1d(np.asarray(wrt))
+
+
+# --------------------------------------------------------------------------- horizon
+
+
+class HorizonChoice(NamedTuple):
+    """The hybrid estimator's horizon, chosen from the measured sensitivity growth.
+
+    Attributes:
+        n_steps: the chosen horizon n (a multiple of the pilot's save spacing).
+        growth_rate: λ in 1/ps, the least-squares slope of log s(t) over the pilot, with
+            s(t) = median over replicas of max_p |θ_p| · max |dx/dθ_p| (nm per relative
+            change of θ_p); sensitivities of a chaotic trajectory grow as e^{λt}.
+        steps: (F,) pilot steps; growth: (F,) s(t) at those steps, nm.
+        cap: the bound on s(t) the horizon respects, nm.
+    """
+
+    n_steps: int
+    growth_rate: float
+    steps: np.ndarray
+    growth: np.ndarray
+    cap: float
+
+
+def choose_horizon(steps, dx_dtheta, theta, dt, cap: float = 0.05) -> HorizonChoice:
+    """Bound the hybrid horizon where the sensitivities start to explode.
+
+    The variance of the pathwise term grows as |dx/dθ|², and along a chaotic trajectory
+    |dx/dθ| grows exponentially (trialanine at 300 K: 0.016 at 0.2 ps, 7 at 1 ps, 1e9 at
+    5 ps). The horizon is the last pilot step at which the relative sensitivity s(t) is
+    still below ``cap`` (nm per 100 % change of a parameter): beyond it the pathwise term
+    costs more variance than the score term it replaces.
+
+    Args:
+        steps: (F,) increasing step indices of the pilot frames.
+        dx_dtheta: (M, F, P, N, 3) pilot sensitivities (``run_replicas(...,
+            save_every=...).frames_dx_dtheta``).
+        theta: (P,) the parameter values (for the relative scale).
+        dt: time step, ps.
+        cap: bound on s(t), nm.
+
+    Returns:
+        ``HorizonChoice``.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    dx = np.asarray(dx_dtheta, dtype=np.float64)
+    if dx.ndim != 5 or dx.shape[1] != steps.shape[0] or steps.shape[0] == 0:
+        raise InputError(
+            f"dx_dtheta must be (M, F, P, N, 3) with F = {steps.shape[0]} pilot frames, "
+            f"got {dx.shape}"
+        )
+    scale = np.abs(np.asarray(theta, dtype=np.float64))
+    if scale.shape != (dx.shape[2],):
+        raise InputError(f"theta must have shape ({dx.shape[2]},), got {scale.shape}")
+    if not (isinstance(cap, (int, float)) and cap > 0):
+        raise InputError(f"cap must be a number > 0 (nm), got {cap!r}")
+    per = np.abs(dx).max(axis=(3, 4)) * scale[None, None, :]  # (M, F, P)
+    growth = np.median(per.max(axis=2), axis=0)  # (F,)
+    growth = np.where(np.isfinite(growth), growth, np.inf)
+    t = steps * dt
+    ok = np.isfinite(growth) & (growth > 0)
+    rate = float(np.polyfit(t[ok], np.log(growth[ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
+    below = np.flatnonzero(growth <= cap)
+    if below.size == 0:
+        n = int(steps[0])
+    else:
+        # the last step before s(t) first exceeds the cap
+        first_above = np.flatnonzero(growth > cap)
+        last = below[below < first_above[0]] if first_above.size else below
+        n = int(steps[last[-1]]) if last.size else int(steps[0])
+    return HorizonChoice(n, rate, steps, growth, float(cap))
+
+
+ESTIMATORS = ("fluctuation", "hybrid", "pathwise")

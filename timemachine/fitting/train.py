@@ -66,6 +66,8 @@ class FitResult(NamedTuple):
             ``wall_s``.
         labels: K observable labels; target_values, target_uncertainties: (K,).
         out_dir: where checkpoint and history live, or None.
+        info: for an equilibrium fit (``fit_equilibrium``): the estimator, why it
+            stopped, the accepted χ² with its error; None for a pathwise fit.
     """
 
     params: np.ndarray
@@ -78,6 +80,7 @@ class FitResult(NamedTuple):
     target_values: np.ndarray
     target_uncertainties: np.ndarray
     out_dir: str | None
+    info: dict | None = None
 
     def history_dict(self) -> dict:
         """A JSON-ready dict of the whole fit (what ``history.json`` holds)."""
@@ -88,6 +91,7 @@ class FitResult(NamedTuple):
             "labels": list(self.labels),
             "target_values": [float(v) for v in self.target_values],
             "target_uncertainties": [float(v) for v in self.target_uncertainties],
+            "info": self.info,
             "epochs": self.history,
         }
 
@@ -253,11 +257,11 @@ def fit(
     wrt="torsion/*/k*",
     *,
     epochs: int = 20,
-    n_replicas: int = 8,
+    n_replicas: int | None = None,
     n_steps: int = 1000,
     time_samples: int = 0,
     save_every: int | None = None,
-    optimizer="adam",
+    optimizer=None,
     learning_rate: float = 0.05,
     clip_norm: float | None = 1.0,
     parametrization: str = "relative",
@@ -275,8 +279,27 @@ def fit(
     progress: bool | None = None,
     callback: Callable | None = None,
     backend: str = "jax",
+    estimator: str = "fluctuation",
+    **equilibrium_options,
 ) -> FitResult:
     """Fit force-field parameters θ[wrt] so that simulated averages match targets.
+
+    ``estimator`` chooses what is fitted. ``"fluctuation"`` and ``"hybrid"`` fit
+    equilibrium averages ⟨O⟩_θ, what an experiment measures: the work is done by
+    ``timemachine.fitting.equilibrium.fit_equilibrium`` (persistent chains, reweighting, a
+    trust-region Gauss–Newton step by default), to which ``epochs``, ``n_replicas``
+    (hybrid), ``optimizer`` ("gauss-newton" or "adam"), ``learning_rate``,
+    ``parametrization``, ``prior_sigma``, ``params``, ``out_dir``, ``resume``,
+    ``progress``, ``callback`` and every keyword in ``equilibrium_options``
+    (``sample_steps``, ``n_chains``, ``decorrelation_steps``, ``save_every``,
+    ``reservoir_size``, ``blocks``, ``min_ess``, ``reweight_threshold``, ``trust_radius``,
+    ``horizon``, ...) pass through; "fluctuation" is the default (README: it gives the
+    smallest error per CPU second). ``"pathwise"`` (the paper's estimator, and the loop
+    below; also what a force-matching-only fit with ``targets=None`` runs) fits the
+    average of a fixed protocol: M replicas of ``n_steps`` from ``x0``. That is the right
+    target for protocol-defined and dynamical observables, but its gradient is not that
+    of the equilibrium average (it misses the dependence of the start distribution on
+    θ), so do not use it for NMR data.
 
     Args:
         system: a ``timemachine.System``.
@@ -286,13 +309,15 @@ def fit(
             (read with ``system.topology``).
         wrt: the fitted parameters: a glob, a list of globs, or int indices into θ.
         epochs: total epochs (a resumed fit runs the missing ones).
-        n_replicas: M replicas per epoch; their last frames give the ensemble average.
+        n_replicas: M replicas per epoch (default 8; 32 for the hybrid estimator); their
+            last frames give the ensemble average.
         n_steps: Langevin steps per replica per epoch.
         time_samples: R > 0 also draws R frames (reservoir sampling, every ``save_every``
             steps of every replica) for the time average.
         save_every: spacing of the frames the reservoir sees (default n_steps // 10).
-        optimizer: "adam" (default), "sgd", "adamw", "rmsprop", or any optax
-            GradientTransformation (then ``learning_rate`` is not used).
+        optimizer: "adam" (default; "gauss-newton" for the equilibrium estimators),
+            "sgd", "adamw", "rmsprop", or any optax GradientTransformation (then
+            ``learning_rate`` is not used).
         learning_rate: step size in u (relative/log: a fraction of θ₀).
         clip_norm: ``optax.clip_by_global_norm`` of the u-gradient; None for none.
         parametrization: "relative" θ = θ₀(1+u), "log" θ = θ₀eᵘ, or "absolute" θ = u.
@@ -328,6 +353,58 @@ def fit(
     import jax
     import optax
 
+    from timemachine.fitting.equilibrium import EQUILIBRIUM_ESTIMATORS, fit_equilibrium
+
+    if estimator in EQUILIBRIUM_ESTIMATORS and targets is not None:
+        pathwise_only = {
+            "time_samples": (time_samples, 0),
+            "average": (average, "auto"),
+            "ergodicity_weight": (ergodicity_weight, 0.0),
+            "method": (method, "exact"),
+            "force_matching": (force_matching, None),
+            "backend": (backend, "jax"),
+        }
+        given = [name for name, (v, default) in pathwise_only.items() if v != default]
+        if given:
+            raise InputError(
+                f"estimator={estimator!r} does not take {', '.join(given)} "
+                "(options of the pathwise protocol fit)"
+            )
+        if save_every is not None:
+            equilibrium_options.setdefault("save_every", save_every)
+        return fit_equilibrium(
+            system,
+            x0,
+            integrator,
+            targets,
+            wrt,
+            estimator=estimator,
+            epochs=epochs,
+            n_replicas=32 if n_replicas is None else n_replicas,
+            optimizer="gauss-newton" if optimizer is None else optimizer,
+            learning_rate=learning_rate,
+            parametrization=parametrization,
+            prior_sigma=prior_sigma,
+            params=params,
+            out_dir=out_dir,
+            resume=resume,
+            progress=progress,
+            callback=callback,
+            **equilibrium_options,
+        )
+    from timemachine.fitting.estimators import ESTIMATORS
+
+    if estimator not in ESTIMATORS and targets is not None:
+        raise InputError(f"estimator {estimator!r} unknown; use one of {ESTIMATORS}")
+    if equilibrium_options:
+        raise InputError(
+            f"fit got unexpected keyword(s) {sorted(equilibrium_options)}: they are options of "
+            "the equilibrium estimators (estimator='fluctuation' or 'hybrid')"
+        )
+    if optimizer is None:
+        optimizer = "adam"
+    if n_replicas is None:
+        n_replicas = 8
     _check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")

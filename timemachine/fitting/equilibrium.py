@@ -1,0 +1,752 @@
+"""Fitting equilibrium averages: chains at the current θ, an estimator, a trust-region step.
+
+An experiment measures ⟨O⟩_θ, the average over p_θ(x) ∝ exp(-βE(x; θ)), so each epoch of
+``fit_equilibrium``:
+
+1. **samples at θ.** If the frames stored from an earlier θ₀ still carry enough weight
+   at θ (importance weights exp(-β(E(x;θ) - E(x;θ₀))) with a Kish effective sample size
+   of at least ``reweight_threshold`` of their number), they are reweighted and no
+   dynamics run. Otherwise the persistent chains (``EquilibriumChains``) continue at θ:
+   ``decorrelation_steps`` discarded, then ``sample_steps`` whose frames go through a
+   reservoir (Algorithm R). The effective sample size of every observable on the chains
+   (integrated autocorrelation time) is measured and must reach ``min_ess``.
+2. **estimates** ⟨O⟩ and the Jacobian J = d⟨O⟩/dθ with standard errors from block
+   averages: ``estimator="fluctuation"`` (-β cov(O, ∂E/∂θ) on the frames) or ``"hybrid"``
+   (M sensitivity replicas of horizon n started from reservoir frames, plus the score of
+   their start; n bounded from the measured growth of dx/dθ, ``choose_horizon``).
+3. **steps.** χ² = (1/K) Σ w_k ((⟨O_k⟩ - y_k)/σ_k)², its gradient 2/K Σ w r/σ J, and
+   either a Gauss–Newton step inside a trust region (``optimizer="gauss-newton"``, the
+   default; the Levenberg–Marquardt step with ‖δu‖ ≤ Δ, as ForceBalance takes) or an optax
+   step (``"adam"``). A Gauss–Newton trial whose χ² is worse than the accepted one by more
+   than ``tolerance_sigma`` standard errors is rejected: θ goes back and Δ halves.
+4. **stops** when the change in χ² is within ``tolerance_sigma`` of its standard error and,
+   for Gauss–Newton, the model's predicted decrease is below one standard error, for
+   ``patience`` epochs in a row.
+
+The optimiser works on u with θ = θ₀(1 + u) ("relative", default), θ₀ eᵘ ("log") or u.
+After each epoch a checkpoint (u, the optimiser, the chains, the stored frames, the
+history) is written atomically to ``out_dir``; ``resume=True`` continues from it and
+reproduces the uninterrupted fit's numbers (the noise of chain c at step t is a pure
+function of (seed, t, c); reservoir and replica choices are seeded by the epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from timemachine.errors import InputError, SimulationError
+from timemachine.files import atomic_write_bytes, atomic_write_text
+from timemachine.fitting.estimators import (
+    choose_horizon,
+    fluctuation_gradient,
+    hybrid_gradient,
+    reweighting_weights,
+)
+from timemachine.fitting.loss import target_vector
+from timemachine.fitting.sampling import (
+    EquilibriumChains,
+    effective_sample_size,
+    reservoir_frames,
+)
+from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
+from timemachine.system import System
+
+__all__ = ["EQUILIBRIUM_ESTIMATORS", "OPTIMIZERS", "chi2_with_error", "fit_equilibrium"]
+
+EQUILIBRIUM_ESTIMATORS = ("fluctuation", "hybrid")
+OPTIMIZERS = ("gauss-newton", "adam")
+CHECKPOINT = "checkpoint.npz"
+HISTORY = "history.json"
+_FORMAT = "timemachine.equilibrium-fit-checkpoint"
+
+
+def chi2_with_error(mean, cov, value, sigma, weight=None):
+    """χ² = (1/K) Σ w_k ((⟨O_k⟩ - y_k)/σ_k)² and its standard error (delta method).
+
+    Args:
+        mean: (K,) ⟨O⟩; cov: (K, K) covariance of that estimate (from block means).
+        value, sigma: (K,) targets and their uncertainties; weight: (K,) or None.
+
+    Returns:
+        (χ², standard error of χ², noise bias Σ w C_kk/σ_k² / K: the amount by which the
+        sampling noise of ⟨O⟩ inflates the expected χ²).
+    """
+    mean, value, sigma = (np.asarray(a, dtype=np.float64) for a in (mean, value, sigma))
+    k = mean.shape[0]
+    w = np.ones(k) if weight is None else np.asarray(weight, dtype=np.float64)
+    r = (mean - value) / sigma
+    chi2 = float(np.sum(w * r * r) / k)
+    g = 2.0 * w * r / sigma / k
+    cov = np.asarray(cov, dtype=np.float64)
+    se = float(np.sqrt(max(g @ cov @ g, 0.0)))
+    bias = float(np.sum(w * np.diag(cov) / sigma**2) / k)
+    return chi2, se, bias
+
+
+def _block_mean_cov(values, weights, blocks):
+    """Mean (K,) and covariance of the mean (K, K) from B contiguous blocks of the
+    per-sample influence (weighted: the delta method of the ratio estimator)."""
+    s = values.shape[0]
+    w = np.full(s, 1.0 / s) if weights is None else weights
+    mean = w @ values
+    infl = s * w[:, None] * (values - mean)
+    means = np.stack([b.mean(axis=0) for b in np.array_split(infl, blocks)])
+    return mean, np.atleast_2d(np.cov(means, rowvar=False, ddof=1)) / blocks
+
+
+def _lm_step(J, r, radius):
+    """Levenberg–Marquardt step δ minimising ‖r + J δ‖² with ‖δ‖ ≤ radius.
+
+    Returns (δ, predicted decrease ‖r‖² - ‖r + Jδ‖², λ)."""
+    U, s, Vt = np.linalg.svd(J, full_matrices=False)
+    ur = U.T @ r
+
+    def delta(lam):
+        return -(Vt.T @ (s / (s * s + lam) * ur))
+
+    d = delta(1e-12 * (s.max() ** 2 if s.size else 1.0))
+    lam = 0.0
+    if np.linalg.norm(d) > radius:
+        lo, hi = 0.0, max(1.0, float(s.max() ** 2) * 1e6)
+        while np.linalg.norm(delta(hi)) > radius:
+            hi *= 10
+        for _ in range(100):
+            lam = 0.5 * (lo + hi)
+            if np.linalg.norm(delta(lam)) > radius:
+                lo = lam
+            else:
+                hi = lam
+        lam = hi
+        d = delta(lam)
+    predicted = float(r @ r - np.sum((r + J @ d) ** 2))
+    return d, predicted, lam
+
+
+def _fingerprint(**config) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_pos(name, value, allow_zero=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def fit_equilibrium(
+    system: System,
+    x0,
+    integrator: LangevinIntegrator,
+    targets,
+    wrt="torsion/*/k*",
+    *,
+    estimator: str = "fluctuation",
+    epochs: int = 10,
+    n_chains: int = 2,
+    sample_steps: int = 100_000,
+    decorrelation_steps: int = 10_000,
+    save_every: int = 250,
+    reservoir_size: int = 2000,
+    blocks: int = 10,
+    min_ess: float = 20.0,
+    reweight_threshold: float = 0.5,
+    optimizer: str = "gauss-newton",
+    learning_rate: float = 0.1,
+    trust_radius: float = 0.2,
+    max_trust_radius: float = 1.0,
+    parametrization: str = "relative",
+    prior_sigma=None,
+    n_replicas: int = 32,
+    horizon="auto",
+    max_horizon: int = 500,
+    horizon_cap: float = 0.05,
+    tolerance_sigma: float = 2.0,
+    patience: int = 2,
+    params=None,
+    out_dir=None,
+    resume: bool = False,
+    progress: bool | None = None,
+    callback: Callable | None = None,
+):
+    """Fit θ[wrt] so that equilibrium averages ⟨O⟩_θ match experimental targets.
+
+    Args:
+        system: a ``timemachine.System``.
+        x0: (N, 3) or (C, N, 3) starting positions of the chains, nm.
+        integrator: ``LangevinIntegrator``; its seed fixes every chain's noise.
+        targets: list of ``Target`` (``timemachine.fitting.targets``) or a target-file path.
+        wrt: the fitted parameters (globs or int indices).
+        estimator: "fluctuation" (default) or "hybrid"; see the module docstring.
+        epochs: the most epochs (a resumed fit runs the missing ones); the fit stops
+            earlier once converged.
+        n_chains: C persistent chains; sample_steps: production steps per chain and
+            epoch; decorrelation_steps: steps discarded after each change of θ;
+            save_every: steps between frames; reservoir_size: frames kept (Algorithm R).
+        blocks: B block averages for every standard error.
+        min_ess: the smallest effective sample size (per observable, autocorrelation
+            estimate) an epoch accepts; fewer raises with what to change.
+        reweight_threshold: stored frames are reused at a new θ while their Kish ESS
+            fraction is at least this (0 never samples again after the first epoch,
+            values > 1 always sample).
+        optimizer: "gauss-newton" (trust region) or "adam" (``learning_rate``).
+        trust_radius, max_trust_radius: the initial and largest ‖δu‖.
+        parametrization: "relative", "log" or "absolute" (as in ``fit``).
+        prior_sigma: widths (θ's units) of a Gaussian prior on θ - θ₀, or None.
+        n_replicas, horizon, max_horizon, horizon_cap: the hybrid estimator's M replicas
+            and horizon n ("auto": ``choose_horizon`` on a pilot of ``max_horizon`` steps,
+            cap ``horizon_cap`` nm per relative change).
+        tolerance_sigma, patience: the stopping rule (module docstring).
+        params: (P_all,) starting θ (default ``system.params``).
+        out_dir: folder for ``checkpoint.npz`` and ``history.json``; None keeps memory only.
+        resume: continue from ``out_dir``'s checkpoint (same settings only).
+        progress: tqdm bar over epochs; None shows it when stderr is a terminal.
+        callback: ``callback(record)`` after every epoch.
+
+    Returns:
+        ``timemachine.fitting.FitResult``; ``info`` holds the estimator, the stop reason,
+        the accepted θ's χ² with its error, and the hybrid horizon.
+
+    Raises:
+        InputError: bad settings, a checkpoint of another fit, or too few effective samples.
+        SimulationError: a chain or replica went non-finite.
+    """
+    from timemachine.fitting.replicas import run_replicas
+    from timemachine.fitting.targets import load_targets
+    from timemachine.fitting.train import FitResult, _optimizer, _Parametrization
+    from timemachine.sensitivity.trajectory import _resolve_wrt
+
+    if not isinstance(system, System):
+        raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
+    if not isinstance(integrator, LangevinIntegrator):
+        raise InputError(
+            f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
+        )
+    if estimator not in EQUILIBRIUM_ESTIMATORS:
+        raise InputError(
+            f"estimator {estimator!r} unknown for an equilibrium fit; use one of "
+            f"{EQUILIBRIUM_ESTIMATORS} (or 'pathwise' in fit, the protocol average)"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer {optimizer!r} unknown; use one of {OPTIMIZERS}")
+    epochs = _check_int("epochs", epochs, 1)
+    sample_steps = _check_int("sample_steps", sample_steps, 1)
+    decorrelation_steps = _check_int("decorrelation_steps", decorrelation_steps, 0)
+    save_every = _check_int("save_every", save_every, 1)
+    reservoir_size = _check_int("reservoir_size", reservoir_size, 2)
+    blocks = _check_int("blocks", blocks, 2)
+    patience = _check_int("patience", patience, 1)
+    if sample_steps % save_every:
+        raise InputError(
+            f"sample_steps = {sample_steps} must be a multiple of save_every = {save_every}"
+        )
+    n_frames = n_chains * (sample_steps // save_every)
+    if min(n_frames, reservoir_size) < 2 * blocks:
+        raise InputError(
+            f"an epoch keeps {min(n_frames, reservoir_size)} frames (n_chains {n_chains} × "
+            f"sample_steps {sample_steps} / save_every {save_every}, reservoir_size "
+            f"{reservoir_size}); {blocks} blocks need at least {2 * blocks}"
+        )
+    min_ess = _check_pos("min_ess", min_ess)
+    reweight_threshold = _check_pos("reweight_threshold", reweight_threshold, allow_zero=True)
+    trust_radius = _check_pos("trust_radius", trust_radius)
+    max_trust_radius = _check_pos("max_trust_radius", max_trust_radius)
+    tolerance_sigma = _check_pos("tolerance_sigma", tolerance_sigma)
+    if estimator == "hybrid":
+        n_replicas = _check_int("n_replicas", n_replicas, 2)
+        max_horizon = _check_int("max_horizon", max_horizon, 1)
+        if horizon != "auto":
+            horizon = _check_int("horizon", horizon, 1)
+    if isinstance(targets, (str, os.PathLike)):
+        targets = load_targets(targets, system.topology)
+    target = target_vector(targets)
+    wrt = _resolve_wrt(system, wrt)
+    names = tuple(system.param_names[i] for i in wrt)
+    full0 = np.array(system.params if params is None else params, dtype=np.float64)
+    if full0.shape != (system.n_params,):
+        raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
+    theta0 = full0[wrt].copy()
+    param = _Parametrization(parametrization, theta0, names)
+    opt = _optimizer("adam", learning_rate, None) if optimizer == "adam" else None
+    k = target.value.shape[0]
+
+    chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
+    fingerprint = _fingerprint(
+        names=names,
+        theta0=theta0.tolist(),
+        labels=target.labels,
+        value=target.value.tolist(),
+        sigma=target.uncertainty.tolist(),
+        integrator=[integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
+        x0=hashlib.sha256(np.ascontiguousarray(chains.state.x).tobytes()).hexdigest(),
+        settings=[estimator, n_chains, sample_steps, decorrelation_steps, save_every],
+        more=[reservoir_size, blocks, optimizer, learning_rate, trust_radius, parametrization],
+        hybrid=[n_replicas, horizon, max_horizon, horizon_cap] if estimator == "hybrid" else None,
+        prior=None if prior_sigma is None else np.asarray(prior_sigma).tolist(),
+    )
+
+    # ---- state of the fit
+    u = param.initial()
+    opt_state = opt.init(u) if opt is not None else None
+    radius = trust_radius
+    history: list = []
+    stored = None  # (x (R, N, 3), params (P_all,)) frames and the θ they were drawn at
+    accepted = None  # dict: u, chi2, se, mean, J, cov of the last accepted point
+    quiet_epochs, start, n_horizon, stop_reason = 0, 0, None, "epochs"
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        ckpt = _load(out_dir) if resume else None
+        if ckpt is not None:
+            if ckpt["fingerprint"] != fingerprint:
+                raise InputError(
+                    f"{os.path.join(out_dir, CHECKPOINT)} comes from a fit with other settings "
+                    "(parameters, targets, chains, steps or integrator); resume it with the "
+                    "same settings or use another out_dir"
+                )
+            u, radius, history, start = ckpt["u"], ckpt["radius"], ckpt["history"], ckpt["epoch"]
+            chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
+            stored = (ckpt["stored_x"], ckpt["stored_params"])
+            accepted = ckpt["accepted"]
+            quiet_epochs, n_horizon = ckpt["quiet_epochs"], ckpt["horizon"]
+            if opt is not None:
+                import jax
+
+                treedef = jax.tree_util.tree_structure(opt_state)
+                opt_state = jax.tree_util.tree_unflatten(treedef, ckpt["opt_leaves"])
+            if ckpt["converged"]:
+                start, stop_reason = epochs, ckpt["stop_reason"]
+    elif resume:
+        raise InputError("resume=True needs out_dir (where the checkpoint lives)")
+
+    show = progress if progress is not None else __import__("sys").stderr.isatty()
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=min(start, epochs), unit="epoch", desc="fit")
+    converged = False
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            theta = param.theta(u)
+            full = full0.copy()
+            full[wrt] = theta
+            record = {"epoch": epoch, "params": theta.tolist(), "estimator": estimator}
+
+            # ---- 1. samples at θ
+            weights, ess_w = None, None
+            if stored is not None and reweight_threshold <= 1.0:
+                w, ess_w = reweighting_weights(
+                    system, stored[0], stored[1], full, integrator.temperature
+                )
+                if ess_w >= reweight_threshold * w.shape[0]:
+                    weights = w
+            if weights is None:
+                chains.decorrelate(full, decorrelation_steps)
+                segment = chains.sample(full, sample_steps)
+                frames_x, _origin = reservoir_frames(
+                    segment, reservoir_size, (integrator.seed, epoch)
+                )
+                stored = (frames_x, full.copy())
+                # ESS of every observable along the chains (all frames, not only the reservoir)
+                series = np.stack([_values(target.observable, c) for c in segment.x])
+                ess = effective_sample_size(series)
+                record.update(sampled=True, ess=ess.tolist(), ess_min=float(ess.min()))
+                worst = int(np.argmin(ess))
+                if ess[worst] < min_ess:
+                    raise InputError(
+                        f"epoch {epoch}: the effective sample size of {target.labels[worst]} is "
+                        f"{ess[worst]:.1f} < min_ess = {min_ess:g} ({segment.x.shape[1]} frames "
+                        f"per chain × {n_chains} chains): too few independent samples to "
+                        "estimate a gradient; raise sample_steps or n_chains"
+                    )
+                ess_w = float(stored[0].shape[0])
+            else:
+                record.update(sampled=False, reweighted_ess=ess_w)
+            record["reweight_ess"] = ess_w
+            x_res = stored[0]
+
+            # ---- 2. estimate ⟨O⟩ and J = d⟨O⟩/dθ
+            values = _values(target.observable, x_res)
+            mean, cov = _block_mean_cov(values, weights, blocks)
+            if estimator == "fluctuation":
+                est = fluctuation_gradient(
+                    target.observable,
+                    system,
+                    x_res,
+                    params=full,
+                    wrt=wrt,
+                    temperature=integrator.temperature,
+                    blocks=blocks,
+                    weights=weights,
+                )
+            else:
+                rng = np.random.default_rng((integrator.seed, epoch, 7))
+                p = None if weights is None else weights
+                pick = rng.choice(x_res.shape[0], size=n_replicas, replace=p is not None, p=p)
+                starts = x_res[pick]
+                replicas = 1_000_000 + epoch * n_replicas + np.arange(n_replicas)
+                if n_horizon is None:
+                    if horizon == "auto":
+                        spacing = max(1, max_horizon // 20)
+                        pilot = run_replicas(
+                            system,
+                            starts,
+                            integrator,
+                            (max_horizon // spacing) * spacing,
+                            wrt=wrt,
+                            replicas=replicas,
+                            params=full,
+                            save_every=spacing,
+                        )
+                        choice = choose_horizon(
+                            pilot.steps, pilot.frames_dx_dtheta, theta, integrator.dt, horizon_cap
+                        )
+                        n_horizon = choice.n_steps
+                        record["horizon_growth_rate_per_ps"] = choice.growth_rate
+                    else:
+                        n_horizon = int(horizon)
+                res = run_replicas(
+                    system, starts, integrator, n_horizon, wrt=wrt, replicas=replicas, params=full
+                )
+                est = hybrid_gradient(
+                    target.observable,
+                    system,
+                    starts,
+                    res.x,
+                    res.dx_dtheta,
+                    params=full,
+                    wrt=wrt,
+                    temperature=integrator.temperature,
+                    horizon=n_horizon,
+                )
+                record["horizon_steps"] = n_horizon
+            J, J_se = est.gradient, est.stderr
+            chi2, chi2_se, chi2_bias = chi2_with_error(
+                mean, cov, target.value, target.uncertainty, target.weight
+            )
+            sw = np.sqrt(target.weight / k) / target.uncertainty
+            resid = sw * (mean - target.value)
+            grad_theta = 2.0 * (sw * resid) @ J
+            grad_se = 2.0 * np.sqrt(((sw * resid)[:, None] ** 2 * J_se**2).sum(axis=0))
+            prior = 0.0
+            if prior_sigma is not None:
+                width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta.shape)
+                z = (theta - theta0) / width
+                prior = float(np.sum(z * z) / theta.size)
+                grad_theta = grad_theta + 2.0 / theta.size * z / width
+            record.update(
+                chi2=chi2,
+                chi2_stderr=chi2_se,
+                chi2_noise_bias=chi2_bias,
+                prior=prior,
+                loss=chi2 + prior,
+                observables=mean.tolist(),
+                observable_errors=np.sqrt(np.diag(cov)).tolist(),
+                gradient=grad_theta.tolist(),
+                gradient_stderr=grad_se.tolist(),
+                jacobian=J.tolist(),
+                jacobian_stderr=J_se.tolist(),
+            )
+            if not (np.isfinite(chi2) and np.isfinite(grad_theta).all()):
+                raise SimulationError(
+                    f"epoch {epoch}: χ² = {chi2} or its gradient is not finite; an observable "
+                    "is NaN on a sampled frame or the energies overflowed"
+                )
+
+            # ---- 3. accept or reject (Gauss-Newton), then step
+            jac_u = param.jacobian(u)
+            if optimizer == "gauss-newton":
+                ok = True
+                if accepted is not None:
+                    se = math.hypot(chi2_se, accepted["se"])
+                    if chi2 + prior > accepted["loss"] + tolerance_sigma * se:
+                        ok = False
+                    predicted = accepted["predicted"]
+                    actual = accepted["loss"] - (chi2 + prior)
+                    ratio = actual / predicted if predicted > 0 else 0.0
+                    record.update(predicted_decrease=predicted, actual_decrease=actual)
+                    if not ok or ratio < 0.25:
+                        radius *= 0.5
+                    elif ratio > 0.75 and accepted["step_norm"] >= 0.9 * accepted["radius"]:
+                        radius = min(2.0 * radius, max_trust_radius)
+                    converging = abs(actual) <= tolerance_sigma * se
+                else:
+                    converging = False
+                record["accepted"] = ok
+                if ok:
+                    Ju = (sw[:, None] * J) * jac_u[None, :]
+                    rr, JJ = resid, Ju
+                    if prior_sigma is not None:
+                        width = np.broadcast_to(
+                            np.asarray(prior_sigma, dtype=np.float64), theta.shape
+                        )
+                        rr = np.concatenate([resid, (theta - theta0) / width / np.sqrt(theta.size)])
+                        JJ = np.vstack([Ju, np.diag(jac_u / width / np.sqrt(theta.size))])
+                    delta, predicted, lam = _lm_step(JJ, rr, radius)
+                    accepted = {
+                        "u": u.copy(),
+                        "loss": chi2 + prior,
+                        "se": chi2_se,
+                        "predicted": predicted,
+                        "step_norm": float(np.linalg.norm(delta)),
+                        "radius": radius,
+                        "delta": delta,
+                    }
+                    u_next = u + delta
+                else:
+                    # back to the accepted point: a shorter step along its own model
+                    acc_u = np.asarray(accepted["u"])
+                    d = np.asarray(accepted["delta"])
+                    scale = min(1.0, radius / max(np.linalg.norm(d), 1e-300))
+                    accepted["delta"] = d * scale
+                    accepted["step_norm"] = float(np.linalg.norm(d * scale))
+                    accepted["predicted"] = accepted["predicted"] * scale  # first order
+                    accepted["radius"] = radius
+                    u_next = acc_u + d * scale
+                    predicted = accepted["predicted"]
+                record.update(trust_radius=radius, model_decrease=predicted)
+                small_model = predicted < max(accepted["se"], 1e-12)
+                # only freshly sampled epochs count: reweighted frames can be over-fitted
+                fresh = record.get("sampled", False)
+                quiet_epochs = (
+                    quiet_epochs + 1 if (converging and small_model and ok and fresh) else 0
+                )
+            else:
+                import optax
+
+                grad_u = grad_theta * jac_u
+                updates, opt_state = opt.update(grad_u, opt_state, u)
+                u_next = np.asarray(optax.apply_updates(u, updates), dtype=np.float64)
+                if history:
+                    prev = history[-1]
+                    se = math.hypot(chi2_se, prev["chi2_stderr"])
+                    quiet = abs(prev["loss"] - (chi2 + prior)) <= tolerance_sigma * se
+                    fresh = record.get("sampled", False)
+                    quiet_epochs = quiet_epochs + 1 if (quiet and fresh) else 0
+                record["accepted"] = True
+            converged = quiet_epochs >= patience
+            record["wall_s"] = time.perf_counter() - t0
+            record["converged"] = converged
+            history.append(record)
+            u = np.asarray(u_next, dtype=np.float64)
+            if converged:
+                stop_reason = (
+                    f"converged: χ² changed by less than {tolerance_sigma:g} standard errors for "
+                    f"{patience} epochs"
+                    + (
+                        " and the model predicts no gain beyond the noise"
+                        if optimizer == "gauss-newton"
+                        else ""
+                    )
+                )
+                # the result is the last accepted point, not an untested trial step
+                if optimizer == "gauss-newton":
+                    u = np.asarray(accepted["u"], dtype=np.float64)
+            if out_dir is not None:
+                os.makedirs(out_dir, exist_ok=True)
+                _save(
+                    out_dir,
+                    fingerprint=fingerprint,
+                    epoch=epoch + 1,
+                    u=u,
+                    radius=radius,
+                    history=history,
+                    chains=chains,
+                    stored=stored,
+                    accepted=accepted,
+                    quiet_epochs=quiet_epochs,
+                    horizon=n_horizon,
+                    opt_state=opt_state,
+                    converged=converged,
+                    stop_reason=stop_reason,
+                )
+                res = _make_result(
+                    FitResult,
+                    full0,
+                    wrt,
+                    names,
+                    param,
+                    u,
+                    theta0,
+                    history,
+                    target,
+                    out_dir,
+                    estimator,
+                    stop_reason,
+                    accepted,
+                    n_horizon,
+                )
+                atomic_write_text(
+                    os.path.join(out_dir, HISTORY), json.dumps(res.history_dict(), indent=1)
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(chi2=f"{chi2:.3g}±{chi2_se:.2g}")
+            if callback is not None:
+                callback(record)
+            if converged:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if optimizer == "gauss-newton" and accepted is not None and not converged:
+        # the last step was never sampled: report the last accepted θ
+        u = np.asarray(accepted["u"], dtype=np.float64)
+    return _make_result(
+        FitResult,
+        full0,
+        wrt,
+        names,
+        param,
+        u,
+        theta0,
+        history,
+        target,
+        out_dir,
+        estimator,
+        stop_reason,
+        accepted,
+        n_horizon,
+    )
+
+
+def _values(observable, x):
+    from timemachine.fitting.estimators import _values_program
+
+    return np.asarray(_values_program(observable)(x))
+
+
+def _make_result(
+    FitResult,
+    full0,
+    wrt,
+    names,
+    param,
+    u,
+    theta0,
+    history,
+    target,
+    out_dir,
+    estimator,
+    stop_reason,
+    accepted,
+    horizon,
+):
+    theta = param.theta(np.asarray(u, dtype=np.float64))
+    full = full0.copy()
+    full[wrt] = theta
+    best = None
+    if accepted is not None:
+        best = {"loss": accepted["loss"], "stderr": accepted["se"]}
+    return FitResult(
+        params=full,
+        theta=theta,
+        theta_initial=theta0,
+        param_names=names,
+        wrt=np.asarray(wrt),
+        history=list(history),
+        labels=target.labels,
+        target_values=target.value,
+        target_uncertainties=target.uncertainty,
+        out_dir=out_dir,
+        info={
+            "estimator": estimator,
+            "stop_reason": stop_reason,
+            "accepted": best,
+            "horizon_steps": horizon,
+        },
+    )
+
+
+def _save(
+    out_dir,
+    *,
+    fingerprint,
+    epoch,
+    u,
+    radius,
+    history,
+    chains,
+    stored,
+    accepted,
+    quiet_epochs,
+    horizon,
+    opt_state,
+    converged,
+    stop_reason,
+):
+    arrays = {}
+    if opt_state is not None:
+        import jax
+
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state)):
+            arrays[f"opt_{i}"] = np.asarray(leaf)
+    acc = None
+    if accepted is not None:
+        acc = {
+            key: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
+            for key, v in accepted.items()
+        }
+    meta = {
+        "format": _FORMAT,
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "radius": radius,
+        "quiet_epochs": quiet_epochs,
+        "horizon": horizon,
+        "converged": converged,
+        "stop_reason": stop_reason,
+        "accepted": acc,
+        "n_opt": len([k for k in arrays if k.startswith("opt_")]),
+        "history": history,
+    }
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        meta=np.array(json.dumps(meta)),
+        u=np.asarray(u, dtype=np.float64),
+        chain_x=np.asarray(chains.state.x),
+        chain_v=np.asarray(chains.state.v),
+        chain_step=np.asarray(chains.state.step),
+        stored_x=np.asarray(stored[0]),
+        stored_params=np.asarray(stored[1]),
+        **arrays,
+    )
+    atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), buf.getvalue())
+
+
+def _load(out_dir):
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != _FORMAT:
+                raise InputError(f"{path} is not a timemachine equilibrium-fit checkpoint")
+            out = dict(meta)
+            for key in ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params"):
+                out[key] = np.array(data[key])
+            out["opt_leaves"] = [np.array(data[f"opt_{i}"]) for i in range(meta["n_opt"])]
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path} cannot be read as a fit checkpoint: {exc}") from exc
+    return out

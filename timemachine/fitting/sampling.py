@@ -1,0 +1,293 @@
+"""Equilibrium sampling inside a fit: persistent plain-MD chains, a reservoir, and ESS.
+
+An NMR coupling or an Rg is an equilibrium average ⟨O⟩_θ over p_θ(x) ∝ exp(-βE(x; θ))
+(DESIGN.md, "Gradients of equilibrium averages"). ``EquilibriumChains`` keeps C plain
+Langevin chains that persist across the epochs of a fit: each epoch continues them at the
+current θ, first for a decorrelation segment whose frames are discarded (the chains relax
+from the previous θ's ensemble to the new one), then for a production segment whose
+frames are streamed, in time order, through a ``Reservoir`` (Algorithm R, the paper's
+time average). Chain c draws its noise from ``noise(seed, t, N, first_replica + c)`` with
+a step counter t that keeps counting across epochs, so no noise is ever reused and a run
+is a pure function of (seed, θ per epoch, segment lengths).
+
+The effective number of independent samples of a correlated series is n / (2 τ_int),
+with τ_int the integrated autocorrelation time (Sokal's automatic window, c = 5), or the
+block-analysis estimate n s² / (B s_B²) (``effective_sample_size``).
+
+All chains of a segment are one compiled program, with θ a traced argument: a new θ does
+not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import NamedTuple
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timemachine.errors import InputError, SimulationError  # noqa: E402
+from timemachine.fitting.reservoir import Reservoir  # noqa: E402
+from timemachine.integrator.langevin import (  # noqa: E402
+    LangevinIntegrator,
+    LangevinState,
+    _check_vectors,
+    langevin_step,
+    maxwell_boltzmann_velocities,
+)
+from timemachine.system import System  # noqa: E402
+
+__all__ = [
+    "ChainSamples",
+    "EquilibriumChains",
+    "autocorrelation_time",
+    "effective_sample_size",
+]
+
+
+def _positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- ESS
+
+
+def autocorrelation_time(series, c: float = 5.0) -> np.ndarray:
+    """Integrated autocorrelation time τ_int (in frames) of each column of a series.
+
+    τ_int = 1/2 + Σ_{t=1}^{W} ρ(t), with W the smallest window with W ≥ c τ_int(W)
+    (Sokal's automatic windowing; A. D. Sokal, Monte Carlo Methods in Statistical
+    Mechanics, 1996), ρ from the FFT autocovariance. The effective sample size of n
+    frames is n / (2 τ_int); τ_int = 1/2 for independent frames.
+
+    Args:
+        series: (F,) or (F, K) values in time order; or (C, F, K): C chains, whose
+            autocovariances are averaged.
+        c: the window constant.
+
+    Returns:
+        (K,) τ_int ≥ 1/2 (a constant column gives 1/2).
+    """
+    s = np.asarray(series, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[None, :, None]
+    elif s.ndim == 2:
+        s = s[None]
+    if s.ndim != 3 or s.shape[1] < 2:
+        raise InputError(f"series must be (F,), (F, K) or (C, F, K) with F >= 2, got {s.shape}")
+    f = s.shape[1]
+    d = s - s.mean(axis=1, keepdims=True)
+    n_fft = 1 << int(2 * f - 1).bit_length()
+    spec = np.fft.rfft(d, n=n_fft, axis=1)
+    acov = np.fft.irfft(spec * np.conj(spec), n=n_fft, axis=1)[:, :f].mean(axis=0)  # (F, K)
+    tau = np.full(s.shape[2], 0.5)
+    for k in range(s.shape[2]):
+        if acov[0, k] <= 0:
+            continue
+        rho = acov[:, k] / acov[0, k]
+        cum = 2.0 * np.cumsum(rho) - 1.0  # 2 τ_int(W) for W = 0, 1, ...
+        window = np.arange(f)
+        ok = np.flatnonzero(window >= c * cum / 2.0)
+        w = int(ok[0]) if ok.size else f - 1
+        tau[k] = max(0.5, cum[w] / 2.0)
+    return tau
+
+
+def effective_sample_size(series, method: str = "autocorrelation", blocks: int = 10):
+    """Effective number of independent samples of each column of a correlated series.
+
+    Args:
+        series: (F, K) frames in time order, or (C, F, K) for C chains.
+        method: "autocorrelation" (n / 2τ_int, ``autocorrelation_time``) or "blocks"
+            (n s² / (B s_B²) from B block means per chain: the variance of the mean seen
+            by block analysis, turned into an equivalent number of independent samples).
+        blocks: B for "blocks".
+
+    Returns:
+        (K,) effective sample sizes, at most the number of frames C·F.
+    """
+    s = np.asarray(series, dtype=np.float64)
+    if s.ndim == 2:
+        s = s[None]
+    if s.ndim != 3:
+        raise InputError(f"series must be (F, K) or (C, F, K), got {s.shape}")
+    n = s.shape[0] * s.shape[1]
+    if method == "autocorrelation":
+        return np.minimum(n, n / (2.0 * autocorrelation_time(s)))
+    if method == "blocks":
+        if s.shape[1] < blocks:
+            raise InputError(f"{s.shape[1]} frames per chain cannot make {blocks} blocks")
+        means = np.concatenate(
+            [np.stack([b.mean(0) for b in np.array_split(c, blocks)]) for c in s]
+        )
+        var = s.reshape(n, -1).var(axis=0, ddof=1)
+        var_mean = means.var(axis=0, ddof=1) / means.shape[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ess = np.where(var_mean > 0, var / var_mean, n)  # var(mean) = var / ESS
+        return np.minimum(n, ess)
+    raise InputError(
+        f"effective_sample_size method must be 'autocorrelation' or 'blocks', got {method!r}"
+    )
+
+
+# --------------------------------------------------------------------------- chains
+
+
+@functools.lru_cache(maxsize=8)
+def _chain_program(system, n_blocks, save_every):
+    gradient = system.gradient_fn()
+
+    def one_chain(theta, coeffs, seed, replica, x, v, step):
+        def one(s, _):
+            return langevin_step(lambda y: gradient(y, theta), coeffs, s, seed, replica), None
+
+        def block(s, _):
+            s, _ = jax.lax.scan(one, s, None, length=save_every)
+            return s, (s.x, s.step)
+
+        return jax.lax.scan(block, LangevinState(x, v, step), None, length=n_blocks)
+
+    return jax.jit(jax.vmap(one_chain, in_axes=(None, None, None, 0, 0, 0, 0)))
+
+
+class ChainSamples(NamedTuple):
+    """Frames of one production segment of C chains.
+
+    Attributes:
+        x: (C, F, N, 3) positions, nm, in time order per chain.
+        steps: (C, F) step index of each frame on its chain.
+        params: (P_all,) the θ they were sampled at.
+    """
+
+    x: np.ndarray
+    steps: np.ndarray
+    params: np.ndarray
+
+
+class EquilibriumChains:
+    """C persistent plain-MD chains of a System, continued at the θ of each epoch.
+
+    Args:
+        system: a ``timemachine.System``.
+        x0: (N, 3) or (C, N, 3) starting positions, nm (a minimised structure is fine:
+            the first ``equilibrate`` call relaxes it).
+        integrator: ``LangevinIntegrator`` (temperature, friction, dt, seed).
+        n_chains: C.
+        save_every: steps between saved frames of a production segment.
+        first_replica: chain c uses noise and velocity stream ``first_replica + c``.
+
+    Attributes:
+        state: the chains' ``LangevinState`` (leading axis C), numpy arrays.
+        steps_run: total steps per chain so far.
+    """
+
+    def __init__(
+        self,
+        system: System,
+        x0,
+        integrator: LangevinIntegrator,
+        n_chains: int = 2,
+        save_every: int = 500,
+        first_replica: int = 0,
+    ):
+        if not isinstance(system, System):
+            raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
+        if not isinstance(integrator, LangevinIntegrator):
+            raise InputError(
+                f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
+            )
+        self.system, self.integrator = system, integrator
+        self.n_chains = _positive_int(n_chains, "n_chains")
+        self.save_every = _positive_int(save_every, "save_every")
+        self.first_replica = _positive_int(first_replica, "first_replica", minimum=0)
+        n = system.n_atoms
+        x0 = np.asarray(x0, dtype=np.float64)
+        if x0.ndim == 2:
+            x0 = np.broadcast_to(x0, (self.n_chains,) + x0.shape)
+        if x0.ndim != 3 or x0.shape[0] != self.n_chains:
+            raise InputError(
+                f"x0 must be (N, 3) or (n_chains={self.n_chains}, N, 3) nm, got {x0.shape}"
+            )
+        x = np.stack([_check_vectors(x0[c], f"x0[{c}]", n) for c in range(self.n_chains)])
+        masses = np.asarray(system.masses)
+        v = np.stack(
+            [
+                np.asarray(
+                    maxwell_boltzmann_velocities(
+                        masses, integrator.temperature, integrator.seed, self.first_replica + c
+                    )
+                )
+                for c in range(self.n_chains)
+            ]
+        )
+        self.state = LangevinState(x, v, np.zeros(self.n_chains, dtype=np.int64))
+        self._coeffs = integrator.coefficients(masses)
+
+    @property
+    def steps_run(self) -> int:
+        return int(self.state.step[0])
+
+    def _advance(self, params, n_steps, save_every):
+        n_steps = _positive_int(n_steps, "n_steps")
+        if n_steps % save_every:
+            raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
+        theta = np.asarray(params, dtype=np.float64)
+        if theta.shape != (self.system.n_params,):
+            raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
+        program = _chain_program(self.system, n_steps // save_every, save_every)
+        final, (xs, steps) = program(
+            jnp.asarray(theta),
+            self._coeffs,
+            jnp.asarray(self.integrator.seed, dtype=jnp.int64),
+            jnp.arange(self.n_chains, dtype=jnp.int64) + self.first_replica,
+            jnp.asarray(self.state.x),
+            jnp.asarray(self.state.v),
+            jnp.asarray(self.state.step),
+        )
+        xs = np.asarray(xs)
+        good = np.isfinite(xs).all(axis=(2, 3))
+        if not good.all():
+            c, f = np.argwhere(~good)[0]
+            atom = int(np.argmax(~np.isfinite(xs[c, f]).all(axis=1)))
+            raise SimulationError(
+                f"equilibrium chain {c} went non-finite by step {int(np.asarray(steps)[c, f])} "
+                f"(atom {atom} first); use a smaller dt or check the parameters"
+            )
+        self.state = LangevinState(np.asarray(final.x), np.asarray(final.v), np.asarray(final.step))
+        return xs, np.asarray(steps), theta
+
+    def decorrelate(self, params, n_steps: int) -> None:
+        """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""
+        if n_steps:
+            block = np.gcd(int(n_steps), self.save_every) or 1
+            self._advance(params, n_steps, int(block))
+
+    def sample(self, params, n_steps: int) -> ChainSamples:
+        """Run every chain ``n_steps`` at θ = ``params``; the saved frames (every
+        ``save_every`` steps)."""
+        xs, steps, theta = self._advance(params, n_steps, self.save_every)
+        return ChainSamples(xs, steps, theta)
+
+
+def reservoir_frames(samples: ChainSamples, capacity: int, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm R over a production segment, frames streamed in time order (chains
+    interleaved frame by frame); returns (x (R, N, 3), origin (R, 2) = (chain, step)),
+    sorted by chain then step so that contiguous blocks are contiguous in time."""
+    reservoir = Reservoir(capacity, seed)
+    c, f = samples.steps.shape
+    for j in range(f):
+        for i in range(c):
+            slot = reservoir.next_slot()
+            if slot is not None:
+                reservoir.put(slot, (i, j))
+    held = sorted(reservoir.items)
+    x = np.stack([samples.x[i, j] for i, j in held])
+    origin = np.array([(i, int(samples.steps[i, j])) for i, j in held], dtype=np.int64)
+    return x, origin

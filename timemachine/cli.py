@@ -295,6 +295,18 @@ def _fmt_time(seconds):
 
 
 def run_fit(args) -> dict:
+    if args.experiment == "nmr":
+        from timemachine.nmr_fit import run_nmr_fit
+
+        if args.learning_rate is None:
+            args.learning_rate = 0.1
+        return run_nmr_fit(args)
+    if args.learning_rate is None:
+        args.learning_rate = 0.05
+    return run_recovery(args)
+
+
+def run_recovery(args) -> dict:
     import timemachine as tm
     from timemachine.files import atomic_write_text
     from timemachine.fitting.plots import plot_fit
@@ -453,8 +465,52 @@ def build_parser():
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     f = sub.add_parser(
         "fit",
-        help="fit trialanine's φ torsion barriers back from perturbed values "
-        "(the main job; the default command)",
+        help="fit trialanine's φ/ψ torsion barriers to the NMR couplings of Graf et al. 2007 "
+        "and validate the fitted force field in OpenMM (the main job; the default command)",
+    )
+    f.add_argument(
+        "--experiment",
+        default="nmr",
+        choices=["nmr", "recovery"],
+        help="nmr (default): fit equilibrium averages to experimental couplings; recovery: "
+        "fit φ barriers back from perturbed values to targets of the same protocol",
+    )
+    f.add_argument(
+        "--estimator",
+        default="fluctuation",
+        choices=["fluctuation", "hybrid"],
+        help="gradient of the equilibrium averages (nmr; default fluctuation)",
+    )
+    f.add_argument(
+        "--optimizer",
+        default="gauss-newton",
+        choices=["gauss-newton", "adam"],
+        help="trust-region Gauss-Newton (default) or Adam (--learning-rate) (nmr)",
+    )
+    f.add_argument(
+        "--holdout",
+        default="",
+        help="comma-separated coupling types left out of the fit and scored in the "
+        "validation, e.g. J3_HN_HA (nmr)",
+    )
+    f.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="production steps per chain per sampled epoch (nmr)",
+    )
+    f.add_argument(
+        "--validate-ns",
+        type=float,
+        default=None,
+        help="OpenMM validation time per model, ns (nmr; 0 skips it)",
+    )
+    f.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        help="also validate these OpenMM force fields with amber99_obc.xml, e.g. "
+        "amber99sbnmr.xml (nmr)",
     )
     f.add_argument(
         "--size",
@@ -474,7 +530,12 @@ def build_parser():
     f.add_argument("--replicas", type=int, default=None, help="replicas per epoch")
     f.add_argument("--steps", type=int, default=None, help="Langevin steps per replica per epoch")
     f.add_argument("--epochs", type=int, default=None)
-    f.add_argument("--learning-rate", type=float, default=0.05, help="Adam step (relative)")
+    f.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Adam step, relative (default 0.05 recovery, 0.1 nmr)",
+    )
     f.add_argument("--perturbation", type=float, default=0.3, help="relative ± change of k")
     f.add_argument(
         "--torsions",

@@ -27,9 +27,9 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert "missing.pdb" in capsys.readouterr().err
 
 
-def test_fit_writes_history_xml_plots_and_resumes(tmp_path):
+def test_recovery_fit_writes_history_xml_plots_and_resumes(tmp_path):
     out = tmp_path / "fit"
-    rc = main(["fit", "--size", "tiny", "--out", str(out), "--quiet"])
+    rc = main(["fit", "--experiment", "recovery", "--size", "tiny", "--out", str(out), "--quiet"])
     assert rc == 0
     history = json.loads((out / "history.json").read_text())
     assert len(history["epochs"]) == 2
@@ -45,7 +45,10 @@ def test_fit_writes_history_xml_plots_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 5000
     assert len(json.loads((out / "targets.json").read_text())["targets"]) == 5
     # one more epoch continues from the checkpoint instead of starting over
-    rc = main(["fit", "--smoke", "--epochs", "3", "--resume", "--out", str(out), "--quiet"])
+    rc = main(
+        ["fit", "--experiment", "recovery", "--smoke", "--epochs", "3", "--resume"]
+        + ["--out", str(out), "--quiet"]
+    )
     assert rc == 0
     again = json.loads((out / "history.json").read_text())
     assert again["epochs"][:2] == history["epochs"] and len(again["epochs"]) == 3
@@ -71,3 +74,52 @@ def test_fit_on_cuda_without_a_gpu_says_why(tmp_path, capsys):
     rc = main(["fit", "--size", "tiny", "--backend", "cuda", "--out", str(tmp_path), "--quiet"])
     assert rc == 1
     assert "backend='cuda' is not available" in capsys.readouterr().err
+
+
+def test_nmr_fit_writes_validation_and_an_xml_openmm_simulates(tmp_path):
+    import numpy as np
+    import openmm
+    import openmm.app as app
+
+    import timemachine as tm
+
+    out = tmp_path / "nmr"
+    rc = main(["fit", "--size", "tiny", "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimator"] == "fluctuation" and len(summary["parameters"]) == 11
+    assert len(summary["targets"]) == 7  # the Graf 2007 couplings shipped
+    engine = summary["engine_chi2_per_n"]
+    # amber99sbildn + OBC2 is several σ off these couplings before the fit
+    assert engine["before"] > 2.0 and engine["before_stderr"] > 0
+    for name in ("fitted", "original"):
+        v = summary["openmm_validation"][name]
+        assert len(v["labels"]) == 7 and np.isfinite(v["chi2_per_n"])
+        assert v["chi2_per_n_stderr"] > 0
+    assert summary["openmm_forcefield_files"]["fitted"] == ["fitted.xml"]
+    # the fitted XML alone is the model: OpenMM builds it and runs a few steps
+    top, x = tm.build_peptide("AAA")
+    ff = app.ForceField(str(out / "fitted.xml"))
+    omm = ff.createSystem(top, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    assert any(isinstance(f, openmm.GBSAOBCForce) for f in omm.getForces())
+    sim = app.Simulation(
+        top,
+        omm,
+        openmm.LangevinMiddleIntegrator(300, 1, 0.002),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+    sim.context.setPositions(x)
+    sim.minimizeEnergy()
+    sim.step(50)
+    e = sim.context.getState(getEnergy=True).getPotentialEnergy()._value
+    assert np.isfinite(e)
+    for name in ("loss.png", "observables.png", "parameters.png"):
+        assert (out / name).stat().st_size > 5000
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_nmr_fit_bad_holdout_names_the_type(tmp_path, capsys):
+    rc = main(["fit", "--size", "tiny", "--holdout", "J3_XX", "--out", str(tmp_path), "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "J3_XX" in err and "J3_HN_HA" in err

@@ -295,7 +295,18 @@ def _fmt_time(seconds):
 
 
 def run_fit(args) -> dict:
+    from timemachine.sensitivity.trajectory import _check_backend
+
+    _check_backend(args.backend)  # before minutes of set-up, not after
     if args.experiment == "nmr":
+        if args.backend != "jax":
+            from timemachine.errors import InputError
+
+            raise InputError(
+                f"--backend {args.backend}: the nmr experiment's equilibrium chains run on "
+                "JAX (a GPU through XLA when JAX has one); --experiment recovery runs the "
+                "CUDA kernels"
+            )
         from timemachine.nmr_fit import run_nmr_fit
 
         if args.learning_rate is None:

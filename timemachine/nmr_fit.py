@@ -43,21 +43,26 @@ NMR_TORSIONS = (
 
 NMR_SIZES = {
     # name: epochs, production steps per chain per sampled epoch, decorrelation steps,
-    #       OpenMM validation ns per model, validation chains
+    #       OpenMM validation ns per model, validation chains (min_ess: fit_equilibrium's)
     "tiny": dict(
-        epochs=2, sample_steps=5_000, decorrelation_steps=500, validate_ns=0.02, validate_seeds=2
+        epochs=2,
+        sample_steps=5_000,
+        decorrelation_steps=500,
+        validate_ns=0.02,
+        validate_seeds=2,
+        min_ess=5.0,  # a smoke test: 40 frames cannot give 20 independent ones
     ),
     "quick": dict(
         epochs=10,
-        sample_steps=100_000,
-        decorrelation_steps=10_000,
+        sample_steps=250_000,
+        decorrelation_steps=25_000,
         validate_ns=5.0,
         validate_seeds=4,
     ),
     "default": dict(
         epochs=20,
-        sample_steps=250_000,
-        decorrelation_steps=25_000,
+        sample_steps=500_000,
+        decorrelation_steps=50_000,
         validate_ns=10.0,
         validate_seeds=8,
     ),
@@ -198,6 +203,7 @@ def run_nmr_fit(args) -> dict:
             epochs=size["epochs"],
             sample_steps=size["sample_steps"],
             decorrelation_steps=size["decorrelation_steps"],
+            min_ess=size.get("min_ess", 20.0),
             learning_rate=args.learning_rate,
             out_dir=args.out,
             resume=args.resume,

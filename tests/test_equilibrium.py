@@ -36,6 +36,7 @@ from timemachine.fitting.sampling import (
     EquilibriumChains,
     autocorrelation_time,
     effective_sample_size,
+    potential_scale_reduction,
 )
 
 KT = BOLTZMANN * 300.0
@@ -67,6 +68,19 @@ def test_autocorrelation_time_and_ess_of_ar1_match_the_closed_form():
     assert abs(autocorrelation_time(white)[0] - 0.5) < 0.05
     with pytest.raises(tm.InputError, match="method"):
         effective_sample_size(x, method="spectral")
+
+
+def test_chains_stuck_apart_have_a_long_autocorrelation_time_and_a_large_rhat():
+    rng = np.random.default_rng(4)
+    f = 20_000
+    mixed = rng.normal(size=(2, f, 1))
+    assert potential_scale_reduction(mixed)[0] == pytest.approx(1.0, abs=0.01)
+    # two chains of white noise whose means sit at ±1: var⁺ = (F-1)/F W + B/F, B/F = 2
+    stuck = mixed + np.array([1.0, -1.0])[:, None, None]
+    rhat = potential_scale_reduction(stuck)[0]
+    assert rhat == pytest.approx(np.sqrt((f - 1) / f * 1.0 + 2.0), rel=0.03)
+    # pooled over chains, the ESS sees that the two halves never meet
+    assert effective_sample_size(stuck)[0] < 0.01 * effective_sample_size(mixed)[0]
 
 
 def _harmonic(theta):
@@ -182,6 +196,9 @@ def test_equilibrium_fit_lowers_chi2_and_resumes_bit_for_bit(trialanine_equilibr
     # amber99sbildn's ³J(HN,Hα) are 1-2 Hz above experiment: χ² starts well above 1
     assert first["chi2"] > 3.0 and first["chi2"] > 3 * first["chi2_stderr"]
     assert best["loss"] < 0.5 * first["chi2"]
+    # the last epoch always samples afresh: a reweighted-only verdict is not trusted
+    assert straight.history[-1]["sampled"]
+    assert not straight.history[1]["sampled"]  # ... while the first step reweighted
     assert os.path.isfile(tmp_path / "a" / "history.json")
     # two epochs, then a resumed third: the same numbers as the uninterrupted fit
     tm.fit(system, x, integrator, targets, wrt, out_dir=tmp_path / "b", **dict(settings, epochs=2))

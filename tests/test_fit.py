@@ -88,6 +88,38 @@ def test_fit_recovers_torsion_barriers_with_common_random_numbers(problem, tmp_p
     assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 5_000 for p in paths)
 
 
+def test_fit_recovers_torsion_barriers_with_fresh_noise_every_epoch(problem):
+    """The same recovery with new noise and velocities every epoch: the loss is no longer a
+    deterministic function of θ, so the targets come from many replicas (their own noise
+    small) and the fitted barrier is the mean over the last epochs."""
+    system, x0, integrator, _, wrt, start, settings = problem
+    dihedral = Dihedral([[0, 1, 2, 3], [1, 2, 3, 4]])
+    cos_dihedral = ObservableFunction(lambda x: jnp.cos(dihedral(x)), ["cos phi1", "cos phi2"])
+    tv = target_vector([make_target(cos_dihedral, np.zeros(2), 1.0)])
+    ref = run_replicas(
+        system, x0, integrator, settings["n_steps"], wrt=wrt, n_replicas=256, first_replica=10**6
+    )
+    values = observable_samples(tv.observable, ref.x, ref.dx_dtheta).mean
+    targets = [make_target(cos_dihedral, values, 0.05, name="cos_dihedral")]
+    result = tm.fit(
+        system,
+        x0,
+        integrator,
+        targets,
+        wrt,
+        params=start,
+        epochs=40,
+        learning_rate=0.05,
+        fresh_noise=True,
+        progress=False,
+        **dict(settings, n_replicas=16),
+    )
+    late = np.mean([r["params"] for r in result.history[-10:]], axis=0)
+    first = abs(start[wrt] / system.params[wrt] - 1)
+    np.testing.assert_allclose(late, system.params[wrt], rtol=0.12)
+    assert np.all(abs(late / system.params[wrt] - 1) < 0.5 * first)
+
+
 def _strip(history):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in history]
 

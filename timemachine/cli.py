@@ -511,6 +511,12 @@ def build_parser():
         help="production steps per chain per sampled epoch (nmr)",
     )
     f.add_argument(
+        "--prior-sigma",
+        type=float,
+        default=2.0,
+        help="width of the Gaussian prior on each fitted k, kJ/mol (nmr; default 2)",
+    )
+    f.add_argument(
         "--validate-ns",
         type=float,
         default=None,

@@ -27,6 +27,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -48,21 +50,24 @@ NMR_SIZES = {
         epochs=2,
         sample_steps=5_000,
         decorrelation_steps=500,
+        chains=2,
         validate_ns=0.02,
         validate_seeds=2,
         min_ess=5.0,  # a smoke test: 40 frames cannot give 20 independent ones
     ),
     "quick": dict(
         epochs=10,
-        sample_steps=250_000,
+        sample_steps=125_000,
         decorrelation_steps=25_000,
+        chains=4,
         validate_ns=5.0,
         validate_seeds=4,
     ),
     "default": dict(
         epochs=20,
-        sample_steps=500_000,
+        sample_steps=250_000,
         decorrelation_steps=50_000,
+        chains=4,
         validate_ns=10.0,
         validate_seeds=8,
     ),
@@ -123,10 +128,6 @@ def run_nmr_fit(args) -> dict:
     """Run the main job with argparse-style ``args`` (see ``timemachine.cli``); returns the
     summary it writes to ``OUT/summary.json``."""
     import timemachine as tm
-    from timemachine.files import atomic_write_text
-    from timemachine.fitting.equilibrium import fit_equilibrium
-    from timemachine.fitting.plots import plot_fit
-    from timemachine.fitting.targets import save_targets
 
     size = dict(NMR_SIZES[args.size])
     for key in ("epochs", "sample_steps", "validate_ns"):
@@ -152,9 +153,53 @@ def run_nmr_fit(args) -> dict:
         f"({', '.join(t.name for t in fitted_targets)})"
         + (f"; held out: {', '.join(holdout)}" if holdout else "")
     )
-    os.makedirs(args.out, exist_ok=True)
-    save_targets(os.path.join(args.out, "targets.json"), targets)
-    original_xml = os.path.join(args.out, "original.xml")
+    # files of the set-up are staged and moved into OUT only once the fit has run, so a
+    # run refused in its first epoch (too few effective samples, say) leaves nothing there
+    stage = tempfile.mkdtemp(prefix="timemachine-fit-")
+    try:
+        return _run(
+            args,
+            tm,
+            size,
+            holdout,
+            log,
+            t0,
+            topology,
+            targets,
+            fitted_targets,
+            system,
+            x,
+            wrt,
+            names,
+            stage,
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _run(
+    args,
+    tm,
+    size,
+    holdout,
+    log,
+    t0,
+    topology,
+    targets,
+    fitted_targets,
+    system,
+    x,
+    wrt,
+    names,
+    stage,
+):
+    from timemachine.files import atomic_write_text
+    from timemachine.fitting.equilibrium import fit_equilibrium
+    from timemachine.fitting.plots import plot_fit
+    from timemachine.fitting.targets import save_targets
+
+    save_targets(os.path.join(stage, "targets.json"), targets)
+    original_xml = os.path.join(stage, "original.xml")
     tm.export_forcefield(system, system.params, original_xml)
 
     validate = size["validate_ns"] > 0
@@ -205,6 +250,9 @@ def run_nmr_fit(args) -> dict:
             decorrelation_steps=size["decorrelation_steps"],
             min_ess=size.get("min_ess", 20.0),
             learning_rate=args.learning_rate,
+            n_chains=size["chains"],
+            prior_sigma=args.prior_sigma,
+            max_trust_radius=0.5,
             out_dir=args.out,
             resume=args.resume,
             progress=False,
@@ -218,16 +266,20 @@ def run_nmr_fit(args) -> dict:
         if bar is not None:
             bar.close()
     t_fit = time.perf_counter() - t_fit
+    os.makedirs(args.out, exist_ok=True)
     fitted_xml = os.path.join(args.out, "fitted.xml")
     tm.export_forcefield(system, result.params, fitted_xml)
     plot_fit(result, args.out)
     history = result.history
     first = history[0]
-    best = min((r for r in history if r.get("accepted", True)), key=lambda r: r["chi2"])
+    # the epoch that estimated χ² at the returned θ (the last accepted one)
+    final = [r for r in history if np.allclose(r["params"], result.theta, rtol=0, atol=0)]
+    final = final[-1] if final else history[-1]
     log(
         f"fit: {len(history)} epochs in {t_fit:.0f} s; χ²/N {first['chi2']:.3g} ± "
-        f"{first['chi2_stderr']:.2g} -> {result.info['accepted']['loss']:.3g} ± "
-        f"{result.info['accepted']['stderr']:.2g} ({result.info['stop_reason']})"
+        f"{first['chi2_stderr']:.2g} -> {final['chi2']:.3g} ± {final['chi2_stderr']:.2g} "
+        f"(epoch {final['epoch']}, {'sampled' if final.get('sampled') else 'reweighted'}; "
+        f"{result.info['stop_reason']})"
     )
 
     validation = {}
@@ -247,6 +299,10 @@ def run_nmr_fit(args) -> dict:
             validation[ff] = _validate(
                 (path,), size["validate_ns"], size["validate_seeds"], args.seed + 3, holdout
             )
+    for name in ("targets.json", "original.xml"):
+        shutil.move(os.path.join(stage, name), os.path.join(args.out, name))
+    if "original" in validation:
+        validation["original"]["forcefield_files"] = [os.path.join(args.out, "original.xml")]
     wall = time.perf_counter() - t0
     summary = {
         "system": "trialanine (H3N+-AAA-COO-), amber99sbildn + OBC2, 300 K",
@@ -262,9 +318,12 @@ def run_nmr_fit(args) -> dict:
         "engine_chi2_per_n": {
             "before": first["chi2"],
             "before_stderr": first["chi2_stderr"],
-            "after": result.info["accepted"]["loss"],
-            "after_stderr": result.info["accepted"]["stderr"],
-            "best_epoch": best["epoch"],
+            "after": final["chi2"],
+            "after_stderr": final["chi2_stderr"],
+            "after_epoch": final["epoch"],
+            "after_freshly_sampled": bool(final.get("sampled")),
+            "prior_after": final.get("prior", 0.0),
+            "prior_sigma_kj_per_mol": args.prior_sigma,
         },
         "effective_sample_sizes": [r.get("ess_min") for r in history],
         "reweighting_ess": [r.get("reweight_ess") for r in history],

@@ -55,6 +55,7 @@ from timemachine.fitting.loss import target_vector
 from timemachine.fitting.sampling import (
     EquilibriumChains,
     effective_sample_size,
+    potential_scale_reduction,
     reservoir_frames,
 )
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
@@ -167,6 +168,7 @@ def fit_equilibrium(
     blocks: int = 10,
     min_ess: float = 20.0,
     reweight_threshold: float = 0.5,
+    max_reuse: int = 3,
     optimizer: str = "gauss-newton",
     learning_rate: float = 0.1,
     trust_radius: float = 0.2,
@@ -205,6 +207,9 @@ def fit_equilibrium(
         reweight_threshold: stored frames are reused at a new θ while their Kish ESS
             fraction is at least this (0 never samples again after the first epoch,
             values > 1 always sample).
+        max_reuse: the most consecutive epochs one sample is reweighted for; the last
+            epoch, and an epoch after a reweighted one that looked converged, always
+            sample afresh.
         optimizer: "gauss-newton" (trust region) or "adam" (``learning_rate``).
         trust_radius, max_trust_radius: the initial and largest ‖δu‖.
         parametrization: "relative", "log" or "absolute" (as in ``fit``).
@@ -252,6 +257,7 @@ def fit_equilibrium(
     reservoir_size = _check_int("reservoir_size", reservoir_size, 2)
     blocks = _check_int("blocks", blocks, 2)
     patience = _check_int("patience", patience, 1)
+    max_reuse = _check_int("max_reuse", max_reuse, 0)
     if sample_steps % save_every:
         raise InputError(
             f"sample_steps = {sample_steps} must be a multiple of save_every = {save_every}"
@@ -297,6 +303,7 @@ def fit_equilibrium(
         x0=hashlib.sha256(np.ascontiguousarray(chains.state.x).tobytes()).hexdigest(),
         settings=[estimator, n_chains, sample_steps, decorrelation_steps, save_every],
         more=[reservoir_size, blocks, optimizer, learning_rate, trust_radius, parametrization],
+        reuse=[reweight_threshold, max_reuse, min_ess],
         hybrid=[n_replicas, horizon, max_horizon, horizon_cap] if estimator == "hybrid" else None,
         prior=None if prior_sigma is None else np.asarray(prior_sigma).tolist(),
     )
@@ -308,7 +315,7 @@ def fit_equilibrium(
     history: list = []
     stored = None  # (x (R, N, 3), params (P_all,)) frames and the θ they were drawn at
     accepted = None  # dict: u, chi2, se, mean, J, cov of the last accepted point
-    quiet_epochs, start, n_horizon, stop_reason = 0, 0, None, "epochs"
+    quiet_epochs, start, n_horizon, stop_reason, reused = 0, 0, None, "epochs", 0
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         ckpt = _load(out_dir) if resume else None
@@ -324,6 +331,7 @@ def fit_equilibrium(
             stored = (ckpt["stored_x"], ckpt["stored_params"])
             accepted = ckpt["accepted"]
             quiet_epochs, n_horizon = ckpt["quiet_epochs"], ckpt["horizon"]
+            reused = ckpt["reused"]
             if opt is not None:
                 import jax
 
@@ -351,7 +359,16 @@ def fit_equilibrium(
 
             # ---- 1. samples at θ
             weights, ess_w = None, None
-            if stored is not None and reweight_threshold <= 1.0:
+            # reweight stored frames unless: they were reused max_reuse times already, this
+            # is the last epoch, or the last epoch looked converged on reweighted frames
+            # (both verdicts need fresh samples: frames reused at many θ get over-fitted)
+            verify = (
+                bool(history)
+                and not history[-1].get("sampled", True)
+                and (history[-1].get("model_decrease", np.inf) < history[-1]["chi2_stderr"])
+            )
+            reuse_ok = reused < max_reuse and epoch < epochs - 1 and not verify
+            if stored is not None and reweight_threshold <= 1.0 and reuse_ok:
                 w, ess_w = reweighting_weights(
                     system, stored[0], stored[1], full, integrator.temperature
                 )
@@ -368,16 +385,28 @@ def fit_equilibrium(
                 series = np.stack([_values(target.observable, c) for c in segment.x])
                 ess = effective_sample_size(series)
                 record.update(sampled=True, ess=ess.tolist(), ess_min=float(ess.min()))
+                if n_chains > 1:
+                    rhat = potential_scale_reduction(series)
+                    record.update(rhat=rhat.tolist(), rhat_max=float(rhat.max()))
                 worst = int(np.argmin(ess))
                 if ess[worst] < min_ess:
+                    mixing = ""
+                    if n_chains > 1:
+                        mixing = (
+                            f"; the chains disagree on it (Gelman-Rubin R = "
+                            f"{record['rhat'][worst]:.3f}), so they have not crossed between "
+                            "its conformations often enough"
+                        )
                     raise InputError(
                         f"epoch {epoch}: the effective sample size of {target.labels[worst]} is "
                         f"{ess[worst]:.1f} < min_ess = {min_ess:g} ({segment.x.shape[1]} frames "
-                        f"per chain × {n_chains} chains): too few independent samples to "
-                        "estimate a gradient; raise sample_steps or n_chains"
+                        f"per chain × {n_chains} chains){mixing}: too few independent samples "
+                        "to estimate a gradient; raise sample_steps or n_chains"
                     )
                 ess_w = float(stored[0].shape[0])
+                reused = 0
             else:
+                reused += 1
                 record.update(sampled=False, reweighted_ess=ess_w)
             record["reweight_ess"] = ess_w
             x_res = stored[0]
@@ -474,17 +503,29 @@ def fit_equilibrium(
             jac_u = param.jacobian(u)
             if optimizer == "gauss-newton":
                 ok = True
+                fresh = bool(record.get("sampled"))
                 if accepted is not None:
-                    se = math.hypot(chi2_se, accepted["se"])
-                    if chi2 + prior > accepted["loss"] + tolerance_sigma * se:
+                    # compare like with like: a fresh sample against the last freshly
+                    # sampled accepted point (reweighted estimates share frames with the
+                    # steps fitted on them, and are optimistic), reweighted against the
+                    # accepted estimate on the same frames
+                    against_fresh = fresh and not accepted.get("fresh", True)
+                    ref_loss = accepted["fresh_loss"] if against_fresh else accepted["loss"]
+                    ref_se = accepted["fresh_se"] if against_fresh else accepted["se"]
+                    se = math.hypot(chi2_se, ref_se)
+                    if chi2 + prior > ref_loss + tolerance_sigma * se:
                         ok = False
                     predicted = accepted["predicted"]
-                    actual = accepted["loss"] - (chi2 + prior)
+                    actual = ref_loss - (chi2 + prior)
                     ratio = actual / predicted if predicted > 0 else 0.0
                     record.update(predicted_decrease=predicted, actual_decrease=actual)
-                    if not ok or ratio < 0.25:
+                    if not ok or (ratio < 0.25 and not against_fresh):
                         radius *= 0.5
-                    elif ratio > 0.75 and accepted["step_norm"] >= 0.9 * accepted["radius"]:
+                    elif (
+                        ratio > 0.75
+                        and not against_fresh
+                        and accepted["step_norm"] >= 0.9 * accepted["radius"]
+                    ):
                         radius = min(2.0 * radius, max_trust_radius)
                     converging = abs(actual) <= tolerance_sigma * se
                 else:
@@ -500,10 +541,18 @@ def fit_equilibrium(
                         rr = np.concatenate([resid, (theta - theta0) / width / np.sqrt(theta.size)])
                         JJ = np.vstack([Ju, np.diag(jac_u / width / np.sqrt(theta.size))])
                     delta, predicted, lam = _lm_step(JJ, rr, radius)
+                    last_fresh = (
+                        (chi2 + prior, chi2_se)
+                        if fresh or accepted is None
+                        else (accepted["fresh_loss"], accepted["fresh_se"])
+                    )
                     accepted = {
                         "u": u.copy(),
                         "loss": chi2 + prior,
                         "se": chi2_se,
+                        "fresh": fresh,
+                        "fresh_loss": last_fresh[0],
+                        "fresh_se": last_fresh[1],
                         "predicted": predicted,
                         "step_norm": float(np.linalg.norm(delta)),
                         "radius": radius,
@@ -524,7 +573,6 @@ def fit_equilibrium(
                 record.update(trust_radius=radius, model_decrease=predicted)
                 small_model = predicted < max(accepted["se"], 1e-12)
                 # only freshly sampled epochs count: reweighted frames can be over-fitted
-                fresh = record.get("sampled", False)
                 quiet_epochs = (
                     quiet_epochs + 1 if (converging and small_model and ok and fresh) else 0
                 )
@@ -572,6 +620,7 @@ def fit_equilibrium(
                     stored=stored,
                     accepted=accepted,
                     quiet_epochs=quiet_epochs,
+                    reused=reused,
                     horizon=n_horizon,
                     opt_state=opt_state,
                     converged=converged,
@@ -687,6 +736,7 @@ def _save(
     stored,
     accepted,
     quiet_epochs,
+    reused,
     horizon,
     opt_state,
     converged,
@@ -710,6 +760,7 @@ def _save(
         "epoch": epoch,
         "radius": radius,
         "quiet_epochs": quiet_epochs,
+        "reused": reused,
         "horizon": horizon,
         "converged": converged,
         "stop_reason": stop_reason,

@@ -47,6 +47,7 @@ __all__ = [
     "EquilibriumChains",
     "autocorrelation_time",
     "effective_sample_size",
+    "potential_scale_reduction",
 ]
 
 
@@ -64,12 +65,14 @@ def autocorrelation_time(series, c: float = 5.0) -> np.ndarray:
 
     τ_int = 1/2 + Σ_{t=1}^{W} ρ(t), with W the smallest window with W ≥ c τ_int(W)
     (Sokal's automatic windowing; A. D. Sokal, Monte Carlo Methods in Statistical
-    Mechanics, 1996), ρ from the FFT autocovariance. The effective sample size of n
-    frames is n / (2 τ_int); τ_int = 1/2 for independent frames.
+    Mechanics, 1996), ρ from the FFT autocovariance. With C chains, ρ(t) = 1 - (W_var -
+    ⟨acov_c(t)⟩)/var⁺ with var⁺ = (F-1)/F W_var + B/F (the pooled variance that includes
+    the spread of the chain means B, as Stan's multi-chain ESS does), so chains stuck in
+    different basins give a long τ, not a short one. The effective sample size of n frames
+    is n / (2 τ_int); τ_int = 1/2 for independent frames.
 
     Args:
-        series: (F,) or (F, K) values in time order; or (C, F, K): C chains, whose
-            autocovariances are averaged.
+        series: (F,) or (F, K) values in time order; or (C, F, K): C chains.
         c: the window constant.
 
     Returns:
@@ -82,22 +85,50 @@ def autocorrelation_time(series, c: float = 5.0) -> np.ndarray:
         s = s[None]
     if s.ndim != 3 or s.shape[1] < 2:
         raise InputError(f"series must be (F,), (F, K) or (C, F, K) with F >= 2, got {s.shape}")
-    f = s.shape[1]
+    n_chains, f = s.shape[0], s.shape[1]
     d = s - s.mean(axis=1, keepdims=True)
     n_fft = 1 << int(2 * f - 1).bit_length()
     spec = np.fft.rfft(d, n=n_fft, axis=1)
-    acov = np.fft.irfft(spec * np.conj(spec), n=n_fft, axis=1)[:, :f].mean(axis=0)  # (F, K)
+    acov = np.fft.irfft(spec * np.conj(spec), n=n_fft, axis=1)[:, :f] / f  # (C, F, K)
+    mean_acov = acov.mean(axis=0)
+    within = (acov[:, 0] * f / (f - 1)).mean(axis=0)  # W: mean unbiased chain variance
+    if n_chains > 1:
+        between = s.mean(axis=1).var(axis=0, ddof=1)  # B / F
+        var_plus = (f - 1) / f * within + between
+    else:
+        var_plus = mean_acov[0]
     tau = np.full(s.shape[2], 0.5)
     for k in range(s.shape[2]):
-        if acov[0, k] <= 0:
+        if var_plus[k] <= 0:
             continue
-        rho = acov[:, k] / acov[0, k]
+        rho = 1.0 - (within[k] - mean_acov[:, k]) / var_plus[k]
+        rho[0] = 1.0
         cum = 2.0 * np.cumsum(rho) - 1.0  # 2 τ_int(W) for W = 0, 1, ...
         window = np.arange(f)
         ok = np.flatnonzero(window >= c * cum / 2.0)
         w = int(ok[0]) if ok.size else f - 1
         tau[k] = max(0.5, cum[w] / 2.0)
     return tau
+
+
+def potential_scale_reduction(series) -> np.ndarray:
+    """Gelman–Rubin R̂ of each column over C ≥ 2 chains: sqrt(var⁺ / W), 1 at convergence.
+
+    Args:
+        series: (C, F, K).
+
+    Returns:
+        (K,) R̂; values above ~1.05 say the chains have not mixed (e.g. stuck in
+        different conformational basins).
+    """
+    s = np.asarray(series, dtype=np.float64)
+    if s.ndim != 3 or s.shape[0] < 2 or s.shape[1] < 2:
+        raise InputError(f"series must be (C >= 2, F >= 2, K), got {s.shape}")
+    f = s.shape[1]
+    within = s.var(axis=1, ddof=1).mean(axis=0)
+    var_plus = (f - 1) / f * within + s.mean(axis=1).var(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(within > 0, np.sqrt(var_plus / within), 1.0)
 
 
 def effective_sample_size(series, method: str = "autocorrelation", blocks: int = 10):

@@ -88,6 +88,7 @@ def test_fit_recovers_torsion_barriers_with_common_random_numbers(problem, tmp_p
     assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 5_000 for p in paths)
 
 
+@pytest.mark.slow
 def test_fit_recovers_torsion_barriers_with_fresh_noise_every_epoch(problem):
     """The same recovery with new noise and velocities every epoch: the loss is no longer a
     deterministic function of θ, so the targets come from many replicas (their own noise
@@ -108,15 +109,17 @@ def test_fit_recovers_torsion_barriers_with_fresh_noise_every_epoch(problem):
         targets,
         wrt,
         params=start,
-        epochs=40,
+        epochs=30,
         learning_rate=0.05,
         fresh_noise=True,
         progress=False,
-        **dict(settings, n_replicas=16),
+        # fresh noise makes each epoch's gradient noisy (the pathwise gradient of 64
+        # replicas at the start has the wrong sign): 256 replicas give a usable one
+        **dict(settings, n_replicas=256),
     )
-    late = np.mean([r["params"] for r in result.history[-10:]], axis=0)
+    late = np.mean([r["params"] for r in result.history[-15:]], axis=0)
     first = abs(start[wrt] / system.params[wrt] - 1)
-    np.testing.assert_allclose(late, system.params[wrt], rtol=0.12)
+    np.testing.assert_allclose(late, system.params[wrt], rtol=0.1)
     assert np.all(abs(late / system.params[wrt] - 1) < 0.5 * first)
 
 

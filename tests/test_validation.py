@@ -135,3 +135,21 @@ def test_bad_input(ala3_targets, change, error, match):
     tgts = kwargs.pop("targets")
     with pytest.raises(error, match=match):
         validate_openmm(files, top, x, tgts, n_blocks=kwargs.pop("n_blocks", 2), **kwargs)
+
+
+def test_chains_on_worker_processes_give_the_same_numbers(ala3_targets):
+    top, x, targets = ala3_targets
+    settings = dict(
+        time_ns=0.02,
+        n_seeds=2,
+        seed=3,
+        save_every_ps=1.0,
+        equilibration_ps=2.0,
+        platform="Reference",
+        n_blocks=2,
+        progress=False,
+    )
+    one = validate_openmm(FILES, top, x, targets, **settings)
+    two = validate_openmm(FILES, top, x, targets, n_workers=2, **settings)
+    np.testing.assert_array_equal(two.values, one.values)  # same seeds, same platform
+    assert two.chi2_per_n == one.chi2_per_n and two.seeds == one.seeds

@@ -92,7 +92,7 @@ def _targets(topology, holdout=()):
     return targets, fitted
 
 
-def _validate(files, time_ns, n_seeds, seed, holdout, platform=None):
+def _validate(files, time_ns, n_seeds, seed, holdout, platform=None, n_workers=1):
     """Validate one OpenMM model on the Graf targets; a JSON-ready dict (runs in a worker)."""
     import timemachine as tm
     from timemachine.fitting.validation import validate_openmm
@@ -109,6 +109,7 @@ def _validate(files, time_ns, n_seeds, seed, holdout, platform=None):
         seed=seed,
         platform=platform,
         progress=False,
+        n_workers=n_workers,
     )
     out = res.to_dict()
     if holdout:
@@ -284,12 +285,19 @@ def _run(
 
     validation = {}
     if validate:
-        log(f"OpenMM validation of the fitted model: {size['validate_ns']:g} ns")
-        validation["fitted"] = _validate(
-            (fitted_xml,), size["validate_ns"], size["validate_seeds"], args.seed + 2, holdout
-        )
         validation["original"] = future_original.result()
         pool.shutdown()
+        # both cores are free now: the fitted model's chains run two at a time
+        workers = min(2, os.cpu_count() or 1)
+        log(f"OpenMM validation of the fitted model: {size['validate_ns']:g} ns")
+        validation["fitted"] = _validate(
+            (fitted_xml,),
+            size["validate_ns"],
+            size["validate_seeds"],
+            args.seed + 2,
+            holdout,
+            n_workers=workers,
+        )
         for ff in getattr(args, "compare", None) or ():
             # the same implicit solvent (mbondi2 OBC2, native force) under another force field
             log(f"OpenMM validation of {ff} + the same OBC2 (for comparison)")
@@ -297,7 +305,12 @@ def _run(
             path = os.path.join(args.out, "compare-" + os.path.basename(ff))
             tm.export_forcefield(other, other.params, path, forcefield=(ff,))
             validation[ff] = _validate(
-                (path,), size["validate_ns"], size["validate_seeds"], args.seed + 3, holdout
+                (path,),
+                size["validate_ns"],
+                size["validate_seeds"],
+                args.seed + 3,
+                holdout,
+                n_workers=workers,
             )
     for name in ("targets.json", "original.xml"):
         shutil.move(os.path.join(stage, name), os.path.join(args.out, name))

@@ -237,6 +237,57 @@ def _seeds(seed, n):
     return tuple(out)
 
 
+def _run_chain(
+    omm,
+    plat,
+    props,
+    x_min,
+    seed,
+    temperature,
+    friction,
+    dt,
+    equil_steps,
+    saves_per_chain,
+    steps_per_save,
+    update=None,
+):
+    """One LangevinMiddleIntegrator chain: (frames (F, N, 3) nm, dynamics wall seconds).
+
+    ``omm`` and ``plat`` may be an OpenMM System and Platform, or (in a worker process) the
+    System's XML and the platform's name."""
+    import openmm as mm
+    import openmm.unit as unit
+
+    if isinstance(omm, str):
+        omm = mm.XmlSerializer.deserialize(omm)
+    if isinstance(plat, str):
+        plat = mm.Platform.getPlatformByName(plat)
+    if not unit.is_quantity(x_min):
+        x_min = np.asarray(x_min) * unit.nanometer
+    update = update or (lambda n: None)
+    integrator = mm.LangevinMiddleIntegrator(
+        temperature * unit.kelvin, friction / unit.picosecond, dt * unit.picoseconds
+    )
+    integrator.setRandomNumberSeed(seed)
+    ctx = mm.Context(omm, integrator, plat, props)
+    ctx.setPositions(x_min)
+    ctx.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+    t0 = time.perf_counter()
+    left = equil_steps
+    while left > 0:
+        n = min(left, 10 * steps_per_save)
+        integrator.step(n)
+        update(n)
+        left -= n
+    n_atoms = omm.getNumParticles()
+    chain = np.empty((saves_per_chain, n_atoms, 3))
+    for k in range(saves_per_chain):
+        integrator.step(steps_per_save)
+        chain[k] = ctx.getState(getPositions=True).getPositions(asNumpy=True)._value
+        update(steps_per_save)
+    return chain, time.perf_counter() - t0
+
+
 def validate_openmm(
     forcefield_files,
     topology,
@@ -257,6 +308,7 @@ def validate_openmm(
     n_blocks=10,
     progress=None,
     keep_frames=False,
+    n_workers=1,
 ) -> ValidationResult:
     """Sample ``forcefield_files`` with OpenMM and score the targets' observables on it.
 
@@ -282,6 +334,9 @@ def validate_openmm(
         progress: None (a tqdm bar when stderr is a terminal), True/False, or a callable
             ``progress(steps_done, steps_total)``.
         keep_frames: return the (S, N, 3) frames too.
+        n_workers: run the chains on this many spawned processes (one chain per task);
+            the frames, and so every number, are the same as with 1 (same seeds, same
+            platform), only sooner on a machine with that many free cores.
 
     Returns:
         :class:`ValidationResult`.
@@ -323,6 +378,7 @@ def validate_openmm(
     positive("time_ns", time_ns)
     positive("n_seeds", n_seeds, integer=True)
     positive("n_blocks", n_blocks, integer=True)
+    positive("n_workers", n_workers, integer=True)
     for name, v in (("temperature", temperature), ("dt", dt), ("save_every_ps", save_every_ps)):
         positive(name, v)
     if not (isinstance(friction, (int, float)) and math.isfinite(friction) and friction >= 0):
@@ -385,36 +441,45 @@ def validate_openmm(
 
     seeds = _seeds(seed, n_seeds)
     total_steps = n_seeds * (equil_steps + saves_per_chain * steps_per_save)
-    update, close = _progress(progress, total_steps, "OpenMM validation")
+    chain_args = (temperature, friction, dt, equil_steps, saves_per_chain, steps_per_save)
     frames, t_dyn = [], 0.0
-    try:
-        for c, s in enumerate(seeds):
-            integrator = mm.LangevinMiddleIntegrator(
-                temperature * unit.kelvin, friction / unit.picosecond, dt * unit.picoseconds
-            )
-            integrator.setRandomNumberSeed(s)
-            ctx = mm.Context(omm, integrator, plat, props)
-            ctx.setPositions(x_min)
-            ctx.setVelocitiesToTemperature(temperature * unit.kelvin, s)
-            t0 = time.perf_counter()
-            left = equil_steps
-            while left > 0:
-                n = min(left, 10 * steps_per_save)
-                integrator.step(n)
-                update(n)
-                left -= n
-            chain = np.empty((saves_per_chain, x0.shape[0], 3))
-            for k in range(saves_per_chain):
-                integrator.step(steps_per_save)
-                chain[k] = ctx.getState(getPositions=True).getPositions(asNumpy=True)._value
-                update(steps_per_save)
-            t_dyn += time.perf_counter() - t0
-            if not np.isfinite(chain).all():
-                raise SimulationError(f"chain {c} (seed {s}) produced non-finite positions")
-            frames.append(chain)
-            del ctx, integrator
-    finally:
-        close()
+    workers = min(int(n_workers), n_seeds)
+    if workers > 1:
+        # one chain per task on spawned processes (the Reference and 1-thread CPU platforms
+        # use one core each); chains are collected in seed order, so the result does not
+        # depend on which finished first
+        import concurrent.futures
+        import multiprocessing
+
+        system_xml = mm.XmlSerializer.serialize(omm)
+        update, close = _progress(progress, n_seeds, "OpenMM validation (chains)")
+        try:
+            with concurrent.futures.ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+            ) as pool:
+                futures = [
+                    pool.submit(_run_chain, system_xml, name, props, x_min._value, s, *chain_args)
+                    for s in seeds
+                ]
+                for f in futures:
+                    chain, t = f.result()
+                    frames.append(chain)
+                    t_dyn += t / workers
+                    update(1)
+        finally:
+            close()
+    else:
+        update, close = _progress(progress, total_steps, "OpenMM validation")
+        try:
+            for s in seeds:
+                chain, t = _run_chain(omm, plat, props, x_min, s, *chain_args, update=update)
+                frames.append(chain)
+                t_dyn += t
+        finally:
+            close()
+    for c, (chain, s) in enumerate(zip(frames, seeds, strict=True)):
+        if not np.isfinite(chain).all():
+            raise SimulationError(f"chain {c} (seed {s}) produced non-finite positions")
 
     obs = jax.jit(jax.vmap(tv.observable))
     values = np.concatenate([np.asarray(obs(f)) for f in frames])

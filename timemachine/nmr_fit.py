@@ -62,6 +62,11 @@ NMR_SIZES = {
         chains=4,
         validate_ns=5.0,
         validate_seeds=4,
+        # ψ of ALA2 exchanges slowly: 4 × 0.25 ns can hold fewer than 20 effective
+        # samples of its couplings, so the quick preset accepts 10 (after up to 2 more
+        # segments) and the default one runs longer chains
+        min_ess=10.0,
+        max_extend=2,
     ),
     "default": dict(
         epochs=20,
@@ -156,201 +161,169 @@ def run_nmr_fit(args) -> dict:
     )
     # files of the set-up are staged and moved into OUT only once the fit has run, so a
     # run refused in its first epoch (too few effective samples, say) leaves nothing there
-    stage = tempfile.mkdtemp(prefix="timemachine-fit-")
-    try:
-        return _run(
-            args,
-            tm,
-            size,
-            holdout,
-            log,
-            t0,
-            topology,
-            targets,
-            fitted_targets,
-            system,
-            x,
-            wrt,
-            names,
-            stage,
-        )
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="timemachine-fit-") as stage:
+        from timemachine.files import atomic_write_text
+        from timemachine.fitting.equilibrium import fit_equilibrium
+        from timemachine.fitting.plots import plot_fit
+        from timemachine.fitting.targets import save_targets
 
+        save_targets(os.path.join(stage, "targets.json"), targets)
+        original_xml = os.path.join(stage, "original.xml")
+        tm.export_forcefield(system, system.params, original_xml)
 
-def _run(
-    args,
-    tm,
-    size,
-    holdout,
-    log,
-    t0,
-    topology,
-    targets,
-    fitted_targets,
-    system,
-    x,
-    wrt,
-    names,
-    stage,
-):
-    from timemachine.files import atomic_write_text
-    from timemachine.fitting.equilibrium import fit_equilibrium
-    from timemachine.fitting.plots import plot_fit
-    from timemachine.fitting.targets import save_targets
-
-    save_targets(os.path.join(stage, "targets.json"), targets)
-    original_xml = os.path.join(stage, "original.xml")
-    tm.export_forcefield(system, system.params, original_xml)
-
-    validate = size["validate_ns"] > 0
-    pool = future_original = None
-    if validate:
-        log(
-            f"OpenMM validation of the original model: {size['validate_ns']:g} ns over "
-            f"{size['validate_seeds']} chains, in a second process while the fit runs"
-        )
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
-        )
-        future_original = pool.submit(
-            _validate,
-            (original_xml,),
-            size["validate_ns"],
-            size["validate_seeds"],
-            args.seed + 1,
-            holdout,
-        )
-    integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.002, seed=args.seed)
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=size["epochs"], unit="epoch", desc="fit", dynamic_ncols=True)
-
-    def on_epoch(record):
-        if bar is not None:
-            how = "sampled" if record.get("sampled") else "reweighted"
-            bar.set_postfix_str(
-                f"χ²/N={record['chi2']:.3g}±{record['chi2_stderr']:.2g} ({how})", refresh=False
+        validate = size["validate_ns"] > 0
+        pool = future_original = None
+        if validate:
+            log(
+                f"OpenMM validation of the original model: {size['validate_ns']:g} ns over "
+                f"{size['validate_seeds']} chains, in a second process while the fit runs"
             )
-            bar.update(1)
-
-    t_fit = time.perf_counter()
-    try:
-        result = fit_equilibrium(
-            system,
-            x,
-            integrator,
-            fitted_targets,
-            wrt,
-            estimator=args.estimator,
-            optimizer=args.optimizer,
-            epochs=size["epochs"],
-            sample_steps=size["sample_steps"],
-            decorrelation_steps=size["decorrelation_steps"],
-            min_ess=size.get("min_ess", 20.0),
-            learning_rate=args.learning_rate,
-            n_chains=size["chains"],
-            prior_sigma=args.prior_sigma,
-            max_trust_radius=0.5,
-            out_dir=args.out,
-            resume=args.resume,
-            progress=False,
-            callback=on_epoch,
-        )
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    t_fit = time.perf_counter() - t_fit
-    os.makedirs(args.out, exist_ok=True)
-    fitted_xml = os.path.join(args.out, "fitted.xml")
-    tm.export_forcefield(system, result.params, fitted_xml)
-    plot_fit(result, args.out)
-    history = result.history
-    first = history[0]
-    # the epoch that estimated χ² at the returned θ (the last accepted one)
-    final = [r for r in history if np.allclose(r["params"], result.theta, rtol=0, atol=0)]
-    final = final[-1] if final else history[-1]
-    log(
-        f"fit: {len(history)} epochs in {t_fit:.0f} s; χ²/N {first['chi2']:.3g} ± "
-        f"{first['chi2_stderr']:.2g} -> {final['chi2']:.3g} ± {final['chi2_stderr']:.2g} "
-        f"(epoch {final['epoch']}, {'sampled' if final.get('sampled') else 'reweighted'}; "
-        f"{result.info['stop_reason']})"
-    )
-
-    validation = {}
-    if validate:
-        validation["original"] = future_original.result()
-        pool.shutdown()
-        # both cores are free now: the fitted model's chains run two at a time
-        workers = min(2, os.cpu_count() or 1)
-        log(f"OpenMM validation of the fitted model: {size['validate_ns']:g} ns")
-        validation["fitted"] = _validate(
-            (fitted_xml,),
-            size["validate_ns"],
-            size["validate_seeds"],
-            args.seed + 2,
-            holdout,
-            n_workers=workers,
-        )
-        for ff in getattr(args, "compare", None) or ():
-            # the same implicit solvent (mbondi2 OBC2, native force) under another force field
-            log(f"OpenMM validation of {ff} + the same OBC2 (for comparison)")
-            other, _ = tm.load_system((topology, x), forcefield=(ff,), implicit_solvent="obc2")
-            path = os.path.join(args.out, "compare-" + os.path.basename(ff))
-            tm.export_forcefield(other, other.params, path, forcefield=(ff,))
-            validation[ff] = _validate(
-                (path,),
+            pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+            future_original = pool.submit(
+                _validate,
+                (original_xml,),
                 size["validate_ns"],
                 size["validate_seeds"],
-                args.seed + 3,
+                args.seed + 1,
+                holdout,
+            )
+        integrator = tm.LangevinIntegrator(
+            temperature=300.0, friction=1.0, dt=0.002, seed=args.seed
+        )
+        bar = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=size["epochs"], unit="epoch", desc="fit", dynamic_ncols=True)
+
+        def on_epoch(record):
+            if bar is not None:
+                how = "sampled" if record.get("sampled") else "reweighted"
+                bar.set_postfix_str(
+                    f"χ²/N={record['chi2']:.3g}±{record['chi2_stderr']:.2g} ({how})", refresh=False
+                )
+                bar.update(1)
+
+        t_fit = time.perf_counter()
+        try:
+            result = fit_equilibrium(
+                system,
+                x,
+                integrator,
+                fitted_targets,
+                wrt,
+                estimator=args.estimator,
+                optimizer=args.optimizer,
+                epochs=size["epochs"],
+                sample_steps=size["sample_steps"],
+                decorrelation_steps=size["decorrelation_steps"],
+                min_ess=size.get("min_ess", 20.0),
+                max_extend=size.get("max_extend", 3),
+                learning_rate=args.learning_rate,
+                n_chains=size["chains"],
+                prior_sigma=args.prior_sigma,
+                max_trust_radius=0.5,
+                out_dir=args.out,
+                resume=args.resume,
+                progress=False,
+                callback=on_epoch,
+            )
+        except BaseException:
+            if pool is not None:  # stop the original's validation too: nothing to wait for
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        t_fit = time.perf_counter() - t_fit
+        os.makedirs(args.out, exist_ok=True)
+        fitted_xml = os.path.join(args.out, "fitted.xml")
+        tm.export_forcefield(system, result.params, fitted_xml)
+        plot_fit(result, args.out)
+        history = result.history
+        first = history[0]
+        # the epoch that estimated χ² at the returned θ (the last accepted one)
+        final = [r for r in history if np.allclose(r["params"], result.theta, rtol=0, atol=0)]
+        final = final[-1] if final else history[-1]
+        log(
+            f"fit: {len(history)} epochs in {t_fit:.0f} s; χ²/N {first['chi2']:.3g} ± "
+            f"{first['chi2_stderr']:.2g} -> {final['chi2']:.3g} ± {final['chi2_stderr']:.2g} "
+            f"(epoch {final['epoch']}, {'sampled' if final.get('sampled') else 'reweighted'}; "
+            f"{result.info['stop_reason']})"
+        )
+
+        validation = {}
+        if validate:
+            validation["original"] = future_original.result()
+            pool.shutdown()
+            # both cores are free now: the fitted model's chains run two at a time
+            workers = min(2, os.cpu_count() or 1)
+            log(f"OpenMM validation of the fitted model: {size['validate_ns']:g} ns")
+            validation["fitted"] = _validate(
+                (fitted_xml,),
+                size["validate_ns"],
+                size["validate_seeds"],
+                args.seed + 2,
                 holdout,
                 n_workers=workers,
             )
-    for name in ("targets.json", "original.xml"):
-        shutil.move(os.path.join(stage, name), os.path.join(args.out, name))
-    if "original" in validation:
-        validation["original"]["forcefield_files"] = [os.path.join(args.out, "original.xml")]
-    wall = time.perf_counter() - t0
-    summary = {
-        "system": "trialanine (H3N+-AAA-COO-), amber99sbildn + OBC2, 300 K",
-        "data": "Graf, Nguyen, Stock & Schwalbe, J. Am. Chem. Soc. 129, 1179 (2007)",
-        "targets": list(result.labels),
-        "held_out": list(holdout),
-        "estimator": result.info["estimator"],
-        "optimizer": args.optimizer,
-        "stop_reason": result.info["stop_reason"],
-        "parameters": names,
-        "original": result.theta_initial.tolist(),
-        "fitted": result.theta.tolist(),
-        "engine_chi2_per_n": {
-            "before": first["chi2"],
-            "before_stderr": first["chi2_stderr"],
-            "after": final["chi2"],
-            "after_stderr": final["chi2_stderr"],
-            "after_epoch": final["epoch"],
-            "after_freshly_sampled": bool(final.get("sampled")),
-            "prior_after": final.get("prior", 0.0),
-            "prior_sigma_kj_per_mol": args.prior_sigma,
-        },
-        "effective_sample_sizes": [r.get("ess_min") for r in history],
-        "reweighting_ess": [r.get("reweight_ess") for r in history],
-        "epochs": len(history),
-        "sampled_epochs": int(sum(bool(r.get("sampled")) for r in history)),
-        "openmm_validation": validation,
-        "openmm_forcefield_files": {"fitted": ["fitted.xml"], "original": ["original.xml"]},
-        "size": args.size,
-        "fit_wall_s": t_fit,
-        "wall_s": wall,
-    }
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
-    _print_summary(summary, args)
-    return summary
+            for ff in getattr(args, "compare", None) or ():
+                # the same implicit solvent (mbondi2 OBC2, native force) under another force field
+                log(f"OpenMM validation of {ff} + the same OBC2 (for comparison)")
+                other, _ = tm.load_system((topology, x), forcefield=(ff,), implicit_solvent="obc2")
+                path = os.path.join(args.out, "compare-" + os.path.basename(ff))
+                tm.export_forcefield(other, other.params, path, forcefield=(ff,))
+                validation[ff] = _validate(
+                    (path,),
+                    size["validate_ns"],
+                    size["validate_seeds"],
+                    args.seed + 3,
+                    holdout,
+                    n_workers=workers,
+                )
+        for name in ("targets.json", "original.xml"):
+            shutil.move(os.path.join(stage, name), os.path.join(args.out, name))
+        if "original" in validation:
+            validation["original"]["forcefield_files"] = [os.path.join(args.out, "original.xml")]
+        wall = time.perf_counter() - t0
+        summary = {
+            "system": "trialanine (H3N+-AAA-COO-), amber99sbildn + OBC2, 300 K",
+            "data": "Graf, Nguyen, Stock & Schwalbe, J. Am. Chem. Soc. 129, 1179 (2007)",
+            "targets": list(result.labels),
+            "held_out": list(holdout),
+            "estimator": result.info["estimator"],
+            "optimizer": args.optimizer,
+            "stop_reason": result.info["stop_reason"],
+            "parameters": names,
+            "original": result.theta_initial.tolist(),
+            "fitted": result.theta.tolist(),
+            "engine_chi2_per_n": {
+                "before": first["chi2"],
+                "before_stderr": first["chi2_stderr"],
+                "after": final["chi2"],
+                "after_stderr": final["chi2_stderr"],
+                "after_epoch": final["epoch"],
+                "after_freshly_sampled": bool(final.get("sampled")),
+                "prior_after": final.get("prior", 0.0),
+                "prior_sigma_kj_per_mol": args.prior_sigma,
+            },
+            "effective_sample_sizes": [r.get("ess_min") for r in history],
+            "reweighting_ess": [r.get("reweight_ess") for r in history],
+            "epochs": len(history),
+            "sampled_epochs": int(sum(bool(r.get("sampled")) for r in history)),
+            "openmm_validation": validation,
+            "openmm_forcefield_files": {"fitted": ["fitted.xml"], "original": ["original.xml"]},
+            "size": args.size,
+            "fit_wall_s": t_fit,
+            "wall_s": wall,
+        }
+        atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
+        _print_summary(summary, args)
+        return summary
 
 
 def _print_summary(s, args):

@@ -53,6 +53,7 @@ from timemachine.fitting.estimators import (
 )
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.sampling import (
+    ChainSamples,
     EquilibriumChains,
     effective_sample_size,
     potential_scale_reduction,
@@ -169,6 +170,7 @@ def fit_equilibrium(
     min_ess: float = 20.0,
     reweight_threshold: float = 0.5,
     max_reuse: int = 3,
+    max_extend: int = 3,
     optimizer: str = "gauss-newton",
     learning_rate: float = 0.1,
     trust_radius: float = 0.2,
@@ -207,6 +209,8 @@ def fit_equilibrium(
         reweight_threshold: stored frames are reused at a new θ while their Kish ESS
             fraction is at least this (0 never samples again after the first epoch,
             values > 1 always sample).
+        max_extend: an epoch whose ESS is below ``min_ess`` samples up to this many more
+            production segments before it gives up with an error.
         max_reuse: the most consecutive epochs one sample is reweighted for; the last
             epoch, and an epoch after a reweighted one that looked converged, always
             sample afresh.
@@ -258,6 +262,7 @@ def fit_equilibrium(
     blocks = _check_int("blocks", blocks, 2)
     patience = _check_int("patience", patience, 1)
     max_reuse = _check_int("max_reuse", max_reuse, 0)
+    max_extend = _check_int("max_extend", max_extend, 0)
     if sample_steps % save_every:
         raise InputError(
             f"sample_steps = {sample_steps} must be a multiple of save_every = {save_every}"
@@ -303,7 +308,7 @@ def fit_equilibrium(
         x0=hashlib.sha256(np.ascontiguousarray(chains.state.x).tobytes()).hexdigest(),
         settings=[estimator, n_chains, sample_steps, decorrelation_steps, save_every],
         more=[reservoir_size, blocks, optimizer, learning_rate, trust_radius, parametrization],
-        reuse=[reweight_threshold, max_reuse, min_ess],
+        reuse=[reweight_threshold, max_reuse, min_ess, max_extend],
         hybrid=[n_replicas, horizon, max_horizon, horizon_cap] if estimator == "hybrid" else None,
         prior=None if prior_sigma is None else np.asarray(prior_sigma).tolist(),
     )
@@ -342,6 +347,24 @@ def fit_equilibrium(
     elif resume:
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
+    def result():
+        return _make_result(
+            FitResult,
+            full0,
+            wrt,
+            names,
+            param,
+            u,
+            theta0,
+            history,
+            target,
+            out_dir,
+            estimator,
+            stop_reason,
+            accepted,
+            n_horizon,
+        )
+
     show = progress if progress is not None else __import__("sys").stderr.isatty()
     bar = None
     if show:
@@ -376,15 +399,36 @@ def fit_equilibrium(
                     weights = w
             if weights is None:
                 chains.decorrelate(full, decorrelation_steps)
+                # production, extended segment by segment (up to max_extend more) until
+                # every observable has min_ess effective samples: slow conformational
+                # exchange at some θ needs longer runs, not a crash
                 segment = chains.sample(full, sample_steps)
+                series = np.stack([_values(target.observable, c) for c in segment.x])
+                ess = effective_sample_size(series)
+                extended = 0
+                while ess.min() < min_ess and extended < max_extend:
+                    more = chains.sample(full, sample_steps)
+                    segment = ChainSamples(
+                        np.concatenate([segment.x, more.x], axis=1),
+                        np.concatenate([segment.steps, more.steps], axis=1),
+                        full,
+                    )
+                    series = np.concatenate(
+                        [series, np.stack([_values(target.observable, c) for c in more.x])],
+                        axis=1,
+                    )
+                    ess = effective_sample_size(series)
+                    extended += 1
                 frames_x, _origin = reservoir_frames(
                     segment, reservoir_size, (integrator.seed, epoch)
                 )
                 stored = (frames_x, full.copy())
-                # ESS of every observable along the chains (all frames, not only the reservoir)
-                series = np.stack([_values(target.observable, c) for c in segment.x])
-                ess = effective_sample_size(series)
-                record.update(sampled=True, ess=ess.tolist(), ess_min=float(ess.min()))
+                record.update(
+                    sampled=True,
+                    ess=ess.tolist(),
+                    ess_min=float(ess.min()),
+                    production_steps=int(segment.x.shape[1] * save_every),
+                )
                 if n_chains > 1:
                     rhat = potential_scale_reduction(series)
                     record.update(rhat=rhat.tolist(), rhat_max=float(rhat.max()))
@@ -400,8 +444,9 @@ def fit_equilibrium(
                     raise InputError(
                         f"epoch {epoch}: the effective sample size of {target.labels[worst]} is "
                         f"{ess[worst]:.1f} < min_ess = {min_ess:g} ({segment.x.shape[1]} frames "
-                        f"per chain × {n_chains} chains){mixing}: too few independent samples "
-                        "to estimate a gradient; raise sample_steps or n_chains"
+                        f"per chain × {n_chains} chains, after {extended} extensions)"
+                        f"{mixing}: too few independent samples to estimate a gradient; raise "
+                        "sample_steps, n_chains or max_extend"
                     )
                 ess_w = float(stored[0].shape[0])
                 reused = 0
@@ -626,24 +671,8 @@ def fit_equilibrium(
                     converged=converged,
                     stop_reason=stop_reason,
                 )
-                res = _make_result(
-                    FitResult,
-                    full0,
-                    wrt,
-                    names,
-                    param,
-                    u,
-                    theta0,
-                    history,
-                    target,
-                    out_dir,
-                    estimator,
-                    stop_reason,
-                    accepted,
-                    n_horizon,
-                )
                 atomic_write_text(
-                    os.path.join(out_dir, HISTORY), json.dumps(res.history_dict(), indent=1)
+                    os.path.join(out_dir, HISTORY), json.dumps(result().history_dict(), indent=1)
                 )
             if bar is not None:
                 bar.update(1)
@@ -658,22 +687,7 @@ def fit_equilibrium(
     if optimizer == "gauss-newton" and accepted is not None and not converged:
         # the last step was never sampled: report the last accepted θ
         u = np.asarray(accepted["u"], dtype=np.float64)
-    return _make_result(
-        FitResult,
-        full0,
-        wrt,
-        names,
-        param,
-        u,
-        theta0,
-        history,
-        target,
-        out_dir,
-        estimator,
-        stop_reason,
-        accepted,
-        n_horizon,
-    )
+    return result()
 
 
 def _values(observable, x):

@@ -174,9 +174,10 @@ def test_hybrid_agrees_with_a_long_fluctuation_reference_and_pathwise_does_not(
 def _fit_settings(top):
     targets = [make_target(JCoupling3HNHA(top), [5.68, 6.52], 0.36, name="3J(HN,HA)")]
     return targets, dict(
-        epochs=3,
+        epochs=4,
         n_chains=2,
-        sample_steps=10_000,
+        sample_steps=20_000,
+        trust_radius=0.5,
         decorrelation_steps=1_000,
         save_every=100,
         blocks=10,
@@ -200,8 +201,24 @@ def test_equilibrium_fit_lowers_chi2_and_resumes_bit_for_bit(trialanine_equilibr
     assert straight.history[-1]["sampled"]
     assert not straight.history[1]["sampled"]  # ... while the first step reweighted
     assert os.path.isfile(tmp_path / "a" / "history.json")
-    # two epochs, then a resumed third: the same numbers as the uninterrupted fit
-    tm.fit(system, x, integrator, targets, wrt, out_dir=tmp_path / "b", **dict(settings, epochs=2))
+
+    # interrupted after two epochs (the checkpoint is written before the callback), then
+    # resumed: the same numbers as the uninterrupted fit
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tm.fit(
+            system,
+            x,
+            integrator,
+            targets,
+            wrt,
+            out_dir=tmp_path / "b",
+            callback=interrupt,
+            **settings,
+        )
     resumed = tm.fit(
         system, x, integrator, targets, wrt, out_dir=tmp_path / "b", resume=True, **settings
     )

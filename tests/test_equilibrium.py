@@ -226,6 +226,22 @@ def test_equilibrium_fit_lowers_chi2_and_resumes_bit_for_bit(trialanine_equilibr
     assert [r["chi2"] for r in resumed.history] == [r["chi2"] for r in straight.history]
 
 
+def test_equilibrium_fit_stops_once_it_fits_the_data(trialanine_equilibrium):
+    # the discrepancy principle: the first fresh epoch after a step with χ²/N below
+    # stop_chi2 by 2 standard errors ends the fit at the θ it sampled
+    top, system, x, integrator = trialanine_equilibrium
+    targets, settings = _fit_settings(top)
+    settings = dict(settings, sample_steps=10_000, reweight_threshold=2.0)  # always sample
+    r = tm.fit(system, x, integrator, targets, "torsion/C-N-CT-C/k*", stop_chi2=1e4, **settings)
+    assert len(r.history) == 2 and r.history[1]["sampled"]
+    last = r.history[-1]
+    assert last["converged"] and last["chi2"] + 2 * last["chi2_stderr"] <= 1e4
+    assert r.info["stop_reason"].startswith("fits the data: χ²/N = ")
+    np.testing.assert_array_equal(r.theta, last["params"])
+    with pytest.raises(tm.InputError, match="stop_chi2"):
+        tm.fit(system, x, integrator, targets, "torsion/C-N-CT-C/k*", stop_chi2=-1.0)
+
+
 def test_equilibrium_fit_refuses_bad_settings_without_writing(trialanine_equilibrium, tmp_path):
     top, system, x, integrator = trialanine_equilibrium
     targets, settings = _fit_settings(top)

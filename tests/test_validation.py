@@ -89,6 +89,12 @@ def test_result_is_json(short_run):
     assert d["forcefield_files"] == list(FILES)
     assert d["n_frames"] == 200 and d["ns_per_day"] > 0 and d["platform"]
     assert set(d["groups"]) == {"3J(HN,HA)", "ALA2 only"}
+    # each chain's own averages, and their mean over equal-length chains is the total mean
+    chains = np.asarray(d["chain_mean"])
+    assert chains.shape == (2, len(d["mean"]))
+    np.testing.assert_allclose(chains.mean(axis=0), d["mean"], rtol=1e-12)
+    by_hand = np.mean(((chains[1] - d["value"]) / np.asarray(d["uncertainty"])) ** 2)
+    assert d["chain_chi2_per_n"][1] == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_exported_forcefield_validates(tmp_path, ala3_targets):

@@ -517,6 +517,13 @@ def build_parser():
         help="width of the Gaussian prior on each fitted k, kJ/mol (nmr; default 2)",
     )
     f.add_argument(
+        "--stop-chi2",
+        type=float,
+        default=1.0,
+        help="stop at the first fresh epoch whose χ²/N is below this by 2 standard errors "
+        "(nmr; the discrepancy principle; 0 fits until χ² stops changing)",
+    )
+    f.add_argument(
         "--validate-ns",
         type=float,
         default=None,

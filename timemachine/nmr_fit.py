@@ -224,6 +224,7 @@ def run_nmr_fit(args) -> dict:
                 learning_rate=args.learning_rate,
                 n_chains=size["chains"],
                 prior_sigma=args.prior_sigma,
+                stop_chi2=getattr(args, "stop_chi2", 1.0) or None,
                 max_trust_radius=0.5,
                 out_dir=args.out,
                 resume=args.resume,
@@ -258,10 +259,11 @@ def run_nmr_fit(args) -> dict:
 
         validation = {}
         if validate:
-            validation["original"] = future_original.result()
-            pool.shutdown()
-            # both cores are free now: the fitted model's chains run two at a time
-            workers = min(2, os.cpu_count() or 1)
+            # the fitted model's chains use the cores the original's run leaves free
+            if future_original.done():
+                validation["original"] = future_original.result()
+                pool.shutdown()
+            workers = min(2 if "original" in validation else 1, os.cpu_count() or 1)
             log(f"OpenMM validation of the fitted model: {size['validate_ns']:g} ns")
             validation["fitted"] = _validate(
                 (fitted_xml,),
@@ -271,6 +273,10 @@ def run_nmr_fit(args) -> dict:
                 holdout,
                 n_workers=workers,
             )
+            if "original" not in validation:
+                validation["original"] = future_original.result()
+                pool.shutdown()
+            workers = min(2, os.cpu_count() or 1)
             for ff in getattr(args, "compare", None) or ():
                 # the same implicit solvent (mbondi2 OBC2, native force) under another force field
                 log(f"OpenMM validation of {ff} + the same OBC2 (for comparison)")

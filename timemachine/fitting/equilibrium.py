@@ -183,6 +183,7 @@ def fit_equilibrium(
     horizon_cap: float = 0.05,
     tolerance_sigma: float = 2.0,
     patience: int = 2,
+    stop_chi2: float | None = None,
     params=None,
     out_dir=None,
     resume: bool = False,
@@ -222,6 +223,10 @@ def fit_equilibrium(
             and horizon n ("auto": ``choose_horizon`` on a pilot of ``max_horizon`` steps,
             cap ``horizon_cap`` nm per relative change).
         tolerance_sigma, patience: the stopping rule (module docstring).
+        stop_chi2: also stop at the first freshly sampled epoch after a step whose χ²/N
+            is below this by more than ``tolerance_sigma`` standard errors (1.0: the
+            discrepancy principle, the model fits the data within their uncertainties);
+            None (default) fits until the χ² stops changing.
         params: (P_all,) starting θ (default ``system.params``).
         out_dir: folder for ``checkpoint.npz`` and ``history.json``; None keeps memory only.
         resume: continue from ``out_dir``'s checkpoint (same settings only).
@@ -238,7 +243,7 @@ def fit_equilibrium(
     """
     from timemachine.fitting.replicas import run_replicas
     from timemachine.fitting.targets import load_targets
-    from timemachine.fitting.train import FitResult, _optimizer, _Parametrization
+    from timemachine.fitting.train import _optimizer, _Parametrization, _result
     from timemachine.sensitivity.trajectory import _resolve_wrt
 
     if not isinstance(system, System):
@@ -279,6 +284,8 @@ def fit_equilibrium(
     trust_radius = _check_pos("trust_radius", trust_radius)
     max_trust_radius = _check_pos("max_trust_radius", max_trust_radius)
     tolerance_sigma = _check_pos("tolerance_sigma", tolerance_sigma)
+    if stop_chi2 is not None:
+        stop_chi2 = _check_pos("stop_chi2", stop_chi2)
     if estimator == "hybrid":
         n_replicas = _check_int("n_replicas", n_replicas, 2)
         max_horizon = _check_int("max_horizon", max_horizon, 1)
@@ -309,6 +316,7 @@ def fit_equilibrium(
         settings=[estimator, n_chains, sample_steps, decorrelation_steps, save_every],
         more=[reservoir_size, blocks, optimizer, learning_rate, trust_radius, parametrization],
         reuse=[reweight_threshold, max_reuse, min_ess, max_extend],
+        stop=[tolerance_sigma, patience, stop_chi2],
         hybrid=[n_replicas, horizon, max_horizon, horizon_cap] if estimator == "hybrid" else None,
         prior=None if prior_sigma is None else np.asarray(prior_sigma).tolist(),
     )
@@ -348,22 +356,14 @@ def fit_equilibrium(
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
     def result():
-        return _make_result(
-            FitResult,
-            full0,
-            wrt,
-            names,
-            param,
-            u,
-            theta0,
-            history,
-            target,
-            out_dir,
-            estimator,
-            stop_reason,
-            accepted,
-            n_horizon,
-        )
+        best = None if accepted is None else {"loss": accepted["loss"], "stderr": accepted["se"]}
+        info = {
+            "estimator": estimator,
+            "stop_reason": stop_reason,
+            "accepted": best,
+            "horizon_steps": n_horizon,
+        }
+        return _result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
 
     show = progress if progress is not None else __import__("sys").stderr.isatty()
     bar = None
@@ -635,11 +635,28 @@ def fit_equilibrium(
                     quiet_epochs = quiet_epochs + 1 if (quiet and fresh) else 0
                 record["accepted"] = True
             converged = quiet_epochs >= patience
+            # the discrepancy principle: a fresh χ²/N below stop_chi2 by more than its error
+            # means the model already fits the data within their uncertainties; steps beyond
+            # it fit the noise, and whatever the chains have not sampled
+            fits_data = (
+                stop_chi2 is not None
+                and epoch > 0
+                and record.get("sampled", False)
+                and record["accepted"]
+                and chi2 + tolerance_sigma * chi2_se <= stop_chi2
+            )
             record["wall_s"] = time.perf_counter() - t0
-            record["converged"] = converged
+            record["converged"] = converged or fits_data
             history.append(record)
+            if fits_data and not converged:
+                converged = True
+                stop_reason = (
+                    f"fits the data: χ²/N = {chi2:.3g} ± {chi2_se:.2g} is below {stop_chi2:g} "
+                    f"by more than {tolerance_sigma:g} standard errors (discrepancy principle)"
+                )
+                u_next = u  # the θ just sampled, not an untested step beyond it
             u = np.asarray(u_next, dtype=np.float64)
-            if converged:
+            if converged and not fits_data:
                 stop_reason = (
                     f"converged: χ² changed by less than {tolerance_sigma:g} standard errors for "
                     f"{patience} epochs"
@@ -694,48 +711,6 @@ def _values(observable, x):
     from timemachine.fitting.estimators import _values_program
 
     return np.asarray(_values_program(observable)(x))
-
-
-def _make_result(
-    FitResult,
-    full0,
-    wrt,
-    names,
-    param,
-    u,
-    theta0,
-    history,
-    target,
-    out_dir,
-    estimator,
-    stop_reason,
-    accepted,
-    horizon,
-):
-    theta = param.theta(np.asarray(u, dtype=np.float64))
-    full = full0.copy()
-    full[wrt] = theta
-    best = None
-    if accepted is not None:
-        best = {"loss": accepted["loss"], "stderr": accepted["se"]}
-    return FitResult(
-        params=full,
-        theta=theta,
-        theta_initial=theta0,
-        param_names=names,
-        wrt=np.asarray(wrt),
-        history=list(history),
-        labels=target.labels,
-        target_values=target.value,
-        target_uncertainties=target.uncertainty,
-        out_dir=out_dir,
-        info={
-            "estimator": estimator,
-            "stop_reason": stop_reason,
-            "accepted": best,
-            "horizon_steps": horizon,
-        },
-    )
 
 
 def _save(

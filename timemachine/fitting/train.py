@@ -597,7 +597,7 @@ def fit(
     return _result(full0, wrt, names, param, u, theta0, history, target, out_dir)
 
 
-def _result(full0, wrt, names, param, u, theta0, history, target, out_dir):
+def _result(full0, wrt, names, param, u, theta0, history, target, out_dir, info=None):
     theta = param.theta(np.asarray(u, dtype=np.float64))
     full = full0.copy()
     full[wrt] = theta
@@ -612,6 +612,7 @@ def _result(full0, wrt, names, param, u, theta0, history, target, out_dir):
         target_values=np.zeros(0) if target is None else target.value,
         target_uncertainties=np.zeros(0) if target is None else target.uncertainty,
         out_dir=out_dir,
+        info=info,
     )
 
 

@@ -110,7 +110,16 @@ class ValidationResult:
             "forcefield_files": list(self.forcefield_files),
             "seeds": [int(s) for s in self.seeds],
             "settings": dict(self.settings),
+            "chain_mean": self.chain_mean().tolist(),
+            "chain_chi2_per_n": [
+                _chi2_per_n(m, self.value, self.uncertainty) for m in self.chain_mean()
+            ],
         }
+
+    def chain_mean(self) -> np.ndarray:
+        """(C, K) ⟨O⟩ of each chain alone: one chain far from the others is a slow state
+        that some seeds visited and others did not (the error bars then understate)."""
+        return np.stack([self.values[self.chain == c].mean(axis=0) for c in range(self.n_chains)])
 
 
 # --------------------------------------------------------------------------- statistics

@@ -13,16 +13,12 @@ and fitting without further code.
 
 from __future__ import annotations
 
-import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError  # noqa: E402
-from timemachine.potentials.bonded import dihedral_angle  # noqa: E402
-from timemachine.system import System  # noqa: E402
+from timemachine.errors import InputError
+from timemachine.potentials.bonded import dihedral_angle
+from timemachine.system import System
 
 
 def morse_bond(x, idx, well_depth, a, length):

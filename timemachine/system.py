@@ -17,14 +17,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine import potentials  # noqa: E402
-from timemachine.errors import InputError  # noqa: E402
+from timemachine import potentials
+from timemachine.errors import InputError
 
 
 def _pytree(cls, data, meta=()):

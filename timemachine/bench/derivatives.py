@@ -57,13 +57,10 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError, SimulationError  # noqa: E402
+from timemachine.errors import InputError, SimulationError
 
 __all__ = ["METHODS", "DerivativeSettings", "run_method", "run_methods", "relative_error"]
 

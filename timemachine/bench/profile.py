@@ -26,11 +26,8 @@ from __future__ import annotations
 import time
 
 import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["profile_step", "time_call"]
 

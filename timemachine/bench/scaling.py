@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import time
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 __all__ = ["parameter_pool", "step_cost", "scaling_in_p", "scaling_in_n", "memory_table"]
 

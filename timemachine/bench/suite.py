@@ -9,9 +9,7 @@ import time
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-
-from timemachine.errors import InputError  # noqa: E402
+from timemachine.errors import InputError
 
 __all__ = ["Settings", "FULL", "QUICK", "check_settings", "environment", "run_suite"]
 

@@ -21,14 +21,11 @@ import os
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError, MissingFileError  # noqa: E402
-from timemachine.system import System  # noqa: E402
+from timemachine.errors import InputError, MissingFileError
+from timemachine.system import System
 
 __all__ = [
     "EV_TO_KJ_PER_MOL",

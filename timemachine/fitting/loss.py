@@ -19,13 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError  # noqa: E402
+from timemachine.errors import InputError
 
 __all__ = [
     "LossResult",

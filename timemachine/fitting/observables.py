@@ -42,14 +42,11 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError  # noqa: E402
-from timemachine.potentials.bonded import dihedral_angle  # noqa: E402
+from timemachine.errors import InputError
+from timemachine.potentials.bonded import dihedral_angle
 
 __all__ = [
     "COUPLINGS",

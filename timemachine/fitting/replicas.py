@@ -20,21 +20,18 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError, SimulationError  # noqa: E402
-from timemachine.integrator.langevin import (  # noqa: E402
+from timemachine.errors import InputError, SimulationError
+from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_int,
     _check_replica,
     _check_vectors,
     maxwell_boltzmann_velocities,
 )
-from timemachine.sensitivity.propagation import (  # noqa: E402
+from timemachine.sensitivity.propagation import (
     exact_init,
     exact_step,
     expected_state_bytes,
@@ -43,14 +40,14 @@ from timemachine.sensitivity.propagation import (  # noqa: E402
     window_size,
     window_step,
 )
-from timemachine.sensitivity.trajectory import (  # noqa: E402
+from timemachine.sensitivity.trajectory import (
     _check_backend,
     _physical_memory,
     _resolve_params,
     _resolve_wrt,
 )
-from timemachine.sensitivity.zeta import make_gradient_and_zeta  # noqa: E402
-from timemachine.system import System  # noqa: E402
+from timemachine.sensitivity.zeta import make_gradient_and_zeta
+from timemachine.system import System
 
 __all__ = ["ReplicaResult", "run_replicas"]
 

@@ -25,22 +25,19 @@ import numbers
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError, SimulationError  # noqa: E402
-from timemachine.fitting.reservoir import Reservoir  # noqa: E402
-from timemachine.integrator.langevin import (  # noqa: E402
+from timemachine.errors import InputError, SimulationError
+from timemachine.fitting.reservoir import Reservoir
+from timemachine.integrator.langevin import (
     LangevinIntegrator,
     LangevinState,
     _check_vectors,
     langevin_step,
     maxwell_boltzmann_velocities,
 )
-from timemachine.system import System  # noqa: E402
+from timemachine.system import System
 
 __all__ = [
     "ChainSamples",

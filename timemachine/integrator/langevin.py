@@ -33,14 +33,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.constants import BOLTZMANN  # noqa: E402
-from timemachine.errors import InputError, SimulationError  # noqa: E402
+from timemachine.constants import BOLTZMANN
+from timemachine.errors import InputError, SimulationError
 
 __all__ = [
     "LangevinCoefficients",

@@ -5,11 +5,7 @@
 * PeriodicTorsionForce: E = k (1 + cos(n φ - φ0)), propers and impropers alike
 """
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
 
 def _norm(v):

@@ -14,14 +14,10 @@ and scaled offset radius sr = scale * or. We implement exactly those expressions
     f_ij = sqrt(r² + B_i B_j exp(-r²/(4 B_i B_j)))
 """
 
-import jax
+import jax.numpy as jnp
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-
-from timemachine.constants import COULOMB_GB  # noqa: E402
-from timemachine.potentials.nonbonded import pair_distances  # noqa: E402
+from timemachine.constants import COULOMB_GB
+from timemachine.potentials.nonbonded import pair_distances
 
 DIELECTRIC_OFFSET = 0.009  # nm
 PROBE_RADIUS = 0.14  # nm

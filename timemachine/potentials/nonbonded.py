@@ -9,12 +9,9 @@ Lorentz-Berthelot combination: σ_ij = (σ_i + σ_j)/2, ε_ij = sqrt(ε_i ε_j).
 """
 
 import jax
+import jax.numpy as jnp
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-
-from timemachine.constants import COULOMB  # noqa: E402
+from timemachine.constants import COULOMB
 
 
 @jax.custom_jvp

@@ -19,14 +19,11 @@ import functools
 import numbers
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.errors import InputError  # noqa: E402
-from timemachine.integrator.langevin import (  # noqa: E402
+from timemachine.errors import InputError
+from timemachine.integrator.langevin import (
     LangevinIntegrator,
     LangevinState,
     _check_int,
@@ -35,12 +32,12 @@ from timemachine.integrator.langevin import (  # noqa: E402
     langevin_step,
     maxwell_boltzmann_velocities,
 )
-from timemachine.sensitivity.trajectory import (  # noqa: E402
+from timemachine.sensitivity.trajectory import (
     SensitivityTrajectory,
     _resolve_params,
     _resolve_wrt,
 )
-from timemachine.system import System  # noqa: E402
+from timemachine.system import System
 
 __all__ = [
     "ComparisonTable",

@@ -29,24 +29,21 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.constants import BOLTZMANN  # noqa: E402
-from timemachine.errors import InputError, SimulationError  # noqa: E402
-from timemachine.files import atomic_json, atomic_savez  # noqa: E402
-from timemachine.integrator.langevin import (  # noqa: E402
+from timemachine.constants import BOLTZMANN
+from timemachine.errors import InputError, SimulationError
+from timemachine.files import atomic_json, atomic_savez
+from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_int,
     _check_replica,
     _check_vectors,
     langevin_init,
 )
-from timemachine.sensitivity import zeta as zeta_module  # noqa: E402
-from timemachine.sensitivity.propagation import (  # noqa: E402
+from timemachine.sensitivity import zeta as zeta_module
+from timemachine.sensitivity.propagation import (
     ExactState,
     WindowState,
     exact_init,
@@ -57,7 +54,7 @@ from timemachine.sensitivity.propagation import (  # noqa: E402
     window_size,
     window_step,
 )
-from timemachine.system import System  # noqa: E402
+from timemachine.system import System
 
 __all__ = ["SensitivityTrajectory", "simulate"]
 

@@ -12,20 +12,17 @@ tangents at once, so the cost is a few gradients rather than P Hessian-vector pr
 """
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from timemachine.backends import xla_cpu  # noqa: E402
-from timemachine.backends.plan import coordinate_term_groups  # noqa: E402
-from timemachine.constants import COULOMB, COULOMB_GB  # noqa: E402
-from timemachine.errors import InputError  # noqa: E402
-from timemachine.potentials import gbsa  # noqa: E402
-from timemachine.potentials.bonded import dihedral_angle  # noqa: E402
-from timemachine.potentials.nonbonded import _lj_coulomb, safe_sqrt  # noqa: E402
-from timemachine.system import (  # noqa: E402
+from timemachine.backends import xla_cpu
+from timemachine.backends.plan import coordinate_term_groups
+from timemachine.constants import COULOMB, COULOMB_GB
+from timemachine.errors import InputError
+from timemachine.potentials import gbsa
+from timemachine.potentials.bonded import dihedral_angle
+from timemachine.potentials.nonbonded import _lj_coulomb, safe_sqrt
+from timemachine.system import (
     OBC2,
     HarmonicAngles,
     HarmonicBonds,

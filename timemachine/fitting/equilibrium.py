@@ -52,6 +52,12 @@ from timemachine.fitting.estimators import (
     reweighting_weights,
 )
 from timemachine.fitting.loss import target_vector
+from timemachine.fitting.result import (
+    Parametrization,
+    make_optimizer,
+    make_result,
+    settings_fingerprint,
+)
 from timemachine.fitting.sampling import (
     ChainSamples,
     EquilibriumChains,
@@ -131,11 +137,6 @@ def _lm_step(J, r, radius):
         d = delta(lam)
     predicted = float(r @ r - np.sum((r + J @ d) ** 2))
     return d, predicted, lam
-
-
-def _fingerprint(**config) -> str:
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _check_int(name, value, low):
@@ -243,7 +244,6 @@ def fit_equilibrium(
     """
     from timemachine.fitting.replicas import run_replicas
     from timemachine.fitting.targets import load_targets
-    from timemachine.fitting.train import _optimizer, _Parametrization, _result
     from timemachine.sensitivity.trajectory import _resolve_wrt
 
     if not isinstance(system, System):
@@ -300,12 +300,12 @@ def fit_equilibrium(
     if full0.shape != (system.n_params,):
         raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
     theta0 = full0[wrt].copy()
-    param = _Parametrization(parametrization, theta0, names)
-    opt = _optimizer("adam", learning_rate, None) if optimizer == "adam" else None
+    param = Parametrization(parametrization, theta0, names)
+    opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
     k = target.value.shape[0]
 
     chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
-    fingerprint = _fingerprint(
+    fingerprint = settings_fingerprint(
         names=names,
         theta0=theta0.tolist(),
         labels=target.labels,
@@ -363,7 +363,7 @@ def fit_equilibrium(
             "accepted": best,
             "horizon_steps": n_horizon,
         }
-        return _result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
+        return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
 
     show = progress if progress is not None else __import__("sys").stderr.isatty()
     bar = None

@@ -16,7 +16,6 @@ uninterrupted one would have run, bit for bit; a fit killed mid-epoch loses that
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -24,7 +23,6 @@ import numbers
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -37,129 +35,25 @@ from timemachine.fitting.loss import (
 )
 from timemachine.fitting.replicas import run_replicas
 from timemachine.fitting.reservoir import Reservoir
+from timemachine.fitting.result import (
+    FitResult,
+    Parametrization,
+    make_optimizer,
+    make_result,
+    settings_fingerprint,
+)
 from timemachine.integrator.langevin import LangevinIntegrator
 from timemachine.sensitivity.trajectory import _check_backend, _resolve_wrt
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_bytes", "atomic_write_text", "fit", "load_checkpoint"]
 
-PARAMETRIZATIONS = ("relative", "log", "absolute")
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
 _FORMAT = "timemachine.fit-checkpoint"
 
 
-# --------------------------------------------------------------------------- files
-
-
-class FitResult(NamedTuple):
-    """The outcome of ``fit``.
-
-    Attributes:
-        params: (P_all,) the fitted full θ (θ[wrt] after the last step).
-        theta: (P,) the fitted θ[wrt]; theta_initial: (P,) where the fit started.
-        param_names: P names of θ[wrt]; wrt: (P,) int indices into ``system.params``.
-        history: one dict per epoch: ``epoch``, ``loss``, ``chi2``, ``ergodicity``,
-            ``prior``, ``force_matching``, ``gradient_norm``, ``observables`` (K,),
-            ``observable_errors`` (K,), ``ensemble_average``, ``time_average``,
-            ``params`` (P, θ[wrt] the epoch was simulated at), ``gradient`` (P,),
-            ``wall_s``.
-        labels: K observable labels; target_values, target_uncertainties: (K,).
-        out_dir: where checkpoint and history live, or None.
-        info: for an equilibrium fit (``fit_equilibrium``): the estimator, why it
-            stopped, the accepted χ² with its error; None for a pathwise fit.
-    """
-
-    params: np.ndarray
-    theta: np.ndarray
-    theta_initial: np.ndarray
-    param_names: tuple
-    wrt: np.ndarray
-    history: list
-    labels: tuple
-    target_values: np.ndarray
-    target_uncertainties: np.ndarray
-    out_dir: str | None
-    info: dict | None = None
-
-    def history_dict(self) -> dict:
-        """A JSON-ready dict of the whole fit (what ``history.json`` holds)."""
-        return {
-            "param_names": list(self.param_names),
-            "theta_initial": [float(v) for v in self.theta_initial],
-            "theta_final": [float(v) for v in self.theta],
-            "labels": list(self.labels),
-            "target_values": [float(v) for v in self.target_values],
-            "target_uncertainties": [float(v) for v in self.target_uncertainties],
-            "info": self.info,
-            "epochs": self.history,
-        }
-
-
 # --------------------------------------------------------------------------- pieces
-
-
-def _optimizer(optimizer, learning_rate, clip_norm):
-    import optax
-
-    if isinstance(optimizer, str):
-        makers = {
-            "adam": optax.adam,
-            "sgd": optax.sgd,
-            "adamw": optax.adamw,
-            "rmsprop": optax.rmsprop,
-        }
-        if optimizer not in makers:
-            raise InputError(
-                f"optimizer {optimizer!r} unknown; use one of {sorted(makers)} "
-                "or an optax transformation"
-            )
-        if not (isinstance(learning_rate, numbers.Real) and learning_rate > 0):
-            raise InputError(f"learning_rate must be a number > 0, got {learning_rate!r}")
-        opt = makers[optimizer](learning_rate)
-    elif hasattr(optimizer, "init") and hasattr(optimizer, "update"):
-        opt = optimizer
-    else:
-        raise InputError(
-            f"optimizer must be a name or an optax GradientTransformation, got {optimizer!r}"
-        )
-    if clip_norm is not None:
-        if not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
-            raise InputError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}")
-        opt = optax.chain(optax.clip_by_global_norm(float(clip_norm)), opt)
-    return opt
-
-
-class _Parametrization:
-    """θ(u) and dθ/du for the optimiser's variable u."""
-
-    def __init__(self, kind, theta0, names):
-        if kind not in PARAMETRIZATIONS:
-            raise InputError(f"parametrization must be one of {PARAMETRIZATIONS}, got {kind!r}")
-        zero = np.flatnonzero(theta0 == 0)
-        if kind != "absolute" and zero.size:
-            raise InputError(
-                f"parametrization={kind!r} scales by the starting value, but {names[zero[0]]} "
-                "starts at 0; use parametrization='absolute'"
-            )
-        self.kind, self.theta0 = kind, np.asarray(theta0, dtype=np.float64)
-
-    def initial(self):
-        return self.theta0.copy() if self.kind == "absolute" else np.zeros_like(self.theta0)
-
-    def theta(self, u):
-        if self.kind == "relative":
-            return self.theta0 * (1.0 + u)
-        if self.kind == "log":
-            return self.theta0 * np.exp(u)
-        return np.array(u, dtype=np.float64)
-
-    def jacobian(self, u):
-        if self.kind == "relative":
-            return self.theta0.copy()
-        if self.kind == "log":
-            return self.theta0 * np.exp(u)
-        return np.ones_like(u)
 
 
 def _time_samples(result, capacity, seed):
@@ -202,11 +96,6 @@ def _diagnose(epoch, names, loss, grad, result, samples):
         "friction, method='window', a smaller learning rate or dt."
     )
     return SimulationError("".join(lines))
-
-
-def _fingerprint(**config) -> str:
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _save_checkpoint(out_dir, epoch, u, opt_state, history, fingerprint):
@@ -439,8 +328,8 @@ def fit(
     if full0.shape != (system.n_params,):
         raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
     theta0 = full0[wrt]
-    param = _Parametrization(parametrization, theta0, names)
-    opt = _optimizer(optimizer, learning_rate, clip_norm)
+    param = Parametrization(parametrization, theta0, names)
+    opt = make_optimizer(optimizer, learning_rate, clip_norm)
     target = target_vector(targets) if targets is not None else None
     if target is not None:
         # evaluate once on x0 so that a shape error surfaces before any simulation
@@ -453,7 +342,7 @@ def fit(
                 f"targets' observables return {got} values, targets have {target.value.shape}"
             )
 
-    fingerprint = _fingerprint(
+    fingerprint = settings_fingerprint(
         wrt=[int(i) for i in wrt],
         names=names,
         theta0=theta0.tolist(),
@@ -584,7 +473,8 @@ def fit(
             if out_dir is not None:
                 _save_checkpoint(out_dir, epoch + 1, u, opt_state, history, fingerprint)
                 _write_history(
-                    out_dir, _result(full0, wrt, names, param, u, theta0, history, target, out_dir)
+                    out_dir,
+                    make_result(full0, wrt, names, param, u, theta0, history, target, out_dir),
                 )
             if bar is not None:
                 bar.update(1)
@@ -594,26 +484,7 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    return _result(full0, wrt, names, param, u, theta0, history, target, out_dir)
-
-
-def _result(full0, wrt, names, param, u, theta0, history, target, out_dir, info=None):
-    theta = param.theta(np.asarray(u, dtype=np.float64))
-    full = full0.copy()
-    full[wrt] = theta
-    return FitResult(
-        params=full,
-        theta=theta,
-        theta_initial=theta0,
-        param_names=names,
-        wrt=np.asarray(wrt),
-        history=list(history),
-        labels=() if target is None else target.labels,
-        target_values=np.zeros(0) if target is None else target.value,
-        target_uncertainties=np.zeros(0) if target is None else target.uncertainty,
-        out_dir=out_dir,
-        info=info,
-    )
+    return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir)
 
 
 def _write_history(out_dir, result):

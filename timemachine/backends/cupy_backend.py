@@ -349,8 +349,6 @@ class CudaProgram:
     def __call__(
         self, capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica
     ):
-        from timemachine.sensitivity.propagation import ExactState, WindowState
-
         n_blocks, save_every = int(n_blocks), int(save_every)
         window = int(np.shape(state.zeta_window)[0]) if self.method == "window" else None
         self._ensure_pipeline(np.asarray(theta, dtype=np.float64), window)
@@ -386,18 +384,15 @@ class CudaProgram:
         self.version += 1
         dv = host(pl.dv) if p else np.zeros_like(frames_dx[-1])
         step = np.asarray(steps[-1], dtype=np.int64)
-        if self.method == "exact":
-            final = ExactState(frames_x[-1], frames_v[-1], frames_dx[-1], dv, step)
-        else:
-            final = WindowState(
-                frames_x[-1],
-                frames_v[-1],
-                frames_dx[-1],
-                dv,
-                step,
-                DeviceRing(self, self.version),
-                host(pl.to_fold),
-                host(pl.folded_last),
+        # the caller's ExactState or WindowState, advanced (the backend does not define them)
+        final = state._replace(
+            x=frames_x[-1], v=frames_v[-1], dx_dtheta=frames_dx[-1], dv_dtheta=dv, step=step
+        )
+        if self.method == "window":
+            final = final._replace(
+                zeta_window=DeviceRing(self, self.version),
+                to_fold=host(pl.to_fold),
+                folded_last=host(pl.folded_last),
             )
         self._last = final
         return final, frames, host(v_look)

@@ -2,7 +2,7 @@
 
     python benchmarks/sensitivity_bench.py [--json benchmarks/sensitivity_bench.json] [--quick]
 
-Cases (DESIGN.md, issue 3 "What it must show"):
+Cases (issue 3, "What it must show"):
 
 * villin headpiece in vacuum, amber99sbildn, every proper-torsion force constant
   (``torsion/*/k*``, P = 79). The issue quotes 584 atoms: OpenMM's data/test.pdb has 582

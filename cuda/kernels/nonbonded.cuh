@@ -5,7 +5,8 @@
 //   φ(r) = 4 ε (s¹² - s⁶) + C qq / r,   s = σ/r,  σ = (σ_i + σ_j)/2,
 //   ε = lj_scale √ε_i √ε_j,  qq = coulomb_scale q_i q_j    (√ with derivative 0 at 0)
 //
-// Pair Hessian block (DESIGN.md): ∂g_i/∂x_j = -(A d dᵀ + B I), A = (φ'' - φ'/r)/r², B = φ'/r.
+// Pair Hessian block (docs/design.md, "Performance principles"):
+//   ∂g_i/∂x_j = -(A d dᵀ + B I), A = (φ'' - φ'/r)/r², B = φ'/r.
 // ζ for tangent p at atom i: Σ_j A d (d·δ) + B δ + ∂φ'/∂θ_p d/r, δ = t_pi - t_pj, d = x_i - x_j.
 #pragma once
 #include "tm_common.cuh"

@@ -25,7 +25,7 @@ static_assert(sizeof(u32) == 4 && sizeof(u64) == 8, "unexpected integer widths")
 
 // Tangents per thread in the ζ kernels: each thread carries PCHUNK of the P tangents, so
 // pair quantities are computed once per PCHUNK tangents and contracted with each in
-// registers (DESIGN.md, "Performance principles").
+// registers (docs/design.md, "Performance principles").
 #ifndef TM_PCHUNK
 #define TM_PCHUNK 8
 #endif

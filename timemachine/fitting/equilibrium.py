@@ -36,13 +36,13 @@ import hashlib
 import io
 import json
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+from timemachine.checks import check_int, check_real
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_bytes, atomic_write_text
 from timemachine.fitting.estimators import (
@@ -137,20 +137,6 @@ def _lm_step(J, r, radius):
         d = delta(lam)
     predicted = float(r @ r - np.sum((r + J @ d) ** 2))
     return d, predicted, lam
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_pos(name, value, allow_zero=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 def fit_equilibrium(
@@ -259,15 +245,15 @@ def fit_equilibrium(
         )
     if optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer {optimizer!r} unknown; use one of {OPTIMIZERS}")
-    epochs = _check_int("epochs", epochs, 1)
-    sample_steps = _check_int("sample_steps", sample_steps, 1)
-    decorrelation_steps = _check_int("decorrelation_steps", decorrelation_steps, 0)
-    save_every = _check_int("save_every", save_every, 1)
-    reservoir_size = _check_int("reservoir_size", reservoir_size, 2)
-    blocks = _check_int("blocks", blocks, 2)
-    patience = _check_int("patience", patience, 1)
-    max_reuse = _check_int("max_reuse", max_reuse, 0)
-    max_extend = _check_int("max_extend", max_extend, 0)
+    epochs = check_int(epochs, "epochs", minimum=1)
+    sample_steps = check_int(sample_steps, "sample_steps", minimum=1)
+    decorrelation_steps = check_int(decorrelation_steps, "decorrelation_steps", minimum=0)
+    save_every = check_int(save_every, "save_every", minimum=1)
+    reservoir_size = check_int(reservoir_size, "reservoir_size", minimum=2)
+    blocks = check_int(blocks, "blocks", minimum=2)
+    patience = check_int(patience, "patience", minimum=1)
+    max_reuse = check_int(max_reuse, "max_reuse", minimum=0)
+    max_extend = check_int(max_extend, "max_extend", minimum=0)
     if sample_steps % save_every:
         raise InputError(
             f"sample_steps = {sample_steps} must be a multiple of save_every = {save_every}"
@@ -279,18 +265,18 @@ def fit_equilibrium(
             f"sample_steps {sample_steps} / save_every {save_every}, reservoir_size "
             f"{reservoir_size}); {blocks} blocks need at least {2 * blocks}"
         )
-    min_ess = _check_pos("min_ess", min_ess)
-    reweight_threshold = _check_pos("reweight_threshold", reweight_threshold, allow_zero=True)
-    trust_radius = _check_pos("trust_radius", trust_radius)
-    max_trust_radius = _check_pos("max_trust_radius", max_trust_radius)
-    tolerance_sigma = _check_pos("tolerance_sigma", tolerance_sigma)
+    min_ess = check_real(min_ess, "min_ess")
+    reweight_threshold = check_real(reweight_threshold, "reweight_threshold", allow_zero=True)
+    trust_radius = check_real(trust_radius, "trust_radius")
+    max_trust_radius = check_real(max_trust_radius, "max_trust_radius")
+    tolerance_sigma = check_real(tolerance_sigma, "tolerance_sigma")
     if stop_chi2 is not None:
-        stop_chi2 = _check_pos("stop_chi2", stop_chi2)
+        stop_chi2 = check_real(stop_chi2, "stop_chi2")
     if estimator == "hybrid":
-        n_replicas = _check_int("n_replicas", n_replicas, 2)
-        max_horizon = _check_int("max_horizon", max_horizon, 1)
+        n_replicas = check_int(n_replicas, "n_replicas", minimum=2)
+        max_horizon = check_int(max_horizon, "max_horizon", minimum=1)
         if horizon != "auto":
-            horizon = _check_int("horizon", horizon, 1)
+            horizon = check_int(horizon, "horizon", minimum=1)
     if isinstance(targets, (str, os.PathLike)):
         targets = load_targets(targets, system.topology)
     target = target_vector(targets)

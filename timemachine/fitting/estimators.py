@@ -408,7 +408,7 @@ def hybrid_gradient(
 
     With x_0 ~ p_θ (fresh Maxwell-Boltzmann velocities, fresh noise, dx_0/dθ = 0) and x_n
     the replica after n steps, stationarity gives ⟨O⟩_θ = E[O(x_n)], and differentiating
-    through both the dynamics and the start distribution (DESIGN.md, "hybrid"):
+    through both the dynamics and the start distribution (docs/design.md, "hybrid"):
 
         d⟨O⟩/dθ = E[∂O/∂x(x_n) · dx_n/dθ]                                  (pathwise)
                   - β E[(O(x_n) - ⟨O⟩)(∂E/∂θ(x_0) - ⟨∂E/∂θ⟩)]                (score of x_0)

@@ -11,7 +11,7 @@ With K target values y_k (uncertainties σ_k, weights w_k) and simulated average
 frames along trajectories; for an ergodic system both estimate the same ensemble average,
 and ``erg`` pulls them together. Gradients come by the chain rule from the pathwise
 observable gradients dO(x)/dθ = ∂O/∂x · dx/dθ averaged over the same samples
-(DESIGN.md, "Observable gradients").
+(docs/design.md, "Observable gradients").
 """
 
 from __future__ import annotations

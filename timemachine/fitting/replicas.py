@@ -6,7 +6,7 @@ r)``, carrying dx/dθ forward exactly as ``timemachine.sensitivity.simulate(...,
 replica=r)`` does (``exact_step``/``window_step`` with the system's ζ). All replicas of a
 batch are one ``jax.vmap`` of the step loop, compiled once: on a CPU the step's small
 kernels become M-wide, on a GPU the device is filled. The last frames of the M replicas
-are M independent samples for ensemble averages (DESIGN.md, "Observable gradients");
+are M independent samples for ensemble averages (docs/design.md, "Observable gradients");
 saved frames along the way give time averages per replica.
 
 With ``backend="cuda"`` the replicas run one after another through the CUDA kernels
@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError, SimulationError
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
-    _check_int,
     _check_replica,
-    _check_vectors,
     maxwell_boltzmann_velocities,
 )
 from timemachine.sensitivity.propagation import (
@@ -179,13 +178,13 @@ def run_replicas(
         raise InputError(f"method must be 'exact' or 'window', got {method!r}")
     if zeta not in ("structured", "reference"):
         raise InputError(f"zeta must be 'structured' or 'reference', got {zeta!r}")
-    n_steps = _check_int(n_steps, "n_steps", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
     keep_frames = save_every is not None
-    save_every = n_steps if save_every is None else _check_int(save_every, "save_every", minimum=1)
+    save_every = n_steps if save_every is None else check_int(save_every, "save_every", minimum=1)
     if n_steps % save_every:
         raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
     if replicas is None:
-        n_replicas = _check_int(n_replicas, "n_replicas", minimum=1)
+        n_replicas = check_int(n_replicas, "n_replicas", minimum=1)
         first_replica = _check_replica(first_replica)
         replicas = np.arange(first_replica, first_replica + n_replicas)
     replicas = np.asarray(replicas)
@@ -218,7 +217,7 @@ def run_replicas(
     k, wcoeffs = None, None
     if method == "window":
         k = window_size(integrator, window_tol) if window is None else window
-        k = _check_int(k, "window", minimum=1)
+        k = check_int(k, "window", minimum=1)
         wcoeffs = window_coefficients(integrator, k)
     elif window is not None:
         raise InputError(f"window = {window!r} is only used with method='window'")
@@ -237,7 +236,7 @@ def run_replicas(
         if batch_size is None:
             phys = _physical_memory() or 8 * 2**30
             batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         program = _program(
             system, tuple(int(i) for i in wrt), zeta, method, n_blocks, save_every, keep_frames
         )
@@ -328,12 +327,12 @@ def _run_cuda(system, wrt, method, k, theta, coeffs, wcoeffs, seed, replicas, x_
 def _per_replica(value, name, m_rep, n, unit):
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 2:
-        return np.broadcast_to(_check_vectors(arr, name, n, unit=unit), (m_rep, n, 3))
+        return np.broadcast_to(check_vectors(arr, name, n, unit=unit), (m_rep, n, 3))
     if arr.ndim != 3 or arr.shape[0] != m_rep:
         raise InputError(
             f"{name} must have shape ({n}, 3) or ({m_rep}, {n}, 3) ({unit}), got {arr.shape}"
         )
-    return np.stack([_check_vectors(a, f"{name}[{r}]", n, unit=unit) for r, a in enumerate(arr)])
+    return np.stack([check_vectors(a, f"{name}[{r}]", n, unit=unit) for r, a in enumerate(arr)])
 
 
 def _check_finite(result: ReplicaResult, integrator: LangevinIntegrator) -> None:

@@ -1,7 +1,7 @@
 """Equilibrium sampling inside a fit: persistent plain-MD chains, a reservoir, and ESS.
 
 An NMR coupling or an Rg is an equilibrium average ⟨O⟩_θ over p_θ(x) ∝ exp(-βE(x; θ))
-(DESIGN.md, "Gradients of equilibrium averages"). ``EquilibriumChains`` keeps C plain
+(docs/design.md, "Gradients of equilibrium averages"). ``EquilibriumChains`` keeps C plain
 Langevin chains that persist across the epochs of a fit: each epoch continues them at the
 current θ, first for a decorrelation segment whose frames are discarded (the chains relax
 from the previous θ's ensemble to the new one), then for a production segment whose
@@ -21,19 +21,18 @@ not recompile.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError, SimulationError
 from timemachine.fitting.reservoir import Reservoir
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     LangevinState,
-    _check_vectors,
     langevin_step,
     maxwell_boltzmann_velocities,
 )
@@ -46,12 +45,6 @@ __all__ = [
     "effective_sample_size",
     "potential_scale_reduction",
 ]
-
-
-def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------- ESS
@@ -232,9 +225,9 @@ class EquilibriumChains:
                 f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
             )
         self.system, self.integrator = system, integrator
-        self.n_chains = _positive_int(n_chains, "n_chains")
-        self.save_every = _positive_int(save_every, "save_every")
-        self.first_replica = _positive_int(first_replica, "first_replica", minimum=0)
+        self.n_chains = check_int(n_chains, "n_chains", minimum=1)
+        self.save_every = check_int(save_every, "save_every", minimum=1)
+        self.first_replica = check_int(first_replica, "first_replica", minimum=0)
         n = system.n_atoms
         x0 = np.asarray(x0, dtype=np.float64)
         if x0.ndim == 2:
@@ -243,7 +236,7 @@ class EquilibriumChains:
             raise InputError(
                 f"x0 must be (N, 3) or (n_chains={self.n_chains}, N, 3) nm, got {x0.shape}"
             )
-        x = np.stack([_check_vectors(x0[c], f"x0[{c}]", n) for c in range(self.n_chains)])
+        x = np.stack([check_vectors(x0[c], f"x0[{c}]", n) for c in range(self.n_chains)])
         masses = np.asarray(system.masses)
         v = np.stack(
             [
@@ -263,7 +256,7 @@ class EquilibriumChains:
         return int(self.state.step[0])
 
     def _advance(self, params, n_steps, save_every):
-        n_steps = _positive_int(n_steps, "n_steps")
+        n_steps = check_int(n_steps, "n_steps", minimum=1)
         if n_steps % save_every:
             raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
         theta = np.asarray(params, dtype=np.float64)

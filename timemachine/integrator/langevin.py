@@ -27,8 +27,6 @@ Units are OpenMM's: nm, ps, kJ/mol, amu, K.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.checks import check_int, check_masses, check_real, check_vectors
 from timemachine.constants import BOLTZMANN
 from timemachine.errors import InputError, SimulationError
 
@@ -129,82 +128,8 @@ class LangevinTrajectory(NamedTuple):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_real(value, name: str, *, allow_zero: bool, unit: str) -> float:
-    """Return ``value`` as a float, or raise InputError if not finite and >= 0 (> 0)."""
-    bound = ">= 0" if allow_zero else "> 0"
-    if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.floating):
-        value = float(value)  # numpy / JAX 0-d arrays
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(
-            f"{name} must be a finite real number {bound} ({unit}), "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InputError(f"{name} must be a finite real number {bound} ({unit}), got {value!r}")
-    return value
-
-
-def _check_int(value, name: str, *, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(
-            f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}"
-        )
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and <= {maximum}" if maximum is not None else ""
-        raise InputError(f"{name} must be an integer >= {minimum}{upper}, got {value}")
-    return value
-
-
 def _check_replica(replica) -> int:
-    return _check_int(replica, "replica", minimum=0, maximum=_MAX_REPLICA)
-
-
-def _check_masses(masses, name: str = "masses") -> np.ndarray:
-    """Return masses as a float64 (N,) numpy array; InputError names the first bad atom."""
-    try:
-        m = np.asarray(masses, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a 1-D array of N masses (amu), got {masses!r}") from exc
-    if m.ndim != 1 or m.shape[0] == 0:
-        raise InputError(f"{name} must be a 1-D array of N >= 1 masses (amu), got shape {m.shape}")
-    bad = ~(np.isfinite(m) & (m > 0))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InputError(
-            f"{name}[{i}] = {float(m[i])!r}: every mass must be a finite number > 0 (amu); "
-            f"atom {i} is the first bad one ({int(bad.sum())} in all)"
-        )
-    return m
-
-
-def _check_vectors(x, name: str, n_atoms: int | None = None, unit: str = "nm") -> np.ndarray:
-    """Return an (N, 3) float64 numpy array; InputError for a wrong shape or a NaN/inf.
-
-    ``n_atoms`` (from the masses) fixes N when given.
-    """
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be an (N, 3) array ({unit}), got {x!r}") from exc
-    expected = f"({n_atoms}, 3)" if n_atoms is not None else "(N, 3)"
-    if (
-        arr.ndim != 2
-        or arr.shape[1] != 3
-        or arr.shape[0] == 0
-        or (n_atoms is not None and arr.shape[0] != n_atoms)
-    ):
-        why = " to match masses" if n_atoms is not None else ""
-        raise InputError(f"{name} must have shape {expected}{why} ({unit}), got shape {arr.shape}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InputError(
-            f"{name} has a non-finite value at atom {i}: {name}[{i}] = {arr[i].tolist()} "
-            f"({int(bad.sum())} atoms in all)"
-        )
-    return arr
+    return check_int(replica, "replica", minimum=0, maximum=_MAX_REPLICA)
 
 
 # --------------------------------------------------------------------------- integrator
@@ -233,14 +158,14 @@ class LangevinIntegrator:
 
     def __post_init__(self):
         checked = {
-            "temperature": _check_real(
+            "temperature": check_real(
                 self.temperature, "LangevinIntegrator.temperature", allow_zero=True, unit="K"
             ),
-            "friction": _check_real(
+            "friction": check_real(
                 self.friction, "LangevinIntegrator.friction", allow_zero=True, unit="1/ps"
             ),
-            "dt": _check_real(self.dt, "LangevinIntegrator.dt", allow_zero=False, unit="ps"),
-            "seed": _check_int(self.seed, "LangevinIntegrator.seed", minimum=0),
+            "dt": check_real(self.dt, "LangevinIntegrator.dt", allow_zero=False, unit="ps"),
+            "seed": check_int(self.seed, "LangevinIntegrator.seed", minimum=0),
         }
         for field, value in checked.items():
             object.__setattr__(self, field, value)
@@ -258,7 +183,7 @@ class LangevinIntegrator:
             InputError: masses are not 1-D, or the first non-finite/non-positive mass
                 (its atom index and value are in the message).
         """
-        m = _check_masses(masses)
+        m = check_masses(masses)
         return langevin_coefficients(m, self.temperature, self.friction, self.dt)
 
 
@@ -319,9 +244,9 @@ def maxwell_boltzmann_velocities(masses, temperature, seed, replica=0) -> jax.Ar
         seed: non-negative integer.
         replica: integer in [0, 2^32 - 2].
     """
-    m = _check_masses(masses)
-    temperature = _check_real(temperature, "temperature", allow_zero=True, unit="K")
-    seed = _check_int(seed, "seed", minimum=0)
+    m = check_masses(masses)
+    temperature = check_real(temperature, "temperature", allow_zero=True, unit="K")
+    seed = check_int(seed, "seed", minimum=0)
     replica = _check_replica(replica)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MB_TAG), replica)
     z = jax.random.normal(key, (m.shape[0], 3), dtype=jnp.float64)
@@ -397,13 +322,13 @@ def langevin_init(x0, masses, integrator: LangevinIntegrator, replica=0, velocit
         raise InputError(
             f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
         )
-    m = _check_masses(masses)
-    x = _check_vectors(x0, "x0", n_atoms=m.shape[0])
+    m = check_masses(masses)
+    x = check_vectors(x0, "x0", n_atoms=m.shape[0])
     replica = _check_replica(replica)
     if velocities is None:
         v = maxwell_boltzmann_velocities(m, integrator.temperature, integrator.seed, replica)
     else:
-        v = jnp.asarray(_check_vectors(velocities, "velocities", m.shape[0], unit="nm/ps"))
+        v = jnp.asarray(check_vectors(velocities, "velocities", m.shape[0], unit="nm/ps"))
     return LangevinState(x=jnp.asarray(x), v=v, step=jnp.asarray(0, dtype=jnp.int64))
 
 
@@ -512,20 +437,20 @@ def run(
         raise InputError(
             f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
         )
-    n_steps = _check_int(n_steps, "n_steps", minimum=1)
-    save_every = _check_int(save_every, "save_every", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    save_every = check_int(save_every, "save_every", minimum=1)
     if n_steps % save_every:
         raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
     replica = _check_replica(replica)
-    m = _check_masses(masses)
+    m = check_masses(masses)
     coeffs = integrator.coefficients(m)
 
     if isinstance(x0, LangevinState):
         if v0 is not None:
             raise InputError("v0 must be None when x0 is a LangevinState (it has velocities)")
-        x = _check_vectors(x0.x, "x0.x", m.shape[0])
-        v = _check_vectors(x0.v, "x0.v", m.shape[0], unit="nm/ps")
-        step = _check_int(int(np.asarray(x0.step)), "x0.step", minimum=0)
+        x = check_vectors(x0.x, "x0.x", m.shape[0])
+        v = check_vectors(x0.v, "x0.v", m.shape[0], unit="nm/ps")
+        step = check_int(int(np.asarray(x0.step)), "x0.step", minimum=0)
         state = LangevinState(jnp.asarray(x), jnp.asarray(v), jnp.asarray(step, jnp.int64))
     else:
         state = langevin_init(x0, m, integrator, replica=replica, velocities=v0)

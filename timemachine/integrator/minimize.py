@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import scipy.optimize
 
+from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError, SimulationError
-from timemachine.integrator.langevin import EnergyFn, GradientFn, _check_int, _check_vectors
+from timemachine.integrator.langevin import EnergyFn, GradientFn
 
 __all__ = ["minimize", "minimize_system"]
 
@@ -55,12 +56,12 @@ def minimize(
         raise InputError(
             f"energy_fn and gradient_fn must be callable, got {energy_fn!r} and {gradient_fn!r}"
         )
-    x0 = _check_vectors(x0, "x0")
+    x0 = check_vectors(x0, "x0")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
         raise InputError(f"tolerance must be a finite number > 0 (kJ/mol/nm), got {tolerance!r}")
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise InputError(f"tolerance must be a finite number > 0 (kJ/mol/nm), got {tolerance!r}")
-    max_iterations = _check_int(max_iterations, "max_iterations", minimum=1)
+    max_iterations = check_int(max_iterations, "max_iterations", minimum=1)
     shape = x0.shape
 
     @jax.jit

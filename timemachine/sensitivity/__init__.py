@@ -1,7 +1,7 @@
 """Sensitivities dx/dθ through Langevin dynamics: ζ, exact and windowed propagation,
 trajectories and finite-difference checks.
 
-See DESIGN.md, "The mathematics". This layer sits above ``timemachine.system`` and the
+See docs/design.md, "The mathematics". This layer sits above ``timemachine.system`` and the
 integrator and below ``timemachine.fitting``.
 """
 

@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     LangevinState,
-    _check_int,
     _check_replica,
-    _check_vectors,
     langevin_step,
     maxwell_boltzmann_velocities,
 )
@@ -122,7 +121,7 @@ def perturbed_runs(
     if batch_size is None:
         per_run = 8 * (64 * n * n + 256 * n) + 8 * (n_steps // save_every) * n * 3
         batch_size = max(1, min(n_runs, _BATCH_BYTES // per_run))
-    batch_size = min(_check_int(batch_size, "batch_size", minimum=1), n_runs)
+    batch_size = min(check_int(batch_size, "batch_size", minimum=1), n_runs)
     n_batches = -(-n_runs // batch_size)
     batch_size = -(-n_runs // n_batches)  # as even as possible: little padding
     program = _runs_program(system)
@@ -208,20 +207,20 @@ def finite_difference(
         raise InputError(
             f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
         )
-    n_steps = _check_int(n_steps, "n_steps", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
     final_only = save_every is None
-    save_every = n_steps if final_only else _check_int(save_every, "save_every", minimum=1)
+    save_every = n_steps if final_only else check_int(save_every, "save_every", minimum=1)
     if n_steps % save_every:
         raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
     replica = _check_replica(replica)
     wrt = _resolve_wrt(system, wrt)
     theta = _resolve_params(system, params)
-    x0 = _check_vectors(x0, "x0", system.n_atoms)
+    x0 = check_vectors(x0, "x0", system.n_atoms)
     if v0 is None:
         v0 = maxwell_boltzmann_velocities(
             system.masses, integrator.temperature, integrator.seed, replica
         )
-    v0 = _check_vectors(v0, "v0", system.n_atoms, unit="nm/ps")
+    v0 = check_vectors(v0, "v0", system.n_atoms, unit="nm/ps")
     hp = _steps_h(h, theta[wrt])
 
     p = wrt.size

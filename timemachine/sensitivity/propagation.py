@@ -5,7 +5,7 @@ noise ``noise(seed, t, N, replica)``, so the positions and velocities carried he
 the ones ``timemachine.integrator.run`` produces for the same seed. Next to them, with
 ζ_t = H(x_t)·dx_t/dθ + ∂²E/∂x∂θ(x_t) (paper eq. 6) and dx_0/dθ = dv_0/dθ = 0:
 
-Exact mode (DESIGN.md, "The mathematics")::
+Exact mode (docs/design.md, "The mathematics")::
 
     dv_{t+1} = a dv_t - b ∘ ζ_t
     dx_{t+1} = dx_t + δt dv_{t+1}

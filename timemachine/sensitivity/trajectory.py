@@ -4,7 +4,7 @@ A run is ``n_steps // save_every`` blocks; each block is ``save_every`` steps of
 ``exact_step`` or ``window_step`` (``timemachine.sensitivity.propagation``) and saves its
 last state. Many blocks form a chunk: one call of one jit-compiled program (a loop over
 blocks around a loop over steps), so no Python or dispatch cost is paid per step
-(DESIGN.md, "Performance principles"). Between chunks the host checks the saved frames
+(docs/design.md, "Performance principles"). Between chunks the host checks the saved frames
 for blow-ups, advances the progress bar, and either keeps the frames or, with
 ``out_dir``, writes them to ``chunk_XXXXX.npz`` and lets them go, so the memory of a long
 run does not grow with its length.
@@ -32,14 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.checks import check_int, check_vectors
 from timemachine.constants import BOLTZMANN
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_json, atomic_savez
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
-    _check_int,
     _check_replica,
-    _check_vectors,
     langevin_init,
 )
 from timemachine.sensitivity import zeta as zeta_module
@@ -413,7 +412,7 @@ def _physical_memory() -> int | None:
 
 def _chunk_blocks(n_blocks, frame_bytes, chunk_steps, save_every):
     if chunk_steps is not None:
-        chunk_steps = _check_int(chunk_steps, "chunk_steps", minimum=1)
+        chunk_steps = check_int(chunk_steps, "chunk_steps", minimum=1)
         if chunk_steps % save_every:
             raise InputError(
                 f"chunk_steps = {chunk_steps} must be a multiple of save_every = {save_every}"
@@ -433,9 +432,9 @@ def _initial_state(system, x0, integrator, method, k, wrt, v0, replica):
             )
         if v0 is not None:
             raise InputError("v0 must be None when x0 is a state (it carries velocities)")
-        x = _check_vectors(x0.x, "x0.x", n)
-        v = _check_vectors(x0.v, "x0.v", n, unit="nm/ps")
-        step = _check_int(int(np.asarray(x0.step)), "x0.step", minimum=0)
+        x = check_vectors(x0.x, "x0.x", n)
+        v = check_vectors(x0.v, "x0.v", n, unit="nm/ps")
+        step = check_int(int(np.asarray(x0.step)), "x0.step", minimum=0)
         shape = (p, n, 3)
         for name in ("dx_dtheta", "dv_dtheta"):
             if np.shape(getattr(x0, name)) != shape:
@@ -582,8 +581,8 @@ def simulate(
         )
     method = _choose(method, "method", METHODS)
     zeta = _choose(zeta, "zeta", ZETA_METHODS)
-    n_steps = _check_int(n_steps, "n_steps", minimum=1)
-    save_every = _check_int(save_every, "save_every", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    save_every = check_int(save_every, "save_every", minimum=1)
     if n_steps % save_every:
         raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
     replica = _check_replica(replica)
@@ -604,7 +603,7 @@ def simulate(
         if window is None:
             k = window_size(integrator, window_tol)
         else:
-            k = _check_int(window, "window", minimum=1)
+            k = check_int(window, "window", minimum=1)
         wcoeffs = window_coefficients(integrator, k)
     elif window is not None:
         raise InputError(f"window = {window!r} is only used with method='window'")

@@ -8,7 +8,7 @@ tested against.
 ``make_zeta`` (and ``make_gradient_and_zeta``) build the production ζ for a System: the
 Hessian of every structured term is assembled once per call and contracted with all P
 tangents at once, so the cost is a few gradients rather than P Hessian-vector products
-(DESIGN.md, "Performance principles").
+(docs/design.md, "Performance principles").
 """
 
 import jax

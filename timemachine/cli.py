@@ -295,9 +295,9 @@ def _fmt_time(seconds):
 
 
 def run_fit(args) -> dict:
-    from timemachine.sensitivity.trajectory import _check_backend
+    from timemachine.backends import check_backend
 
-    _check_backend(args.backend)  # before minutes of set-up, not after
+    check_backend(args.backend)  # before minutes of set-up, not after
     if args.experiment == "nmr":
         if args.backend != "jax":
             from timemachine.errors import InputError
@@ -319,13 +319,13 @@ def run_fit(args) -> dict:
 
 def run_recovery(args) -> dict:
     import timemachine as tm
+    from timemachine.backends import check_backend
     from timemachine.files import atomic_write_text
     from timemachine.fitting.plots import plot_fit
     from timemachine.fitting.targets import save_targets
     from timemachine.fitting.train import load_checkpoint
-    from timemachine.sensitivity.trajectory import _check_backend
 
-    _check_backend(args.backend)  # before minutes of set-up, not after
+    check_backend(args.backend)  # before minutes of set-up, not after
     replicas, steps, epochs, equil = FIT_SIZES[args.size]
     replicas = args.replicas or replicas
     steps = args.steps or steps

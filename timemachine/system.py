@@ -262,6 +262,52 @@ class System:
             chosen |= hit
         return np.flatnonzero(chosen)
 
+    def resolve_wrt(self, wrt) -> np.ndarray:
+        """(P,) int64 indices into θ from ``wrt``: a glob, a list of globs, or int indices.
+
+        The public entry points resolve ``wrt`` once with this and pass the indices down.
+        Raises InputError for no match, a bad type or shape, an index out of range or a
+        repeated one.
+        """
+        if isinstance(wrt, str) or (
+            isinstance(wrt, (list, tuple)) and wrt and all(isinstance(w, str) for w in wrt)
+        ):
+            return self.select(wrt)
+        try:
+            idx = np.asarray(wrt)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"wrt must be a glob, a list of globs or int indices, got {wrt!r}"
+            ) from exc
+        if idx.ndim == 0 and np.issubdtype(idx.dtype, np.integer):
+            idx = idx.reshape(1)
+        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise InputError(
+                f"wrt must be a glob such as 'torsion*', a list of globs, or a non-empty 1-D list "
+                f"of int indices into self.params, got {wrt!r}"
+            )
+        bad = np.flatnonzero((idx < 0) | (idx >= self.n_params))
+        if bad.size:
+            raise InputError(
+                f"wrt[{bad[0]}] = {int(idx[bad[0]])} is not an index into self.params "
+                f"(the system has {self.n_params} parameters)"
+            )
+        if np.unique(idx).size != idx.size:
+            raise InputError(f"wrt has repeated indices: {idx.tolist()}")
+        return idx.astype(np.int64)
+
+    def resolve_params(self, params) -> np.ndarray:
+        """(P_all,) float64 θ: ``params`` checked for shape and finiteness, or the default θ."""
+        if params is None:
+            return np.asarray(self.params)
+        theta = np.asarray(params, dtype=np.float64)
+        if theta.shape != (self.n_params,):
+            raise InputError(f"params must have shape ({self.n_params},), got {theta.shape}")
+        bad = np.flatnonzero(~np.isfinite(theta))
+        if bad.size:
+            raise InputError(f"params[{bad[0]}] ({self.param_names[bad[0]]}) is {theta[bad[0]]}")
+        return theta
+
     def index(self, name: str) -> int:
         """Index into θ of one parameter name."""
         try:

@@ -69,4 +69,25 @@ def require_cuda() -> None:
         )
 
 
-__all__ = ["cuda_available", "kernel_dir", "kernel_sources", "require_cuda"]
+BACKENDS = ("jax", "cuda")
+
+
+def check_backend(backend) -> None:
+    """InputError unless ``backend`` is "jax", or "cuda" on a machine that can run it (the
+    error then says why it cannot: no CuPy, no GPU)."""
+    if backend == "jax":
+        return
+    if backend == "cuda":
+        require_cuda()
+        return
+    raise InputError(f"unknown backend {backend!r}; the backends are 'jax' and 'cuda'")
+
+
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "cuda_available",
+    "kernel_dir",
+    "kernel_sources",
+    "require_cuda",
+]

@@ -98,9 +98,9 @@ def environment() -> dict:
 
     cuda_backend = {"available": False}
     try:
-        import timemachine.sensitivity.trajectory as trajectory
+        from timemachine.backends import check_backend
 
-        trajectory._check_backend("cuda")
+        check_backend("cuda")
         cuda_backend["available"] = True
     except InputError as exc:
         cuda_backend["reason"] = str(exc)

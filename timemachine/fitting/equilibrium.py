@@ -230,7 +230,6 @@ def fit_equilibrium(
     """
     from timemachine.fitting.replicas import run_replicas
     from timemachine.fitting.targets import load_targets
-    from timemachine.sensitivity.trajectory import _resolve_wrt
 
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
@@ -280,7 +279,7 @@ def fit_equilibrium(
     if isinstance(targets, (str, os.PathLike)):
         targets = load_targets(targets, system.topology)
     target = target_vector(targets)
-    wrt = _resolve_wrt(system, wrt)
+    wrt = system.resolve_wrt(wrt)
     names = tuple(system.param_names[i] for i in wrt)
     full0 = np.array(system.params if params is None else params, dtype=np.float64)
     if full0.shape != (system.n_params,):

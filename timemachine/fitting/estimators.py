@@ -201,7 +201,6 @@ def fluctuation_gradient(
         ``GradientEstimate`` (method "fluctuation"); the unweighted covariance uses the
         unbiased S/(S-1) normalisation; ``diagnostics`` holds ``kish_ess`` with weights.
     """
-    from timemachine.sensitivity.trajectory import _resolve_params, _resolve_wrt
     from timemachine.system import System
 
     x = _check_frames(x)
@@ -211,8 +210,8 @@ def fluctuation_gradient(
     if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
         raise InputError(f"temperature must be a number > 0 (K), got {temperature!r}")
     if isinstance(energy, System):
-        theta = _resolve_params(energy, params)
-        wrt = _resolve_wrt(energy, "*" if wrt is None else wrt)
+        theta = energy.resolve_params(params)
+        wrt = energy.resolve_wrt("*" if wrt is None else wrt)
         names = tuple(energy.param_names[i] for i in wrt)
     elif callable(energy):
         if params is None or wrt is None:
@@ -487,20 +486,18 @@ def hybrid_gradient(
 
 
 def _theta_of(energy, params):
-    from timemachine.sensitivity.trajectory import _resolve_params
     from timemachine.system import System
 
     if isinstance(energy, System):
-        return _resolve_params(energy, params)
+        return energy.resolve_params(params)
     return np.asarray(params, dtype=np.float64)
 
 
 def _wrt_indices(energy, wrt):
-    from timemachine.sensitivity.trajectory import _resolve_wrt
     from timemachine.system import System
 
     if isinstance(energy, System):
-        return _resolve_wrt(energy, "*" if wrt is None else wrt)
+        return energy.resolve_wrt("*" if wrt is None else wrt)
     return np.atleast_1d(np.asarray(wrt))
 
 

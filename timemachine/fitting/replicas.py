@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.backends import check_backend
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError, SimulationError
 from timemachine.integrator.langevin import (
@@ -40,10 +41,7 @@ from timemachine.sensitivity.propagation import (
     window_step,
 )
 from timemachine.sensitivity.trajectory import (
-    _check_backend,
     _physical_memory,
-    _resolve_params,
-    _resolve_wrt,
 )
 from timemachine.sensitivity.zeta import make_gradient_and_zeta
 from timemachine.system import System
@@ -167,7 +165,7 @@ def run_replicas(
         InputError: invalid arguments, named with their values.
         SimulationError: non-finite coordinates or sensitivities in a replica (named).
     """
-    _check_backend(backend)
+    check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if not isinstance(integrator, LangevinIntegrator):
@@ -195,8 +193,8 @@ def run_replicas(
     if np.unique(replicas).size != replicas.size:
         raise InputError(f"replicas repeat an index (identical noise): {replicas.tolist()}")
     m_rep, n = replicas.size, system.n_atoms
-    wrt = _resolve_wrt(system, wrt)
-    theta = _resolve_params(system, params)
+    wrt = system.resolve_wrt(wrt)
+    theta = system.resolve_params(params)
     p = wrt.size
 
     x_start = _per_replica(x0, "x0", m_rep, n, "nm")

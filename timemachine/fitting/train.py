@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from timemachine.backends import check_backend
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_bytes, atomic_write_text
 from timemachine.fitting.loss import (
@@ -43,7 +44,6 @@ from timemachine.fitting.result import (
     settings_fingerprint,
 )
 from timemachine.integrator.langevin import LangevinIntegrator
-from timemachine.sensitivity.trajectory import _check_backend, _resolve_wrt
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_bytes", "atomic_write_text", "fit", "load_checkpoint"]
@@ -294,7 +294,7 @@ def fit(
         optimizer = "adam"
     if n_replicas is None:
         n_replicas = 8
-    _check_backend(backend)
+    check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if targets is not None and not isinstance(integrator, LangevinIntegrator):
@@ -322,7 +322,7 @@ def fit(
     if ergodicity_weight and not time_samples:
         raise InputError("ergodicity_weight > 0 needs time_samples > 0 (a time average)")
 
-    wrt = _resolve_wrt(system, wrt)
+    wrt = system.resolve_wrt(wrt)
     names = tuple(system.param_names[i] for i in wrt)
     full0 = np.array(system.params if params is None else params, dtype=np.float64)
     if full0.shape != (system.n_params,):

@@ -33,8 +33,6 @@ from timemachine.integrator.langevin import (
 )
 from timemachine.sensitivity.trajectory import (
     SensitivityTrajectory,
-    _resolve_params,
-    _resolve_wrt,
 )
 from timemachine.system import System
 
@@ -213,8 +211,8 @@ def finite_difference(
     if n_steps % save_every:
         raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
     replica = _check_replica(replica)
-    wrt = _resolve_wrt(system, wrt)
-    theta = _resolve_params(system, params)
+    wrt = system.resolve_wrt(wrt)
+    theta = system.resolve_params(params)
     x0 = check_vectors(x0, "x0", system.n_atoms)
     if v0 is None:
         v0 = maxwell_boltzmann_velocities(

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.backends import check_backend
 from timemachine.checks import check_int, check_vectors
 from timemachine.constants import BOLTZMANN
 from timemachine.errors import InputError, SimulationError
@@ -345,58 +346,6 @@ def _program(system, wrt_key, zeta_method, method, bonded="auto"):
 # --------------------------------------------------------------------------- validation
 
 
-def _resolve_wrt(system, wrt) -> np.ndarray:
-    if isinstance(wrt, str) or (
-        isinstance(wrt, (list, tuple)) and wrt and all(isinstance(w, str) for w in wrt)
-    ):
-        return system.select(wrt)
-    try:
-        idx = np.asarray(wrt)
-    except (TypeError, ValueError) as exc:
-        raise InputError(
-            f"wrt must be a glob, a list of globs or int indices, got {wrt!r}"
-        ) from exc
-    if idx.ndim == 0 and np.issubdtype(idx.dtype, np.integer):
-        idx = idx.reshape(1)
-    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-        raise InputError(
-            f"wrt must be a glob such as 'torsion*', a list of globs, or a non-empty 1-D list "
-            f"of int indices into system.params, got {wrt!r}"
-        )
-    bad = np.flatnonzero((idx < 0) | (idx >= system.n_params))
-    if bad.size:
-        raise InputError(
-            f"wrt[{bad[0]}] = {int(idx[bad[0]])} is not an index into system.params "
-            f"(the system has {system.n_params} parameters)"
-        )
-    if np.unique(idx).size != idx.size:
-        raise InputError(f"wrt has repeated indices: {idx.tolist()}")
-    return idx.astype(np.int64)
-
-
-def _resolve_params(system, params):
-    if params is None:
-        return np.asarray(system.params)
-    theta = np.asarray(params, dtype=np.float64)
-    if theta.shape != (system.n_params,):
-        raise InputError(f"params must have shape ({system.n_params},), got {theta.shape}")
-    bad = np.flatnonzero(~np.isfinite(theta))
-    if bad.size:
-        raise InputError(f"params[{bad[0]}] ({system.param_names[bad[0]]}) is {theta[bad[0]]}")
-    return theta
-
-
-def _check_backend(backend):
-    if backend == "jax":
-        return
-    if backend == "cuda":
-        from timemachine import backends
-
-        backends.require_cuda()  # InputError saying why (no CuPy, no GPU)
-        return
-    raise InputError(f"unknown backend {backend!r}; the backends are 'jax' and 'cuda'")
-
-
 def _choose(value, name, options):
     if value not in options:
         raise InputError(f"{name} must be one of {options}, got {value!r}")
@@ -572,7 +521,7 @@ def simulate(
         SimulationError: non-finite coordinates (the first bad saved step and atom are
             named) or a sensitivity above ``max_sensitivity`` (step, parameter, atom).
     """
-    _check_backend(backend)
+    check_backend(backend)
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if not isinstance(integrator, LangevinIntegrator):
@@ -592,8 +541,8 @@ def simulate(
         isinstance(max_sensitivity, numbers.Real) and max_sensitivity > 0
     ):
         raise InputError(f"max_sensitivity must be a number > 0 or None, got {max_sensitivity!r}")
-    wrt = _resolve_wrt(system, wrt)
-    theta = _resolve_params(system, params)
+    wrt = system.resolve_wrt(wrt)
+    theta = system.resolve_params(params)
     param_names = tuple(system.param_names[i] for i in wrt)
     n, p = system.n_atoms, wrt.size
 

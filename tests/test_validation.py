@@ -159,3 +159,21 @@ def test_chains_on_worker_processes_give_the_same_numbers(ala3_targets):
     two = validate_openmm(FILES, top, x, targets, n_workers=2, **settings)
     np.testing.assert_array_equal(two.values, one.values)  # same seeds, same platform
     assert two.chi2_per_n == one.chi2_per_n and two.seeds == one.seeds
+
+
+def test_the_same_seeds_give_the_same_chains_whichever_platform_is_chosen(ala3_targets):
+    # platform=None benchmarks the platforms and may pick any; given the one it picked, a
+    # second call reproduces the first (the minimisation is on Reference either way)
+    top, x, targets = ala3_targets
+    settings = dict(
+        time_ns=0.02, n_seeds=2, seed=5, save_every_ps=1.0, equilibration_ps=2.0, n_blocks=2
+    )
+    auto = validate_openmm(FILES, top, x, targets, platform=None, progress=False, **settings)
+    name = auto.platform.split(" ")[0]
+    threads = int(auto.platform.split("(")[1].split()[0]) if "(" in auto.platform else None
+    again = validate_openmm(
+        FILES, top, x, targets, platform=name, threads=threads, progress=False, **settings
+    )
+    if name == "CPU" and threads != 1:
+        pytest.skip(f"the benchmark picked {auto.platform}: multi-threaded CPU is not bitwise")
+    np.testing.assert_array_equal(again.values, auto.values)

@@ -29,7 +29,13 @@ from timemachine.backends import cuda_available, cupy_backend, noise
 from timemachine.backends.host import HostExecutor
 from timemachine.backends.plan import STRUCTS, Pipeline, build_plan, struct_bytes
 from timemachine.errors import InputError, SimulationError, TimemachineError
-from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
+from timemachine.integrator import langevin_update
+from timemachine.sensitivity.propagation import (
+    exact_init,
+    sensitivity_update,
+    window_coefficients,
+    window_init,
+)
 from timemachine.sensitivity.zeta import make_gradient_and_zeta
 from timemachine.system import HarmonicBonds, Nonbonded, System
 
@@ -63,7 +69,6 @@ def villin_vacuum(villin):
 def fed_noise_reference(system, x, v, integ, wrt, replica=0):
     """(x, dx/dθ) after N_STEPS exact-mode steps of a jitted JAX loop fed the CUDA noise."""
     co = integ.coefficients(system.masses)
-    a, b, c, dt = co.a, co.b[:, None], co.c[:, None], co.dt
     gz = make_gradient_and_zeta(system, wrt)
     theta = jnp.asarray(system.params)
     normals = jnp.asarray(
@@ -75,10 +80,8 @@ def fed_noise_reference(system, x, v, integ, wrt, replica=0):
     def step(carry, n):
         x, v, dx, dv = carry
         g, z = gz(x, theta, dx)
-        v = a * v - b * g + c * n
-        x = x + dt * v
-        dv = a * dv - b[None] * z
-        dx = dx + dt * dv
+        x, v = langevin_update(co, x, v, g, n)  # eqs. 3-4, the CUDA stream's normals
+        dx, dv = sensitivity_update(co, dx, dv, z)
         return (x, v, dx, dv), None
 
     zeros = jnp.zeros((len(wrt),) + x.shape)

@@ -31,7 +31,14 @@ from timemachine.backends import cupy_backend, noise
 from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
 from timemachine.backends.plan import DTYPES, PCHUNK, Pipeline, build_plan
 from timemachine.errors import InputError, SimulationError
-from timemachine.sensitivity.propagation import exact_init, window_coefficients, window_init
+from timemachine.integrator import langevin_update
+from timemachine.sensitivity.propagation import (
+    exact_init,
+    sensitivity_update,
+    window_coefficients,
+    window_init,
+    window_source,
+)
 from timemachine.sensitivity.zeta import make_gradient_and_zeta, zeta_reference
 from timemachine.system import (
     OBC2,
@@ -387,36 +394,35 @@ def _energy_fn(terms, x, theta):
 def reference_run(system, x, v, integ, wrt, n_steps, window=None, replica=0):
     """States after steps 0..n_steps: (xs, vs, dxs), each (n_steps + 1, ...), numpy.
 
-    The Langevin update (paper eqs. 3-4) and exact (window None) or windowed (eq. 9:
-    ring of the last k ζ's, each evicted ζ folded with weight a^{k+1}/(1 - a))
-    propagation of dx/dθ written out here around JAX's ∇E and ζ, with the CUDA backend's
-    noise stream (noise.philox_normal) when the temperature is above zero.
+    The engine's own equations, fed the CUDA backend's noise stream (noise.philox_normal)
+    when the temperature is above zero: ``langevin_update`` (eqs. 3-4) and
+    ``sensitivity_update`` with ζ (exact, window None) or ``window_source`` (eq. 9: ring
+    of the last k ζ's, each evicted ζ folded with weight a^{k+1}/(1 - a)), around JAX's ∇E
+    and ζ.
     """
 
     co = integ.coefficients(system.masses)
-    a, b, c, dt = float(co.a), np.asarray(co.b)[:, None], np.asarray(co.c)[:, None], float(co.dt)
     x, v = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
     dx, dv = np.zeros((len(wrt),) + x.shape), np.zeros((len(wrt),) + x.shape)
     if window is not None:
-        fold = float(window_coefficients(integ, window).fold)
+        wco = window_coefficients(integ, window)
         ring = np.zeros((window,) + dx.shape)
         to_fold, folded_last = np.zeros_like(dx), np.zeros_like(dx)
     gz = grad_zeta(system, wrt)
     xs, vs, dxs = [x], [v], [dx]
     for t in range(n_steps):
         g, z = gz(x, dx)
-        v = a * v - b * g
+        n = np.zeros_like(x)
         if integ.temperature > 0:
-            v = v + c * noise.philox_normal(integ.seed, t, system.n_atoms, replica)
-        x = x + dt * v
+            n = noise.philox_normal(integ.seed, t, system.n_atoms, replica)
+        x, v = (np.asarray(a) for a in langevin_update(co, x, v, g, n))
         if window is None:
             source = z
         else:
             ring[t % window] = z
-            source = z + fold * (to_fold - folded_last)
+            source = window_source(wco, z, to_fold, folded_last)
             folded_last, to_fold = to_fold, ring[(t + 1) % window].copy()
-        dv = a * dv - b[None] * source
-        dx = dx + dt * dv
+        dx, dv = (np.asarray(a) for a in sensitivity_update(co, dx, dv, source))
         xs.append(x)
         vs.append(v)
         dxs.append(dx)

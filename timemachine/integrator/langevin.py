@@ -347,11 +347,26 @@ def langevin_step(
         seed, replica: integer (possibly traced) noise-stream indices.
     """
     x, v, step = state
-    n = noise(seed, step, x.shape[0], replica)
-    g = gradient_fn(x)
-    v_new = coeffs.a * v - coeffs.b[:, None] * g + coeffs.c[:, None] * n
-    x_new = x + coeffs.dt * v_new
+    x_new, v_new = langevin_update(
+        coeffs, x, v, gradient_fn(x), noise(seed, step, x.shape[0], replica)
+    )
     return LangevinState(x=x_new, v=v_new, step=step + 1)
+
+
+def langevin_update(coeffs: LangevinCoefficients, x, v, grad, normals):
+    """Eqs. 3-4 with the noise as an input: ``(x_t, v_t)`` from step t - 1.
+
+    ``v_t = a v_{t-1} - b ∘ ∇E(x_{t-1}) + c ∘ n_{t-1}``, ``x_t = x_{t-1} + δt v_t``.
+
+    Args:
+        coeffs: ``LangevinCoefficients`` (b, c of shape (N,)).
+        x, v: (N, 3) positions (nm) and velocities (nm/ps) at step t - 1.
+        grad: (N, 3) ∇E(x_{t-1}), kJ/mol/nm.
+        normals: (N, 3) standard normals n_{t-1} (``noise``, or any other stream, such as
+            the CUDA backend's ``backends.noise.philox_normal``).
+    """
+    v_new = coeffs.a * v - coeffs.b[:, None] * grad + coeffs.c[:, None] * normals
+    return x + coeffs.dt * v_new, v_new
 
 
 # --------------------------------------------------------------------------- run

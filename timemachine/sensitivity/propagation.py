@@ -74,10 +74,12 @@ __all__ = [
     "WindowState",
     "exact_init",
     "exact_step",
+    "sensitivity_update",
     "state_memory_bytes",
     "window_coefficients",
     "window_init",
     "window_size",
+    "window_source",
     "window_step",
 ]
 
@@ -199,6 +201,35 @@ def window_init(x, v, n_params: int, k: int, step=0) -> WindowState:
     )
 
 
+# --------------------------------------------------------------------------- equations
+
+
+def sensitivity_update(coeffs: LangevinCoefficients, dx, dv, source):
+    """The exact sensitivity update, eqs. 3-4 differentiated in θ: ``(dx_{t+1}, dv_{t+1})``.
+
+    ``dv_{t+1} = a dv_t - b ∘ s_t``, ``dx_{t+1} = dx_t + δt dv_{t+1}``, where the source
+    s_t is ζ_t (eq. 6) in exact mode and :func:`window_source` in window mode.
+
+    Args:
+        coeffs: ``LangevinCoefficients`` (b of shape (N,)).
+        dx, dv: (P, N, 3) dx_t/dθ (nm/[θ]) and dv_t/dθ (nm/ps/[θ]).
+        source: (P, N, 3) s_t, kJ/mol/nm/[θ].
+    """
+    dv_new = coeffs.a * dv - coeffs.b[None, :, None] * source
+    return dx + coeffs.dt * dv_new, dv_new
+
+
+def window_source(wcoeffs: WindowCoefficients, zeta, to_fold, folded_last):
+    """The window update (paper eq. 9): the source of :func:`sensitivity_update` when only
+    the last k ζ's are kept, ``ζ_t + c_t - c_{t-1}`` with ``c_t = a^{k+1}/(1-a) ζ_{t-k}``.
+
+    Args:
+        wcoeffs: ``WindowCoefficients`` (``fold`` = a^{k+1}/(1-a)).
+        zeta: (P, N, 3) ζ_t; to_fold: (P, N, 3) ζ_{t-k}; folded_last: (P, N, 3) ζ_{t-1-k}.
+    """
+    return zeta + wcoeffs.fold * (to_fold - folded_last)
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -236,8 +267,7 @@ def exact_step(
     primal, zeta = _primal_and_zeta(
         gradient_fn, zeta_fn, gradient_and_zeta_fn, coeffs, state, seed, replica
     )
-    dv = coeffs.a * state.dv_dtheta - coeffs.b[None, :, None] * zeta
-    dx = state.dx_dtheta + coeffs.dt * dv
+    dx, dv = sensitivity_update(coeffs, state.dx_dtheta, state.dv_dtheta, zeta)
     return ExactState(primal.x, primal.v, dx, dv, primal.step)
 
 
@@ -266,9 +296,8 @@ def window_step(
     )
     # ζ_{t+1-k}, evicted by the next step; read from the updated ring (in place, O(P·N))
     upcoming = jax.lax.dynamic_index_in_dim(ring, jnp.mod(state.step + 1, k), 0, keepdims=False)
-    source = zeta + wcoeffs.fold * (state.to_fold - state.folded_last)
-    dv = coeffs.a * state.dv_dtheta - coeffs.b[None, :, None] * source
-    dx = state.dx_dtheta + coeffs.dt * dv
+    source = window_source(wcoeffs, zeta, state.to_fold, state.folded_last)
+    dx, dv = sensitivity_update(coeffs, state.dx_dtheta, state.dv_dtheta, source)
     return WindowState(primal.x, primal.v, dx, dv, primal.step, ring, upcoming, state.to_fold)
 
 

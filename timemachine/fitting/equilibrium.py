@@ -54,6 +54,7 @@ from timemachine.fitting.estimators import (
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.result import (
     Parametrization,
+    check_fingerprint,
     make_optimizer,
     make_result,
     settings_fingerprint,
@@ -318,12 +319,12 @@ def fit_equilibrium(
         out_dir = os.fspath(out_dir)
         ckpt = _load(out_dir) if resume else None
         if ckpt is not None:
-            if ckpt["fingerprint"] != fingerprint:
-                raise InputError(
-                    f"{os.path.join(out_dir, CHECKPOINT)} comes from a fit with other settings "
-                    "(parameters, targets, chains, steps or integrator); resume it with the "
-                    "same settings or use another out_dir"
-                )
+            check_fingerprint(
+                os.path.join(out_dir, CHECKPOINT),
+                ckpt["fingerprint"],
+                fingerprint,
+                "parameters, targets, chains, steps or integrator",
+            )
             u, radius, history, start = ckpt["u"], ckpt["radius"], ckpt["history"], ckpt["epoch"]
             chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
             stored = (ckpt["stored_x"], ckpt["stored_params"])

@@ -39,6 +39,7 @@ from timemachine.fitting.reservoir import Reservoir
 from timemachine.fitting.result import (
     FitResult,
     Parametrization,
+    check_fingerprint,
     make_optimizer,
     make_result,
     settings_fingerprint,
@@ -371,12 +372,12 @@ def fit(
         os.makedirs(out_dir, exist_ok=True)
         ckpt = load_checkpoint(out_dir) if resume else None
         if ckpt is not None:
-            if ckpt["fingerprint"] != fingerprint:
-                raise InputError(
-                    f"{os.path.join(out_dir, CHECKPOINT)} comes from a fit with other settings "
-                    "(parameters, targets, replicas, steps or integrator); resume it with the same "
-                    "settings or use another out_dir"
-                )
+            check_fingerprint(
+                os.path.join(out_dir, CHECKPOINT),
+                ckpt["fingerprint"],
+                fingerprint,
+                "parameters, targets, replicas, steps or integrator",
+            )
             u = ckpt["u"]
             treedef = jax.tree_util.tree_structure(opt_state)
             opt_state = jax.tree_util.tree_unflatten(

@@ -112,7 +112,7 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
     contraction), O(terms) elsewhere; memory O(N²) (two N×N scalar matrices; the dense path
     also a 3N×3N float64 matrix in column tiles, 24 MB in all for 582 atoms).
     """
-    wrt = _check_wrt(system, wrt)
+    wrt = system.resolve_wrt(wrt)
     if method == "reference":
         energy_fn = system.energy_fn()
 
@@ -138,7 +138,7 @@ def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
     linearizations, so one call costs about what ζ alone does. ``method`` and ``bonded``
     as in :func:`make_zeta`; "reference" is ``jax.grad`` plus :func:`zeta_reference`.
     """
-    wrt = _check_wrt(system, wrt)
+    wrt = system.resolve_wrt(wrt)
     if method == "reference":
         energy_fn = system.energy_fn()
         grad = jax.grad(energy_fn, argnums=0)
@@ -168,22 +168,6 @@ def make_gradient(system, bonded="jax"):
     bonded terms' gradient in the C++ custom call (:func:`make_zeta`).
     """
     return _structured(system, np.zeros(0, np.int64), gradient_only=True, bonded=bonded)
-
-
-def _check_wrt(system, wrt):
-    wrt = np.asarray(wrt)
-    if wrt.ndim != 1 or wrt.size == 0 or not np.issubdtype(wrt.dtype, np.integer):
-        raise InputError(
-            f"wrt must be a non-empty 1-D array of int indices into θ, got a {wrt.dtype} "
-            f"array of shape {wrt.shape}"
-        )
-    bad = np.flatnonzero((wrt < 0) | (wrt >= system.n_params))
-    if bad.size:
-        raise InputError(
-            f"wrt[{bad[0]}] = {int(wrt[bad[0]])} is not an index into θ "
-            f"(the system has {system.n_params} parameters)"
-        )
-    return wrt.astype(np.int64)
 
 
 def _use_host_bonded(bonded, gradient_only):

@@ -262,12 +262,13 @@ class System:
             chosen |= hit
         return np.flatnonzero(chosen)
 
-    def resolve_wrt(self, wrt) -> np.ndarray:
+    def resolve_wrt(self, wrt, allow_repeats: bool = False) -> np.ndarray:
         """(P,) int64 indices into θ from ``wrt``: a glob, a list of globs, or int indices.
 
         The public entry points resolve ``wrt`` once with this and pass the indices down.
         Raises InputError for no match, a bad type or shape, an index out of range or a
-        repeated one.
+        repeated one (unless ``allow_repeats``: ζ's tangents may repeat a parameter, e.g.
+        to build a full Hessian column by column).
         """
         if isinstance(wrt, str) or (
             isinstance(wrt, (list, tuple)) and wrt and all(isinstance(w, str) for w in wrt)
@@ -292,7 +293,7 @@ class System:
                 f"wrt[{bad[0]}] = {int(idx[bad[0]])} is not an index into self.params "
                 f"(the system has {self.n_params} parameters)"
             )
-        if np.unique(idx).size != idx.size:
+        if not allow_repeats and np.unique(idx).size != idx.size:
             raise InputError(f"wrt has repeated indices: {idx.tolist()}")
         return idx.astype(np.int64)
 

@@ -112,7 +112,7 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
     contraction), O(terms) elsewhere; memory O(N²) (two N×N scalar matrices; the dense path
     also a 3N×3N float64 matrix in column tiles, 24 MB in all for 582 atoms).
     """
-    wrt = system.resolve_wrt(wrt)
+    wrt = system.resolve_wrt(wrt, allow_repeats=True)
     if method == "reference":
         energy_fn = system.energy_fn()
 
@@ -138,7 +138,7 @@ def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
     linearizations, so one call costs about what ζ alone does. ``method`` and ``bonded``
     as in :func:`make_zeta`; "reference" is ``jax.grad`` plus :func:`zeta_reference`.
     """
-    wrt = system.resolve_wrt(wrt)
+    wrt = system.resolve_wrt(wrt, allow_repeats=True)
     if method == "reference":
         energy_fn = system.energy_fn()
         grad = jax.grad(energy_fn, argnums=0)

@@ -14,8 +14,8 @@ GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU):
 * bad shapes, out-of-range indices and a device out of memory raise TimemachineErrors
   naming the kernel (or buffer) and the argument.
 
-CPU tests (no GPU needed): the validation in backends.plan and cupy_backend runs before
-any launch, and its errors name the kernel and the argument.
+CPU tests (no GPU needed): the validation in backends.tables, backends.pipeline and
+cupy_backend runs before any launch, and its errors name the kernel and the argument.
 """
 
 import jax
@@ -26,8 +26,10 @@ from conftest import rel
 
 import timemachine as tm
 from timemachine.backends import cuda_available, cupy_backend, noise
+from timemachine.backends.abi import STRUCTS, struct_bytes
 from timemachine.backends.host import HostExecutor
-from timemachine.backends.plan import STRUCTS, Pipeline, build_plan, struct_bytes
+from timemachine.backends.pipeline import Pipeline
+from timemachine.backends.tables import build_plan
 from timemachine.errors import InputError, SimulationError, TimemachineError
 from timemachine.integrator import langevin_update
 from timemachine.sensitivity.propagation import (

@@ -4,7 +4,7 @@ One nvcc call builds tm_kernels.cu (the sources that ship with the package,
 timemachine.backends.kernel_dir()) for both architectures with -gencode, and ptxas's
 resource report (--resource-usage) lists every entry function it compiled for each; the
 test fails with the compiler output if the build fails or if an entry the Python side
-launches (backends.plan.KERNELS) was not compiled for an architecture. Skipped where nvcc
+launches (backends.abi.KERNELS) was not compiled for an architecture. Skipped where nvcc
 is absent.
 
 NVRTC is the compiler that actually runs at run time (CuPy's RawModule), and it differs
@@ -26,8 +26,8 @@ import time
 import pytest
 
 from timemachine.backends import kernel_dir
+from timemachine.backends.abi import KERNELS
 from timemachine.backends.cupy_backend import nvrtc_options
-from timemachine.backends.plan import KERNELS
 
 ARCHS = (80, 90)
 
@@ -94,7 +94,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(build):
     assert not missing, f"entries not compiled: {missing}\n{output}"
     # every __global__ function is one the Python side knows how to launch
     unknown = sorted({k for k, _ in entries} - set(KERNELS))
-    assert not unknown, f"kernels missing from backends.plan.KERNELS: {unknown}"
+    assert not unknown, f"kernels missing from backends.abi.KERNELS: {unknown}"
     # the fatbinary holds one uncompressed ELF per architecture with every extern "C" name
     blob = (out / "tm_kernels.fatbin").read_bytes()
     assert blob.count(b"\x7fELF") >= len(ARCHS)

@@ -1,7 +1,7 @@
 """The CUDA kernels' maths, built for the CPU, against the JAX reference.
 
 Every kernel body in cuda/kernels/*.cuh is compiled for the host (timemachine.backends.host)
-and driven by the same launch sequence the GPU backend issues (backends.plan.Pipeline).
+and driven by the same launch sequence the GPU backend issues (backends.pipeline.Pipeline).
 Each potential is checked on its own (a System with that one term) on random inputs that
 exercise every parameter channel, and on real ones (trialanine with OBC2, villin in
 vacuum): energy, gradient, ∂E/∂θ (jax.value_and_grad) and ζ (zeta_reference: one jvp of
@@ -28,8 +28,10 @@ from conftest import rel
 
 import timemachine as tm
 from timemachine.backends import cupy_backend, noise
+from timemachine.backends.abi import DTYPES, PCHUNK
 from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
-from timemachine.backends.plan import DTYPES, PCHUNK, Pipeline, build_plan
+from timemachine.backends.pipeline import Pipeline
+from timemachine.backends.tables import build_plan
 from timemachine.errors import InputError, SimulationError
 from timemachine.integrator import langevin_update
 from timemachine.sensitivity.propagation import (

@@ -140,7 +140,7 @@ def test_custom_call_rejects_mismatched_shapes(trialanine):
     """The C++ side checks what it is given and raises, rather than reading out of bounds."""
     system, x = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
     wrt = system.select("torsion/*/k*")
-    from timemachine.backends.plan import coordinate_term_groups
+    from timemachine.backends.tables import coordinate_term_groups
 
     tables = xla_cpu.BondedTables.build(coordinate_term_groups(system), system.n_params, wrt)
     bad_dx = jnp.zeros((len(wrt), system.n_atoms + 1, 3))

@@ -22,7 +22,7 @@ from timemachine.errors import (  # noqa: E402
     TimemachineError,
 )
 from timemachine.fitting import fit  # noqa: E402
-from timemachine.integrator import LangevinIntegrator, minimize, minimize_system  # noqa: E402
+from timemachine.integrator import LangevinIntegrator, minimize  # noqa: E402
 from timemachine.io import (  # noqa: E402
     build_peptide,
     export_forcefield,
@@ -31,11 +31,16 @@ from timemachine.io import (  # noqa: E402
     strip_solvent,
 )
 from timemachine.sensitivity import compare, finite_difference, simulate  # noqa: E402
+from timemachine.structured import gradient_fn, minimize_system  # noqa: E402
 from timemachine.system import System  # noqa: E402
 
 # The System lives below the OpenMM layer, so the constructor that needs OpenMM is attached
 # here rather than imported by timemachine.system itself.
 System.from_openmm = staticmethod(from_openmm)
+# Likewise the closed-form gradient, which sits one layer above the terms: system.gradient_fn()
+# is timemachine.structured.gradient_fn(system), the pure ∇_x E(x, θ) (N, 3), kJ/mol/nm, of
+# plain dynamics, cached per System.
+System.gradient_fn = gradient_fn
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,24 @@ terms is one entry of θ and derivatives with respect to it sum over all its use
 
 Terms are JAX pytrees (their index arrays are leaves), so ``energy_fn(terms, x, θ)`` can be
 jit-compiled once and reused for any θ.
+
+The term registry: each term class declares what the fast paths need of it, and the
+fast paths look these up instead of testing the class:
+
+* ``coordinate_groups(where)`` — its terms of one internal coordinate (a bond length, an
+  angle, a dihedral, a 1-4 pair distance) as :class:`CoordinateGroup` s: the atoms, the
+  θ indices and constants of each, the coordinate and the scalar form from
+  ``timemachine.potentials``. The structured derivatives, the CPU custom call and the
+  CUDA term kernels all read these.
+* ``structured`` — the name of its all-pairs part in ``timemachine.structured.PAIR_PARTS``
+  (closed-form pair scalars and Born-radius chain), or None.
+* ``kernel`` — the name of its CUDA table builder in
+  ``timemachine.backends.tables.TABLE_BUILDERS``, or None.
+
+A term with no coordinate group and no structured part (CustomTerm, any new form) gets
+its derivatives from autodiff; one with neither a coordinate group nor a kernel has no
+CUDA path. Adding a term type is one class here (or in a module of its own) and, for a
+fast path, one registered builder.
 """
 
 from __future__ import annotations
@@ -15,6 +33,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +41,39 @@ import numpy as np
 
 from timemachine import potentials
 from timemachine.errors import InputError
+
+
+class CoordinateGroup(NamedTuple):
+    """Terms E = Σ_t form(q(x[idx_t]), θ[pidx_t], consts_t) of one internal coordinate q.
+
+    Attributes:
+      kind: "bond" | "angle" | "torsion" | "exception": the channel layout (the CUDA term
+        kernels' and the CPU custom call's kind).
+      coordinate: "distance" | "angle" | "dihedral": q, in nm or radians.
+      form: ``form(q, p (C,), c (NC,)) -> kJ/mol`` for one term, built on the scalar forms
+        of ``timemachine.potentials``.
+      idx: (T, k) atoms; pidx: (T, C) θ indices per channel; consts: (T, NC) float64.
+      where: the term it came from, for error messages.
+    """
+
+    kind: str
+    coordinate: str
+    form: Callable
+    idx: np.ndarray
+    pidx: np.ndarray
+    consts: np.ndarray
+    where: str
+
+
+def _group(kind, coordinate, form, idx, channels, consts, where):
+    idx = np.asarray(idx)
+    pidx = np.stack([np.asarray(c) for c in channels], 1) if channels else np.zeros((len(idx), 0))
+    cst = (
+        np.stack([np.broadcast_to(np.asarray(c, np.float64), (len(idx),)) for c in consts], 1)
+        if consts
+        else np.zeros((len(idx), 0))
+    )
+    return CoordinateGroup(kind, coordinate, form, idx, pidx, cst, where)
 
 
 def _pytree(cls, data, meta=()):
@@ -36,6 +88,8 @@ class HarmonicBonds:
     """Harmonic bonds. idx (B, 2); length_index, k_index (B,) into θ."""
 
     kind = "bond"
+    structured = None
+    kernel = None  # the CUDA term kernels, through coordinate_groups
     idx: np.ndarray
     length_index: np.ndarray
     k_index: np.ndarray
@@ -45,6 +99,15 @@ class HarmonicBonds:
             x, self.idx, params[self.length_index], params[self.k_index]
         )
 
+    @staticmethod
+    def form(r, p, c):
+        """One bond: p = (r0, k)."""
+        return potentials.harmonic(r, p[0], p[1])
+
+    def coordinate_groups(self, where):
+        channels = [self.length_index, self.k_index]
+        return [_group("bond", "distance", self.form, self.idx, channels, [], where)]
+
 
 HarmonicBonds = _pytree(HarmonicBonds, ["idx", "length_index", "k_index"])
 
@@ -53,6 +116,8 @@ class HarmonicAngles:
     """Harmonic angles. idx (A, 3); theta0_index, k_index (A,) into θ."""
 
     kind = "angle"
+    structured = None
+    kernel = None  # the CUDA term kernels, through coordinate_groups
     idx: np.ndarray
     theta0_index: np.ndarray
     k_index: np.ndarray
@@ -61,6 +126,15 @@ class HarmonicAngles:
         return potentials.harmonic_angle(
             x, self.idx, params[self.theta0_index], params[self.k_index]
         )
+
+    @staticmethod
+    def form(theta, p, c):
+        """One angle: p = (θ0, k)."""
+        return potentials.harmonic(theta, p[0], p[1])
+
+    def coordinate_groups(self, where):
+        channels = [self.theta0_index, self.k_index]
+        return [_group("angle", "angle", self.form, self.idx, channels, [], where)]
 
 
 HarmonicAngles = _pytree(HarmonicAngles, ["idx", "theta0_index", "k_index"])
@@ -72,6 +146,8 @@ class PeriodicTorsions:
     ``kind`` is "torsion" for propers and "improper" for impropers.
     """
 
+    structured = None
+    kernel = None  # the CUDA term kernels, through coordinate_groups
     idx: np.ndarray
     periodicity: np.ndarray
     phase_index: np.ndarray
@@ -82,6 +158,16 @@ class PeriodicTorsions:
         return potentials.periodic_torsion(
             x, self.idx, self.periodicity, params[self.phase_index], params[self.k_index]
         )
+
+    @staticmethod
+    def form(phi, p, c):
+        """One torsion: p = (φ0, k), c = (periodicity,). Propers and impropers share it."""
+        return potentials.periodic(phi, c[0], p[0], p[1])
+
+    def coordinate_groups(self, where):
+        channels = [self.phase_index, self.k_index]
+        per = [np.asarray(self.periodicity, np.float64)]
+        return [_group("torsion", "dihedral", self.form, self.idx, channels, per, where)]
 
 
 PeriodicTorsions = _pytree(
@@ -98,6 +184,8 @@ class Nonbonded:
     """
 
     kind = "nonbonded"
+    structured = "nonbonded"  # timemachine.structured.nonbonded: all-pairs pair scalars
+    kernel = "nonbonded"  # the CUDA tm_nonbonded_* kernels; exceptions: coordinate_groups
     charge_index: np.ndarray
     sigma_index: np.ndarray
     epsilon_index: np.ndarray
@@ -114,6 +202,23 @@ class Nonbonded:
         return e + potentials.nonbonded_exceptions(
             x, self.exception_idx, q, sig, eps, self.coulomb_scale, self.lj_scale
         )
+
+    @staticmethod
+    def exception_form(r, p, c):
+        """One 1-4 exception: p = (q_i, q_j, σ_i, σ_j, ε_i, ε_j), c = (coulomb, lj scale)."""
+        return potentials.exception_pair(r, *(p[k] for k in range(6)), c[0], c[1])
+
+    def coordinate_groups(self, where):
+        exc = np.asarray(self.exception_idx)
+        if not exc.shape[0]:
+            return []
+        i, j = exc[:, 0], exc[:, 1]
+        per_atom = [np.asarray(a) for a in (self.charge_index, self.sigma_index)]
+        per_atom.append(np.asarray(self.epsilon_index))
+        channels = [a[k] for a in per_atom for k in (i, j)]
+        scales = [self.coulomb_scale, self.lj_scale]
+        form = self.exception_form
+        return [_group("exception", "distance", form, exc, channels, scales, f"{where} exceptions")]
 
 
 Nonbonded = _pytree(
@@ -134,6 +239,8 @@ class OBC2:
     """OBC2 generalized Born + ACE surface term; charge/radius/scale_index (N,) into θ."""
 
     kind = "gb"
+    structured = "obc2"  # timemachine.structured.obc2: pair scalars and Born-radius chain
+    kernel = "gb"  # the CUDA tm_gb_* kernels
     charge_index: np.ndarray
     radius_index: np.ndarray
     scale_index: np.ndarray
@@ -150,6 +257,9 @@ class OBC2:
             self.solvent_dielectric,
         )
 
+    def coordinate_groups(self, where):
+        return []
+
 
 OBC2 = _pytree(
     OBC2,
@@ -165,12 +275,17 @@ class CustomTerm:
     products, mixed partials) come from autodiff.
     """
 
+    structured = None
+    kernel = None
     param_index: np.ndarray
     fn: Callable
     kind: str = "custom"
 
     def energy(self, x, params):
         return self.fn(x, params[self.param_index])
+
+    def coordinate_groups(self, where):
+        return []
 
 
 CustomTerm = _pytree(CustomTerm, ["param_index"], ["fn", "kind"])
@@ -376,23 +491,14 @@ class System:
         """The pure function ``E(x, θ)``, for use inside jit/scan/grad (no input checks)."""
         return partial(_energy, self.terms)
 
-    def gradient_fn(self) -> Callable:
-        """The pure function ``∇_x E(x, θ)`` (N, 3), kJ/mol/nm, in closed form: the fast
-        path for plain dynamics (``integrator.run``, finite-difference runs).
-
-        Pair scalars for the all-pairs terms, analytic internal-coordinate derivatives for
-        the bonded ones, ``jax.grad`` for custom terms (see
-        ``timemachine.sensitivity.zeta.make_gradient``). Equal to ``jax.grad`` of
-        :meth:`energy_fn` to round-off; :meth:`gradient` stays the autodiff reference.
-        One function per System (cached), so jitted programs keyed on it are reused. Use
-        inside jit/scan (no input checks).
-        """
-        fn = self.__dict__.get("_gradient_fn")
-        if fn is None:
-            from timemachine.sensitivity.zeta import make_gradient
-
-            fn = self.__dict__["_gradient_fn"] = make_gradient(self)
-        return fn
+    def coordinate_groups(self) -> list[CoordinateGroup]:
+        """Every term's :class:`CoordinateGroup` s, in term order (the term registry's
+        internal-coordinate face; see the module docstring)."""
+        return [
+            g
+            for t_no, term in enumerate(self.terms)
+            for g in term.coordinate_groups(f"system.terms[{t_no}] ({term.kind})")
+        ]
 
     def energy(self, x, params=None) -> float:
         """Potential energy (kJ/mol) at positions x (N, 3) nm and parameters θ (P,)."""

@@ -18,7 +18,7 @@ Philox stream of ``philox.cuh`` (``timemachine.backends.noise.philox_normal``), 
 jax.random: with temperature > 0 the CUDA and JAX trajectories differ from the first
 step; noise-free runs, or a JAX run fed ``philox_normal``, agree to round-off.
 
-``CupyExecutor`` is the GPU executor of :class:`~timemachine.backends.plan.Pipeline`.
+``CupyExecutor`` is the GPU executor of :class:`~timemachine.backends.pipeline.Pipeline`.
 Launches are checked before they are issued (kernel name, argument block type, grid
 extent), and so, once per chunk, are the uploaded state and the device buffers the
 argument blocks point to (``Pipeline.check_buffers``); errors name the kernel and the
@@ -35,15 +35,9 @@ import warnings
 import numpy as np
 
 from timemachine.backends import kernel_dir, require_cuda
-from timemachine.backends.plan import (
-    DTYPES,
-    KERNELS,
-    Pipeline,
-    build_plan,
-    check_array,
-    device_error,
-    struct_bytes,
-)
+from timemachine.backends.abi import DTYPES, KERNELS, check_array, device_error, struct_bytes
+from timemachine.backends.pipeline import Pipeline
+from timemachine.backends.tables import build_plan
 from timemachine.errors import InputError, SimulationError
 
 THREADS = 128

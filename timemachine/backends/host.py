@@ -3,7 +3,7 @@
 ``load_host_library()`` compiles ``cuda/kernels/host/tm_host.cpp`` (which includes the
 very headers the CUDA kernels are made of) with the host C++ compiler into a cache
 directory keyed by a hash of the sources, and loads it with ctypes. ``HostExecutor``
-runs a :class:`~timemachine.backends.plan.Pipeline` with it: every kernel launch becomes
+runs a :class:`~timemachine.backends.pipeline.Pipeline` with it: every kernel launch becomes
 a serial loop over the same thread indices, in the same order of launches. It is slow
 (one core, no vectorisation across atoms) and meant for verification on small systems.
 """
@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from timemachine.backends import kernel_dir, kernel_sources
-from timemachine.backends.plan import DTYPES, KERNELS, STRUCTS, struct_bytes
+from timemachine.backends.abi import DTYPES, KERNELS, STRUCTS, struct_bytes
 from timemachine.errors import InputError, SimulationError
 
 _LIB = None
@@ -110,7 +110,7 @@ def load_host_library(flags=("-O2",)) -> ctypes.CDLL:
         size = lib.tm_sizeof(name.encode())
         if size != DTYPES[name].itemsize:
             raise SimulationError(
-                f"struct {name}: the kernels' sizeof is {size} bytes but plan.STRUCTS describes "
+                f"struct {name}: the kernels' sizeof is {size} bytes but abi.STRUCTS describes "
                 f"{DTYPES[name].itemsize}: the Python and C++ layouts disagree"
             )
     if flags == ("-O2",):

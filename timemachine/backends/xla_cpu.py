@@ -117,7 +117,7 @@ class BondedTables:
     @classmethod
     def build(cls, groups, n_params, wrt):
         """``groups``: (kind, idx (T, k), pidx (T, C), consts (T, NC), where) per term group,
-        as :func:`timemachine.backends.plan.coordinate_term_groups` gives them (possibly
+        as :func:`timemachine.backends.tables.coordinate_term_groups` gives them (possibly
         none: the tables are then empty)."""
         tuples, kinds, counts, pidx, consts = [], [], [], [], []
         for kind, idx, pi, cst, _ in groups:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.structured import gradient_fn
+
 __all__ = [
     "best_of",
     "steps_within",
@@ -59,9 +61,9 @@ def best_of(fn, repeats: int = 3, budget_s: float = float("inf")):
 
 @functools.cache
 def _gradient_fn(system):
-    """One jitted ∇E per System (the closed-form ``System.gradient_fn``), so every run of
+    """One jitted ∇E per System (the closed-form ``structured.gradient_fn``), so every run of
     it reuses one compiled program."""
-    gradient = system.gradient_fn()
+    gradient = gradient_fn(system)
     theta = jnp.asarray(system.params)
     return jax.jit(lambda x: gradient(x, theta))
 

@@ -5,7 +5,7 @@ is jit-compiled on its own and timed as the best of ``repeats`` batches of calls
 batch at least ``min_batch_s`` long, so one preemption on a shared machine does not decide
 the number):
 
-``gradient``            ∇_x E, the whole force field, closed form (``System.gradient_fn``,
+``gradient``            ∇_x E, the whole force field, closed form (``structured.gradient_fn``,
                         what a plain step costs, almost)
 ``gradient_autodiff``   the same by ``jax.grad`` of the energy (the reference)
 ``gradient/<kind>``     ∇_x E of each energy term alone by ``jax.grad`` (bonds, angles, torsions,
@@ -28,6 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timemachine.structured import gradient_fn
 
 __all__ = ["profile_step", "time_call"]
 
@@ -79,7 +81,7 @@ def profile_step(case, n_params: int, integrator, repeats: int = 3, n_steps: int
     dx = jnp.asarray(np.random.default_rng(0).normal(scale=1e-4, size=(wrt.size,) + x.shape))
     ms = {}
     energy = system.energy_fn()
-    ms["gradient"] = 1e3 * time_call(jax.jit(system.gradient_fn()), x, theta, repeats=repeats)
+    ms["gradient"] = 1e3 * time_call(jax.jit(gradient_fn(system)), x, theta, repeats=repeats)
     ms["gradient_autodiff"] = 1e3 * time_call(jax.jit(jax.grad(energy)), x, theta, repeats=repeats)
     for term in system.terms:
         key = f"gradient/{term.kind}"

@@ -36,6 +36,7 @@ from timemachine.integrator.langevin import (
     langevin_step,
     maxwell_boltzmann_velocities,
 )
+from timemachine.structured import gradient_fn
 from timemachine.system import System
 
 __all__ = [
@@ -163,7 +164,7 @@ def effective_sample_size(series, method: str = "autocorrelation", blocks: int =
 
 @functools.lru_cache(maxsize=8)
 def _chain_program(system, n_blocks, save_every):
-    gradient = system.gradient_fn()
+    gradient = gradient_fn(system)
 
     def one_chain(theta, coeffs, seed, replica, x, v, step):
         def one(s, _):

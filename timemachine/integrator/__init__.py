@@ -20,7 +20,7 @@ from timemachine.integrator.langevin import (
     on_step_kinetic_energy,
     run,
 )
-from timemachine.integrator.minimize import minimize, minimize_system
+from timemachine.integrator.minimize import minimize
 
 __all__ = [
     "LangevinCoefficients",
@@ -36,7 +36,6 @@ __all__ = [
     "langevin_update",
     "maxwell_boltzmann_velocities",
     "minimize",
-    "minimize_system",
     "noise",
     "run",
 ]

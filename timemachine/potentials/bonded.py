@@ -3,6 +3,10 @@
 * HarmonicBondForce:    E = 1/2 k (r - r0)^2
 * HarmonicAngleForce:   E = 1/2 k (θ - θ0)^2
 * PeriodicTorsionForce: E = k (1 + cos(n φ - φ0)), propers and impropers alike
+
+The scalar forms (:func:`harmonic`, :func:`periodic`) are functions of one internal
+coordinate, elementwise over arrays; the energies below and the structured derivatives
+(``timemachine.structured``) both call them, so each formula is written once.
 """
 
 import jax.numpy as jnp
@@ -10,6 +14,16 @@ import jax.numpy as jnp
 
 def _norm(v):
     return jnp.sqrt(jnp.sum(v * v, axis=-1))
+
+
+def harmonic(q, q0, k):
+    """Harmonic form 1/2 k (q - q0)², elementwise, kJ/mol (q in nm or rad, k to match)."""
+    return 0.5 * k * (q - q0) ** 2
+
+
+def periodic(phi, periodicity, phase, k):
+    """Periodic torsion form k (1 + cos(n φ - φ0)), elementwise, kJ/mol (φ, φ0 in rad)."""
+    return k * (1.0 + jnp.cos(periodicity * phi - phase))
 
 
 def harmonic_bond(x, idx, length, k):
@@ -23,7 +37,7 @@ def harmonic_bond(x, idx, length, k):
     Returns: scalar energy, kJ/mol.
     """
     r = _norm(x[idx[:, 1]] - x[idx[:, 0]])
-    return 0.5 * jnp.sum(k * (r - length) ** 2)
+    return jnp.sum(harmonic(r, length, k))
 
 
 def bond_angle(x, idx):
@@ -43,7 +57,7 @@ def harmonic_angle(x, idx, theta0, k):
       k: (A,) force constants, kJ/mol/rad^2.
     Returns: scalar energy, kJ/mol.
     """
-    return 0.5 * jnp.sum(k * (bond_angle(x, idx) - theta0) ** 2)
+    return jnp.sum(harmonic(bond_angle(x, idx), theta0, k))
 
 
 def dihedral_angle(x, idx):
@@ -74,4 +88,4 @@ def periodic_torsion(x, idx, periodicity, phase, k):
     Returns: scalar energy, kJ/mol.
     """
     phi = dihedral_angle(x, idx)
-    return jnp.sum(k * (1.0 + jnp.cos(periodicity * phi - phase)))
+    return jnp.sum(periodic(phi, periodicity, phase, k))

@@ -25,6 +25,43 @@ ACE_FACTOR = 28.3919551  # kJ/mol/nm^2, 4π × 2.25936
 OBC2_ALPHA, OBC2_BETA, OBC2_GAMMA = 1.0, 0.8, 4.85
 
 
+def born_integral(r, or_i, sr_j):
+    """The OBC pair integrand T(r; or_i, sr_j) of I_i (without the step [r + sr_j > or_i]),
+    elementwise, 1/nm."""
+    upper = r + sr_j
+    lower = jnp.maximum(or_i, jnp.abs(r - sr_j))
+    return 0.5 * (
+        1.0 / lower
+        - 1.0 / upper
+        + 0.25 * (r - sr_j**2 / r) * (1.0 / upper**2 - 1.0 / lower**2)
+        + 0.5 * jnp.log(lower / upper) / r
+    )
+
+
+def born_radius(psi, offset_r, radius):
+    """Effective Born radius B(ψ) = 1 / (1/or - tanh(αψ - βψ² + γψ³)/radius), nm."""
+    tanh_sum = jnp.tanh(OBC2_ALPHA * psi - OBC2_BETA * psi**2 + OBC2_GAMMA * psi**3)
+    return 1.0 / (1.0 / offset_r - tanh_sum / radius)
+
+
+def gb_self(born, charge, radius, pre):
+    """One atom's self energy ½ pre q²/B plus its ACE surface term, kJ/mol;
+    pre = -k_GB (1/ε_in - 1/ε_out), kJ nm/mol/e²."""
+    ace = ACE_FACTOR * (radius + PROBE_RADIUS) ** 2 * (radius / born) ** 6
+    return 0.5 * pre * charge**2 / born + ace
+
+
+def gb_pair(r, born_i, born_j, pre):
+    """The GB pair energy per unit charge product, pre / f_ij, kJ/mol/e²."""
+    bb = born_i * born_j
+    return pre / jnp.sqrt(r * r + bb * jnp.exp(-r * r / (4.0 * bb)))
+
+
+def gb_prefactor(solute_dielectric, solvent_dielectric):
+    """pre = -k_GB (1/ε_in - 1/ε_out), kJ nm/mol/e², with OpenMM's k_GB (``COULOMB_GB``)."""
+    return -COULOMB_GB * (1.0 / solute_dielectric - 1.0 / solvent_dielectric)
+
+
 def obc2_born_radii(x, radius, scale):
     """Effective Born radii B (N,), nm.
 
@@ -39,18 +76,10 @@ def obc2_born_radii(x, radius, scale):
     sr = scale * offset_r
     or_i = offset_r[:, None]
     sr_j = sr[None, :]
-    upper = r + sr_j
-    lower = jnp.maximum(or_i, jnp.abs(r - sr_j))
-    term = 0.5 * (
-        1.0 / lower
-        - 1.0 / upper
-        + 0.25 * (r - sr_j**2 / r) * (1.0 / upper**2 - 1.0 / lower**2)
-        + 0.5 * jnp.log(lower / upper) / r
-    )
-    use = (upper - or_i >= 0.0) & ~jnp.eye(n, dtype=bool)
+    term = born_integral(r, or_i, sr_j)
+    use = (r + sr_j - or_i >= 0.0) & ~jnp.eye(n, dtype=bool)
     psi = jnp.sum(jnp.where(use, term, 0.0), axis=1) * offset_r
-    tanh_sum = jnp.tanh(OBC2_ALPHA * psi - OBC2_BETA * psi**2 + OBC2_GAMMA * psi**3)
-    return 1.0 / (1.0 / offset_r - tanh_sum / radius)
+    return born_radius(psi, offset_r, radius)
 
 
 def obc2_energy(x, charge, radius, scale, solute_dielectric=1.0, solvent_dielectric=78.5):
@@ -64,13 +93,11 @@ def obc2_energy(x, charge, radius, scale, solute_dielectric=1.0, solvent_dielect
     """
     n = x.shape[0]
     born = obc2_born_radii(x, radius, scale)
-    pre = -COULOMB_GB * (1.0 / solute_dielectric - 1.0 / solvent_dielectric)
-    e_self = 0.5 * pre * jnp.sum(charge**2 / born)
-    e_ace = jnp.sum(ACE_FACTOR * (radius + PROBE_RADIUS) ** 2 * (radius / born) ** 6)
+    pre = gb_prefactor(solute_dielectric, solvent_dielectric)
+    e_self = jnp.sum(gb_self(born, charge, radius, pre))
     r = pair_distances(x)
-    bb = born[:, None] * born[None, :]
-    f = jnp.sqrt(r * r + bb * jnp.exp(-r * r / (4.0 * bb)))
     qq = charge[:, None] * charge[None, :]
     off_diag = ~jnp.eye(n, dtype=bool)
-    e_pair = 0.5 * pre * jnp.sum(jnp.where(off_diag, qq / f, 0.0))
-    return e_self + e_ace + e_pair
+    h = gb_pair(r, born[:, None], born[None, :], pre)
+    e_pair = 0.5 * jnp.sum(jnp.where(off_diag, qq * h, 0.0))
+    return e_self + e_pair

@@ -30,7 +30,12 @@ def _safe_sqrt_jvp(primals, tangents):
     return s, jnp.where(a > 0, da / (2.0 * jnp.where(a > 0, s, 1.0)), 0.0)
 
 
-def _lj_coulomb(r, sigma, epsilon, qq):
+def lj_coulomb(r, sigma, epsilon, qq):
+    """LJ + Coulomb pair form 4ε((σ/r)¹² - (σ/r)⁶) + k_e qq/r, elementwise, kJ/mol.
+
+    r, σ in nm; ε in kJ/mol; qq the charge product in e². The all-pairs energy, the 1-4
+    exceptions and the structured derivatives (``timemachine.structured``) call it.
+    """
     s6 = (sigma / r) ** 6
     return 4.0 * epsilon * (s6 * s6 - s6) + COULOMB * qq / r
 
@@ -59,7 +64,14 @@ def nonbonded_all_pairs(x, charge, sigma, epsilon, pair_mask):
     sqrt_eps = safe_sqrt(epsilon)
     eps = sqrt_eps[:, None] * sqrt_eps[None, :]
     qq = charge[:, None] * charge[None, :]
-    return 0.5 * jnp.sum(jnp.where(pair_mask, _lj_coulomb(r, sig, eps, qq), 0.0))
+    return 0.5 * jnp.sum(jnp.where(pair_mask, lj_coulomb(r, sig, eps, qq), 0.0))
+
+
+def exception_pair(r, charge_i, charge_j, sigma_i, sigma_j, eps_i, eps_j, coulomb_scale, lj_scale):
+    """One scaled 1-4 pair from per-atom parameters, elementwise, kJ/mol (OpenMM's rules:
+    chargeProd = coulomb_scale q_i q_j, σ = (σ_i + σ_j)/2, ε = lj_scale sqrt(ε_i ε_j))."""
+    eps = lj_scale * safe_sqrt(eps_i) * safe_sqrt(eps_j)
+    return lj_coulomb(r, 0.5 * (sigma_i + sigma_j), eps, coulomb_scale * charge_i * charge_j)
 
 
 def nonbonded_exceptions(x, idx, charge, sigma, epsilon, coulomb_scale, lj_scale):
@@ -77,8 +89,16 @@ def nonbonded_exceptions(x, idx, charge, sigma, epsilon, coulomb_scale, lj_scale
     i, j = idx[:, 0], idx[:, 1]
     d = x[j] - x[i]
     r = jnp.sqrt(jnp.sum(d * d, axis=-1))
-    sig = 0.5 * (sigma[i] + sigma[j])
-    sqrt_eps = safe_sqrt(epsilon)
-    eps = lj_scale * sqrt_eps[i] * sqrt_eps[j]
-    qq = coulomb_scale * charge[i] * charge[j]
-    return jnp.sum(_lj_coulomb(r, sig, eps, qq))
+    return jnp.sum(
+        exception_pair(
+            r,
+            charge[i],
+            charge[j],
+            sigma[i],
+            sigma[j],
+            epsilon[i],
+            epsilon[j],
+            coulomb_scale,
+            lj_scale,
+        )
+    )

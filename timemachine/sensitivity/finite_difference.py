@@ -34,6 +34,7 @@ from timemachine.integrator.langevin import (
 from timemachine.sensitivity.trajectory import (
     SensitivityTrajectory,
 )
+from timemachine.structured import gradient_fn
 from timemachine.system import System
 
 __all__ = [
@@ -82,7 +83,7 @@ class FiniteDifferenceResult:
 def _runs_program(system):
     """Jitted ``runs(n_blocks, save_every, thetas (B, P_all), x, v, coeffs, seed, replica)``
     -> positions (B, F, N, 3): B independent plain runs, vmapped over θ."""
-    grad = system.gradient_fn()  # closed form, as the sensitivity runs' primal step
+    grad = gradient_fn(system)  # closed form, as the sensitivity runs' primal step
 
     def runs(n_blocks, save_every, thetas, x, v, coeffs, seed, replica):
         def one(theta):

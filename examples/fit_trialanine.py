@@ -17,7 +17,8 @@ per 100 % change), so the loss falls by 99 % while ψ's k's stay 20-50 % off.
 
     python examples/fit_trialanine.py [out_dir]
 
-is ``timemachine fit --size default --out out_dir``.
+is ``timemachine fit --experiment recovery --size default --out out_dir`` (``timemachine fit``
+alone runs the NMR main job).
 """
 
 import sys
@@ -26,4 +27,4 @@ from timemachine.cli import main
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "timemachine-out/fit-trialanine"
-    sys.exit(main(["fit", "--size", "default", "--out", out]))
+    sys.exit(main(["fit", "--experiment", "recovery", "--size", "default", "--out", out]))

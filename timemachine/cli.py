@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from timemachine.fitting.recovery import RECOVERY_SIZES, RECOVERY_TORSIONS, run_recovery
+
 
 def _atomic_write(path, write):
     """Never half a file: ``timemachine.files.atomic_write``, binary for PNGs."""
@@ -144,157 +146,9 @@ def run_simulation(args) -> dict:
     return summary
 
 
-# --------------------------------------------------------------------------- fit
-
-#: The recovery experiment's observables (issue 5): ³J couplings report on φ, Rg on the
-#: overall shape, the sequential Hα(i)–HN(i+1) NOEs on ψ.
-RECOVERY_TARGETS = (
-    ({"name": "3J(HN,HA)", "type": "J3_HN_HA"}, 0.5),
-    ({"name": "3J(HN,C')", "type": "J3_HN_C"}, 0.5),
-    ({"name": "3J(HN,CB)", "type": "J3_HN_CB"}, 0.5),
-    ({"name": "Rg", "type": "Rg"}, 0.01),
-    (
-        {
-            "name": "NOE HA(i)-HN(i+1)",
-            "type": "NOE",
-            "pairs": [
-                ["resid 0 and name HA", "resid 1 and name H"],
-                ["resid 1 and name HA", "resid 2 and name H"],
-            ],
-        },
-        0.02,
-    ),
-)
-#: the fitted torsion types of amber99sbildn: φ is C-N-CT-C (periodicities 3, 2), ψ is
-#: N-CT-C-N (periodicities 3, 2, 1)
-RECOVERY_TORSIONS = {
-    "phi": ("torsion/C-N-CT-C/k*",),
-    "phi+psi": ("torsion/C-N-CT-C/k*", "torsion/N-CT-C-N/k*"),
-}
-RECOVERY_WRT = RECOVERY_TORSIONS["phi"]
-
-
-def recovery_problem(
-    n_replicas,
-    n_steps,
-    perturbation=0.3,
-    wrt=RECOVERY_WRT,
-    equilibration=250,
-    seed=0,
-    friction=5.0,
-    dt=0.002,
-    progress=False,
-    log=None,
-    backend="jax",
-):
-    """The parameter-recovery experiment on trialanine in OBC2 (amber99sbildn).
-
-    The torsion k's ``wrt`` are scaled by 1 ± ``perturbation`` (alternating signs); the
-    replicas start from frames of a plain run at the perturbed force field (``equilibration``
-    steps apart; 0: all from the minimised structure); the targets are the averages of the
-    same protocol (same starts, replica noise and length) at the original force field, so the
-    original θ is an exact minimiser of the fit's loss (common random numbers).
-
-    Args:
-        log: optional ``log(message)`` called at each stage.
-        backend: where the target replicas run ("jax" or "cuda", as the fit will).
-
-    Returns:
-        dict with system, x0 (M, N, 3), integrator, targets, wrt, start (P_all,), truth (P_all,).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    import timemachine as tm
-    from timemachine.fitting import (
-        make_target,
-        observable_from_spec,
-        observable_samples,
-        run_replicas,
-        target_vector,
-    )
-    from timemachine.integrator import run
-
-    log = log or (lambda message: None)
-    topology, x = tm.build_peptide("AAA")
-    system, x = tm.load_system((topology, x), implicit_solvent="obc2")
-    idx = system.select(list(wrt))
-    truth = np.array(system.params)
-    start = truth.copy()
-    start[idx] *= 1.0 + perturbation * np.where(np.arange(idx.size) % 2, -1.0, 1.0)
-    energy = system.energy_fn()
-    theta = jnp.asarray(start)
-    gradient = system.gradient_fn()
-    grad = jax.jit(lambda y: gradient(y, theta))
-    x = tm.minimize(jax.jit(lambda y: energy(y, theta)), grad, x)
-    integrator = tm.LangevinIntegrator(temperature=300.0, friction=friction, dt=dt, seed=seed)
-    if equilibration:
-        log(
-            f"starting structures: {n_replicas} frames {equilibration} steps apart from a run "
-            "at the perturbed force field"
-        )
-        traj = run(
-            grad,
-            system.masses,
-            x,
-            integrator,
-            equilibration * (n_replicas + 4),
-            save_every=equilibration,
-        )
-        x0 = np.asarray(traj.x)[-n_replicas:]
-    else:
-        x0 = np.broadcast_to(x, (n_replicas,) + x.shape).copy()
-    observables = [observable_from_spec(spec, topology) for spec, _ in RECOVERY_TARGETS]
-    probe = target_vector([make_target(o, np.zeros(len(o.labels)), 1.0) for o in observables])
-    log(
-        f"targets: {n_replicas} replicas × {n_steps} steps at the original force field "
-        f"({', '.join(spec['name'] for spec, _ in RECOVERY_TARGETS)})"
-    )
-    ref = run_replicas(
-        system,
-        x0,
-        integrator,
-        n_steps,
-        wrt=idx,
-        n_replicas=n_replicas,
-        params=truth,
-        backend=backend,
-    )
-    values = observable_samples(probe.observable, ref.x, ref.dx_dtheta).mean
-    targets, i = [], 0
-    for (spec, sigma), obs in zip(RECOVERY_TARGETS, observables, strict=True):
-        k = len(obs.labels)
-        body = {key: v for key, v in spec.items() if key != "name"}
-        targets.append(make_target(obs, values[i : i + k], sigma, name=spec["name"], spec=body))
-        i += k
-    return dict(
-        system=system,
-        x0=x0,
-        integrator=integrator,
-        targets=targets,
-        wrt=idx,
-        start=start,
-        truth=truth,
-    )
-
-
-FIT_SIZES = {
-    # name: (replicas, steps per epoch, epochs, equilibration spacing)
-    "tiny": (2, 20, 2, 0),
-    "quick": (8, 250, 30, 250),
-    "default": (16, 500, 40, 250),
-}
-
-#: what the recovery experiment must show (issue 5)
-RECOVERY_LOSS_DROP = 0.9
-RECOVERY_TOLERANCE = 0.1
-
-
-def _fmt_time(seconds):
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
 def run_fit(args) -> dict:
+    """``timemachine fit``: the NMR fit (``timemachine.nmr_fit``) or, with ``--experiment
+    recovery``, the recovery experiment (``timemachine.fitting.recovery``); the summary dict."""
     from timemachine.backends import check_backend
 
     check_backend(args.backend)  # before minutes of set-up, not after
@@ -314,148 +168,20 @@ def run_fit(args) -> dict:
         return run_nmr_fit(args)
     if args.learning_rate is None:
         args.learning_rate = 0.05
-    return run_recovery(args)
-
-
-def run_recovery(args) -> dict:
-    import timemachine as tm
-    from timemachine.backends import check_backend
-    from timemachine.files import atomic_write_text
-    from timemachine.fitting.plots import plot_fit
-    from timemachine.fitting.targets import save_targets
-    from timemachine.fitting.train import load_checkpoint
-
-    check_backend(args.backend)  # before minutes of set-up, not after
-    replicas, steps, epochs, equil = FIT_SIZES[args.size]
-    replicas = args.replicas or replicas
-    steps = args.steps or steps
-    epochs = args.epochs or epochs
-    t0 = time.perf_counter()
-
-    def log(message):
-        if not args.quiet:
-            print(f"[{time.perf_counter() - t0:5.0f} s] {message}", flush=True)
-
-    wrt_patterns = RECOVERY_TORSIONS[args.torsions]
-    log(
-        f"timemachine fit (preset {args.size}): recover trialanine's {args.torsions} torsion "
-        f"barriers {', '.join(p.split('/')[1] for p in wrt_patterns)} from "
-        f"±{args.perturbation:.0%} perturbed values"
-    )
-    problem = recovery_problem(
-        replicas,
-        steps,
-        args.perturbation,
-        wrt=wrt_patterns,
-        equilibration=equil,
+    return run_recovery(
+        args.out,
+        size=args.size,
+        replicas=args.replicas,
+        steps=args.steps,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        perturbation=args.perturbation,
+        torsions=args.torsions,
         seed=args.seed,
-        log=log,
         backend=args.backend,
+        resume=args.resume,
+        quiet=args.quiet,
     )
-    system, wrt = problem["system"], problem["wrt"]
-    names = [system.param_names[i] for i in wrt]
-    truth = problem["truth"][wrt]
-    os.makedirs(args.out, exist_ok=True)
-    save_targets(os.path.join(args.out, "targets.json"), problem["targets"])
-    done = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.out)
-        done = 0 if ckpt is None else min(ckpt["epoch"], epochs)
-    log(
-        f"fitting {len(names)} parameters: {epochs} epochs × {replicas} replicas × {steps} "
-        f"steps (dt {problem['integrator'].dt * 1000:g} fs), Adam lr {args.learning_rate:g}"
-        + (f"; resuming after epoch {done}" if done else "")
-    )
-
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=done, unit="epoch", desc="fit", dynamic_ncols=True)
-
-    def on_epoch(record):
-        if bar is not None:
-            ratio = ",".join(f"{p / t:.2f}" for p, t in zip(record["params"], truth, strict=True))
-            bar.set_postfix_str(f"loss={record['loss']:.4g} k/k_orig={ratio}", refresh=False)
-            bar.update(1)
-
-    t_fit = time.perf_counter()
-    try:
-        result = tm.fit(
-            system,
-            problem["x0"],
-            problem["integrator"],
-            problem["targets"],
-            wrt,
-            params=problem["start"],
-            epochs=epochs,
-            n_replicas=replicas,
-            n_steps=steps,
-            learning_rate=args.learning_rate,
-            fresh_noise=False,
-            estimator="pathwise",
-            out_dir=args.out,
-            resume=args.resume,
-            progress=False,
-            callback=on_epoch,
-            backend=args.backend,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    t_fit = time.perf_counter() - t_fit
-    tm.export_forcefield(system, result.params, os.path.join(args.out, "fitted.xml"))
-    plot_fit(result, args.out, reference_params=truth)
-    wall = time.perf_counter() - t0
-    losses = [r["loss"] for r in result.history]
-    ratio = result.theta / truth
-    reduction = 1.0 - losses[-1] / losses[0] if losses[0] > 0 else 0.0
-    worst = int(np.argmax(np.abs(ratio - 1.0)))
-    recovered = bool(
-        reduction >= RECOVERY_LOSS_DROP and abs(ratio[worst] - 1.0) <= RECOVERY_TOLERANCE
-    )
-    summary = {
-        "system": "trialanine (AAA), amber99sbildn + OBC2",
-        "torsions": args.torsions,
-        "parameters": names,
-        "original": truth.tolist(),
-        "perturbed_start": problem["start"][wrt].tolist(),
-        "fitted": result.theta.tolist(),
-        "fitted_over_original": ratio.tolist(),
-        "loss_per_epoch": losses,
-        "loss_reduction": reduction,
-        "recovered": recovered,
-        "criteria": {
-            "loss_reduction_at_least": RECOVERY_LOSS_DROP,
-            "relative_error_at_most": RECOVERY_TOLERANCE,
-        },
-        "size": args.size,
-        "replicas": replicas,
-        "steps_per_epoch": steps,
-        "epochs": epochs,
-        "learning_rate": args.learning_rate,
-        "backend": args.backend,
-        "fit_wall_s": t_fit,
-        "wall_s": wall,
-    }
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
-    width = max(len(n) for n in names)
-    print(f"\nsummary ({len(losses)} epochs, {_fmt_time(wall)}; fitting {_fmt_time(t_fit)}):")
-    print(f"  {'parameter':<{width}}  original     start    fitted  fitted/original")
-    for n, a, b, c in zip(names, truth, problem["start"][wrt], result.theta, strict=True):
-        print(f"  {n:<{width}}  {a:8.4f}  {b:8.4f}  {c:8.4f}  {c / a:6.3f} ({c / a - 1:+.1%})")
-    print(f"  loss {losses[0]:.4g} -> {losses[-1]:.4g} ({reduction:.1%} lower)")
-    verdict = "met" if recovered else "NOT met"
-    print(
-        f"  recovery (loss ≥ {RECOVERY_LOSS_DROP:.0%} lower, every k within "
-        f"{RECOVERY_TOLERANCE:.0%} of the original): {verdict}"
-        + ("" if recovered or args.size == "default" else " — the full run is --size default")
-    )
-    print(
-        f"wrote {args.out}/: summary.json, history.json, fitted.xml (OpenMM force field), "
-        "targets.json, checkpoint.npz, loss.png, observables.png, parameters.png"
-    )
-    return summary
 
 
 def build_parser():
@@ -539,7 +265,7 @@ def build_parser():
     f.add_argument(
         "--size",
         default="quick",
-        choices=sorted(FIT_SIZES),
+        choices=sorted(RECOVERY_SIZES),
         help="replicas × steps × epochs preset: tiny (a smoke test), quick (the default, "
         "a few minutes), default (the full recovery experiment, ~15 min on 2 cores)",
     )

@@ -553,7 +553,7 @@ def test_run_replicas_noise_free_cuda_matches_jax(host_cuda_backend, trialanine_
 def test_fit_on_cuda_matches_jax_without_noise(host_cuda_backend):
     # tm.fit(backend="cuda"): the replicas run on the kernels; with no noise the loss and
     # its gradient are the JAX backend's
-    from timemachine.cli import recovery_problem
+    from timemachine.fitting.recovery import recovery_problem
 
     problem = recovery_problem(2, 20, equilibration=0)
     integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.002, seed=0)

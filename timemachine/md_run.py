@@ -1,0 +1,148 @@
+"""The ``timemachine run`` job: minimise a peptide (or a PDB) and run Langevin dynamics.
+
+``run_simulation`` builds (or reads) the structure, minimises it, runs the Langevin
+integrator in chunks and writes a multi-model PDB (``trajectory.pdb``), a JSON summary
+(``summary.json``) and a plot of energies and kinetic temperature
+(``energy_temperature.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+__all__ = ["run_simulation"]
+
+
+def _atomic_write(path, write):
+    """Never half a file: ``timemachine.files.atomic_write``, binary for PNGs."""
+    from timemachine.files import atomic_write
+
+    atomic_write(path, write, binary=path.endswith(".png"))
+
+
+def _plot(path, times, potential, kinetic, temperature, target):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax1.plot(times, potential, label="potential")
+    ax1.plot(times, potential + kinetic, label="total")
+    ax1.set_ylabel("energy (kJ/mol)")
+    ax1.legend()
+    ax2.plot(times, temperature, lw=0.8, label="kinetic temperature")
+    ax2.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g} K")
+    ax2.set_xlabel("time (ps)")
+    ax2.set_ylabel("T (K)")
+    ax2.legend()
+    fig.tight_layout()
+    from timemachine.files import atomic_savefig
+
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def run_simulation(args) -> dict:
+    """Run the job with argparse-style ``args`` (see ``timemachine.cli``: sequence or pdb,
+    forcefield, implicit_solvent, temperature in K, friction in 1/ps, dt, time and
+    save_interval in ps, seed, out, quiet); returns the summary it writes to
+    ``OUT/summary.json`` (n_atoms, n_steps, simulated_ps, wall_s, us_per_step, the mean
+    kinetic temperature of the second half in K, the final potential energy in kJ/mol)."""
+    import jax
+    import jax.numpy as jnp
+    import openmm.app as app
+    import openmm.unit as unit
+    from tqdm import tqdm
+
+    import timemachine as tm
+    from timemachine.integrator import run
+
+    if args.pdb:
+        structure = args.pdb
+        label = os.path.basename(args.pdb)
+    else:
+        structure = tm.build_peptide(args.sequence, forcefield=tuple(args.forcefield))
+        label = f"peptide {args.sequence}"
+    solvent = None if args.implicit_solvent == "none" else args.implicit_solvent
+    system, x = tm.load_system(
+        structure, forcefield=tuple(args.forcefield), implicit_solvent=solvent
+    )
+    print(
+        f"{label}: {system.n_atoms} atoms, {system.n_params} typed parameters, "
+        f"terms {[t.kind for t in system.terms]}"
+    )
+    energy = system.energy_fn()
+    theta = jnp.asarray(system.params)
+    e_fn = jax.jit(lambda y: energy(y, theta))
+    gradient = system.gradient_fn()
+    g_fn = jax.jit(lambda y: gradient(y, theta))
+    e0 = float(e_fn(x))
+    x = tm.minimize(e_fn, g_fn, x)
+    print(f"minimised: {e0:.2f} -> {float(e_fn(x)):.2f} kJ/mol")
+
+    integrator = tm.LangevinIntegrator(
+        temperature=args.temperature, friction=args.friction, dt=args.dt, seed=args.seed
+    )
+    n_steps = int(round(args.time / args.dt))
+    save_every = max(1, int(round(args.save_interval / args.dt)))
+    chunk = save_every * max(1, n_steps // save_every // 20)
+    n_steps = chunk * max(1, n_steps // chunk)
+    frames, pe, ke, temps, steps = [], [], [], [], []
+    state, t0 = x, time.perf_counter()
+    with tqdm(total=n_steps, unit="step", desc="Langevin", disable=args.quiet) as bar:
+        for _ in range(n_steps // chunk):
+            traj = run(
+                g_fn, system.masses, state, integrator, chunk, save_every=save_every, energy_fn=e_fn
+            )
+            state = traj.state
+            frames.append(np.asarray(traj.x))
+            pe.append(np.asarray(traj.potential_energy))
+            ke.append(np.asarray(traj.kinetic_energy))
+            temps.append(np.asarray(traj.temperature))
+            steps.append(np.asarray(traj.steps))
+            bar.update(chunk)
+            bar.set_postfix(T=f"{temps[-1].mean():.0f}K")
+    wall = time.perf_counter() - t0
+    frames, pe, ke, temps, steps = map(np.concatenate, (frames, pe, ke, temps, steps))
+
+    os.makedirs(args.out, exist_ok=True)
+    top = system.topology
+
+    def write_pdb(fh):
+        app.PDBFile.writeHeader(top, fh)
+        for i, f in enumerate(frames):
+            app.PDBFile.writeModel(top, f * unit.nanometer, fh, modelIndex=i + 1)
+        app.PDBFile.writeFooter(top, fh)
+
+    _atomic_write(os.path.join(args.out, "trajectory.pdb"), write_pdb)
+    times = steps * args.dt
+    _plot(os.path.join(args.out, "energy_temperature.png"), times, pe, ke, temps, args.temperature)
+    half = len(temps) // 2
+    summary = {
+        "structure": label,
+        "forcefield": list(args.forcefield),
+        "implicit_solvent": solvent,
+        "n_atoms": system.n_atoms,
+        "n_steps": int(n_steps),
+        "dt_ps": args.dt,
+        "simulated_ps": float(n_steps * args.dt),
+        "wall_s": wall,
+        "us_per_step": 1e6 * wall / n_steps,
+        "mean_temperature_K_second_half": float(temps[half:].mean()),
+        "target_temperature_K": args.temperature,
+        "final_potential_energy_kJ_mol": float(pe[-1]),
+    }
+    _atomic_write(
+        os.path.join(args.out, "summary.json"), lambda fh: json.dump(summary, fh, indent=2)
+    )
+    print(
+        f"{summary['simulated_ps']:.1f} ps in {wall:.1f} s ({summary['us_per_step']:.0f} µs/step); "
+        f"<T> (2nd half) = {summary['mean_temperature_K_second_half']:.1f} K"
+    )
+    print(f"wrote {args.out}/trajectory.pdb, summary.json, energy_temperature.png")
+    return summary

@@ -52,11 +52,11 @@ from timemachine.fitting.equilibrium_checkpoint import (
     save_checkpoint,
 )
 from timemachine.fitting.estimators import (
-    choose_horizon,
     fluctuation_gradient,
     hybrid_gradient,
     reweighting_weights,
 )
+from timemachine.fitting.horizon import choose_horizon
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.result import (
     Parametrization,

@@ -10,12 +10,18 @@ from timemachine.fitting.observables.base import Observable, _indices
 from timemachine.fitting.observables.geometry import Dihedral, NOEDistance, RadiusOfGyration
 from timemachine.fitting.observables.karplus import KARPLUS, ScalarCoupling, to_mdtraj_topology
 
-__all__ = ["J_COUPLING_TYPES", "OBSERVABLE_TYPES", "observable_from_spec", "select_atoms"]
+__all__ = [
+    "J_COUPLING_TYPES",
+    "OBSERVABLE_TYPES",
+    "TARGET_KEYS",
+    "observable_from_spec",
+    "select_atoms",
+]
 
 J_COUPLING_TYPES = tuple(KARPLUS)
 OBSERVABLE_TYPES = (*J_COUPLING_TYPES, "Rg", "NOE", "dihedral")
 # keys a target file puts next to the observable's own; they do not build it
-_TARGET_KEYS = {
+TARGET_KEYS = {
     "value",
     "values",
     "uncertainty",
@@ -103,7 +109,7 @@ def observable_from_spec(spec: dict, topology=None) -> Observable:
             f"unknown observable type {kind!r} in {spec!r}; known types: "
             f"{', '.join(OBSERVABLE_TYPES)}"
         )
-    extra = set(spec) - {"type"} - _TARGET_KEYS - _SPEC_KEYS[kind]
+    extra = set(spec) - {"type"} - TARGET_KEYS - _SPEC_KEYS[kind]
     if extra:
         raise InputError(
             f"observable {kind!r}: unknown key(s) {sorted(extra)}; it takes "

@@ -33,7 +33,6 @@ function of (seed, t, c); reservoir and replica choices are seeded by the epoch)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -44,13 +43,20 @@ import numpy as np
 
 from timemachine.checks import check_int, check_real
 from timemachine.errors import InputError, SimulationError
-from timemachine.files import atomic_write_bytes, atomic_write_text
+from timemachine.files import atomic_write_text
+from timemachine.fitting.chi2 import block_mean_cov, chi2_with_error
+from timemachine.fitting.equilibrium_checkpoint import (
+    CHECKPOINT,
+    HISTORY,
+    load_checkpoint,
+    save_checkpoint,
+)
 from timemachine.fitting.estimators import (
-    choose_horizon,
     fluctuation_gradient,
     hybrid_gradient,
     reweighting_weights,
 )
+from timemachine.fitting.horizon import choose_horizon
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.result import (
     Parametrization,
@@ -66,6 +72,7 @@ from timemachine.fitting.sampling import (
     potential_scale_reduction,
     reservoir_frames,
 )
+from timemachine.fitting.trust_region import trust_region_step
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
 from timemachine.system import System
 
@@ -73,71 +80,6 @@ __all__ = ["EQUILIBRIUM_ESTIMATORS", "OPTIMIZERS", "chi2_with_error", "fit_equil
 
 EQUILIBRIUM_ESTIMATORS = ("fluctuation", "hybrid")
 OPTIMIZERS = ("gauss-newton", "adam")
-CHECKPOINT = "checkpoint.npz"
-HISTORY = "history.json"
-_FORMAT = "timemachine.equilibrium-fit-checkpoint"
-
-
-def chi2_with_error(mean, cov, value, sigma, weight=None):
-    """χ² = (1/K) Σ w_k ((⟨O_k⟩ - y_k)/σ_k)² and its standard error (delta method).
-
-    Args:
-        mean: (K,) ⟨O⟩; cov: (K, K) covariance of that estimate (from block means).
-        value, sigma: (K,) targets and their uncertainties; weight: (K,) or None.
-
-    Returns:
-        (χ², standard error of χ², noise bias Σ w C_kk/σ_k² / K: the amount by which the
-        sampling noise of ⟨O⟩ inflates the expected χ²).
-    """
-    mean, value, sigma = (np.asarray(a, dtype=np.float64) for a in (mean, value, sigma))
-    k = mean.shape[0]
-    w = np.ones(k) if weight is None else np.asarray(weight, dtype=np.float64)
-    r = (mean - value) / sigma
-    chi2 = float(np.sum(w * r * r) / k)
-    g = 2.0 * w * r / sigma / k
-    cov = np.asarray(cov, dtype=np.float64)
-    se = float(np.sqrt(max(g @ cov @ g, 0.0)))
-    bias = float(np.sum(w * np.diag(cov) / sigma**2) / k)
-    return chi2, se, bias
-
-
-def _block_mean_cov(values, weights, blocks):
-    """Mean (K,) and covariance of the mean (K, K) from B contiguous blocks of the
-    per-sample influence (weighted: the delta method of the ratio estimator)."""
-    s = values.shape[0]
-    w = np.full(s, 1.0 / s) if weights is None else weights
-    mean = w @ values
-    infl = s * w[:, None] * (values - mean)
-    means = np.stack([b.mean(axis=0) for b in np.array_split(infl, blocks)])
-    return mean, np.atleast_2d(np.cov(means, rowvar=False, ddof=1)) / blocks
-
-
-def _lm_step(J, r, radius):
-    """Levenberg–Marquardt step δ minimising ‖r + J δ‖² with ‖δ‖ ≤ radius.
-
-    Returns (δ, predicted decrease ‖r‖² - ‖r + Jδ‖², λ)."""
-    U, s, Vt = np.linalg.svd(J, full_matrices=False)
-    ur = U.T @ r
-
-    def delta(lam):
-        return -(Vt.T @ (s / (s * s + lam) * ur))
-
-    d = delta(1e-12 * (s.max() ** 2 if s.size else 1.0))
-    lam = 0.0
-    if np.linalg.norm(d) > radius:
-        lo, hi = 0.0, max(1.0, float(s.max() ** 2) * 1e6)
-        while np.linalg.norm(delta(hi)) > radius:
-            hi *= 10
-        for _ in range(100):
-            lam = 0.5 * (lo + hi)
-            if np.linalg.norm(delta(lam)) > radius:
-                lo = lam
-            else:
-                hi = lam
-        lam = hi
-        d = delta(lam)
-    predicted = float(r @ r - np.sum((r + J @ d) ** 2))
-    return d, predicted, lam
 
 
 def fit_equilibrium(
@@ -282,9 +224,7 @@ def fit_equilibrium(
     target = target_vector(targets)
     wrt = system.resolve_wrt(wrt)
     names = tuple(system.param_names[i] for i in wrt)
-    full0 = np.array(system.params if params is None else params, dtype=np.float64)
-    if full0.shape != (system.n_params,):
-        raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
+    full0 = np.array(system.resolve_params(params), dtype=np.float64)
     theta0 = full0[wrt].copy()
     param = Parametrization(parametrization, theta0, names)
     opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
@@ -317,7 +257,7 @@ def fit_equilibrium(
     quiet_epochs, start, n_horizon, stop_reason, reused = 0, 0, None, "epochs", 0
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        ckpt = _load(out_dir) if resume else None
+        ckpt = load_checkpoint(out_dir) if resume else None
         if ckpt is not None:
             check_fingerprint(
                 os.path.join(out_dir, CHECKPOINT),
@@ -444,7 +384,7 @@ def fit_equilibrium(
 
             # ---- 2. estimate ⟨O⟩ and J = d⟨O⟩/dθ
             values = _values(target.observable, x_res)
-            mean, cov = _block_mean_cov(values, weights, blocks)
+            mean, cov = block_mean_cov(values, weights, blocks)
             if estimator == "fluctuation":
                 est = fluctuation_gradient(
                     target.observable,
@@ -533,74 +473,29 @@ def fit_equilibrium(
             # ---- 3. accept or reject (Gauss-Newton), then step
             jac_u = param.jacobian(u)
             if optimizer == "gauss-newton":
-                ok = True
                 fresh = bool(record.get("sampled"))
-                if accepted is not None:
-                    # compare like with like: a fresh sample against the last freshly
-                    # sampled accepted point (reweighted estimates share frames with the
-                    # steps fitted on them, and are optimistic), reweighted against the
-                    # accepted estimate on the same frames
-                    against_fresh = fresh and not accepted.get("fresh", True)
-                    ref_loss = accepted["fresh_loss"] if against_fresh else accepted["loss"]
-                    ref_se = accepted["fresh_se"] if against_fresh else accepted["se"]
-                    se = math.hypot(chi2_se, ref_se)
-                    if chi2 + prior > ref_loss + tolerance_sigma * se:
-                        ok = False
-                    predicted = accepted["predicted"]
-                    actual = ref_loss - (chi2 + prior)
-                    ratio = actual / predicted if predicted > 0 else 0.0
-                    record.update(predicted_decrease=predicted, actual_decrease=actual)
-                    if not ok or (ratio < 0.25 and not against_fresh):
-                        radius *= 0.5
-                    elif (
-                        ratio > 0.75
-                        and not against_fresh
-                        and accepted["step_norm"] >= 0.9 * accepted["radius"]
-                    ):
-                        radius = min(2.0 * radius, max_trust_radius)
-                    converging = abs(actual) <= tolerance_sigma * se
-                else:
-                    converging = False
+                Ju = (sw[:, None] * J) * jac_u[None, :]
+                rr, JJ = resid, Ju
+                if prior_sigma is not None:
+                    width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta.shape)
+                    rr = np.concatenate([resid, (theta - theta0) / width / np.sqrt(theta.size)])
+                    JJ = np.vstack([Ju, np.diag(jac_u / width / np.sqrt(theta.size))])
+                step = trust_region_step(
+                    accepted,
+                    u,
+                    chi2 + prior,
+                    chi2_se,
+                    fresh,
+                    rr,
+                    JJ,
+                    radius,
+                    max_trust_radius,
+                    tolerance_sigma,
+                )
+                accepted, radius, ok = step.accepted, step.radius, step.ok
+                u_next, predicted, converging = step.u_next, step.predicted, step.converging
+                record.update(step.decreases)
                 record["accepted"] = ok
-                if ok:
-                    Ju = (sw[:, None] * J) * jac_u[None, :]
-                    rr, JJ = resid, Ju
-                    if prior_sigma is not None:
-                        width = np.broadcast_to(
-                            np.asarray(prior_sigma, dtype=np.float64), theta.shape
-                        )
-                        rr = np.concatenate([resid, (theta - theta0) / width / np.sqrt(theta.size)])
-                        JJ = np.vstack([Ju, np.diag(jac_u / width / np.sqrt(theta.size))])
-                    delta, predicted, lam = _lm_step(JJ, rr, radius)
-                    last_fresh = (
-                        (chi2 + prior, chi2_se)
-                        if fresh or accepted is None
-                        else (accepted["fresh_loss"], accepted["fresh_se"])
-                    )
-                    accepted = {
-                        "u": u.copy(),
-                        "loss": chi2 + prior,
-                        "se": chi2_se,
-                        "fresh": fresh,
-                        "fresh_loss": last_fresh[0],
-                        "fresh_se": last_fresh[1],
-                        "predicted": predicted,
-                        "step_norm": float(np.linalg.norm(delta)),
-                        "radius": radius,
-                        "delta": delta,
-                    }
-                    u_next = u + delta
-                else:
-                    # back to the accepted point: a shorter step along its own model
-                    acc_u = np.asarray(accepted["u"])
-                    d = np.asarray(accepted["delta"])
-                    scale = min(1.0, radius / max(np.linalg.norm(d), 1e-300))
-                    accepted["delta"] = d * scale
-                    accepted["step_norm"] = float(np.linalg.norm(d * scale))
-                    accepted["predicted"] = accepted["predicted"] * scale  # first order
-                    accepted["radius"] = radius
-                    u_next = acc_u + d * scale
-                    predicted = accepted["predicted"]
                 record.update(trust_radius=radius, model_decrease=predicted)
                 small_model = predicted < max(accepted["se"], 1e-12)
                 # only freshly sampled epochs count: reweighted frames can be over-fitted
@@ -657,7 +552,7 @@ def fit_equilibrium(
                     u = np.asarray(accepted["u"], dtype=np.float64)
             if out_dir is not None:
                 os.makedirs(out_dir, exist_ok=True)
-                _save(
+                save_checkpoint(
                     out_dir,
                     fingerprint=fingerprint,
                     epoch=epoch + 1,
@@ -697,82 +592,3 @@ def _values(observable, x):
     from timemachine.fitting.estimators import _values_program
 
     return np.asarray(_values_program(observable)(x))
-
-
-def _save(
-    out_dir,
-    *,
-    fingerprint,
-    epoch,
-    u,
-    radius,
-    history,
-    chains,
-    stored,
-    accepted,
-    quiet_epochs,
-    reused,
-    horizon,
-    opt_state,
-    converged,
-    stop_reason,
-):
-    arrays = {}
-    if opt_state is not None:
-        import jax
-
-        for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state)):
-            arrays[f"opt_{i}"] = np.asarray(leaf)
-    acc = None
-    if accepted is not None:
-        acc = {
-            key: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
-            for key, v in accepted.items()
-        }
-    meta = {
-        "format": _FORMAT,
-        "fingerprint": fingerprint,
-        "epoch": epoch,
-        "radius": radius,
-        "quiet_epochs": quiet_epochs,
-        "reused": reused,
-        "horizon": horizon,
-        "converged": converged,
-        "stop_reason": stop_reason,
-        "accepted": acc,
-        "n_opt": len([k for k in arrays if k.startswith("opt_")]),
-        "history": history,
-    }
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        meta=np.array(json.dumps(meta)),
-        u=np.asarray(u, dtype=np.float64),
-        chain_x=np.asarray(chains.state.x),
-        chain_v=np.asarray(chains.state.v),
-        chain_step=np.asarray(chains.state.step),
-        stored_x=np.asarray(stored[0]),
-        stored_params=np.asarray(stored[1]),
-        **arrays,
-    )
-    atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), buf.getvalue())
-
-
-def _load(out_dir):
-    path = os.path.join(out_dir, CHECKPOINT)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("format") != _FORMAT:
-                raise InputError(f"{path} is not a timemachine equilibrium-fit checkpoint")
-            out = dict(meta)
-            for key in ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params"):
-                out[key] = np.array(data[key])
-            out["opt_leaves"] = [np.array(data[f"opt_{i}"]) for i in range(meta["n_opt"])]
-    except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{path} cannot be read as a fit checkpoint: {exc}") from exc
-    return out

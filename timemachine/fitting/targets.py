@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 from timemachine.errors import InputError, MissingFileError
-from timemachine.fitting.observables import observable_from_spec
+from timemachine.fitting.observables.specs import TARGET_KEYS, observable_from_spec
 
 __all__ = [
     "Target",
@@ -191,22 +191,8 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
             raise InputError(f"{where}: no 'uncertainty' (σ > 0 of the measured value(s))")
         try:
             observable = observable_from_spec(entry, topology)
-            spec = {
-                k: v
-                for k, v in entry.items()
-                if k
-                not in (
-                    "name",
-                    "value",
-                    "values",
-                    "uncertainty",
-                    "uncertainties",
-                    "sigma",
-                    "weight",
-                    "skip",
-                    "skip_reason",
-                )
-            }
+            # the target's own keys do not build the observable; a note stays with its spec
+            spec = {k: v for k, v in entry.items() if k == "note" or k not in TARGET_KEYS}
             name = label or f"{entry['type']}#{i}"
             if name in names:
                 raise InputError(f"two targets are named {name!r}; names must be unique")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from timemachine.backends import check_backend
+from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_bytes, atomic_write_text
 from timemachine.fitting.loss import (
@@ -302,14 +302,10 @@ def fit(
         raise InputError(
             f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
         )
-    for name, value, low in (
-        ("epochs", epochs, 1),
-        ("n_replicas", n_replicas, 1),
-        ("n_steps", n_steps, 1),
-        ("time_samples", time_samples, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    epochs = check_int(epochs, "epochs", minimum=1)
+    n_replicas = check_int(n_replicas, "n_replicas", minimum=1)
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    time_samples = check_int(time_samples, "time_samples", minimum=0)
     if isinstance(targets, (str, os.PathLike)):
         from timemachine.fitting.targets import load_targets
 
@@ -325,9 +321,7 @@ def fit(
 
     wrt = system.resolve_wrt(wrt)
     names = tuple(system.param_names[i] for i in wrt)
-    full0 = np.array(system.params if params is None else params, dtype=np.float64)
-    if full0.shape != (system.n_params,):
-        raise InputError(f"params must have shape ({system.n_params},), got {full0.shape}")
+    full0 = np.array(system.resolve_params(params), dtype=np.float64)
     theta0 = full0[wrt]
     param = Parametrization(parametrization, theta0, names)
     opt = make_optimizer(optimizer, learning_rate, clip_norm)

@@ -324,7 +324,7 @@ def validate_openmm(
     Args:
         forcefield_files: OpenMM force-field XML files (bundled names or paths), loaded
             together; refused when they define implicit solvent twice
-            (``timemachine.io.openmm_export.check_forcefield_files``).
+            (``timemachine.io.forcefield_xml.check_forcefield_files``).
         topology: OpenMM Topology; positions: (N, 3) nm (array or Quantity).
         targets: non-empty list of ``timemachine.fitting.Target``.
         time_ns: production time of all chains together, split equally over them.
@@ -363,7 +363,7 @@ def validate_openmm(
 
     from timemachine.fitting.loss import target_vector
     from timemachine.fitting.targets import Target
-    from timemachine.io.openmm_export import check_forcefield_files
+    from timemachine.io.forcefield_xml import check_forcefield_files
 
     t_start = time.perf_counter()
     if isinstance(forcefield_files, (str, os.PathLike)):

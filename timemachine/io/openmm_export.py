@@ -50,10 +50,17 @@ from collections import defaultdict
 
 import numpy as np
 
-from timemachine.constants import COULOMB, COULOMB_GB
-from timemachine.errors import ForceFieldError, InputError, MissingFileError
+from timemachine.errors import ForceFieldError, InputError
 from timemachine.files import atomic_write
 from timemachine.io import openmm_import as imp
+from timemachine.io.forcefield_xml import (
+    _merge,
+    _read_trees,
+    check_forcefield_files,
+    format_value,
+    openmm_forcefield_files,
+)
+from timemachine.io.native_gb import DIELECTRIC_SCRIPT, check_native_gb, native_gb_section
 from timemachine.system import System
 
 __all__ = [
@@ -62,67 +69,6 @@ __all__ = [
     "forcefield_sources",
     "openmm_forcefield_files",
 ]
-
-
-# --------------------------------------------------------------------------- XML files
-
-
-def _data_dirs():
-    import openmm.app.forcefield as off
-
-    return list(off._getDataDirectories())
-
-
-def _read_trees(files):
-    """(path, ElementTree) in ``ForceField.loadFile`` order: given files, then includes."""
-    files = [os.fspath(f) for f in files]
-    out, i = [], 0
-    while i < len(files):
-        name = files[i]
-        path = name
-        if not os.path.isfile(path):
-            for d in _data_dirs():
-                if os.path.isfile(os.path.join(d, name)):
-                    path = os.path.join(d, name)
-                    break
-        if not os.path.isfile(path):
-            raise ForceFieldError(
-                f"force-field file {name!r} not found on disk or in openmm/app/data"
-            )
-        try:
-            tree = ET.parse(path)
-        except ET.ParseError as e:
-            raise ForceFieldError(f"force-field file {path!r} is not valid XML: {e}") from e
-        out.append((path, tree))
-        i += 1
-        parent = os.path.dirname(path)
-        for inc in tree.getroot().findall("Include"):
-            f = inc.attrib["file"]
-            joined = os.path.join(parent, f)
-            f = joined if os.path.isfile(joined) else f
-            if f not in files:
-                files.append(f)
-    return out
-
-
-def _merge(trees):
-    """One <ForceField> root equivalent to loading all trees together.
-
-    ``loadFile`` reads only the first <AtomTypes>, <Residues> and <Patches> of each file,
-    so those are merged into one element each; force sections and scripts keep their order.
-    """
-    root = ET.Element("ForceField")
-    merged = {tag: ET.SubElement(root, tag) for tag in ("AtomTypes", "Residues", "Patches")}
-    for _, tree in trees:
-        for child in tree.getroot():
-            if child.tag in merged:
-                merged[child.tag].extend(list(child))
-            elif child.tag not in ("Include", "Info"):
-                root.append(child)
-    for el in merged.values():
-        if len(el) == 0:
-            root.remove(el)
-    return root
 
 
 # --------------------------------------------------------------------------- name -> source
@@ -286,246 +232,7 @@ def _nonbonded_sources(real, ff, data, topology, root, add):
             add(f"epsilon/{key}/epsilon", el, "epsilon")
 
 
-# --------------------------------------------------------------------------- native GB
-
-# mbondi2 radii (Angstrom) and OBC screening scales, as OpenMM's customgbforces assigns
-# them for implicit/obc2.xml (GBSAOBC2Force.getStandardParameters), keyed like the
-# System's gb/* names: element symbol, "H(N)" for a hydrogen bonded to nitrogen.
-_MBONDI2_RADIUS = {
-    "H(N)": 1.3, "H": 1.2, "C": 1.7, "N": 1.55, "O": 1.5, "F": 1.5,
-    "Si": 2.1, "P": 1.85, "S": 1.8, "Cl": 1.7,
-}  # fmt: skip
-_DEFAULT_RADIUS = 1.5
-_OBC_SCALE = {"H(N)": 0.85, "H": 0.85, "C": 0.72, "N": 0.79, "O": 0.85, "F": 0.88, "P": 0.86,
-              "S": 0.96}  # fmt: skip
-_DEFAULT_SCALE = 0.8
-_SOLUTE_DIELECTRIC = 1.0
-_SOLVENT_DIELECTRIC = 78.5
-# the dielectric that gives the native force (ONE_4PI_EPS0) the script's polar prefactor
-_NATIVE_SOLVENT_DIELECTRIC = 1.0 / (
-    1.0 / _SOLUTE_DIELECTRIC
-    - COULOMB_GB / COULOMB * (1.0 / _SOLUTE_DIELECTRIC - 1.0 / _SOLVENT_DIELECTRIC)
-)
-
-_DIELECTRIC_SCRIPT = f"""
-import openmm
-# timemachine: the dielectrics of the fitted OBC2 model (implicit/obc2.xml: 1 and 78.5;
-# {_NATIVE_SOLVENT_DIELECTRIC!r} absorbs the ratio of OpenMM's Coulomb constant
-# {COULOMB!r} to the script's {COULOMB_GB!r})
-for _force in sys.getForces():
-    if isinstance(_force, openmm.GBSAOBCForce):
-        if 'soluteDielectric' not in args:
-            _force.setSoluteDielectric({_SOLUTE_DIELECTRIC!r})
-        if 'solventDielectric' not in args:
-            _force.setSolventDielectric({_NATIVE_SOLVENT_DIELECTRIC!r})
-"""
-
-
-def _type_gb_classes(ff):
-    """atom type -> GB class ("C", "H(N)", ...) from the residue templates' bonds; a type
-    whose class differs between templates maps to None."""
-    out = {}
-    for tmpl in ff._templates.values():
-        for atom in tmpl.atoms:
-            at = ff._atomTypes.get(atom.type)
-            elem = at.element if at is not None else atom.element
-            sym = elem.symbol if elem is not None else "X"
-            if sym in ("H", "D"):
-                sym = "H"
-                partners = [tmpl.atoms[j] for j in atom.bondedTo]
-                if partners:
-                    pt = ff._atomTypes.get(partners[0].type)
-                    pe = pt.element if pt is not None else partners[0].element
-                    if pe is not None and pe.symbol == "N":
-                        sym = "H(N)"
-            if out.setdefault(atom.type, sym) != sym:
-                out[atom.type] = None
-    return out
-
-
-def _native_gb_section(root, ff, system, theta):
-    """<GBSAOBCForce> for every atom type of ``ff``: fitted charge, radius, scale."""
-    index = {n: i for i, n in enumerate(system.param_names)}
-
-    def value(key, what, table, default):
-        name = f"gb/{key}/{what}"
-        if name in index:
-            return float(theta[index[name]])
-        return table.get(key, default) / (10.0 if what == "radius" else 1.0)
-
-    nb_sections = root.findall("NonbondedForce")
-    per_residue = any(
-        u.attrib.get("name") == "charge"
-        for sec in nb_sections
-        for u in sec.findall("UseAttributeFromResidue")
-    )
-    nb_atoms = [el for sec in nb_sections for el in sec.findall("Atom")]
-    charge_of = {}
-    if not per_residue:
-        for t, at in ff._atomTypes.items():
-            hits = [
-                el
-                for el in nb_atoms
-                if el.attrib.get("type") == t
-                or ("class" in el.attrib and el.attrib["class"] == at.atomClass)
-            ]
-            if hits and "charge" in hits[-1].attrib:
-                charge_of[t] = hits[-1].attrib["charge"]
-
-    section = ET.Element("GBSAOBCForce")
-    if per_residue:
-        ET.SubElement(section, "UseAttributeFromResidue", name="charge")
-    for t, key in _type_gb_classes(ff).items():
-        if key is None or (not per_residue and t not in charge_of):
-            continue  # createSystem on a topology that uses it fails loudly
-        attrib = {"type": t}
-        if not per_residue:
-            attrib["charge"] = charge_of[t]
-        attrib["radius"] = _format(value(key, "radius", _MBONDI2_RADIUS, _DEFAULT_RADIUS))
-        attrib["scale"] = _format(value(key, "scale", _OBC_SCALE, _DEFAULT_SCALE))
-        ET.SubElement(section, "Atom", attrib)
-    return section
-
-
-def _check_native_gb(path, system, theta):
-    """The GBSAOBCForce OpenMM builds from ``path`` carries the System's charge/radius/scale."""
-    import openmm as mm
-    import openmm.app as app
-
-    omm = app.ForceField(os.fspath(path)).createSystem(
-        system.topology, nonbondedMethod=app.NoCutoff
-    )
-    gb = [f for f in omm.getForces() if isinstance(f, mm.GBSAOBCForce)]
-    terms = [t for t in system.terms if t.kind == "gb"]
-    if len(gb) != 1 or len(terms) != 1:
-        raise ForceFieldError(f"{path}: expected one GBSAOBCForce, OpenMM built {len(gb)}")
-    t = terms[0]
-    want = np.stack([theta[t.charge_index], theta[t.radius_index], theta[t.scale_index]], 1)
-    got = np.array(
-        [
-            [getattr(v, "_value", v) for v in gb[0].getParticleParameters(i)]
-            for i in range(len(want))
-        ]
-    )
-    bad = np.flatnonzero(~np.isclose(got, want, rtol=1e-12, atol=1e-15).all(axis=1))
-    if bad.size:
-        raise ForceFieldError(
-            f"native GB export: atom {bad[0]} gets (charge, radius, scale) {tuple(got[bad[0]])} "
-            f"from {path}, the System has {tuple(want[bad[0]])}; export with "
-            "implicit_solvent='obc2'"
-        )
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _solvation_models(path, tree):
-    """What implicit-solvent models one XML file adds (cheap: tags and script text)."""
-    found = []
-    root = tree.getroot()
-    for tag in ("GBSAOBCForce", "AmoebaGeneralizedKirkwoodForce"):
-        if root.find(tag) is not None:
-            found.append(f"<{tag}>")
-    for script in root.findall("Script"):
-        text = script.text or ""
-        if "CustomGBForce" in text or "customgbforces" in text or "GBSA" in text:
-            if "timemachine: the dielectrics" not in text:
-                found.append("a generalized-Born <Script>")
-    return found
-
-
-def check_forcefield_files(files):
-    """Refuse force-field files that, loaded together, would solvate the system twice.
-
-    Each file (with its ``<Include>`` files) is read for a ``<GBSAOBCForce>`` section,
-    an AMOEBA GK section or a ``<Script>`` that builds a generalized-Born force
-    (``implicit/obc2.xml`` and the scripts merged into an ``implicit_solvent="obc2"``
-    export). Two or more such sources in one ``ForceField`` add two solvation terms (or,
-    for two ``<GBSAOBCForce>`` sections, let the later file's per-type values silently
-    replace the earlier's), so this raises.
-
-    Returns:
-        the files as a tuple of strings.
-
-    Raises:
-        MissingFileError: a file not found on disk or in openmm/app/data.
-        InputError: more than one solvation source, naming the files.
-    """
-    if isinstance(files, (str, os.PathLike)):
-        files = (files,)
-    files = tuple(os.fspath(f) for f in files)
-    sources = []
-    for f in files:
-        try:
-            trees = _read_trees([f])
-        except ForceFieldError as e:
-            if "not found" in str(e):
-                raise MissingFileError(str(e)) from None
-            raise
-        for path, tree in trees:
-            sources += [(f, path, what) for what in _solvation_models(path, tree)]
-    if len(sources) > 1:
-        listed = "; ".join(
-            f"{f!r}"
-            + (f" (via {p!r})" if os.path.basename(p) != os.path.basename(f) else "")
-            + f": {what}"
-            for f, p, what in sources
-        )
-        raise InputError(
-            f"force-field files {list(files)} define implicit solvent more than once ({listed}); "
-            "OpenMM would add every one of them. Load an exported file on its own "
-            "(openmm_forcefield_files names what to load)"
-        )
-    return files
-
-
-def _recorded_solvent(path):
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise ForceFieldError(f"force-field file {path!r} is not valid XML: {e}") from e
-    el = root.find("Info/ImplicitSolvent")
-    if el is not None:
-        return None if (el.text or "").strip() in ("", "none") else el.text.strip()
-    if root.find("GBSAOBCForce") is not None:
-        return "native"
-    return "obc2" if _solvation_models(path, ET.ElementTree(root)) else None
-
-
-def openmm_forcefield_files(path, implicit_solvent="auto"):
-    """The OpenMM force-field files that reproduce a model written by export_forcefield.
-
-    ``openmm.app.ForceField(*openmm_forcefield_files(path))`` with
-    ``createSystem(topology, nonbondedMethod=NoCutoff)`` gives the energy of the System
-    and θ that were exported. Every export is self-contained, so this is ``(path,)``; in
-    particular OpenMM's ``amber99_obc.xml`` must NOT be added to a ``"native"`` export (it
-    has other radii, dielectric and charges; see the module docstring).
-
-    Args:
-        path: a file written by :func:`export_forcefield`.
-        implicit_solvent: "auto" (what the file records), or the mode the caller expects
-            (None, "native", "obc2"): a file written another way raises.
-
-    Raises:
-        MissingFileError: ``path`` does not exist.
-        InputError: the file was written with another implicit_solvent than asked.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"exported force field {path!r} does not exist")
-    recorded = _recorded_solvent(path)
-    if implicit_solvent != "auto" and implicit_solvent != recorded:
-        raise InputError(
-            f"{path!r} was exported with implicit_solvent={recorded!r}, not {implicit_solvent!r}"
-        )
-    return (path,)
-
-
 # --------------------------------------------------------------------------- export
-
-
-def _format(value: float) -> str:
-    return repr(float(value))
 
 
 _MODES = (None, "native", "obc2")
@@ -607,13 +314,13 @@ def export_forcefield(
             if old is None:
                 raise ForceFieldError(f"XML element {el.tag} {el.attrib} has no {attr!r}")
             if changed:
-                el.set(attr, _format(theta[p]))
+                el.set(attr, format_value(theta[p]))
 
     if native:
         ff, _ = imp._make_forcefield(forcefield, None)
-        root.append(_native_gb_section(root, ff, system, theta))
+        root.append(native_gb_section(root, ff, system, theta))
         script = ET.SubElement(root, "Script")
-        script.text = _DIELECTRIC_SCRIPT
+        script.text = DIELECTRIC_SCRIPT
 
     comment = ET.Comment(
         f" written by timemachine.export_forcefield from {list(forcefield)}"
@@ -630,7 +337,7 @@ def export_forcefield(
     out = atomic_write(path, lambda fh: tree.write(fh, encoding="utf-8", xml_declaration=False))
     if native:
         try:
-            _check_native_gb(out, system, theta)
+            check_native_gb(out, system, theta)
         except Exception:
             os.remove(out)
             raise

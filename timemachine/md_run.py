@@ -61,6 +61,7 @@ def run_simulation(args) -> dict:
 
     import timemachine as tm
     from timemachine.integrator import run
+    from timemachine.structured import gradient_fn
 
     if args.pdb:
         structure = args.pdb
@@ -79,7 +80,7 @@ def run_simulation(args) -> dict:
     energy = system.energy_fn()
     theta = jnp.asarray(system.params)
     e_fn = jax.jit(lambda y: energy(y, theta))
-    gradient = system.gradient_fn()
+    gradient = gradient_fn(system)
     g_fn = jax.jit(lambda y: gradient(y, theta))
     e0 = float(e_fn(x))
     x = tm.minimize(e_fn, g_fn, x)

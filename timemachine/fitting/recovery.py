@@ -23,6 +23,7 @@ from timemachine.fitting.replicas import run_replicas
 from timemachine.fitting.targets import make_target, save_targets
 from timemachine.fitting.train import fit, load_checkpoint
 from timemachine.integrator import LangevinIntegrator, minimize, run
+from timemachine.structured import gradient_fn
 
 __all__ = [
     "RECOVERY_LOSS_DROP",
@@ -123,7 +124,7 @@ def recovery_problem(
     start[idx] *= 1.0 + perturbation * np.where(np.arange(idx.size) % 2, -1.0, 1.0)
     energy = system.energy_fn()
     theta = jnp.asarray(start)
-    gradient = system.gradient_fn()
+    gradient = gradient_fn(system)
     grad = jax.jit(lambda y: gradient(y, theta))
     x = minimize(jax.jit(lambda y: energy(y, theta)), grad, x)
     integrator = LangevinIntegrator(temperature=300.0, friction=friction, dt=dt, seed=seed)

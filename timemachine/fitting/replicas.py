@@ -31,6 +31,7 @@ from timemachine.integrator.langevin import (
     _check_replica,
     maxwell_boltzmann_velocities,
 )
+from timemachine.sensitivity.options import physical_memory
 from timemachine.sensitivity.propagation import (
     exact_init,
     exact_step,
@@ -39,9 +40,6 @@ from timemachine.sensitivity.propagation import (
     window_init,
     window_size,
     window_step,
-)
-from timemachine.sensitivity.trajectory import (
-    _physical_memory,
 )
 from timemachine.sensitivity.zeta import make_gradient_and_zeta
 from timemachine.system import System
@@ -232,7 +230,7 @@ def run_replicas(
         if keep_frames:
             per_replica += n_blocks * 8 * (n * 3 + p * n * 3)
         if batch_size is None:
-            phys = _physical_memory() or 8 * 2**30
+            phys = physical_memory() or 8 * 2**30
             batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         program = _program(

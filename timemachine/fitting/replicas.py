@@ -142,23 +142,12 @@ def run_replicas(
     p = wrt.size
 
     x_start = _per_replica(x0, "x0", m_rep, n, "nm")
-    if v0 is None:
-        v_start = np.stack(
-            [
-                np.asarray(
-                    maxwell_boltzmann_velocities(
-                        system.masses, integrator.temperature, integrator.seed, int(r)
-                    )
-                )
-                for r in replicas
-            ]
-        )
-    else:
-        v_start = _per_replica(v0, "v0", m_rep, n, "nm/ps")
+    v_start = _start_velocities(v0, system, integrator, replicas)
     k, wcoeffs = window_setup(method, window, window_tol, integrator)
 
     n_blocks = n_steps // save_every
-    # the arguments of the chunk program after (capacity, state, n_blocks) but replica
+    # the chunk program's arguments all replicas share: blocks, steps per block, θ, the
+    # integrator's and the window's coefficients, the seed
     shared = (
         n_blocks,
         save_every,
@@ -172,13 +161,7 @@ def run_replicas(
         program = backend_program("cuda", system, wrt, zeta, method)
         batches = _run_cuda(program, shared, starts, replicas)
     else:
-        # per replica: the state, a copy and ζ, and the chunk program's frame buffers
-        per_replica = expected_state_bytes(method, n, p, k)["total"] * 3
-        per_replica += n_blocks * frame_bytes(n, p)
-        if batch_size is None:
-            phys = physical_memory() or 8 * 2**30
-            batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
-        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        batch_size = _batch_size(batch_size, m_rep, method, n, p, k, n_blocks)
         program = replica_program(system, tuple(int(i) for i in wrt), zeta, method)
         batches = _run_jax(program, shared, starts, replicas, batch_size)
 
@@ -218,6 +201,35 @@ def _check_replicas(replicas, n_replicas, first_replica):
     if np.unique(replicas).size != replicas.size:
         raise InputError(f"replicas repeat an index (identical noise): {replicas.tolist()}")
     return replicas
+
+
+def _start_velocities(v0, system, integrator, replicas):
+    """(M, N, 3) starting velocities, nm/ps: ``v0`` per replica, or Maxwell-Boltzmann at
+    the integrator's temperature from its seed and each replica's index."""
+    if v0 is not None:
+        return _per_replica(v0, "v0", replicas.size, system.n_atoms, "nm/ps")
+    return np.stack(
+        [
+            np.asarray(
+                maxwell_boltzmann_velocities(
+                    system.masses, integrator.temperature, integrator.seed, int(r)
+                )
+            )
+            for r in replicas
+        ]
+    )
+
+
+def _batch_size(batch_size, m_rep, method, n, p, k, n_blocks):
+    """Replicas per vmapped call: ``batch_size``, or by default as many (up to M) as fit
+    in a quarter of the physical memory (8 GiB if unknown)."""
+    if batch_size is None:
+        # per replica: the state, a copy and ζ, and the chunk program's frame buffers
+        per_replica = expected_state_bytes(method, n, p, k)["total"] * 3
+        per_replica += n_blocks * frame_bytes(n, p)
+        phys = physical_memory() or 8 * 2**30
+        batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
+    return check_int(batch_size, "batch_size", minimum=1)
 
 
 def _outputs(final, frames, used):

@@ -27,6 +27,18 @@ from timemachine.sensitivity.propagation import (
 )
 from timemachine.system import System
 
+__all__ = [
+    "check_max_sensitivity",
+    "check_progress",
+    "check_run",
+    "check_state_memory",
+    "check_steps",
+    "chunk_blocks",
+    "initial_state",
+    "physical_memory",
+    "window_setup",
+]
+
 METHODS = ("exact", "window")
 ZETA_METHODS = ("structured", "reference")
 # saved frames of one chunk are kept below this many bytes by default

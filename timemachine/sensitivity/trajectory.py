@@ -26,6 +26,7 @@ checks and set-up in ``sensitivity.options``, blow-up diagnosis in
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -148,29 +149,25 @@ def simulate(
         )
 
     program = backend_program(backend, system, wrt, zeta, method)
-    args = (
-        jnp.asarray(save_every, dtype=jnp.int64),
-        jnp.asarray(theta),
-        integrator.coefficients(system.masses),
-        wcoeffs,
-        jnp.asarray(integrator.seed, dtype=jnp.int64),
-        jnp.asarray(replica, dtype=jnp.int64),
-    )
+    args = _program_args(system, integrator, theta, save_every, wcoeffs, replica)
     bar = _progress_bar(progress, -(-n_blocks // per_chunk), n_steps, method)
     kept = []
-    masses = np.asarray(system.masses)
     try:
-        chunks = _run_chunks(program, state, n_blocks, per_chunk, args)
-        for c, (state, frames, v_look) in enumerate(chunks):
-            xs, _, dxs, steps, _, _ = frames
-            check_frames(xs, dxs, steps, param_names, max_sensitivity, integrator)
-            chunk = _chunk_record(frames, v_look, masses)
+        diagnose = functools.partial(
+            check_frames,
+            param_names=param_names,
+            max_sensitivity=max_sensitivity,
+            integrator=integrator,
+        )
+        masses = np.asarray(system.masses)
+        chunks = _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose)
+        for c, (state, chunk) in enumerate(chunks):
             if out_dir is not None:
                 write_chunk(out_dir, first_chunk + c, chunk, state)
             else:
                 kept.append(chunk)
             if bar is not None:
-                bar.update(steps.shape[0] * save_every)
+                bar.update(chunk["steps"].shape[0] * save_every)
     finally:
         if bar is not None:
             bar.close()
@@ -212,17 +209,32 @@ def _progress_bar(progress, n_chunks, n_steps, method):
     return tqdm(total=n_steps, unit="step", desc=f"simulate ({method})")
 
 
-def _run_chunks(program, state, n_blocks, per_chunk, args):
+def _program_args(system, integrator, theta, save_every, wcoeffs, replica):
+    """The chunk program's arguments after (capacity, state, n_blocks): save_every, θ,
+    the integrator's coefficients, the window's, the seed and the replica."""
+    return (
+        jnp.asarray(save_every, dtype=jnp.int64),
+        jnp.asarray(theta),
+        integrator.coefficients(system.masses),
+        wcoeffs,
+        jnp.asarray(integrator.seed, dtype=jnp.int64),
+        jnp.asarray(replica, dtype=jnp.int64),
+    )
+
+
+def _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose):
     """Run ``n_blocks`` blocks, ``per_chunk`` per call of ``program`` (the last call may
-    run fewer), yielding per call (state after it, its frames as numpy arrays cut to the
-    blocks run, the look-ahead state or velocities (N, 3))."""
+    run fewer), yielding per call the state after it and its ``_chunk_record``; each
+    chunk's (x, dx/dθ, steps) go to ``diagnose`` first, which raises on a blow-up."""
     done = 0
     while done < n_blocks:
         blocks = min(per_chunk, n_blocks - done)
         state, frames, v_look = program(
             per_chunk, state, jnp.asarray(blocks, dtype=jnp.int64), *args
         )
-        yield state, tuple(np.asarray(a)[:blocks] for a in frames), v_look
+        frames = tuple(np.asarray(a)[:blocks] for a in frames)
+        diagnose(frames[0], frames[2], frames[3])
+        yield state, _chunk_record(frames, v_look, masses)
         done += blocks
 
 

@@ -3,8 +3,10 @@
 Replica r runs the Langevin scheme with its own noise stream ``noise(seed, t, N, r)`` and
 its own Maxwell-Boltzmann starting velocities ``maxwell_boltzmann_velocities(m, T, seed,
 r)``, carrying dx/dθ forward exactly as ``timemachine.sensitivity.simulate(...,
-replica=r)`` does (``exact_step``/``window_step`` with the system's ζ). All replicas of a
-batch are one ``jax.vmap`` of the step loop, compiled once: on a CPU the step's small
+replica=r)`` does: both run the chunk program of ``timemachine.sensitivity.program``
+(``exact_step``/``window_step`` with the system's ζ), and both check their arguments and
+set up the window with ``timemachine.sensitivity.options``. All replicas of a batch are
+one ``jax.vmap`` of that program (``replica_program``), compiled once: on a CPU the step's small
 kernels become M-wide, on a GPU the device is filled. The last frames of the M replicas
 are M independent samples for ensemble averages (docs/design.md, "Observable gradients");
 saved frames along the way give time averages per replica.
@@ -16,14 +18,12 @@ same run as ``simulate(..., backend="cuda", replica=r)``.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timemachine.backends import check_backend
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError, SimulationError
 from timemachine.integrator.langevin import (
@@ -31,19 +31,14 @@ from timemachine.integrator.langevin import (
     _check_replica,
     maxwell_boltzmann_velocities,
 )
-from timemachine.sensitivity.propagation import (
-    exact_init,
-    exact_step,
-    expected_state_bytes,
-    window_coefficients,
-    window_init,
-    window_size,
-    window_step,
+from timemachine.sensitivity.options import check_run, check_steps, physical_memory, window_setup
+from timemachine.sensitivity.program import (
+    backend_program,
+    frame_bytes,
+    replica_program,
+    start_state,
 )
-from timemachine.sensitivity.trajectory import (
-    _physical_memory,
-)
-from timemachine.sensitivity.zeta import make_gradient_and_zeta
+from timemachine.sensitivity.propagation import expected_state_bytes
 from timemachine.system import System
 
 __all__ = ["ReplicaResult", "run_replicas"]
@@ -77,34 +72,6 @@ class ReplicaResult(NamedTuple):
     frames_x: np.ndarray | None
     frames_dx_dtheta: np.ndarray | None
     final_state: object
-
-
-@functools.lru_cache(maxsize=8)
-def _program(system, wrt_key, zeta_method, method, n_blocks, save_every, keep_frames):
-    """The jitted vmapped run for one (system, wrt, ζ, mode, shape of the loop)."""
-    energy_fn = system.energy_fn()
-    gz_fn = make_gradient_and_zeta(system, np.asarray(wrt_key, dtype=np.int64), zeta_method)
-
-    def one_replica(state, replica, theta, coeffs, wcoeffs, seed):
-        def gz(y, dx):  # ∇E and ζ from one fused call, as in simulate
-            return gz_fn(y, theta, dx)
-
-        def one(_, s):
-            if method == "exact":
-                return exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
-            return window_step(
-                None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
-            )
-
-        def block(s, _):
-            s = jax.lax.fori_loop(0, save_every, one, s)
-            return s, ((s.x, s.dx_dtheta) if keep_frames else None)
-
-        final, frames = jax.lax.scan(block, state, None, length=n_blocks)
-        return final, frames, energy_fn(final.x, theta)
-
-    run = jax.vmap(one_replica, in_axes=(0, 0, None, None, None, None))
-    return jax.jit(run)
 
 
 def run_replicas(
@@ -165,84 +132,40 @@ def run_replicas(
         InputError: invalid arguments, named with their values.
         SimulationError: non-finite coordinates or sensitivities in a replica (named).
     """
-    check_backend(backend)
-    if not isinstance(system, System):
-        raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
-    if not isinstance(integrator, LangevinIntegrator):
-        raise InputError(
-            f"integrator must be a LangevinIntegrator, got {type(integrator).__name__}"
-        )
-    if method not in ("exact", "window"):
-        raise InputError(f"method must be 'exact' or 'window', got {method!r}")
-    if zeta not in ("structured", "reference"):
-        raise InputError(f"zeta must be 'structured' or 'reference', got {zeta!r}")
-    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    method, zeta = check_run(system, integrator, backend, method, zeta)
     keep_frames = save_every is not None
-    save_every = n_steps if save_every is None else check_int(save_every, "save_every", minimum=1)
-    if n_steps % save_every:
-        raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
-    if replicas is None:
-        n_replicas = check_int(n_replicas, "n_replicas", minimum=1)
-        first_replica = _check_replica(first_replica)
-        replicas = np.arange(first_replica, first_replica + n_replicas)
-    replicas = np.asarray(replicas)
-    if replicas.ndim != 1 or replicas.size == 0 or not np.issubdtype(replicas.dtype, np.integer):
-        raise InputError(f"replicas must be a non-empty 1-D list of ints, got {replicas!r}")
-    for r in replicas:
-        _check_replica(int(r))
-    if np.unique(replicas).size != replicas.size:
-        raise InputError(f"replicas repeat an index (identical noise): {replicas.tolist()}")
+    n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
+    replicas = _check_replicas(replicas, n_replicas, first_replica)
     m_rep, n = replicas.size, system.n_atoms
     wrt = system.resolve_wrt(wrt)
     theta = system.resolve_params(params)
     p = wrt.size
 
     x_start = _per_replica(x0, "x0", m_rep, n, "nm")
-    if v0 is None:
-        v_start = np.stack(
-            [
-                np.asarray(
-                    maxwell_boltzmann_velocities(
-                        system.masses, integrator.temperature, integrator.seed, int(r)
-                    )
-                )
-                for r in replicas
-            ]
-        )
-    else:
-        v_start = _per_replica(v0, "v0", m_rep, n, "nm/ps")
+    v_start = _start_velocities(v0, system, integrator, replicas)
+    k, wcoeffs = window_setup(method, window, window_tol, integrator)
 
-    k, wcoeffs = None, None
-    if method == "window":
-        k = window_size(integrator, window_tol) if window is None else window
-        k = check_int(k, "window", minimum=1)
-        wcoeffs = window_coefficients(integrator, k)
-    elif window is not None:
-        raise InputError(f"window = {window!r} is only used with method='window'")
-
-    coeffs = integrator.coefficients(system.masses)
     n_blocks = n_steps // save_every
+    # the chunk program's arguments all replicas share: blocks, steps per block, θ, the
+    # integrator's and the window's coefficients, the seed
+    shared = (
+        n_blocks,
+        save_every,
+        theta,
+        integrator.coefficients(system.masses),
+        wcoeffs,
+        integrator.seed,
+    )
+    starts = (method, x_start, v_start, p, k)
     if backend == "cuda":
-        finals, frames_x, frames_dx, energies = _run_cuda(
-            system, wrt, method, k, theta, coeffs, wcoeffs, integrator.seed, replicas,
-            x_start, v_start, n_blocks, save_every,
-        )  # fmt: skip
+        program = backend_program("cuda", system, wrt, zeta, method)
+        batches = _run_cuda(program, shared, starts, replicas)
     else:
-        per_replica = expected_state_bytes(method, n, p, k)["total"] * 3  # state, copy, ζ
-        if keep_frames:
-            per_replica += n_blocks * 8 * (n * 3 + p * n * 3)
-        if batch_size is None:
-            phys = _physical_memory() or 8 * 2**30
-            batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
-        batch_size = check_int(batch_size, "batch_size", minimum=1)
-        program = _program(
-            system, tuple(int(i) for i in wrt), zeta, method, n_blocks, save_every, keep_frames
-        )
-        finals, frames_x, frames_dx, energies = _run_jax(
-            program, method, k, p, theta, coeffs, wcoeffs, integrator.seed, replicas,
-            x_start, v_start, batch_size,
-        )  # fmt: skip
+        batch_size = _batch_size(batch_size, m_rep, method, n, p, k, n_blocks)
+        program = replica_program(system, tuple(int(i) for i in wrt), zeta, method)
+        batches = _run_jax(program, shared, starts, replicas, batch_size)
 
+    finals, frames_x, frames_dx, energies = zip(*batches, strict=True)
     final = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *finals)
     result = ReplicaResult(
         x=final.x,
@@ -263,63 +186,107 @@ def run_replicas(
     return result
 
 
-def _run_jax(program, method, k, p, theta, coeffs, wcoeffs, seed, replicas, x_start, v_start,
-             batch_size):  # fmt: skip
-    """The replicas in vmapped batches of ``batch_size`` → per-batch lists of (final
-    states, frames of x, frames of dx/dθ, last energies), replicas along axis 0."""
+def _check_replicas(replicas, n_replicas, first_replica):
+    """The (M,) replica indices: ``replicas``, or ``first_replica + arange(n_replicas)``;
+    non-empty, valid and distinct (a repeated index would repeat its noise)."""
+    if replicas is None:
+        n_replicas = check_int(n_replicas, "n_replicas", minimum=1)
+        first_replica = _check_replica(first_replica)
+        replicas = np.arange(first_replica, first_replica + n_replicas)
+    replicas = np.asarray(replicas)
+    if replicas.ndim != 1 or replicas.size == 0 or not np.issubdtype(replicas.dtype, np.integer):
+        raise InputError(f"replicas must be a non-empty 1-D list of ints, got {replicas!r}")
+    for r in replicas:
+        _check_replica(int(r))
+    if np.unique(replicas).size != replicas.size:
+        raise InputError(f"replicas repeat an index (identical noise): {replicas.tolist()}")
+    return replicas
+
+
+def _start_velocities(v0, system, integrator, replicas):
+    """(M, N, 3) starting velocities, nm/ps: ``v0`` per replica, or Maxwell-Boltzmann at
+    the integrator's temperature from its seed and each replica's index."""
+    if v0 is not None:
+        return _per_replica(v0, "v0", replicas.size, system.n_atoms, "nm/ps")
+    return np.stack(
+        [
+            np.asarray(
+                maxwell_boltzmann_velocities(
+                    system.masses, integrator.temperature, integrator.seed, int(r)
+                )
+            )
+            for r in replicas
+        ]
+    )
+
+
+def _batch_size(batch_size, m_rep, method, n, p, k, n_blocks):
+    """Replicas per vmapped call: ``batch_size``, or by default as many (up to M) as fit
+    in a quarter of the physical memory (8 GiB if unknown)."""
+    if batch_size is None:
+        # per replica: the state, a copy and ζ, and the chunk program's frame buffers
+        per_replica = expected_state_bytes(method, n, p, k)["total"] * 3
+        per_replica += n_blocks * frame_bytes(n, p)
+        phys = physical_memory() or 8 * 2**30
+        batch_size = max(1, min(m_rep, (phys // 4) // per_replica))
+    return check_int(batch_size, "batch_size", minimum=1)
+
+
+def _outputs(final, frames, used):
+    """The first ``used`` rows of a batch's (final states, x frames (B, F, N, 3), dx/dθ
+    frames (B, F, P, N, 3), last potential energies (B,)), as numpy arrays; ``frames`` are
+    the chunk program's (``timemachine.sensitivity.program.make_chunk``), batched."""
+    x, dx, pe = np.asarray(frames[0]), np.asarray(frames[2]), np.asarray(frames[5])
+    return (
+        jax.tree_util.tree_map(lambda a: np.asarray(a)[:used], final),
+        x[:used],
+        dx[:used],
+        pe[:used, -1],
+    )
+
+
+def _run_jax(program, shared, starts, replicas, batch_size):
+    """Yield per vmapped batch of ``batch_size`` replicas ``_outputs``: (final states,
+    frames of x, frames of dx/dθ, last energies), replicas along axis 0."""
+    n_blocks, save_every, theta, coeffs, wcoeffs, seed = shared
+    method, x_start, v_start, p, k = starts
     m_rep = replicas.size
+    counts = (jnp.asarray(n_blocks, dtype=jnp.int64), jnp.asarray(save_every, dtype=jnp.int64))
     seed = jnp.asarray(seed, dtype=jnp.int64)
-    finals, frames_x, frames_dx, energies = [], [], [], []
+    init = jax.vmap(lambda x, v: start_state(method, x, v, p, k))
     for start in range(0, m_rep, batch_size):
         # the last batch is padded with copies of its last row, so every batch has the
         # same shape and the program compiles once; the copies are dropped
         rows = np.minimum(np.arange(start, start + batch_size), m_rep - 1)
         used = min(batch_size, m_rep - start)
-        if method == "exact":
-            init = jax.vmap(lambda x, v: exact_init(x, v, p))
-        else:
-            init = jax.vmap(lambda x, v: window_init(x, v, p, k))
         state = init(jnp.asarray(x_start[rows]), jnp.asarray(v_start[rows]))
-        final, frames, pe = program(
+        final, frames = program(
+            n_blocks,
             state,
-            jnp.asarray(replicas[rows], dtype=jnp.int64),
+            *counts,
             jnp.asarray(theta),
             coeffs,
             wcoeffs,
             seed,
+            jnp.asarray(replicas[rows], dtype=jnp.int64),
         )
-        finals.append(jax.tree_util.tree_map(lambda a, n=used: np.asarray(a)[:n], final))
-        energies.append(np.asarray(pe)[:used])
-        if frames is not None:
-            frames_x.append(np.asarray(frames[0])[:used])
-            frames_dx.append(np.asarray(frames[1])[:used])
-    return finals, frames_x, frames_dx, energies
+        yield _outputs(final, frames, used)
 
 
-def _run_cuda(system, wrt, method, k, theta, coeffs, wcoeffs, seed, replicas, x_start,
-              v_start, n_blocks, save_every):  # fmt: skip
-    """The replicas one after another on the CUDA kernels (one program: the tables are
-    uploaded once) → the lists of ``_run_jax``, one row per replica."""
-    from timemachine.backends import cupy_backend
-
-    program = cupy_backend.make_program(system, wrt, method)
-    p = wrt.size
-    finals, frames_x, frames_dx, energies = [], [], [], []
+def _run_cuda(program, shared, starts, replicas):
+    """Yield per replica, one after another on the CUDA kernels (one program: the tables
+    are uploaded once), the ``_outputs`` of ``_run_jax`` with one row."""
+    n_blocks, save_every, theta, coeffs, wcoeffs, seed = shared
+    method, x_start, v_start, p, k = starts
     for r, replica in enumerate(replicas):
-        if method == "exact":
-            state = exact_init(x_start[r], v_start[r], p)
-        else:
-            state = window_init(x_start[r], v_start[r], p, k)
+        state = start_state(method, x_start[r], v_start[r], p, k)
         final, frames, _ = program(
             n_blocks, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, int(replica)
         )
         # the next replica reuses the device buffers: copy this one's state out now (the
         # window ring would otherwise be read from the device later)
-        finals.append(type(final)(*(np.asarray(f)[None] for f in final)))
-        frames_x.append(frames[0][None])
-        frames_dx.append(frames[2][None])
-        energies.append(frames[5][-1:])
-    return finals, frames_x, frames_dx, energies
+        final = type(final)(*(np.asarray(f)[None] for f in final))
+        yield _outputs(final, tuple(np.asarray(a)[None] for a in frames), 1)
 
 
 def _per_replica(value, name, m_rep, n, unit):

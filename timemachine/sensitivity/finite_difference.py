@@ -31,9 +31,7 @@ from timemachine.integrator.langevin import (
     langevin_step,
     maxwell_boltzmann_velocities,
 )
-from timemachine.sensitivity.trajectory import (
-    SensitivityTrajectory,
-)
+from timemachine.sensitivity.frames import SensitivityTrajectory
 from timemachine.structured import gradient_fn
 from timemachine.system import System
 

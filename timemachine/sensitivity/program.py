@@ -1,0 +1,147 @@
+"""The one compiled chunk program: blocks of sensitivity steps inside ``jax.jit``.
+
+``make_chunk`` writes the step loop once: ``save_every`` steps of ``exact_step`` or
+``window_step`` (``timemachine.sensitivity.propagation``) per block, many blocks per call,
+the last state of each block saved as a frame. ``chunk_program`` jit-compiles it for
+``simulate``; ``replica_program`` jit-compiles its ``jax.vmap`` over replicas for
+``timemachine.fitting.run_replicas``, so a replica runs the same step as ``simulate``
+(docs/design.md, "Performance principles", "One compiled program per chunk").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timemachine.sensitivity import zeta as zeta_module
+from timemachine.sensitivity.propagation import exact_init, exact_step, window_init, window_step
+
+__all__ = [
+    "backend_program",
+    "chunk_program",
+    "frame_bytes",
+    "make_chunk",
+    "replica_program",
+    "start_state",
+]
+
+
+def frame_bytes(n_atoms: int, n_params: int) -> int:
+    """Bytes of one saved frame in the chunk program's buffers: x and v (N, 3), dx/dθ
+    (P, N, 3), the step, v after the next step (N, 3) and the potential energy, float64."""
+    return 8 * (2 * n_atoms * 3 + n_params * n_atoms * 3 + 4)
+
+
+def start_state(method, x, v, n_params, k):
+    """The propagation state at (x, v) with dx/dθ = dv/dθ = 0: ``exact_init`` for
+    method "exact", else ``window_init`` with a window of k steps."""
+    if method == "exact":
+        return exact_init(x, v, n_params)
+    return window_init(x, v, n_params, k)
+
+
+def make_chunk(system, wrt_key, zeta_method, method, bonded="auto"):
+    """The chunk function (not compiled) for one (system, wrt, ζ method, mode).
+
+    ``chunk(capacity, state, n_blocks, save_every, θ, coeffs, wcoeffs, seed, replica)``
+    runs ``n_blocks <= capacity`` blocks of ``save_every`` steps from ``state`` and
+    returns ``(final state, frames, look)``: frames are ``capacity``-long buffers of
+    (x (N, 3) nm, v (N, 3) nm/ps, dx/dθ (P, N, 3), step, v after the block's first step,
+    potential energy kJ/mol), the first ``n_blocks`` of them written; look is the state
+    one step past the final one (its v is v_{t+1} of the last frame). Both counts are
+    traced: the loops are ``while`` loops whose trip count XLA cannot see, so it never
+    removes or unrolls a loop of one trip (which would fuse the step differently and
+    change its bits). The step is therefore the same machine code for every chunking and
+    every continuation, and only ``capacity`` (the frame buffers' length) is compiled for.
+    """
+    energy_fn = system.energy_fn()
+    gz_fn = zeta_module.make_gradient_and_zeta(
+        system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method, bonded=bonded
+    )
+
+    def chunk(capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica):
+        # ∇E and ζ from one fused call: the structured path gets ∇E from the same pair
+        # scalars as ζ, which saves about one gradient per step over separate calls
+        def gz(y, dx):
+            return gz_fn(y, theta, dx)
+
+        def step(s):
+            if method == "exact":
+                return exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
+            return window_step(
+                None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
+            )
+
+        def one(i, carry):
+            s, v_first = carry
+            s = step(s)
+            # v after the block's first step is v_{t+1} of the previous block's frame
+            return s, jnp.where(i == 0, s.v, v_first)
+
+        def block(j, carry):
+            s, frames = carry
+            s, v_first = jax.lax.fori_loop(0, save_every, one, (s, jnp.zeros_like(s.v)))
+            saved = (s.x, s.v, s.dx_dtheta, s.step, v_first, energy_fn(s.x, theta))
+            frames = tuple(
+                jax.lax.dynamic_update_index_in_dim(buf, value, j, axis=0)
+                for buf, value in zip(frames, saved, strict=True)
+            )
+            return s, frames
+
+        empty = tuple(
+            jnp.zeros((capacity,) + jnp.shape(a), jnp.result_type(a))
+            for a in (state.x, state.v, state.dx_dtheta, state.step, state.v, state.x[0, 0])
+        )
+        final, frames = jax.lax.fori_loop(0, n_blocks, block, (state, empty))
+
+        # v_{t+1} of the last frame (the next step's, same noise), for its kinetic energy.
+        # It is the whole next step, in a loop of (traced) trip count 1, and all of its
+        # state is returned (nothing of it can be pruned), so that XLA compiles it as the
+        # step inside the next chunk's loop and its v has the same bits.
+        once = jnp.minimum(save_every, 1)
+        look = jax.lax.fori_loop(0, once, lambda i, s: step(s), final)
+        return final, frames, look
+
+    return chunk
+
+
+@functools.lru_cache(maxsize=8)
+def chunk_program(system, wrt_key, zeta_method, method, bonded="auto"):
+    """``make_chunk`` jit-compiled, ``capacity`` static: the program ``simulate`` runs."""
+    return jax.jit(make_chunk(system, wrt_key, zeta_method, method, bonded), static_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=8)
+def replica_program(system, wrt_key, zeta_method, method):
+    """``make_chunk`` vmapped over replicas and jit-compiled, ``capacity`` static.
+
+    ``run(capacity, states, n_blocks, save_every, θ, coeffs, wcoeffs, seed, replicas)``
+    takes M states (leading axis M) and (M,) replica indices, the other arguments shared,
+    and returns ``(final states, frames)`` with frames as in ``make_chunk``, each with a
+    leading axis M. The look-ahead step is not returned, so XLA may drop it.
+    """
+    chunk = make_chunk(system, wrt_key, zeta_method, method)
+
+    def run(capacity, states, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replicas):
+        batched = jax.vmap(
+            functools.partial(chunk, capacity), in_axes=(0, None, None, None, None, None, None, 0)
+        )
+        final, frames, _ = batched(
+            states, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replicas
+        )
+        return final, frames
+
+    return jax.jit(run, static_argnums=(0,))
+
+
+def backend_program(backend, system, wrt, zeta_method, method):
+    """The chunk program of ``backend``: ``chunk_program`` for "jax", the CUDA kernels'
+    ``cupy_backend.make_program`` (same call and results; ζ is exact there) for "cuda"."""
+    if backend == "cuda":
+        from timemachine.backends import cupy_backend
+
+        return cupy_backend.make_program(system, wrt, method)
+    return chunk_program(system, tuple(int(i) for i in wrt), zeta_method, method)

@@ -1,7 +1,7 @@
 """backend="cuda": the CUDA kernels of ``cuda/kernels/``, loaded with CuPy.
 
 ``make_program(system, wrt, method)`` returns the chunk program ``tm.simulate`` runs,
-with the same call signature and results as the JAX one (``trajectory._program``): it
+with the same call signature and results as the JAX one (``sensitivity.program.make_chunk``): it
 runs ``n_blocks`` blocks of ``save_every`` Langevin steps with exact or windowed
 propagation of dx/dθ, keeping x, v, dx/dθ, dv/dθ and the window ring on the device
 across steps and across chunks, and copies back only the saved frames (and dv/dθ of the

@@ -198,16 +198,24 @@ TM_HD void load_term(const TermArgs& a, i64 t, int k, int nc, int nconst, int* a
   for (int c = 0; c < nconst; ++c) cst[c] = a.consts[t * nconst + c];
 }
 
+// term t of a's kind at x: its atoms, positions xl, coordinate gradient g = ∇q and the
+// scalars (energy, f', f'', ∂f/∂θ_c, ∂f'/∂θ_c), shared by the primal and the ζ bodies
+TM_HD TermScalars evaluate_term(const TermArgs& a, i64 t, int* atoms, double (*xl)[3],
+                                double (*g)[3]) {
+  const int kind = (int)a.kind;
+  double p[6], cst[2];
+  load_term(a, t, kind_atoms(kind), kind_channels(kind), kind_consts(kind), atoms, xl, p, cst);
+  coord_grad<double>(kind, xl, g);
+  return term_scalars(kind, coord_value(kind, xl), p, cst);
+}
+
 // thread t: energy, gradient slots and ∂E/∂θ of term t
 TM_HD void terms_primal_body(i64 t, const TermArgs& a) {
   if (t >= a.n_terms) return;
   const int kind = (int)a.kind, k = kind_atoms(kind), nc = kind_channels(kind);
   int atoms[4];
-  double xl[4][3], p[6], cst[2], g[4][3];
-  load_term(a, t, k, nc, kind_consts(kind), atoms, xl, p, cst);
-  const double q = coord_value(kind, xl);
-  coord_grad<double>(kind, xl, g);
-  const TermScalars s = term_scalars(kind, q, p, cst);
+  double xl[4][3], g[4][3];
+  const TermScalars s = evaluate_term(a, t, atoms, xl, g);
   if (a.energy) a.energy[t] = s.e;
   if (a.grad_slots)
     for (int i = 0; i < k; ++i)
@@ -221,11 +229,8 @@ TM_HD void terms_zeta_body(i64 t, const TermArgs& a) {
   if (t >= a.n_terms) return;
   const int kind = (int)a.kind, k = kind_atoms(kind), nc = kind_channels(kind);
   int atoms[4];
-  double xl[4][3], p[6], cst[2], g[4][3];
-  load_term(a, t, k, nc, kind_consts(kind), atoms, xl, p, cst);
-  const double q = coord_value(kind, xl);
-  coord_grad<double>(kind, xl, g);
-  const TermScalars s = term_scalars(kind, q, p, cst);
+  double xl[4][3], g[4][3];
+  const TermScalars s = evaluate_term(a, t, atoms, xl, g);
   int slot[6];
   for (int c = 0; c < nc; ++c) slot[c] = a.inv_wrt[a.pidx[t * nc + c]];
   typedef Jet<double, 1> J;

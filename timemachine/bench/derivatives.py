@@ -128,8 +128,10 @@ def _projection(n_atoms: int) -> np.ndarray:
 # --------------------------------------------------------------------------- methods
 
 
-def _timemachine(case, wrt, integrator, v0, n_steps, repeats=1, own_fd_params=0):
-    from timemachine.bench.plain_md import best_of
+def compiled_sensitivity_run(case, integrator, wrt, v0=None):
+    """(``go(n)``, compile seconds): ``go`` runs ``simulate`` for n exact sensitivity steps
+    on ``case`` in one chunk, saving only the last frame; it is compiled (by one 1-step
+    run) before it is returned. Loop counts are runtime values, so every n reuses it."""
     from timemachine.sensitivity import simulate
 
     def go(n):
@@ -146,8 +148,14 @@ def _timemachine(case, wrt, integrator, v0, n_steps, repeats=1, own_fd_params=0)
         )
 
     t0 = time.perf_counter()
-    go(1)  # compiles the chunk program; loop counts are runtime values, so it is reused
-    compile_s = time.perf_counter() - t0
+    go(1)
+    return go, time.perf_counter() - t0
+
+
+def _timemachine(case, wrt, integrator, v0, n_steps, repeats=1, own_fd_params=0):
+    from timemachine.bench.plain_md import best_of
+
+    go, compile_s = compiled_sensitivity_run(case, integrator, wrt, v0)
     elapsed, cpu, traj = best_of(lambda: go(n_steps), repeats, REPEAT_BUDGET_S)
     dx = np.asarray(traj.dx_dtheta[-1])
     extra = {"state_bytes": int(traj.memory_bytes["state"]), "cpu_s": cpu}

@@ -14,8 +14,6 @@ default ``window_size``), next to ``state_memory_bytes`` of a state actually all
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 __all__ = ["parameter_pool", "step_cost", "scaling_in_p", "scaling_in_n", "memory_table"]
@@ -76,23 +74,9 @@ def _plain_step_s(case, integrator, n_steps, repeats=3):
 def step_cost(case, integrator, wrt, n_steps: int, repeats: int = 3) -> dict:
     """Seconds per exact sensitivity step for θ indices ``wrt`` (after compiling), from
     the best of ``repeats`` runs of ``n_steps`` and of 2 · ``n_steps`` (``_per_step``)."""
-    from timemachine.sensitivity import simulate
+    from timemachine.bench.derivatives import compiled_sensitivity_run
 
-    def go(n):
-        return simulate(
-            case.system,
-            case.positions,
-            integrator,
-            n,
-            wrt=wrt,
-            save_every=n,
-            progress=False,
-            chunk_steps=n,
-        )
-
-    t0 = time.perf_counter()
-    go(1)
-    compile_s = time.perf_counter() - t0
+    go, compile_s = compiled_sensitivity_run(case, integrator, wrt)
     wall, cpu = _per_step(go, n_steps, repeats)
     return {"s_per_step": wall, "cpu_s_per_step": cpu, "compile_s": compile_s}
 

@@ -57,8 +57,8 @@ from timemachine.integrator.langevin import (  # noqa: E402
     LangevinState,
     langevin_init,
 )
+from timemachine.sensitivity.program import chunk_program  # noqa: E402
 from timemachine.sensitivity.propagation import exact_init  # noqa: E402
-from timemachine.sensitivity.trajectory import _program  # noqa: E402
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 GOAL_CUDA_OVER_JAX = 5.0  # CUDA sens at least this many times faster than JAX sens
@@ -135,7 +135,7 @@ def run_case(name, n_params, steps, repeats, residues):
         cuda["sens_direct"] = cupy_backend.make_program(system, wrt, "exact", graphs=False)
     cuda_state = {k: exact_init(start.x, start.v, 0 if k.startswith("plain") else p) for k in cuda}
     jax_plain = plain_program(system)
-    jax_sens = _program(system, tuple(int(i) for i in wrt), "structured", "exact")
+    jax_sens = chunk_program(system, tuple(int(i) for i in wrt), "structured", "exact")
     plain_state = LangevinState(start.x, start.v, start.step)
     sens_state = exact_init(start.x, start.v, p)
 

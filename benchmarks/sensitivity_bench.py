@@ -57,8 +57,8 @@ from timemachine.integrator.langevin import (  # noqa: E402
     langevin_init,
     langevin_step,
 )
+from timemachine.sensitivity.program import chunk_program  # noqa: E402
 from timemachine.sensitivity.propagation import exact_init  # noqa: E402
-from timemachine.sensitivity.trajectory import _program  # noqa: E402
 from timemachine.sensitivity.zeta import make_gradient, make_gradient_and_zeta  # noqa: E402
 
 GOALS = {"villin-vacuum": 8.0, "trialanine-obc2": 4.0}
@@ -145,9 +145,9 @@ def run_case(name, repeats, scale, pieces):
     # plain MD with its bonded gradient in the C++ custom call too, so that the ratio is
     # also quoted against a plain step that gets the same help
     plain_host = plain_program(system, make_gradient(system, bonded="host"))
-    programs = {zm: _program(system, key, zm, "exact") for zm in ("structured", "reference")}
+    programs = {zm: chunk_program(system, key, zm, "exact") for zm in ("structured", "reference")}
     # the same structured program with the bonded terms in XLA instead of the C++ call
-    programs["structured_jax_bonded"] = _program(system, key, "structured", "exact", "jax")
+    programs["structured_jax_bonded"] = chunk_program(system, key, "structured", "exact", "jax")
 
     def run_plain(n):
         return plain(plain_state, jnp.asarray(n, jnp.int64), theta, coeffs, seed, replica)

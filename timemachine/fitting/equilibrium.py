@@ -28,6 +28,11 @@ After each epoch a checkpoint (u, the optimiser, the chains, the stored frames, 
 history) is written atomically to ``out_dir``; ``resume=True`` continues from it and
 reproduces the uninterrupted fit's numbers (the noise of chain c at step t is a pure
 function of (seed, t, c); reservoir and replica choices are seeded by the epoch).
+
+This module holds the loop, the settings, the optimiser steps and the stopping rules;
+step 1 lives in ``equilibrium_samples`` (``EpochSampler``), step 2 and the loss in
+``equilibrium_estimate``, the trust region in ``trust_region``, the checkpoint format in
+``equilibrium_checkpoint``.
 """
 
 from __future__ import annotations

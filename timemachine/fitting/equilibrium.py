@@ -28,6 +28,11 @@ After each epoch a checkpoint (u, the optimiser, the chains, the stored frames, 
 history) is written atomically to ``out_dir``; ``resume=True`` continues from it and
 reproduces the uninterrupted fit's numbers (the noise of chain c at step t is a pure
 function of (seed, t, c); reservoir and replica choices are seeded by the epoch).
+
+This module holds the loop, the settings, the optimiser steps and the stopping rules;
+step 1 lives in ``equilibrium_samples`` (``EpochSampler``), step 2 and the loss in
+``equilibrium_estimate``, the trust region in ``trust_region``, the checkpoint format in
+``equilibrium_checkpoint``.
 """
 
 from __future__ import annotations
@@ -38,25 +43,28 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from timemachine.checks import check_int, check_real
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
-from timemachine.fitting.chi2 import block_mean_cov, chi2_with_error
+from timemachine.fitting.chi2 import chi2_with_error
 from timemachine.fitting.equilibrium_checkpoint import (
     CHECKPOINT,
     HISTORY,
     load_checkpoint,
     save_checkpoint,
 )
-from timemachine.fitting.estimators import (
-    fluctuation_gradient,
-    hybrid_gradient,
-    reweighting_weights,
+from timemachine.fitting.equilibrium_estimate import (
+    HybridSettings,
+    estimate_at,
+    least_squares_form,
+    loss_and_gradient,
 )
-from timemachine.fitting.horizon import choose_horizon
+from timemachine.fitting.equilibrium_samples import EpochSampler
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.result import (
     Parametrization,
@@ -65,13 +73,7 @@ from timemachine.fitting.result import (
     make_result,
     settings_fingerprint,
 )
-from timemachine.fitting.sampling import (
-    ChainSamples,
-    EquilibriumChains,
-    effective_sample_size,
-    potential_scale_reduction,
-    reservoir_frames,
-)
+from timemachine.fitting.sampling import EquilibriumChains
 from timemachine.fitting.trust_region import trust_region_step
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
 from timemachine.system import System
@@ -171,9 +173,197 @@ def fit_equilibrium(
         InputError: bad settings, a checkpoint of another fit, or too few effective samples.
         SimulationError: a chain or replica went non-finite.
     """
-    from timemachine.fitting.replicas import run_replicas
     from timemachine.fitting.targets import load_targets
 
+    s = _check_settings(
+        system,
+        integrator,
+        estimator,
+        optimizer,
+        epochs=epochs,
+        n_chains=n_chains,
+        sample_steps=sample_steps,
+        decorrelation_steps=decorrelation_steps,
+        save_every=save_every,
+        reservoir_size=reservoir_size,
+        blocks=blocks,
+        min_ess=min_ess,
+        reweight_threshold=reweight_threshold,
+        max_reuse=max_reuse,
+        max_extend=max_extend,
+        learning_rate=learning_rate,
+        trust_radius=trust_radius,
+        max_trust_radius=max_trust_radius,
+        tolerance_sigma=tolerance_sigma,
+        patience=patience,
+        stop_chi2=stop_chi2,
+        hybrid=HybridSettings(n_replicas, horizon, max_horizon, horizon_cap),
+    )
+    if isinstance(targets, (str, os.PathLike)):
+        targets = load_targets(targets, system.topology)
+    target = target_vector(targets)
+    wrt = system.resolve_wrt(wrt)
+    names = tuple(system.param_names[i] for i in wrt)
+    full0 = np.array(system.resolve_params(params), dtype=np.float64)
+    theta0 = full0[wrt].copy()
+    param = Parametrization(parametrization, theta0, names)
+    opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
+    width = None  # (P,) the prior's widths, θ's units
+    if prior_sigma is not None:
+        width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta0.shape)
+
+    chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
+    sampler = EpochSampler(
+        chains,
+        target.observable,
+        target.labels,
+        sample_steps=s.sample_steps,
+        decorrelation_steps=s.decorrelation_steps,
+        reservoir_size=s.reservoir_size,
+        min_ess=s.min_ess,
+        max_extend=s.max_extend,
+        reweight_threshold=s.reweight_threshold,
+        max_reuse=s.max_reuse,
+    )
+    fingerprint = _fingerprint(
+        s, estimator, names, theta0, target, integrator, chains, parametrization, prior_sigma
+    )
+    u = param.initial()
+    state = _FitState(u, opt.init(u) if opt is not None else None, s.trust_radius)
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        if resume:
+            _resume(out_dir, fingerprint, state, sampler, s.epochs)
+    elif resume:
+        raise InputError("resume=True needs out_dir (where the checkpoint lives)")
+
+    def result():
+        best = state.accepted
+        info = {
+            "estimator": estimator,
+            "stop_reason": state.stop_reason,
+            "accepted": None if best is None else {"loss": best["loss"], "stderr": best["se"]},
+            "horizon_steps": state.horizon_steps,
+        }
+        u, history = state.u, state.history
+        return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
+
+    bar = _progress_bar(progress, s.epochs, state.start)
+    converged = False
+    try:
+        for epoch in range(state.start, s.epochs):
+            t0 = time.perf_counter()
+            theta = param.theta(state.u)
+            full = full0.copy()
+            full[wrt] = theta
+            record = {"epoch": epoch, "params": theta.tolist(), "estimator": estimator}
+
+            # ---- 1. samples at θ: the stored frames reweighted, or the chains run on
+            last = epoch == s.epochs - 1
+            sample = sampler.at(full, epoch, last or _looked_converged_reweighted(state.history))
+            record.update(sample.record)
+
+            # ---- 2. estimate ⟨O⟩, J = d⟨O⟩/dθ and the loss
+            est = estimate_at(
+                target.observable,
+                system,
+                sample,
+                full,
+                wrt,
+                integrator,
+                blocks=s.blocks,
+                epoch=epoch,
+                hybrid=s.hybrid,
+                horizon_steps=state.horizon_steps,
+            )
+            state.horizon_steps = est.horizon_steps
+            record.update(est.record)
+            loss = loss_and_gradient(est, target, theta, theta0, width)
+            record.update(_loss_record(loss, est))
+            if not (np.isfinite(loss.chi2) and np.isfinite(loss.gradient).all()):
+                raise SimulationError(
+                    f"epoch {epoch}: χ² = {loss.chi2} or its gradient is not finite; an "
+                    "observable is NaN on a sampled frame or the energies overflowed"
+                )
+
+            # ---- 3. accept or reject (Gauss-Newton), then step
+            fresh = record["sampled"]
+            jac_u = param.jacobian(state.u)
+            if optimizer == "gauss-newton":
+                rr, JJ = least_squares_form(
+                    loss, est.gradient.gradient, jac_u, theta, theta0, width
+                )
+                u_next, entries = _gauss_newton_step(state, loss, rr, JJ, fresh, s)
+            else:
+                u_next, entries = _adam_step(opt, state, loss, jac_u, fresh, s.tolerance_sigma)
+            record.update(entries)
+
+            # ---- 4. stop: statistically converged, or fits the data (stop_chi2)
+            converged = state.quiet_epochs >= s.patience
+            fits_data = _fits_data(record, loss, s)
+            record["wall_s"] = time.perf_counter() - t0
+            record["converged"] = converged or fits_data
+            state.history.append(record)
+            if fits_data and not converged:
+                converged = True
+                state.stop_reason = _fits_data_reason(loss, s)
+                u_next = state.u  # the θ just sampled, not an untested step beyond it
+            state.u = np.asarray(u_next, dtype=np.float64)
+            if converged and not fits_data:
+                state.stop_reason = _converged_reason(s)
+                # the result is the last accepted point, not an untested trial step
+                if optimizer == "gauss-newton":
+                    state.u = np.asarray(state.accepted["u"], dtype=np.float64)
+
+            if out_dir is not None:
+                _save(out_dir, fingerprint, epoch, state, sampler, converged, result())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(chi2=f"{loss.chi2:.3g}±{loss.chi2_stderr:.2g}")
+            if callback is not None:
+                callback(record)
+            if converged:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if optimizer == "gauss-newton" and state.accepted is not None and not converged:
+        # the last step was never sampled: report the last accepted θ
+        state.u = np.asarray(state.accepted["u"], dtype=np.float64)
+    return result()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class _Settings(NamedTuple):
+    """The checked settings of ``fit_equilibrium`` (its Args); ``hybrid`` is None for
+    the fluctuation estimator."""
+
+    epochs: int
+    n_chains: int
+    sample_steps: int
+    decorrelation_steps: int
+    save_every: int
+    reservoir_size: int
+    blocks: int
+    min_ess: float
+    reweight_threshold: float
+    max_reuse: int
+    max_extend: int
+    optimizer: str
+    learning_rate: float
+    trust_radius: float
+    max_trust_radius: float
+    tolerance_sigma: float
+    patience: int
+    stop_chi2: float | None
+    hybrid: HybridSettings | None
+
+
+def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings:
+    """InputError on a bad setting of ``fit_equilibrium`` (before anything runs); the
+    checked settings. ``kw`` are ``_Settings``' fields but ``optimizer``."""
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if not isinstance(integrator, LangevinIntegrator):
@@ -187,15 +377,20 @@ def fit_equilibrium(
         )
     if optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer {optimizer!r} unknown; use one of {OPTIMIZERS}")
-    epochs = check_int(epochs, "epochs", minimum=1)
-    sample_steps = check_int(sample_steps, "sample_steps", minimum=1)
-    decorrelation_steps = check_int(decorrelation_steps, "decorrelation_steps", minimum=0)
-    save_every = check_int(save_every, "save_every", minimum=1)
-    reservoir_size = check_int(reservoir_size, "reservoir_size", minimum=2)
-    blocks = check_int(blocks, "blocks", minimum=2)
-    patience = check_int(patience, "patience", minimum=1)
-    max_reuse = check_int(max_reuse, "max_reuse", minimum=0)
-    max_extend = check_int(max_extend, "max_extend", minimum=0)
+    for name, minimum in (
+        ("epochs", 1),
+        ("sample_steps", 1),
+        ("decorrelation_steps", 0),
+        ("save_every", 1),
+        ("reservoir_size", 2),
+        ("blocks", 2),
+        ("patience", 1),
+        ("max_reuse", 0),
+        ("max_extend", 0),
+    ):
+        kw[name] = check_int(kw[name], name, minimum=minimum)
+    n_chains, sample_steps, save_every = kw["n_chains"], kw["sample_steps"], kw["save_every"]
+    reservoir_size, blocks = kw["reservoir_size"], kw["blocks"]
     if sample_steps % save_every:
         raise InputError(
             f"sample_steps = {sample_steps} must be a multiple of save_every = {save_every}"
@@ -207,31 +402,30 @@ def fit_equilibrium(
             f"sample_steps {sample_steps} / save_every {save_every}, reservoir_size "
             f"{reservoir_size}); {blocks} blocks need at least {2 * blocks}"
         )
-    min_ess = check_real(min_ess, "min_ess")
-    reweight_threshold = check_real(reweight_threshold, "reweight_threshold", allow_zero=True)
-    trust_radius = check_real(trust_radius, "trust_radius")
-    max_trust_radius = check_real(max_trust_radius, "max_trust_radius")
-    tolerance_sigma = check_real(tolerance_sigma, "tolerance_sigma")
-    if stop_chi2 is not None:
-        stop_chi2 = check_real(stop_chi2, "stop_chi2")
+    kw["min_ess"] = check_real(kw["min_ess"], "min_ess")
+    kw["reweight_threshold"] = check_real(
+        kw["reweight_threshold"], "reweight_threshold", allow_zero=True
+    )
+    for name in ("trust_radius", "max_trust_radius", "tolerance_sigma"):
+        kw[name] = check_real(kw[name], name)
+    if kw["stop_chi2"] is not None:
+        kw["stop_chi2"] = check_real(kw["stop_chi2"], "stop_chi2")
+    hybrid = kw.pop("hybrid")
     if estimator == "hybrid":
-        n_replicas = check_int(n_replicas, "n_replicas", minimum=2)
-        max_horizon = check_int(max_horizon, "max_horizon", minimum=1)
+        n_replicas = check_int(hybrid.n_replicas, "n_replicas", minimum=2)
+        max_horizon = check_int(hybrid.max_horizon, "max_horizon", minimum=1)
+        horizon = hybrid.horizon
         if horizon != "auto":
             horizon = check_int(horizon, "horizon", minimum=1)
-    if isinstance(targets, (str, os.PathLike)):
-        targets = load_targets(targets, system.topology)
-    target = target_vector(targets)
-    wrt = system.resolve_wrt(wrt)
-    names = tuple(system.param_names[i] for i in wrt)
-    full0 = np.array(system.resolve_params(params), dtype=np.float64)
-    theta0 = full0[wrt].copy()
-    param = Parametrization(parametrization, theta0, names)
-    opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
-    k = target.value.shape[0]
+        hybrid = HybridSettings(n_replicas, horizon, max_horizon, hybrid.horizon_cap)
+    else:
+        hybrid = None
+    return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)
 
-    chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
-    fingerprint = settings_fingerprint(
+
+def _fingerprint(s, estimator, names, theta0, target, integrator, chains, param, prior):
+    """The settings fingerprint a checkpoint must carry to be resumed by this fit."""
+    return settings_fingerprint(
         names=names,
         theta0=theta0.tolist(),
         labels=target.labels,
@@ -239,356 +433,209 @@ def fit_equilibrium(
         sigma=target.uncertainty.tolist(),
         integrator=[integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
         x0=hashlib.sha256(np.ascontiguousarray(chains.state.x).tobytes()).hexdigest(),
-        settings=[estimator, n_chains, sample_steps, decorrelation_steps, save_every],
-        more=[reservoir_size, blocks, optimizer, learning_rate, trust_radius, parametrization],
-        reuse=[reweight_threshold, max_reuse, min_ess, max_extend],
-        stop=[tolerance_sigma, patience, stop_chi2],
-        hybrid=[n_replicas, horizon, max_horizon, horizon_cap] if estimator == "hybrid" else None,
-        prior=None if prior_sigma is None else np.asarray(prior_sigma).tolist(),
+        settings=[estimator, s.n_chains, s.sample_steps, s.decorrelation_steps, s.save_every],
+        more=[s.reservoir_size, s.blocks, s.optimizer, s.learning_rate, s.trust_radius, param],
+        reuse=[s.reweight_threshold, s.max_reuse, s.min_ess, s.max_extend],
+        stop=[s.tolerance_sigma, s.patience, s.stop_chi2],
+        hybrid=None if s.hybrid is None else list(s.hybrid),
+        prior=None if prior is None else np.asarray(prior).tolist(),
     )
 
-    # ---- state of the fit
-    u = param.initial()
-    opt_state = opt.init(u) if opt is not None else None
-    radius = trust_radius
-    history: list = []
-    stored = None  # (x (R, N, 3), params (P_all,)) frames and the θ they were drawn at
-    accepted = None  # dict: u, chi2, se, mean, J, cov of the last accepted point
-    quiet_epochs, start, n_horizon, stop_reason, reused = 0, 0, None, "epochs", 0
-    if out_dir is not None:
-        out_dir = os.fspath(out_dir)
-        ckpt = load_checkpoint(out_dir) if resume else None
-        if ckpt is not None:
-            check_fingerprint(
-                os.path.join(out_dir, CHECKPOINT),
-                ckpt["fingerprint"],
-                fingerprint,
-                "parameters, targets, chains, steps or integrator",
-            )
-            u, radius, history, start = ckpt["u"], ckpt["radius"], ckpt["history"], ckpt["epoch"]
-            chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
-            stored = (ckpt["stored_x"], ckpt["stored_params"])
-            accepted = ckpt["accepted"]
-            quiet_epochs, n_horizon = ckpt["quiet_epochs"], ckpt["horizon"]
-            reused = ckpt["reused"]
-            if opt is not None:
-                import jax
 
-                treedef = jax.tree_util.tree_structure(opt_state)
-                opt_state = jax.tree_util.tree_unflatten(treedef, ckpt["opt_leaves"])
-            if ckpt["converged"]:
-                start, stop_reason = epochs, ckpt["stop_reason"]
-    elif resume:
-        raise InputError("resume=True needs out_dir (where the checkpoint lives)")
+# --------------------------------------------------------------------------- state
 
-    def result():
-        best = None if accepted is None else {"loss": accepted["loss"], "stderr": accepted["se"]}
-        info = {
-            "estimator": estimator,
-            "stop_reason": stop_reason,
-            "accepted": best,
-            "horizon_steps": n_horizon,
-        }
-        return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
 
+@dataclass
+class _FitState:
+    """What the epochs change (the sampler keeps the chains and the stored frames).
+
+    Attributes:
+        u: (P,) the optimiser's coordinates of the next trial θ.
+        opt_state: the optax state (Adam), or None.
+        radius: the trust radius, ‖δu‖.
+        history: the epoch records.
+        accepted: the last accepted point (``TrustRegionStep.accepted``), or None.
+        quiet_epochs: freshly sampled epochs in a row that met the stopping rule.
+        start: the first epoch to run (``epochs`` once a resumed fit had converged).
+        horizon_steps: the hybrid horizon n, once chosen.
+        stop_reason: why the fit stopped ("epochs" until it converges).
+    """
+
+    u: np.ndarray
+    opt_state: object
+    radius: float
+    history: list = field(default_factory=list)
+    accepted: dict | None = None
+    quiet_epochs: int = 0
+    start: int = 0
+    horizon_steps: int | None = None
+    stop_reason: str = "epochs"
+
+
+def _resume(out_dir, fingerprint, state: _FitState, sampler: EpochSampler, epochs) -> None:
+    """Load ``out_dir``'s checkpoint, if any, into the state, the chains and the sampler;
+    InputError if it is another fit's."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        return
+    check_fingerprint(
+        os.path.join(out_dir, CHECKPOINT),
+        ckpt["fingerprint"],
+        fingerprint,
+        "parameters, targets, chains, steps or integrator",
+    )
+    state.u, state.radius, state.history = ckpt["u"], ckpt["radius"], ckpt["history"]
+    state.start, state.accepted = ckpt["epoch"], ckpt["accepted"]
+    state.quiet_epochs, state.horizon_steps = ckpt["quiet_epochs"], ckpt["horizon"]
+    sampler.chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
+    sampler.stored = (ckpt["stored_x"], ckpt["stored_params"])
+    sampler.reused = ckpt["reused"]
+    if state.opt_state is not None:
+        import jax
+
+        treedef = jax.tree_util.tree_structure(state.opt_state)
+        state.opt_state = jax.tree_util.tree_unflatten(treedef, ckpt["opt_leaves"])
+    if ckpt["converged"]:
+        state.start, state.stop_reason = epochs, ckpt["stop_reason"]
+
+
+def _save(out_dir, fingerprint, epoch, state: _FitState, sampler, converged, result) -> None:
+    """Write the checkpoint after ``epoch`` and ``result``'s history, atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint(
+        out_dir,
+        fingerprint=fingerprint,
+        epoch=epoch + 1,
+        u=state.u,
+        radius=state.radius,
+        history=state.history,
+        chains=sampler.chains,
+        stored=sampler.stored,
+        accepted=state.accepted,
+        quiet_epochs=state.quiet_epochs,
+        reused=sampler.reused,
+        horizon=state.horizon_steps,
+        opt_state=state.opt_state,
+        converged=converged,
+        stop_reason=state.stop_reason,
+    )
+    atomic_write_text(os.path.join(out_dir, HISTORY), json.dumps(result.history_dict(), indent=1))
+
+
+def _progress_bar(progress, epochs, start):
+    """A tqdm bar over epochs, or None (``progress`` None: when stderr is a terminal)."""
     show = progress if progress is not None else __import__("sys").stderr.isatty()
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
+    if not show:
+        return None
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, initial=min(start, epochs), unit="epoch", desc="fit")
-    converged = False
-    try:
-        for epoch in range(start, epochs):
-            t0 = time.perf_counter()
-            theta = param.theta(u)
-            full = full0.copy()
-            full[wrt] = theta
-            record = {"epoch": epoch, "params": theta.tolist(), "estimator": estimator}
-
-            # ---- 1. samples at θ
-            weights, ess_w = None, None
-            # reweight stored frames unless: they were reused max_reuse times already, this
-            # is the last epoch, or the last epoch looked converged on reweighted frames
-            # (both verdicts need fresh samples: frames reused at many θ get over-fitted)
-            verify = (
-                bool(history)
-                and not history[-1].get("sampled", True)
-                and (history[-1].get("model_decrease", np.inf) < history[-1]["chi2_stderr"])
-            )
-            reuse_ok = reused < max_reuse and epoch < epochs - 1 and not verify
-            if stored is not None and reweight_threshold <= 1.0 and reuse_ok:
-                w, ess_w = reweighting_weights(
-                    system, stored[0], stored[1], full, integrator.temperature
-                )
-                if ess_w >= reweight_threshold * w.shape[0]:
-                    weights = w
-            if weights is None:
-                chains.decorrelate(full, decorrelation_steps)
-                # production, extended segment by segment (up to max_extend more) until
-                # every observable has min_ess effective samples: slow conformational
-                # exchange at some θ needs longer runs, not a crash
-                segment = chains.sample(full, sample_steps)
-                series = np.stack([_values(target.observable, c) for c in segment.x])
-                ess = effective_sample_size(series)
-                extended = 0
-                while ess.min() < min_ess and extended < max_extend:
-                    more = chains.sample(full, sample_steps)
-                    segment = ChainSamples(
-                        np.concatenate([segment.x, more.x], axis=1),
-                        np.concatenate([segment.steps, more.steps], axis=1),
-                        full,
-                    )
-                    series = np.concatenate(
-                        [series, np.stack([_values(target.observable, c) for c in more.x])],
-                        axis=1,
-                    )
-                    ess = effective_sample_size(series)
-                    extended += 1
-                frames_x, _origin = reservoir_frames(
-                    segment, reservoir_size, (integrator.seed, epoch)
-                )
-                stored = (frames_x, full.copy())
-                record.update(
-                    sampled=True,
-                    ess=ess.tolist(),
-                    ess_min=float(ess.min()),
-                    production_steps=int(segment.x.shape[1] * save_every),
-                )
-                if n_chains > 1:
-                    rhat = potential_scale_reduction(series)
-                    record.update(rhat=rhat.tolist(), rhat_max=float(rhat.max()))
-                worst = int(np.argmin(ess))
-                if ess[worst] < min_ess:
-                    mixing = ""
-                    if n_chains > 1:
-                        mixing = (
-                            f"; the chains disagree on it (Gelman-Rubin R = "
-                            f"{record['rhat'][worst]:.3f}), so they have not crossed between "
-                            "its conformations often enough"
-                        )
-                    raise InputError(
-                        f"epoch {epoch}: the effective sample size of {target.labels[worst]} is "
-                        f"{ess[worst]:.1f} < min_ess = {min_ess:g} ({segment.x.shape[1]} frames "
-                        f"per chain × {n_chains} chains, after {extended} extensions)"
-                        f"{mixing}: too few independent samples to estimate a gradient; raise "
-                        "sample_steps, n_chains or max_extend"
-                    )
-                ess_w = float(stored[0].shape[0])
-                reused = 0
-            else:
-                reused += 1
-                record.update(sampled=False, reweighted_ess=ess_w)
-            record["reweight_ess"] = ess_w
-            x_res = stored[0]
-
-            # ---- 2. estimate ⟨O⟩ and J = d⟨O⟩/dθ
-            values = _values(target.observable, x_res)
-            mean, cov = block_mean_cov(values, weights, blocks)
-            if estimator == "fluctuation":
-                est = fluctuation_gradient(
-                    target.observable,
-                    system,
-                    x_res,
-                    params=full,
-                    wrt=wrt,
-                    temperature=integrator.temperature,
-                    blocks=blocks,
-                    weights=weights,
-                )
-            else:
-                rng = np.random.default_rng((integrator.seed, epoch, 7))
-                p = None if weights is None else weights
-                pick = rng.choice(x_res.shape[0], size=n_replicas, replace=p is not None, p=p)
-                starts = x_res[pick]
-                replicas = 1_000_000 + epoch * n_replicas + np.arange(n_replicas)
-                if n_horizon is None:
-                    if horizon == "auto":
-                        spacing = max(1, max_horizon // 20)
-                        pilot = run_replicas(
-                            system,
-                            starts,
-                            integrator,
-                            (max_horizon // spacing) * spacing,
-                            wrt=wrt,
-                            replicas=replicas,
-                            params=full,
-                            save_every=spacing,
-                        )
-                        choice = choose_horizon(
-                            pilot.steps, pilot.frames_dx_dtheta, theta, integrator.dt, horizon_cap
-                        )
-                        n_horizon = choice.n_steps
-                        record["horizon_growth_rate_per_ps"] = choice.growth_rate
-                    else:
-                        n_horizon = int(horizon)
-                res = run_replicas(
-                    system, starts, integrator, n_horizon, wrt=wrt, replicas=replicas, params=full
-                )
-                est = hybrid_gradient(
-                    target.observable,
-                    system,
-                    starts,
-                    res.x,
-                    res.dx_dtheta,
-                    params=full,
-                    wrt=wrt,
-                    temperature=integrator.temperature,
-                    horizon=n_horizon,
-                )
-                record["horizon_steps"] = n_horizon
-            J, J_se = est.gradient, est.stderr
-            chi2, chi2_se, chi2_bias = chi2_with_error(
-                mean, cov, target.value, target.uncertainty, target.weight
-            )
-            sw = np.sqrt(target.weight / k) / target.uncertainty
-            resid = sw * (mean - target.value)
-            grad_theta = 2.0 * (sw * resid) @ J
-            grad_se = 2.0 * np.sqrt(((sw * resid)[:, None] ** 2 * J_se**2).sum(axis=0))
-            prior = 0.0
-            if prior_sigma is not None:
-                width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta.shape)
-                z = (theta - theta0) / width
-                prior = float(np.sum(z * z) / theta.size)
-                grad_theta = grad_theta + 2.0 / theta.size * z / width
-            record.update(
-                chi2=chi2,
-                chi2_stderr=chi2_se,
-                chi2_noise_bias=chi2_bias,
-                prior=prior,
-                loss=chi2 + prior,
-                observables=mean.tolist(),
-                observable_errors=np.sqrt(np.diag(cov)).tolist(),
-                gradient=grad_theta.tolist(),
-                gradient_stderr=grad_se.tolist(),
-                jacobian=J.tolist(),
-                jacobian_stderr=J_se.tolist(),
-            )
-            if not (np.isfinite(chi2) and np.isfinite(grad_theta).all()):
-                raise SimulationError(
-                    f"epoch {epoch}: χ² = {chi2} or its gradient is not finite; an observable "
-                    "is NaN on a sampled frame or the energies overflowed"
-                )
-
-            # ---- 3. accept or reject (Gauss-Newton), then step
-            jac_u = param.jacobian(u)
-            if optimizer == "gauss-newton":
-                fresh = bool(record.get("sampled"))
-                Ju = (sw[:, None] * J) * jac_u[None, :]
-                rr, JJ = resid, Ju
-                if prior_sigma is not None:
-                    width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta.shape)
-                    rr = np.concatenate([resid, (theta - theta0) / width / np.sqrt(theta.size)])
-                    JJ = np.vstack([Ju, np.diag(jac_u / width / np.sqrt(theta.size))])
-                step = trust_region_step(
-                    accepted,
-                    u,
-                    chi2 + prior,
-                    chi2_se,
-                    fresh,
-                    rr,
-                    JJ,
-                    radius,
-                    max_trust_radius,
-                    tolerance_sigma,
-                )
-                accepted, radius, ok = step.accepted, step.radius, step.ok
-                u_next, predicted, converging = step.u_next, step.predicted, step.converging
-                record.update(step.decreases)
-                record["accepted"] = ok
-                record.update(trust_radius=radius, model_decrease=predicted)
-                small_model = predicted < max(accepted["se"], 1e-12)
-                # only freshly sampled epochs count: reweighted frames can be over-fitted
-                quiet_epochs = (
-                    quiet_epochs + 1 if (converging and small_model and ok and fresh) else 0
-                )
-            else:
-                import optax
-
-                grad_u = grad_theta * jac_u
-                updates, opt_state = opt.update(grad_u, opt_state, u)
-                u_next = np.asarray(optax.apply_updates(u, updates), dtype=np.float64)
-                if history:
-                    prev = history[-1]
-                    se = math.hypot(chi2_se, prev["chi2_stderr"])
-                    quiet = abs(prev["loss"] - (chi2 + prior)) <= tolerance_sigma * se
-                    fresh = record.get("sampled", False)
-                    quiet_epochs = quiet_epochs + 1 if (quiet and fresh) else 0
-                record["accepted"] = True
-            converged = quiet_epochs >= patience
-            # the discrepancy principle: a fresh χ²/N below stop_chi2 by more than its error
-            # means the model already fits the data within their uncertainties; steps beyond
-            # it fit the noise, and whatever the chains have not sampled
-            fits_data = (
-                stop_chi2 is not None
-                and epoch > 0
-                and record.get("sampled", False)
-                and record["accepted"]
-                and chi2 + tolerance_sigma * chi2_se <= stop_chi2
-            )
-            record["wall_s"] = time.perf_counter() - t0
-            record["converged"] = converged or fits_data
-            history.append(record)
-            if fits_data and not converged:
-                converged = True
-                stop_reason = (
-                    f"fits the data: χ²/N = {chi2:.3g} ± {chi2_se:.2g} is below {stop_chi2:g} "
-                    f"by more than {tolerance_sigma:g} standard errors (discrepancy principle)"
-                )
-                u_next = u  # the θ just sampled, not an untested step beyond it
-            u = np.asarray(u_next, dtype=np.float64)
-            if converged and not fits_data:
-                stop_reason = (
-                    f"converged: χ² changed by less than {tolerance_sigma:g} standard errors for "
-                    f"{patience} epochs"
-                    + (
-                        " and the model predicts no gain beyond the noise"
-                        if optimizer == "gauss-newton"
-                        else ""
-                    )
-                )
-                # the result is the last accepted point, not an untested trial step
-                if optimizer == "gauss-newton":
-                    u = np.asarray(accepted["u"], dtype=np.float64)
-            if out_dir is not None:
-                os.makedirs(out_dir, exist_ok=True)
-                save_checkpoint(
-                    out_dir,
-                    fingerprint=fingerprint,
-                    epoch=epoch + 1,
-                    u=u,
-                    radius=radius,
-                    history=history,
-                    chains=chains,
-                    stored=stored,
-                    accepted=accepted,
-                    quiet_epochs=quiet_epochs,
-                    reused=reused,
-                    horizon=n_horizon,
-                    opt_state=opt_state,
-                    converged=converged,
-                    stop_reason=stop_reason,
-                )
-                atomic_write_text(
-                    os.path.join(out_dir, HISTORY), json.dumps(result().history_dict(), indent=1)
-                )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(chi2=f"{chi2:.3g}±{chi2_se:.2g}")
-            if callback is not None:
-                callback(record)
-            if converged:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    if optimizer == "gauss-newton" and accepted is not None and not converged:
-        # the last step was never sampled: report the last accepted θ
-        u = np.asarray(accepted["u"], dtype=np.float64)
-    return result()
+    return tqdm(total=epochs, initial=min(start, epochs), unit="epoch", desc="fit")
 
 
-def _values(observable, x):
-    from timemachine.fitting.estimators import _values_program
+# --------------------------------------------------------------------------- epoch
 
-    return np.asarray(_values_program(observable)(x))
+
+def _looked_converged_reweighted(history) -> bool:
+    """Whether the last epoch looked converged on reweighted frames (the model predicted
+    less than one standard error): its verdict needs fresh samples, since frames reused at
+    many θ get over-fitted."""
+    return (
+        bool(history)
+        and not history[-1].get("sampled", True)
+        and (history[-1].get("model_decrease", np.inf) < history[-1]["chi2_stderr"])
+    )
+
+
+def _loss_record(loss, est) -> dict:
+    """The epoch record's entries for the loss, ⟨O⟩ and J."""
+    return dict(
+        chi2=loss.chi2,
+        chi2_stderr=loss.chi2_stderr,
+        chi2_noise_bias=loss.chi2_noise_bias,
+        prior=loss.prior,
+        loss=loss.value,
+        observables=est.mean.tolist(),
+        observable_errors=np.sqrt(np.diag(est.cov)).tolist(),
+        gradient=loss.gradient.tolist(),
+        gradient_stderr=loss.gradient_stderr.tolist(),
+        jacobian=est.gradient.gradient.tolist(),
+        jacobian_stderr=est.gradient.stderr.tolist(),
+    )
+
+
+def _gauss_newton_step(state: _FitState, loss, residual, jacobian, fresh, s: _Settings):
+    """Accept or reject this trial and take the trust-region step (``trust_region_step``)
+    on the residual (R,) and its Jacobian (R, P) in u; updates the state's accepted point,
+    radius and quiet epochs. Returns (the next u (P,), the record's entries)."""
+    step = trust_region_step(
+        state.accepted,
+        state.u,
+        loss.value,
+        loss.chi2_stderr,
+        fresh,
+        residual,
+        jacobian,
+        state.radius,
+        s.max_trust_radius,
+        s.tolerance_sigma,
+    )
+    state.accepted, state.radius = step.accepted, step.radius
+    entries = dict(step.decreases)
+    entries["accepted"] = step.ok
+    entries.update(trust_radius=state.radius, model_decrease=step.predicted)
+    small_model = step.predicted < max(state.accepted["se"], 1e-12)
+    # only freshly sampled epochs count: reweighted frames can be over-fitted
+    quiet = step.converging and small_model and step.ok and fresh
+    state.quiet_epochs = state.quiet_epochs + 1 if quiet else 0
+    return step.u_next, entries
+
+
+def _adam_step(opt, state: _FitState, loss, jac_u, fresh, tolerance_sigma):
+    """An optax step on the gradient in u, dθ/du = ``jac_u`` (P,); a freshly sampled loss
+    within ``tolerance_sigma`` standard errors of the last one is a quiet epoch. Returns
+    (the next u (P,), the record's entries)."""
+    import optax
+
+    grad_u = loss.gradient * jac_u
+    updates, state.opt_state = opt.update(grad_u, state.opt_state, state.u)
+    u_next = np.asarray(optax.apply_updates(state.u, updates), dtype=np.float64)
+    if state.history:
+        prev = state.history[-1]
+        se = math.hypot(loss.chi2_stderr, prev["chi2_stderr"])
+        quiet = abs(prev["loss"] - loss.value) <= tolerance_sigma * se
+        state.quiet_epochs = state.quiet_epochs + 1 if (quiet and fresh) else 0
+    return u_next, {"accepted": True}
+
+
+def _fits_data(record, loss, s: _Settings):
+    """The discrepancy principle: a fresh, accepted χ²/N below ``stop_chi2`` by more than
+    ``tolerance_sigma`` standard errors means the model already fits the data within
+    their uncertainties; steps beyond it fit the noise, and whatever the chains have not
+    sampled."""
+    return (
+        s.stop_chi2 is not None
+        and record["epoch"] > 0
+        and record.get("sampled", False)
+        and record["accepted"]
+        and loss.chi2 + s.tolerance_sigma * loss.chi2_stderr <= s.stop_chi2
+    )
+
+
+def _fits_data_reason(loss, s: _Settings) -> str:
+    return (
+        f"fits the data: χ²/N = {loss.chi2:.3g} ± {loss.chi2_stderr:.2g} is below "
+        f"{s.stop_chi2:g} by more than {s.tolerance_sigma:g} standard errors (discrepancy "
+        "principle)"
+    )
+
+
+def _converged_reason(s: _Settings) -> str:
+    return (
+        f"converged: χ² changed by less than {s.tolerance_sigma:g} standard errors for "
+        f"{s.patience} epochs"
+        + (
+            " and the model predicts no gain beyond the noise"
+            if s.optimizer == "gauss-newton"
+            else ""
+        )
+    )

@@ -297,6 +297,39 @@ class EquilibriumChains:
         xs, steps, theta = self._advance(params, n_steps, self.save_every)
         return ChainSamples(xs, steps, theta)
 
+    def sample_until(self, params, n_steps: int, values, min_ess: float, max_extend: int):
+        """Production at θ = ``params`` in segments of ``n_steps``, extended (up to
+        ``max_extend`` more segments) until every observable has ``min_ess`` effective
+        samples: slow conformational exchange at some θ needs longer runs, not a crash.
+
+        Args:
+            params: (P_all,) θ.
+            n_steps: steps per chain and segment (a multiple of ``save_every``).
+            values: ``values(x (F, N, 3) nm) -> (F, K)`` the observables of F frames.
+            min_ess: the effective sample size (``effective_sample_size``) to reach.
+            max_extend: the most extra segments.
+
+        Returns:
+            (``ChainSamples`` of all segments (C, F, ...), series (C, F, K) of the
+            observables, ess (K,), the number of extensions run). The caller decides what
+            an ESS still below ``min_ess`` means.
+        """
+        segment = self.sample(params, n_steps)
+        series = np.stack([values(c) for c in segment.x])
+        ess = effective_sample_size(series)
+        extended = 0
+        while ess.min() < min_ess and extended < max_extend:
+            more = self.sample(params, n_steps)
+            segment = ChainSamples(
+                np.concatenate([segment.x, more.x], axis=1),
+                np.concatenate([segment.steps, more.steps], axis=1),
+                segment.params,
+            )
+            series = np.concatenate([series, np.stack([values(c) for c in more.x])], axis=1)
+            ess = effective_sample_size(series)
+            extended += 1
+        return segment, series, ess, extended
+
 
 def reservoir_frames(samples: ChainSamples, capacity: int, seed) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm R over a production segment, frames streamed in time order (chains

@@ -10,9 +10,10 @@ sensitivity step) or, on a protein, a large scatter into the dense Hessian.
 with the per-term maths of ``bonded.cuh`` (the functions the CUDA kernels and the host
 build share), registered with ``jax.ffi`` so that it runs inside the compiled step.
 
-Given the all-pairs scalars A, B (N, N) that zeta.py computes in XLA, the same call also
-applies the pair blocks A_ij d dᵀ + B_ij I to the tangents over the upper triangle (half
-the flops of XLA's dense (P, 3N)·(3N, 3N) product, and no 24 MB matrix on villin). The
+Given the all-pairs scalars A, B (N, N) that the structured terms (timemachine.structured)
+compute in XLA, the same call also applies the pair blocks A_ij d dᵀ + B_ij I to the
+tangents over the upper triangle (half the flops of XLA's dense (P, 3N)·(3N, 3N)
+product, and no 24 MB matrix on villin). The
 tangents are split in chunks of 8 among XLA's intra-op threads; each chunk is summed in
 one fixed order, so the results do not depend on the number of threads.
 

@@ -323,8 +323,8 @@ _STEPS = {}
 
 
 def _step_fn(system, wrt, window):
-    """One step of the engine's equations around JAX's (∇E, ζ), jitted once per
-    (system, wrt, window)."""
+    """One step of the engine's equations around JAX's (∇E, ζ), compiled (FAST_COMPILE)
+    once per (system, wrt, window)."""
     key = _key(system, wrt, window)
     if key not in _STEPS:
         gz = make_gradient_and_zeta(system, np.asarray(wrt))
@@ -342,7 +342,7 @@ def _step_fn(system, wrt, window):
             dx, dv = sensitivity_update(co, dx, dv, source)
             return x, v, dx, dv, ring, to_fold, folded_last
 
-        _STEPS[key] = (system, jax.jit(step))
+        _STEPS[key] = (system, lambda *args: compiled_call(step, *args))
     return _STEPS[key][1]
 
 

@@ -91,19 +91,10 @@ def sanitizer_env(tmp_path):
 
 
 @pytest.fixture()
-def host_cuda_backend(monkeypatch):
+def host_cuda_backend():
     """backend="cuda" (simulate, run_replicas, fit, cuda_bench) running the host build of
     the kernels instead of CuPy, on the CPU."""
-    from timemachine import backends
-    from timemachine.backends import cupy_backend
-    from timemachine.backends.host import HostExecutor
+    from backends import host_build_as_cuda
 
-    monkeypatch.setattr(backends, "require_cuda", lambda: None)
-    real = cupy_backend.make_program
-    monkeypatch.setattr(
-        cupy_backend,
-        "make_program",
-        lambda system, wrt, method, executor=None, **kw: real(
-            system, wrt, method, HostExecutor(), **kw
-        ),
-    )
+    with host_build_as_cuda():
+        yield

@@ -1,48 +1,32 @@
 """backend="cuda" (the CUDA kernels through CuPy) against backend="jax", and its input checks.
 
-GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU):
-
-* noise-free runs of 1,000 steps, ``tm.simulate(backend="cuda")`` against
-  ``tm.simulate(backend="jax")`` (exact and window propagation): positions and dx/dθ to
-  1e-9 relative;
-* thermal runs of 1,000 steps on trialanine (OBC2) and villin (P = 60 torsion parameters):
-  the CUDA run against a JAX loop fed the CUDA noise stream (``noise.philox_normal``), to
-  1e-9 relative;
-* ``run_replicas(backend="cuda")`` against ``run_replicas(backend="jax")``, noise-free;
-* repeated runs with one seed are bitwise identical, and the steps captured in CUDA graphs
-  give the bits of the same kernels launched one by one;
-* bad shapes, out-of-range indices and a device out of memory raise TimemachineErrors
-  naming the kernel (or buffer) and the argument.
+GPU tests (``@pytest.mark.gpu``, skipped by conftest.py without CuPy and a GPU): the steps
+captured in CUDA graphs give the bits of the same kernels launched one by one; bad shapes,
+out-of-range indices and a device out of memory raise TimemachineErrors naming the kernel
+(or buffer) and the argument. The GPU against the JAX reference (ζ, E, ∂E/∂θ, 1,000-step
+noise-free and thermal runs, run_replicas, repeated runs bit for bit) is the ``cuda-gpu``
+row of test_backend_matrix.py.
 
 CPU tests (no GPU needed): the validation in backends.tables, backends.pipeline and
 cupy_backend runs before any launch, and its errors name the kernel and the argument.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel
 
 import timemachine as tm
-from timemachine.backends import cuda_available, cupy_backend, noise
+from timemachine.backends import cuda_available, cupy_backend
 from timemachine.backends.abi import STRUCTS, struct_bytes
 from timemachine.backends.host import HostExecutor
 from timemachine.backends.pipeline import Pipeline
 from timemachine.backends.tables import build_plan
 from timemachine.errors import InputError, SimulationError, TimemachineError
-from timemachine.integrator import langevin_update
 from timemachine.sensitivity.propagation import (
     exact_init,
-    sensitivity_update,
     window_coefficients,
     window_init,
 )
-from timemachine.sensitivity.zeta import make_gradient_and_zeta
 from timemachine.system import HarmonicBonds, Nonbonded, System
-
-N_STEPS = 1000
-TOL = 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -50,111 +34,7 @@ def trialanine_obc2(trialanine):
     return tm.load_system(trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent="obc2")
 
 
-@pytest.fixture(scope="module")
-def villin_vacuum(villin):
-    system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
-    theta = jnp.asarray(system.params)
-    energy = system.energy_fn()
-    x = tm.minimize(
-        jax.jit(lambda y: energy(y, theta)),
-        jax.jit(jax.grad(lambda y: energy(y, theta))),
-        x,
-        tolerance=10.0,
-        max_iterations=300,
-    )
-    return system, np.asarray(x)
-
-
 # --------------------------------------------------------------------------- GPU
-
-
-def fed_noise_reference(system, x, v, integ, wrt, replica=0):
-    """(x, dx/dθ) after N_STEPS exact-mode steps of a jitted JAX loop fed the CUDA noise."""
-    co = integ.coefficients(system.masses)
-    gz = make_gradient_and_zeta(system, wrt)
-    theta = jnp.asarray(system.params)
-    normals = jnp.asarray(
-        np.stack(
-            [noise.philox_normal(integ.seed, t, system.n_atoms, replica) for t in range(N_STEPS)]
-        )
-    )
-
-    def step(carry, n):
-        x, v, dx, dv = carry
-        g, z = gz(x, theta, dx)
-        x, v = langevin_update(co, x, v, g, n)  # eqs. 3-4, the CUDA stream's normals
-        dx, dv = sensitivity_update(co, dx, dv, z)
-        return (x, v, dx, dv), None
-
-    zeros = jnp.zeros((len(wrt),) + x.shape)
-    init = (jnp.asarray(x), jnp.asarray(v), zeros, zeros)
-    (xf, _, dxf, _), _ = jax.jit(lambda s, ns: jax.lax.scan(step, s, ns))(init, normals)
-    return np.asarray(xf), np.asarray(dxf)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("method", ["exact", "window"])
-def test_noise_free_cuda_matches_jax_after_1000_steps(trialanine_obc2, method):
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.001, seed=3)
-    v0 = np.random.default_rng(0).normal(scale=0.3, size=x.shape)
-    kw = dict(wrt="torsion*", save_every=250, method=method, v0=v0, progress=False)
-    if method == "window":
-        kw["window"] = 50
-    ref = tm.simulate(system, x, integ, N_STEPS, backend="jax", **kw)
-    got = tm.simulate(system, x, integ, N_STEPS, backend="cuda", **kw)
-    for key in ("x", "dx_dtheta"):
-        err = rel(getattr(got, key), getattr(ref, key))
-        print(f"{method} {key}: rel err {err:.1e}")
-        assert err < TOL, key
-    np.testing.assert_allclose(got.potential_energy, ref.potential_energy, rtol=TOL)
-    assert np.abs(ref.dx_dtheta[-1]).max() > 1e-6
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ["trialanine", "villin"])
-def test_thermal_cuda_matches_jax_fed_the_same_noise(case, request):
-    if case == "trialanine":
-        system, x = request.getfixturevalue("trialanine_obc2")
-        wrt = system.select("torsion*")
-    else:
-        system, x = request.getfixturevalue("villin_vacuum")
-        wrt = system.select("torsion*")[:60]
-    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=11)
-    replica = 1
-    got = tm.simulate(
-        system,
-        x,
-        integ,
-        N_STEPS,
-        wrt=wrt,
-        save_every=N_STEPS,
-        backend="cuda",
-        replica=replica,
-        progress=False,
-    )
-    v = tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 11, replica)
-    xr, dxr = fed_noise_reference(system, x, v, integ, wrt, replica)
-    ex, edx = rel(got.x[-1], xr), rel(got.dx_dtheta[-1], dxr)
-    print(f"{case} (N={system.n_atoms}, P={wrt.size}): rel err x {ex:.1e} dx/dθ {edx:.1e}")
-    assert ex < TOL and edx < TOL
-    assert np.abs(xr - x).max() > 1e-2  # it moved
-
-
-@pytest.mark.gpu
-def test_gpu_run_replicas_matches_jax_without_noise(trialanine_obc2):
-    from timemachine.fitting import run_replicas
-
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=0.0, friction=5.0, dt=0.001, seed=0)
-    v0 = np.random.default_rng(5).normal(scale=0.3, size=(3,) + x.shape)
-    kw = dict(wrt="torsion*", n_replicas=3, v0=v0, save_every=250)
-    ref = run_replicas(system, x, integ, N_STEPS, backend="jax", **kw)
-    got = run_replicas(system, x, integ, N_STEPS, backend="cuda", **kw)
-    for key in ("x", "dx_dtheta", "frames_x", "frames_dx_dtheta", "potential_energy"):
-        err = rel(getattr(got, key), getattr(ref, key))
-        print(f"run_replicas {key}: rel err {err:.1e}")
-        assert err < TOL, key
 
 
 @pytest.mark.gpu
@@ -178,27 +58,6 @@ def test_gpu_graphs_give_the_bits_of_launch_by_launch(trialanine_obc2):
         out[graphs] = frames
     for a, b in zip(out[True], out[False], strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.gpu
-def test_repeated_gpu_runs_are_bitwise_identical(trialanine_obc2):
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
-    runs = [
-        tm.simulate(
-            system,
-            x,
-            integ,
-            N_STEPS,
-            wrt="torsion*",
-            save_every=100,
-            backend="cuda",
-            progress=False,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    for key in ("x", "v", "dx_dtheta", "potential_energy"):
-        np.testing.assert_array_equal(getattr(runs[0], key), getattr(runs[1], key))
 
 
 @pytest.mark.gpu

@@ -9,8 +9,10 @@ vacuum): energy, gradient, ∂E/∂θ (jax.value_and_grad) and ζ (zeta_referenc
 make_gradient_and_zeta, which test_zeta checks against zeta_reference), to 1e-12
 relative (max-abs error over max-abs value of each array). The whole system is then
 checked against the sum of the per-term references (E, ∇E, ∂E/∂θ and ζ are sums over
-terms). Then whole Langevin runs through tm.simulate(backend="cuda") on the host build
-against backend="jax": noise-free, and with the CUDA noise stream fed to a JAX loop.
+terms; the real systems as a whole, and whole Langevin runs against the JAX equations,
+are the ``cuda-host`` row of test_backend_matrix.py). Then what is peculiar to the
+backend="cuda" runs on the host build: run_replicas as simulate per replica, fit against
+backend="jax", launch-order independence, graph replay and sanitizers.
 
 The references are jitted with the terms as *arguments* (they are pytrees), so systems
 with the same term shapes share one XLA compilation, and compiled at XLA's lowest
@@ -24,22 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from backends import FAST_COMPILE, compiled_call, kernel_results
 from conftest import rel
 
 import timemachine as tm
 from timemachine.backends import cupy_backend, noise
 from timemachine.backends.abi import DTYPES, PCHUNK
 from timemachine.backends.host import HostExecutor, host_compiler, load_host_library
-from timemachine.backends.pipeline import Pipeline
-from timemachine.backends.tables import build_plan
 from timemachine.errors import InputError, SimulationError
-from timemachine.integrator import langevin_update
 from timemachine.sensitivity.propagation import (
     exact_init,
-    sensitivity_update,
     window_coefficients,
     window_init,
-    window_source,
 )
 from timemachine.sensitivity.zeta import make_gradient_and_zeta, zeta_reference
 from timemachine.system import (
@@ -62,33 +60,6 @@ def executor():
     ex = HostExecutor(load_host_library())
     print(f"host build + load: {time.perf_counter() - t0:.1f} s")
     return ex
-
-
-def kernel_results(executor, system, x, wrt, dx):
-    """(E, ∇E, ∂E/∂θ, ζ) from the host-built kernels."""
-    pl = Pipeline(build_plan(system, wrt), executor, system.params)
-    pl.x[...] = x
-    pl.dx[...] = dx
-    e = pl.energy()
-    g = pl.grad.copy()
-    pl.zeta_pass()
-    z = pl.zeta.copy()
-    pl.dedtheta_pass()
-    return e, g, pl.dedtheta.copy(), z
-
-
-# XLA compile options for the references: compilation, not arithmetic, is their cost
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_COMPILED = {}
-
-
-def compiled_call(fn, *args):
-    """fn(*args) through jax.jit, compiled once per (fn, pytree structure, leaf shapes)."""
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    key = (fn, tree, tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(fn).lower(*args).compile(FAST_COMPILE)
-    return _COMPILED[key](*args)
 
 
 def _terms_energy(terms):
@@ -140,10 +111,11 @@ def check(got, ref, label):
     return errs
 
 
-def compare_term_by_term(executor, system, x, wrt, dx, label, structured=()):
-    """Each term of ``system`` alone (a System with that one term), then all of them
-    together against the sum of the per-term references. Terms whose kind is in
-    ``structured`` get the production structured ζ as their reference."""
+def compare_term_by_term(executor, system, x, wrt, dx, label, structured=(), whole=True):
+    """Each term of ``system`` alone (a System with that one term), then (``whole``) all of
+    them together against the sum of the per-term references. Terms whose kind is in
+    ``structured`` get the production structured ζ as their reference. (The real systems
+    as a whole are the ``cuda-host`` row of test_backend_matrix.py.)"""
     refs = []
     for term in system.terms:
         single = System(system.masses, [term], system.param_names, system.params)
@@ -151,6 +123,8 @@ def compare_term_by_term(executor, system, x, wrt, dx, label, structured=()):
         ref = reference_results(term, system, x, wrt, dx, zeta)
         check(kernel_results(executor, single, x, wrt, dx), ref, f"{label} {term.kind}")
         refs.append(ref)
+    if not whole:
+        return
     total = tuple(sum(r[i] for r in refs) for i in range(4))
     check(kernel_results(executor, system, x, wrt, dx), total, f"{label} all terms")
 
@@ -352,7 +326,7 @@ def test_trialanine_obc2_term_by_term(executor, trialanine_obc2):
     system, x = trialanine_obc2
     wrt = np.arange(system.n_params)  # all 167 parameters: every type of every term
     dx = np.random.default_rng(1).normal(scale=0.02, size=(wrt.size, system.n_atoms, 3))
-    compare_term_by_term(executor, system, x, wrt, dx, "trialanine obc2")
+    compare_term_by_term(executor, system, x, wrt, dx, "trialanine obc2", whole=False)
 
 
 @pytest.mark.slow
@@ -365,142 +339,15 @@ def test_villin_vacuum_term_by_term(executor, villin):
     assert {t.kind for t in system.terms} == {"bond", "angle", "torsion", "improper", "nonbonded"}
     # the all-pairs term's ζ against the production path (zeta_reference there would vmap
     # 60 jvps over 582² pair arrays); the bonded terms against zeta_reference
-    compare_term_by_term(executor, system, x, wrt, dx, "villin", structured=("nonbonded",))
+    compare_term_by_term(
+        executor, system, x, wrt, dx, "villin", structured=("nonbonded",), whole=False
+    )
 
 
 # --------------------------------------------------------------------------- dynamics
 
 
 WRT = ["torsion/*", "gb/*/radius"]  # the θ of the dynamics tests (one compiled ζ for all)
-_GRAD_ZETA = {}
-
-
-def grad_zeta(system, wrt):
-    """(x, dx) -> (∇E, ζ) numpy, the production JAX path, compiled once per (system, wrt)."""
-    key = (id(system), tuple(int(i) for i in wrt))
-    if key not in _GRAD_ZETA:  # the system is kept in the value, so its id stays unique
-        _GRAD_ZETA[key] = (system, make_gradient_and_zeta(system, wrt))
-    fn, theta = _GRAD_ZETA[key][1], jnp.asarray(system.params)
-
-    def call(x, dx):
-        g, z = compiled_call(fn, jnp.asarray(x), theta, jnp.asarray(dx))
-        return np.asarray(g), np.asarray(z)
-
-    return call
-
-
-def _energy_fn(terms, x, theta):
-    return _terms_energy(terms)(x, theta)
-
-
-def reference_run(system, x, v, integ, wrt, n_steps, window=None, replica=0):
-    """States after steps 0..n_steps: (xs, vs, dxs), each (n_steps + 1, ...), numpy.
-
-    The engine's own equations, fed the CUDA backend's noise stream (noise.philox_normal)
-    when the temperature is above zero: ``langevin_update`` (eqs. 3-4) and
-    ``sensitivity_update`` with ζ (exact, window None) or ``window_source`` (eq. 9: ring
-    of the last k ζ's, each evicted ζ folded with weight a^{k+1}/(1 - a)), around JAX's ∇E
-    and ζ.
-    """
-
-    co = integ.coefficients(system.masses)
-    x, v = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
-    dx, dv = np.zeros((len(wrt),) + x.shape), np.zeros((len(wrt),) + x.shape)
-    if window is not None:
-        wco = window_coefficients(integ, window)
-        ring = np.zeros((window,) + dx.shape)
-        to_fold, folded_last = np.zeros_like(dx), np.zeros_like(dx)
-    gz = grad_zeta(system, wrt)
-    xs, vs, dxs = [x], [v], [dx]
-    for t in range(n_steps):
-        g, z = gz(x, dx)
-        n = np.zeros_like(x)
-        if integ.temperature > 0:
-            n = noise.philox_normal(integ.seed, t, system.n_atoms, replica)
-        x, v = (np.asarray(a) for a in langevin_update(co, x, v, g, n))
-        if window is None:
-            source = z
-        else:
-            ring[t % window] = z
-            source = window_source(wco, z, to_fold, folded_last)
-            folded_last, to_fold = to_fold, ring[(t + 1) % window].copy()
-        dx, dv = (np.asarray(a) for a in sensitivity_update(co, dx, dv, source))
-        xs.append(x)
-        vs.append(v)
-        dxs.append(dx)
-    return np.array(xs), np.array(vs), np.array(dxs)
-
-
-@pytest.mark.parametrize("method", ["exact", "window"])
-def test_noise_free_simulate_matches_jax(host_cuda_backend, trialanine_obc2, method):
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=0.0, friction=50.0, dt=0.001, seed=3)
-    v0 = np.random.default_rng(0).normal(scale=0.3, size=x.shape)
-    wrt = system.select(WRT)
-    kw = dict(wrt=wrt, save_every=10, method=method, progress=False, chunk_steps=20)
-    if method == "window":
-        kw["window"] = 7  # folds happen within the run
-    got = tm.simulate(system, x, integ, 40, backend="cuda", v0=v0, **kw)
-    xs, vs, dxs = reference_run(system, x, v0, integ, wrt, 41, kw.get("window"))
-    frames = np.array([10, 20, 30, 40])
-    np.testing.assert_array_equal(got.steps, frames)
-    for key, ref in (("x", xs), ("v", vs), ("dx_dtheta", dxs)):
-        err = rel(getattr(got, key), ref[frames])
-        print(f"{method} {key}: rel err {err:.1e}")
-        assert err < 1e-10, key
-    assert np.abs(dxs[-1]).max() > 1e-6 and np.abs(xs[-1] - x).max() > 1e-3
-    if method == "window":  # the folds matter: the windowed dx/dθ is not the exact one
-        exact_dxs = reference_run(system, x, v0, integ, wrt, 40)[2]
-        assert rel(dxs[40], exact_dxs[40]) > 1e-6
-    # energies of the frames: E(x_t), and the on-step kinetic energy from v_{t±1/2}
-    pe = [compiled_call(_energy_fn, tuple(system.terms), xs[t], system.params) for t in frames]
-    m = np.asarray(system.masses)[:, None]
-    ke = [0.5 * np.sum(m * (0.5 * (vs[t] + vs[t + 1])) ** 2) for t in frames]
-    np.testing.assert_allclose(got.potential_energy, pe, rtol=1e-10)
-    np.testing.assert_allclose(got.kinetic_energy, ke, rtol=1e-10)
-    # the returned state continues the same run
-    more = tm.simulate(system, got.final_state, integ, 20, backend="cuda", **kw)
-    again = tm.simulate(system, x, integ, 60, backend="cuda", v0=v0, **kw)
-    np.testing.assert_array_equal(more.x[-1], again.x[-1])
-    np.testing.assert_array_equal(more.dx_dtheta[-1], again.dx_dtheta[-1])
-
-
-def test_thermal_run_matches_jax_fed_the_same_noise(host_cuda_backend, trialanine_obc2):
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=300.0, friction=5.0, dt=0.001, seed=11)
-    n_steps, replica = 30, 2
-    wrt = system.select(WRT)
-    got = tm.simulate(
-        system,
-        x,
-        integ,
-        n_steps,
-        wrt=wrt,
-        save_every=n_steps,
-        backend="cuda",
-        replica=replica,
-        progress=False,
-    )
-    v = np.asarray(
-        tm.integrator.langevin.maxwell_boltzmann_velocities(system.masses, 300.0, 11, replica)
-    )
-    xs, _, dxs = reference_run(system, x, v, integ, wrt, n_steps, replica=replica)
-    assert rel(got.x[-1], xs[-1]) < 1e-10
-    assert rel(got.dx_dtheta[-1], dxs[-1]) < 1e-10
-    assert np.abs(xs[-1] - x).max() > 1e-3  # it moved
-
-
-def test_repeated_runs_are_bitwise_identical(host_cuda_backend, trialanine_obc2):
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=4)
-    runs = [
-        tm.simulate(
-            system, x, integ, 20, wrt="charge/*", save_every=10, backend="cuda", progress=False
-        )
-        for _ in range(2)
-    ]
-    np.testing.assert_array_equal(runs[0].x, runs[1].x)
-    np.testing.assert_array_equal(runs[0].dx_dtheta, runs[1].dx_dtheta)
 
 
 @pytest.mark.parametrize("method", ["exact", "window"])
@@ -532,22 +379,6 @@ def test_run_replicas_on_cuda_is_simulate_per_replica(host_cuda_backend, trialan
                 err_msg=field,
             )
     assert np.abs(got.x[0] - got.x[1]).max() > 1e-3  # two noise streams
-
-
-def test_run_replicas_noise_free_cuda_matches_jax(host_cuda_backend, trialanine_obc2):
-    from timemachine.fitting import run_replicas
-
-    system, x = trialanine_obc2
-    integ = tm.LangevinIntegrator(temperature=0.0, friction=20.0, dt=0.001, seed=0)
-    v0 = np.random.default_rng(1).normal(scale=0.3, size=(2,) + x.shape)
-    kw = dict(wrt=WRT, n_replicas=2, v0=v0, save_every=15)
-    ref = run_replicas(system, x, integ, 30, backend="jax", **kw)
-    got = run_replicas(system, x, integ, 30, backend="cuda", **kw)
-    for key in ("x", "v", "dx_dtheta", "frames_x", "frames_dx_dtheta", "potential_energy"):
-        err = rel(getattr(got, key), getattr(ref, key))
-        print(f"{key}: rel err {err:.1e}")
-        assert err < 1e-10, key
-    assert np.abs(ref.dx_dtheta).max() > 1e-6 and np.abs(ref.x[0] - ref.x[1]).max() > 1e-3
 
 
 def test_fit_on_cuda_matches_jax_without_noise(host_cuda_backend):

@@ -1,7 +1,8 @@
-"""The C++ custom call (timemachine.backends.xla_cpu) against the pure-JAX structured path
-and the reference ζ: the same ∇E and ζ, term kind by term kind, on trialanine (vacuum,
-OBC2) and villin; its all-pairs contraction against a dense Hessian built in numpy;
-under jit, scan and vmap."""
+"""The C++ custom call (timemachine.backends.xla_cpu): its all-pairs contraction against a
+dense Hessian built in numpy; under jit, scan and vmap; its gradient-only entry point;
+shape checks, thread-count independence and sanitizers. Its ∇E and ζ against the
+reference on trialanine (vacuum, OBC2) and villin are the ``structured-host`` row of
+test_backend_matrix.py."""
 
 import os
 import subprocess
@@ -20,56 +21,6 @@ from timemachine.sensitivity.zeta import make_gradient_and_zeta, make_zeta
 pytestmark = pytest.mark.skipif(
     not xla_cpu.available()[0], reason=f"CPU custom call unavailable: {xla_cpu.available()[1]}"
 )
-
-# every parameter kind the bonded terms have a mixed partial for, plus the torsion k's
-SELECTION = [
-    "torsion/*/k*",
-    "torsion/*/phase*",
-    "improper/*/k*",
-    "bond/*/k",
-    "bond/*/length",
-    "angle/*/theta0",
-    "angle/*/k",
-    "charge/*",  # 1-4 exceptions' q_i q_j
-    "sigma/*",
-    "epsilon/*",
-]
-
-
-def host_and_jax(system, wrt, x, dx):
-    x, theta, dx = jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
-    host = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))(x, theta, dx)
-    pure = jax.jit(make_gradient_and_zeta(system, wrt, bonded="jax"))(x, theta, dx)
-    return host, pure
-
-
-@pytest.mark.parametrize("solvent", [None, "obc2"], ids=["vacuum", "obc2"])
-def test_host_bonded_matches_jax_on_trialanine(trialanine, solvent):
-    system, x = tm.load_system(
-        trialanine, forcefield=("amber99sbildn.xml",), implicit_solvent=solvent
-    )
-    wrt = system.select(SELECTION)
-    dx = np.random.default_rng(0).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
-    (g_h, z_h), (g_j, z_j) = host_and_jax(system, wrt, x, dx)
-    assert rel_err(g_h, g_j) <= 1e-13
-    assert rel_err(z_h, z_j) <= 1e-12
-    # parameter by parameter, so that no small ζ_p hides under the large ones
-    per = np.linalg.norm(np.asarray(z_h - z_j).reshape(len(wrt), -1), axis=1)
-    assert np.all(per <= 1e-11 * np.linalg.norm(np.asarray(z_j).reshape(len(wrt), -1), axis=1))
-    # and with zero tangents: the mixed partials alone
-    (_, m_h), (_, m_j) = host_and_jax(system, wrt, x, np.zeros_like(dx))
-    assert rel_err(m_h, m_j) <= 1e-12
-
-
-@pytest.mark.slow
-def test_host_bonded_matches_reference_on_villin(villin):
-    system, x = tm.load_system(villin, forcefield=("amber99sbildn.xml",))
-    wrt = system.select("torsion/*/k*")
-    dx = np.random.default_rng(1).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))
-    x, theta = jnp.asarray(x), jnp.asarray(system.params)
-    fast = jax.jit(make_zeta(system, wrt, bonded="host"))(x, theta, jnp.asarray(dx))
-    ref = jax.jit(make_zeta(system, wrt, method="reference"))(x, theta, jnp.asarray(dx))
-    assert rel_err(fast, ref) <= 1e-10
 
 
 def test_host_bonded_under_vmap_and_scan(trialanine):

@@ -26,7 +26,8 @@ LAYERS = [
     ["io", "backends", "data"],
     ["sensitivity"],
     ["fitting"],
-    ["nmr_fit", "md_run"],
+    ["config"],
+    ["nmr_fit", "md_run", "sensitivity_jobs"],
     ["cli", "bench"],
     ["__main__"],
 ]

@@ -227,3 +227,25 @@ def test_fdcheck_agrees_with_finite_differences_and_fails_when_told_to(tmp_path)
     )
     with pytest.raises(SimulationError, match="exceeds \\[fdcheck\\].max_rel_error"):
         run_fdcheck(strict, quiet=True)
+
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+@pytest.mark.parametrize(
+    "path, command",
+    [("sensitivity_trajectory/simulate.toml", "simulate"), ("fdcheck/fdcheck.toml", "fdcheck")],
+)
+def test_the_examples_run_at_a_reduced_size(tmp_path, path, command):
+    """Each example configuration loads and runs (20 steps), so the files cannot rot."""
+    from timemachine.sensitivity_jobs import run_fdcheck, run_simulate
+
+    over = [(command, "steps", 20), ("output", "dir", str(tmp_path / "out"))]
+    if command == "simulate":
+        over.append(("simulate", "save_every", 10))
+        over.append(("parameters", "wrt", ["torsion/C-N-CT-C/k*"]))
+    cfg = load_config(os.path.join(EXAMPLES, path), command, over)
+    if command == "simulate":
+        assert run_simulate(cfg, quiet=True)["frames"] == 2
+    else:
+        assert run_fdcheck(cfg, quiet=True)["passed"]

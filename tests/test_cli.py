@@ -8,10 +8,13 @@ import pytest
 from timemachine.cli import main
 
 
-def test_run_writes_trajectory_summary_and_plot(tmp_path):
+def test_run_writes_trajectory_summary_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["run", "--time", "0.4", "--save-interval", "0.02", "--out", str(out), "--quiet"])
+    rc = main(["run", "--time", "0.4", "--save-interval", "0.02", "--out", str(out)])
     assert rc == 0
+    captured = capsys.readouterr()
+    assert "minimised" in captured.out  # progress messages without --quiet...
+    assert "Langevin" not in captured.err  # ...but no bar: stderr is not a terminal here
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_atoms"] == 33 and summary["n_steps"] == 400
     assert 100.0 < summary["mean_temperature_K_second_half"] < 600.0
@@ -123,3 +126,160 @@ def test_nmr_fit_bad_holdout_names_the_type(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "J3_XX" in err and "J3_HN_HA" in err
+
+
+class _Built(BaseException):
+    """Raised by the fixture below: not an Exception, so the CLI cannot turn it into rc 1."""
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Argument checks must fail before a peptide, a System or a recovery problem is built."""
+    import timemachine as tm
+    import timemachine.fitting.recovery as recovery
+
+    def refuse(*args, **kwargs):
+        raise _Built("built something before the arguments were checked")
+
+    for module, name in (
+        (tm, "build_peptide"),
+        (tm, "load_system"),
+        (recovery, "recovery_problem"),
+    ):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("timemachine: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("experiment", ["nmr", "recovery"])
+@pytest.mark.parametrize("count", ["0", "-3"])
+@pytest.mark.parametrize("flag", ["--replicas", "--steps", "--epochs"])
+def test_fit_refuses_zero_and_negative_counts(flag, count, experiment, nothing_built, capsys):
+    # (--replicas and --steps with nmr are refused as counts before they are refused for nmr)
+    rc = main(["fit", "--experiment", experiment, flag, count, "--quiet"])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert flag in line and count in line and ">= 1" in line
+
+
+def test_run_recovery_refuses_a_zero_count_instead_of_the_preset(tmp_path, nothing_built):
+    from timemachine.errors import InputError
+    from timemachine.fitting.recovery import run_recovery
+
+    for key in ("replicas", "steps", "epochs"):
+        with pytest.raises(InputError, match=f"{key} must be an integer >= 1, got 0"):
+            run_recovery(tmp_path, size="tiny", quiet=True, **{key: 0})
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["run", "--dt", "0"], ["--dt", "> 0"]),
+        (["run", "--time", "-1"], ["--time", "> 0"]),
+        (["run", "--save-interval", "nan"], ["--save-interval"]),
+        (["run", "--temperature", "-5"], ["--temperature", ">= 0"]),
+        (["run", "--friction", "-1"], ["--friction"]),
+        (["run", "--seed", "-1"], ["--seed"]),
+        (["fit", "--sample-steps", "0"], ["--sample-steps"]),
+        (["fit", "--prior-sigma", "0"], ["--prior-sigma", "> 0"]),
+        (["fit", "--stop-chi2", "-1"], ["--stop-chi2", ">= 0"]),
+        (["fit", "--validate-ns", "-0.5"], ["--validate-ns"]),
+        (["fit", "--learning-rate", "0"], ["--learning-rate"]),
+        (["fit", "--experiment", "recovery", "--perturbation", "1"], ["--perturbation", "< 1"]),
+        (["fit", "--replicas", "two"], ["--replicas", "'two'"]),
+    ],
+)
+def test_numeric_flags_out_of_range_are_usage_errors(argv, fragments, nothing_built, capsys):
+    assert main(argv + ["--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert all(f in line for f in fragments), line
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["fit", "--replicas", "4"], ["--replicas", "--experiment recovery"]),
+        (["fit", "--steps", "4"], ["--steps", "--experiment recovery"]),
+        (["fit", "--experiment", "recovery", "--sample-steps", "500"], ["--sample-steps"]),
+        (["fit", "--experiment", "recovery", "--holdout", "J3_HN_HA"], ["--holdout"]),
+        (["fit", "--sample-steps", "300"], ["--sample-steps 300", "multiple of 250"]),
+        (["fit", "--compare", "nosuch.xml"], ["--compare", "nosuch.xml"]),
+        (["fit", "--compare", "amber99sbnmr.xml", "--validate-ns", "0"], ["--validate-ns 0"]),
+        (["run", "--pdb", "nosuch.pdb"], ["--pdb", "nosuch.pdb"]),
+    ],
+)
+def test_flags_a_job_cannot_honour_fail_before_the_set_up(argv, fragments, nothing_built, capsys):
+    assert main(argv + ["--quiet"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert all(f in line for f in fragments), line
+
+
+def test_run_missing_forcefield_is_one_line_naming_file_and_flag(tmp_path, nothing_built, capsys):
+    rc = main(["run", "--forcefield", "nosuch.xml", "--out", str(tmp_path), "--quiet"])
+    assert rc == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--forcefield" in line and "'nosuch.xml'" in line and "not found" in line
+
+
+def test_run_save_interval_longer_than_the_run_is_refused(tmp_path, nothing_built, capsys):
+    argv = ["run", "--time", "0.001", "--save-interval", "1", "--out", str(tmp_path)]
+    assert main(argv + ["--quiet"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--save-interval 1 ps" in line and "--time 0.001 ps" in line
+    assert not os.listdir(tmp_path)
+    # and the other way round: frames closer than the time step
+    assert main(["run", "--dt", "0.002", "--save-interval", "0.001", "--quiet"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--save-interval 0.001 ps" in line and "--dt 0.002 ps" in line
+
+
+def test_verbose_adds_the_traceback_to_the_one_line(tmp_path, nothing_built, capsys):
+    argv = ["run", "--forcefield", "nosuch.xml", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 1
+    quiet_line = _one_error_line(capsys.readouterr().err)
+    assert main(argv + ["--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "MissingFileError" in err
+    assert err.strip().splitlines()[-1] == quiet_line  # the same line closes it
+
+
+def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys):
+    import timemachine.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something broke\non two lines")
+
+    monkeypatch.setattr(cli, "run_simulation", broken)
+    assert cli.main(["run", "--quiet"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == (
+        "timemachine: error: unexpected RuntimeError: something broke on two lines "
+        "(rerun with --verbose for the traceback)"
+    )
+    assert cli.main(["run", "-v"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err and "rerun with --verbose" not in err
+
+
+def test_exit_codes(monkeypatch, capsys):
+    import timemachine.cli as cli
+
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["run", "--help"]) == 0
+    assert "--verbose" in capsys.readouterr().out
+    assert cli.main(["run", "--no-such-flag"]) == 2
+    assert "--no-such-flag" in _one_error_line(capsys.readouterr().err)
+    assert cli.main(["fit", "--size", "huge"]) == 2
+    assert "'huge'" in _one_error_line(capsys.readouterr().err)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_fit", interrupted)
+    assert cli.main(["fit"]) == 130
+    assert capsys.readouterr().err.strip() == "timemachine: interrupted"

@@ -12,22 +12,88 @@ plot (``timemachine.md_run``).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from timemachine.fitting.recovery import RECOVERY_SIZES, RECOVERY_TORSIONS, run_recovery
 from timemachine.md_run import run_simulation
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, ``timemachine: error: ...``."""
+
+    def error(self, message):
+        print(
+            f"timemachine: error: {message} (`{self.prog} --help` lists the options)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def _number(kind, minimum, inclusive, maximum=None):
+    """An argparse type: ``kind`` (int or float), finite, >= or > ``minimum``, < ``maximum``."""
+    bound = (
+        (">= " if inclusive else "> ")
+        + f"{minimum:g}"
+        + (f" and < {maximum:g}" if maximum is not None else "")
+    )
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}") from None
+        if (
+            not math.isfinite(value)
+            or value < minimum
+            or (value == minimum and not inclusive)
+            or (maximum is not None and value >= maximum)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+_count = _number(int, 1, True)  # replicas, steps, epochs
+_seed = _number(int, 0, True)
+_positive = _number(float, 0.0, False)
+_nonnegative = _number(float, 0.0, True)
+
+
 def run_fit(args) -> dict:
     """``timemachine fit``: the NMR fit (``timemachine.nmr_fit``) or, with ``--experiment
     recovery``, the recovery experiment (``timemachine.fitting.recovery``); the summary dict."""
     from timemachine.backends import check_backend
+    from timemachine.errors import InputError
 
+    # a flag the chosen experiment would ignore is refused, not dropped
+    only = {
+        "recovery": [("replicas", args.replicas), ("steps", args.steps)],
+        "nmr": [
+            ("sample-steps", args.sample_steps),
+            ("validate-ns", args.validate_ns),
+            ("holdout", args.holdout or None),
+            ("compare", args.compare or None),
+        ],
+    }
+    for experiment, flags in only.items():
+        for name, value in flags:
+            if value is not None and args.experiment != experiment:
+                hint = (
+                    "; the nmr fit's chains and their length are set by --size and --sample-steps"
+                    if experiment == "recovery"
+                    else ""
+                )
+                raise InputError(
+                    f"--{name} applies to --experiment {experiment}, not --experiment "
+                    f"{args.experiment}{hint}"
+                )
     check_backend(args.backend)  # before minutes of set-up, not after
     if args.experiment == "nmr":
         if args.backend != "jax":
-            from timemachine.errors import InputError
-
             raise InputError(
                 f"--backend {args.backend}: the nmr experiment's equilibrium chains run on "
                 "JAX (a GPU through XLA when JAX has one); --experiment recovery runs the "
@@ -57,23 +123,38 @@ def run_fit(args) -> dict:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="timemachine", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress messages or bars (the summary stays)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="on failure, print the traceback too"
+    )
+    p = _Parser(prog="timemachine", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("run", help="minimise and simulate a peptide")
+    r = sub.add_parser("run", parents=[common], help="minimise and simulate a peptide")
     r.add_argument("--sequence", default="AAA", help="one-letter sequence to build (default AAA)")
     r.add_argument("--pdb", default=None, help="simulate this PDB instead of building a peptide")
     r.add_argument("--forcefield", nargs="+", default=["amber99sbildn.xml"])
     r.add_argument("--implicit-solvent", default="obc2", choices=["obc2", "none"])
-    r.add_argument("--temperature", type=float, default=300.0, help="K")
-    r.add_argument("--friction", type=float, default=1.0, help="1/ps")
-    r.add_argument("--dt", type=float, default=0.001, help="ps")
-    r.add_argument("--time", type=float, default=20.0, help="simulated time, ps")
-    r.add_argument("--save-interval", type=float, default=0.1, help="ps between saved frames")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--temperature", type=_nonnegative, default=300.0, help="K")
+    r.add_argument("--friction", type=_nonnegative, default=1.0, help="1/ps")
+    r.add_argument("--dt", type=_positive, default=0.001, help="ps")
+    r.add_argument("--time", type=_positive, default=20.0, help="simulated time, ps")
+    r.add_argument(
+        "--save-interval",
+        type=_positive,
+        default=0.1,
+        help="ps between saved frames (at least --dt, at most --time)",
+    )
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--out", default="timemachine-out", help="output folder")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
     f = sub.add_parser(
         "fit",
+        parents=[common],
         help="fit trialanine's φ/ψ torsion barriers to the NMR couplings of Graf et al. 2007 "
         "and validate the fitted force field in OpenMM (the main job; the default command)",
     )
@@ -104,26 +185,26 @@ def build_parser():
     )
     f.add_argument(
         "--sample-steps",
-        type=int,
+        type=_count,
         default=None,
         help="production steps per chain per sampled epoch (nmr)",
     )
     f.add_argument(
         "--prior-sigma",
-        type=float,
+        type=_positive,
         default=2.0,
         help="width of the Gaussian prior on each fitted k, kJ/mol (nmr; default 2)",
     )
     f.add_argument(
         "--stop-chi2",
-        type=float,
+        type=_nonnegative,
         default=1.0,
         help="stop at the first fresh epoch whose χ²/N is below this by 2 standard errors "
         "(nmr; the discrepancy principle; 0 fits until χ² stops changing)",
     )
     f.add_argument(
         "--validate-ns",
-        type=float,
+        type=_nonnegative,
         default=None,
         help="OpenMM validation time per model, ns (nmr; 0 skips it)",
     )
@@ -149,23 +230,30 @@ def build_parser():
         const="tiny",
         help="same as --size tiny (seconds of dynamics)",
     )
-    f.add_argument("--replicas", type=int, default=None, help="replicas per epoch")
-    f.add_argument("--steps", type=int, default=None, help="Langevin steps per replica per epoch")
-    f.add_argument("--epochs", type=int, default=None)
+    f.add_argument("--replicas", type=_count, default=None, help="replicas per epoch (recovery)")
+    f.add_argument(
+        "--steps", type=_count, default=None, help="Langevin steps per replica per epoch (recovery)"
+    )
+    f.add_argument("--epochs", type=_count, default=None, help="fit epochs (default: the preset's)")
     f.add_argument(
         "--learning-rate",
-        type=float,
+        type=_positive,
         default=None,
         help="Adam step, relative (default 0.05 recovery, 0.1 nmr)",
     )
-    f.add_argument("--perturbation", type=float, default=0.3, help="relative ± change of k")
+    f.add_argument(
+        "--perturbation",
+        type=_number(float, 0.0, True, maximum=1.0),
+        default=0.3,
+        help="relative ± change of k, in [0, 1) (recovery)",
+    )
     f.add_argument(
         "--torsions",
         default="phi",
         choices=sorted(RECOVERY_TORSIONS),
         help="fitted torsion types: phi (C-N-CT-C, default) or phi+psi (also N-CT-C-N)",
     )
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=_seed, default=0)
     f.add_argument(
         "--backend",
         default="jax",
@@ -175,33 +263,62 @@ def build_parser():
     )
     f.add_argument("--out", default="timemachine-out", help="output folder")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv=None):
+def _one_line(error) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def main(argv=None) -> int:
+    """Run the command line; the exit code: 0 done, 1 failed, 2 a usage error, 130 interrupted.
+
+    A failure prints one line on stderr, ``timemachine: error: ...``; with ``--verbose`` the
+    traceback comes before it."""
+    import traceback
+
     from timemachine.errors import TimemachineError
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv:
+    if not argv or all(a in ("-q", "--quiet", "-v", "--verbose") for a in argv):
         print(
             "timemachine: no command given; running the main job `timemachine fit` "
             "(`timemachine --help` lists the commands)",
             flush=True,
         )
-        argv = ["fit"]
-    args = parser.parse_args(argv)
+        argv = ["fit"] + argv
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    verbose = args.verbose
     try:
         if args.command == "run":
             run_simulation(args)
-        elif args.command == "fit":
-            run_fit(args)
         else:
-            parser.print_help()
-            return 2
+            run_fit(args)
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print("timemachine: interrupted", file=sys.stderr)
+        return 130
     except TimemachineError as e:
-        print(f"timemachine: error: {e}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        print(f"timemachine: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, or an error of a library below: still one line
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (rerun with --verbose for the traceback)"
+        print(
+            f"timemachine: error: unexpected {type(e).__name__}: {_one_line(e)}{hint}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

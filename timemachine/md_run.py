@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-__all__ = ["run_simulation"]
+__all__ = ["check_simulation_args", "run_simulation"]
 
 
 def _atomic_write(path, write):
@@ -47,12 +47,49 @@ def _plot(path, times, potential, kinetic, temperature, target):
     plt.close(fig)
 
 
+def check_simulation_args(args) -> None:
+    """Refuse what ``run_simulation`` cannot do as asked, before anything is built.
+
+    Raises:
+        InputError: a time step, run time or save interval that is not a finite number > 0,
+            a save interval shorter than the time step or longer than the run, a negative
+            temperature or friction.
+        MissingFileError: a ``--forcefield`` or ``--pdb`` file that does not exist.
+    """
+    from timemachine.checks import check_real
+    from timemachine.errors import InputError, MissingFileError
+    from timemachine.io.forcefield_xml import check_forcefield_files
+
+    dt = check_real(args.dt, "--dt", unit="ps")
+    total = check_real(args.time, "--time", unit="ps")
+    interval = check_real(args.save_interval, "--save-interval", unit="ps")
+    check_real(args.temperature, "--temperature", allow_zero=True, unit="K")
+    check_real(args.friction, "--friction", allow_zero=True, unit="1/ps")
+    if interval > total:
+        raise InputError(
+            f"--save-interval {interval:g} ps is longer than the run, --time {total:g} ps: "
+            "no frame would be saved"
+        )
+    if interval < dt:
+        raise InputError(
+            f"--save-interval {interval:g} ps is shorter than the time step, --dt {dt:g} ps"
+        )
+    try:
+        check_forcefield_files(tuple(args.forcefield))
+    except MissingFileError as e:
+        raise MissingFileError(f"--forcefield: {e}") from None
+    if args.pdb and not os.path.isfile(args.pdb):
+        raise MissingFileError(f"--pdb: no such file {args.pdb!r}")
+
+
 def run_simulation(args) -> dict:
     """Run the job with argparse-style ``args`` (see ``timemachine.cli``: sequence or pdb,
     forcefield, implicit_solvent, temperature in K, friction in 1/ps, dt, time and
     save_interval in ps, seed, out, quiet); returns the summary it writes to
     ``OUT/summary.json`` (n_atoms, n_steps, simulated_ps, wall_s, us_per_step, the mean
-    kinetic temperature of the second half in K, the final potential energy in kJ/mol)."""
+    kinetic temperature of the second half in K, the final potential energy in kJ/mol).
+    ``check_simulation_args`` runs first."""
+    check_simulation_args(args)
     import jax
     import jax.numpy as jnp
     import openmm.app as app
@@ -73,7 +110,8 @@ def run_simulation(args) -> dict:
     system, x = tm.load_system(
         structure, forcefield=tuple(args.forcefield), implicit_solvent=solvent
     )
-    print(
+    log = (lambda message: None) if args.quiet else print
+    log(
         f"{label}: {system.n_atoms} atoms, {system.n_params} typed parameters, "
         f"terms {[t.kind for t in system.terms]}"
     )
@@ -84,7 +122,7 @@ def run_simulation(args) -> dict:
     g_fn = jax.jit(lambda y: gradient(y, theta))
     e0 = float(e_fn(x))
     x = tm.minimize(e_fn, g_fn, x)
-    print(f"minimised: {e0:.2f} -> {float(e_fn(x)):.2f} kJ/mol")
+    log(f"minimised: {e0:.2f} -> {float(e_fn(x)):.2f} kJ/mol")
 
     integrator = tm.LangevinIntegrator(
         temperature=args.temperature, friction=args.friction, dt=args.dt, seed=args.seed
@@ -95,7 +133,9 @@ def run_simulation(args) -> dict:
     n_steps = chunk * max(1, n_steps // chunk)
     frames, pe, ke, temps, steps = [], [], [], [], []
     state, t0 = x, time.perf_counter()
-    with tqdm(total=n_steps, unit="step", desc="Langevin", disable=args.quiet) as bar:
+    # disable=None: no bar when stderr is not a terminal (a log file, a pipe)
+    bar = tqdm(total=n_steps, unit="step", desc="Langevin", disable=True if args.quiet else None)
+    with bar:
         for _ in range(n_steps // chunk):
             traj = run(
                 g_fn, system.masses, state, integrator, chunk, save_every=save_every, energy_fn=e_fn

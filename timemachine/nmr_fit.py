@@ -33,7 +33,10 @@ import time
 
 import numpy as np
 
-__all__ = ["NMR_SIZES", "NMR_TORSIONS", "run_nmr_fit"]
+__all__ = ["NMR_SIZES", "NMR_TORSIONS", "check_nmr_args", "run_nmr_fit"]
+
+#: steps between the frames the fit keeps (``fit_equilibrium``'s save_every)
+SAVE_EVERY = 250
 
 #: the fitted torsion types: φ (C-N-CT-C, CT-CT-N-C) and ψ (N-CT-C-N, CT-CT-C-N)
 NMR_TORSIONS = (
@@ -130,15 +133,55 @@ def _names(targets, holdout):
     return {t.name for t in targets if t.spec.get("type") in holdout}
 
 
-def run_nmr_fit(args) -> dict:
-    """Run the main job with argparse-style ``args`` (see ``timemachine.cli``); returns the
-    summary it writes to ``OUT/summary.json``."""
-    import timemachine as tm
+def check_nmr_args(args) -> dict:
+    """Refuse what ``run_nmr_fit`` cannot do as asked, before anything is built; the preset
+    with ``args``' overrides.
 
+    Raises:
+        InputError: an unknown preset; epochs or sample steps not an integer >= 1, sample
+            steps not a multiple of ``SAVE_EVERY``; a negative validation time or χ² stop,
+            a prior width or learning rate not > 0; ``--compare`` without a validation.
+        MissingFileError: a ``--compare`` force-field file that does not exist.
+    """
+    from timemachine.checks import check_int, check_real
+    from timemachine.errors import InputError, MissingFileError
+    from timemachine.io.forcefield_xml import check_forcefield_files
+
+    if args.size not in NMR_SIZES:
+        raise InputError(f"--size {args.size!r}: not one of {', '.join(sorted(NMR_SIZES))}")
     size = dict(NMR_SIZES[args.size])
     for key in ("epochs", "sample_steps", "validate_ns"):
         if getattr(args, key, None) is not None:
             size[key] = getattr(args, key)
+    size["epochs"] = check_int(size["epochs"], "--epochs", minimum=1)
+    size["sample_steps"] = check_int(size["sample_steps"], "--sample-steps", minimum=1)
+    if size["sample_steps"] % SAVE_EVERY:
+        raise InputError(
+            f"--sample-steps {size['sample_steps']} must be a multiple of {SAVE_EVERY}, the "
+            "steps between the frames the fit keeps"
+        )
+    size["validate_ns"] = check_real(size["validate_ns"], "--validate-ns", allow_zero=True)
+    check_real(args.prior_sigma, "--prior-sigma", unit="kJ/mol")
+    check_real(getattr(args, "stop_chi2", 1.0), "--stop-chi2", allow_zero=True)
+    if args.learning_rate is not None:
+        check_real(args.learning_rate, "--learning-rate")
+    compare = tuple(getattr(args, "compare", None) or ())
+    if compare and size["validate_ns"] == 0:
+        raise InputError("--compare needs the OpenMM validation, which --validate-ns 0 skips")
+    for ff in compare:
+        try:
+            check_forcefield_files((ff,))
+        except MissingFileError as e:
+            raise MissingFileError(f"--compare: {e}") from None
+    return size
+
+
+def run_nmr_fit(args) -> dict:
+    """Run the main job with argparse-style ``args`` (see ``timemachine.cli``); returns the
+    summary it writes to ``OUT/summary.json``. ``check_nmr_args`` runs first."""
+    import timemachine as tm
+
+    size = check_nmr_args(args)
     holdout = tuple(h for h in (args.holdout or "").split(",") if h)
     t0 = time.perf_counter()
 
@@ -196,7 +239,9 @@ def run_nmr_fit(args) -> dict:
         if not args.quiet:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=size["epochs"], unit="epoch", desc="fit", dynamic_ncols=True)
+            bar = tqdm(  # disable=None: no bar when stderr is not a terminal
+                total=size["epochs"], unit="epoch", desc="fit", dynamic_ncols=True, disable=None
+            )
 
         def on_epoch(record):
             if bar is not None:
@@ -218,6 +263,7 @@ def run_nmr_fit(args) -> dict:
                 optimizer=args.optimizer,
                 epochs=size["epochs"],
                 sample_steps=size["sample_steps"],
+                save_every=SAVE_EVERY,
                 decorrelation_steps=size["decorrelation_steps"],
                 min_ess=size.get("min_ess", 20.0),
                 max_extend=size.get("max_extend", 3),

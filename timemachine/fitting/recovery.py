@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from timemachine.backends import check_backend
+from timemachine.checks import check_int, check_real
+from timemachine.errors import InputError
 from timemachine.files import atomic_write_text
 from timemachine.fitting.loss import observable_samples, target_vector
 from timemachine.fitting.observables import observable_from_spec
@@ -225,10 +227,23 @@ def run_recovery(
     from timemachine.io import export_forcefield
 
     check_backend(backend)  # before minutes of set-up, not after
+    for name, value, known in (
+        ("size", size, RECOVERY_SIZES),
+        ("torsions", torsions, RECOVERY_TORSIONS),
+    ):
+        if value not in known:
+            raise InputError(f"{name} {value!r}: not one of {', '.join(sorted(known))}")
     n_replicas, n_steps, n_epochs, equil = RECOVERY_SIZES[size]
-    replicas = replicas or n_replicas
-    steps = steps or n_steps
-    epochs = epochs or n_epochs
+    # None keeps the preset's; 0 or a negative count is an error, not the preset
+    replicas = n_replicas if replicas is None else check_int(replicas, "replicas", minimum=1)
+    steps = n_steps if steps is None else check_int(steps, "steps", minimum=1)
+    epochs = n_epochs if epochs is None else check_int(epochs, "epochs", minimum=1)
+    learning_rate = check_real(learning_rate, "learning_rate")
+    perturbation = check_real(perturbation, "perturbation", allow_zero=True)
+    if perturbation >= 1:
+        raise InputError(
+            f"perturbation must be < 1 (k × (1 - perturbation) > 0), got {perturbation:g}"
+        )
     t0 = time.perf_counter()
 
     def log(message):
@@ -270,7 +285,9 @@ def run_recovery(
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, initial=done, unit="epoch", desc="fit", dynamic_ncols=True)
+        bar = tqdm(  # disable=None: no bar when stderr is not a terminal
+            total=epochs, initial=done, unit="epoch", desc="fit", dynamic_ncols=True, disable=None
+        )
 
     def on_epoch(record):
         if bar is not None:

@@ -249,3 +249,33 @@ def test_the_examples_run_at_a_reduced_size(tmp_path, path, command):
         assert run_simulate(cfg, quiet=True)["frames"] == 2
     else:
         assert run_fdcheck(cfg, quiet=True)["passed"]
+
+
+def test_command_line_malformed_configuration_is_one_line_exit_2(tmp_path, capsys):
+    from timemachine.cli import main
+
+    path = _write(tmp_path, _replace("seed = 3", "sed = 3"))
+    assert main(["simulate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[integrator].sed: unknown key (did you mean 'seed'?)" in err[0]
+    assert main(["simulate", path, "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("timemachine: error:")
+    assert main(["fdcheck", str(tmp_path / "none.toml")]) == 2
+    assert "configuration file not found" in capsys.readouterr().err
+
+
+def test_command_line_simulate_and_fdcheck(tmp_path, capsys):
+    from timemachine.cli import main
+
+    path = _write(tmp_path, GOOD)
+    out = tmp_path / "cli"
+    argv = ["simulate", path, "--out", str(out), "--set", "simulate.steps=20", "-q"]
+    assert main(argv + ["--set", 'parameters.wrt="torsion/C-N-CT-C/k*"']) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
+    fd = _write(tmp_path, FD, "fd.toml")
+    assert main(["fdcheck", fd, "--out", str(tmp_path / "fd"), "-q"]) == 0
+    strict = ["--set", "fdcheck.max_rel_error=1e-300"]
+    assert main(["fdcheck", fd, "--out", str(tmp_path / "fd2"), "-q"] + strict) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_rel_error" in err[0]

@@ -1,5 +1,9 @@
 """Command line: ``timemachine fit`` fits torsions (the main job); ``timemachine run`` simulates.
 
+``timemachine simulate CONFIG`` and ``timemachine fdcheck CONFIG`` read a TOML
+configuration (``timemachine.config``; ``--set section.key=value`` overrides one key) and
+run a sensitivity trajectory or its finite-difference check (``timemachine.sensitivity_jobs``).
+
 Argument parsing and dispatch only; each command's job lives in its own module.
 ``timemachine`` with no command runs ``timemachine fit``: the NMR fit of trialanine's φ/ψ
 torsions to the Graf 2007 couplings with an OpenMM validation (``timemachine.nmr_fit``);
@@ -263,7 +267,40 @@ def build_parser():
     )
     f.add_argument("--out", default="timemachine-out", help="output folder")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    for name, what in (
+        ("simulate", "a sensitivity trajectory (DCD, dx/dθ chunks, sensitivity norms)"),
+        ("fdcheck", "analytic dx/dθ against central finite differences (table, plot)"),
+    ):
+        c = sub.add_parser(name, parents=[common], help=f"{what} from a TOML configuration")
+        c.add_argument("config", help="the configuration file (timemachine.config's schema)")
+        c.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one key of the file (a TOML value; repeatable)",
+        )
+        c.add_argument("--out", default=None, help="output folder (overrides [output].dir)")
+        if name == "simulate":
+            c.add_argument(
+                "--resume", action="store_true", help="continue OUT/sensitivity to [simulate].steps"
+            )
     return p
+
+
+def run_config_job(args) -> dict:
+    """``simulate`` or ``fdcheck``: read and check the configuration (flags override single
+    keys), then run the job (``timemachine.sensitivity_jobs``)."""
+    from timemachine.config import load_config, parse_override
+    from timemachine.sensitivity_jobs import run_fdcheck, run_simulate
+
+    overrides = [parse_override(text) for text in args.set]
+    if args.out is not None:
+        overrides.append(("output", "dir", args.out))
+    cfg = load_config(args.config, args.command, overrides)
+    if args.command == "simulate":
+        return run_simulate(cfg, resume=args.resume, quiet=args.quiet)
+    return run_fdcheck(cfg, quiet=args.quiet)
 
 
 def _one_line(error) -> str:
@@ -271,12 +308,14 @@ def _one_line(error) -> str:
 
 
 def main(argv=None) -> int:
-    """Run the command line; the exit code: 0 done, 1 failed, 2 a usage error, 130 interrupted.
+    """Run the command line; the exit code: 0 done, 1 failed, 2 a usage error or a malformed
+    configuration, 130 interrupted.
 
     A failure prints one line on stderr, ``timemachine: error: ...``; with ``--verbose`` the
     traceback comes before it."""
     import traceback
 
+    from timemachine.config import ConfigError
     from timemachine.errors import TimemachineError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -299,6 +338,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             run_simulation(args)
+        elif args.command in ("simulate", "fdcheck"):
+            run_config_job(args)
         else:
             run_fit(args)
     except KeyboardInterrupt:
@@ -310,7 +351,7 @@ def main(argv=None) -> int:
         if verbose:
             traceback.print_exc()
         print(f"timemachine: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:  # a bug, or an error of a library below: still one line
         if verbose:
             traceback.print_exc()

@@ -26,7 +26,7 @@ LAYERS = [
     ["io", "backends", "data"],
     ["sensitivity"],
     ["fitting"],
-    ["nmr_fit", "md_run"],
+    ["nmr_fit", "md_run", "report"],
     ["cli", "bench"],
     ["__main__"],
 ]

@@ -26,7 +26,7 @@ LAYERS = [
     ["io", "backends", "data"],
     ["sensitivity"],
     ["fitting"],
-    ["nmr_fit", "md_run", "report"],
+    ["nmr_fit", "md_run"],
     ["cli", "bench"],
     ["__main__"],
 ]

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from timemachine.report import PLOTS, write_fit_report
+from timemachine.fitting.report import PLOTS, write_fit_report
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")
 

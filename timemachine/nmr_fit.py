@@ -16,7 +16,7 @@
    LangevinMiddleIntegrator) for ``--validate-ns`` ns each, the couplings computed on
    OpenMM's frames with the project's observables, χ²/N with block-jackknife errors. The
    original model's validation runs in a second process while the fit runs;
-6. writes ``report.html`` (``timemachine.report``): the whole fit on one self-contained page.
+6. writes ``report.html`` (``timemachine.fitting.report``): the whole fit on one page.
 
 Held-out coupling types (``--holdout J3_HN_HA``) are left out of the fit and scored in the
 validation: a cross-validation of the fitted force field.
@@ -330,7 +330,7 @@ def run_nmr_fit(args) -> dict:
             "wall_s": wall,
         }
         atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
-        from timemachine.report import write_fit_report
+        from timemachine.fitting.report import write_fit_report
 
         write_fit_report(args.out)  # report.html, from the files just written
         _print_summary(summary, args)

@@ -15,7 +15,8 @@
 5. validates both in OpenMM: independent chains (HBond constraints, 2 fs,
    LangevinMiddleIntegrator) for ``--validate-ns`` ns each, the couplings computed on
    OpenMM's frames with the project's observables, χ²/N with block-jackknife errors. The
-   original model's validation runs in a second process while the fit runs.
+   original model's validation runs in a second process while the fit runs;
+6. writes ``report.html`` (``timemachine.fitting.report``): the whole fit on one page.
 
 Held-out coupling types (``--holdout J3_HN_HA``) are left out of the fit and scored in the
 validation: a cross-validation of the fitted force field.
@@ -369,11 +370,15 @@ def run_nmr_fit(args) -> dict:
             "sampled_epochs": int(sum(bool(r.get("sampled")) for r in history)),
             "openmm_validation": validation,
             "openmm_forcefield_files": {"fitted": ["fitted.xml"], "original": ["original.xml"]},
+            "report": "report.html",
             "size": args.size,
             "fit_wall_s": t_fit,
             "wall_s": wall,
         }
         atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))
+        from timemachine.fitting.report import write_fit_report
+
+        write_fit_report(args.out)  # report.html, from the files just written
         _print_summary(summary, args)
         return summary
 
@@ -399,5 +404,6 @@ def _print_summary(s, args):
     print(
         f"wrote {args.out}/: summary.json, history.json, fitted.xml (load it alone: "
         "ForceField('fitted.xml'); it carries the native GBSAOBCForce), original.xml, "
-        "targets.json, checkpoint.npz, loss.png, observables.png, parameters.png"
+        "targets.json, checkpoint.npz, loss.png, observables.png, parameters.png, "
+        "report.html (open it in a browser: the whole fit on one page)"
     )

@@ -118,6 +118,10 @@ def test_nmr_fit_writes_validation_and_an_xml_openmm_simulates(tmp_path):
     assert np.isfinite(e)
     for name in ("loss.png", "observables.png", "parameters.png"):
         assert (out / name).stat().st_size > 5000
+    # the main job's HTML report embeds the three plots and names the validation's χ²/N
+    html = (out / "report.html").read_text()
+    assert summary["report"] == "report.html" and html.count("data:image/png;base64,") == 3
+    assert f"{summary['openmm_validation']['fitted']['chi2_per_n']:.4g}" in html
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
 

@@ -279,3 +279,34 @@ def test_command_line_simulate_and_fdcheck(tmp_path, capsys):
     assert main(["fdcheck", fd, "--out", str(tmp_path / "fd2"), "-q"] + strict) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_rel_error" in err[0]
+
+
+RUN = """
+[system]
+sequence = "AAA"
+implicit_solvent = "none"
+
+[integrator]
+dt = 0.001
+seed = 2
+
+[run]
+time = 0.02
+save_interval = 0.01
+"""
+
+
+def test_run_from_a_configuration_flags_override_keys(tmp_path, capsys):
+    from timemachine.cli import main
+
+    path = _write(tmp_path, RUN, "md.toml")
+    out = tmp_path / "md"
+    assert main(["run", path, "--out", str(out), "--time", "0.04", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["simulated_ps"] == pytest.approx(0.04)  # the flag wins over [run].time
+    bad = _write(tmp_path, RUN.replace("save_interval = 0.01", "save_interval = 1.0"), "b.toml")
+    assert main(["run", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[run].save_interval = 1.0: longer than the run" in err[0]
+    assert main(["run", "--set", "run.time=1"]) == 2
+    assert "--set needs a configuration file" in capsys.readouterr().err

@@ -140,22 +140,27 @@ def build_parser():
     p = _Parser(prog="timemachine", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", parents=[common], help="minimise and simulate a peptide")
-    r.add_argument("--sequence", default="AAA", help="one-letter sequence to build (default AAA)")
-    r.add_argument("--pdb", default=None, help="simulate this PDB instead of building a peptide")
-    r.add_argument("--forcefield", nargs="+", default=["amber99sbildn.xml"])
-    r.add_argument("--implicit-solvent", default="obc2", choices=["obc2", "none"])
-    r.add_argument("--temperature", type=_nonnegative, default=300.0, help="K")
-    r.add_argument("--friction", type=_nonnegative, default=1.0, help="1/ps")
-    r.add_argument("--dt", type=_positive, default=0.001, help="ps")
-    r.add_argument("--time", type=_positive, default=20.0, help="simulated time, ps")
+    r.add_argument(
+        "config", nargs="?", default=None, help="a TOML configuration (optional; flags override)"
+    )
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key of the configuration")  # fmt: skip
+    # defaults (RUN_DEFAULTS) are applied after a configuration, so a flag given wins
+    r.add_argument("--sequence", help="one-letter sequence to build (default AAA)")
+    r.add_argument("--pdb", help="simulate this PDB instead of building a peptide")
+    r.add_argument("--forcefield", nargs="+", help="default amber99sbildn.xml")
+    r.add_argument("--implicit-solvent", choices=["obc2", "none"], help="default obc2")
+    r.add_argument("--temperature", type=_nonnegative, help="K (default 300)")
+    r.add_argument("--friction", type=_nonnegative, help="1/ps (default 1)")
+    r.add_argument("--dt", type=_positive, help="ps (default 0.001)")
+    r.add_argument("--time", type=_positive, help="simulated time, ps (default 20)")
     r.add_argument(
         "--save-interval",
         type=_positive,
-        default=0.1,
-        help="ps between saved frames (at least --dt, at most --time)",
+        help="ps between saved frames (at least --dt, at most --time; default 0.1)",
     )
-    r.add_argument("--seed", type=_seed, default=0)
-    r.add_argument("--out", default="timemachine-out", help="output folder")
+    r.add_argument("--seed", type=_seed, help="default 0")
+    r.add_argument("--out", help="output folder (default timemachine-out)")
     f = sub.add_parser(
         "fit",
         parents=[common],
@@ -288,6 +293,37 @@ def build_parser():
     return p
 
 
+#: timemachine run's defaults, applied after the configuration file (if any)
+RUN_DEFAULTS = dict(sequence="AAA", pdb=None, forcefield=["amber99sbildn.xml"],
+                    implicit_solvent="obc2", temperature=300.0, friction=1.0, dt=0.001,
+                    time=20.0, save_interval=0.1, seed=0, out="timemachine-out")  # fmt: skip
+
+
+def run_args(args):
+    """``timemachine run``'s settings: the flags given, then the configuration's keys (if
+    a file is given), then ``RUN_DEFAULTS``."""
+    from timemachine.config import ConfigError, load_config, parse_override
+
+    values = {}
+    if args.config is not None:
+        cfg = load_config(args.config, "run", [parse_override(t) for t in args.set])
+        s, i = cfg["system"], cfg["integrator"]
+        values = dict(pdb=s["pdb"], sequence=s["sequence"], forcefield=s["forcefield"],
+                      implicit_solvent=s["implicit_solvent"], temperature=i["temperature"],
+                      friction=i["friction"], dt=i["dt"], seed=i["seed"],
+                      time=cfg["run"]["time"], save_interval=cfg["run"]["save_interval"],
+                      out=cfg["output"]["dir"])  # fmt: skip
+        if args.sequence is not None:
+            values["pdb"] = None  # a sequence on the command line replaces the file's pdb
+    elif args.set:
+        raise ConfigError("--set needs a configuration file: timemachine run CONFIG --set ...")
+    for key, default in RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = values.get(key)
+            setattr(args, key, default if value is None and key != "pdb" else value)
+    return args
+
+
 def run_config_job(args) -> dict:
     """``simulate`` or ``fdcheck``: read and check the configuration (flags override single
     keys), then run the job (``timemachine.sensitivity_jobs``)."""
@@ -337,7 +373,7 @@ def main(argv=None) -> int:
     verbose = args.verbose
     try:
         if args.command == "run":
-            run_simulation(args)
+            run_simulation(run_args(args))
         elif args.command in ("simulate", "fdcheck"):
             run_config_job(args)
         else:

@@ -28,6 +28,9 @@ The schema (the sections a command reads; ``SCHEMA`` below, one :class:`Key` eac
 ``[fdcheck]``
     ``steps``, ``h`` (relative central-difference step), ``save_every``,
     ``max_rel_error``: analytic dx/dθ against central finite differences.
+``[run]``
+    ``time`` ps (required), ``save_interval`` ps (between ``dt`` and ``time``): a plain
+    simulation (``timemachine run CONFIG``).
 ``[output]``
     ``dir``: the output folder (relative to the working directory).
 
@@ -129,6 +132,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _REAL, "largest accepted relative error", default=1e-4, check=_positive("")
         ),  # fmt: skip
     },
+    "run": {
+        "time": Key(_REAL, "simulated time", required=True, check=_positive("ps")),
+        "save_interval": Key(
+            _REAL, "time between saved frames", default=0.1, check=_positive("ps")
+        ),  # fmt: skip
+    },
     "output": {
         "dir": Key(_STR, "output folder", default=None),
     },
@@ -138,6 +147,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
 COMMANDS = {
     "simulate": ("system", "integrator", "parameters", "simulate", "output"),
     "fdcheck": ("system", "integrator", "parameters", "fdcheck", "output"),
+    "run": ("system", "integrator", "run", "output"),
 }
 
 
@@ -197,7 +207,7 @@ def parse_override(text):
 
 def load_config(path, command, overrides=()) -> dict:
     """Read and check the configuration file ``path`` for ``command`` ("simulate" |
-    "fdcheck").
+    "fdcheck" | "run").
 
     Args:
       path: a TOML file.
@@ -285,6 +295,19 @@ def _check_consistency(cfg, label, base, command):
             )
         resolved.append(found)
     system["forcefield"] = resolved
+    if command == "run":
+        run, dt = cfg["run"], cfg["integrator"]["dt"]
+        if run["save_interval"] > run["time"]:
+            raise ConfigError(
+                f"{label}: [run].save_interval = {run['save_interval']}: longer than the run "
+                f"([run].time = {run['time']} ps)"
+            )
+        if run["save_interval"] < dt:
+            raise ConfigError(
+                f"{label}: [run].save_interval = {run['save_interval']}: shorter than the "
+                f"time step ([integrator].dt = {dt} ps)"
+            )
+        return
     wrt = cfg["parameters"]["wrt"]
     cfg["parameters"]["wrt"] = [wrt] if isinstance(wrt, str) else list(wrt)
     run = cfg[command]

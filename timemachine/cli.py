@@ -320,7 +320,7 @@ def run_args(args):
     for key, default in RUN_DEFAULTS.items():
         if getattr(args, key) is None:
             value = values.get(key)
-            setattr(args, key, default if value is None and key != "pdb" else value)
+            setattr(args, key, default if value is None else value)
     return args
 
 

@@ -178,17 +178,25 @@ def _check_value(where, key, value):
             raise ConfigError(f"{where} = {value!r}: {why}")
 
 
-def _forcefield_file(name, base):
-    """The path of force-field file ``name``: relative to ``base``, else OpenMM's data."""
-    here = os.path.join(base, name)
-    if os.path.isfile(here):
-        return here
-    import openmm.app
+def _forcefield_file(name, base, where):
+    """The path of force-field file ``name``: relative to ``base`` (the configuration's
+    folder) if it is there, else as OpenMM finds it (on disk or in its data folder), as
+    ``timemachine.io`` checks it."""
+    from timemachine.errors import MissingFileError, TimemachineError
+    from timemachine.io.forcefield_xml import check_forcefield_files
 
-    data = os.path.join(os.path.dirname(openmm.app.__file__), "data")
-    if os.path.isfile(os.path.join(data, name)):
-        return name
-    return None
+    here = os.path.join(base, name)
+    path = here if os.path.isfile(here) else name
+    try:
+        check_forcefield_files((path,))
+    except MissingFileError:
+        raise ConfigError(
+            f"{where} = {name!r}: unknown force field (not a file beside the configuration, "
+            f"nor in OpenMM's data folder)"
+        ) from None
+    except TimemachineError as exc:  # not valid XML, or a solvation model twice
+        raise ConfigError(f"{where} = {name!r}: {exc}") from None
+    return path
 
 
 def parse_override(text):
@@ -285,15 +293,8 @@ def _check_consistency(cfg, label, base, command):
     files = [files] if isinstance(files, str) else list(files)
     if not files:
         raise ConfigError(f"{label}: [system].forcefield: must name at least one XML file")
-    resolved = []
-    for f in files:
-        found = _forcefield_file(f, base)
-        if found is None:
-            raise ConfigError(
-                f"{label}: [system].forcefield = {f!r}: unknown force field (not a file "
-                f"beside the configuration, nor in OpenMM's data folder)"
-            )
-        resolved.append(found)
+    where = f"{label}: [system].forcefield"
+    resolved = [_forcefield_file(f, base, where) for f in files]
     system["forcefield"] = resolved
     if command == "run":
         run, dt = cfg["run"], cfg["integrator"]["dt"]

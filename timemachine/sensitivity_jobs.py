@@ -142,7 +142,7 @@ def run_simulate(cfg, resume=False, quiet=False) -> dict:
             f"{sens_dir} already holds a trajectory: use --resume to continue it or choose "
             f"another [output].dir"
         )
-    traj = simulate(
+    simulate(  # its frames are read back from sensitivity/, with any earlier chunks
         system,
         start,
         integrator,

@@ -27,6 +27,7 @@ LAYERS = [
     ["sensitivity"],
     ["fitting"],
     ["config"],
+    ["fit_job"],
     ["nmr_fit", "md_run", "sensitivity_jobs"],
     ["cli", "bench"],
     ["__main__"],

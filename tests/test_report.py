@@ -144,7 +144,7 @@ def fit_dir(tmp_path_factory):
             "after_epoch": 1,
             "after_freshly_sampled": False,
             "prior_after": 0.01,
-            "prior_sigma_kj_per_mol": 2.0,
+            "prior_sigma": 2.0,
         },
         "effective_sample_sizes": [r.get("ess_min") for r in epochs],
         "reweighting_ess": [r["reweight_ess"] for r in epochs],

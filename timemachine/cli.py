@@ -1,8 +1,9 @@
 """Command line: ``timemachine fit`` fits torsions (the main job); ``timemachine run`` simulates.
 
-``timemachine simulate CONFIG`` and ``timemachine fdcheck CONFIG`` read a TOML
-configuration (``timemachine.config``; ``--set section.key=value`` overrides one key) and
-run a sensitivity trajectory or its finite-difference check (``timemachine.sensitivity_jobs``).
+``timemachine fit CONFIG``, ``simulate CONFIG``, ``fdcheck CONFIG`` and ``run CONFIG`` read
+a TOML configuration (``timemachine.config``; ``--set section.key=value`` and the flags
+override single keys) and run a fit (``timemachine.fit_job``), a sensitivity trajectory or
+its finite-difference check (``timemachine.sensitivity_jobs``), or a plain simulation.
 
 Argument parsing and dispatch only; each command's job lives in its own module.
 ``timemachine`` with no command runs ``timemachine fit``: the NMR fit of trialanine's φ/ψ
@@ -67,11 +68,78 @@ _positive = _number(float, 0.0, False)
 _nonnegative = _number(float, 0.0, True)
 
 
+#: timemachine fit's flag defaults without a configuration (the main job's preset)
+FIT_DEFAULTS = dict(experiment="nmr", estimator="fluctuation", optimizer="gauss-newton",
+                    holdout="", prior_sigma=2.0, stop_chi2=1.0, compare=[], size="quick",
+                    perturbation=0.3, torsions="phi", seed=0, backend="jax",
+                    out="timemachine-out")  # fmt: skip
+
+#: with a configuration, the fit flags that set one key each: flag -> (section, key)
+FIT_FLAG_KEYS = {
+    "estimator": ("estimator", "kind"),
+    "optimizer": ("optimizer", "kind"),
+    "epochs": ("optimizer", "epochs"),
+    "learning_rate": ("optimizer", "learning_rate"),
+    "prior_sigma": ("optimizer", "prior_sigma"),
+    "stop_chi2": ("optimizer", "stop_chi2"),
+    "sample_steps": ("sampling", "sample_steps"),
+    "validate_ns": ("validation", "ns"),
+    "compare": ("validation", "compare"),
+    "holdout": ("targets", "holdout"),
+    "seed": ("integrator", "seed"),
+    "out": ("output", "dir"),
+}
+
+
+def fit_args(args):
+    """``timemachine fit``'s flags: without a configuration, ``FIT_DEFAULTS`` for those not
+    given; with one, the flags stay as given (``run_fit_config`` maps them onto keys)."""
+    from timemachine.config import ConfigError
+
+    if args.config is None:
+        if args.set:
+            raise ConfigError("--set needs a configuration file: timemachine fit CONFIG --set ...")
+        for key, default in FIT_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+    return args
+
+
+def run_fit_config(args) -> dict:
+    """``timemachine fit CONFIG``: read and check the configuration (``--set`` and the flags
+    of ``FIT_FLAG_KEYS`` override single keys), then run the fit job
+    (``timemachine.fit_job``)."""
+    from timemachine.config import load_config, parse_override
+    from timemachine.errors import InputError
+    from timemachine.fit_job import run_fit_job
+
+    settable = set(FIT_FLAG_KEYS) | {"config", "set", "resume", "quiet", "verbose", "command"}
+    for name, value in vars(args).items():
+        if name not in settable and value is not None:
+            raise InputError(
+                f"--{name.replace('_', '-')} applies to the fit without a configuration; "
+                f"with {args.config} set its keys instead (--set section.key=value)"
+            )
+    overrides = [parse_override(text) for text in args.set]
+    for flag, (section, key) in FIT_FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if flag == "holdout":
+                value = [h for h in value.split(",") if h]
+            overrides.append((section, key, value))
+    cfg = load_config(args.config, "fit", overrides)
+    return run_fit_job(cfg, resume=args.resume, quiet=args.quiet)
+
+
 def run_fit(args) -> dict:
-    """``timemachine fit``: the NMR fit (``timemachine.nmr_fit``) or, with ``--experiment
-    recovery``, the recovery experiment (``timemachine.fitting.recovery``); the summary dict."""
+    """``timemachine fit``: with a configuration, the fit it describes (``run_fit_config``);
+    without, the NMR fit (``timemachine.nmr_fit``) or, with ``--experiment recovery``, the
+    recovery experiment (``timemachine.fitting.recovery``); the summary dict."""
     from timemachine.backends import check_backend
     from timemachine.errors import InputError
+
+    if args.config is not None:
+        return run_fit_config(args)
 
     # a flag the chosen experiment would ignore is refused, not dropped
     only = {
@@ -168,27 +236,38 @@ def build_parser():
         "and validate the fitted force field in OpenMM (the main job; the default command)",
     )
     f.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="a TOML configuration of the fit (timemachine.config's schema; "
+        "examples/ala3_nmr/fit.toml is the main job's); without one, the main job's preset",
+    )
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key of the configuration (a TOML value; repeatable)",
+    )
+    # flag defaults (FIT_DEFAULTS) are applied after parsing, so a flag given is seen
+    f.add_argument(
         "--experiment",
-        default="nmr",
         choices=["nmr", "recovery"],
         help="nmr (default): fit equilibrium averages to experimental couplings; recovery: "
         "fit φ barriers back from perturbed values to targets of the same protocol",
     )
     f.add_argument(
         "--estimator",
-        default="fluctuation",
         choices=["fluctuation", "hybrid"],
         help="gradient of the equilibrium averages (nmr; default fluctuation)",
     )
     f.add_argument(
         "--optimizer",
-        default="gauss-newton",
         choices=["gauss-newton", "adam"],
         help="trust-region Gauss-Newton (default) or Adam (--learning-rate) (nmr)",
     )
     f.add_argument(
         "--holdout",
-        default="",
         help="comma-separated coupling types left out of the fit and scored in the "
         "validation, e.g. J3_HN_HA (nmr)",
     )
@@ -201,13 +280,11 @@ def build_parser():
     f.add_argument(
         "--prior-sigma",
         type=_positive,
-        default=2.0,
         help="width of the Gaussian prior on each fitted k, kJ/mol (nmr; default 2)",
     )
     f.add_argument(
         "--stop-chi2",
         type=_nonnegative,
-        default=1.0,
         help="stop at the first fresh epoch whose χ²/N is below this by 2 standard errors "
         "(nmr; the discrepancy principle; 0 fits until χ² stops changing)",
     )
@@ -220,13 +297,11 @@ def build_parser():
     f.add_argument(
         "--compare",
         nargs="*",
-        default=[],
         help="also validate these OpenMM force fields with amber99_obc.xml, e.g. "
         "amber99sbnmr.xml (nmr)",
     )
     f.add_argument(
         "--size",
-        default="quick",
         choices=sorted(RECOVERY_SIZES),
         help="replicas × steps × epochs preset: tiny (a smoke test), quick (the default, "
         "a few minutes), default (the full recovery experiment, ~15 min on 2 cores)",
@@ -253,24 +328,21 @@ def build_parser():
     f.add_argument(
         "--perturbation",
         type=_number(float, 0.0, True, maximum=1.0),
-        default=0.3,
         help="relative ± change of k, in [0, 1) (recovery)",
     )
     f.add_argument(
         "--torsions",
-        default="phi",
         choices=sorted(RECOVERY_TORSIONS),
         help="fitted torsion types: phi (C-N-CT-C, default) or phi+psi (also N-CT-C-N)",
     )
-    f.add_argument("--seed", type=_seed, default=0)
+    f.add_argument("--seed", type=_seed)
     f.add_argument(
         "--backend",
-        default="jax",
         choices=["jax", "cuda"],
         help="where the replicas run: jax (CPU, or GPU through XLA; default) or cuda (the "
         "CUDA kernels through CuPy; needs an NVIDIA GPU)",
     )
-    f.add_argument("--out", default="timemachine-out", help="output folder")
+    f.add_argument("--out", help="output folder (default timemachine-out)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     for name, what in (
         ("simulate", "a sensitivity trajectory (DCD, dx/dθ chunks, sensitivity norms)"),
@@ -377,7 +449,7 @@ def main(argv=None) -> int:
         elif args.command in ("simulate", "fdcheck"):
             run_config_job(args)
         else:
-            run_fit(args)
+            run_fit(fit_args(args))
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()

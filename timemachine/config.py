@@ -31,8 +31,31 @@ The schema (the sections a command reads; ``SCHEMA`` below, one :class:`Key` eac
 ``[run]``
     ``time`` ps (required), ``save_interval`` ps (between ``dt`` and ``time``): a plain
     simulation (``timemachine run CONFIG``).
+``[targets]`` (fit)
+    the data, with value and uncertainty: ``builtin = "graf2007"`` (the trialanine
+    couplings shipped in ``timemachine/data``), ``file`` (a JSON target file,
+    ``timemachine.fitting.targets``' format), and/or inline ``[[targets.entry]]`` tables
+    (``type``, the observable's keys, ``value``, ``uncertainty``, optional ``name`` and
+    ``weight``); ``holdout`` (target names or coupling types scored only in the
+    validation); ``citation`` (shown in the report).
+``[estimator]`` (fit)
+    ``kind`` ("fluctuation" | "hybrid"); the hybrid's ``replicas``, ``horizon`` ("auto" or
+    steps), ``max_horizon``.
+``[sampling]`` (fit)
+    ``chains``, ``sample_steps`` and ``decorrelation_steps`` (multiples of ``save_every``),
+    ``save_every``, ``min_ess``, ``max_extend``, ``reservoir_size``, ``backend`` ("jax":
+    the chains run on JAX, a GPU through XLA when JAX has one).
+``[optimizer]`` (fit)
+    ``kind`` ("gauss-newton" | "adam"), ``epochs``, ``learning_rate`` (adam),
+    ``prior_sigma`` (0: none), ``stop_chi2`` (0: never), ``trust_radius``,
+    ``max_trust_radius``, ``parametrization``.
+``[validation]`` (fit)
+    ``ns`` per model in OpenMM (0 skips it), ``seeds``, ``compare`` (other force fields).
 ``[output]``
     ``dir``: the output folder (relative to the working directory).
+
+``examples/`` holds one configuration per command; ``docs/configuration.md`` lists every
+key with its default.
 
 Command-line flags override single keys: ``--set simulate.steps=500``.
 """
@@ -49,7 +72,18 @@ import tomllib
 
 from timemachine.errors import InputError
 
-__all__ = ["SCHEMA", "ConfigError", "Key", "load_config", "parse_override"]
+__all__ = [
+    "SCHEMA",
+    "ConfigError",
+    "Key",
+    "build_structure",
+    "build_system",
+    "build_targets",
+    "config_label",
+    "default_config",
+    "load_config",
+    "parse_override",
+]
 
 
 class ConfigError(InputError):
@@ -68,6 +102,7 @@ class Key:
     required: bool = False
     check: Callable | None = None
     choices: tuple = ()
+    items: tuple = (str,)  # the type of a list's elements
 
 
 def _positive(unit):
@@ -93,7 +128,16 @@ def _nonempty(v):
     return None if len(v) else "must not be empty"
 
 
+def _horizon(v):
+    if isinstance(v, str):
+        return None if v == "auto" else 'must be "auto" or an integer >= 1 (steps)'
+    return None if v >= 1 else 'must be "auto" or an integer >= 1 (steps)'
+
+
 _INT, _REAL, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+
+#: data sets shipped in ``timemachine/data`` that ``[targets].builtin`` names
+BUILTIN_TARGETS = ("graf2007",)
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "system": {
@@ -106,9 +150,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "minimize": Key(_BOOL, "minimise before dynamics", default=True),
     },
     "integrator": {
-        "temperature": Key(_REAL, "bath temperature", default=300.0, check=_positive("K")),
-        "friction": Key(_REAL, "Langevin friction", default=1.0, check=_nonnegative("1/ps")),
-        "dt": Key(_REAL, "time step", default=0.001, check=_between(0.0, 0.01, "ps")),
+        "temperature": Key(_REAL, "bath temperature (K)", default=300.0, check=_positive("K")),
+        "friction": Key(_REAL, "Langevin friction (1/ps)", default=1.0, check=_nonnegative("1/ps")),
+        "dt": Key(_REAL, "time step (ps)", default=0.001, check=_between(0.0, 0.01, "ps")),
         "seed": Key(_INT, "noise seed", default=0, check=_nonnegative("an integer")),
     },
     "parameters": {
@@ -133,11 +177,120 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),  # fmt: skip
     },
     "run": {
-        "time": Key(_REAL, "simulated time", required=True, check=_positive("ps")),
+        "time": Key(_REAL, "simulated time (ps)", required=True, check=_positive("ps")),
         "save_interval": Key(
-            _REAL, "time between saved frames", default=0.1, check=_positive("ps")
+            _REAL, "time between saved frames (ps)", default=0.1, check=_positive("ps")
         ),  # fmt: skip
     },
+    "targets": {
+        "builtin": Key(_STR, "a data set shipped with the package", choices=BUILTIN_TARGETS),
+        "file": Key(_STR, "a JSON target file (path relative to the configuration file)"),
+        "entry": Key((list,), "inline targets, one [[targets.entry]] table each", items=(dict,)),
+        "holdout": Key(
+            (list,),
+            "target names or coupling types left out of the fit, scored in the validation",
+            default=[],
+        ),  # fmt: skip
+        "citation": Key(_STR, "where the data come from (shown in the report)", default=None),
+    },
+    "estimator": {
+        "kind": Key(
+            _STR,
+            "gradient estimator of the equilibrium averages",
+            default="fluctuation",
+            choices=("fluctuation", "hybrid"),
+        ),
+        "replicas": Key(
+            _INT,
+            "hybrid: sensitivity replicas per epoch",
+            default=32,
+            check=lambda v: None if v >= 2 else "must be >= 2",
+        ),
+        "horizon": Key(
+            (str, int), "hybrid: horizon in steps, or auto", default="auto", check=_horizon
+        ),
+        "max_horizon": Key(
+            _INT, "hybrid: the longest horizon tried", default=500, check=_positive("steps")
+        ),
+    },  # fmt: skip
+    "sampling": {
+        "chains": Key(_INT, "persistent equilibrium chains", default=4, check=_positive("chains")),
+        "sample_steps": Key(
+            _INT,
+            "production steps per chain per sampled epoch",
+            default=125_000,
+            check=_positive("steps"),
+        ),
+        "decorrelation_steps": Key(
+            _INT,
+            "steps discarded after each change of θ",
+            default=25_000,
+            check=_nonnegative("steps"),
+        ),
+        "save_every": Key(_INT, "steps between kept frames", default=250, check=_positive("steps")),
+        "min_ess": Key(
+            _REAL,
+            "fewest effective samples an epoch accepts",
+            default=20.0,
+            check=_positive("samples"),
+        ),
+        "max_extend": Key(
+            _INT,
+            "extra production segments when the ESS is short",
+            default=3,
+            check=_nonnegative("segments"),
+        ),
+        "reservoir_size": Key(
+            _INT, "frames kept for reweighting", default=2000, check=_positive("frames")
+        ),
+        "backend": Key(
+            _STR,
+            "where the chains run (JAX: CPU, or a GPU through XLA)",
+            default="jax",
+            choices=("jax",),
+        ),
+    },  # fmt: skip
+    "optimizer": {
+        "kind": Key(_STR, "optimiser", default="gauss-newton", choices=("gauss-newton", "adam")),
+        "epochs": Key(_INT, "the most fit epochs", default=10, check=_positive("epochs")),
+        "learning_rate": Key(_REAL, "adam: step, relative", default=0.1, check=_positive("")),
+        "prior_sigma": Key(
+            _REAL,
+            "width of a Gaussian prior on each fitted parameter, its units; 0 for none",
+            default=2.0,
+            check=_nonnegative("θ's units"),
+        ),
+        "stop_chi2": Key(
+            _REAL,
+            "stop below this χ²/N by 2 standard errors; 0 for never",
+            default=1.0,
+            check=_nonnegative(""),
+        ),
+        "trust_radius": Key(
+            _REAL, "gauss-newton: first trust radius, relative", default=0.2, check=_positive("")
+        ),
+        "max_trust_radius": Key(
+            _REAL, "gauss-newton: largest trust radius, relative", default=0.5, check=_positive("")
+        ),
+        "parametrization": Key(
+            _STR,
+            "coordinates the optimiser steps in",
+            default="relative",
+            choices=("relative", "log", "absolute"),
+        ),
+    },  # fmt: skip
+    "validation": {
+        "ns": Key(
+            _REAL,
+            "OpenMM validation time per model (ns); 0 skips it",
+            default=2.0,
+            check=_nonnegative("ns"),
+        ),
+        "seeds": Key(
+            _INT, "independent OpenMM chains per model", default=4, check=_positive("chains")
+        ),
+        "compare": Key((list,), "other OpenMM force fields validated the same way", default=[]),
+    },  # fmt: skip
     "output": {
         "dir": Key(_STR, "output folder", default=None),
     },
@@ -148,7 +301,9 @@ COMMANDS = {
     "simulate": ("system", "integrator", "parameters", "simulate", "output"),
     "fdcheck": ("system", "integrator", "parameters", "fdcheck", "output"),
     "run": ("system", "integrator", "run", "output"),
-}
+    "fit": ("system", "integrator", "parameters", "targets", "estimator", "sampling",
+            "optimizer", "validation", "output"),
+}  # fmt: skip
 
 
 def _hint(name, options):
@@ -170,8 +325,9 @@ def _check_value(where, key, value):
         raise ConfigError(f"{where} = {value!r}: must be {_type_name(key.types)}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(key.choices)}")
-    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where} = {value!r}: must be a list of strings")
+    if isinstance(value, list) and not all(isinstance(v, key.items) for v in value):
+        what = "tables" if key.items == (dict,) else "strings"
+        raise ConfigError(f"{where} = {value!r}: must be a list of {what}")
     if key.check is not None:
         why = key.check(value)
         if why:
@@ -199,6 +355,44 @@ def _forcefield_file(name, base, where):
     return path
 
 
+def default_config(command) -> dict:
+    """{section: {key: default}} of every section ``command`` reads (required keys None);
+    ``"_file"`` None. A program that builds its settings itself (the main job) starts here,
+    so its dict has the form ``load_config`` returns."""
+    return {"_file": None, **{name: {k: key.default for k, key in SCHEMA[name].items()}
+                              for name in COMMANDS[command]}}  # fmt: skip
+
+
+def config_label(cfg) -> str:
+    """How errors name a configuration: its file's name, or ``cfg["_label"]`` for settings
+    built in a program."""
+    if cfg.get("_file"):
+        return os.path.basename(cfg["_file"])
+    return cfg.get("_label") or "the settings"
+
+
+def schema_markdown() -> str:
+    """``docs/configuration.md``: every section and key of ``SCHEMA`` with its type,
+    default (JSON; null: none, or "required") and meaning, and the commands that read
+    each section."""
+    import json
+
+    lines = ["# Configuration files", "",
+             "Generated from `timemachine.config.SCHEMA` (`tests/test_fit_config.py` checks "
+             "that it is current). Paths are relative to the configuration file; "
+             "`--set section.key=value` overrides one key.", ""]  # fmt: skip
+    for name, spec in SCHEMA.items():
+        users = [c for c, sections in COMMANDS.items() if name in sections]
+        lines += [f"## [{name}]", "", f"Read by: {', '.join(users)}.", "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]  # fmt: skip
+        for key, k in spec.items():
+            default = "required" if k.required else json.dumps(k.default, ensure_ascii=False)
+            what = k.doc + (f" (one of {', '.join(k.choices)})" if k.choices else "")
+            lines.append(f"| `{key}` | {_type_name(k.types)} | {default} | {what} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def parse_override(text):
     """``"section.key=value"`` (value in TOML syntax; a bare word is a string) -> (section,
     key, value)."""
@@ -215,7 +409,7 @@ def parse_override(text):
 
 def load_config(path, command, overrides=()) -> dict:
     """Read and check the configuration file ``path`` for ``command`` ("simulate" |
-    "fdcheck" | "run").
+    "fdcheck" | "run" | "fit").
 
     Args:
       path: a TOML file.
@@ -232,8 +426,9 @@ def load_config(path, command, overrides=()) -> dict:
       ConfigError: one line, naming the file and the first offending key: a TOML syntax
         error, an unknown section or key (with a did-you-mean hint), a wrong type, a
         value out of range or not among the choices, a missing required key, a missing
-        file, an unknown force field, or inconsistent keys (pdb and sequence, a save
-        interval longer than the run).
+        file, an unknown force field, a target without a value or an uncertainty, or
+        inconsistent keys (pdb and sequence, a save interval longer than the run, no
+        targets at all).
     """
     path = os.fspath(path)
     label = os.path.basename(path)
@@ -311,9 +506,203 @@ def _check_consistency(cfg, label, base, command):
         return
     wrt = cfg["parameters"]["wrt"]
     cfg["parameters"]["wrt"] = [wrt] if isinstance(wrt, str) else list(wrt)
+    if command == "fit":
+        _check_fit(cfg, label, base)
+        return
     run = cfg[command]
     if run["save_every"] is not None and run["save_every"] > run["steps"]:
         raise ConfigError(
             f"{label}: [{command}].save_every = {run['save_every']}: longer than the run "
             f"([{command}].steps = {run['steps']})"
         )
+
+
+def _check_fit(cfg, label, base):
+    """The fit's sections beyond their single keys: the targets (each inline entry and the
+    data file's, before any system is built), the sampling's frame spacing."""
+    import json
+
+    t = cfg["targets"]
+    if t["builtin"] is None and t["file"] is None and t["entry"] is None:
+        raise ConfigError(
+            f"{label}: [targets]: give the data: builtin = {BUILTIN_TARGETS[0]!r}, "
+            "file = a JSON target file, or [[targets.entry]] tables"
+        )
+    if t["entry"] is not None:
+        for i, entry in enumerate(t["entry"]):
+            _check_target_entry(f"{label}: [[targets.entry]] {i + 1}", entry)
+    if t["file"] is not None:
+        path = os.path.join(base, t["file"])
+        where = f"{label}: [targets].file = {t['file']!r}"
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: file not found ({path})")
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{where}: not a readable JSON target file: {exc}") from None
+        entries = data.get("targets") if isinstance(data, dict) else data
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{where}: expected a non-empty list or {{'targets': [...]}}")
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and entry.get("skip") is True):
+                _check_target_entry(f"{where}, target {i}", entry)
+        t["file"] = path
+    s = cfg["sampling"]
+    if s["save_every"] > s["sample_steps"] or s["sample_steps"] % s["save_every"]:
+        raise ConfigError(
+            f"{label}: [sampling].sample_steps = {s['sample_steps']}: must be a multiple of "
+            f"[sampling].save_every = {s['save_every']} (the steps between kept frames)"
+        )
+    if s["decorrelation_steps"] % s["save_every"]:
+        raise ConfigError(
+            f"{label}: [sampling].decorrelation_steps = {s['decorrelation_steps']}: must be "
+            f"a multiple of [sampling].save_every = {s['save_every']}"
+        )
+    v = cfg["validation"]
+    if v["compare"] and v["ns"] == 0:
+        raise ConfigError(
+            f"{label}: [validation].compare: needs the OpenMM validation, which "
+            "[validation].ns = 0 skips"
+        )
+    v["compare"] = [
+        _forcefield_file(f, base, f"{label}: [validation].compare") for f in v["compare"]
+    ]
+
+
+def _check_target_entry(where, entry):
+    """One target (an inline table or a data file's entry) before any topology exists: a
+    known observable type and its keys, a value, and an uncertainty > 0."""
+    from timemachine.fitting.observables.specs import OBSERVABLE_TYPES, SPEC_KEYS, TARGET_KEYS
+
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table of keys (type, value, uncertainty, ...)")
+    name = entry.get("name")
+    if name is not None:
+        where = f"{where} ({name!r})"
+    kind = entry.get("type")
+    if kind is None:
+        raise ConfigError(
+            f"{where}: 'type' missing (the observable: {', '.join(OBSERVABLE_TYPES)})"
+        )
+    if kind not in OBSERVABLE_TYPES:
+        raise ConfigError(
+            f"{where}: type = {kind!r}: unknown observable{_hint(kind, OBSERVABLE_TYPES)}"
+        )
+    known = {"type", *TARGET_KEYS, *SPEC_KEYS[kind]}
+    for key in entry:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: {key!r}: unknown key for a {kind} target{_hint(key, sorted(known))}"
+            )
+    value = entry.get("value", entry.get("values"))
+    if value is None:
+        raise ConfigError(f"{where}: 'value' missing (the measured value(s))")
+    sigma = entry.get("uncertainty", entry.get("uncertainties", entry.get("sigma")))
+    if sigma is None:
+        raise ConfigError(f"{where}: 'uncertainty' missing (σ > 0 of the measured value(s))")
+    for what, v in (("value", value), ("uncertainty", sigma)):
+        items = v if isinstance(v, list) else [v]
+        ok = items and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in items
+        )
+        if not ok:
+            raise ConfigError(f"{where}: {what} = {v!r}: must be a finite number or a list of them")
+        if what == "uncertainty" and min(items) <= 0:
+            raise ConfigError(f"{where}: uncertainty = {v!r}: must be > 0")
+
+
+def build_structure(cfg):
+    """(topology, positions (N, 3) nm) of a checked configuration's ``[system]``: its PDB
+    (solvent kept as it is) or the peptide built from its sequence."""
+    from timemachine.io import build_peptide
+
+    s = cfg["system"]
+    if s["pdb"] is not None:
+        import numpy as np
+        import openmm.app as app
+        import openmm.unit as unit
+
+        pdb = app.PDBFile(s["pdb"])
+        x = np.asarray(pdb.positions.value_in_unit(unit.nanometer), np.float64).reshape(-1, 3)
+        return pdb.topology, x
+    return build_peptide(s["sequence"], tuple(s["forcefield"]))
+
+
+def build_system(cfg):
+    """The objects a checked configuration describes: (system, x (N, 3) nm, topology, wrt
+    (P,) int64, integrator); ``x`` minimised when ``[system].minimize``.
+
+    Raises:
+      ConfigError: a ``[parameters].wrt`` glob matching none of the system's parameters.
+    """
+    import numpy as np
+
+    from timemachine.integrator import LangevinIntegrator
+    from timemachine.io import load_system
+    from timemachine.structured import minimize_system
+
+    s = cfg["system"]
+    files = tuple(s["forcefield"])
+    structure = build_structure(cfg)
+    solvent = None if s["implicit_solvent"] == "none" else s["implicit_solvent"]
+    system, x = load_system(structure, forcefield=files, implicit_solvent=solvent)
+    label = config_label(cfg)
+    wrt = []
+    for glob in cfg["parameters"]["wrt"]:
+        try:
+            idx = system.select(glob)
+        except InputError:
+            raise ConfigError(
+                f"{label}: [parameters].wrt: {glob!r} matches none of the system's "
+                f"{system.n_params} parameters (names look like {system.param_names[1]!r})"
+            ) from None
+        wrt.extend(int(i) for i in idx if int(i) not in wrt)
+    if s["minimize"]:
+        x = minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
+    i = cfg["integrator"]
+    integrator = LangevinIntegrator(
+        temperature=i["temperature"], friction=i["friction"], dt=i["dt"], seed=i["seed"]
+    )
+    return system, np.asarray(x), system.topology, np.asarray(wrt, np.int64), integrator
+
+
+def build_targets(cfg, topology):
+    """(all targets, fitted targets) of a checked fit configuration: the builtin data set,
+    the file's entries and the inline ones, in that order; the fitted ones are those not
+    named (by name or coupling type) in ``[targets].holdout``.
+
+    Raises:
+      ConfigError: a holdout naming no target, or one leaving nothing to fit.
+      InputError: a target the topology cannot compute (a residue or atom selection it
+        lacks), naming the file and the entry.
+    """
+    from timemachine.fitting.targets import graf2007_targets, load_targets, targets_from_specs
+
+    t = cfg["targets"]
+    label = config_label(cfg)
+    targets = []
+    if t["builtin"] == "graf2007":
+        targets += graf2007_targets(topology)
+    if t["file"] is not None:
+        targets += load_targets(t["file"], topology)
+    if t["entry"] is not None:
+        targets += targets_from_specs(t["entry"], topology, source=f"{label}: [[targets.entry]]")
+    names = [x.name for x in targets]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{label}: [targets]: two targets are named {twice[0]!r}")
+    held = set(t["holdout"])
+    kinds = {x.name: (x.spec or {}).get("type") for x in targets}
+    unknown = sorted(h for h in held if h not in kinds and h not in kinds.values())
+    if unknown:
+        have = sorted(set(kinds) | {k for k in kinds.values() if k})
+        raise ConfigError(
+            f"{label}: [targets].holdout = {unknown[0]!r}: no target of that name or type "
+            f"(the targets: {', '.join(have)})"
+        )
+    fitted = [x for x in targets if x.name not in held and kinds[x.name] not in held]
+    if not fitted:
+        raise ConfigError(f"{label}: [targets].holdout leaves no target to fit")
+    return targets, fitted

@@ -25,43 +25,11 @@ import os
 
 import numpy as np
 
-from timemachine.config import ConfigError
-from timemachine.errors import InputError, SimulationError
+from timemachine.config import ConfigError, build_system
+from timemachine.errors import SimulationError
 from timemachine.files import atomic_savefig, atomic_write_text
 
 __all__ = ["run_fdcheck", "run_simulate"]
-
-
-def _build(cfg):
-    """(system, x (N, 3) nm, topology, wrt (P,), integrator) of a checked configuration."""
-    from timemachine.integrator import LangevinIntegrator
-    from timemachine.io import build_peptide, load_system
-    from timemachine.structured import minimize_system
-
-    s = cfg["system"]
-    files = tuple(s["forcefield"])
-    structure = s["pdb"] if s["pdb"] is not None else build_peptide(s["sequence"], files)
-    solvent = None if s["implicit_solvent"] == "none" else s["implicit_solvent"]
-    system, x = load_system(structure, forcefield=files, implicit_solvent=solvent)
-    topology = system.topology
-    label = os.path.basename(cfg["_file"])
-    wrt = []
-    for glob in cfg["parameters"]["wrt"]:
-        try:
-            idx = system.select(glob)
-        except InputError:
-            raise ConfigError(
-                f"{label}: [parameters].wrt: {glob!r} matches none of the system's "
-                f"{system.n_params} parameters (names look like {system.param_names[1]!r})"
-            ) from None
-        wrt.extend(int(i) for i in idx if int(i) not in wrt)
-    if s["minimize"]:
-        x = minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
-    i = cfg["integrator"]
-    integrator = LangevinIntegrator(
-        temperature=i["temperature"], friction=i["friction"], dt=i["dt"], seed=i["seed"]
-    )
-    return system, np.asarray(x), topology, np.asarray(wrt, np.int64), integrator
 
 
 def _out_dir(cfg, command):
@@ -120,7 +88,7 @@ def run_simulate(cfg, resume=False, quiet=False) -> dict:
     from timemachine.sensitivity.frames import SensitivityTrajectory
     from timemachine.sensitivity.trajectory import simulate
 
-    system, x, topology, wrt, integrator = _build(cfg)
+    system, x, topology, wrt, integrator = build_system(cfg)
     run = cfg["simulate"]
     out = _out_dir(cfg, "simulate")
     sens_dir = os.path.join(out, "sensitivity")
@@ -208,7 +176,7 @@ def run_fdcheck(cfg, quiet=False) -> dict:
     )
     from timemachine.sensitivity.trajectory import simulate
 
-    system, x, _, wrt, integrator = _build(cfg)
+    system, x, _, wrt, integrator = build_system(cfg)
     run = cfg["fdcheck"]
     out = _out_dir(cfg, "fdcheck")
     save_every = run["save_every"] or run["steps"]

@@ -285,7 +285,9 @@ def _observables_section(history, summary) -> str:
             v = validation[models[0]]
             j = v["labels"].index(lab)
             target = _pm(v["value"][j], v["uncertainty"][j])
-        row = [_e(lab) + (" (held out)" if lab.split(":")[-1].split()[0] in held else "")]
+        # held_out names targets (or, in older summaries, coupling types)
+        out_of_fit = lab.split(":")[0] in held or lab.split(":")[-1].split()[0] in held
+        row = [_e(lab) + (" (held out)" if out_of_fit else "")]
         row.append(target)
         for rec in (first, last):
             if i is not None and rec.get("observables") is not None:
@@ -405,12 +407,13 @@ def _settings_section(summary, history) -> str:
     e = summary.get("engine_chi2_per_n") or {}
     items = [
         ("system", summary.get("system")),
+        ("configuration", summary.get("config")),
         ("data", summary.get("data")),
         ("preset", summary.get("size")),
         ("estimator", summary.get("estimator") or (history.get("info") or {}).get("estimator")),
         ("optimizer", summary.get("optimizer")),
-        ("prior σ (kJ/mol)", e.get("prior_sigma_kj_per_mol")),
-        ("held-out coupling types", ", ".join(summary.get("held_out") or []) or "none"),
+        ("prior σ (parameters' units)", e.get("prior_sigma")),
+        ("held-out targets", ", ".join(summary.get("held_out") or []) or "none"),
         ("epochs run", summary.get("epochs", len(history.get("epochs") or []) or None)),
         ("sampled epochs", summary.get("sampled_epochs")),
         ("fit wall time (s)", summary.get("fit_wall_s")),

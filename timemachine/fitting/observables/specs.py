@@ -13,6 +13,7 @@ from timemachine.fitting.observables.karplus import KARPLUS, ScalarCoupling, to_
 __all__ = [
     "J_COUPLING_TYPES",
     "OBSERVABLE_TYPES",
+    "SPEC_KEYS",
     "TARGET_KEYS",
     "observable_from_spec",
     "select_atoms",
@@ -33,7 +34,7 @@ TARGET_KEYS = {
     "skip",
     "skip_reason",
 }
-_SPEC_KEYS = {
+SPEC_KEYS = {
     **{kind: {"model", "residues"} for kind in J_COUPLING_TYPES},
     "Rg": {"atoms", "mass_weighted"},
     "NOE": {"pairs", "power"},
@@ -109,11 +110,11 @@ def observable_from_spec(spec: dict, topology=None) -> Observable:
             f"unknown observable type {kind!r} in {spec!r}; known types: "
             f"{', '.join(OBSERVABLE_TYPES)}"
         )
-    extra = set(spec) - {"type"} - TARGET_KEYS - _SPEC_KEYS[kind]
+    extra = set(spec) - {"type"} - TARGET_KEYS - SPEC_KEYS[kind]
     if extra:
         raise InputError(
             f"observable {kind!r}: unknown key(s) {sorted(extra)}; it takes "
-            f"{sorted(_SPEC_KEYS[kind]) or 'no options'}"
+            f"{sorted(SPEC_KEYS[kind]) or 'no options'}"
         )
     if kind in KARPLUS:
         if topology is None:

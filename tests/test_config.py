@@ -185,7 +185,8 @@ def test_simulate_refuses_a_glob_that_matches_nothing(tmp_path):
     cfg = load_config(
         _write(tmp_path, _replace('"torsion/*/k*"', '"torsion/NO-SUCH/k*"')), "simulate"
     )
-    with pytest.raises(ConfigError, match=r"\[parameters\]\.wrt: 'torsion/NO-SUCH/k\*' matches"):
+    where = r"\[parameters\]\.wrt: parameter glob 'torsion/NO-SUCH/k\*' matches"
+    with pytest.raises(ConfigError, match=where):
         run_simulate(cfg, quiet=True)
 
 

@@ -209,6 +209,9 @@ def test_the_rg_example_runs_at_a_reduced_size(tmp_path):
         assert float(row["chi2"]) == rec["chi2"] and int(row["epoch"]) == rec["epoch"]
         assert float(row["torsion/N-CT-C-N/k2"]) == rec["params"][3]
         assert 0.6 < float(row["<Rg(CA):Rg>"]) < 1.2  # nm
+    # history.json's final θ is the one the summary reports (epoch 1's step was rejected)
+    theta_final = json.loads((out / "history.json").read_text())["theta_final"]
+    assert theta_final == summary["fitted"]
     app.ForceField(str(out / "fitted.xml"))
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Skolnick" in html

@@ -648,17 +648,10 @@ def build_system(cfg):
     structure = build_structure(cfg)
     solvent = None if s["implicit_solvent"] == "none" else s["implicit_solvent"]
     system, x = load_system(structure, forcefield=files, implicit_solvent=solvent)
-    label = config_label(cfg)
-    wrt = []
-    for glob in cfg["parameters"]["wrt"]:
-        try:
-            idx = system.select(glob)
-        except InputError:
-            raise ConfigError(
-                f"{label}: [parameters].wrt: {glob!r} matches none of the system's "
-                f"{system.n_params} parameters (names look like {system.param_names[1]!r})"
-            ) from None
-        wrt.extend(int(i) for i in idx if int(i) not in wrt)
+    try:  # θ order, as System.select gives it
+        wrt = system.select(cfg["parameters"]["wrt"])
+    except InputError as exc:
+        raise ConfigError(f"{config_label(cfg)}: [parameters].wrt: {exc}") from None
     if s["minimize"]:
         x = minimize_system(system, x, tolerance=1.0, max_iterations=500, warn=False)
     i = cfg["integrator"]

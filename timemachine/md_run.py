@@ -127,18 +127,31 @@ def run_simulation(args) -> dict:
     integrator = tm.LangevinIntegrator(
         temperature=args.temperature, friction=args.friction, dt=args.dt, seed=args.seed
     )
-    n_steps = int(round(args.time / args.dt))
+    asked = int(round(args.time / args.dt))
     save_every = max(1, int(round(args.save_interval / args.dt)))
+    n_steps = save_every * (asked // save_every)  # >= save_every: the interval <= the time
+    if n_steps != asked:
+        log(
+            f"note: {args.time:g} ps is not a whole number of save intervals "
+            f"({args.save_interval:g} ps): running {n_steps} steps, not {asked}"
+        )
+    # about 20 chunks for the progress bar; the last one takes the remainder
     chunk = save_every * max(1, n_steps // save_every // 20)
-    n_steps = chunk * max(1, n_steps // chunk)
+    chunks = [chunk] * (n_steps // chunk) + ([n_steps % chunk] if n_steps % chunk else [])
     frames, pe, ke, temps, steps = [], [], [], [], []
     state, t0 = x, time.perf_counter()
     # disable=None: no bar when stderr is not a terminal (a log file, a pipe)
     bar = tqdm(total=n_steps, unit="step", desc="Langevin", disable=True if args.quiet else None)
     with bar:
-        for _ in range(n_steps // chunk):
+        for length in chunks:
             traj = run(
-                g_fn, system.masses, state, integrator, chunk, save_every=save_every, energy_fn=e_fn
+                g_fn,
+                system.masses,
+                state,
+                integrator,
+                length,
+                save_every=save_every,
+                energy_fn=e_fn,
             )
             state = traj.state
             frames.append(np.asarray(traj.x))
@@ -146,7 +159,7 @@ def run_simulation(args) -> dict:
             ke.append(np.asarray(traj.kinetic_energy))
             temps.append(np.asarray(traj.temperature))
             steps.append(np.asarray(traj.steps))
-            bar.update(chunk)
+            bar.update(length)
             bar.set_postfix(T=f"{temps[-1].mean():.0f}K")
     wall = time.perf_counter() - t0
     frames, pe, ke, temps, steps = map(np.concatenate, (frames, pe, ke, temps, steps))

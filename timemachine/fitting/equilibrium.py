@@ -237,7 +237,7 @@ def fit_equilibrium(
     elif resume:
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
-    def result():
+    def result(u=None):
         best = state.accepted
         info = {
             "estimator": estimator,
@@ -245,7 +245,7 @@ def fit_equilibrium(
             "accepted": None if best is None else {"loss": best["loss"], "stderr": best["se"]},
             "horizon_steps": state.horizon_steps,
         }
-        u, history = state.u, state.history
+        u, history = state.u if u is None else u, state.history
         return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
 
     bar = _progress_bar(progress, s.epochs, state.start)
@@ -315,8 +315,9 @@ def fit_equilibrium(
                 if optimizer == "gauss-newton":
                     state.u = np.asarray(state.accepted["u"], dtype=np.float64)
 
-            if out_dir is not None:
-                _save(out_dir, fingerprint, epoch, state, sampler, converged, result())
+            if out_dir is not None:  # history.json's θ is the one the fit would return now
+                reported = result(_reported_u(state, optimizer, converged))
+                _save(out_dir, fingerprint, epoch, state, sampler, converged, reported)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(chi2=f"{loss.chi2:.3g}±{loss.chi2_stderr:.2g}")
@@ -327,10 +328,17 @@ def fit_equilibrium(
     finally:
         if bar is not None:
             bar.close()
-    if optimizer == "gauss-newton" and state.accepted is not None and not converged:
-        # the last step was never sampled: report the last accepted θ
-        state.u = np.asarray(state.accepted["u"], dtype=np.float64)
+    state.u = _reported_u(state, optimizer, converged)
     return result()
+
+
+def _reported_u(state, optimizer, converged):
+    """The u a fit stopped now returns: once converged, ``state.u`` (already the θ that
+    was sampled or accepted); otherwise, for Gauss-Newton, the last accepted point, since
+    the step beyond it was never sampled."""
+    if optimizer == "gauss-newton" and state.accepted is not None and not converged:
+        return np.asarray(state.accepted["u"], dtype=np.float64)
+    return state.u
 
 
 # --------------------------------------------------------------------------- settings

@@ -47,9 +47,10 @@ BUILTIN_CITATIONS = {
 }
 
 
-def _validate(cfg, files, time_ns, n_seeds, seed, n_workers=1):
+def _validate(cfg, files, time_ns, n_seeds, seed, n_workers=1, progress=False):
     """Validate one OpenMM model on the configuration's targets; a JSON-ready dict (runs
-    in a worker process: it builds the structure and the targets again)."""
+    in a worker process: it builds the structure and the targets again). ``progress``:
+    ``validate_openmm``'s (None: a bar when stderr is a terminal)."""
     from timemachine.fitting.validation import validate_openmm
 
     i = cfg["integrator"]
@@ -65,7 +66,7 @@ def _validate(cfg, files, time_ns, n_seeds, seed, n_workers=1):
         seed=seed,
         temperature=i["temperature"],
         friction=i["friction"],
-        progress=False,
+        progress=progress,
         n_workers=n_workers,
     )
     out = res.to_dict()
@@ -278,8 +279,9 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
                 pool.shutdown()
             workers = min(2 if "original" in validation else 1, os.cpu_count() or 1)
             log(f"OpenMM validation of the fitted model: {val['ns']:g} ns")
+            bars = False if quiet else None  # the original's run in its worker draws none
             validation["fitted"] = _validate(
-                cfg, (fitted_xml,), val["ns"], val["seeds"], seed + 2, n_workers=workers
+                cfg, (fitted_xml,), val["ns"], val["seeds"], seed + 2, workers, bars
             )
             if "original" not in validation:
                 validation["original"] = future_original.result()
@@ -297,7 +299,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
                 path = os.path.join(out, "compare-" + os.path.basename(ff))
                 export_forcefield(other, other.params, path, forcefield=(ff,))
                 validation[ff] = _validate(
-                    cfg, (path,), val["ns"], val["seeds"], seed + 3, n_workers=workers
+                    cfg, (path,), val["ns"], val["seeds"], seed + 3, workers, bars
                 )
         for name in ("targets.json", "original.xml"):
             shutil.move(os.path.join(stage, name), os.path.join(out, name))

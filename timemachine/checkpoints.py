@@ -68,10 +68,17 @@ _KNOWN: dict[str, tuple] = {}
 
 def array_sha256(a) -> str:
     """SHA-256 (hex) of an array's dtype, shape and C-order bytes."""
-    a = np.ascontiguousarray(np.asarray(a))
+    a = _c_order(a)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _c_order(a):
+    """``a`` as a C-ordered ndarray of its own shape (``np.ascontiguousarray`` would turn
+    a 0-d array into a 1-d one)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def _record_sha256(record: dict) -> str:
@@ -206,7 +213,7 @@ def write_checkpoint(base, arrays: dict, meta: dict, fmt: str, keep_previous: bo
         The path of ``BASE.npz``.
     """
     names = checkpoint_files(base)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+    arrays = {k: _c_order(v) for k, v in arrays.items()}
     for k, a in arrays.items():
         if a.dtype.hasobject:
             raise CheckpointError(f"checkpoint array {k!r} of {names['npz']} holds objects")

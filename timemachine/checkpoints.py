@@ -233,6 +233,7 @@ def write_checkpoint(base, arrays: dict, meta: dict, fmt: str, keep_previous: bo
     record = jsonable(record)
     record["sha256"] = _record_sha256(record)
     text = json.dumps(record, indent=1, sort_keys=True).encode()
+    _remove_stale_temporaries(names)
     tmp_npz = stage_write(names["npz"], lambda fh: fh.write(data))
     try:
         tmp_json = stage_write(names["json"], lambda fh: fh.write(text))
@@ -259,6 +260,19 @@ def write_checkpoint(base, arrays: dict, meta: dict, fmt: str, keep_previous: bo
     _remember(names["npz"], record["npz"]["sha256"])
     _remember(names["json"], hashlib.sha256(text).hexdigest())
     return names["npz"]
+
+
+def _remove_stale_temporaries(names):
+    """Remove the temporary files a killed writer of this checkpoint left behind
+    (``.tmp-*BASE.npz`` and the like: ``files.stage_write``'s names, and ``_keep``'s)."""
+    folder = os.path.dirname(os.path.abspath(names["npz"]))
+    ends = tuple(os.path.basename(p) for p in names.values())
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-") and name.endswith(ends):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
 
 def _keep(src, dst):

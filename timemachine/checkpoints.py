@@ -53,6 +53,7 @@ __all__ = [
     "read_verified",
     "remove_checkpoint",
     "settings_differences",
+    "system_record",
     "verify_record",
     "write_checkpoint",
 ]
@@ -449,6 +450,18 @@ def settings_differences(found, expected, prefix: str = "") -> list[str]:
 def _short(value, limit=80):
     text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def system_record(system) -> dict:
+    """What identifies a System in a checkpoint's settings: its atom count, a SHA-256 of
+    its masses (amu) and of its parameter names, and its terms' kinds (θ's values are
+    recorded by name by each writer)."""
+    return {
+        "n_atoms": int(system.n_atoms),
+        "masses_sha256": array_sha256(np.asarray(system.masses, dtype=np.float64)),
+        "param_names_sha256": hashlib.sha256("\n".join(system.param_names).encode()).hexdigest(),
+        "terms": [t.kind for t in system.terms],
+    }
 
 
 def check_settings(path, found, expected, advice: str = "") -> None:

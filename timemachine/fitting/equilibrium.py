@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from timemachine.checkpoints import array_sha256, check_settings, jsonable
+from timemachine.checkpoints import array_sha256, check_settings, jsonable, system_record
 from timemachine.checks import check_int, check_real
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
@@ -441,6 +441,7 @@ def _settings_record(s, estimator, names, theta0, target, integrator, chains, pa
     that differs is refused naming each field: ``checkpoints.check_settings``)."""
     return jsonable(
         dict(
+            system=system_record(chains.system),
             parameters=dict(zip(names, theta0.tolist(), strict=True)),
             targets=dict(
                 labels=list(target.labels),

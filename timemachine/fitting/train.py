@@ -26,7 +26,14 @@ from collections.abc import Callable
 import numpy as np
 
 from timemachine.backends import check_backend
-from timemachine.checkpoints import check_settings, jsonable, read_checkpoint, write_checkpoint
+from timemachine.checkpoints import (
+    array_sha256,
+    check_settings,
+    jsonable,
+    read_checkpoint,
+    system_record,
+    write_checkpoint,
+)
 from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
@@ -358,6 +365,8 @@ def fit(
 
     settings = jsonable(
         dict(
+            system=system_record(system),
+            x0_sha256=array_sha256(np.asarray(x0, dtype=np.float64)),
             wrt=[int(i) for i in wrt],
             parameters=dict(zip(names, theta0.tolist(), strict=True)),
             n_replicas=n_replicas,

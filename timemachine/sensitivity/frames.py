@@ -35,6 +35,7 @@ from timemachine.checkpoints import (
     read_checkpoint,
     read_verified,
     remove_checkpoint,
+    system_record,
     write_checkpoint,
 )
 from timemachine.errors import CorruptCheckpointError, InputError, MissingFileError
@@ -323,11 +324,7 @@ def run_settings(system, theta, integrator, method, k, wrt, param_names, save_ev
     backend and the ζ method."""
     return jsonable(
         {
-            "system": {
-                "n_atoms": int(system.n_atoms),
-                "masses_sha256": array_sha256(np.asarray(system.masses, dtype=np.float64)),
-                "terms": [t.kind for t in system.terms],
-            },
+            "system": system_record(system),
             "parameters": dict(
                 zip(system.param_names, np.asarray(theta, dtype=np.float64).tolist(), strict=True)
             ),

@@ -4,9 +4,10 @@ of an uninterrupted run (issue 18): ``tm.simulate(..., out_dir=D, resume=True)``
 chains and stored frames included), on trialanine in vacuum on the JAX CPU backend.
 
 Each job runs in a subprocess: this file is also the worker (``python
-tests/test_resume_kill.py JOB OUT``). The worker prints ``READY`` once it has built the
+tests/test_resume_kill.py JOB OUT HOME``); job ``cli`` is ``timemachine simulate CONFIG
+--resume`` through ``timemachine.cli.main``. The worker prints ``READY`` once it has built the
 system, then runs the job with ``resume=True`` and writes what it produced to
-``OUT/../JOB-result.npz``. The driver kills it at seeded random times after ``READY``, and
+``HOME/JOB-result.npz``. The driver kills it at seeded random times after ``READY``, and
 also, with ``TIMEMACHINE_SLOW_WRITES`` set (every rename waits), the moment a temporary
 file appears in ``OUT``: inside a checkpoint or chunk write, between its staging and its
 rename, and between the renames of a checkpoint's npz and its JSON record. It then runs
@@ -58,10 +59,45 @@ def _history_arrays(history):
     return np.array(json.dumps(stripped, sort_keys=True))
 
 
-def worker(job, out):
-    tm, top, system, x = _system(os.path.join(os.path.dirname(out), "x0.npy"))
+CONFIG = """
+[system]
+sequence = "AAA"
+forcefield = ["amber99sbildn.xml"]
+
+[integrator]
+temperature = 300.0
+dt = 0.002
+seed = 7
+
+[parameters]
+wrt = ["torsion/*/k*"]
+
+[simulate]
+steps = 800
+save_every = 10
+
+[output]
+dir = "{dir}"
+"""
+
+
+def worker(job, out, home):
+    result = os.path.join(home, f"{job}-result.npz")
+    if job == "cli":  # timemachine simulate CONFIG --resume; out is its sensitivity/ folder
+        from timemachine.cli import main
+        from timemachine.sensitivity.frames import SensitivityTrajectory
+
+        config = os.path.join(home, os.path.basename(os.path.dirname(out)) + ".toml")
+        with open(config, "w") as fh:
+            fh.write(CONFIG.format(dir=os.path.dirname(out)))
+        print("READY", flush=True)
+        assert main(["simulate", config, "--resume", "--quiet"]) in (0, None)
+        traj = SensitivityTrajectory.load(out)
+        _save(result, x=np.asarray(traj.x), dx_dtheta=np.asarray(traj.dx_dtheta),
+              steps=traj.steps, final_dx=np.asarray(traj.final_state.dx_dtheta))  # fmt: skip
+        return
+    tm, top, system, x = _system(os.path.join(home, "x0.npy"))
     integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.002, seed=7)
-    result = os.path.join(os.path.dirname(out), f"{job}-result.npz")
     print("READY", flush=True)
     if job == "simulate":
         traj = tm.simulate(
@@ -110,9 +146,9 @@ def _env(slow):
     return env
 
 
-def _start(job, out, slow, log):
+def _start(job, out, slow, log, home):
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), job, str(out)],
+        [sys.executable, os.path.abspath(__file__), job, str(out), str(home)],
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),  # noqa: SIM115 (closed with the process)
         text=True,
@@ -136,9 +172,9 @@ def _finish(proc, log, timeout=300):
 
 def reference(job, workdir):
     """The uninterrupted run: (its result arrays, seconds of work after READY)."""
-    out = workdir / "reference"
+    out = workdir / "reference" / ("sensitivity" if job == "cli" else "")
     log = workdir / "reference.log"
-    proc = _start(job, out, slow=False, log=log)
+    proc = _start(job, out, slow=False, log=log, home=workdir)
     t0 = _wait_ready(proc, log)
     _finish(proc, log)
     work = time.perf_counter() - t0
@@ -186,13 +222,13 @@ def killed_then_resumed(job, workdir, n_kills, seed, span):
     random delay of up to ``span`` seconds ("time") or, after a random number of further
     writes, the moment a temporary file appears ("write": inside a write)."""
     rng = random.Random(seed)
-    out = workdir / "killed"
+    out = workdir / "killed" / ("sensitivity" if job == "cli" else "")
     events, logs = [], []
     for i in range(n_kills):
         log = workdir / f"attempt-{i}.log"
         logs.append(log)
         mode = "write" if i % 2 else "time"  # alternate: random moments, and inside writes
-        proc = _start(job, out, slow=True, log=log)
+        proc = _start(job, out, slow=True, log=log, home=workdir)
         t0 = _wait_ready(proc, log)
         before, stale = _snapshot(out), set(_temporaries(out))
         if i:  # the first attempt may die anywhere, even before its first write
@@ -222,7 +258,7 @@ def killed_then_resumed(job, workdir, n_kills, seed, span):
         )
     log = workdir / "final.log"
     logs.append(log)
-    proc = _start(job, out, slow=False, log=log)
+    proc = _start(job, out, slow=False, log=log, home=workdir)
     _wait_ready(proc, log)
     _finish(proc, log)
     with np.load(workdir / f"{job}-result.npz") as z:
@@ -263,5 +299,10 @@ def test_equilibrium_fit_killed_six_times_resumes_bitwise(tmp_path):
     _check("equilibrium", tmp_path, n_kills=6, seed=20, span=2.0)
 
 
+@pytest.mark.slow
+def test_the_command_line_killed_three_times_resumes_bitwise(tmp_path):
+    killed, _ = _check("cli", tmp_path, n_kills=3, seed=21, span=1.0)
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -336,3 +336,17 @@ def test_simulate_into_a_folder_needs_resume(chain, finished, tmp_path):
     _same(_trajectory_arrays(longer), _trajectory_arrays(whole))
     with pytest.raises(InputError, match="beyond the step 100"):
         _simulate(chain, out, resume=True)
+    # x0 from elsewhere does not continue this run
+    system, x0, integrator, _ = chain
+    with pytest.raises(InputError, match="x0 .*does not belong to"):
+        tm.simulate(
+            system, x0 + 0.001, integrator, 100, wrt="torsion/*/k*", save_every=10,
+            chunk_steps=20, progress=False, out_dir=out, resume=True,
+        )  # fmt: skip
+    # chunk files that no checkpoint or meta.json vouches for are not ours to replace
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    shutil.copy(out / "chunk_00000.npz", alien / "chunk_00000.npz")
+    with pytest.raises(InputError, match="neither meta.json nor a checkpoint"):
+        _simulate(chain, alien, resume=True)
+    assert os.listdir(alien) == ["chunk_00000.npz"]

@@ -466,6 +466,11 @@ def prepare_out_dir(out_dir, state, n_steps, settings, resume, method) -> OutDir
     base = os.path.join(out_dir, STATE)
     ckpt = read_checkpoint(base, STATE_FORMAT)
     if ckpt is None:
+        if META not in entries and any(_is_chunk_name(e) for e in entries):
+            raise InputError(
+                f"out_dir {out_dir!r} holds chunk files but neither meta.json nor a "
+                "checkpoint: not a trajectory this run can continue; choose an empty directory"
+            )
         if META in entries:  # a run killed before its first checkpoint: it must be ours
             meta = read_meta(out_dir)
             check_settings(os.path.join(out_dir, META), meta.get("settings"), settings, _ADVICE)

@@ -161,7 +161,7 @@ def test_killed_fit_resumes_exactly(problem, tmp_path):
     assert _strip(saved["epochs"]) == _strip(straight.history)
     assert saved["theta_final"] == straight.theta.tolist()
     # a checkpoint from other settings is refused, not silently mixed in
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match=r"other settings.*n_steps 100 != 120"):
         tm.fit(
             system,
             x0,
@@ -188,7 +188,9 @@ def test_fit_killed_mid_epoch_loses_only_that_epoch(problem, tmp_path, monkeypat
     common = dict(params=start, learning_rate=0.05, progress=False, epochs=4, **settings)
     straight = tm.fit(system, x0, integrator, targets, wrt, out_dir=tmp_path / "a", **common)
     out = tmp_path / "b"
-    real_run, real_write = train.run_replicas, train.atomic_write_bytes
+    import timemachine.checkpoints as checkpoints
+
+    real_run, real_commit = train.run_replicas, checkpoints.commit
     calls = {"run": 0}
 
     def dying_run(*args, **kwargs):
@@ -203,22 +205,24 @@ def test_fit_killed_mid_epoch_loses_only_that_epoch(problem, tmp_path, monkeypat
     assert train.load_checkpoint(out)["epoch"] == 2
     assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
 
-    def dying_write(path, data):
-        # killed while epoch 2's checkpoint is half written to its temporary file
-        if str(path).endswith("checkpoint.npz"):
-            (out / ".tmp-checkpoint.npz").write_bytes(data[: len(data) // 2])
+    def dying_commit(tmp, path):
+        # killed inside epoch 2's checkpoint write: the new npz is in place, its checksum
+        # record is not
+        if str(path).endswith("checkpoint.json"):
             raise _Killed
-        return real_write(path, data)
+        return real_commit(tmp, path)
 
     monkeypatch.setattr(train, "run_replicas", real_run)
-    monkeypatch.setattr(train, "atomic_write_bytes", dying_write)
+    monkeypatch.setattr(checkpoints, "commit", dying_commit)
     with pytest.raises(_Killed):
         tm.fit(system, x0, integrator, targets, wrt, out_dir=out, resume=True, **common)
-    assert train.load_checkpoint(out)["epoch"] == 2  # the torn write did not replace it
-    monkeypatch.setattr(train, "atomic_write_bytes", real_write)
+    with pytest.warns(tm.CheckpointFallbackWarning, match="checkpoint.prev.npz"):
+        assert train.load_checkpoint(out)["epoch"] == 2  # the torn write is not trusted
+    monkeypatch.setattr(checkpoints, "commit", real_commit)
     ran = []
     monkeypatch.setattr(train, "run_replicas", lambda *a, **k: ran.append(1) or real_run(*a, **k))
-    resumed = tm.fit(system, x0, integrator, targets, wrt, out_dir=out, resume=True, **common)
+    with pytest.warns(tm.CheckpointFallbackWarning):
+        resumed = tm.fit(system, x0, integrator, targets, wrt, out_dir=out, resume=True, **common)
     assert len(ran) == 2  # only epochs 2 and 3 were simulated again
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
     assert _strip(resumed.history) == _strip(straight.history)

@@ -321,11 +321,14 @@ def test_streaming_to_out_dir_matches_memory_and_resumes(tmp_path):
     first = simulate(system, x_start(), integrator, 200, out_dir=out, **kw)
     assert first.memory_bytes["frames"] == 0 and first.out_dir == str(out)
     names = sorted(os.listdir(out))
-    assert names == [f"chunk_{i:05d}.npz" for i in range(4)] + ["meta.json", "state.npz"]
+    ckpt = ["state.json", "state.npz", "state.prev.json", "state.prev.npz"]
+    assert names == [f"chunk_{i:05d}.npz" for i in range(4)] + ["meta.json"] + ckpt
     assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
-    # the directory continues from its own final state
+    # the directory continues from its own final state, when asked to
     loaded = SensitivityTrajectory.load(out)
-    second = simulate(system, loaded.final_state, integrator, 200, out_dir=out, **kw)
+    with pytest.raises(InputError, match="not empty.*resume=True"):
+        simulate(system, loaded.final_state, integrator, 200, out_dir=out, **kw)
+    second = simulate(system, loaded.final_state, integrator, 200, out_dir=out, resume=True, **kw)
     assert sorted(os.listdir(out))[:8] == [f"chunk_{i:05d}.npz" for i in range(8)]
     assert len(second) == 40
     np.testing.assert_array_equal(second.steps, in_memory.steps)
@@ -350,7 +353,7 @@ def test_streaming_to_out_dir_matches_memory_and_resumes(tmp_path):
     simulate(system, x_start(), integrator, 100, out_dir=tmp_path / "win", **kw)
     state = SensitivityTrajectory.load(tmp_path / "win").final_state
     assert isinstance(state, WindowState) and state.zeta_window.shape == (30, 1, 4, 3)
-    resumed = simulate(system, state, integrator, 100, out_dir=tmp_path / "win", **kw)
+    resumed = simulate(system, state, integrator, 100, out_dir=tmp_path / "win", resume=True, **kw)
     np.testing.assert_array_equal(np.asarray(resumed.dx_dtheta), whole.dx_dtheta)
 
 

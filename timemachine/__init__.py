@@ -15,6 +15,9 @@ jax.config.update("jax_enable_x64", True)
 
 from timemachine import fitting  # noqa: E402
 from timemachine.errors import (  # noqa: E402
+    CheckpointError,
+    CheckpointFallbackWarning,
+    CorruptCheckpointError,
     ForceFieldError,
     InputError,
     MissingFileError,
@@ -45,6 +48,9 @@ System.gradient_fn = gradient_fn
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointFallbackWarning",
+    "CorruptCheckpointError",
     "ForceFieldError",
     "InputError",
     "LangevinIntegrator",

@@ -23,3 +23,23 @@ class MissingFileError(TimemachineError, FileNotFoundError):
 
 class SimulationError(TimemachineError, RuntimeError):
     """A run went bad (NaN coordinates, exploding sensitivities)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint cannot be resumed: it was written by another run (a different system,
+    parameter set or configuration: the message names what differs) or is not a
+    timemachine checkpoint."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file on disk fails its SHA-256 check or cannot be parsed (truncated,
+    bit-flipped or hand-edited); the message names the file."""
+
+
+class TimemachineWarning(UserWarning):
+    """Base class of the warnings this package issues."""
+
+
+class CheckpointFallbackWarning(TimemachineWarning):
+    """A run resumed from the previous good checkpoint because the last one was unusable;
+    the message names both files."""

@@ -82,8 +82,10 @@ def run_simulate(cfg, resume=False, quiet=False) -> dict:
     """A sensitivity trajectory from a checked configuration (``load_config(...,
     "simulate")``); returns the summary it writes to ``OUT/summary.json``.
 
-    ``resume``: continue the trajectory in ``OUT/sensitivity`` (bitwise one longer run)
-    up to ``[simulate].steps`` instead of starting again.
+    ``resume``: continue the trajectory in ``OUT/sensitivity`` from its last good
+    checkpoint (after a kill, or to a larger ``[simulate].steps``) instead of starting
+    again; the result is bitwise that of one uninterrupted run. A folder with no
+    checkpoint yet starts afresh.
     """
     from timemachine.sensitivity.frames import SensitivityTrajectory
     from timemachine.sensitivity.trajectory import simulate
@@ -92,34 +94,24 @@ def run_simulate(cfg, resume=False, quiet=False) -> dict:
     run = cfg["simulate"]
     out = _out_dir(cfg, "simulate")
     sens_dir = os.path.join(out, "sensitivity")
-    steps = run["steps"]
-    start = x
-    if resume:
-        if not os.path.isfile(os.path.join(sens_dir, "meta.json")):
-            raise ConfigError(f"--resume: no trajectory to continue in {sens_dir}")
-        done = SensitivityTrajectory.load(sens_dir)
-        steps = run["steps"] - int(done.steps[-1])
-        if steps <= 0:
-            raise ConfigError(
-                f"--resume: {sens_dir} already holds {int(done.steps[-1])} steps "
-                f"(>= [simulate].steps = {run['steps']})"
-            )
-        start = done.final_state
-    elif os.path.isdir(sens_dir) and os.listdir(sens_dir):
+    if not resume and os.path.isdir(sens_dir) and os.listdir(sens_dir):
         raise ConfigError(
             f"{sens_dir} already holds a trajectory: use --resume to continue it or choose "
             f"another [output].dir"
         )
-    simulate(  # its frames are read back from sensitivity/, with any earlier chunks
+    # --resume picks the run up from its last good checkpoint (or starts it, if it was
+    # killed before the first one) and runs it to [simulate].steps, bit for bit
+    simulate(
         system,
-        start,
+        x,
         integrator,
-        steps,
+        run["steps"],
         wrt=wrt,
         save_every=run["save_every"],
         method=run["method"],
         backend=run["backend"],
         out_dir=sens_dir,
+        resume=resume,
         progress=not quiet,
     )
     traj = SensitivityTrajectory.load(sens_dir)

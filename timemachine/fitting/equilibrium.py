@@ -37,7 +37,6 @@ step 1 lives in ``equilibrium_samples`` (``EpochSampler``), step 2 and the loss 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,12 +47,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from timemachine.checkpoints import array_sha256, check_settings, jsonable, system_record
 from timemachine.checks import check_int, check_real
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
 from timemachine.fitting.chi2 import chi2_with_error
 from timemachine.fitting.equilibrium_checkpoint import (
-    CHECKPOINT,
     HISTORY,
     load_checkpoint,
     save_checkpoint,
@@ -68,7 +67,6 @@ from timemachine.fitting.equilibrium_samples import EpochSampler
 from timemachine.fitting.loss import target_vector
 from timemachine.fitting.result import (
     Parametrization,
-    check_fingerprint,
     make_optimizer,
     make_result,
     settings_fingerprint,
@@ -160,8 +158,14 @@ def fit_equilibrium(
             discrepancy principle, the model fits the data within their uncertainties);
             None (default) fits until the χ² stops changing.
         params: (P_all,) starting θ (default ``system.params``).
-        out_dir: folder for ``checkpoint.npz`` and ``history.json``; None keeps memory only.
-        resume: continue from ``out_dir``'s checkpoint (same settings only).
+        out_dir: folder for the checkpoint (``checkpoint.npz`` with its SHA-256 record
+            ``checkpoint.json``, the previous pair kept as ``checkpoint.prev.*``) and
+            ``history.json``; None keeps memory only.
+        resume: continue from ``out_dir``'s checkpoint, chains and stored frames included
+            (same settings only: a ``CheckpointError`` names each that differs); when the
+            last checkpoint fails its checksums the previous one is used, with a
+            ``CheckpointFallbackWarning``. A resumed fit reproduces the uninterrupted
+            one bit for bit.
         progress: tqdm bar over epochs; None shows it when stderr is a terminal.
         callback: ``callback(record)`` after every epoch.
 
@@ -225,7 +229,7 @@ def fit_equilibrium(
         reweight_threshold=s.reweight_threshold,
         max_reuse=s.max_reuse,
     )
-    fingerprint = _fingerprint(
+    settings = _settings_record(
         s, estimator, names, theta0, target, integrator, chains, parametrization, prior_sigma
     )
     u = param.initial()
@@ -233,7 +237,7 @@ def fit_equilibrium(
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         if resume:
-            _resume(out_dir, fingerprint, state, sampler, s.epochs)
+            _resume(out_dir, settings, state, sampler, s.epochs)
     elif resume:
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
@@ -317,7 +321,8 @@ def fit_equilibrium(
 
             if out_dir is not None:  # history.json's θ is the one the fit would return now
                 reported = result(_reported_u(state, optimizer, converged))
-                _save(out_dir, fingerprint, epoch, state, sampler, converged, reported)
+                fresh = epoch == state.start and not state.resumed
+                _save(out_dir, settings, epoch, state, sampler, converged, reported, fresh)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(chi2=f"{loss.chi2:.3g}±{loss.chi2_stderr:.2g}")
@@ -431,22 +436,46 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
     return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)
 
 
-def _fingerprint(s, estimator, names, theta0, target, integrator, chains, param, prior):
-    """The settings fingerprint a checkpoint must carry to be resumed by this fit."""
-    return settings_fingerprint(
-        names=names,
-        theta0=theta0.tolist(),
-        labels=target.labels,
-        value=target.value.tolist(),
-        sigma=target.uncertainty.tolist(),
-        integrator=[integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
-        x0=hashlib.sha256(np.ascontiguousarray(chains.state.x).tobytes()).hexdigest(),
-        settings=[estimator, s.n_chains, s.sample_steps, s.decorrelation_steps, s.save_every],
-        more=[s.reservoir_size, s.blocks, s.optimizer, s.learning_rate, s.trust_radius, param],
-        reuse=[s.reweight_threshold, s.max_reuse, s.min_ess, s.max_extend],
-        stop=[s.tolerance_sigma, s.patience, s.stop_chi2],
-        hybrid=None if s.hybrid is None else list(s.hybrid),
-        prior=None if prior is None else np.asarray(prior).tolist(),
+def _settings_record(s, estimator, names, theta0, target, integrator, chains, param, prior):
+    """The settings a checkpoint must carry to be resumed by this fit, by name (a resume
+    that differs is refused naming each field: ``checkpoints.check_settings``)."""
+    return jsonable(
+        dict(
+            system=system_record(chains.system),
+            parameters=dict(zip(names, theta0.tolist(), strict=True)),
+            targets=dict(
+                labels=list(target.labels),
+                value=target.value.tolist(),
+                sigma=target.uncertainty.tolist(),
+            ),
+            integrator=dict(
+                temperature=integrator.temperature,
+                friction=integrator.friction,
+                dt=integrator.dt,
+                seed=integrator.seed,
+            ),
+            x0_sha256=array_sha256(chains.state.x),
+            estimator=estimator,
+            n_chains=s.n_chains,
+            sample_steps=s.sample_steps,
+            decorrelation_steps=s.decorrelation_steps,
+            save_every=s.save_every,
+            reservoir_size=s.reservoir_size,
+            blocks=s.blocks,
+            optimizer=s.optimizer,
+            learning_rate=s.learning_rate,
+            trust_radius=s.trust_radius,
+            parametrization=param,
+            reweight_threshold=s.reweight_threshold,
+            max_reuse=s.max_reuse,
+            min_ess=s.min_ess,
+            max_extend=s.max_extend,
+            tolerance_sigma=s.tolerance_sigma,
+            patience=s.patience,
+            stop_chi2=s.stop_chi2,
+            hybrid=None if s.hybrid is None else s.hybrid._asdict(),
+            prior_sigma=None if prior is None else np.asarray(prior).tolist(),
+        )
     )
 
 
@@ -467,6 +496,7 @@ class _FitState:
         start: the first epoch to run (``epochs`` once a resumed fit had converged).
         horizon_steps: the hybrid horizon n, once chosen.
         stop_reason: why the fit stopped ("epochs" until it converges).
+        resumed: whether a checkpoint was loaded.
     """
 
     u: np.ndarray
@@ -478,25 +508,27 @@ class _FitState:
     start: int = 0
     horizon_steps: int | None = None
     stop_reason: str = "epochs"
+    resumed: bool = False
 
 
-def _resume(out_dir, fingerprint, state: _FitState, sampler: EpochSampler, epochs) -> None:
+def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) -> None:
     """Load ``out_dir``'s checkpoint, if any, into the state, the chains and the sampler;
-    InputError if it is another fit's."""
+    CheckpointError naming what differs if it is another fit's."""
     ckpt = load_checkpoint(out_dir)
     if ckpt is None:
         return
-    check_fingerprint(
-        os.path.join(out_dir, CHECKPOINT),
-        ckpt["fingerprint"],
-        fingerprint,
-        "parameters, targets, chains, steps or integrator",
+    check_settings(
+        ckpt["path"],
+        ckpt["settings"],
+        settings,
+        "Resume it with the same settings, or use another out_dir",
     )
+    state.resumed = True
     state.u, state.radius, state.history = ckpt["u"], ckpt["radius"], ckpt["history"]
     state.start, state.accepted = ckpt["epoch"], ckpt["accepted"]
     state.quiet_epochs, state.horizon_steps = ckpt["quiet_epochs"], ckpt["horizon"]
     sampler.chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
-    sampler.stored = (ckpt["stored_x"], ckpt["stored_params"])
+    sampler.stored = (ckpt["stored_x"], ckpt["stored_params"]) if ckpt["stored"] else None
     sampler.reused = ckpt["reused"]
     if state.opt_state is not None:
         import jax
@@ -507,12 +539,15 @@ def _resume(out_dir, fingerprint, state: _FitState, sampler: EpochSampler, epoch
         state.start, state.stop_reason = epochs, ckpt["stop_reason"]
 
 
-def _save(out_dir, fingerprint, epoch, state: _FitState, sampler, converged, result) -> None:
-    """Write the checkpoint after ``epoch`` and ``result``'s history, atomically."""
+def _save(out_dir, settings, epoch, state: _FitState, sampler, converged, result, fresh) -> None:
+    """Write the checkpoint after ``epoch`` and ``result``'s history, atomically; ``fresh``
+    (the first epoch of a fit not resumed) drops the checkpoints of an earlier fit."""
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(
         out_dir,
-        fingerprint=fingerprint,
+        fingerprint=settings_fingerprint(**settings),
+        settings=settings,
+        keep_previous=not fresh,
         epoch=epoch + 1,
         u=state.u,
         radius=state.radius,

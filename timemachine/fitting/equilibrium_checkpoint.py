@@ -1,29 +1,36 @@
 """The equilibrium fit's checkpoint: u, the trust region and optimiser state, the chains,
-the stored frames and the history, written atomically to ``checkpoint.npz`` after every
-epoch and read back by ``fit_equilibrium(..., resume=True)``."""
+the stored frames and the history, written after every epoch and read back by
+``fit_equilibrium(..., resume=True)``.
+
+The files are ``checkpoint.npz`` (the arrays) and ``checkpoint.json`` (the metadata below
+with a SHA-256 of every array, of the npz and of itself), the previous pair kept as
+``checkpoint.prev.*``: ``timemachine.checkpoints``. The reservoirs need no state of their
+own: each epoch's is seeded by (integrator seed, epoch) and filled from that epoch's
+chain segment, so the chains' state and the stored frames are all a resume needs.
+"""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 
 import numpy as np
 
-from timemachine.errors import InputError
-from timemachine.files import atomic_write_bytes
+from timemachine.checkpoints import read_checkpoint, write_checkpoint
 
 __all__ = ["CHECKPOINT", "HISTORY", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_BASE = "checkpoint"
 HISTORY = "history.json"
 _FORMAT = "timemachine.equilibrium-fit-checkpoint"
+_ARRAYS = ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params")
 
 
 def save_checkpoint(
     out_dir,
     *,
     fingerprint,
+    settings,
     epoch,
     u,
     radius,
@@ -37,7 +44,20 @@ def save_checkpoint(
     opt_state,
     converged,
     stop_reason,
+    keep_previous=True,
 ):
+    """Write the checkpoint after ``epoch`` epochs to ``out_dir`` (docs/design.md, "File
+    formats").
+
+    Args:
+        fingerprint, settings: the fit's settings (a dict) and their hash; a resume must
+            match them.
+        u: (P,) the optimiser's coordinates; radius: the trust radius ‖δu‖.
+        chains: the ``EquilibriumChains`` (state x, v (C, N, 3) nm and nm/ps, step (C,)).
+        stored: (x (R, N, 3) nm, params (P_all,)) the frames kept for reweighting, or None.
+        opt_state: the optax state (Adam) or None; the rest is JSON metadata.
+        keep_previous: keep the last good checkpoint as ``checkpoint.prev.*``.
+    """
     arrays = {}
     if opt_state is not None:
         import jax
@@ -51,8 +71,8 @@ def save_checkpoint(
             for key, v in accepted.items()
         }
     meta = {
-        "format": _FORMAT,
         "fingerprint": fingerprint,
+        "settings": settings,
         "epoch": epoch,
         "radius": radius,
         "quiet_epochs": quiet_epochs,
@@ -61,39 +81,36 @@ def save_checkpoint(
         "converged": converged,
         "stop_reason": stop_reason,
         "accepted": acc,
-        "n_opt": len([k for k in arrays if k.startswith("opt_")]),
+        "n_opt": len(arrays),
+        "stored": stored is not None,
         "history": history,
     }
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        meta=np.array(json.dumps(meta)),
+    arrays.update(
         u=np.asarray(u, dtype=np.float64),
         chain_x=np.asarray(chains.state.x),
         chain_v=np.asarray(chains.state.v),
         chain_step=np.asarray(chains.state.step),
-        stored_x=np.asarray(stored[0]),
-        stored_params=np.asarray(stored[1]),
-        **arrays,
+        stored_x=np.asarray(stored[0]) if stored is not None else np.zeros((0, 0, 3)),
+        stored_params=np.asarray(stored[1]) if stored is not None else np.zeros(0),
     )
-    atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), buf.getvalue())
+    write_checkpoint(os.path.join(out_dir, CHECKPOINT_BASE), arrays, meta, _FORMAT, keep_previous)
 
 
 def load_checkpoint(out_dir):
-    path = os.path.join(out_dir, CHECKPOINT)
-    if not os.path.isfile(path):
+    """The last good checkpoint in ``out_dir`` (verified; the previous one, with a
+    ``CheckpointFallbackWarning``, when the last fails its checksums), as a dict of its
+    metadata plus the arrays, ``opt_leaves``, ``path`` and ``previous``; None if none.
+
+    Raises:
+        CorruptCheckpointError: no copy passes its checksums (names the file).
+        CheckpointError: the folder holds another kind of checkpoint.
+    """
+    ckpt = read_checkpoint(os.path.join(os.fspath(out_dir), CHECKPOINT_BASE), _FORMAT)
+    if ckpt is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("format") != _FORMAT:
-                raise InputError(f"{path} is not a timemachine equilibrium-fit checkpoint")
-            out = dict(meta)
-            for key in ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params"):
-                out[key] = np.array(data[key])
-            out["opt_leaves"] = [np.array(data[f"opt_{i}"]) for i in range(meta["n_opt"])]
-    except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{path} cannot be read as a fit checkpoint: {exc}") from exc
+    out = dict(ckpt.meta)
+    for key in _ARRAYS:
+        out[key] = ckpt[key]
+    out["opt_leaves"] = [ckpt[f"opt_{i}"] for i in range(int(out["n_opt"]))]
+    out["path"], out["previous"] = ckpt.path, ckpt.previous
     return out

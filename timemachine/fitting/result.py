@@ -148,14 +148,3 @@ def make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, i
         out_dir=out_dir,
         info=info,
     )
-
-
-def check_fingerprint(checkpoint_path, found: str, expected: str, what: str) -> None:
-    """InputError unless a checkpoint's settings fingerprint is this fit's.
-
-    ``what`` lists the settings that enter the fingerprint, for the message."""
-    if found != expected:
-        raise InputError(
-            f"{checkpoint_path} comes from a fit with other settings ({what}); resume it with "
-            "the same settings or use another out_dir"
-        )

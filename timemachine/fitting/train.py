@@ -9,14 +9,14 @@ force-matching loss, drive one optax step. The optimiser works on u, with Î¸ = Î
 barriers of different size move by similar fractions per step.
 
 After every epoch a checkpoint (u, the optax state, the history, the epoch) is written
-atomically to ``out_dir``; ``resume=True`` continues from it. The noise of epoch e is a
+atomically to ``out_dir``, with SHA-256 records and the previous one kept
+(``timemachine.checkpoints``); ``resume=True`` continues from it. The noise of epoch e is a
 pure function of (integrator seed, e, replica), so a resumed fit reproduces the epochs an
 uninterrupted one would have run, bit for bit; a fit killed mid-epoch loses that epoch.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,9 +26,17 @@ from collections.abc import Callable
 import numpy as np
 
 from timemachine.backends import check_backend
+from timemachine.checkpoints import (
+    array_sha256,
+    check_settings,
+    jsonable,
+    read_checkpoint,
+    system_record,
+    write_checkpoint,
+)
 from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
-from timemachine.files import atomic_write_bytes, atomic_write_text
+from timemachine.files import atomic_write_text
 from timemachine.fitting.loss import (
     loss_and_gradient,
     observable_samples,
@@ -39,7 +47,6 @@ from timemachine.fitting.reservoir import Reservoir
 from timemachine.fitting.result import (
     FitResult,
     Parametrization,
-    check_fingerprint,
     make_optimizer,
     make_result,
     settings_fingerprint,
@@ -47,9 +54,10 @@ from timemachine.fitting.result import (
 from timemachine.integrator.langevin import LangevinIntegrator
 from timemachine.system import System
 
-__all__ = ["FitResult", "atomic_write_bytes", "atomic_write_text", "fit", "load_checkpoint"]
+__all__ = ["FitResult", "atomic_write_text", "fit", "load_checkpoint"]
 
 CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_BASE = "checkpoint"  # checkpoint.npz + checkpoint.json (timemachine.checkpoints)
 HISTORY = "history.json"
 _FORMAT = "timemachine.fit-checkpoint"
 
@@ -99,41 +107,53 @@ def _diagnose(epoch, names, loss, grad, result, samples):
     return SimulationError("".join(lines))
 
 
-def _save_checkpoint(out_dir, epoch, u, opt_state, history, fingerprint):
+def _save_checkpoint(out_dir, epoch, u, opt_state, history, settings, keep_previous=True):
+    """Write the fit's checkpoint after ``epoch`` epochs (``timemachine.checkpoints``:
+    ``checkpoint.npz`` with ``checkpoint.json``, the previous pair kept)."""
     import jax
 
     leaves = jax.tree_util.tree_leaves(opt_state)
     arrays = {f"opt_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        format=np.array(_FORMAT),
-        fingerprint=np.array(fingerprint),
-        epoch=np.array(epoch, dtype=np.int64),
-        u=np.asarray(u, dtype=np.float64),
-        n_opt=np.array(len(leaves)),
-        history=np.array(json.dumps(history)),
-        **arrays,
-    )
-    atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), buf.getvalue())
+    arrays["u"] = np.asarray(u, dtype=np.float64)
+    meta = {
+        "fingerprint": settings_fingerprint(**settings),
+        "settings": settings,
+        "epoch": int(epoch),
+        "n_opt": len(leaves),
+        "history": history,
+    }
+    write_checkpoint(os.path.join(out_dir, CHECKPOINT_BASE), arrays, meta, _FORMAT, keep_previous)
 
 
-def load_checkpoint(out_dir) -> dict:
-    """The last checkpoint of a fit in ``out_dir``: ``epoch``, ``u``, ``opt_leaves``,
-    ``history``, ``fingerprint``; None if there is none."""
-    path = os.path.join(os.fspath(out_dir), CHECKPOINT)
-    if not os.path.isfile(path):
+def load_checkpoint(out_dir) -> dict | None:
+    """The last good checkpoint of a pathwise fit in ``out_dir``, verified against its
+    SHA-256 record; None if there is none.
+
+    Returns:
+        dict with ``epoch`` (epochs done), ``u`` (P,), ``opt_leaves`` (the optax state's
+        leaves), ``history`` (epoch records), ``fingerprint`` and ``settings`` (what the
+        fit was run with), ``path`` (the npz read) and ``previous`` (True when the last
+        checkpoint was unusable and the kept previous one was read: a
+        ``CheckpointFallbackWarning`` says so).
+
+    Raises:
+        CorruptCheckpointError: no copy passes its checksums (names the file).
+        CheckpointError: the folder holds another kind of checkpoint.
+    """
+    ckpt = read_checkpoint(os.path.join(os.fspath(out_dir), CHECKPOINT_BASE), _FORMAT)
+    if ckpt is None:
         return None
-    with np.load(path) as data:
-        if str(data["format"]) != _FORMAT:
-            raise InputError(f"{path} is not a timemachine fit checkpoint")
-        return {
-            "epoch": int(data["epoch"]),
-            "u": np.array(data["u"]),
-            "opt_leaves": [np.array(data[f"opt_{i}"]) for i in range(int(data["n_opt"]))],
-            "history": json.loads(str(data["history"])),
-            "fingerprint": str(data["fingerprint"]),
-        }
+    meta = ckpt.meta
+    return {
+        "epoch": int(meta["epoch"]),
+        "u": ckpt["u"],
+        "opt_leaves": [ckpt[f"opt_{i}"] for i in range(int(meta["n_opt"]))],
+        "history": meta["history"],
+        "fingerprint": meta["fingerprint"],
+        "settings": meta["settings"],
+        "path": ckpt.path,
+        "previous": ckpt.previous,
+    }
 
 
 # --------------------------------------------------------------------------- fit
@@ -223,10 +243,14 @@ def fit(
             added to the loss with ``force_matching_weight``; with ``targets=None`` it is
             the whole loss and no dynamics run.
         max_gradient_norm: a u-gradient norm above this stops the fit with a diagnosis.
-        out_dir: folder for ``checkpoint.npz`` and ``history.json`` (written atomically
-            after every epoch); None keeps everything in memory.
+        out_dir: folder for the checkpoint (``checkpoint.npz`` with its SHA-256 record
+            ``checkpoint.json``, the previous pair kept as ``checkpoint.prev.*``;
+            ``timemachine.checkpoints``) and ``history.json``, written atomically after
+            every epoch; None keeps everything in memory.
         resume: continue from ``out_dir``'s checkpoint when there is one (it must come from
-            the same settings); False starts over.
+            the same settings: a ``CheckpointError`` names every one that differs); a
+            last checkpoint that fails its checksums is replaced by the previous one, with
+            a ``CheckpointFallbackWarning``. False starts over.
         progress: tqdm bar over epochs; None shows it when stderr is a terminal.
         callback: ``callback(epoch_record)`` after every epoch.
         backend: where the replicas run, as in ``run_replicas``: "jax" or "cuda" (the
@@ -237,7 +261,9 @@ def fit(
         ``FitResult``.
 
     Raises:
-        InputError: invalid settings, or a checkpoint from a different fit.
+        InputError: invalid settings.
+        CheckpointError: (an InputError) a checkpoint from a different fit, naming what
+            differs; ``CorruptCheckpointError`` when no copy of it passes its checksums.
         SimulationError: non-finite or exploding loss/gradient, with a diagnosis.
     """
     import jax
@@ -337,47 +363,48 @@ def fit(
                 f"targets' observables return {got} values, targets have {target.value.shape}"
             )
 
-    fingerprint = settings_fingerprint(
-        wrt=[int(i) for i in wrt],
-        names=names,
-        theta0=theta0.tolist(),
-        n_replicas=n_replicas,
-        n_steps=n_steps,
-        time_samples=time_samples,
-        save_every=save_every,
-        parametrization=parametrization,
-        integrator=None
-        if integrator is None
-        else [integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
-        labels=None if target is None else list(target.labels),
-        fresh_noise=fresh_noise,
-        method=method,
-        average=average,
-        # named only when it is not the default, so that checkpoints written before the
-        # option existed still resume
-        **({} if backend == "jax" else {"backend": backend}),
+    settings = jsonable(
+        dict(
+            system=system_record(system),
+            x0_sha256=array_sha256(np.asarray(x0, dtype=np.float64)),
+            wrt=[int(i) for i in wrt],
+            parameters=dict(zip(names, theta0.tolist(), strict=True)),
+            n_replicas=n_replicas,
+            n_steps=n_steps,
+            time_samples=time_samples,
+            save_every=save_every,
+            parametrization=parametrization,
+            integrator=None
+            if integrator is None
+            else [integrator.temperature, integrator.friction, integrator.dt, integrator.seed],
+            labels=None if target is None else list(target.labels),
+            fresh_noise=fresh_noise,
+            method=method,
+            average=average,
+            backend=backend,
+        )
     )
 
     u = param.initial()
     opt_state = opt.init(u)
-    history, start = [], 0
+    history, start, resumed = [], 0, False
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         ckpt = load_checkpoint(out_dir) if resume else None
         if ckpt is not None:
-            check_fingerprint(
-                os.path.join(out_dir, CHECKPOINT),
-                ckpt["fingerprint"],
-                fingerprint,
-                "parameters, targets, replicas, steps or integrator",
+            check_settings(
+                ckpt["path"],
+                ckpt["settings"],
+                settings,
+                "Resume it with the same settings, or use another out_dir",
             )
             u = ckpt["u"]
             treedef = jax.tree_util.tree_structure(opt_state)
             opt_state = jax.tree_util.tree_unflatten(
                 treedef, [np.asarray(a) for a in ckpt["opt_leaves"]]
             )
-            history, start = ckpt["history"], ckpt["epoch"]
+            history, start, resumed = ckpt["history"], ckpt["epoch"], True
     elif resume:
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
@@ -466,7 +493,11 @@ def fit(
             record["wall_s"] = time.perf_counter() - t0
             history.append(record)
             if out_dir is not None:
-                _save_checkpoint(out_dir, epoch + 1, u, opt_state, history, fingerprint)
+                # a fit started afresh drops the checkpoints of whatever ran here before
+                fresh = epoch == start and not resumed
+                _save_checkpoint(
+                    out_dir, epoch + 1, u, opt_state, history, settings, keep_previous=not fresh
+                )
                 _write_history(
                     out_dir,
                     make_result(full0, wrt, names, param, u, theta0, history, target, out_dir),

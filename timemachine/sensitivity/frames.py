@@ -2,13 +2,23 @@
 
 ``SensitivityTrajectory`` holds the saved frames of a ``simulate`` run, in memory or
 streamed to a directory; ``ChunkedFrames`` reads streamed frames chunk by chunk. The
-directory layout (``meta.json``, ``chunk_XXXXX.npz``, ``state.npz``) is specified in
-docs/design.md, "File formats"; this module is its one reader and writer.
+directory layout (``meta.json``, ``chunk_XXXXX.npz``, the checkpoint ``state.npz`` with
+``state.json``) is specified in docs/design.md, "File formats"; this module is its one
+reader and writer.
+
+Every file is checksummed (``timemachine.checkpoints``): ``meta.json`` carries the SHA-256
+of its own contents, and the checkpoint's record ``state.json`` carries the SHA-256 of the
+state's arrays, of ``state.npz``, and of every chunk written before it. A chunk is
+written before the checkpoint that lists it, so a run killed at any moment leaves a
+checkpoint whose chunks are all complete; a chunk the checkpoint does not list is the
+output of an unfinished chunk, removed and recomputed on resume (bit for bit the same).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 import numbers
 import os
@@ -16,13 +26,28 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from timemachine.errors import InputError, MissingFileError
-from timemachine.files import atomic_json, atomic_savez
+from timemachine.checkpoints import (
+    array_sha256,
+    check_settings,
+    checkpoint_files,
+    file_record,
+    jsonable,
+    read_checkpoint,
+    read_verified,
+    remove_checkpoint,
+    system_record,
+    write_checkpoint,
+)
+from timemachine.errors import CorruptCheckpointError, InputError, MissingFileError
+from timemachine.files import atomic_write_bytes, atomic_write_text
 from timemachine.sensitivity.propagation import ExactState, WindowState
 
 __all__ = ["ChunkedFrames", "SensitivityTrajectory"]
 
 FORMAT = "timemachine.SensitivityTrajectory"
+STATE_FORMAT = "timemachine.SensitivityTrajectory.state"
+STATE = "state"  # the checkpoint state.npz + state.json (and state.prev.*)
+META = "meta.json"
 # the per-frame arrays of one chunk file, frame axis first
 FRAME_KEYS = ("x", "v", "dx_dtheta", "steps", "potential_energy", "kinetic_energy", "temperature")
 
@@ -34,8 +59,10 @@ class ChunkedFrames:
     loads everything; ``chunks()`` iterates chunk by chunk in bounded memory.
     """
 
-    def __init__(self, files, key, counts, frame_shape):
+    def __init__(self, files, key, counts, frame_shape, records=None):
         self.files = list(files)
+        # the SHA-256 records (``checkpoints.file_record``) every file is checked against
+        self.records = list(records) if records is not None else [None] * len(self.files)
         self.key = key
         self.counts = np.asarray(counts, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
@@ -54,8 +81,7 @@ class ChunkedFrames:
 
     def _chunk(self, c):
         if self._cache[0] != c:
-            with np.load(self.files[c]) as data:
-                self._cache = (c, data[self.key])
+            self._cache = (c, read_chunk(self.files[c], self.records[c], (self.key,))[self.key])
         return self._cache[1]
 
     def chunks(self):
@@ -168,42 +194,40 @@ class SensitivityTrajectory:
 
     @classmethod
     def load(cls, out_dir) -> SensitivityTrajectory:
-        """The trajectory streamed to ``out_dir``; frames are read lazily, per chunk.
+        """The trajectory streamed to ``out_dir``; frames are read lazily, per chunk, each
+        chunk checked against its SHA-256 when first read.
+
+        The frames are those of the last good checkpoint (``state.npz`` with
+        ``state.json``): the previous one, with a ``CheckpointFallbackWarning``, when the
+        last fails its checksums; a chunk written after it is not part of the trajectory.
 
         Raises:
             MissingFileError / InputError: no ``meta.json`` there, or not a trajectory.
+            CorruptCheckpointError: ``meta.json``, the checkpoint or a chunk it lists fails
+                its checksum (the message names the file).
         """
-        meta_path = os.path.join(out_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise MissingFileError(
-                f"{meta_path} does not exist: {out_dir!r} holds no streamed trajectory"
-            )
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{meta_path} is not a {FORMAT} (format {meta.get('format')!r})")
-        files = chunk_files(out_dir)
+        out_dir = os.fspath(out_dir)
+        meta = read_meta(out_dir)
+        ckpt = read_checkpoint(os.path.join(out_dir, STATE), STATE_FORMAT)
+        records = [] if ckpt is None else ckpt.meta["chunks"]
+        files = [os.path.join(out_dir, r["file"]) for r in records]
         n, p = int(meta["n_atoms"]), len(meta["param_names"])
         small = {k: [] for k in ("steps", "potential_energy", "kinetic_energy", "temperature")}
-        counts = []
-        for path in files:
-            with np.load(path) as data:
-                for key in small:
-                    small[key].append(data[key])
-                counts.append(data["steps"].shape[0])
+        for path, record in zip(files, records, strict=True):
+            data = read_chunk(path, record, tuple(small))
+            for key in small:
+                small[key].append(data[key])
+        counts = [r["frames"] for r in records]
 
         def cat(key, dtype=np.float64):
             return np.concatenate(small[key]) if files else np.zeros(0, dtype)
 
-        state = load_state(out_dir, meta)
-        steps = cat("steps", np.int64)
-        if state is not None and steps.size and int(state.step) != int(steps[-1]):
-            state = None  # the state file belongs to another chunk (interrupted write)
+        state = None if ckpt is None else state_from_arrays(ckpt, meta["method"])
         return cls(
-            x=ChunkedFrames(files, "x", counts, (n, 3)),
-            v=ChunkedFrames(files, "v", counts, (n, 3)),
-            dx_dtheta=ChunkedFrames(files, "dx_dtheta", counts, (p, n, 3)),
-            steps=steps,
+            x=ChunkedFrames(files, "x", counts, (n, 3), records),
+            v=ChunkedFrames(files, "v", counts, (n, 3), records),
+            dx_dtheta=ChunkedFrames(files, "dx_dtheta", counts, (p, n, 3), records),
+            steps=cat("steps", np.int64),
             potential_energy=cat("potential_energy"),
             kinetic_energy=cat("kinetic_energy"),
             temperature=cat("temperature"),
@@ -221,38 +245,113 @@ class SensitivityTrajectory:
 
 
 def chunk_files(out_dir):
-    """The ``chunk_XXXXX.npz`` paths in ``out_dir``, in chunk order."""
+    """The ``chunk_XXXXX.npz`` paths in ``out_dir``, in chunk order (listed or not)."""
     return sorted(glob.glob(os.path.join(glob.escape(str(out_dir)), "chunk_[0-9]*.npz")))
 
 
-def write_chunk(out_dir, number, chunk, state):
+def read_chunk(path, record, keys) -> dict:
+    """The arrays ``keys`` of chunk file ``path``, after checking the file against its
+    SHA-256 ``record`` (None: unchecked). CorruptCheckpointError names a bad file."""
+    data = None if record is None else read_verified(path, record, "trajectory chunk")
+    try:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
+            return {k: np.array(z[k]) for k in keys}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} cannot be read as a trajectory chunk: {exc}"
+        ) from None
+
+
+def write_chunk(out_dir, number, chunk, log: RunLog) -> None:
     """Write one chunk's frames (a dict of ``FRAME_KEYS``) as ``chunk_{number:05d}.npz``,
-    then the propagation ``state`` after it as ``state.npz``, each atomically."""
-    atomic_savez(os.path.join(out_dir, f"chunk_{number:05d}.npz"), **chunk)
-    save_state(out_dir, state)
+    atomically, and add its SHA-256 record to ``log`` (the next checkpoint lists it)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(chunk[k]) for k in FRAME_KEYS})
+    data = buf.getvalue()
+    path = os.path.join(out_dir, f"chunk_{number:05d}.npz")
+    atomic_write_bytes(path, data)
+    record = file_record(path, data)
+    steps = np.asarray(chunk["steps"])
+    record.update(
+        frames=int(steps.shape[0]),
+        first_step=int(steps[0]),
+        last_step=int(steps[-1]),
+        arrays={k: array_sha256(chunk[k]) for k in FRAME_KEYS},
+    )
+    log.chunks.append(record)
 
 
-def save_state(out_dir, state):
-    atomic_savez(
-        os.path.join(out_dir, "state.npz"), **{k: np.asarray(v) for k, v in state._asdict().items()}
+def save_state(out_dir, state, log: RunLog) -> None:
+    """Write the checkpoint after the chunks in ``log``: the propagation ``state``'s arrays
+    in ``state.npz``, and in ``state.json`` the run's settings, its step, the records of
+    every chunk so far and the states it may be resumed from (``log.starts``)."""
+    arrays = {k: np.asarray(v) for k, v in state._asdict().items()}
+    meta = {
+        "settings": log.settings,
+        "step": int(np.asarray(state.step)),
+        "chunks": log.chunks,
+        "starts": log.starts,
+    }
+    write_checkpoint(os.path.join(out_dir, STATE), arrays, meta, STATE_FORMAT)
+
+
+def state_from_arrays(arrays, method):
+    """An ``ExactState`` or ``WindowState`` (by ``method``) of a checkpoint's arrays."""
+    cls = ExactState if method == "exact" else WindowState
+    try:
+        return cls(**{k: jnp.asarray(arrays[k]) for k in cls._fields})
+    except KeyError as exc:
+        raise CorruptCheckpointError(
+            f"{getattr(arrays, 'path', 'the checkpoint')} lacks the {method} state's {exc}"
+        ) from None
+
+
+def state_sha256(state) -> str:
+    """SHA-256 of a propagation state's arrays (field by field): identifies a state a
+    trajectory may be resumed from."""
+    h = hashlib.sha256()
+    for name, value in zip(state._fields, state, strict=True):
+        h.update(name.encode())
+        h.update(array_sha256(np.asarray(value)).encode())
+    return h.hexdigest()
+
+
+def run_settings(system, theta, integrator, method, k, wrt, param_names, save_every, replica,
+                 backend, zeta) -> dict:  # fmt: skip
+    """What a resumed trajectory must share with the run in its folder (every field a
+    difference is named by): the system (atoms, masses, terms), θ by name, the integrator,
+    the parameters carried, the method and window, the save interval, the replica, the
+    backend and the ζ method."""
+    return jsonable(
+        {
+            "system": system_record(system),
+            "parameters": dict(
+                zip(system.param_names, np.asarray(theta, dtype=np.float64).tolist(), strict=True)
+            ),
+            "integrator": {
+                "temperature": integrator.temperature,
+                "friction": integrator.friction,
+                "dt": integrator.dt,
+                "seed": integrator.seed,
+            },
+            "wrt": list(param_names),
+            "method": method,
+            "window": k,
+            "save_every": int(save_every),
+            "replica": int(replica),
+            "backend": backend,
+            "zeta": zeta,
+        }
     )
 
 
-def load_state(out_dir, meta):
-    path = os.path.join(out_dir, "state.npz")
-    if not os.path.isfile(path):
-        return None
-    cls = ExactState if meta["method"] == "exact" else WindowState
-    with np.load(path) as data:
-        return cls(**{k: jnp.asarray(data[k]) for k in cls._fields})
-
-
 def write_meta(out_dir, system, method, k, param_names, wrt, save_every, memory, integrator,
-               replica):  # fmt: skip
-    """Write ``out_dir/meta.json`` (docs/design.md, "File formats") atomically."""
+               replica, settings) -> None:  # fmt: skip
+    """Write ``out_dir/meta.json`` (docs/design.md, "File formats") atomically, with the
+    SHA-256 of its contents in ``sha256``."""
     meta = {
         "format": FORMAT,
-        "version": 1,
+        "version": 2,
         "n_atoms": system.n_atoms,
         "param_names": list(param_names),
         "wrt": [int(i) for i in wrt],
@@ -267,41 +366,166 @@ def write_meta(out_dir, system, method, k, param_names, wrt, save_every, memory,
             "seed": integrator.seed,
         },
         "replica": replica,
+        "settings": settings,
     }
-    atomic_json(os.path.join(out_dir, "meta.json"), meta)
+    meta = jsonable(meta)
+    meta["sha256"] = _meta_sha256(meta)
+    atomic_write_text(os.path.join(out_dir, META), json.dumps(meta, indent=1))
 
 
-def prepare_out_dir(out_dir, state, method, k, param_names, wrt, n_atoms) -> int:
-    """Create out_dir, or check that it holds the run ``state`` continues; first chunk no."""
+def _meta_sha256(meta):
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_meta(out_dir) -> dict:
+    """``out_dir/meta.json``, checked against its SHA-256.
+
+    Raises:
+        MissingFileError: there is none; InputError: not a trajectory's;
+        CorruptCheckpointError: not valid JSON or its checksum fails (names the file).
+    """
+    path = os.path.join(out_dir, META)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} does not exist: {out_dir!r} holds no streamed trajectory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} is not valid JSON ({exc}): truncated or edited"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise InputError(f"{path} is not a {FORMAT} (format {got!r})")
+    if meta.get("sha256") != _meta_sha256(meta):
+        raise CorruptCheckpointError(
+            f"{path}: its contents do not match their SHA-256 (edited by hand, damaged, or "
+            "written by a timemachine without checksums)"
+        )
+    return meta
+
+
+class RunLog:
+    """What the checkpoints of a streamed run record besides the state: ``settings``
+    (``run_settings``), ``chunks`` (the SHA-256 record of every chunk file, in order) and
+    ``starts`` (``{"step", "sha256"}`` of each state a ``simulate`` call into the folder
+    started from: a resume names its x0 by them)."""
+
+    def __init__(self, settings, chunks=(), starts=()):
+        self.settings = settings
+        self.chunks = list(chunks)
+        self.starts = list(starts)
+
+
+class OutDirPlan:
+    """How a ``simulate`` call into a folder proceeds: from ``state`` (the caller's, or the
+    checkpoint's), ``n_steps`` more steps, the first chunk file number, and the ``log``."""
+
+    def __init__(self, state, n_steps, first_chunk, log):
+        self.state, self.n_steps, self.first_chunk, self.log = state, n_steps, first_chunk, log
+
+
+_OURS = ("meta.json",) + tuple(checkpoint_files("state")[k] for k in checkpoint_files("state"))
+
+
+def prepare_out_dir(out_dir, state, n_steps, settings, resume, method) -> OutDirPlan:
+    """Create ``out_dir`` for a run from ``state`` of ``n_steps`` steps, or, with
+    ``resume``, pick up the run it holds.
+
+    Without ``resume`` the folder must be empty or absent. With it, the folder's last good
+    checkpoint must have the same ``settings`` (a ``CheckpointError`` names each that
+    differs), and ``state`` must be either a state its run started from (then the run
+    ends ``n_steps`` after it) or its checkpoint's state itself (then ``n_steps`` more
+    are run, as a continuation from ``final_state`` does). A folder with no checkpoint yet
+    (killed before its first chunk) starts afresh. Chunk files the checkpoint does not
+    list, and stale temporary files, are removed; the listed ones are checked against
+    their SHA-256.
+    """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"out_dir {out_dir!r} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
-    files = chunk_files(out_dir)
-    if not files:
-        return 0
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.isfile(meta_path):
+    start = {"step": int(np.asarray(state.step)), "sha256": state_sha256(state)}
+    entries = sorted(os.listdir(out_dir))
+    if not resume:
+        if entries:
+            held = _describe_folder(out_dir, entries)
+            raise InputError(
+                f"out_dir {out_dir!r} is not empty ({held}): pass resume=True to continue the "
+                f"run it holds, or choose an empty directory"
+            )
+        return OutDirPlan(state, n_steps, 0, RunLog(settings, starts=[start]))
+    stray = [
+        e for e in entries if e not in _OURS and not e.startswith(".tmp-") and not _is_chunk_name(e)
+    ]
+    if stray:
         raise InputError(
-            f"out_dir {out_dir!r} holds chunk files but no meta.json: not a trajectory this "
-            f"run can continue; choose an empty directory"
+            f"out_dir {out_dir!r} holds files that are not a timemachine trajectory "
+            f"({', '.join(stray[:5])}): resume=True continues only a folder simulate wrote"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with np.load(files[-1]) as data:
-        last_step = int(data["steps"][-1])
-    start = int(np.asarray(state.step))
-    same = (
-        meta.get("method") == method
-        and meta.get("window") == k
-        and meta.get("wrt") == [int(i) for i in wrt]
-        and meta.get("n_atoms") == n_atoms
-        and tuple(meta.get("param_names", ())) == tuple(param_names)
-    )
-    if start != last_step or not same:
+    base = os.path.join(out_dir, STATE)
+    ckpt = read_checkpoint(base, STATE_FORMAT)
+    if ckpt is None:
+        if META not in entries and any(_is_chunk_name(e) for e in entries):
+            raise InputError(
+                f"out_dir {out_dir!r} holds chunk files but neither meta.json nor a "
+                "checkpoint: not a trajectory this run can continue; choose an empty directory"
+            )
+        if META in entries:  # a run killed before its first checkpoint: it must be ours
+            meta = read_meta(out_dir)
+            check_settings(os.path.join(out_dir, META), meta.get("settings"), settings, _ADVICE)
+        _clean(out_dir, keep=())
+        remove_checkpoint(base)
+        return OutDirPlan(state, n_steps, 0, RunLog(settings, starts=[start]))
+    check_settings(ckpt.path, ckpt.meta["settings"], settings, _ADVICE)
+    saved = state_from_arrays(ckpt, method)
+    done = int(ckpt.meta["step"])
+    starts = list(ckpt.meta["starts"])
+    if start in starts:
+        end = start["step"] + n_steps
+    elif start["sha256"] == state_sha256(saved):
+        end = done + n_steps  # x0 is the folder's final state: run n_steps more
+        starts.append(start)
+    else:
         raise InputError(
-            f"out_dir {out_dir!r} already holds a trajectory ({len(files)} chunk files, up to "
-            f"step {last_step}, method {meta.get('method')!r}); continue it with "
-            f"x0=SensitivityTrajectory.load(out_dir).final_state and the same wrt and method "
-            f"(this run starts at step {start}), or choose an empty directory"
+            f"out_dir {out_dir!r} already holds a trajectory (up to step {done}) that x0 "
+            f"(step {start['step']}) does not belong to: x0 must be the state that run "
+            "started from, or its final_state (SensitivityTrajectory.load(out_dir)); "
+            "choose an empty directory for a new run"
         )
-    return int(os.path.basename(files[-1])[len("chunk_") : -len(".npz")]) + 1
+    if end < done:
+        raise InputError(
+            f"out_dir {out_dir!r} already holds a trajectory up to step {done}, beyond the "
+            f"step {end} this call asks for (x0 at step {start['step']} + n_steps = "
+            f"{n_steps}); ask for at least {done - start['step']} steps or choose an empty "
+            "directory"
+        )
+    records = list(ckpt.meta["chunks"])
+    for record in records:
+        read_verified(os.path.join(out_dir, record["file"]), record, "trajectory chunk")
+    _clean(out_dir, keep={r["file"] for r in records})
+    log = RunLog(settings, records, starts)
+    return OutDirPlan(saved, end - done, len(records), log)
+
+
+_ADVICE = (
+    "Resume it with the same system, parameters, integrator and options, or use another out_dir"
+)
+
+
+def _is_chunk_name(name):
+    return name.startswith("chunk_") and name.endswith(".npz")
+
+
+def _clean(out_dir, keep):
+    """Remove the chunk files not in ``keep`` and stale temporary files."""
+    for name in os.listdir(out_dir):
+        if (_is_chunk_name(name) and name not in keep) or name.startswith(".tmp-"):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _describe_folder(out_dir, entries):
+    chunks = [e for e in entries if _is_chunk_name(e)]
+    if chunks or META in entries:
+        return f"it already holds a trajectory: {len(chunks)} chunk files"
+    return f"it holds {', '.join(entries[:3])}{'…' if len(entries) > 3 else ''}"

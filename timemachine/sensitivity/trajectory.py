@@ -34,11 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.constants import BOLTZMANN
+from timemachine.errors import InputError
 from timemachine.integrator.langevin import LangevinIntegrator, _check_replica
 from timemachine.sensitivity.diagnosis import check_frames
 from timemachine.sensitivity.frames import (
     SensitivityTrajectory,
     prepare_out_dir,
+    run_settings,
+    save_state,
     write_chunk,
     write_meta,
 )
@@ -77,6 +80,7 @@ def simulate(
     out_dir=None,
     chunk_steps: int | None = None,
     max_sensitivity: float | None = 1e8,
+    resume: bool = False,
 ) -> SensitivityTrajectory:
     """Langevin dynamics (paper eqs. 3-4) carrying dx/dθ forward (eqs. 6-9).
 
@@ -105,11 +109,21 @@ def simulate(
             (one jvp of ∇E per parameter).
         progress: a tqdm progress bar over the steps; None: shown when the run has more
             than 3 chunks and stderr is a terminal.
-        out_dir: if given, each chunk's frames go to ``out_dir/chunk_XXXXX.npz`` (written
-            atomically) and the propagation state after it to ``out_dir/state.npz``; the
-            result is ``SensitivityTrajectory.load(out_dir)`` (frames read lazily). A
-            directory that already holds chunks is continued, which requires ``x0`` to be
-            its ``final_state``.
+        out_dir: if given, each chunk's frames go to ``out_dir/chunk_XXXXX.npz`` and the
+            propagation state after it to the checkpoint ``out_dir/state.npz`` with its
+            SHA-256 record ``state.json`` (the previous one kept as ``state.prev.*``), all
+            written atomically (docs/design.md, "File formats"); the result is
+            ``SensitivityTrajectory.load(out_dir)`` (frames read lazily). The directory
+            must be empty or absent unless ``resume``.
+        resume: continue the run in ``out_dir`` from its last good checkpoint (a killed
+            run, or a finished one made longer), bit for bit the run an uninterrupted call
+            would have made. ``x0`` is then either the state that run started from (the
+            same call again: the run ends ``n_steps`` after x0) or its ``final_state``
+            (``n_steps`` more). The system, θ, integrator, wrt, method, window,
+            save_every, replica, backend and zeta must be the run's (a
+            ``CheckpointError`` names what differs); a last checkpoint that fails its
+            checksums falls back to the previous one with a
+            ``CheckpointFallbackWarning``. An empty or absent directory starts afresh.
         chunk_steps: steps per compiled call (a multiple of ``save_every``); default:
             at least 16 chunks, with at most 64 MiB of frames each.
         max_sensitivity: SimulationError once any |dx/dθ| in a saved frame exceeds this
@@ -117,10 +131,14 @@ def simulate(
 
     Returns:
         ``SensitivityTrajectory`` with F = n_steps // save_every frames at steps
-        t0 + save_every, …, t0 + n_steps.
+        t0 + save_every, …, t0 + n_steps (with ``out_dir``: every frame in the folder).
 
     Raises:
-        InputError: an invalid argument (named, with its value).
+        InputError: an invalid argument (named, with its value); a non-empty ``out_dir``
+            without ``resume``, or one whose run ``x0`` does not belong to.
+        CheckpointError: (an InputError) ``resume`` into a folder of a different run;
+            ``CorruptCheckpointError`` when no copy of its checkpoint, or a chunk it
+            lists, passes its checksums (the file is named).
         SimulationError: non-finite coordinates (the first bad saved step and atom are
             named) or a sensitivity above ``max_sensitivity`` (step, parameter, atom).
     """
@@ -137,16 +155,29 @@ def simulate(
     state_bytes = check_state_memory(method, n, p, k)
     state = initial_state(system, x0, integrator, method, k, wrt, v0, replica)
 
-    n_blocks = n_steps // save_every
-    per_chunk = chunk_blocks(n_blocks, frame_bytes(n, p), chunk_steps, save_every)
-    memory = _memory_bytes(state_bytes, n_blocks, per_chunk, frame_bytes(n, p), out_dir)
-    first_chunk = 0
+    if resume and out_dir is None:
+        raise InputError("resume=True needs out_dir (where the run to continue lives)")
+    log, first_chunk = None, 0
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        first_chunk = prepare_out_dir(out_dir, state, method, k, param_names, wrt, n)
+        settings = run_settings(
+            system, theta, integrator, method, k, wrt, param_names, save_every, replica,
+            backend, zeta,
+        )  # fmt: skip
+        plan = prepare_out_dir(out_dir, state, n_steps, settings, resume, method)
+        state, n_steps, log = plan.state, plan.n_steps, plan.log
+        first_chunk = plan.first_chunk
+
+    n_blocks = n_steps // save_every
+    per_chunk = chunk_blocks(max(n_blocks, 1), frame_bytes(n, p), chunk_steps, save_every)
+    memory = _memory_bytes(state_bytes, n_blocks, per_chunk, frame_bytes(n, p), out_dir)
+    if out_dir is not None:
         write_meta(
-            out_dir, system, method, k, param_names, wrt, save_every, memory, integrator, replica
-        )
+            out_dir, system, method, k, param_names, wrt, save_every, memory, integrator,
+            replica, log.settings,
+        )  # fmt: skip
+        if n_blocks == 0:  # a resumed run that was already complete
+            return SensitivityTrajectory.load(out_dir)
 
     program = backend_program(backend, system, wrt, zeta, method)
     args = _program_args(system, integrator, theta, save_every, wcoeffs, replica)
@@ -163,7 +194,8 @@ def simulate(
         chunks = _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose)
         for c, (state, chunk) in enumerate(chunks):
             if out_dir is not None:
-                write_chunk(out_dir, first_chunk + c, chunk, state)
+                write_chunk(out_dir, first_chunk + c, chunk, log)
+                save_state(out_dir, state, log)
             else:
                 kept.append(chunk)
             if bar is not None:

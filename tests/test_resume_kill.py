@@ -1,0 +1,308 @@
+"""Kill a run with SIGKILL at random moments, resume it until it finishes, and get the bits
+of an uninterrupted run (issue 18): ``tm.simulate(..., out_dir=D, resume=True)``,
+``tm.fit(..., resume=True)`` (pathwise) and ``fit_equilibrium(..., resume=True)`` (its
+chains and stored frames included), on trialanine in vacuum on the JAX CPU backend.
+
+Each job runs in a subprocess: this file is also the worker (``python
+tests/test_resume_kill.py JOB OUT HOME``); job ``cli`` is ``timemachine simulate CONFIG
+--resume`` through ``timemachine.cli.main``. The worker prints ``READY`` once it has built the
+system, then runs the job with ``resume=True`` and writes what it produced to
+``HOME/JOB-result.npz``. The driver kills it at seeded random times after ``READY``, and
+also, with ``TIMEMACHINE_SLOW_WRITES`` set (every rename waits), the moment a temporary
+file appears in ``OUT``: inside a checkpoint or chunk write, between its staging and its
+rename, and between the renames of a checkpoint's npz and its JSON record. It then runs
+the worker again until it exits cleanly and compares every array with ``np.array_equal``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOW_WRITES = "0.15"  # s each rename waits in the killed runs: a window to kill inside
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _system(cache):
+    import timemachine as tm
+
+    top, x = tm.build_peptide("AAA")
+    system, x = tm.load_system((top, x))
+    if os.path.isfile(cache):
+        x = np.load(cache)
+    else:
+        x = np.asarray(tm.minimize_system(system, x))
+        np.save(cache + ".tmp.npy", x)
+        os.replace(cache + ".tmp.npy", cache)
+    return tm, top, system, x
+
+
+def _save(path, **arrays):
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+
+
+def _history_arrays(history):
+    """The epoch records without their wall times, as one JSON string array."""
+    stripped = [{k: v for k, v in r.items() if k != "wall_s"} for r in history]
+    return np.array(json.dumps(stripped, sort_keys=True))
+
+
+CONFIG = """
+[system]
+sequence = "AAA"
+forcefield = ["amber99sbildn.xml"]
+
+[integrator]
+temperature = 300.0
+dt = 0.002
+seed = 7
+
+[parameters]
+wrt = ["torsion/*/k*"]
+
+[simulate]
+steps = 800
+save_every = 10
+
+[output]
+dir = "{dir}"
+"""
+
+
+def worker(job, out, home):
+    result = os.path.join(home, f"{job}-result.npz")
+    if job == "cli":  # timemachine simulate CONFIG --resume; out is its sensitivity/ folder
+        from timemachine.cli import main
+        from timemachine.sensitivity.frames import SensitivityTrajectory
+
+        config = os.path.join(home, os.path.basename(os.path.dirname(out)) + ".toml")
+        with open(config, "w") as fh:
+            fh.write(CONFIG.format(dir=os.path.dirname(out)))
+        print("READY", flush=True)
+        assert main(["simulate", config, "--resume", "--quiet"]) in (0, None)
+        traj = SensitivityTrajectory.load(out)
+        _save(result, x=np.asarray(traj.x), dx_dtheta=np.asarray(traj.dx_dtheta),
+              steps=traj.steps, final_dx=np.asarray(traj.final_state.dx_dtheta))  # fmt: skip
+        return
+    tm, top, system, x = _system(os.path.join(home, "x0.npy"))
+    integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.002, seed=7)
+    print("READY", flush=True)
+    if job == "simulate":
+        traj = tm.simulate(
+            system, x, integrator, 1200, wrt="torsion/*/k*", save_every=10, chunk_steps=50,
+            out_dir=out, resume=True, progress=False,
+        )  # fmt: skip
+        s = traj.final_state
+        _save(
+            result, x=np.asarray(traj.x), v=np.asarray(traj.v),
+            dx_dtheta=np.asarray(traj.dx_dtheta), steps=traj.steps,
+            potential_energy=traj.potential_energy, kinetic_energy=traj.kinetic_energy,
+            final_x=np.asarray(s.x), final_v=np.asarray(s.v),
+            final_dx=np.asarray(s.dx_dtheta), final_dv=np.asarray(s.dv_dtheta),
+            final_step=np.asarray(s.step),
+        )  # fmt: skip
+        return
+    from timemachine.fitting import JCoupling3HNHA, make_target
+
+    targets = [make_target(JCoupling3HNHA(top), [5.68, 6.52], 0.36, name="3J(HN,HA)")]
+    if job == "fit":
+        r = tm.fit(
+            system, x, integrator, targets, "torsion/C-N-CT-C/k*", estimator="pathwise",
+            epochs=20, n_replicas=4, n_steps=100, learning_rate=0.05, out_dir=out,
+            resume=True, progress=False,
+        )  # fmt: skip
+    else:
+        from timemachine.fitting.equilibrium import fit_equilibrium
+
+        r = fit_equilibrium(
+            system, x, integrator, targets, "torsion/C-N-CT-C/k*", epochs=5, n_chains=2,
+            sample_steps=2_000, decorrelation_steps=200, save_every=20, blocks=5,
+            min_ess=1.0, reweight_threshold=0.5, trust_radius=0.5, out_dir=out,
+            resume=True, progress=False,
+        )  # fmt: skip
+    _save(result, params=r.params, theta=r.theta, history=_history_arrays(r.history))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _env(slow):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("TIMEMACHINE_SLOW_WRITES", None)
+    if slow:
+        env["TIMEMACHINE_SLOW_WRITES"] = SLOW_WRITES
+    return env
+
+
+def _start(job, out, slow, log, home):
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), job, str(out), str(home)],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),  # noqa: SIM115 (closed with the process)
+        text=True,
+        env=_env(slow),
+        cwd=ROOT,
+    )
+
+
+def _wait_ready(proc, log):
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.wait()
+        raise AssertionError(f"worker did not start: {open(log).read()[-3000:]}")
+    return time.perf_counter()
+
+
+def _finish(proc, log, timeout=300):
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"worker failed (rc {rc}):\n{open(log).read()[-4000:]}"
+
+
+def reference(job, workdir):
+    """The uninterrupted run: (its result arrays, seconds of work after READY)."""
+    out = workdir / "reference" / ("sensitivity" if job == "cli" else "")
+    log = workdir / "reference.log"
+    proc = _start(job, out, slow=False, log=log, home=workdir)
+    t0 = _wait_ready(proc, log)
+    _finish(proc, log)
+    work = time.perf_counter() - t0
+    os.replace(workdir / f"{job}-result.npz", workdir / "reference-result.npz")
+    with np.load(workdir / "reference-result.npz") as z:
+        return {k: z[k] for k in z.files}, work
+
+
+def _snapshot(out):
+    """{name: mtime} of the folder's files, temporary ones and meta.json left out."""
+    if not out.exists():
+        return {}
+    names = [n for n in os.listdir(out) if not n.startswith(".tmp-") and n != "meta.json"]
+    out_ = {}
+    for n in names:
+        try:
+            out_[n] = os.stat(out / n).st_mtime_ns
+        except FileNotFoundError:
+            pass
+    return out_
+
+
+def _temporaries(out, stale=()):
+    """The temporary files in ``out`` (a write under way), less the ``stale`` ones that a
+    killed attempt left."""
+    try:
+        return [n for n in os.listdir(out) if n.startswith(".tmp-") and n not in stale]
+    except FileNotFoundError:
+        return []
+
+
+def _wait(proc, until, timeout=60.0):
+    deadline = time.perf_counter() + timeout
+    while proc.poll() is None and time.perf_counter() < deadline and not until():
+        time.sleep(0.003)
+
+
+def killed_then_resumed(job, workdir, n_kills, seed, span):
+    """Run ``job`` into one folder, SIGKILL it ``n_kills`` times (seeded), then let it
+    finish; returns (its result arrays, one dict per kill: how, when and what the folder
+    held, the stderr of every attempt).
+
+    Each attempt first waits for the run's first progress on disk (a chunk or checkpoint
+    written by this attempt: the compilation is behind it), then kills either after a
+    random delay of up to ``span`` seconds ("time") or, after a random number of further
+    writes, the moment a temporary file appears ("write": inside a write)."""
+    rng = random.Random(seed)
+    out = workdir / "killed" / ("sensitivity" if job == "cli" else "")
+    events, logs = [], []
+    for i in range(n_kills):
+        log = workdir / f"attempt-{i}.log"
+        logs.append(log)
+        mode = "write" if i % 2 else "time"  # alternate: random moments, and inside writes
+        proc = _start(job, out, slow=True, log=log, home=workdir)
+        t0 = _wait_ready(proc, log)
+        before, stale = _snapshot(out), set(_temporaries(out))
+        if i:  # the first attempt may die anywhere, even before its first write
+            _wait(proc, lambda before=before: _snapshot(out) != before)
+        if mode == "time":
+            time.sleep(rng.uniform(0.0, span))
+        else:
+            for _ in range(rng.randrange(0, 4)):  # let a few writes pass
+                _wait(proc, lambda stale=stale: _temporaries(out, stale))
+                _wait(proc, lambda stale=stale: not _temporaries(out, stale))
+            _wait(proc, lambda stale=stale: _temporaries(out, stale))
+        held = sorted(os.listdir(out)) if out.exists() else []
+        if proc.poll() is not None:  # it finished before the kill
+            _finish(proc, log)
+            events.append({"mode": mode, "killed": False})
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        events.append(
+            {
+                "mode": mode,
+                "killed": True,
+                "after_s": round(time.perf_counter() - t0, 3),
+                "in_write": bool([n for n in held if n.startswith(".tmp-") and n not in stale]),
+                "held": held,
+            }
+        )
+    log = workdir / "final.log"
+    logs.append(log)
+    proc = _start(job, out, slow=False, log=log, home=workdir)
+    _wait_ready(proc, log)
+    _finish(proc, log)
+    with np.load(workdir / f"{job}-result.npz") as z:
+        result = {k: z[k] for k in z.files}
+    return result, events, [open(p).read() for p in logs]
+
+
+def _check(job, tmp_path, n_kills, seed, span):
+    ref, work = reference(job, tmp_path)
+    got, events, stderr = killed_then_resumed(job, tmp_path, n_kills, seed, span)
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        assert np.array_equal(got[key], ref[key]), f"{job}: {key} differs after the kills"
+    killed = [e for e in events if e["killed"]]
+    fallbacks = sum("resuming from the previous checkpoint" in e for e in stderr)
+    print(f"{job}: {len(killed)} kills ({sum(e['in_write'] for e in killed)} inside a write, "
+          f"{fallbacks} resumes from the previous checkpoint), uninterrupted work {work:.1f} s: "
+          f"{json.dumps(events)}")  # fmt: skip
+    # the kills did happen, and some inside a write
+    assert len(killed) >= n_kills - 1, events
+    assert any(e["in_write"] for e in killed), events
+    return killed, stderr
+
+
+def test_simulate_killed_ten_times_resumes_bitwise(tmp_path):
+    killed, stderr = _check("simulate", tmp_path, n_kills=10, seed=18, span=1.5)
+    # the trajectory was continued, not restarted: some kill landed after a checkpoint
+    assert any("state.json" in e["held"] for e in killed)
+
+
+@pytest.mark.slow
+def test_pathwise_fit_killed_six_times_resumes_bitwise(tmp_path):
+    _check("fit", tmp_path, n_kills=6, seed=19, span=1.0)
+
+
+@pytest.mark.slow
+def test_equilibrium_fit_killed_six_times_resumes_bitwise(tmp_path):
+    _check("equilibrium", tmp_path, n_kills=6, seed=20, span=2.0)
+
+
+@pytest.mark.slow
+def test_the_command_line_killed_three_times_resumes_bitwise(tmp_path):
+    killed, _ = _check("cli", tmp_path, n_kills=3, seed=21, span=1.0)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def load_checkpoint(out_dir):
             for key in ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params"):
                 out[key] = np.array(data[key])
             out["opt_leaves"] = [np.array(data[f"opt_{i}"]) for i in range(meta["n_opt"])]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{path} cannot be read as a fit checkpoint: {exc}") from exc

@@ -12,6 +12,7 @@ import glob
 import json
 import numbers
 import os
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -178,16 +179,13 @@ class SensitivityTrajectory:
             raise MissingFileError(
                 f"{meta_path} does not exist: {out_dir!r} holds no streamed trajectory"
             )
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{meta_path} is not a {FORMAT} (format {meta.get('format')!r})")
+        meta = read_meta(meta_path)
         files = chunk_files(out_dir)
         n, p = int(meta["n_atoms"]), len(meta["param_names"])
         small = {k: [] for k in ("steps", "potential_energy", "kinetic_energy", "temperature")}
         counts = []
         for path in files:
-            with np.load(path) as data:
+            with _open_npz(path, "chunk file") as data:
                 for key in small:
                     small[key].append(data[key])
                 counts.append(data["steps"].shape[0])
@@ -238,12 +236,58 @@ def save_state(out_dir, state):
     )
 
 
+class _open_npz:  # noqa: N801 (a context manager used like np.load)
+    """``np.load(path, allow_pickle=False)`` as a context manager whose failures (an
+    empty, truncated or foreign file, a missing array) are InputErrors naming the file."""
+
+    def __init__(self, path, what):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        try:
+            self.data = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{self.what} {self.path!r} cannot be read: {exc}") from None
+        return _Checked(self.data, self.path, self.what)
+
+    def __exit__(self, *exc):
+        self.data.close()
+        return False
+
+
+class _Checked:
+    def __init__(self, data, path, what):
+        self.data, self.path, self.what = data, path, what
+
+    def __getitem__(self, key):
+        try:
+            return self.data[key]
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(
+                f"{self.what} {self.path!r} has no readable array {key!r}: {exc}"
+            ) from None
+
+
+def read_meta(meta_path) -> dict:
+    """``meta.json`` of a streamed trajectory; InputError if it is empty, not JSON or
+    not a trajectory's."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path} cannot be read as a trajectory's meta.json: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"{meta_path} is not a {FORMAT} (format {got!r})")
+    return meta
+
+
 def load_state(out_dir, meta):
     path = os.path.join(out_dir, "state.npz")
     if not os.path.isfile(path):
         return None
     cls = ExactState if meta["method"] == "exact" else WindowState
-    with np.load(path) as data:
+    with _open_npz(path, "state file") as data:
         return cls(**{k: jnp.asarray(data[k]) for k in cls._fields})
 
 
@@ -271,8 +315,11 @@ def write_meta(out_dir, system, method, k, param_names, wrt, save_every, memory,
     atomic_json(os.path.join(out_dir, "meta.json"), meta)
 
 
-def prepare_out_dir(out_dir, state, method, k, param_names, wrt, n_atoms) -> int:
-    """Create out_dir, or check that it holds the run ``state`` continues; first chunk no."""
+def prepare_out_dir(out_dir, state, method, k, param_names, wrt, n_atoms, settings=None) -> int:
+    """Create out_dir, or check that it holds the run ``state`` continues; first chunk no.
+
+    ``settings``: {"save_every", "integrator" {temperature, friction, dt, seed},
+    "replica"} of this run; a trajectory written with others is refused, naming them."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"out_dir {out_dir!r} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
@@ -285,10 +332,16 @@ def prepare_out_dir(out_dir, state, method, k, param_names, wrt, n_atoms) -> int
             f"out_dir {out_dir!r} holds chunk files but no meta.json: not a trajectory this "
             f"run can continue; choose an empty directory"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with np.load(files[-1]) as data:
+    meta = read_meta(meta_path)
+    with _open_npz(files[-1], "chunk file") as data:
         last_step = int(data["steps"][-1])
+    for key, value in (settings or {}).items():
+        if key in meta and meta[key] != value:
+            raise InputError(
+                f"out_dir {out_dir!r} holds a trajectory run with {key} = {meta[key]!r}, "
+                f"this run has {key} = {value!r}: continue it with the same settings, or "
+                f"choose an empty directory"
+            )
     start = int(np.asarray(state.step))
     same = (
         meta.get("method") == method

@@ -143,7 +143,17 @@ def simulate(
     first_chunk = 0
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        first_chunk = prepare_out_dir(out_dir, state, method, k, param_names, wrt, n)
+        settings = {
+            "save_every": save_every,
+            "integrator": {
+                "temperature": integrator.temperature,
+                "friction": integrator.friction,
+                "dt": integrator.dt,
+                "seed": integrator.seed,
+            },
+            "replica": replica,
+        }
+        first_chunk = prepare_out_dir(out_dir, state, method, k, param_names, wrt, n, settings)
         write_meta(
             out_dir, system, method, k, param_names, wrt, save_every, memory, integrator, replica
         )

@@ -65,7 +65,7 @@ from timemachine.fitting.equilibrium_estimate import (
     loss_and_gradient,
 )
 from timemachine.fitting.equilibrium_samples import EpochSampler
-from timemachine.fitting.loss import target_vector
+from timemachine.fitting.loss import check_prior_sigma, target_vector
 from timemachine.fitting.result import (
     Parametrization,
     check_fingerprint,
@@ -210,7 +210,7 @@ def fit_equilibrium(
     opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
     width = None  # (P,) the prior's widths, θ's units
     if prior_sigma is not None:
-        width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta0.shape)
+        width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
     chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
     sampler = EpochSampler(

@@ -469,8 +469,8 @@ class System:
             i = int(bad[0])
             bound = "> 0" if strict[i] else ">= 0"
             raise InputError(
-                f"{where}[{i}] ({self.param_names[i]}) = {theta[i]!r} is out of its physical "
-                f"range: it must be {bound} ({bad.size} entries out of range in all)"
+                f"{where}[{i}] ({self.param_names[i]}) = {float(theta[i])!r} is out of its "
+                f"physical range: it must be {bound} ({bad.size} entries out of range in all)"
             )
 
     def index(self, name: str) -> int:

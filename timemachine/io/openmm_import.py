@@ -496,13 +496,23 @@ def _read_structure(pdb):
         raise MissingFileError(f"structure file {path!r} does not exist")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise InputError(f"structure file {path!r} is empty")
+    pdbx = path.endswith((".cif", ".pdbx"))
     try:
-        f = app.PDBxFile(path) if path.endswith((".cif", ".pdbx")) else app.PDBFile(path)
+        if not pdbx and not _has_atom_records(path):  # OpenMM's reader fails obscurely
+            raise InputError(f"structure file {path!r} holds no atoms (no ATOM/HETATM records)")
+        f = app.PDBxFile(path) if pdbx else app.PDBFile(path)
+    except InputError:
+        raise
     except Exception as e:
         raise ForceFieldError(f"could not read structure file {path!r}: {e}") from e
     if f.topology.getNumAtoms() == 0:
         raise InputError(f"structure file {path!r} holds no atoms (no ATOM/HETATM records)")
     return f.topology, f.positions, f"structure file {path!r}"
+
+
+def _has_atom_records(path) -> bool:
+    with open(path, errors="replace") as f:
+        return any(line.startswith(("ATOM", "HETATM")) for line in f)
 
 
 def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None):

@@ -385,6 +385,11 @@ class System:
         ``system.select("torsion/*/k*")`` → (P_sel,) int array in θ order.
         Raises InputError if a pattern matches nothing.
         """
+        if not isinstance(pattern, (str, list, tuple)):
+            raise InputError(
+                f"select() takes a glob such as 'torsion/*/k*' or a list of globs, got "
+                f"{pattern!r} of type {type(pattern).__name__}"
+            )
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         if not patterns:
             raise InputError("select() needs at least one glob pattern, got an empty list")

@@ -331,3 +331,64 @@ def test_fuzz_select_and_targets(data, ala3):
 )
 def test_fuzz_build_peptide(sequence, phi):
     _ours(tm.build_peptide, sequence, phi=phi)
+
+
+@few(30)
+@given(data=st.data())
+def test_fuzz_finite_difference_and_replicas(data, ala3):
+    _, system, x = ala3
+    integrator = data.draw(integrators())
+    wrt = data.draw(mostly(st.just("bond/*/k"), odd_wrts))
+    n_steps = data.draw(mostly(st.integers(1, 3), steps))
+    params = data.draw(parameters(system.params))
+    h = data.draw(mostly(st.sampled_from([1e-4, 1e-3]), odd_numbers | hnp.arrays(np.float64, 3)))
+    _ours(tm.finite_difference, system, data.draw(positions(x)), integrator, n_steps, wrt=wrt,
+          h=h, params=params)  # fmt: skip
+    starts = data.draw(mostly(st.just(x), st.sampled_from([np.stack([x, x]), x[None], x[:4]])))
+    _ours(tm.fitting.run_replicas, system, starts, integrator, n_steps, wrt=wrt,
+          n_replicas=data.draw(mostly(st.integers(1, 3), odd_numbers)),
+          first_replica=data.draw(mostly(st.just(0), odd_numbers)), params=params)  # fmt: skip
+
+
+FIT_SETTINGS = {
+    "epochs": 1,
+    "n_chains": 2,
+    "sample_steps": 400,
+    "decorrelation_steps": 40,
+    "save_every": 20,
+    "blocks": 4,
+    "min_ess": 1.0,
+    "reweight_threshold": 0.5,
+    "max_reuse": 3,
+    "max_extend": 3,
+    "trust_radius": 0.2,
+    "max_trust_radius": 1.0,
+    "tolerance_sigma": 2.0,
+    "patience": 2,
+    "learning_rate": 0.05,
+    "optimizer": "gauss-newton",
+    "parametrization": "relative",
+    "estimator": "fluctuation",
+    "prior_sigma": None,
+    "stop_chi2": None,
+}
+
+
+@few(60)
+@given(
+    bad=st.dictionaries(
+        st.sampled_from(sorted(FIT_SETTINGS)),
+        odd_numbers | st.sampled_from(["adam", "log", "hybrid", "pathwise", [], [1.0, -1.0]]),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_fuzz_fit_settings(bad, ala3):
+    """Odd values for one to three of the fit's settings, with targets that are not
+    Targets: either the settings are refused, or (valid after all) the targets are, so
+    no fit ever runs."""
+    _, system, x = ala3
+    integrator = tm.LangevinIntegrator(temperature=300.0, friction=1.0, dt=0.001, seed=0)
+    kwargs = dict(FIT_SETTINGS, **bad, progress=False)
+    assert _ours(tm.fit, system, x, integrator, ["not a target"], "torsion/C-N-CT-C/k*",
+                 **kwargs) is None  # fmt: skip

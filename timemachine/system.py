@@ -520,7 +520,14 @@ class System:
     # -- energies -------------------------------------------------------------------
     def check_positions(self, x, where="positions") -> jnp.ndarray:
         """Validate positions: shape (N, 3) and finite. Returns a float64 array."""
-        x = np.asarray(x, dtype=np.float64)
+        if np.iscomplexobj(x):  # numpy would drop the imaginary part with a warning
+            raise InputError(f"{where} must be real (N, 3) coordinates (nm), got complex values")
+        try:
+            x = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{where} must be an ({self.n_atoms}, 3) array (nm), got {x!r}"
+            ) from exc
         if x.shape != (self.n_atoms, 3):
             raise InputError(
                 f"{where} must have shape ({self.n_atoms}, 3) for this system, got {x.shape}"

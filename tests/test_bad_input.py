@@ -206,6 +206,13 @@ CASES = [
          lambda c: tm.export_forcefield(
              c.system, np.full(c.system.n_params, np.nan), c.p("out/fitted.xml")),
          tm.InputError, ("params[0]", "nan", "cannot export")),
+    Case("export-negative-epsilon", "api",
+         lambda c: tm.export_forcefield(
+             c.system, _params_with(c, "epsilon/*", -0.5), c.p("out/fitted.xml")),
+         tm.InputError, ("epsilon/", "= -0.5", "physical range")),
+    Case("export-params-text", "api",
+         lambda c: tm.export_forcefield(c.system, "theta.npy", c.p("out/fitted.xml")),
+         tm.InputError, ("params must be", "'theta.npy'")),
     Case("build-peptide-unknown-letter", "api", lambda c: tm.build_peptide("AXA"),
          tm.InputError, ("'AXA'", "'X'")),
     Case("build-peptide-empty", "api", lambda c: tm.build_peptide(""),

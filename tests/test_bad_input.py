@@ -224,6 +224,9 @@ CASES = [
     Case("build-peptide-force-field-cannot-template", "api",
          lambda c: tm.build_peptide("AAA", forcefield=("tip3p.xml",)),
          tm.ForceFieldError, ("'AAA'", "tip3p.xml", "No template")),
+    # amber99sbildn has N- and C-terminal variants but no template for a free amino acid
+    Case("build-peptide-single-residue", "api", lambda c: tm.build_peptide("A"),
+         tm.ForceFieldError, ("'A'", "amber99sbildn.xml", "cannot template", "ALA")),
     Case("make-target-nan-value", "api", lambda c: make_target(RadiusOfGyration(), np.nan, 0.1),
          tm.InputError, ("value[0] is nan",)),
     Case("make-target-negative-uncertainty", "api",

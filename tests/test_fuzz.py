@@ -374,16 +374,21 @@ FIT_SETTINGS = {
     "estimator": "fluctuation",
     "prior_sigma": None,
     "stop_chi2": None,
+    "reservoir_size": 2000,
+    "n_replicas": 32,
+    "horizon": "auto",
+    "max_horizon": 500,
+    "horizon_cap": 0.05,
 }
 
 
-@few(60)
+@few(100)
 @given(
     bad=st.dictionaries(
         st.sampled_from(sorted(FIT_SETTINGS)),
         odd_numbers | st.sampled_from(["adam", "log", "hybrid", "pathwise", [], [1.0, -1.0]]),
         min_size=1,
-        max_size=3,
+        max_size=4,
     )
 )
 def test_fuzz_fit_settings(bad, ala3):

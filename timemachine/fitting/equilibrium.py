@@ -387,6 +387,7 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
         raise InputError(f"optimizer {optimizer!r} unknown; use one of {OPTIMIZERS}")
     for name, minimum in (
         ("epochs", 1),
+        ("n_chains", 1),
         ("sample_steps", 1),
         ("decorrelation_steps", 0),
         ("save_every", 1),
@@ -425,7 +426,8 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
         horizon = hybrid.horizon
         if horizon != "auto":
             horizon = check_int(horizon, "horizon", minimum=1)
-        hybrid = HybridSettings(n_replicas, horizon, max_horizon, hybrid.horizon_cap)
+        horizon_cap = check_real(hybrid.horizon_cap, "horizon_cap", unit="nm")
+        hybrid = HybridSettings(n_replicas, horizon, max_horizon, horizon_cap)
     else:
         hybrid = None
     return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)

@@ -183,6 +183,8 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
             if "type" not in entry:
                 raise InputError(f"{where}: a skipped target still needs its 'type'")
             continue
+        if label is not None and not isinstance(label, str):
+            raise InputError(f"{where}: 'name' must be a string, got {label!r}")
         value = entry.get("value", entry.get("values"))
         if value is None:
             raise InputError(f"{where}: no 'value' (the measured value(s))")

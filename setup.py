@@ -66,6 +66,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-xdist>=3",
+            "hypothesis>=6",
             "ruff==0.17.6",
             # NVRTC, the compiler CuPy runs: tests/test_kernels_compile.py builds the kernels
             # with it on machines without a GPU

@@ -48,6 +48,8 @@ def check_int(value, name: str, *, minimum: int, maximum: int | None = None) -> 
 
 def check_masses(masses, name: str = "masses") -> np.ndarray:
     """Return masses as a float64 (N,) numpy array; InputError names the first bad atom."""
+    if np.iscomplexobj(masses):
+        raise InputError(f"{name} must be real masses (amu), got complex values")
     try:
         m = np.asarray(masses, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -69,6 +71,8 @@ def check_vectors(x, name: str, n_atoms: int | None = None, unit: str = "nm") ->
 
     ``n_atoms`` (from the masses) fixes N when given.
     """
+    if np.iscomplexobj(x):  # numpy would drop the imaginary part with a warning
+        raise InputError(f"{name} must be real (N, 3) coordinates ({unit}), got complex values")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -430,6 +430,8 @@ def load_config(path, command, overrides=()) -> dict:
         inconsistent keys (pdb and sequence, a save interval longer than the run, no
         targets at all).
     """
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command {command!r}: one of {', '.join(sorted(COMMANDS))}")
     path = os.fspath(path)
     label = os.path.basename(path)
     try:
@@ -439,6 +441,14 @@ def load_config(path, command, overrides=()) -> dict:
         raise ConfigError(f"{path}: configuration file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: not UTF-8 text ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: not valid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: configuration file cannot be read: {exc.strerror or exc}"
+        ) from None
     for section, key, value in overrides:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"{label}: --set {section}.{key}: [{section}] is not a section")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -291,6 +292,30 @@ class CustomTerm:
 CustomTerm = _pytree(CustomTerm, ["param_index"], ["fn", "kind"])
 
 
+# (kind, field) -> (lower bound, strict): the physical range of a typed parameter
+_PHYSICAL = {
+    ("bond", "k"): (0.0, False),
+    ("bond", "length"): (0.0, True),
+    ("angle", "k"): (0.0, False),
+    ("sigma", "sigma"): (0.0, False),  # amber's hydroxyl hydrogens have σ = ε = 0
+    ("epsilon", "epsilon"): (0.0, False),
+    ("gb", "radius"): (0.0, True),
+    ("gb", "scale"): (0.0, False),
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _physical_bounds(names):
+    lower = np.full(len(names), -np.inf)
+    strict = np.zeros(len(names), dtype=bool)
+    for i, name in enumerate(names):
+        parts = name.split("/")
+        bound = _PHYSICAL.get((parts[0], parts[-1]))
+        if bound is not None:
+            lower[i], strict[i] = bound
+    return lower, strict
+
+
 def _energy(terms, x, params):
     return sum(t.energy(x, params) for t in terms)
 
@@ -360,6 +385,11 @@ class System:
         ``system.select("torsion/*/k*")`` → (P_sel,) int array in θ order.
         Raises InputError if a pattern matches nothing.
         """
+        if not isinstance(pattern, (str, list, tuple)):
+            raise InputError(
+                f"select() takes a glob such as 'torsion/*/k*' or a list of globs, got "
+                f"{pattern!r} of type {type(pattern).__name__}"
+            )
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         if not patterns:
             raise InputError("select() needs at least one glob pattern, got an empty list")
@@ -416,13 +446,37 @@ class System:
         """(P_all,) float64 θ: ``params`` checked for shape and finiteness, or the default θ."""
         if params is None:
             return np.asarray(self.params)
-        theta = np.asarray(params, dtype=np.float64)
+        if np.iscomplexobj(params):
+            raise InputError(f"params must be real numbers, got a {np.asarray(params).dtype} array")
+        try:
+            theta = np.asarray(params, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"params must be a ({self.n_params},) array of numbers (system.param_names "
+                f"order), got {params!r}"
+            ) from exc
         if theta.shape != (self.n_params,):
             raise InputError(f"params must have shape ({self.n_params},), got {theta.shape}")
         bad = np.flatnonzero(~np.isfinite(theta))
         if bad.size:
             raise InputError(f"params[{bad[0]}] ({self.param_names[bad[0]]}) is {theta[bad[0]]}")
+        self.check_physical(theta)
         return theta
+
+    def check_physical(self, theta, where="params") -> None:
+        """InputError naming the first entry of θ outside its physical range: a negative
+        bond or angle force constant, σ or ε, a bond length or GB radius <= 0, a negative
+        GB scale. Torsion barriers and phases, and charges, may take any sign."""
+        lower, strict = _physical_bounds(self.param_names)
+        theta = np.asarray(theta, dtype=np.float64)
+        bad = np.flatnonzero(np.where(strict, theta <= lower, theta < lower))
+        if bad.size:
+            i = int(bad[0])
+            bound = "> 0" if strict[i] else ">= 0"
+            raise InputError(
+                f"{where}[{i}] ({self.param_names[i]}) = {float(theta[i])!r} is out of its "
+                f"physical range: it must be {bound} ({bad.size} entries out of range in all)"
+            )
 
     def index(self, name: str) -> int:
         """Index into θ of one parameter name."""
@@ -466,7 +520,14 @@ class System:
     # -- energies -------------------------------------------------------------------
     def check_positions(self, x, where="positions") -> jnp.ndarray:
         """Validate positions: shape (N, 3) and finite. Returns a float64 array."""
-        x = np.asarray(x, dtype=np.float64)
+        if np.iscomplexobj(x):  # numpy would drop the imaginary part with a warning
+            raise InputError(f"{where} must be real (N, 3) coordinates (nm), got complex values")
+        try:
+            x = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{where} must be an ({self.n_atoms}, 3) array (nm), got {x!r}"
+            ) from exc
         if x.shape != (self.n_atoms, 3):
             raise InputError(
                 f"{where} must have shape ({self.n_atoms}, 3) for this system, got {x.shape}"
@@ -482,10 +543,12 @@ class System:
     def _params(self, params):
         if params is None:
             return jnp.asarray(self.params)
-        p = jnp.asarray(params, dtype=jnp.float64)
-        if p.shape != (self.n_params,):
-            raise InputError(f"params must have shape ({self.n_params},), got {p.shape}")
-        return p
+        if isinstance(params, jax.core.Tracer):  # inside a caller's transformation
+            p = jnp.asarray(params, dtype=jnp.float64)
+            if p.shape != (self.n_params,):
+                raise InputError(f"params must have shape ({self.n_params},), got {p.shape}")
+            return p
+        return jnp.asarray(self.resolve_params(params))
 
     def energy_fn(self) -> Callable:
         """The pure function ``E(x, θ)``, for use inside jit/scan/grad (no input checks)."""

@@ -64,7 +64,7 @@ from timemachine.fitting.equilibrium_estimate import (
     loss_and_gradient,
 )
 from timemachine.fitting.equilibrium_samples import EpochSampler
-from timemachine.fitting.loss import target_vector
+from timemachine.fitting.loss import check_prior_sigma, target_vector
 from timemachine.fitting.result import (
     Parametrization,
     make_optimizer,
@@ -214,7 +214,7 @@ def fit_equilibrium(
     opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
     width = None  # (P,) the prior's widths, θ's units
     if prior_sigma is not None:
-        width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta0.shape)
+        width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
     chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
     sampler = EpochSampler(
@@ -392,6 +392,7 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
         raise InputError(f"optimizer {optimizer!r} unknown; use one of {OPTIMIZERS}")
     for name, minimum in (
         ("epochs", 1),
+        ("n_chains", 1),
         ("sample_steps", 1),
         ("decorrelation_steps", 0),
         ("save_every", 1),
@@ -430,7 +431,8 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
         horizon = hybrid.horizon
         if horizon != "auto":
             horizon = check_int(horizon, "horizon", minimum=1)
-        hybrid = HybridSettings(n_replicas, horizon, max_horizon, hybrid.horizon_cap)
+        horizon_cap = check_real(hybrid.horizon_cap, "horizon_cap", unit="nm")
+        hybrid = HybridSettings(n_replicas, horizon, max_horizon, horizon_cap)
     else:
         hybrid = None
     return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)

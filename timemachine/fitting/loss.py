@@ -54,9 +54,23 @@ class TargetVector(NamedTuple):
 
 def target_vector(targets) -> TargetVector:
     """Stack a list of ``Target`` into one (K,) observable with values and σ's."""
-    targets = list(targets)
+    from timemachine.fitting.targets import Target
+
+    try:
+        targets = list(targets)
+    except TypeError:
+        raise InputError(
+            f"targets must be a list of Target (make_target, load_targets) or a target-file "
+            f"path, got {targets!r}"
+        ) from None
     if not targets:
         raise InputError("at least one target is needed for a loss")
+    for i, t in enumerate(targets):
+        if not isinstance(t, Target):
+            raise InputError(
+                f"targets[{i}] = {t!r} is not a Target: build one with make_target or "
+                f"load_targets (a target-file path may stand for the whole list)"
+            )
     observables = [t.observable for t in targets]
 
     def observable(x):
@@ -74,6 +88,30 @@ def target_vector(targets) -> TargetVector:
         tuple(lab for t in targets for lab in t.labels),
         tuple(slices),
     )
+
+
+def check_prior_sigma(prior_sigma, n_params, names=None) -> np.ndarray:
+    """The prior's (P,) widths from a scalar or P numbers, each finite and > 0 (θ's
+    units); InputError naming the bad entry and its parameter otherwise."""
+    try:
+        width = np.asarray(prior_sigma, dtype=np.float64)
+        width = np.broadcast_to(width, (n_params,)) if width.ndim <= 1 else None
+    except (TypeError, ValueError):
+        width = None
+    if width is None:
+        raise InputError(
+            f"prior_sigma must be a number or {n_params} numbers (one per fitted parameter), "
+            f"got {prior_sigma!r}"
+        )
+    bad = np.flatnonzero(~(np.isfinite(width) & (width > 0)))
+    if bad.size:
+        i = int(bad[0])
+        which = f" ({names[i]})" if names is not None else ""
+        raise InputError(
+            f"prior_sigma[{i}]{which} = {float(width[i])!r}: every prior width must be a "
+            f"finite number > 0 (θ's units)"
+        )
+    return width
 
 
 class SampleSet(NamedTuple):
@@ -233,9 +271,7 @@ def loss_and_gradient(
         if theta is None or theta_ref is None:
             raise InputError("a prior needs theta and theta_ref")
         theta = np.asarray(theta, dtype=np.float64)
-        width = np.broadcast_to(np.asarray(prior_sigma, dtype=np.float64), theta.shape)
-        if not np.all(width > 0):
-            raise InputError(f"prior_sigma must be > 0, got {prior_sigma!r}")
+        width = check_prior_sigma(prior_sigma, theta.shape[0])
         z = (theta - np.asarray(theta_ref, dtype=np.float64)) / width
         prior = float(np.sum(z**2) / theta.size)
         grad = grad + 2.0 / theta.size * z / width

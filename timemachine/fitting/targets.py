@@ -183,6 +183,8 @@ def targets_from_specs(entries, topology=None, source="targets") -> list[Target]
             if "type" not in entry:
                 raise InputError(f"{where}: a skipped target still needs its 'type'")
             continue
+        if label is not None and not isinstance(label, str):
+            raise InputError(f"{where}: 'name' must be a string, got {label!r}")
         value = entry.get("value", entry.get("values"))
         if value is None:
             raise InputError(f"{where}: no 'value' (the measured value(s))")
@@ -214,13 +216,21 @@ def load_targets(path, topology=None) -> list[Target]:
         InputError: not JSON, or a bad entry (the file and entry are named).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise MissingFileError(f"target file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"target file {path!r} is not a file (a directory?)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"target file {path!r} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"target file {path!r} is not UTF-8 text (JSON): {e}") from None
+    except RecursionError:
+        raise InputError(f"target file {path!r}: JSON nested too deeply") from None
+    except OSError as e:
+        raise InputError(f"target file {path!r} cannot be read: {e.strerror or e}") from None
     if isinstance(data, dict):
         if "targets" not in data:
             raise InputError(f"target file {path!r}: expected a list or {{'targets': [...]}}")

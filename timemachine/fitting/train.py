@@ -38,6 +38,7 @@ from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
 from timemachine.fitting.loss import (
+    check_prior_sigma,
     loss_and_gradient,
     observable_samples,
     target_vector,
@@ -350,6 +351,8 @@ def fit(
     full0 = np.array(system.resolve_params(params), dtype=np.float64)
     theta0 = full0[wrt]
     param = Parametrization(parametrization, theta0, names)
+    if prior_sigma is not None:
+        check_prior_sigma(prior_sigma, theta0.shape[0], names)
     opt = make_optimizer(optimizer, learning_rate, clip_norm)
     target = target_vector(targets) if targets is not None else None
     if target is not None:

@@ -272,7 +272,12 @@ def export_forcefield(
     """
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
-    theta = np.asarray(params, dtype=np.float64)
+    try:
+        theta = np.asarray(params, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"params must be a ({system.n_params},) array of numbers, got {params!r}"
+        ) from exc
     if theta.shape != (system.n_params,):
         raise InputError(f"params must have shape ({system.n_params},), got {theta.shape}")
     bad = np.flatnonzero(~np.isfinite(theta))
@@ -280,6 +285,7 @@ def export_forcefield(
         raise InputError(
             f"params[{bad[0]}] ({system.param_names[bad[0]]}) is {theta[bad[0]]}; cannot export"
         )
+    system.check_physical(theta)  # an XML with a negative σ or k loads, and then explodes
     has_gb = any(t.kind == "gb" for t in system.terms)
     if implicit_solvent == "auto":
         implicit_solvent = "native" if has_gb else None

@@ -39,12 +39,31 @@ class _DataRecorder:
         self.data = data
 
 
+def check_forcefield_names(forcefield, name="forcefield") -> tuple:
+    """``forcefield`` (one file or several: bundled names or paths) as a tuple of str;
+    InputError naming ``name`` for anything else or an empty list."""
+    if isinstance(forcefield, (str, os.PathLike)):
+        forcefield = (forcefield,)
+    try:
+        files = tuple(forcefield)
+    except TypeError:
+        raise InputError(
+            f"{name} must be a force-field file name or a list of them, got {forcefield!r}"
+        ) from None
+    if not files:
+        raise InputError(f"{name} is empty: give at least one force-field file")
+    for f in files:
+        if not isinstance(f, (str, os.PathLike)) or not os.fspath(f):
+            raise InputError(
+                f"{name} entries must be file names such as 'amber99sbildn.xml', got {f!r}"
+            )
+    return tuple(os.fspath(f) for f in files)
+
+
 def _make_forcefield(forcefield, implicit_solvent):
     import openmm.app as app
 
-    if isinstance(forcefield, (str, os.PathLike)):
-        forcefield = (forcefield,)
-    files = [os.fspath(f) for f in forcefield]
+    files = list(check_forcefield_names(forcefield))
     if implicit_solvent is not None:
         if implicit_solvent not in IMPLICIT_SOLVENT_FILES:
             raise InputError(
@@ -66,6 +85,9 @@ def _make_forcefield(forcefield, implicit_solvent):
         raise ForceFieldError(f"force-field files {files} could not be read: {e}") from e
 
 
+make_forcefield = _make_forcefield  # the one force-field loader, for the peptide builder too
+
+
 def _create_system(ff, topology, source):
     import openmm.app as app
 
@@ -78,7 +100,23 @@ def _create_system(ff, topology, source):
             removeCMMotion=False,
         )
     except ValueError as e:
-        raise ForceFieldError(f"OpenMM could not parametrise {source}: {e}") from e
+        raise ForceFieldError(
+            f"OpenMM could not parametrise {source}: {e}{_unknown_residues(ff, topology)}"
+        ) from e
+
+
+def _unknown_residues(ff, topology) -> str:
+    """A note naming the residues whose names no template of ``ff`` carries (a
+    nonstandard residue breaks the chain's bonds, so OpenMM's message may name its
+    neighbour instead)."""
+    known = set(ff._templates)
+    for name in list(known):  # amber's terminal variants NALA, CALA name ALA too
+        if len(name) == 4 and name[0] in "NC":
+            known.add(name[1:])
+    odd = [f"{r.name}{r.index + 1}" for r in topology.residues() if r.name not in known]
+    if not odd:
+        return ""
+    return f" (no template of this force field is named after residue(s) {', '.join(odd[:5])})"
 
 
 def _generators(ff, cls_name):
@@ -448,14 +486,33 @@ def _read_structure(pdb):
         if not unit.is_quantity(pos):
             pos = np.asarray(pos, dtype=np.float64) * unit.nanometer
         return top, pos, "the given topology"
+    if not isinstance(pdb, (str, os.PathLike)):
+        raise InputError(
+            f"pdb must be a file path, an object with .topology and .positions, or a "
+            f"(topology, positions) tuple, got {pdb!r} of type {type(pdb).__name__}"
+        )
     path = os.fspath(pdb)
     if not os.path.exists(path):
         raise MissingFileError(f"structure file {path!r} does not exist")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise InputError(f"structure file {path!r} is empty")
+    pdbx = path.endswith((".cif", ".pdbx"))
     try:
-        f = app.PDBxFile(path) if path.endswith((".cif", ".pdbx")) else app.PDBFile(path)
+        if not pdbx and not _has_atom_records(path):  # OpenMM's reader fails obscurely
+            raise InputError(f"structure file {path!r} holds no atoms (no ATOM/HETATM records)")
+        f = app.PDBxFile(path) if pdbx else app.PDBFile(path)
+    except InputError:
+        raise
     except Exception as e:
         raise ForceFieldError(f"could not read structure file {path!r}: {e}") from e
+    if f.topology.getNumAtoms() == 0:
+        raise InputError(f"structure file {path!r} holds no atoms (no ATOM/HETATM records)")
     return f.topology, f.positions, f"structure file {path!r}"
+
+
+def _has_atom_records(path) -> bool:
+    with open(path, errors="replace") as f:
+        return any(line.startswith(("ATOM", "HETATM")) for line in f)
 
 
 def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None):

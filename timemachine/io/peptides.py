@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import numbers
 import random
 
 import numpy as np
 
-from timemachine.errors import InputError
+from timemachine.errors import ForceFieldError, InputError
+from timemachine.io.openmm_import import check_forcefield_names, make_forcefield
 
 _ONE_LETTER = set("ACDEFGHIKLMNPQRSTVWY")
 
@@ -32,10 +34,21 @@ def build_peptide(sequence: str, forcefield=("amber99sbildn.xml",), phi=-60.0, p
     from Bio.PDB import PDBIO
     from PeptideBuilder import Geometry
 
+    if not isinstance(sequence, str):
+        raise InputError(
+            f"peptide sequence must be a string of one-letter codes such as 'AAA', got "
+            f"{sequence!r} of type {type(sequence).__name__}"
+        )
     seq = sequence.upper()
     bad = sorted(set(seq) - _ONE_LETTER)
     if not seq or bad:
         raise InputError(f"peptide sequence {sequence!r} has unknown residue letters {bad}")
+    for name, angle in (("phi", phi), ("psi", psi)):
+        if isinstance(angle, bool) or not isinstance(angle, numbers.Real) or not np.isfinite(angle):
+            raise InputError(
+                f"build_peptide: {name} must be a finite angle (degrees), got {angle!r}"
+            )
+    forcefield = check_forcefield_names(forcefield, "build_peptide: forcefield")
     geos = []
     for aa in seq:
         g = Geometry.geometry(aa)
@@ -58,9 +71,14 @@ def build_peptide(sequence: str, forcefield=("amber99sbildn.xml",), phi=-60.0, p
     state = random.getstate()
     try:
         random.seed(0)
-        modeller.addHydrogens(
-            app.ForceField(*forcefield), platform=mm.Platform.getPlatformByName("Reference")
-        )
+        ff = make_forcefield(forcefield, None)[0]
+        try:
+            modeller.addHydrogens(ff, platform=mm.Platform.getPlatformByName("Reference"))
+        except ValueError as e:  # OpenMM: no template for a residue of the sequence
+            raise ForceFieldError(
+                f"peptide sequence {sequence!r}: force field {list(forcefield)} cannot template "
+                f"it: {e}"
+            ) from None
     finally:
         random.setstate(state)
     x = np.array(modeller.positions.value_in_unit(unit.nanometer), dtype=np.float64)

@@ -170,5 +170,8 @@ def initial_state(system, x0, integrator, method, k, wrt, v0, replica):
         fields = {f: jnp.asarray(getattr(x0, f)) for f in x0._fields}
         fields.update(x=jnp.asarray(x), v=jnp.asarray(v), step=jnp.asarray(step, jnp.int64))
         return want(**fields)
+    x0 = check_vectors(x0, "x0", n)
+    if v0 is not None:  # named as the caller's argument, not langevin_init's
+        v0 = check_vectors(v0, "v0", n, unit="nm/ps")
     start = langevin_init(x0, system.masses, integrator, replica=replica, velocities=v0)
     return start_state(method, start.x, start.v, p, k)

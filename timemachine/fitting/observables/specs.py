@@ -100,7 +100,9 @@ def observable_from_spec(spec: dict, topology=None) -> Observable:
     if not isinstance(spec, dict):
         raise InputError(f"an observable spec must be a dict, got {spec!r}")
     kind = spec.get("type")
-    if isinstance(kind, str) and kind.startswith("J") and kind not in KARPLUS:
+    if not isinstance(kind, str):
+        raise InputError(f"an observable spec needs a 'type' string, got {kind!r} in {spec!r}")
+    if kind.startswith("J") and kind not in KARPLUS:
         raise InputError(
             f"coupling type {kind!r} in {spec!r} has no Karplus set; couplings with one: "
             f"{', '.join(J_COUPLING_TYPES)}"
@@ -110,6 +112,7 @@ def observable_from_spec(spec: dict, topology=None) -> Observable:
             f"unknown observable type {kind!r} in {spec!r}; known types: "
             f"{', '.join(OBSERVABLE_TYPES)}"
         )
+    _check_spec_types(kind, spec)
     extra = set(spec) - {"type"} - TARGET_KEYS - SPEC_KEYS[kind]
     if extra:
         raise InputError(
@@ -146,6 +149,72 @@ def observable_from_spec(spec: dict, topology=None) -> Observable:
     if indices is None:
         raise InputError(f"dihedral spec needs 'indices': [[i, j, k, l], ...], got {spec!r}")
     return Dihedral(indices)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_spec_types(kind, spec) -> None:
+    """InputError naming the key whose value has the wrong type (before any is used)."""
+
+    def bad(key, what):
+        raise InputError(f"observable {kind!r}: {key!r} must be {what}, got {spec[key]!r}")
+
+    if spec.get("model") is not None and not isinstance(spec["model"], str):
+        bad("model", "the name of a Karplus set")
+    residues = spec.get("residues")
+    if residues is not None and not (
+        _is_int(residues)
+        or isinstance(residues, str)
+        or (
+            isinstance(residues, (list, tuple))
+            and all(_is_int(r) or isinstance(r, str) for r in residues)
+        )
+    ):
+        bad("residues", "a list of residue indices or names such as 'ALA2'")
+    if "mass_weighted" in spec and not isinstance(spec["mass_weighted"], bool):
+        bad("mass_weighted", "true or false")
+    atoms = spec.get("atoms")
+    if atoms is not None and not (
+        isinstance(atoms, str)
+        or _is_int(atoms)
+        or (isinstance(atoms, (list, tuple)) and all(map(_is_int, atoms)))
+    ):
+        bad("atoms", "a selection string or a list of atom indices")
+    if "power" in spec and (
+        isinstance(spec["power"], bool)
+        or not isinstance(spec["power"], (int, float))
+        or not np.isfinite(spec["power"])
+        or spec["power"] <= 0
+    ):
+        bad("power", "a number > 0")
+    pairs = spec.get("pairs")
+    if pairs is not None and not (
+        isinstance(pairs, (list, tuple))
+        and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs)
+    ):
+        bad("pairs", "a list of [group_a, group_b] pairs")
+    for k, pair in enumerate(pairs or ()):
+        for group in pair:
+            if not (
+                isinstance(group, str)
+                or _is_int(group)
+                or (isinstance(group, (list, tuple)) and group and all(map(_is_int, group)))
+            ):
+                raise InputError(
+                    f"observable {kind!r}: pairs[{k}] groups must be selection strings or "
+                    f"non-empty lists of atom indices, got {group!r}"
+                )
+    indices = spec.get("indices")
+    if indices is not None and not (
+        isinstance(indices, (list, tuple))
+        and indices
+        and all(
+            isinstance(q, (list, tuple)) and len(q) == 4 and all(map(_is_int, q)) for q in indices
+        )
+    ):
+        bad("indices", "a non-empty list of [i, j, k, l] atom indices")
 
 
 def _element_masses(topology) -> np.ndarray:

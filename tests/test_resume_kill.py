@@ -5,8 +5,10 @@ chains and stored frames included), on trialanine in vacuum on the JAX CPU backe
 
 Each job runs in a subprocess: this file is also the worker (``python
 tests/test_resume_kill.py JOB OUT HOME``); job ``cli`` is ``timemachine simulate CONFIG
---resume`` through ``timemachine.cli.main``. The worker prints ``READY`` once it has built the
-system, then runs the job with ``resume=True`` and writes what it produced to
+--resume`` and job ``fitcli`` is ``timemachine fit CONFIG --resume`` (the whole fit job:
+checkpoints, fitted.xml, history, summary), both through ``timemachine.cli.main``. The
+worker prints ``READY`` once it has built the system (the command-line jobs: before they
+build it), then runs the job with ``resume=True`` and writes what it produced to
 ``HOME/JOB-result.npz``. The driver kills it at seeded random times after ``READY``, and
 also, with ``TIMEMACHINE_SLOW_WRITES`` set (every rename waits), the moment a temporary
 file appears in ``OUT``: inside a checkpoint or chunk write, between its staging and its
@@ -81,8 +83,85 @@ dir = "{dir}"
 """
 
 
+FIT_CONFIG = """
+[system]
+sequence = "AAA"
+
+[integrator]
+seed = 3
+
+[parameters]
+wrt = ["torsion/C-N-CT-C/k*"]
+
+[[targets.entry]]
+name = "Rg"
+type = "Rg"
+atoms = "name CA"
+value = 0.35
+uncertainty = 0.02
+
+[sampling]
+chains = 2
+sample_steps = 1000
+decorrelation_steps = 200
+save_every = 50
+min_ess = 2.0
+
+[optimizer]
+epochs = 5
+
+[validation]
+ns = 0.0
+
+[output]
+dir = "{dir}"
+"""
+
+
+def _without_wall_times(value):
+    """A JSON value with every ``wall_s`` / ``fit_wall_s`` entry removed, at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: _without_wall_times(v) for k, v in value.items() if k not in ("wall_s", "fit_wall_s")
+        }
+    if isinstance(value, list):
+        return [_without_wall_times(v) for v in value]
+    return value
+
+
+def _fit_cli(out, home, result):
+    """``timemachine fit CONFIG --resume`` into ``out``; its result: the history and the
+    checkpoint's record without wall times, the fitted θ, fitted.xml and the checkpoint's
+    arrays."""
+    from timemachine.cli import main
+
+    config = os.path.join(home, os.path.basename(out) + "-fit.toml")
+    with open(config, "w") as fh:
+        fh.write(FIT_CONFIG.format(dir=out))
+    print("READY", flush=True)
+    assert main(["fit", config, "--resume", "--quiet"]) in (0, None)
+
+    def read_json(name):
+        with open(os.path.join(out, name)) as fh:
+            return _without_wall_times(json.load(fh))
+
+    summary = read_json("summary.json")
+    with open(os.path.join(out, "fitted.xml")) as fh:
+        fitted_xml = fh.read()
+    with np.load(os.path.join(out, "checkpoint.npz")) as z:
+        arrays = {f"checkpoint_{k}": z[k] for k in z.files}
+    _save(
+        result, fitted=np.asarray(summary["fitted"]), fitted_xml=np.array(fitted_xml),
+        history=np.array(json.dumps(read_json("history.json"), sort_keys=True)),
+        checkpoint_meta=np.array(json.dumps(read_json("checkpoint.json")["meta"], sort_keys=True)),
+        **arrays,
+    )  # fmt: skip
+
+
 def worker(job, out, home):
     result = os.path.join(home, f"{job}-result.npz")
+    if job == "fitcli":
+        return _fit_cli(out, home, result)
     if job == "cli":  # timemachine simulate CONFIG --resume; out is its sensitivity/ folder
         from timemachine.cli import main
         from timemachine.sensitivity.frames import SensitivityTrajectory
@@ -302,6 +381,13 @@ def test_equilibrium_fit_killed_six_times_resumes_bitwise(tmp_path):
 @pytest.mark.slow
 def test_the_command_line_killed_three_times_resumes_bitwise(tmp_path):
     killed, _ = _check("cli", tmp_path, n_kills=3, seed=21, span=1.0)
+
+
+@pytest.mark.slow
+def test_the_fit_command_line_killed_four_times_resumes_bitwise(tmp_path):
+    killed, _ = _check("fitcli", tmp_path, n_kills=4, seed=22, span=3.0)
+    # the fit was continued, not restarted: some kill landed after an epoch's checkpoint
+    assert any("checkpoint.npz" in e["held"] for e in killed)
 
 
 if __name__ == "__main__":

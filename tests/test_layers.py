@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "timemachine"
 
 LAYERS = [
     ["errors", "constants"],
-    ["checks", "files"],
+    ["checks", "files", "precision"],
     ["checkpoints"],
     ["potentials", "integrator"],
     ["system"],

@@ -347,9 +347,9 @@ def langevin_step(
         seed, replica: integer (possibly traced) noise-stream indices.
     """
     x, v, step = state
-    x_new, v_new = langevin_update(
-        coeffs, x, v, gradient_fn(x), noise(seed, step, x.shape[0], replica)
-    )
+    # a float32 step (timemachine.precision) sees the float64 stream rounded, no new one
+    normals = noise(seed, step, x.shape[0], replica).astype(x.dtype)
+    x_new, v_new = langevin_update(coeffs, x, v, gradient_fn(x), normals)
     return LangevinState(x=x_new, v=v_new, step=step + 1)
 
 

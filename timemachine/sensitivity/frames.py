@@ -317,11 +317,11 @@ def state_sha256(state) -> str:
 
 
 def run_settings(system, theta, integrator, method, k, wrt, param_names, save_every, replica,
-                 backend, zeta) -> dict:  # fmt: skip
+                 backend, zeta, precision="float64") -> dict:  # fmt: skip
     """What a resumed trajectory must share with the run in its folder (every field a
     difference is named by): the system (atoms, masses, terms), θ by name, the integrator,
     the parameters carried, the method and window, the save interval, the replica, the
-    backend and the ζ method."""
+    backend, the ζ method and the precision."""
     return jsonable(
         {
             "system": system_record(system),
@@ -341,6 +341,7 @@ def run_settings(system, theta, integrator, method, k, wrt, param_names, save_ev
             "replica": int(replica),
             "backend": backend,
             "zeta": zeta,
+            "precision": str(precision),
         }
     )
 

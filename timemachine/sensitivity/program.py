@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine.precision import cast_floats, cast_system
 from timemachine.sensitivity import zeta as zeta_module
 from timemachine.sensitivity.propagation import exact_init, exact_step, window_init, window_step
 
@@ -43,8 +44,8 @@ def start_state(method, x, v, n_params, k):
     return window_init(x, v, n_params, k)
 
 
-def make_chunk(system, wrt_key, zeta_method, method, bonded="auto"):
-    """The chunk function (not compiled) for one (system, wrt, ζ method, mode).
+def make_chunk(system, wrt_key, zeta_method, method, bonded="auto", dtype="float64"):
+    """The chunk function (not compiled) for one (system, wrt, ζ method, mode, dtype).
 
     ``chunk(capacity, state, n_blocks, save_every, θ, coeffs, wcoeffs, seed, replica)``
     runs ``n_blocks <= capacity`` blocks of ``save_every`` steps from ``state`` and
@@ -56,13 +57,22 @@ def make_chunk(system, wrt_key, zeta_method, method, bonded="auto"):
     removes or unrolls a loop of one trip (which would fuse the step differently and
     change its bits). The step is therefore the same machine code for every chunking and
     every continuation, and only ``capacity`` (the frame buffers' length) is compiled for.
+
+    ``dtype`` float32 (``timemachine.precision``) casts the terms' constants, and on entry
+    the state, θ and coefficients, so the whole step and its frames are float32; the
+    bonded terms then run in JAX (the C++ custom call is float64 only).
     """
+    dtype = np.dtype(dtype)
+    if dtype != np.float64:
+        system, bonded = cast_system(system, dtype), "jax"
     energy_fn = system.energy_fn()
     gz_fn = zeta_module.make_gradient_and_zeta(
         system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method, bonded=bonded
     )
 
     def chunk(capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica):
+        state, theta, coeffs, wcoeffs = cast_floats((state, theta, coeffs, wcoeffs), dtype)
+
         # ∇E and ζ from one fused call: the structured path gets ∇E from the same pair
         # scalars as ζ, which saves about one gradient per step over separate calls
         def gz(y, dx):
@@ -109,13 +119,14 @@ def make_chunk(system, wrt_key, zeta_method, method, bonded="auto"):
 
 
 @functools.lru_cache(maxsize=8)
-def chunk_program(system, wrt_key, zeta_method, method, bonded="auto"):
+def chunk_program(system, wrt_key, zeta_method, method, bonded="auto", dtype="float64"):
     """``make_chunk`` jit-compiled, ``capacity`` static: the program ``simulate`` runs."""
-    return jax.jit(make_chunk(system, wrt_key, zeta_method, method, bonded), static_argnums=(0,))
+    chunk = make_chunk(system, wrt_key, zeta_method, method, bonded, dtype)
+    return jax.jit(chunk, static_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=8)
-def replica_program(system, wrt_key, zeta_method, method):
+def replica_program(system, wrt_key, zeta_method, method, dtype="float64"):
     """``make_chunk`` vmapped over replicas and jit-compiled, ``capacity`` static.
 
     ``run(capacity, states, n_blocks, save_every, θ, coeffs, wcoeffs, seed, replicas)``
@@ -123,7 +134,7 @@ def replica_program(system, wrt_key, zeta_method, method):
     and returns ``(final states, frames)`` with frames as in ``make_chunk``, each with a
     leading axis M. The look-ahead step is not returned, so XLA may drop it.
     """
-    chunk = make_chunk(system, wrt_key, zeta_method, method)
+    chunk = make_chunk(system, wrt_key, zeta_method, method, dtype=dtype)
 
     def run(capacity, states, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replicas):
         batched = jax.vmap(
@@ -137,11 +148,13 @@ def replica_program(system, wrt_key, zeta_method, method):
     return jax.jit(run, static_argnums=(0,))
 
 
-def backend_program(backend, system, wrt, zeta_method, method):
+def backend_program(backend, system, wrt, zeta_method, method, dtype="float64"):
     """The chunk program of ``backend``: ``chunk_program`` for "jax", the CUDA kernels'
-    ``cupy_backend.make_program`` (same call and results; ζ is exact there) for "cuda"."""
+    ``cupy_backend.make_program`` (same call and results; ζ is exact there; float64
+    only) for "cuda"."""
     if backend == "cuda":
         from timemachine.backends import cupy_backend
 
         return cupy_backend.make_program(system, wrt, method)
-    return chunk_program(system, tuple(int(i) for i in wrt), zeta_method, method)
+    key = tuple(int(i) for i in wrt)
+    return chunk_program(system, key, zeta_method, method, dtype=np.dtype(dtype).name)

@@ -36,6 +36,7 @@ import numpy as np
 from timemachine.constants import BOLTZMANN
 from timemachine.errors import InputError
 from timemachine.integrator.langevin import LangevinIntegrator, _check_replica
+from timemachine.precision import check_run_precision, warn_long_float32
 from timemachine.sensitivity.diagnosis import check_frames
 from timemachine.sensitivity.frames import (
     SensitivityTrajectory,
@@ -81,6 +82,7 @@ def simulate(
     chunk_steps: int | None = None,
     max_sensitivity: float | None = 1e8,
     resume: bool = False,
+    precision: str = "float64",
 ) -> SensitivityTrajectory:
     """Langevin dynamics (paper eqs. 3-4) carrying dx/dθ forward (eqs. 6-9).
 
@@ -128,6 +130,11 @@ def simulate(
             at least 16 chunks, with at most 64 MiB of frames each.
         max_sensitivity: SimulationError once any |dx/dθ| in a saved frame exceeds this
             (nm per unit of θ); None switches the check off.
+        precision: "float64" (default) or "float32": the whole step in single precision
+            (``timemachine.precision``; frames and state are then float32). Its accuracy
+            against float64 is in docs/float32.md; it is refused with backend "cuda",
+            with a custom term, or with ``window_tol`` < 1e-6, and a run longer than
+            ``FLOAT32_PATHWISE_PS`` warns (``Float32Warning``).
 
     Returns:
         ``SensitivityTrajectory`` with F = n_steps // save_every frames at steps
@@ -142,8 +149,10 @@ def simulate(
         SimulationError: non-finite coordinates (the first bad saved step and atom are
             named) or a sensitivity above ``max_sensitivity`` (step, parameter, atom).
     """
+    dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
     n_steps, save_every = check_steps(n_steps, save_every)
+    warn_long_float32(dtype, n_steps, integrator.dt)
     replica = _check_replica(replica)
     check_progress(progress)
     check_max_sensitivity(max_sensitivity)
@@ -162,7 +171,7 @@ def simulate(
         out_dir = os.fspath(out_dir)
         settings = run_settings(
             system, theta, integrator, method, k, wrt, param_names, save_every, replica,
-            backend, zeta,
+            backend, zeta, dtype.name,
         )  # fmt: skip
         plan = prepare_out_dir(out_dir, state, n_steps, settings, resume, method)
         state, n_steps, log = plan.state, plan.n_steps, plan.log
@@ -179,7 +188,7 @@ def simulate(
         if n_blocks == 0:  # a resumed run that was already complete
             return SensitivityTrajectory.load(out_dir)
 
-    program = backend_program(backend, system, wrt, zeta, method)
+    program = backend_program(backend, system, wrt, zeta, method, dtype)
     args = _program_args(system, integrator, theta, save_every, wcoeffs, replica)
     bar = _progress_bar(progress, -(-n_blocks // per_chunk), n_steps, method)
     kept = []

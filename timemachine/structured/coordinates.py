@@ -124,9 +124,10 @@ class CoordinateTerms:
         q, grad_q = jax.vmap(self.coord)(xl)
         q_t = q[self.inv]
         pl = params[self.pidx]
+        consts = jnp.asarray(self.consts, x.dtype)  # float32 in a float32 step
         f1 = jax.grad(self.energy, argnums=0)
-        d1 = jax.vmap(f1)(q_t, pl, self.consts)
-        d2 = jax.vmap(jax.grad(f1, argnums=0))(q_t, pl, self.consts)
+        d1 = jax.vmap(f1)(q_t, pl, consts)
+        d2 = jax.vmap(jax.grad(f1, argnums=0))(q_t, pl, consts)
         n_uniq = self.uniq.shape[0]
         d1 = jax.ops.segment_sum(d1, self.inv, n_uniq)
         d2 = jax.ops.segment_sum(d2, self.inv, n_uniq)
@@ -154,7 +155,7 @@ class CoordinateTerms:
             )
         if self.hit_term.size:
             t = self.hit_term
-            dmix = jax.vmap(jax.grad(f1, argnums=1))(q_t[t], pl[t], self.consts[t])
+            dmix = jax.vmap(jax.grad(f1, argnums=1))(q_t[t], pl[t], consts[t])
             dmix = dmix[np.arange(t.size), self.hit_channel]
             out["mixed"] = dmix[:, None, None] * grad_q[self.inv[t]]
         return out

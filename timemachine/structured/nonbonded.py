@@ -63,6 +63,7 @@ class NonbondedPairs:
                 dphi = lj1 * inv_r * dsqrt[:, None] * sqrt_eps[None, :]
             g = jnp.where(self.mask, dphi * inv_r, 0.0)  # G_ij = D_ij / r_ij
             u = jnp.stack([jnp.sum(g * dc[k], axis=1) for k in range(3)], axis=1)
+            sel = jnp.asarray(sel, x.dtype)
             other = jnp.concatenate([g.T * dc[k] for k in range(3)]) @ sel  # rows (a, i)
             other = jnp.transpose(other.T.reshape(-1, 3, n), (0, 2, 1))
             out = out.at[cols].add(sel.T[:, :, None] * u[None, :, :] + other)

@@ -135,7 +135,7 @@ class OBC2Pairs:
             # ∂g/∂q along the charge tangents S (P_q, N): w = q_i q_j h and the self energy
             # move; T, B do not. δβ_i = S_i (∂e'_i/∂q_i + Σ_j h_Bi q_j) + q_i Σ_j h_Bi S_j,
             # δc = b' or δβ, δg_k = Σ_j (h_r (S_k q_j + q_k S_j) + δc_k T'_kj + δc_j T'_jk) r̂_kj
-            sel = self.q_sel
+            sel = jnp.asarray(self.q_sel, x.dtype)
             h_r, h_b = jnp.where(off, h1[0], 0.0), jnp.where(off, h1[1], 0.0)
             de1 = elementwise(
                 lambda bb, qq_, rr, pp: jax.grad(gb_self)(bb, qq_, rr, pp),
@@ -151,7 +151,7 @@ class OBC2Pairs:
             hr_rhat = jnp.stack([h_r * rhat[k] for k in range(3)], axis=1)  # [k, a, j]
             own = sel[:, None, :] * (hr_rhat @ q).T[None]  # Σ_j h_r q_j r̂_kj S_k
             other = -(sel @ hr_rhat.reshape(n, 3 * n)).reshape(-1, 3, n) * q[None, None, :]
-            rs_t = (unit_rows(n) @ k_t).reshape(3, n)  # Σ_j T'_kj r̂_kj,a
+            rs_t = (unit_rows(n).astype(x.dtype) @ k_t).reshape(3, n)  # Σ_j T'_kj r̂_kj,a
             born_part = dc_q[:, None, :] * rs_t[None] - (dc_q @ k_t.T).reshape(-1, 3, n)
             dq = jnp.transpose(own + other + born_part, (0, 2, 1))
             out = out.at[self.q_cols].add(dq)
@@ -179,4 +179,4 @@ class OBC2Pairs:
         onehot = np.zeros((self.wrt.size, params.shape[0]))
         onehot[np.arange(self.wrt.size), self.wrt] = 1.0
         _, lin = jax.linearize(lambda th: grad_x(x, th), params)
-        return jax.vmap(lin)(jnp.asarray(onehot))
+        return jax.vmap(lin)(jnp.asarray(onehot, params.dtype))

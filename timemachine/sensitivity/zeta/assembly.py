@@ -160,7 +160,7 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             return grad
         p = dx_dtheta.shape[0]
         tangents = jnp.transpose(dx_dtheta, (0, 2, 1)).reshape(p, 3 * n)
-        ext = jnp.concatenate([tangents, unit])  # (P + 3, 3N)
+        ext = jnp.concatenate([tangents, unit.astype(x.dtype)])  # (P + 3, 3N)
         if host is not None:
             # the pair contraction Σ_j C_ij (t_i - t_j) joins the bonded terms in the custom
             # call: half the flops of the dense product (upper triangle), no (3N, 3N) matrix

@@ -24,7 +24,8 @@ The schema (the sections a command reads; ``SCHEMA`` below, one :class:`Key` eac
     must match at least one parameter.
 ``[simulate]``
     ``steps``, ``save_every`` (at most ``steps``), ``method`` ("exact" | "window"),
-    ``backend`` ("jax" | "cuda"): a sensitivity trajectory.
+    ``backend`` ("jax" | "cuda"), ``precision`` ("float64" | "float32", not with
+    "cuda"): a sensitivity trajectory.
 ``[fdcheck]``
     ``steps``, ``h`` (relative central-difference step), ``save_every``,
     ``max_rel_error``: analytic dx/dθ against central finite differences.
@@ -44,7 +45,8 @@ The schema (the sections a command reads; ``SCHEMA`` below, one :class:`Key` eac
 ``[sampling]`` (fit)
     ``chains``, ``sample_steps`` and ``decorrelation_steps`` (multiples of ``save_every``),
     ``save_every``, ``min_ess``, ``max_extend``, ``reservoir_size``, ``backend`` ("jax":
-    the chains run on JAX, a GPU through XLA when JAX has one).
+    the chains run on JAX, a GPU through XLA when JAX has one), ``precision`` ("float64"
+    | "float32": the chains' dynamics, docs/float32.md).
 ``[optimizer]`` (fit)
     ``kind`` ("gauss-newton" | "adam"), ``epochs``, ``learning_rate`` (adam),
     ``prior_sigma`` (0: none), ``stop_chi2`` (0: never), ``trust_radius``,
@@ -165,6 +167,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _STR, "sensitivity propagation", default="exact", choices=("exact", "window")
         ),
         "backend": Key(_STR, "where the steps run", default="jax", choices=("jax", "cuda")),
+        "precision": Key(
+            _STR,
+            "float64, or float32 (docs/float32.md)",
+            default="float64",
+            choices=("float64", "float32"),
+        ),
     },
     "fdcheck": {
         "steps": Key(_INT, "number of Langevin steps", required=True, check=_positive("steps")),
@@ -248,6 +256,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "where the chains run (JAX: CPU, or a GPU through XLA)",
             default="jax",
             choices=("jax",),
+        ),
+        "precision": Key(
+            _STR,
+            "the chains' dynamics: float64, or float32 (docs/float32.md)",
+            default="float64",
+            choices=("float64", "float32"),
         ),
     },  # fmt: skip
     "optimizer": {

@@ -229,6 +229,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
                 reservoir_size=smp["reservoir_size"],
                 min_ess=smp["min_ess"],
                 max_extend=smp["max_extend"],
+                precision=smp["precision"],
                 learning_rate=opt["learning_rate"],
                 trust_radius=opt["trust_radius"],
                 max_trust_radius=opt["max_trust_radius"],

@@ -110,6 +110,7 @@ def run_simulate(cfg, resume=False, quiet=False) -> dict:
         save_every=run["save_every"],
         method=run["method"],
         backend=run["backend"],
+        precision=run["precision"],
         out_dir=sens_dir,
         resume=resume,
         progress=not quiet,

@@ -74,6 +74,7 @@ from timemachine.fitting.result import (
 from timemachine.fitting.sampling import EquilibriumChains
 from timemachine.fitting.trust_region import trust_region_step
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
+from timemachine.precision import check_precision
 from timemachine.system import System
 
 __all__ = ["EQUILIBRIUM_ESTIMATORS", "OPTIMIZERS", "chi2_with_error", "fit_equilibrium"]
@@ -119,6 +120,7 @@ def fit_equilibrium(
     resume: bool = False,
     progress: bool | None = None,
     callback: Callable | None = None,
+    precision: str = "float64",
 ):
     """Fit θ[wrt] so that equilibrium averages ⟨O⟩_θ match experimental targets.
 
@@ -168,6 +170,9 @@ def fit_equilibrium(
             one bit for bit.
         progress: tqdm bar over epochs; None shows it when stderr is a terminal.
         callback: ``callback(record)`` after every epoch.
+        precision: "float64" (default) or "float32" (``timemachine.precision``): the
+            chains' (and the hybrid replicas') dynamics in single precision; ⟨O⟩, ∂E/∂θ
+            on the frames, the estimators and the optimiser stay float64.
 
     Returns:
         ``timemachine.fitting.FitResult``; ``info`` holds the estimator, the stop reason,
@@ -202,6 +207,7 @@ def fit_equilibrium(
         patience=patience,
         stop_chi2=stop_chi2,
         hybrid=HybridSettings(n_replicas, horizon, max_horizon, horizon_cap),
+        precision=check_precision(precision).name,
     )
     if isinstance(targets, (str, os.PathLike)):
         targets = load_targets(targets, system.topology)
@@ -216,7 +222,10 @@ def fit_equilibrium(
     if prior_sigma is not None:
         width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
-    chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
+    chains = EquilibriumChains(
+        system, x0, integrator, n_chains=n_chains, save_every=save_every,
+        precision=s.precision,
+    )  # fmt: skip
     sampler = EpochSampler(
         chains,
         target.observable,
@@ -372,6 +381,7 @@ class _Settings(NamedTuple):
     patience: int
     stop_chi2: float | None
     hybrid: HybridSettings | None
+    precision: str
 
 
 def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings:
@@ -432,7 +442,7 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
         if horizon != "auto":
             horizon = check_int(horizon, "horizon", minimum=1)
         horizon_cap = check_real(hybrid.horizon_cap, "horizon_cap", unit="nm")
-        hybrid = HybridSettings(n_replicas, horizon, max_horizon, horizon_cap)
+        hybrid = HybridSettings(n_replicas, horizon, max_horizon, horizon_cap, kw["precision"])
     else:
         hybrid = None
     return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)
@@ -477,6 +487,7 @@ def _settings_record(s, estimator, names, theta0, target, integrator, chains, pa
             stop_chi2=s.stop_chi2,
             hybrid=None if s.hybrid is None else s.hybrid._asdict(),
             prior_sigma=None if prior is None else np.asarray(prior).tolist(),
+            precision=s.precision,
         )
     )
 

@@ -37,12 +37,14 @@ __all__ = [
 
 class HybridSettings(NamedTuple):
     """The hybrid estimator's M replicas and horizon n ("auto" or steps); the pilot's
-    ``max_horizon`` steps and the ``horizon_cap`` nm per relative change of θ."""
+    ``max_horizon`` steps and the ``horizon_cap`` nm per relative change of θ; the
+    replicas' ``precision`` (``timemachine.precision``)."""
 
     n_replicas: int
     horizon: int | str
     max_horizon: int
     horizon_cap: float
+    precision: str = "float64"
 
 
 class Estimate(NamedTuple):
@@ -124,6 +126,7 @@ def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch,
                 replicas=replicas,
                 params=params,
                 save_every=spacing,
+                precision=hybrid.precision,
             )
             choice = choose_horizon(
                 pilot.steps,
@@ -136,7 +139,10 @@ def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch,
             record["horizon_growth_rate_per_ps"] = choice.growth_rate
         else:
             n = int(hybrid.horizon)
-    res = run_replicas(system, starts, integrator, n, wrt=wrt, replicas=replicas, params=params)
+    res = run_replicas(
+        system, starts, integrator, n, wrt=wrt, replicas=replicas, params=params,
+        precision=hybrid.precision,
+    )  # fmt: skip
     est = hybrid_gradient(
         observable,
         system,

@@ -31,6 +31,7 @@ from timemachine.integrator.langevin import (
     _check_replica,
     maxwell_boltzmann_velocities,
 )
+from timemachine.precision import check_run_precision, warn_long_float32
 from timemachine.sensitivity.options import check_run, check_steps, physical_memory, window_setup
 from timemachine.sensitivity.program import (
     backend_program,
@@ -92,6 +93,7 @@ def run_replicas(
     v0=None,
     batch_size: int | None = None,
     backend: str = "jax",
+    precision: str = "float64",
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -124,6 +126,9 @@ def run_replicas(
         backend: "jax" (vmapped, on CPU or GPU through XLA) or "cuda" (the CUDA kernels
             through CuPy, replica after replica on the GPU; as in ``simulate``, its noise
             is the Philox stream and ``zeta`` is not used).
+        precision: "float64" (default) or "float32", as in ``simulate``
+            (``timemachine.precision``): the replicas' step in single precision, their
+            frames and final states float32.
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
@@ -132,9 +137,11 @@ def run_replicas(
         InputError: invalid arguments, named with their values.
         SimulationError: non-finite coordinates or sensitivities in a replica (named).
     """
+    dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
     keep_frames = save_every is not None
     n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
+    warn_long_float32(dtype, n_steps, integrator.dt, "run_replicas")
     replicas = _check_replicas(replicas, n_replicas, first_replica)
     m_rep, n = replicas.size, system.n_atoms
     wrt = system.resolve_wrt(wrt)
@@ -162,7 +169,8 @@ def run_replicas(
         batches = _run_cuda(program, shared, starts, replicas)
     else:
         batch_size = _batch_size(batch_size, m_rep, method, n, p, k, n_blocks)
-        program = replica_program(system, tuple(int(i) for i in wrt), zeta, method)
+        key = tuple(int(i) for i in wrt)
+        program = replica_program(system, key, zeta, method, dtype.name)
         batches = _run_jax(program, shared, starts, replicas, batch_size)
 
     finals, frames_x, frames_dx, energies = zip(*batches, strict=True)

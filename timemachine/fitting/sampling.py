@@ -36,6 +36,7 @@ from timemachine.integrator.langevin import (
     langevin_step,
     maxwell_boltzmann_velocities,
 )
+from timemachine.precision import cast_floats, cast_system, check_precision
 from timemachine.structured import gradient_fn
 from timemachine.system import System
 
@@ -163,10 +164,17 @@ def effective_sample_size(series, method: str = "autocorrelation", blocks: int =
 
 
 @functools.lru_cache(maxsize=8)
-def _chain_program(system, n_blocks, save_every):
-    gradient = gradient_fn(system)
+def _chain_program(system, n_blocks, save_every, dtype="float64"):
+    """C chains' plain Langevin dynamics, vmapped and compiled: ``n_blocks`` blocks of
+    ``save_every`` steps, the positions after each block kept. ``dtype`` float32
+    (``timemachine.precision``) runs the step in single precision (the system's
+    constants, θ, the coefficients and the state cast on entry)."""
+    dtype = np.dtype(dtype)
+    gradient = gradient_fn(cast_system(system, dtype))
 
     def one_chain(theta, coeffs, seed, replica, x, v, step):
+        theta, coeffs, x, v = cast_floats((theta, coeffs, x, v), dtype)
+
         def one(s, _):
             return langevin_step(lambda y: gradient(y, theta), coeffs, s, seed, replica), None
 
@@ -204,6 +212,9 @@ class EquilibriumChains:
         n_chains: C.
         save_every: steps between saved frames of a production segment.
         first_replica: chain c uses noise and velocity stream ``first_replica + c``.
+        precision: "float64" (default) or "float32": the chains' dynamics and state in
+            single precision (``timemachine.precision``); their frames are returned as
+            float64 arrays (of float32 values) for the estimators.
 
     Attributes:
         state: the chains' ``LangevinState`` (leading axis C), numpy arrays.
@@ -218,7 +229,9 @@ class EquilibriumChains:
         n_chains: int = 2,
         save_every: int = 500,
         first_replica: int = 0,
+        precision: str = "float64",
     ):
+        self.dtype = check_precision(precision)
         if not isinstance(system, System):
             raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
         if not isinstance(integrator, LangevinIntegrator):
@@ -249,6 +262,9 @@ class EquilibriumChains:
                 for c in range(self.n_chains)
             ]
         )
+        if self.dtype != np.float64:
+            cast_system(system, self.dtype)  # refuses custom terms before anything runs
+            x, v = x.astype(self.dtype), v.astype(self.dtype)
         self.state = LangevinState(x, v, np.zeros(self.n_chains, dtype=np.int64))
         self._coeffs = integrator.coefficients(masses)
 
@@ -263,7 +279,7 @@ class EquilibriumChains:
         theta = np.asarray(params, dtype=np.float64)
         if theta.shape != (self.system.n_params,):
             raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
-        program = _chain_program(self.system, n_steps // save_every, save_every)
+        program = _chain_program(self.system, n_steps // save_every, save_every, self.dtype.name)
         final, (xs, steps) = program(
             jnp.asarray(theta),
             self._coeffs,
@@ -273,7 +289,7 @@ class EquilibriumChains:
             jnp.asarray(self.state.v),
             jnp.asarray(self.state.step),
         )
-        xs = np.asarray(xs)
+        xs = np.asarray(xs, dtype=np.float64)
         good = np.isfinite(xs).all(axis=(2, 3))
         if not good.all():
             c, f = np.argwhere(~good)[0]

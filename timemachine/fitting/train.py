@@ -53,6 +53,7 @@ from timemachine.fitting.result import (
     settings_fingerprint,
 )
 from timemachine.integrator.langevin import LangevinIntegrator
+from timemachine.precision import check_precision
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_text", "fit", "load_checkpoint"]
@@ -191,6 +192,7 @@ def fit(
     callback: Callable | None = None,
     backend: str = "jax",
     estimator: str = "fluctuation",
+    precision: str = "float64",
     **equilibrium_options,
 ) -> FitResult:
     """Fit force-field parameters θ[wrt] so that simulated averages match targets.
@@ -257,6 +259,10 @@ def fit(
         backend: where the replicas run, as in ``run_replicas``: "jax" or "cuda" (the
             CUDA kernels through CuPy; its own noise stream, so a fit resumes only on the
             backend it started on).
+        precision: "float64" (default) or "float32" (``timemachine.precision``): the
+            replicas' (pathwise) or the chains' (equilibrium) dynamics in single
+            precision; observables, estimators, losses and the optimiser stay float64.
+            Its accuracy against float64 is in docs/float32.md.
 
     Returns:
         ``FitResult``.
@@ -307,6 +313,7 @@ def fit(
             resume=resume,
             progress=progress,
             callback=callback,
+            precision=precision,
             **equilibrium_options,
         )
     from timemachine.fitting.estimators import ESTIMATORS
@@ -323,6 +330,7 @@ def fit(
     if n_replicas is None:
         n_replicas = 8
     check_backend(backend)
+    precision = check_precision(precision).name
     if not isinstance(system, System):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if targets is not None and not isinstance(integrator, LangevinIntegrator):
@@ -385,6 +393,7 @@ def fit(
             method=method,
             average=average,
             backend=backend,
+            precision=precision,
         )
     )
 
@@ -440,6 +449,7 @@ def fit(
                         save_every=save_every if time_samples else None,
                         method=method,
                         backend=backend,
+                        precision=precision,
                     )
                 except SimulationError as e:
                     raise SimulationError(f"epoch {epoch}: {e}") from None

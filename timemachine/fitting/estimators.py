@@ -172,6 +172,31 @@ def _fluctuation_program(observable, energy, wrt):
     return jax.jit(jax.vmap(one, in_axes=(0, None)))
 
 
+def _frame_batch(n_atoms: int) -> int:
+    """Frames per vmapped call of ``_fluctuation_program``: ∂E/∂θ of the all-pairs terms
+    keeps ~200 N² bytes of (N, N) intermediates per frame (65 MB for the 582 atoms of
+    villin), so all S frames at once would need S times that; batches of at most 1 GiB."""
+    return int(max(1, min(64, 2**30 // (200 * n_atoms * n_atoms))))
+
+
+def _per_frame(program, x, theta):
+    """``program(x, θ)`` (vmapped over frames) over the (S, N, 3) frames in fixed-size
+    batches, the last one padded with copies of its last frame (dropped): one
+    compilation for any S, and memory bounded by the batch, not by S. Its outputs (a
+    tuple of arrays, or one array) as numpy arrays with leading axis S."""
+    x = np.asarray(x)
+    s = x.shape[0]
+    b = min(s, _frame_batch(x.shape[1]))
+    theta = jnp.asarray(theta)
+    outs = []
+    for start in range(0, s, b):
+        rows = np.minimum(np.arange(start, start + b), s - 1)
+        used = min(b, s - start)
+        out = program(jnp.asarray(x[rows]), theta)
+        outs.append(jax.tree_util.tree_map(lambda a, used=used: np.asarray(a)[:used], out))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+
 def fluctuation_gradient(
     observable,
     energy,
@@ -227,7 +252,7 @@ def fluctuation_gradient(
             f"energy must be a timemachine.System or a function E(x, θ), got {energy!r}"
         )
     program = _fluctuation_program(observable, energy, tuple(int(i) for i in wrt))
-    o, de = (np.asarray(a) for a in program(jnp.asarray(x), jnp.asarray(theta)))
+    o, de = _per_frame(program, x, theta)
     s = x.shape[0]
     beta = 1.0 / (BOLTZMANN * temperature)
     if weights is not None:
@@ -343,7 +368,7 @@ def reweighting_weights(energy, x, params_from, params_to, temperature=300.0):
     batched = _energy_program(energy)
     a = jnp.asarray(np.asarray(params_from, dtype=np.float64))
     b = jnp.asarray(np.asarray(params_to, dtype=np.float64))
-    de = np.asarray(batched(jnp.asarray(x), b)) - np.asarray(batched(jnp.asarray(x), a))
+    de = _per_frame(batched, x, b) - _per_frame(batched, x, a)
     log_w = -de / (BOLTZMANN * temperature)
     if not np.isfinite(log_w).all():
         bad = int(np.argmax(~np.isfinite(log_w)))
@@ -450,8 +475,8 @@ def hybrid_gradient(
     names = tuple(energy.param_names[i] for i in idx) if hasattr(energy, "param_names") else ()
     program = _fluctuation_program(observable, energy, idx)
     theta = _theta_of(energy, params)
-    o_end, _ = (np.asarray(a) for a in program(jnp.asarray(xn), jnp.asarray(theta)))
-    _, de0 = (np.asarray(a) for a in program(jnp.asarray(x0), jnp.asarray(theta)))
+    o_end, _ = _per_frame(program, xn, theta)
+    _, de0 = _per_frame(program, x0, theta)
     m = x0.shape[0]
     beta = 1.0 / (BOLTZMANN * temperature)
     u_score = (

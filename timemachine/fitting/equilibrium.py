@@ -216,7 +216,9 @@ def fit_equilibrium(
     if prior_sigma is not None:
         width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
-    chains = EquilibriumChains(system, x0, integrator, n_chains=n_chains, save_every=save_every)
+    chains = EquilibriumChains(
+        system, x0, integrator, n_chains=n_chains, save_every=save_every, params=full0
+    )
     sampler = EpochSampler(
         chains,
         target.observable,

@@ -39,6 +39,7 @@ from timemachine.sensitivity.program import (
     start_state,
 )
 from timemachine.sensitivity.propagation import expected_state_bytes
+from timemachine.start_checks import check_start
 from timemachine.system import System
 
 __all__ = ["ReplicaResult", "run_replicas"]
@@ -129,7 +130,9 @@ def run_replicas(
         ``ReplicaResult`` (numpy arrays).
 
     Raises:
-        InputError: invalid arguments, named with their values.
+        InputError: invalid arguments, named with their values; a start that fails
+            ``timemachine.start_checks.check_start`` (two atoms closer than 0.05 nm, or
+            a non-finite or enormous energy or gradient: the atoms are named).
         SimulationError: non-finite coordinates or sensitivities in a replica (named).
     """
     method, zeta = check_run(system, integrator, backend, method, zeta)
@@ -142,6 +145,7 @@ def run_replicas(
     p = wrt.size
 
     x_start = _per_replica(x0, "x0", m_rep, n, "nm")
+    _check_starts(system, x_start, theta)
     v_start = _start_velocities(v0, system, integrator, replicas)
     k, wcoeffs = window_setup(method, window, window_tol, integrator)
 
@@ -298,6 +302,16 @@ def _per_replica(value, name, m_rep, n, unit):
             f"{name} must have shape ({n}, 3) or ({m_rep}, {n}, 3) ({unit}), got {arr.shape}"
         )
     return np.stack([check_vectors(a, f"{name}[{r}]", n, unit=unit) for r, a in enumerate(arr)])
+
+
+def _check_starts(system, x_start, theta):
+    """``check_start`` on each distinct start of the (M, N, 3) ``x_start`` (a shared x0
+    is checked once)."""
+    if x_start.strides[0] == 0:  # one x0 broadcast to every replica
+        check_start(system, x_start[0], theta, "x0")
+        return
+    for r, x in enumerate(x_start):
+        check_start(system, x, theta, f"x0[{r}]")
 
 
 def _check_finite(result: ReplicaResult, integrator: LangevinIntegrator) -> None:

@@ -36,6 +36,7 @@ from timemachine.integrator.langevin import (
     langevin_step,
     maxwell_boltzmann_velocities,
 )
+from timemachine.start_checks import check_start
 from timemachine.structured import gradient_fn
 from timemachine.system import System
 
@@ -204,6 +205,12 @@ class EquilibriumChains:
         n_chains: C.
         save_every: steps between saved frames of a production segment.
         first_replica: chain c uses noise and velocity stream ``first_replica + c``.
+        params: (P,) θ the start is checked at (``timemachine.start_checks.check_start``);
+            default ``system.params``.
+
+    Raises:
+        InputError: bad arguments; a start with two atoms closer than 0.05 nm or a
+            non-finite or enormous energy or gradient (``check_start`` names the atoms).
 
     Attributes:
         state: the chains' ``LangevinState`` (leading axis C), numpy arrays.
@@ -218,6 +225,7 @@ class EquilibriumChains:
         n_chains: int = 2,
         save_every: int = 500,
         first_replica: int = 0,
+        params=None,
     ):
         if not isinstance(system, System):
             raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
@@ -238,6 +246,9 @@ class EquilibriumChains:
                 f"x0 must be (N, 3) or (n_chains={self.n_chains}, N, 3) nm, got {x0.shape}"
             )
         x = np.stack([check_vectors(x0[c], f"x0[{c}]", n) for c in range(self.n_chains)])
+        # atoms too close or an overflowing start: refused before the first step
+        for c in range(1 if x0.strides[0] == 0 else self.n_chains):
+            check_start(system, x[c], params, "x0" if x0.strides[0] == 0 else f"x0[{c}]")
         masses = np.asarray(system.masses)
         v = np.stack(
             [

@@ -53,6 +53,7 @@ from timemachine.fitting.result import (
     settings_fingerprint,
 )
 from timemachine.integrator.langevin import LangevinIntegrator
+from timemachine.start_checks import check_start
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_text", "fit", "load_checkpoint"]
@@ -360,6 +361,10 @@ def fit(
         x_check = np.asarray(x0, dtype=np.float64)
         x_check = x_check if x_check.ndim == 2 else x_check[0]
         system.check_positions(x_check, "x0")
+        # atoms too close or an overflowing start refused before anything is written
+        starts = np.asarray(x0, dtype=np.float64)
+        for r, x_r in enumerate([starts] if starts.ndim == 2 else starts):
+            check_start(system, x_r, full0, "x0" if starts.ndim == 2 else f"x0[{r}]")
         got = np.asarray(target.observable(x_check)).shape
         if got != target.value.shape:
             raise InputError(

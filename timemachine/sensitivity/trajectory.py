@@ -153,7 +153,7 @@ def simulate(
     n, p = system.n_atoms, wrt.size
     k, wcoeffs = window_setup(method, window, window_tol, integrator)
     state_bytes = check_state_memory(method, n, p, k)
-    state = initial_state(system, x0, integrator, method, k, wrt, v0, replica)
+    state = initial_state(system, x0, integrator, method, k, wrt, v0, replica, theta)
 
     if resume and out_dir is None:
         raise InputError("resume=True needs out_dir (where the run to continue lives)")

@@ -139,8 +139,18 @@ def simulate(
         CheckpointError: (an InputError) ``resume`` into a folder of a different run;
             ``CorruptCheckpointError`` when no copy of its checkpoint, or a chunk it
             lists, passes its checksums (the file is named).
-        SimulationError: non-finite coordinates (the first bad saved step and atom are
-            named) or a sensitivity above ``max_sensitivity`` (step, parameter, atom).
+        InputError: also a start that fails ``timemachine.start_checks.check_start``:
+            two interacting atoms closer than 0.05 nm (both named, with their distance),
+            or a non-finite or enormous (|E| > 1e10 kJ/mol, |∇E| > 1e12 kJ/mol/nm)
+            starting energy or gradient.
+        SimulationError: at the first bad saved frame (``sensitivity.diagnosis``):
+            non-finite coordinates or velocities (step and the atom that ran away), a
+            non-finite or overflowing potential energy (|E| > 1e10 kJ/mol: step and the
+            atom of the largest |∇E|), non-finite dx/dθ, or a sensitivity above
+            ``max_sensitivity`` (step, parameter, atom); with what to try. The error
+            carries ``.step``, ``.atom`` and ``.parameter``; with ``out_dir`` no chunk
+            or checkpoint holds a bad frame, so the folder loads (the good frames) and
+            resumes from the last good chunk.
     """
     method, zeta = check_run(system, integrator, backend, method, zeta)
     n_steps, save_every = check_steps(n_steps, save_every)
@@ -189,6 +199,7 @@ def simulate(
             param_names=param_names,
             max_sensitivity=max_sensitivity,
             integrator=integrator,
+            gradient=lambda x: system.gradient(x, theta),  # names an overflow's atom
         )
         masses = np.asarray(system.masses)
         chunks = _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose)
@@ -257,7 +268,8 @@ def _program_args(system, integrator, theta, save_every, wcoeffs, replica):
 def _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose):
     """Run ``n_blocks`` blocks, ``per_chunk`` per call of ``program`` (the last call may
     run fewer), yielding per call the state after it and its ``_chunk_record``; each
-    chunk's (x, dx/dθ, steps) go to ``diagnose`` first, which raises on a blow-up."""
+    chunk's (x, dx/dθ, steps, v, E) go to ``diagnose`` first, which raises on a blow-up
+    before the chunk is yielded (so it is never written)."""
     done = 0
     while done < n_blocks:
         blocks = min(per_chunk, n_blocks - done)
@@ -265,7 +277,7 @@ def _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose):
             per_chunk, state, jnp.asarray(blocks, dtype=jnp.int64), *args
         )
         frames = tuple(np.asarray(a)[:blocks] for a in frames)
-        diagnose(frames[0], frames[2], frames[3])
+        diagnose(frames[0], frames[2], frames[3], vs=frames[1], energies=frames[5])
         yield state, _chunk_record(frames, v_look, masses)
         done += blocks
 

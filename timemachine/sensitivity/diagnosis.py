@@ -20,7 +20,7 @@ import numpy as np
 from timemachine.errors import SimulationError
 from timemachine.start_checks import MAX_ENERGY
 
-__all__ = ["MAX_ENERGY", "check_frames"]
+__all__ = ["MAX_ENERGY", "annotate", "check_batch", "check_frames"]
 
 
 def _first(bad):
@@ -57,6 +57,7 @@ def check_frames(
     vs=None,
     energies=None,
     gradient=None,
+    where="simulate",
 ):
     """Raise ``SimulationError`` at the first saved frame that blew up.
 
@@ -70,6 +71,7 @@ def check_frames(
         energies: (F,) potential energies, kJ/mol, or None (not checked).
         gradient: ``gradient(x) -> (N, 3)`` ∇E at θ, used only on a failure to name the
             atom of an energy overflow (the one with the largest |∇E|); None names none.
+        where: what ran, the message's first words ("simulate", "run_replicas: replica 3").
 
     Raises:
         SimulationError: at the first bad frame (module docstring), naming the step, the
@@ -113,33 +115,33 @@ def check_frames(
         atom, how = _runaway(xs, ok, f)
         what = "coordinates" if kind == "x" else "velocities"
         _raise(
-            f"simulate: non-finite {what} at step {step} (first bad saved frame), atom "
+            f"{where}: non-finite {what} at step {step} (first bad saved frame), atom "
             f"{atom} {how} ({int((~ok[f]).sum())} atoms bad), with dt = {dt} ps; minimize "
-            f"first or use a smaller dt",
+            f"first, use a smaller dt, or check θ",
             step,
             atom,
         )
     if kind == "energy":
-        atom, where = None, ""
+        atom, largest = None, ""
         if gradient is not None:
             try:
                 with np.errstate(all="ignore"):
                     g = np.linalg.norm(np.asarray(gradient(xs[f])), axis=-1)
                 atom = int(np.argmax(np.where(np.isfinite(g), g, np.inf)))
-                where = f"; atom {atom} has the largest |∇E| ({g[atom]:.3g} kJ/mol/nm)"
+                largest = f"; atom {atom} has the largest |∇E| ({g[atom]:.3g} kJ/mol/nm)"
             except Exception:  # the diagnosis must not hide the error it explains
                 atom = None
         _raise(
-            f"simulate: the potential energy overflowed at step {step} (first bad saved "
+            f"{where}: the potential energy overflowed at step {step} (first bad saved "
             f"frame): E = {float(energies[f]):.4g} kJ/mol, beyond |E| <= {MAX_ENERGY:g}"
-            f"{where}, with dt = {dt} ps; minimize first, use a smaller dt, or check θ",
+            f"{largest}, with dt = {dt} ps; minimize first, use a smaller dt, or check θ",
             step,
             atom,
         )
     if kind == "dx":
         p, atom = (int(a) for a in np.argwhere(dx_nonfinite[f])[0])
         _raise(
-            f"simulate: non-finite dx/dθ at step {step} (first bad saved frame) for "
+            f"{where}: non-finite dx/dθ at step {step} (first bad saved frame) for "
             f"parameter {param_names[p]!r} at atom {atom}, while the coordinates are finite: "
             f"the sensitivities overflowed (they grow exponentially along chaotic "
             f"trajectories); use shorter runs, more friction or a smaller dt",
@@ -149,7 +151,7 @@ def check_frames(
         )
     p, atom = np.unravel_index(int(np.argmax(mag[f])), mag[f].shape)
     _raise(
-        f"simulate: sensitivity blow-up at step {step}: |dx/dθ| = {mag[f, p, atom]:.3g} nm "
+        f"{where}: sensitivity blow-up at step {step}: |dx/dθ| = {mag[f, p, atom]:.3g} nm "
         f"per unit of parameter {param_names[p]!r} at atom {int(atom)} exceeds "
         f"max_sensitivity = {max_sensitivity:g}. Pathwise sensitivities of chaotic dynamics "
         f"grow exponentially: use shorter runs, more friction, or raise max_sensitivity",
@@ -157,3 +159,76 @@ def check_frames(
         atom,
         param_names[p],
     )
+
+
+_CONTEXT = ("step", "atom", "parameter", "replica", "epoch")
+
+
+def annotate(err, prefix="", suffix="", **attrs):
+    """A new ``SimulationError`` with ``err``'s message between ``prefix`` and ``suffix``,
+    its ``.step``, ``.atom``, ``.parameter``, ``.replica`` and ``.epoch`` (those it has,
+    None for the others) kept and ``attrs`` set on top: context added on the way up
+    (which replica, which epoch, what stays usable) without losing what was named."""
+    new = SimulationError(f"{prefix}{err}{suffix}")
+    for name in _CONTEXT:
+        setattr(new, name, getattr(err, name, None))
+    for name, value in attrs.items():
+        setattr(new, name, value)
+    return new
+
+
+def check_batch(
+    xs,
+    dxs,
+    steps,
+    param_names,
+    max_sensitivity,
+    integrator,
+    labels,
+    vs=None,
+    energies=None,
+    gradient=None,
+    where="run_replicas",
+    member="replica",
+):
+    """``check_frames`` on each of M runs of one batch (replicas, chains); raise for the
+    run that blew up at the earliest saved step (the lowest label on a tie).
+
+    Args:
+        xs: (M, F, N, 3); dxs: (M, F, P, N, 3) or None (plain MD: no dx/dθ);
+            steps: (F,) or (M, F); vs: (M, F, N, 3) or None; energies: (M, F) or None.
+        labels: (M,) how each run is named (its replica index).
+        param_names, max_sensitivity, integrator, gradient: as in ``check_frames``.
+        where, member: the message starts "{where}: {member} {label}: ...".
+
+    Raises:
+        SimulationError: ``check_frames``' diagnosis of that run, also carrying
+            ``.replica`` (its label) and saying how many of the M runs were bad.
+    """
+    xs = np.asarray(xs)
+    m, f = xs.shape[:2]
+    steps = np.broadcast_to(np.asarray(steps), (m, f))
+    if dxs is None:
+        dxs = np.zeros((m, f, 0) + xs.shape[2:])
+    bad = []
+    for r in range(m):
+        try:
+            check_frames(
+                xs[r],
+                dxs[r],
+                steps[r],
+                param_names,
+                max_sensitivity,
+                integrator,
+                vs=None if vs is None else vs[r],
+                energies=None if energies is None else energies[r],
+                gradient=gradient,
+                where=f"{where}: {member} {int(labels[r])}",
+            )
+        except SimulationError as err:
+            bad.append((err.step, r, err))
+    if not bad:
+        return
+    _, r, err = min(bad, key=lambda b: b[:2])
+    others = f" ({len(bad)} of {m} {member}s bad)" if len(bad) > 1 else ""
+    raise annotate(err, suffix=others, replica=int(labels[r]))

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.constants import BOLTZMANN
-from timemachine.errors import InputError
+from timemachine.errors import InputError, SimulationError
 from timemachine.integrator.langevin import LangevinIntegrator, _check_replica
-from timemachine.sensitivity.diagnosis import check_frames
+from timemachine.sensitivity.diagnosis import annotate, check_frames
 from timemachine.sensitivity.frames import (
     SensitivityTrajectory,
     prepare_out_dir,
@@ -203,14 +203,19 @@ def simulate(
         )
         masses = np.asarray(system.masses)
         chunks = _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose)
-        for c, (state, chunk) in enumerate(chunks):
-            if out_dir is not None:
-                write_chunk(out_dir, first_chunk + c, chunk, log)
-                save_state(out_dir, state, log)
-            else:
-                kept.append(chunk)
-            if bar is not None:
-                bar.update(chunk["steps"].shape[0] * save_every)
+        try:
+            for c, (state, chunk) in enumerate(chunks):
+                if out_dir is not None:
+                    write_chunk(out_dir, first_chunk + c, chunk, log)
+                    save_state(out_dir, state, log)
+                else:
+                    kept.append(chunk)
+                if bar is not None:
+                    bar.update(chunk["steps"].shape[0] * save_every)
+        except SimulationError as err:
+            if out_dir is None:
+                raise
+            raise annotate(err, suffix=_what_is_kept(out_dir, log)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -225,6 +230,20 @@ def simulate(
         memory_bytes=memory,
         method=method,
         window=k,
+    )
+
+
+def _what_is_kept(out_dir, log):
+    """What a blow-up leaves in ``out_dir``: the chunks its checkpoint lists were all
+    checked before they were written (the bad chunk never is)."""
+    if not log.chunks:
+        return f"; no chunk passed, so {out_dir!r} holds no frame and no checkpoint of the run"
+    last = log.chunks[-1]["last_step"]
+    frames = sum(int(r["frames"]) for r in log.chunks)
+    return (
+        f"; {out_dir!r} keeps the {frames} frames up to step {last} that passed, and the "
+        f"checkpoint there: SensitivityTrajectory.load reads them, and simulate(..., "
+        f"resume=True) continues from it"
     )
 
 

@@ -25,13 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.checks import check_int, check_vectors
-from timemachine.errors import InputError, SimulationError
+from timemachine.errors import InputError
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_replica,
     maxwell_boltzmann_velocities,
 )
-from timemachine.sensitivity.options import check_run, check_steps, physical_memory, window_setup
+from timemachine.sensitivity.diagnosis import check_batch
+from timemachine.sensitivity.options import (
+    check_max_sensitivity,
+    check_run,
+    check_steps,
+    physical_memory,
+    window_setup,
+)
 from timemachine.sensitivity.program import (
     backend_program,
     frame_bytes,
@@ -93,6 +100,7 @@ def run_replicas(
     v0=None,
     batch_size: int | None = None,
     backend: str = "jax",
+    max_sensitivity: float | None = 1e8,
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -125,6 +133,10 @@ def run_replicas(
         backend: "jax" (vmapped, on CPU or GPU through XLA) or "cuda" (the CUDA kernels
             through CuPy, replica after replica on the GPU; as in ``simulate``, its noise
             is the Philox stream and ``zeta`` is not used).
+        max_sensitivity: SimulationError once any |dx/dθ| in a saved frame (every
+            ``save_every`` steps, or the last frame) exceeds this, nm per unit of θ_p, as
+            in ``simulate``; None switches that check off (non-finite dx/dθ is refused
+            all the same).
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
@@ -133,9 +145,16 @@ def run_replicas(
         InputError: invalid arguments, named with their values; a start that fails
             ``timemachine.start_checks.check_start`` (two atoms closer than 0.05 nm, or
             a non-finite or enormous energy or gradient: the atoms are named).
-        SimulationError: non-finite coordinates or sensitivities in a replica (named).
+        SimulationError: a replica blew up (``sensitivity.diagnosis.check_batch``, after
+            each vmapped batch): non-finite coordinates or velocities, an overflowing
+            energy (|E| > 1e10 kJ/mol), non-finite dx/dθ or |dx/dθ| above
+            ``max_sensitivity`` at a saved frame. The replica that went bad at the
+            earliest saved step is named with that step, the atom, the parameter (for
+            dx/dθ) and what to try; the error carries ``.replica``, ``.step``, ``.atom``
+            and ``.parameter``.
     """
     method, zeta = check_run(system, integrator, backend, method, zeta)
+    check_max_sensitivity(max_sensitivity)
     keep_frames = save_every is not None
     n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
     replicas = _check_replicas(replicas, n_replicas, first_replica)
@@ -169,7 +188,9 @@ def run_replicas(
         program = replica_program(system, tuple(int(i) for i in wrt), zeta, method)
         batches = _run_jax(program, shared, starts, replicas, batch_size)
 
-    finals, frames_x, frames_dx, energies = zip(*batches, strict=True)
+    param_names = tuple(system.param_names[i] for i in wrt)
+    check = _batch_check(system, theta, param_names, max_sensitivity, integrator)
+    finals, frames_x, frames_dx, energies = zip(*map(check, batches), strict=True)
     final = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *finals)
     result = ReplicaResult(
         x=final.x,
@@ -177,7 +198,7 @@ def run_replicas(
         dx_dtheta=final.dx_dtheta,
         potential_energy=np.concatenate(energies),
         replicas=replicas.astype(np.int64),
-        param_names=tuple(system.param_names[i] for i in wrt),
+        param_names=param_names,
         wrt=wrt,
         steps=np.arange(1, n_blocks + 1, dtype=np.int64) * save_every
         if keep_frames
@@ -186,7 +207,6 @@ def run_replicas(
         frames_dx_dtheta=np.concatenate(frames_dx) if keep_frames else None,
         final_state=final,
     )
-    _check_finite(result, integrator)
     return result
 
 
@@ -236,17 +256,44 @@ def _batch_size(batch_size, m_rep, method, n, p, k, n_blocks):
     return check_int(batch_size, "batch_size", minimum=1)
 
 
-def _outputs(final, frames, used):
+def _outputs(final, frames, used, replicas):
     """The first ``used`` rows of a batch's (final states, x frames (B, F, N, 3), dx/dθ
-    frames (B, F, P, N, 3), last potential energies (B,)), as numpy arrays; ``frames`` are
-    the chunk program's (``timemachine.sensitivity.program.make_chunk``), batched."""
+    frames (B, F, P, N, 3), last potential energies (B,)), as numpy arrays, and what the
+    blow-up check needs besides: (v frames (B, F, N, 3), potential energy frames (B, F),
+    frame steps (B, F), the rows' replica indices (B,)); ``frames`` are the chunk
+    program's (``timemachine.sensitivity.program.make_chunk``), batched."""
     x, dx, pe = np.asarray(frames[0]), np.asarray(frames[2]), np.asarray(frames[5])
+    v, steps = np.asarray(frames[1]), np.asarray(frames[3])
     return (
         jax.tree_util.tree_map(lambda a: np.asarray(a)[:used], final),
         x[:used],
         dx[:used],
         pe[:used, -1],
-    )
+    ), (v[:used], pe[:used], steps[:used], np.asarray(replicas)[:used])
+
+
+def _batch_check(system, theta, param_names, max_sensitivity, integrator):
+    """The check each batch of ``_run_jax``/``_run_cuda`` passes before the next runs:
+    ``check_batch`` on its frames (raises at the replica that blew up first); returns the
+    batch's ``_outputs``."""
+
+    def check(batch):
+        outputs, (v, pe, steps, labels) = batch
+        check_batch(
+            outputs[1],
+            outputs[2],
+            steps,
+            param_names,
+            max_sensitivity,
+            integrator,
+            labels,
+            vs=v,
+            energies=pe,
+            gradient=lambda x: system.gradient(x, theta),
+        )
+        return outputs
+
+    return check
 
 
 def _run_jax(program, shared, starts, replicas, batch_size):
@@ -274,7 +321,7 @@ def _run_jax(program, shared, starts, replicas, batch_size):
             seed,
             jnp.asarray(replicas[rows], dtype=jnp.int64),
         )
-        yield _outputs(final, frames, used)
+        yield _outputs(final, frames, used, replicas[rows])
 
 
 def _run_cuda(program, shared, starts, replicas):
@@ -290,7 +337,7 @@ def _run_cuda(program, shared, starts, replicas):
         # the next replica reuses the device buffers: copy this one's state out now (the
         # window ring would otherwise be read from the device later)
         final = type(final)(*(np.asarray(f)[None] for f in final))
-        yield _outputs(final, tuple(np.asarray(a)[None] for a in frames), 1)
+        yield _outputs(final, tuple(np.asarray(a)[None] for a in frames), 1, replicas[r : r + 1])
 
 
 def _per_replica(value, name, m_rep, n, unit):
@@ -312,16 +359,3 @@ def _check_starts(system, x_start, theta):
         return
     for r, x in enumerate(x_start):
         check_start(system, x, theta, f"x0[{r}]")
-
-
-def _check_finite(result: ReplicaResult, integrator: LangevinIntegrator) -> None:
-    ok = np.isfinite(result.x).all(axis=(1, 2)) & np.isfinite(result.dx_dtheta).all(axis=(1, 2, 3))
-    if ok.all():
-        return
-    r = int(np.argmax(~ok))
-    what = "coordinates" if not np.isfinite(result.x[r]).all() else "sensitivities dx/dθ"
-    raise SimulationError(
-        f"run_replicas: replica {int(result.replicas[r])} ended with non-finite {what} "
-        f"({int((~ok).sum())} of {ok.size} replicas bad), dt = {integrator.dt} ps; minimize "
-        f"first, use a smaller dt, or shorter runs"
-    )

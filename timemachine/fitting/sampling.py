@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.checks import check_int, check_vectors
-from timemachine.errors import InputError, SimulationError
+from timemachine.errors import InputError
 from timemachine.fitting.reservoir import Reservoir
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
@@ -36,6 +36,7 @@ from timemachine.integrator.langevin import (
     langevin_step,
     maxwell_boltzmann_velocities,
 )
+from timemachine.sensitivity.diagnosis import check_batch
 from timemachine.start_checks import check_start
 from timemachine.structured import gradient_fn
 from timemachine.system import System
@@ -165,7 +166,10 @@ def effective_sample_size(series, method: str = "autocorrelation", blocks: int =
 
 @functools.lru_cache(maxsize=8)
 def _chain_program(system, n_blocks, save_every):
+    """C chains of ``n_blocks`` blocks of ``save_every`` steps, vmapped; each block saves
+    (x, v, step, potential energy) for the samples and the blow-up check."""
     gradient = gradient_fn(system)
+    energy = system.energy_fn()
 
     def one_chain(theta, coeffs, seed, replica, x, v, step):
         def one(s, _):
@@ -173,7 +177,7 @@ def _chain_program(system, n_blocks, save_every):
 
         def block(s, _):
             s, _ = jax.lax.scan(one, s, None, length=save_every)
-            return s, (s.x, s.step)
+            return s, (s.x, s.v, s.step, energy(s.x, theta))
 
         return jax.lax.scan(block, LangevinState(x, v, step), None, length=n_blocks)
 
@@ -275,7 +279,7 @@ class EquilibriumChains:
         if theta.shape != (self.system.n_params,):
             raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
         program = _chain_program(self.system, n_steps // save_every, save_every)
-        final, (xs, steps) = program(
+        final, (xs, vs, steps, energies) = program(
             jnp.asarray(theta),
             self._coeffs,
             jnp.asarray(self.integrator.seed, dtype=jnp.int64),
@@ -284,17 +288,25 @@ class EquilibriumChains:
             jnp.asarray(self.state.v),
             jnp.asarray(self.state.step),
         )
-        xs = np.asarray(xs)
-        good = np.isfinite(xs).all(axis=(2, 3))
-        if not good.all():
-            c, f = np.argwhere(~good)[0]
-            atom = int(np.argmax(~np.isfinite(xs[c, f]).all(axis=1)))
-            raise SimulationError(
-                f"equilibrium chain {c} went non-finite by step {int(np.asarray(steps)[c, f])} "
-                f"(atom {atom} first); use a smaller dt or check the parameters"
-            )
+        xs, steps = np.asarray(xs), np.asarray(steps)
+        # a blow-up stops here, at the first bad saved frame, before the chains' state
+        # moves on: the state (and a fit's last checkpoint) stays the last good one
+        check_batch(
+            xs,
+            None,
+            steps,
+            (),
+            None,
+            self.integrator,
+            np.arange(self.n_chains),
+            vs=np.asarray(vs),
+            energies=np.asarray(energies),
+            gradient=lambda x: self.system.gradient(x, theta),
+            where="equilibrium chains",
+            member="chain",
+        )
         self.state = LangevinState(np.asarray(final.x), np.asarray(final.v), np.asarray(final.step))
-        return xs, np.asarray(steps), theta
+        return xs, steps, theta
 
     def decorrelate(self, params, n_steps: int) -> None:
         """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""

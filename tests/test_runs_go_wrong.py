@@ -263,6 +263,7 @@ def test_blow_up_in_a_later_chunk_names_step_and_atom_and_keeps_the_good_chunks(
     err = info.value
     assert isinstance(err, RuntimeError) and isinstance(err, TimemachineError)
     assert (err.step, err.atom, err.parameter) == (step, atom, None)
+    assert (err.replica, err.epoch) == (None, None)  # one run, no fit
     message = str(err)
     assert re.match(rf"simulate: the potential energy overflowed at step {step} \(first", message)
     assert f"atom {atom} has the largest |∇E|" in message

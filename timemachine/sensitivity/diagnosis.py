@@ -44,6 +44,7 @@ def _runaway(arrays, finite, f):
 def _raise(message, step, atom, parameter=None):
     err = SimulationError(message)
     err.step, err.atom, err.parameter = int(step), None if atom is None else int(atom), parameter
+    err.replica = err.epoch = None  # set by check_batch and the fits when they apply
     raise err
 
 
@@ -77,7 +78,8 @@ def check_frames(
         SimulationError: at the first bad frame (module docstring), naming the step, the
             atom (the one that ran away first; for an energy overflow the one with the
             largest |∇E|; for dx/dθ the largest entry's), the parameter for dx/dθ, and
-            what to try. The error carries ``.step``, ``.atom`` and ``.parameter``.
+            what to try. The error carries ``.step``, ``.atom`` and ``.parameter``
+            (``.replica`` and ``.epoch`` None).
     """
     xs, dxs, steps = np.asarray(xs), np.asarray(dxs), np.asarray(steps)
     x_ok = np.isfinite(xs).all(axis=2)  # (F, N)

@@ -24,6 +24,7 @@ from timemachine.sensitivity import (
     state_memory_bytes,
     window_size,
 )
+from timemachine.sensitivity.diagnosis import MAX_ENERGY
 from timemachine.sensitivity.zeta import zeta_reference
 
 MASSES = np.array([1.008, 4.0, 12.011, 15.999])
@@ -361,7 +362,9 @@ def test_streaming_to_out_dir_matches_memory_and_resumes(tmp_path):
 
 
 def test_non_finite_coordinates_name_the_step_and_atom():
-    """Atom 2 sits on an inverted spring and overflows; T = 0 makes it deterministic."""
+    """Atom 2 sits on an inverted spring and runs away; T = 0 makes it deterministic. The
+    first saved frame whose coordinates are non-finite or whose energy is beyond
+    ``MAX_ENERGY`` (the energy overflows long before the coordinates do) is named."""
     c = np.array([1e-6, 1e-6, -1.0, 1e-6])
     system = oscillator(k=1e8, c=c)
     integrator = LangevinIntegrator(temperature=0.0, friction=1.0, dt=0.002, seed=0)
@@ -373,7 +376,8 @@ def test_non_finite_coordinates_name_the_step_and_atom():
         for t in range(1, 1001):
             v = a * v - b * (1e8 * c[:, None] * x)
             x = x + integrator.dt * v
-            if t % 10 == 0 and not np.isfinite(x).all():
+            energy = 0.5 * 1e8 * np.sum(c[:, None] * x * x)
+            if t % 10 == 0 and not (np.isfinite(x).all() and abs(energy) <= MAX_ENERGY):
                 first_bad = t
                 break
     assert first_bad is not None

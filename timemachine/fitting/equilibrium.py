@@ -67,6 +67,7 @@ from timemachine.fitting.equilibrium_samples import EpochSampler
 from timemachine.fitting.loss import check_prior_sigma, target_vector
 from timemachine.fitting.result import (
     Parametrization,
+    kept_note,
     make_optimizer,
     make_result,
     settings_fingerprint,
@@ -75,6 +76,8 @@ from timemachine.fitting.sampling import EquilibriumChains
 from timemachine.fitting.trust_region import trust_region_step
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
 from timemachine.precision import check_precision
+from timemachine.sensitivity.diagnosis import annotate
+from timemachine.sensitivity.options import check_max_sensitivity
 from timemachine.system import System
 
 __all__ = ["EQUILIBRIUM_ESTIMATORS", "OPTIMIZERS", "chi2_with_error", "fit_equilibrium"]
@@ -112,6 +115,7 @@ def fit_equilibrium(
     horizon="auto",
     max_horizon: int = 500,
     horizon_cap: float = 0.05,
+    max_sensitivity: float | None = 1e8,
     tolerance_sigma: float = 2.0,
     patience: int = 2,
     stop_chi2: float | None = None,
@@ -154,6 +158,10 @@ def fit_equilibrium(
         n_replicas, horizon, max_horizon, horizon_cap: the hybrid estimator's M replicas
             and horizon n ("auto": ``choose_horizon`` on a pilot of ``max_horizon`` steps,
             cap ``horizon_cap`` nm per relative change).
+        max_sensitivity: a |dx/dθ| above this (nm per unit of θ_p) in a hybrid replica
+            stops the fit, naming the epoch, replica, step, parameter and atom (None:
+            only non-finite dx/dθ does). The pilot that chooses the horizon measures the
+            growth and is not limited. A guard, not a setting: a resume may change it.
         tolerance_sigma, patience: the stopping rule (module docstring).
         stop_chi2: also stop at the first freshly sampled epoch after a step whose χ²/N
             is below this by more than ``tolerance_sigma`` standard errors (1.0: the
@@ -180,7 +188,12 @@ def fit_equilibrium(
 
     Raises:
         InputError: bad settings, a checkpoint of another fit, or too few effective samples.
-        SimulationError: a chain or replica went non-finite.
+        SimulationError: a chain or replica blew up, detected at its first bad saved
+            frame (non-finite coordinates or velocities, an overflowing energy, non-finite
+            dx/dθ, |dx/dθ| > ``max_sensitivity``): the epoch, chain or replica, step,
+            atom and parameter are named (``.epoch``, ``.replica``, ``.step``, ``.atom``,
+            ``.parameter``), with what to try. The failed epoch writes nothing: the
+            checkpoint and history.json in ``out_dir`` stay those of the epoch before.
     """
     from timemachine.fitting.targets import load_targets
 
@@ -209,6 +222,7 @@ def fit_equilibrium(
         hybrid=HybridSettings(n_replicas, horizon, max_horizon, horizon_cap),
         precision=check_precision(precision).name,
     )
+    check_max_sensitivity(max_sensitivity)
     if isinstance(targets, (str, os.PathLike)):
         targets = load_targets(targets, system.topology)
     target = target_vector(targets)
@@ -224,7 +238,7 @@ def fit_equilibrium(
 
     chains = EquilibriumChains(
         system, x0, integrator, n_chains=n_chains, save_every=save_every,
-        precision=s.precision,
+        precision=s.precision, params=full0,
     )  # fmt: skip
     sampler = EpochSampler(
         chains,
@@ -271,24 +285,30 @@ def fit_equilibrium(
             full[wrt] = theta
             record = {"epoch": epoch, "params": theta.tolist(), "estimator": estimator}
 
-            # ---- 1. samples at θ: the stored frames reweighted, or the chains run on
-            last = epoch == s.epochs - 1
-            sample = sampler.at(full, epoch, last or _looked_converged_reweighted(state.history))
-            record.update(sample.record)
+            try:
+                # ---- 1. samples at θ: the stored frames reweighted, or the chains run on
+                last = epoch == s.epochs - 1
+                must = last or _looked_converged_reweighted(state.history)
+                sample = sampler.at(full, epoch, must)
+                record.update(sample.record)
 
-            # ---- 2. estimate ⟨O⟩, J = d⟨O⟩/dθ and the loss
-            est = estimate_at(
-                target.observable,
-                system,
-                sample,
-                full,
-                wrt,
-                integrator,
-                blocks=s.blocks,
-                epoch=epoch,
-                hybrid=s.hybrid,
-                horizon_steps=state.horizon_steps,
-            )
+                # ---- 2. estimate ⟨O⟩, J = d⟨O⟩/dθ and the loss
+                est = estimate_at(
+                    target.observable,
+                    system,
+                    sample,
+                    full,
+                    wrt,
+                    integrator,
+                    blocks=s.blocks,
+                    epoch=epoch,
+                    hybrid=s.hybrid,
+                    horizon_steps=state.horizon_steps,
+                    max_sensitivity=max_sensitivity,
+                )
+            except SimulationError as e:  # a chain or replica blew up: name the epoch
+                note = kept_note(out_dir, epoch)
+                raise annotate(e, f"epoch {epoch}: ", note, epoch=epoch) from None
             state.horizon_steps = est.horizon_steps
             record.update(est.record)
             loss = loss_and_gradient(est, target, theta, theta0, width)
@@ -297,6 +317,7 @@ def fit_equilibrium(
                 raise SimulationError(
                     f"epoch {epoch}: χ² = {loss.chi2} or its gradient is not finite; an "
                     "observable is NaN on a sampled frame or the energies overflowed"
+                    + kept_note(out_dir, epoch)
                 )
 
             # ---- 3. accept or reject (Gauss-Newton), then step

@@ -76,11 +76,15 @@ def estimate_at(
     epoch: int,
     hybrid: HybridSettings | None = None,
     horizon_steps: int | None = None,
+    max_sensitivity: float | None = 1e8,
 ) -> Estimate:
     """⟨O⟩ and J = d⟨O⟩/dθ[wrt] at θ = ``params`` (P_all,) from an epoch's frames.
 
     ``hybrid`` None uses the fluctuation estimator; otherwise the hybrid one, with the
-    horizon ``horizon_steps`` chosen earlier in the fit, or chosen now when None.
+    horizon ``horizon_steps`` chosen earlier in the fit, or chosen now when None; its
+    replicas stop with a ``SimulationError`` once a |dx/dθ| exceeds ``max_sensitivity``
+    (``run_replicas``), and the record gets ``dx_dtheta_max``, the largest |dx/dθ_p| over
+    the replicas' last frames per parameter (nm per unit of θ_p).
     """
     values = observable_values(observable, sample.x)
     mean, cov = block_mean_cov(values, sample.weights, blocks)
@@ -97,14 +101,26 @@ def estimate_at(
         )
         return Estimate(mean, cov, est, horizon_steps, {})
     est, horizon_steps, record = _hybrid_estimate(
-        observable, system, sample, params, wrt, integrator, epoch, hybrid, horizon_steps
+        observable,
+        system,
+        sample,
+        params,
+        wrt,
+        integrator,
+        epoch,
+        hybrid,
+        horizon_steps,
+        max_sensitivity,
     )
     return Estimate(mean, cov, est, horizon_steps, record)
 
 
-def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch, hybrid, n):
+def _hybrid_estimate(
+    observable, system, sample, params, wrt, integrator, epoch, hybrid, n, max_sensitivity
+):
     """The hybrid J from M replicas started from frames of ``sample``; (estimate, the
-    horizon n in steps, the record's horizon entries)."""
+    horizon n in steps, the record's horizon and ``dx_dtheta_max`` entries). The pilot
+    that measures the growth of dx/dθ runs without ``max_sensitivity``."""
     from timemachine.fitting.replicas import run_replicas
 
     m = hybrid.n_replicas
@@ -127,6 +143,7 @@ def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch,
                 params=params,
                 save_every=spacing,
                 precision=hybrid.precision,
+                max_sensitivity=None,
             )
             choice = choose_horizon(
                 pilot.steps,
@@ -141,7 +158,7 @@ def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch,
             n = int(hybrid.horizon)
     res = run_replicas(
         system, starts, integrator, n, wrt=wrt, replicas=replicas, params=params,
-        precision=hybrid.precision,
+        precision=hybrid.precision, max_sensitivity=max_sensitivity,
     )  # fmt: skip
     est = hybrid_gradient(
         observable,
@@ -155,6 +172,7 @@ def _hybrid_estimate(observable, system, sample, params, wrt, integrator, epoch,
         horizon=n,
     )
     record["horizon_steps"] = n
+    record["dx_dtheta_max"] = np.abs(res.dx_dtheta).max(axis=(0, 2, 3)).tolist()
     return est, n, record
 
 

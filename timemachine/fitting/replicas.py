@@ -25,14 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.checks import check_int, check_vectors
-from timemachine.errors import InputError, SimulationError
+from timemachine.errors import InputError
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_replica,
     maxwell_boltzmann_velocities,
 )
 from timemachine.precision import check_run_precision, warn_long_float32
-from timemachine.sensitivity.options import check_run, check_steps, physical_memory, window_setup
+from timemachine.sensitivity.diagnosis import check_batch
+from timemachine.sensitivity.options import (
+    check_max_sensitivity,
+    check_run,
+    check_steps,
+    physical_memory,
+    window_setup,
+)
 from timemachine.sensitivity.program import (
     backend_program,
     frame_bytes,
@@ -40,6 +47,7 @@ from timemachine.sensitivity.program import (
     start_state,
 )
 from timemachine.sensitivity.propagation import expected_state_bytes
+from timemachine.start_checks import check_start
 from timemachine.system import System
 
 __all__ = ["ReplicaResult", "run_replicas"]
@@ -94,6 +102,7 @@ def run_replicas(
     batch_size: int | None = None,
     backend: str = "jax",
     precision: str = "float64",
+    max_sensitivity: float | None = 1e8,
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -129,16 +138,29 @@ def run_replicas(
         precision: "float64" (default) or "float32", as in ``simulate``
             (``timemachine.precision``): the replicas' step in single precision, their
             frames and final states float32.
+        max_sensitivity: SimulationError once any |dx/dθ| in a saved frame (every
+            ``save_every`` steps, or the last frame) exceeds this, nm per unit of θ_p, as
+            in ``simulate``; None switches that check off (non-finite dx/dθ is refused
+            all the same).
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
 
     Raises:
-        InputError: invalid arguments, named with their values.
-        SimulationError: non-finite coordinates or sensitivities in a replica (named).
+        InputError: invalid arguments, named with their values; a start that fails
+            ``timemachine.start_checks.check_start`` (two atoms closer than 0.05 nm, or
+            a non-finite or enormous energy or gradient: the atoms are named).
+        SimulationError: a replica blew up (``sensitivity.diagnosis.check_batch``, after
+            each vmapped batch): non-finite coordinates or velocities, an overflowing
+            energy (|E| > 1e10 kJ/mol), non-finite dx/dθ or |dx/dθ| above
+            ``max_sensitivity`` at a saved frame. The replica that went bad at the
+            earliest saved step is named with that step, the atom, the parameter (for
+            dx/dθ) and what to try; the error carries ``.replica``, ``.step``, ``.atom``
+            and ``.parameter``.
     """
     dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
+    check_max_sensitivity(max_sensitivity)
     keep_frames = save_every is not None
     n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
     warn_long_float32(dtype, n_steps, integrator.dt, "run_replicas")
@@ -149,6 +171,7 @@ def run_replicas(
     p = wrt.size
 
     x_start = _per_replica(x0, "x0", m_rep, n, "nm")
+    _check_starts(system, x_start, theta)
     v_start = _start_velocities(v0, system, integrator, replicas)
     k, wcoeffs = window_setup(method, window, window_tol, integrator)
 
@@ -173,7 +196,9 @@ def run_replicas(
         program = replica_program(system, key, zeta, method, dtype.name)
         batches = _run_jax(program, shared, starts, replicas, batch_size)
 
-    finals, frames_x, frames_dx, energies = zip(*batches, strict=True)
+    param_names = tuple(system.param_names[i] for i in wrt)
+    check = _batch_check(system, theta, param_names, max_sensitivity, integrator)
+    finals, frames_x, frames_dx, energies = zip(*map(check, batches), strict=True)
     final = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *finals)
     result = ReplicaResult(
         x=final.x,
@@ -181,7 +206,7 @@ def run_replicas(
         dx_dtheta=final.dx_dtheta,
         potential_energy=np.concatenate(energies),
         replicas=replicas.astype(np.int64),
-        param_names=tuple(system.param_names[i] for i in wrt),
+        param_names=param_names,
         wrt=wrt,
         steps=np.arange(1, n_blocks + 1, dtype=np.int64) * save_every
         if keep_frames
@@ -190,7 +215,6 @@ def run_replicas(
         frames_dx_dtheta=np.concatenate(frames_dx) if keep_frames else None,
         final_state=final,
     )
-    _check_finite(result, integrator)
     return result
 
 
@@ -240,17 +264,44 @@ def _batch_size(batch_size, m_rep, method, n, p, k, n_blocks):
     return check_int(batch_size, "batch_size", minimum=1)
 
 
-def _outputs(final, frames, used):
+def _outputs(final, frames, used, replicas):
     """The first ``used`` rows of a batch's (final states, x frames (B, F, N, 3), dx/dθ
-    frames (B, F, P, N, 3), last potential energies (B,)), as numpy arrays; ``frames`` are
-    the chunk program's (``timemachine.sensitivity.program.make_chunk``), batched."""
+    frames (B, F, P, N, 3), last potential energies (B,)), as numpy arrays, and what the
+    blow-up check needs besides: (v frames (B, F, N, 3), potential energy frames (B, F),
+    frame steps (B, F), the rows' replica indices (B,)); ``frames`` are the chunk
+    program's (``timemachine.sensitivity.program.make_chunk``), batched."""
     x, dx, pe = np.asarray(frames[0]), np.asarray(frames[2]), np.asarray(frames[5])
+    v, steps = np.asarray(frames[1]), np.asarray(frames[3])
     return (
         jax.tree_util.tree_map(lambda a: np.asarray(a)[:used], final),
         x[:used],
         dx[:used],
         pe[:used, -1],
-    )
+    ), (v[:used], pe[:used], steps[:used], np.asarray(replicas)[:used])
+
+
+def _batch_check(system, theta, param_names, max_sensitivity, integrator):
+    """The check each batch of ``_run_jax``/``_run_cuda`` passes before the next runs:
+    ``check_batch`` on its frames (raises at the replica that blew up first); returns the
+    batch's ``_outputs``."""
+
+    def check(batch):
+        outputs, (v, pe, steps, labels) = batch
+        check_batch(
+            outputs[1],
+            outputs[2],
+            steps,
+            param_names,
+            max_sensitivity,
+            integrator,
+            labels,
+            vs=v,
+            energies=pe,
+            gradient=lambda x: system.gradient(x, theta),
+        )
+        return outputs
+
+    return check
 
 
 def _run_jax(program, shared, starts, replicas, batch_size):
@@ -278,7 +329,7 @@ def _run_jax(program, shared, starts, replicas, batch_size):
             seed,
             jnp.asarray(replicas[rows], dtype=jnp.int64),
         )
-        yield _outputs(final, frames, used)
+        yield _outputs(final, frames, used, replicas[rows])
 
 
 def _run_cuda(program, shared, starts, replicas):
@@ -294,7 +345,7 @@ def _run_cuda(program, shared, starts, replicas):
         # the next replica reuses the device buffers: copy this one's state out now (the
         # window ring would otherwise be read from the device later)
         final = type(final)(*(np.asarray(f)[None] for f in final))
-        yield _outputs(final, tuple(np.asarray(a)[None] for a in frames), 1)
+        yield _outputs(final, tuple(np.asarray(a)[None] for a in frames), 1, replicas[r : r + 1])
 
 
 def _per_replica(value, name, m_rep, n, unit):
@@ -308,14 +359,11 @@ def _per_replica(value, name, m_rep, n, unit):
     return np.stack([check_vectors(a, f"{name}[{r}]", n, unit=unit) for r, a in enumerate(arr)])
 
 
-def _check_finite(result: ReplicaResult, integrator: LangevinIntegrator) -> None:
-    ok = np.isfinite(result.x).all(axis=(1, 2)) & np.isfinite(result.dx_dtheta).all(axis=(1, 2, 3))
-    if ok.all():
+def _check_starts(system, x_start, theta):
+    """``check_start`` on each distinct start of the (M, N, 3) ``x_start`` (a shared x0
+    is checked once)."""
+    if x_start.strides[0] == 0:  # one x0 broadcast to every replica
+        check_start(system, x_start[0], theta, "x0")
         return
-    r = int(np.argmax(~ok))
-    what = "coordinates" if not np.isfinite(result.x[r]).all() else "sensitivities dx/dθ"
-    raise SimulationError(
-        f"run_replicas: replica {int(result.replicas[r])} ended with non-finite {what} "
-        f"({int((~ok).sum())} of {ok.size} replicas bad), dt = {integrator.dt} ps; minimize "
-        f"first, use a smaller dt, or shorter runs"
-    )
+    for r, x in enumerate(x_start):
+        check_start(system, x, theta, f"x0[{r}]")

@@ -124,6 +124,16 @@ class Parametrization:
         return np.ones_like(u)
 
 
+def kept_note(out_dir, epoch) -> str:
+    """What a fit whose ``epoch`` failed leaves in ``out_dir``, as the last words of the
+    error: the failed epoch writes nothing, so the checkpoint of the epochs before it
+    stands ("" without ``out_dir`` or before any epoch finished)."""
+    if out_dir is None or epoch == 0:
+        return ""
+    done = "epoch 0" if epoch == 1 else f"epochs 0-{epoch - 1}"
+    return f"; the checkpoint in {out_dir!r} ({done}) is intact: resume=True continues from it"
+
+
 def settings_fingerprint(**config) -> str:
     """16 hex digits of the SHA-256 of the settings as sorted JSON."""
     text = json.dumps(config, sort_keys=True, default=str)

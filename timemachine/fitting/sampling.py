@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.checks import check_int, check_vectors
-from timemachine.errors import InputError, SimulationError
+from timemachine.errors import InputError
 from timemachine.fitting.reservoir import Reservoir
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
@@ -37,6 +37,8 @@ from timemachine.integrator.langevin import (
     maxwell_boltzmann_velocities,
 )
 from timemachine.precision import cast_floats, cast_system, check_precision
+from timemachine.sensitivity.diagnosis import check_batch
+from timemachine.start_checks import check_start
 from timemachine.structured import gradient_fn
 from timemachine.system import System
 
@@ -165,12 +167,14 @@ def effective_sample_size(series, method: str = "autocorrelation", blocks: int =
 
 @functools.lru_cache(maxsize=8)
 def _chain_program(system, n_blocks, save_every, dtype="float64"):
-    """C chains' plain Langevin dynamics, vmapped and compiled: ``n_blocks`` blocks of
-    ``save_every`` steps, the positions after each block kept. ``dtype`` float32
-    (``timemachine.precision``) runs the step in single precision (the system's
+    """C chains of ``n_blocks`` blocks of ``save_every`` steps, vmapped; each block saves
+    (x, v, step, potential energy) for the samples and the blow-up check. ``dtype``
+    float32 (``timemachine.precision``) runs the step in single precision (the system's
     constants, θ, the coefficients and the state cast on entry)."""
     dtype = np.dtype(dtype)
-    gradient = gradient_fn(cast_system(system, dtype))
+    cast = cast_system(system, dtype)
+    gradient = gradient_fn(cast)
+    energy = cast.energy_fn()
 
     def one_chain(theta, coeffs, seed, replica, x, v, step):
         theta, coeffs, x, v = cast_floats((theta, coeffs, x, v), dtype)
@@ -180,7 +184,7 @@ def _chain_program(system, n_blocks, save_every, dtype="float64"):
 
         def block(s, _):
             s, _ = jax.lax.scan(one, s, None, length=save_every)
-            return s, (s.x, s.step)
+            return s, (s.x, s.v, s.step, energy(s.x, theta))
 
         return jax.lax.scan(block, LangevinState(x, v, step), None, length=n_blocks)
 
@@ -215,6 +219,12 @@ class EquilibriumChains:
         precision: "float64" (default) or "float32": the chains' dynamics and state in
             single precision (``timemachine.precision``); their frames are returned as
             float64 arrays (of float32 values) for the estimators.
+        params: (P,) θ the start is checked at (``timemachine.start_checks.check_start``);
+            default ``system.params``.
+
+    Raises:
+        InputError: bad arguments; a start with two atoms closer than 0.05 nm or a
+            non-finite or enormous energy or gradient (``check_start`` names the atoms).
 
     Attributes:
         state: the chains' ``LangevinState`` (leading axis C), numpy arrays.
@@ -230,6 +240,7 @@ class EquilibriumChains:
         save_every: int = 500,
         first_replica: int = 0,
         precision: str = "float64",
+        params=None,
     ):
         self.dtype = check_precision(precision)
         if not isinstance(system, System):
@@ -251,6 +262,9 @@ class EquilibriumChains:
                 f"x0 must be (N, 3) or (n_chains={self.n_chains}, N, 3) nm, got {x0.shape}"
             )
         x = np.stack([check_vectors(x0[c], f"x0[{c}]", n) for c in range(self.n_chains)])
+        # atoms too close or an overflowing start: refused before the first step
+        for c in range(1 if x0.strides[0] == 0 else self.n_chains):
+            check_start(system, x[c], params, "x0" if x0.strides[0] == 0 else f"x0[{c}]")
         masses = np.asarray(system.masses)
         v = np.stack(
             [
@@ -280,7 +294,7 @@ class EquilibriumChains:
         if theta.shape != (self.system.n_params,):
             raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
         program = _chain_program(self.system, n_steps // save_every, save_every, self.dtype.name)
-        final, (xs, steps) = program(
+        final, (xs, vs, steps, energies) = program(
             jnp.asarray(theta),
             self._coeffs,
             jnp.asarray(self.integrator.seed, dtype=jnp.int64),
@@ -289,17 +303,25 @@ class EquilibriumChains:
             jnp.asarray(self.state.v),
             jnp.asarray(self.state.step),
         )
-        xs = np.asarray(xs, dtype=np.float64)
-        good = np.isfinite(xs).all(axis=(2, 3))
-        if not good.all():
-            c, f = np.argwhere(~good)[0]
-            atom = int(np.argmax(~np.isfinite(xs[c, f]).all(axis=1)))
-            raise SimulationError(
-                f"equilibrium chain {c} went non-finite by step {int(np.asarray(steps)[c, f])} "
-                f"(atom {atom} first); use a smaller dt or check the parameters"
-            )
+        xs, steps = np.asarray(xs, dtype=np.float64), np.asarray(steps)
+        # a blow-up stops here, at the first bad saved frame, before the chains' state
+        # moves on: the state (and a fit's last checkpoint) stays the last good one
+        check_batch(
+            xs,
+            None,
+            steps,
+            (),
+            None,
+            self.integrator,
+            np.arange(self.n_chains),
+            vs=np.asarray(vs),
+            energies=np.asarray(energies),
+            gradient=lambda x: self.system.gradient(x, theta),
+            where="equilibrium chains",
+            member="chain",
+        )
         self.state = LangevinState(np.asarray(final.x), np.asarray(final.v), np.asarray(final.step))
-        return xs, np.asarray(steps), theta
+        return xs, steps, theta
 
     def decorrelate(self, params, n_steps: int) -> None:
         """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""

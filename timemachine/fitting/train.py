@@ -48,12 +48,16 @@ from timemachine.fitting.reservoir import Reservoir
 from timemachine.fitting.result import (
     FitResult,
     Parametrization,
+    kept_note,
     make_optimizer,
     make_result,
     settings_fingerprint,
 )
 from timemachine.integrator.langevin import LangevinIntegrator
 from timemachine.precision import check_precision
+from timemachine.sensitivity.diagnosis import annotate
+from timemachine.sensitivity.options import check_max_sensitivity
+from timemachine.start_checks import check_start
 from timemachine.system import System
 
 __all__ = ["FitResult", "atomic_write_text", "fit", "load_checkpoint"]
@@ -84,7 +88,8 @@ def _time_samples(result, capacity, seed):
 
 
 def _diagnose(epoch, names, loss, grad, result, samples):
-    """A SimulationError that says what went non-finite or exploded, and where."""
+    """A SimulationError that says what went non-finite or exploded, and where; its
+    ``.parameter`` is that of the largest |dx/dθ| over the replicas."""
     lines = [f"epoch {epoch}: "]
     dx = np.abs(result.dx_dtheta)
     worst = [
@@ -106,7 +111,9 @@ def _diagnose(epoch, names, loss, grad, result, samples):
         "(sensitivities grow along chaotic trajectories). Use fewer steps per epoch, more "
         "friction, method='window', a smaller learning rate or dt."
     )
-    return SimulationError("".join(lines))
+    err = SimulationError("".join(lines))
+    err.parameter = names[p]  # the parameter of the largest |dx/dθ|
+    return err
 
 
 def _save_checkpoint(out_dir, epoch, u, opt_state, history, settings, keep_previous=True):
@@ -186,6 +193,7 @@ def fit(
     force_matching=None,
     force_matching_weight: float = 1.0,
     max_gradient_norm: float = 1e6,
+    max_sensitivity: float | None = 1e8,
     out_dir=None,
     resume: bool = False,
     progress: bool | None = None,
@@ -203,7 +211,8 @@ def fit(
     trust-region Gauss–Newton step by default), to which ``epochs``, ``n_replicas``
     (hybrid), ``optimizer`` ("gauss-newton" or "adam"), ``learning_rate``,
     ``parametrization``, ``prior_sigma``, ``params``, ``out_dir``, ``resume``,
-    ``progress``, ``callback`` and every keyword in ``equilibrium_options``
+    ``progress``, ``callback``, ``max_sensitivity`` and every keyword in
+    ``equilibrium_options``
     (``sample_steps``, ``n_chains``, ``decorrelation_steps``, ``save_every``,
     ``reservoir_size``, ``blocks``, ``min_ess``, ``reweight_threshold``, ``trust_radius``,
     ``horizon``, ...) pass through; "fluctuation" is the default (README: it gives the
@@ -246,6 +255,10 @@ def fit(
             added to the loss with ``force_matching_weight``; with ``targets=None`` it is
             the whole loss and no dynamics run.
         max_gradient_norm: a u-gradient norm above this stops the fit with a diagnosis.
+        max_sensitivity: a |dx/dθ| above this (nm per unit of θ_p) in any replica's
+            saved frame stops the epoch with a diagnosis naming the replica, step,
+            parameter and atom (``run_replicas``); None: only non-finite dx/dθ stops it.
+            A guard, not a setting of the fit: a resume may change it.
         out_dir: folder for the checkpoint (``checkpoint.npz`` with its SHA-256 record
             ``checkpoint.json``, the previous pair kept as ``checkpoint.prev.*``;
             ``timemachine.checkpoints``) and ``history.json``, written atomically after
@@ -271,7 +284,12 @@ def fit(
         InputError: invalid settings.
         CheckpointError: (an InputError) a checkpoint from a different fit, naming what
             differs; ``CorruptCheckpointError`` when no copy of it passes its checksums.
-        SimulationError: non-finite or exploding loss/gradient, with a diagnosis.
+        SimulationError: a replica blew up (non-finite coordinates, an overflowing
+            energy, non-finite dx/dθ or |dx/dθ| > ``max_sensitivity``: the epoch, replica,
+            step, atom and parameter are named, and carried as ``.epoch``, ``.replica``,
+            ``.step``, ``.atom``, ``.parameter``), or a non-finite or exploding
+            loss/gradient, with a diagnosis. The epoch that failed writes nothing: the
+            checkpoint and history.json in ``out_dir`` stay those of the epoch before.
     """
     import jax
     import optax
@@ -314,6 +332,7 @@ def fit(
             progress=progress,
             callback=callback,
             precision=precision,
+            max_sensitivity=max_sensitivity,
             **equilibrium_options,
         )
     from timemachine.fitting.estimators import ESTIMATORS
@@ -339,6 +358,7 @@ def fit(
         )
     epochs = check_int(epochs, "epochs", minimum=1)
     n_replicas = check_int(n_replicas, "n_replicas", minimum=1)
+    check_max_sensitivity(max_sensitivity)
     n_steps = check_int(n_steps, "n_steps", minimum=1)
     time_samples = check_int(time_samples, "time_samples", minimum=0)
     if isinstance(targets, (str, os.PathLike)):
@@ -368,6 +388,10 @@ def fit(
         x_check = np.asarray(x0, dtype=np.float64)
         x_check = x_check if x_check.ndim == 2 else x_check[0]
         system.check_positions(x_check, "x0")
+        # atoms too close or an overflowing start refused before anything is written
+        starts = np.asarray(x0, dtype=np.float64)
+        for r, x_r in enumerate([starts] if starts.ndim == 2 else starts):
+            check_start(system, x_r, full0, "x0" if starts.ndim == 2 else f"x0[{r}]")
         got = np.asarray(target.observable(x_check)).shape
         if got != target.value.shape:
             raise InputError(
@@ -450,9 +474,12 @@ def fit(
                         method=method,
                         backend=backend,
                         precision=precision,
+                        max_sensitivity=max_sensitivity,
                     )
                 except SimulationError as e:
-                    raise SimulationError(f"epoch {epoch}: {e}") from None
+                    raise annotate(
+                        e, f"epoch {epoch}: ", kept_note(out_dir, epoch), epoch=epoch
+                    ) from None
                 ensemble = observable_samples(target.observable, result.x, result.dx_dtheta)
                 time_set = None
                 if time_samples:
@@ -497,9 +524,10 @@ def fit(
                 if result is None:
                     raise SimulationError(
                         f"epoch {epoch}: force-matching loss {total} / gradient norm {gnorm} "
-                        "is not usable"
+                        f"is not usable{kept_note(out_dir, epoch)}"
                     )
-                raise _diagnose(epoch, names, total, grad_theta, result, samples)
+                err = _diagnose(epoch, names, total, grad_theta, result, samples)
+                raise annotate(err, suffix=kept_note(out_dir, epoch), epoch=epoch)
             record.update(loss=float(total), gradient=grad_theta.tolist(), gradient_norm=gnorm)
             updates, opt_state = opt.update(grad_u, opt_state, u)
             u = np.asarray(optax.apply_updates(u, updates), dtype=np.float64)

@@ -25,6 +25,7 @@ from timemachine.sensitivity.propagation import (
     window_coefficients,
     window_size,
 )
+from timemachine.start_checks import check_start
 from timemachine.system import System
 
 __all__ = [
@@ -139,10 +140,12 @@ def chunk_blocks(n_blocks, frame_bytes, chunk_steps, save_every):
     return min(n_blocks, max(1, CHUNK_BYTES // frame_bytes), max(1, -(-n_blocks // MIN_CHUNKS)))
 
 
-def initial_state(system, x0, integrator, method, k, wrt, v0, replica):
+def initial_state(system, x0, integrator, method, k, wrt, v0, replica, params=None):
     """The state a run starts from: x0 (N, 3) nm with v0 or Maxwell-Boltzmann velocities
     and zero sensitivities, or x0 a previous run's ``final_state``, checked against
-    method, k and wrt."""
+    method, k and wrt. Positions x0 must pass ``timemachine.start_checks.check_start``
+    at θ = ``params`` (no atoms too close, a finite, not enormous energy and gradient);
+    a state is a run's own continuation and is not checked again."""
     n, p = system.n_atoms, wrt.size
     if isinstance(x0, (ExactState, WindowState)):
         want = ExactState if method == "exact" else WindowState
@@ -171,6 +174,7 @@ def initial_state(system, x0, integrator, method, k, wrt, v0, replica):
         fields.update(x=jnp.asarray(x), v=jnp.asarray(v), step=jnp.asarray(step, jnp.int64))
         return want(**fields)
     x0 = check_vectors(x0, "x0", n)
+    check_start(system, x0, params, "x0")
     if v0 is not None:  # named as the caller's argument, not langevin_init's
         v0 = check_vectors(v0, "v0", n, unit="nm/ps")
     start = langevin_init(x0, system.masses, integrator, replica=replica, velocities=v0)

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.constants import BOLTZMANN
-from timemachine.errors import InputError
+from timemachine.errors import InputError, SimulationError
 from timemachine.integrator.langevin import LangevinIntegrator, _check_replica
 from timemachine.precision import check_run_precision, warn_long_float32
-from timemachine.sensitivity.diagnosis import check_frames
+from timemachine.sensitivity.diagnosis import annotate, check_frames
 from timemachine.sensitivity.frames import (
     SensitivityTrajectory,
     prepare_out_dir,
@@ -146,8 +146,18 @@ def simulate(
         CheckpointError: (an InputError) ``resume`` into a folder of a different run;
             ``CorruptCheckpointError`` when no copy of its checkpoint, or a chunk it
             lists, passes its checksums (the file is named).
-        SimulationError: non-finite coordinates (the first bad saved step and atom are
-            named) or a sensitivity above ``max_sensitivity`` (step, parameter, atom).
+        InputError: also a start that fails ``timemachine.start_checks.check_start``:
+            two interacting atoms closer than 0.05 nm (both named, with their distance),
+            or a non-finite or enormous (|E| > 1e10 kJ/mol, |∇E| > 1e12 kJ/mol/nm)
+            starting energy or gradient.
+        SimulationError: at the first bad saved frame (``sensitivity.diagnosis``):
+            non-finite coordinates or velocities (step and the atom that ran away), a
+            non-finite or overflowing potential energy (|E| > 1e10 kJ/mol: step and the
+            atom of the largest |∇E|), non-finite dx/dθ, or a sensitivity above
+            ``max_sensitivity`` (step, parameter, atom); with what to try. The error
+            carries ``.step``, ``.atom`` and ``.parameter``; with ``out_dir`` no chunk
+            or checkpoint holds a bad frame, so the folder loads (the good frames) and
+            resumes from the last good chunk.
     """
     dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
@@ -162,7 +172,7 @@ def simulate(
     n, p = system.n_atoms, wrt.size
     k, wcoeffs = window_setup(method, window, window_tol, integrator)
     state_bytes = check_state_memory(method, n, p, k)
-    state = initial_state(system, x0, integrator, method, k, wrt, v0, replica)
+    state = initial_state(system, x0, integrator, method, k, wrt, v0, replica, theta)
 
     if resume and out_dir is None:
         raise InputError("resume=True needs out_dir (where the run to continue lives)")
@@ -198,17 +208,23 @@ def simulate(
             param_names=param_names,
             max_sensitivity=max_sensitivity,
             integrator=integrator,
+            gradient=lambda x: system.gradient(x, theta),  # names an overflow's atom
         )
         masses = np.asarray(system.masses)
         chunks = _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose)
-        for c, (state, chunk) in enumerate(chunks):
-            if out_dir is not None:
-                write_chunk(out_dir, first_chunk + c, chunk, log)
-                save_state(out_dir, state, log)
-            else:
-                kept.append(chunk)
-            if bar is not None:
-                bar.update(chunk["steps"].shape[0] * save_every)
+        try:
+            for c, (state, chunk) in enumerate(chunks):
+                if out_dir is not None:
+                    write_chunk(out_dir, first_chunk + c, chunk, log)
+                    save_state(out_dir, state, log)
+                else:
+                    kept.append(chunk)
+                if bar is not None:
+                    bar.update(chunk["steps"].shape[0] * save_every)
+        except SimulationError as err:
+            if out_dir is None:
+                raise
+            raise annotate(err, suffix=_what_is_kept(out_dir, log)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -223,6 +239,20 @@ def simulate(
         memory_bytes=memory,
         method=method,
         window=k,
+    )
+
+
+def _what_is_kept(out_dir, log):
+    """What a blow-up leaves in ``out_dir``: the chunks its checkpoint lists were all
+    checked before they were written (the bad chunk never is)."""
+    if not log.chunks:
+        return f"; no chunk passed, so {out_dir!r} holds no frame and no checkpoint of the run"
+    last = log.chunks[-1]["last_step"]
+    frames = sum(int(r["frames"]) for r in log.chunks)
+    return (
+        f"; {out_dir!r} keeps the {frames} frames up to step {last} that passed, and the "
+        f"checkpoint there: SensitivityTrajectory.load reads them, and simulate(..., "
+        f"resume=True) continues from it"
     )
 
 
@@ -266,7 +296,8 @@ def _program_args(system, integrator, theta, save_every, wcoeffs, replica):
 def _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose):
     """Run ``n_blocks`` blocks, ``per_chunk`` per call of ``program`` (the last call may
     run fewer), yielding per call the state after it and its ``_chunk_record``; each
-    chunk's (x, dx/dθ, steps) go to ``diagnose`` first, which raises on a blow-up."""
+    chunk's (x, dx/dθ, steps, v, E) go to ``diagnose`` first, which raises on a blow-up
+    before the chunk is yielded (so it is never written)."""
     done = 0
     while done < n_blocks:
         blocks = min(per_chunk, n_blocks - done)
@@ -274,7 +305,7 @@ def _run_chunks(program, state, n_blocks, per_chunk, args, masses, diagnose):
             per_chunk, state, jnp.asarray(blocks, dtype=jnp.int64), *args
         )
         frames = tuple(np.asarray(a)[:blocks] for a in frames)
-        diagnose(frames[0], frames[2], frames[3])
+        diagnose(frames[0], frames[2], frames[3], vs=frames[1], energies=frames[5])
         yield state, _chunk_record(frames, v_look, masses)
         done += blocks
 

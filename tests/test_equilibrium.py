@@ -6,6 +6,7 @@ it; the pathwise-only one is biased and must not), and an uninterrupted fit (a r
 fit must reproduce it bit for bit).
 """
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -225,19 +226,38 @@ def test_equilibrium_fit_lowers_chi2_and_resumes_bit_for_bit(trialanine_equilibr
     np.testing.assert_array_equal(resumed.params, straight.params)
     assert [r["chi2"] for r in resumed.history] == [r["chi2"] for r in straight.history]
 
+    # killed after its last checkpoint but before history.json was rewritten: resuming
+    # the finished fit runs no epoch, and still writes the whole history
+    path = tmp_path / "a" / "history.json"
+    whole = path.read_text()
+    path.write_text(json.dumps({"epochs": json.loads(whole)["epochs"][:1]}))
+    again = tm.fit(
+        system, x, integrator, targets, wrt, out_dir=tmp_path / "a", resume=True, **settings
+    )
+    np.testing.assert_array_equal(again.params, straight.params)
+    assert json.loads(path.read_text()) == json.loads(whole)
 
-def test_equilibrium_fit_stops_once_it_fits_the_data(trialanine_equilibrium):
+
+def test_equilibrium_fit_stops_once_it_fits_the_data(trialanine_equilibrium, tmp_path):
     # the discrepancy principle: the first fresh epoch after a step with χ²/N below
     # stop_chi2 by 2 standard errors ends the fit at the θ it sampled
     top, system, x, integrator = trialanine_equilibrium
     targets, settings = _fit_settings(top)
     settings = dict(settings, sample_steps=10_000, reweight_threshold=2.0)  # always sample
-    r = tm.fit(system, x, integrator, targets, "torsion/C-N-CT-C/k*", stop_chi2=1e4, **settings)
+    wrt = "torsion/C-N-CT-C/k*"
+    r = tm.fit(system, x, integrator, targets, wrt, stop_chi2=1e4, out_dir=tmp_path, **settings)
     assert len(r.history) == 2 and r.history[1]["sampled"]
     last = r.history[-1]
     assert last["converged"] and last["chi2"] + 2 * last["chi2_stderr"] <= 1e4
     assert r.info["stop_reason"].startswith("fits the data: χ²/N = ")
     np.testing.assert_array_equal(r.theta, last["params"])
+    # resumed, the converged fit runs nothing and returns the θ it stopped at
+    again = tm.fit(
+        system, x, integrator, targets, wrt, stop_chi2=1e4, out_dir=tmp_path, resume=True,
+        **settings,
+    )  # fmt: skip
+    np.testing.assert_array_equal(again.theta, r.theta)
+    assert again.info["stop_reason"] == r.info["stop_reason"]
     with pytest.raises(tm.InputError, match="stop_chi2"):
         tm.fit(system, x, integrator, targets, "torsion/C-N-CT-C/k*", stop_chi2=-1.0)
 

@@ -160,6 +160,17 @@ def test_killed_fit_resumes_exactly(problem, tmp_path):
     saved = json.loads((tmp_path / "b" / "history.json").read_text())
     assert _strip(saved["epochs"]) == _strip(straight.history)
     assert saved["theta_final"] == straight.theta.tolist()
+    # killed after the last checkpoint, before history.json: the finished fit, resumed,
+    # runs no epoch and writes the whole history again
+    path = tmp_path / "a" / "history.json"
+    whole = path.read_text()
+    path.write_text(json.dumps({"epochs": json.loads(whole)["epochs"][:1]}))
+    again = tm.fit(
+        system, x0, integrator, targets, wrt, epochs=4, out_dir=tmp_path / "a", resume=True,
+        **common,
+    )  # fmt: skip
+    np.testing.assert_array_equal(again.params, straight.params)
+    assert json.loads(path.read_text()) == json.loads(whole)
     # a checkpoint from other settings is refused, not silently mixed in
     with pytest.raises(InputError, match=r"other settings.*n_steps 100 != 120"):
         tm.fit(

@@ -276,7 +276,7 @@ def fit_equilibrium(
         return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
 
     bar = _progress_bar(progress, s.epochs, state.start)
-    converged = False
+    converged = state.converged  # a resumed fit that had converged runs no epoch
     try:
         for epoch in range(state.start, s.epochs):
             t0 = time.perf_counter()
@@ -364,7 +364,12 @@ def fit_equilibrium(
         if bar is not None:
             bar.close()
     state.u = _reported_u(state, optimizer, converged)
-    return result()
+    final = result()
+    if out_dir is not None and state.history:
+        # again, for a run killed between its last checkpoint and this file: the resumed
+        # run has no epoch left to write it (the same text the last epoch wrote)
+        _write_history(out_dir, final)
+    return final
 
 
 def _reported_u(state, optimizer, converged):
@@ -531,6 +536,7 @@ class _FitState:
         horizon_steps: the hybrid horizon n, once chosen.
         stop_reason: why the fit stopped ("epochs" until it converges).
         resumed: whether a checkpoint was loaded.
+        converged: whether the loaded checkpoint's fit had converged.
     """
 
     u: np.ndarray
@@ -543,6 +549,7 @@ class _FitState:
     horizon_steps: int | None = None
     stop_reason: str = "epochs"
     resumed: bool = False
+    converged: bool = False
 
 
 def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) -> None:
@@ -571,6 +578,7 @@ def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) 
         state.opt_state = jax.tree_util.tree_unflatten(treedef, ckpt["opt_leaves"])
     if ckpt["converged"]:
         state.start, state.stop_reason = epochs, ckpt["stop_reason"]
+        state.converged = True
 
 
 def _save(out_dir, settings, epoch, state: _FitState, sampler, converged, result, fresh) -> None:
@@ -596,6 +604,10 @@ def _save(out_dir, settings, epoch, state: _FitState, sampler, converged, result
         converged=converged,
         stop_reason=state.stop_reason,
     )
+    _write_history(out_dir, result)
+
+
+def _write_history(out_dir, result) -> None:
     atomic_write_text(os.path.join(out_dir, HISTORY), json.dumps(result.history_dict(), indent=1))
 
 

@@ -551,7 +551,12 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir)
+    final = make_result(full0, wrt, names, param, u, theta0, history, target, out_dir)
+    if out_dir is not None and history:
+        # again, for a run killed between its last checkpoint and this file: the resumed
+        # run has no epoch left to write it (the same text the last epoch wrote)
+        _write_history(out_dir, final)
+    return final
 
 
 def _write_history(out_dir, result):

@@ -5,6 +5,7 @@ refused or warned about where it cannot meet them."""
 import os
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from conftest import rel
@@ -50,7 +51,8 @@ def _energy_and_gradient(system, x, dtype):
     theta = cast_floats(np.asarray(system.params), dtype)
     s = cast_system(system, dtype)
     x = np.asarray(x, dtype)
-    return s.energy_fn()(x, theta), gradient_fn(s)(x, theta)
+    energy, gradient = s.energy_fn(), gradient_fn(s)
+    return jax.jit(lambda y, t: (energy(y, t), gradient(y, t)))(x, theta)
 
 
 def test_a_float32_trajectory_is_float32_and_within_its_tolerance_of_float64(both):

@@ -191,8 +191,8 @@ def test_the_rg_example_runs_at_a_reduced_size(tmp_path):
     import openmm.app as app
 
     out = tmp_path / "rg"
-    small = ["sampling.chains=2", "sampling.sample_steps=1000", "sampling.save_every=50",
-             "sampling.decorrelation_steps=200", "sampling.min_ess=2", "optimizer.epochs=2",
+    small = ["sampling.chains=2", "sampling.sample_steps=600", "sampling.save_every=30",
+             "sampling.decorrelation_steps=120", "sampling.min_ess=2", "optimizer.epochs=2",
              "validation.ns=0"]  # fmt: skip
     argv = ["fit", str(EXAMPLES / "rg_villin" / "fit.toml"), "--out", str(out), "--quiet"]
     assert main(argv + [a for s in small for a in ("--set", s)]) == 0

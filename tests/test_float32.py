@@ -69,6 +69,16 @@ def test_a_float32_trajectory_is_float32_and_within_its_tolerance_of_float64(bot
     assert rel(f32.potential_energy, f64.potential_energy) < 1e-4
 
 
+def test_a_float32_run_repeats_bitwise(ala3, both):
+    # float32 is reproducible with itself, as float64 is (test_reproducibility), though
+    # it agrees with float64 only to its tolerances
+    system, x = ala3
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.0015, seed=3)
+    again = tm.simulate(system, x, integ, 200, wrt=WRT, save_every=100, precision="float32")
+    for name in ("x", "v", "dx_dtheta", "potential_energy"):
+        assert np.array_equal(getattr(again, name), getattr(both["float32"], name)), name
+
+
 @pytest.mark.parametrize("where", ["trialanine", "villin"])
 def test_float32_energies_and_forces_meet_the_stated_tolerances(where, ala3, both):
     if where == "trialanine":

@@ -42,7 +42,9 @@ def _write(tmp_path, text, name="run.toml"):
 
 def test_a_good_configuration_gets_its_defaults(tmp_path):
     cfg = load_config(_write(tmp_path, GOOD), "simulate")
-    assert cfg["simulate"] == {"steps": 40, "save_every": 10, "method": "exact", "backend": "jax"}
+    assert cfg["simulate"] == {
+        "steps": 40, "save_every": 10, "method": "exact", "backend": "jax", "precision": "float64",
+    }  # fmt: skip
     assert cfg["integrator"]["friction"] == 1.0 and cfg["integrator"]["seed"] == 3
     assert cfg["system"]["implicit_solvent"] == "none" and cfg["system"]["minimize"] is True
     assert cfg["parameters"]["wrt"] == ["torsion/*/k*"]

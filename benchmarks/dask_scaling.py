@@ -1,0 +1,127 @@
+"""Replicas on a local Dask cluster: the scaling of one pathwise epoch with the workers,
+and the overhead per task (issue 19). A benchmark, not a test: it prints a table and
+writes JSON (atomically).
+
+    python benchmarks/dask_scaling.py [--json benchmarks/dask_scaling.json]
+                                      [--steps 10000] [--replicas 8] [--workers 1 2 4]
+
+The epoch: ``tm.fit(estimator="pathwise", epochs=1)`` on trialanine (amber99sbildn +
+OBC2, ``tm.build_peptide("AAA")``, minimised), θ the φ/ψ barriers
+``torsion/C-N-CT-C/k*`` and ``torsion/N-CT-C-N/k*``, fitted to the Graf et al. 2007
+couplings; M replicas of ``--steps`` steps of 2 fs, one replica a task. For each worker
+count a ``LocalCluster`` is started (single-threaded workers, each pinned to one CPU:
+workers beyond the CPU count share them), a first epoch compiles the program on every
+worker (reported as ``first_epoch_s``), and the next epoch is timed (``epoch_s``, the
+median of ``--repeat``). ``in-process`` is the same epoch as one vmapped program in this
+process (XLA's threads on every core), for reference. Every run's gradient is compared
+with the in-process one (max relative difference).
+
+The overhead per task is the wall time of ``Executor.map`` over ``--replicas`` no-op
+tasks on the warm 1-worker cluster, divided by their number: the scheduling and
+transfer cost that a task must be long against.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import timemachine as tm  # noqa: E402
+from timemachine.files import atomic_write_text  # noqa: E402
+from timemachine.fitting.executor import open_executor  # noqa: E402
+from timemachine.fitting.targets import graf2007_targets  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WRT = ["torsion/C-N-CT-C/k*", "torsion/N-CT-C-N/k*"]
+
+
+def _noop(i):
+    return i
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=os.path.join(HERE, "dask_scaling.json"))
+    ap.add_argument("--steps", type=int, default=10_000)
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+
+    top, x = tm.build_peptide("AAA")
+    system, x = tm.load_system((top, x), implicit_solvent="obc2")
+    x = np.asarray(tm.minimize_system(system, x))
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=0)
+    targets = graf2007_targets(system.topology)
+
+    def epoch(executor):
+        t0 = time.perf_counter()
+        r = tm.fit(system, x, integ, targets, WRT, estimator="pathwise", epochs=1,
+                   n_replicas=args.replicas, n_steps=args.steps, progress=False,
+                   executor=executor)  # fmt: skip
+        return time.perf_counter() - t0, np.asarray(r.history[0]["gradient"])
+
+    rows = {}
+    first, _ = epoch("in-process")
+    times, (t, g_ref) = [], epoch("in-process")
+    times.append(t)
+    for _ in range(args.repeat - 1):
+        times.append(epoch("in-process")[0])
+    rows["in-process"] = {"first_epoch_s": first, "epoch_s": statistics.median(times),
+                          "gradient_rel_diff": 0.0}  # fmt: skip
+    print(f"in-process: {rows['in-process']['epoch_s']:.1f} s", file=sys.stderr)
+    overhead = None
+    for n in args.workers:
+        with open_executor("dask", n_workers=n) as ex:
+            first, _ = epoch(ex)
+            times, grads = [], []
+            for _ in range(args.repeat):
+                t, g = epoch(ex)
+                times.append(t)
+                grads.append(g)
+            if n == 1:
+                ex.map(_noop, range(args.replicas))  # warm
+                t0 = time.perf_counter()
+                ex.map(_noop, range(args.replicas))
+                overhead = (time.perf_counter() - t0) / args.replicas
+        diff = max(float(np.abs(g - g_ref).max() / np.abs(g_ref).max()) for g in grads)
+        rows[f"{n} workers"] = {"first_epoch_s": first, "epoch_s": statistics.median(times),
+                                "gradient_rel_diff": diff}  # fmt: skip
+        print(f"{n} workers: {rows[f'{n} workers']['epoch_s']:.1f} s", file=sys.stderr)
+
+    base = rows.get("1 workers", {}).get("epoch_s")
+    for r in rows.values():
+        r["speedup_over_1_worker"] = None if base is None else base / r["epoch_s"]
+    record = {
+        "machine": platform.platform(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "jax": jax.__version__,
+        "replicas": args.replicas,
+        "steps": args.steps,
+        "dt_ps": 0.002,
+        "overhead_per_task_s": overhead,
+        "rows": rows,
+    }
+    atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    print("| executor | epoch (s) | first epoch, compiling (s) | speed-up over 1 worker | "
+          "gradient vs in-process |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        s = r["speedup_over_1_worker"]
+        print(f"| {name} | {r['epoch_s']:.2f} | {r['first_epoch_s']:.1f} | "
+              f"{'' if s is None else f'{s:.2f}×'} | {r['gradient_rel_diff']:.1e} |")  # fmt: skip
+    if overhead is not None:
+        print(f"overhead per task (no-op tasks, warm 1-worker cluster): {overhead * 1e3:.1f} ms")
+    print(f"{args.replicas} replicas × {args.steps} steps; JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -89,7 +89,7 @@ def _rel_scale_check(ref):
 
 def test_a_local_cluster_gives_the_in_process_replicas(problem, in_process, epoch_in_process):
     _rel_scale_check(in_process)
-    got = _run(problem, executor="dask", n_workers=2)  # a cluster started and stopped
+    got = _run(problem, executor="dask", n_workers=2, replicas_per_task=1)  # started, stopped
     _assert_close(got, in_process, "2-worker local cluster")
     with open_executor("dask", n_workers=2) as ex:
         # three replicas a task: the same rows, in replica order

@@ -151,6 +151,12 @@ class Executor:
         self._own_client = False
         return False
 
+    def slots(self) -> int:
+        """How many tasks run at once: the cluster's worker threads (1 in-process)."""
+        if self.kind == "in-process" or self.client is None:
+            return 1
+        return max(1, sum(self.client.nthreads().values()))
+
     def map(self, fn, items, *shared) -> list:
         """``[fn(item, *shared) for item in items]``, the results in the order of
         ``items``. On Dask each item is one task and ``shared`` is scattered to every

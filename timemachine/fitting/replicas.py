@@ -106,7 +106,7 @@ def run_replicas(
     max_sensitivity: float | None = 1e8,
     executor="in-process",
     n_workers: int | None = None,
-    replicas_per_task: int = 1,
+    replicas_per_task: int | None = None,
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -154,7 +154,8 @@ def run_replicas(
             task is ``replicas_per_task`` replicas run in-process on a worker; the rows
             come back in replica order whichever worker finished first.
         n_workers: workers of the local cluster (executor "dask"); default 2.
-        replicas_per_task: replicas per Dask task (default 1).
+        replicas_per_task: replicas per Dask task (vmapped there); default M divided
+            among the cluster's worker threads, so that each thread gets one task.
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
@@ -179,18 +180,25 @@ def run_replicas(
     else:
         on_dask = check_executor(executor) != "in-process"
     if on_dask:
-        per_task = check_int(replicas_per_task, "replicas_per_task", minimum=1)
+        per_task = replicas_per_task
+        if per_task is not None:
+            per_task = check_int(replicas_per_task, "replicas_per_task", minimum=1)
         options = dict(wrt=wrt, params=params, save_every=save_every, method=method,
                        window=window, window_tol=window_tol, zeta=zeta,
                        batch_size=batch_size, backend=backend, precision=precision,
                        max_sensitivity=max_sensitivity)  # fmt: skip
         replicas = _check_replicas(replicas, n_replicas, first_replica)
-        tasks = _tasks(replicas, x0, v0, system.n_atoms, per_task)
+        shared = (system, _content_key(system), integrator, n_steps, options)
+
+        def run(ex):
+            per = per_task or -(-replicas.size // ex.slots())
+            return ex.map(_replica_task, _tasks(replicas, x0, v0, system.n_atoms, per), *shared)
+
         if isinstance(executor, Executor):
-            parts = executor.map(_replica_task, tasks, system, integrator, n_steps, options)
+            parts = run(executor)
         else:
             with open_executor(executor, n_workers) as ex:
-                parts = ex.map(_replica_task, tasks, system, integrator, n_steps, options)
+                parts = run(ex)
         return _merge(parts)
     keep_frames = save_every is not None
     n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
@@ -302,9 +310,29 @@ def _tasks(replicas, x0, v0, n, per_task):
     ]
 
 
-def _replica_task(task, system, integrator, n_steps, options):
-    """One Dask task: ``run_replicas`` of its replicas, in-process on the worker."""
+#: the Systems a worker process has received, by content: each call sends a new copy of
+#: the System, and the compiled programs are cached per System object, so the worker
+#: reuses the first copy of the same content (the last few kept)
+_WORKER_SYSTEMS: dict = {}
+
+
+def _content_key(system) -> str:
+    """A SHA-256 of the pickled System: equal for equal content."""
+    import hashlib
+    import pickle
+
+    return hashlib.sha256(pickle.dumps(system)).hexdigest()
+
+
+def _replica_task(task, system, key, integrator, n_steps, options):
+    """One Dask task: ``run_replicas`` of its replicas, in-process on the worker (with the
+    worker's first System of this content, whose compiled programs are cached)."""
     replicas, x0, v0 = task
+    if key not in _WORKER_SYSTEMS:
+        while len(_WORKER_SYSTEMS) >= 4:
+            _WORKER_SYSTEMS.pop(next(iter(_WORKER_SYSTEMS)))
+        _WORKER_SYSTEMS[key] = system
+    system = _WORKER_SYSTEMS[key]
     return run_replicas(system, x0, integrator, n_steps, replicas=replicas, v0=v0, **options)
 
 

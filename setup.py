@@ -67,6 +67,7 @@ setup(
             "pytest>=7",
             "pytest-xdist>=3",
             "hypothesis>=6",
+            "dask[distributed]>=2024.1",  # tests/test_executor.py
             "ruff==0.17.6",
             # NVRTC, the compiler CuPy runs: tests/test_kernels_compile.py builds the kernels
             # with it on machines without a GPU
@@ -76,6 +77,8 @@ setup(
         # cuda13 for a CUDA 13 stack (drivers >= 580)
         "cuda": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=14"],
+        # replicas as tasks on a Dask cluster (timemachine.fitting.executor)
+        "dask": ["dask[distributed]>=2024.1"],
         # JAX MD for the forward-mode column of python -m timemachine.bench
         "bench": ["jax-md==0.2.29"],
     },

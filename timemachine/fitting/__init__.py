@@ -9,6 +9,8 @@ Building blocks:
   (x, dx/dθ, step) uniformly from a trajectory for time averages.
 * ``replicas``: ``run_replicas`` runs M independent trajectories as one vmapped program;
   their last frames give ensemble averages.
+* ``executor``: where replicas run: in-process (sharded over the JAX devices) or as tasks
+  on Dask (``open_executor``).
 * ``estimators``: ``pathwise_gradient`` (⟨∂O/∂x · dx/dθ⟩) and ``fluctuation_gradient``
   (-β cov(O, ∂E/∂θ)) of averaged observables, each a ``GradientEstimate`` with standard
   errors; ``compare_estimators`` says how far apart the two are.
@@ -21,6 +23,7 @@ from timemachine.fitting.estimators import (
     fluctuation_gradient,
     pathwise_gradient,
 )
+from timemachine.fitting.executor import Executor, open_executor
 from timemachine.fitting.force_matching import (
     ForceMatchingLoss,
     ReferenceData,
@@ -72,6 +75,7 @@ __all__ = [
     "COUPLINGS",
     "Dihedral",
     "EstimatorComparison",
+    "Executor",
     "FitResult",
     "ForceMatchingLoss",
     "GradientEstimate",
@@ -106,6 +110,7 @@ __all__ = [
     "loss_and_gradient",
     "make_target",
     "observable_from_spec",
+    "open_executor",
     "observable_samples",
     "pathwise_gradient",
     "read_extxyz",

@@ -26,6 +26,7 @@ import numpy as np
 
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
+from timemachine.fitting.executor import Executor, check_executor, open_executor
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_replica,
@@ -103,6 +104,9 @@ def run_replicas(
     backend: str = "jax",
     precision: str = "float64",
     max_sensitivity: float | None = 1e8,
+    executor="in-process",
+    n_workers: int | None = None,
+    replicas_per_task: int | None = None,
 ) -> ReplicaResult:
     """Run M independent trajectories carrying dx/dθ, vmapped over replicas.
 
@@ -142,6 +146,16 @@ def run_replicas(
             ``save_every`` steps, or the last frame) exceeds this, nm per unit of θ_p, as
             in ``simulate``; None switches that check off (non-finite dx/dθ is refused
             all the same).
+        executor: where the replicas run (``timemachine.fitting.executor``):
+            "in-process" (one vmapped program here, its batches sharded over the JAX
+            devices present), "dask" (a local cluster of ``n_workers`` processes, started
+            and stopped for this call), a scheduler address, a ``distributed.Client`` or
+            an open ``Executor`` (a fit keeps one open over its epochs). On Dask each
+            task is ``replicas_per_task`` replicas run in-process on a worker; the rows
+            come back in replica order whichever worker finished first.
+        n_workers: workers of the local cluster (executor "dask"); default 2.
+        replicas_per_task: replicas per Dask task (vmapped there); default M divided
+            among the cluster's worker threads, so that each thread gets one task.
 
     Returns:
         ``ReplicaResult`` (numpy arrays).
@@ -161,6 +175,31 @@ def run_replicas(
     dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
     check_max_sensitivity(max_sensitivity)
+    if isinstance(executor, Executor):
+        on_dask = executor.kind == "dask"
+    else:
+        on_dask = check_executor(executor) != "in-process"
+    if on_dask:
+        per_task = replicas_per_task
+        if per_task is not None:
+            per_task = check_int(replicas_per_task, "replicas_per_task", minimum=1)
+        options = dict(wrt=wrt, params=params, save_every=save_every, method=method,
+                       window=window, window_tol=window_tol, zeta=zeta,
+                       batch_size=batch_size, backend=backend, precision=precision,
+                       max_sensitivity=max_sensitivity)  # fmt: skip
+        replicas = _check_replicas(replicas, n_replicas, first_replica)
+        shared = (system, _content_key(system), integrator, n_steps, options)
+
+        def run(ex):
+            per = per_task or -(-replicas.size // ex.slots())
+            return ex.map(_replica_task, _tasks(replicas, x0, v0, system.n_atoms, per), *shared)
+
+        if isinstance(executor, Executor):
+            parts = run(executor)
+        else:
+            with open_executor(executor, n_workers) as ex:
+                parts = run(ex)
+        return _merge(parts)
     keep_frames = save_every is not None
     n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
     warn_long_float32(dtype, n_steps, integrator.dt, "run_replicas")
@@ -252,6 +291,74 @@ def _start_velocities(v0, system, integrator, replicas):
     )
 
 
+def _tasks(replicas, x0, v0, n, per_task):
+    """(replica indices, x0, v0) of each task: ``per_task`` consecutive replicas, with
+    their rows of a per-replica (M, N, 3) x0 or v0 (a shared (N, 3) one as it is)."""
+
+    def rows(a, lo, hi):
+        if a is None:
+            return None
+        arr = np.asarray(a)
+        if arr.ndim == 3 and arr.shape[0] == replicas.size:
+            return arr[lo:hi]
+        return arr  # shared, or a shape run_replicas names on the worker
+
+    m = replicas.size
+    return [
+        (replicas[lo : lo + per_task], rows(x0, lo, lo + per_task), rows(v0, lo, lo + per_task))
+        for lo in range(0, m, per_task)
+    ]
+
+
+#: the Systems a worker process has received, by content: each call sends a new copy of
+#: the System, and the compiled programs are cached per System object, so the worker
+#: reuses the first copy of the same content (the last few kept)
+_WORKER_SYSTEMS: dict = {}
+
+
+def _content_key(system) -> str:
+    """A SHA-256 of the pickled System: equal for equal content."""
+    import hashlib
+    import pickle
+
+    return hashlib.sha256(pickle.dumps(system)).hexdigest()
+
+
+def _replica_task(task, system, key, integrator, n_steps, options):
+    """One Dask task: ``run_replicas`` of its replicas, in-process on the worker (with the
+    worker's first System of this content, whose compiled programs are cached)."""
+    replicas, x0, v0 = task
+    if key not in _WORKER_SYSTEMS:
+        while len(_WORKER_SYSTEMS) >= 4:
+            _WORKER_SYSTEMS.pop(next(iter(_WORKER_SYSTEMS)))
+        _WORKER_SYSTEMS[key] = system
+    system = _WORKER_SYSTEMS[key]
+    return run_replicas(system, x0, integrator, n_steps, replicas=replicas, v0=v0, **options)
+
+
+def _merge(parts):
+    """One ``ReplicaResult`` of the tasks' results, rows in task order."""
+    first = parts[0]
+
+    def cat(*arrays):
+        return np.concatenate([np.asarray(a) for a in arrays])
+
+    frames = first.frames_x is not None
+    return ReplicaResult(
+        x=cat(*(r.x for r in parts)),
+        v=cat(*(r.v for r in parts)),
+        dx_dtheta=cat(*(r.dx_dtheta for r in parts)),
+        potential_energy=cat(*(r.potential_energy for r in parts)),
+        replicas=cat(*(r.replicas for r in parts)),
+        param_names=first.param_names,
+        wrt=first.wrt,
+        steps=first.steps,
+        frames_x=cat(*(r.frames_x for r in parts)) if frames else None,
+        frames_dx_dtheta=cat(*(r.frames_dx_dtheta for r in parts)) if frames else None,
+        final_state=jax.tree_util.tree_map(cat, *(r.final_state for r in parts)),
+    )
+
+
 def _batch_size(batch_size, m_rep, method, n, p, k, n_blocks):
     """Replicas per vmapped call: ``batch_size``, or by default as many (up to M) as fit
     in a quarter of the physical memory (8 GiB if unknown)."""
@@ -313,12 +420,13 @@ def _run_jax(program, shared, starts, replicas, batch_size):
     counts = (jnp.asarray(n_blocks, dtype=jnp.int64), jnp.asarray(save_every, dtype=jnp.int64))
     seed = jnp.asarray(seed, dtype=jnp.int64)
     init = jax.vmap(lambda x, v: start_state(method, x, v, p, k))
+    put, batch_size = _replica_sharding(batch_size)
     for start in range(0, m_rep, batch_size):
         # the last batch is padded with copies of its last row, so every batch has the
         # same shape and the program compiles once; the copies are dropped
         rows = np.minimum(np.arange(start, start + batch_size), m_rep - 1)
         used = min(batch_size, m_rep - start)
-        state = init(jnp.asarray(x_start[rows]), jnp.asarray(v_start[rows]))
+        state = put(init(jnp.asarray(x_start[rows]), jnp.asarray(v_start[rows])))
         final, frames = program(
             n_blocks,
             state,
@@ -327,9 +435,31 @@ def _run_jax(program, shared, starts, replicas, batch_size):
             coeffs,
             wcoeffs,
             seed,
-            jnp.asarray(replicas[rows], dtype=jnp.int64),
+            put(jnp.asarray(replicas[rows], dtype=jnp.int64)),
         )
         yield _outputs(final, frames, used, replicas[rows])
+
+
+def _replica_sharding(batch_size):
+    """(a function placing arrays with a leading replica axis, the batch size) for the
+    JAX devices of this process: with one device, as they are; with D > 1 (several GPUs,
+    or ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` on a CPU), sharded along
+    the replica axis over a 1-D mesh of the D devices (``jax.sharding``), each device
+    running B/D replicas of the one compiled program, and the batch rounded up to a
+    multiple of D (the padding rows are copies, dropped)."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return (lambda tree: tree), batch_size
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), PartitionSpec("replica"))
+    d = len(devices)
+    batch_size = -(-batch_size // d) * d
+
+    def put(tree):
+        return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+
+    return put, batch_size
 
 
 def _run_cuda(program, shared, starts, replicas):

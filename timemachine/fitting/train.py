@@ -17,6 +17,7 @@ uninterrupted one would have run, bit for bit; a fit killed mid-epoch loses that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from timemachine.checkpoints import (
 from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
+from timemachine.fitting.executor import Executor, check_executor, open_executor
 from timemachine.fitting.loss import (
     check_prior_sigma,
     loss_and_gradient,
@@ -201,6 +203,8 @@ def fit(
     backend: str = "jax",
     estimator: str = "fluctuation",
     precision: str = "float64",
+    executor="in-process",
+    n_workers: int | None = None,
     **equilibrium_options,
 ) -> FitResult:
     """Fit force-field parameters θ[wrt] so that simulated averages match targets.
@@ -276,6 +280,13 @@ def fit(
             replicas' (pathwise) or the chains' (equilibrium) dynamics in single
             precision; observables, estimators, losses and the optimiser stay float64.
             Its accuracy against float64 is in docs/float32.md.
+        executor: where the pathwise replicas run (``timemachine.fitting.executor``):
+            "in-process" (default), "dask" (a local cluster of ``n_workers`` processes,
+            started once for the fit and stopped after it), a scheduler address or a
+            ``distributed.Client``. The epoch's gradient is reduced from the replicas in
+            replica order, so it does not depend on the executor (to round-off) and a fit
+            may resume on another one. The equilibrium estimators' chains run in-process.
+        n_workers: workers of the local cluster (executor "dask"); default 2.
 
     Returns:
         ``FitResult``.
@@ -297,6 +308,11 @@ def fit(
     from timemachine.fitting.equilibrium import EQUILIBRIUM_ESTIMATORS, fit_equilibrium
 
     if estimator in EQUILIBRIUM_ESTIMATORS and targets is not None:
+        if isinstance(executor, str) and check_executor(executor) != "in-process":
+            raise InputError(
+                f"executor={executor!r} runs the pathwise fit's replicas; the chains of "
+                f"estimator {estimator!r} run in-process (use executor='in-process')"
+            )
         pathwise_only = {
             "time_samples": (time_samples, 0),
             "average": (average, "auto"),
@@ -450,7 +466,12 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=min(start, epochs), unit="epoch", desc="fit")
+    pool = contextlib.ExitStack()
     try:
+        if isinstance(executor, Executor):
+            ex = executor
+        else:
+            ex = pool.enter_context(open_executor(executor, n_workers))
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             theta = param.theta(u)
@@ -475,6 +496,7 @@ def fit(
                         backend=backend,
                         precision=precision,
                         max_sensitivity=max_sensitivity,
+                        executor=ex,
                     )
                 except SimulationError as e:
                     raise annotate(
@@ -549,6 +571,7 @@ def fit(
             if callback is not None:
                 callback(record)
     finally:
+        pool.close()
         if bar is not None:
             bar.close()
     final = make_result(full0, wrt, names, param, u, theta0, history, target, out_dir)

@@ -1,0 +1,178 @@
+"""Replicas on Dask and over JAX devices (issue 19): the same numbers in-process, on a
+2-worker local cluster (``dask.distributed.LocalCluster``) and sharded over 2 devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=2``, in a subprocess); a worker killed
+in the middle of a run has its tasks re-run, and nothing is lost or counted twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine.errors import InputError
+from timemachine.fitting import run_replicas
+from timemachine.fitting.executor import Executor, open_executor
+
+pytest.importorskip("distributed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WRT = "torsion/*/k*"
+FIELDS = ("x", "v", "dx_dtheta", "potential_energy", "frames_x", "frames_dx_dtheta")
+
+
+def _problem():
+    top, x = tm.build_peptide("AAA")
+    system, x = tm.load_system((top, x))
+    x = np.asarray(tm.minimize_system(system, x))
+    return top, system, x, tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=5)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return _problem()
+
+
+def _run(problem, n_steps=60, **kw):
+    _, system, x, integ = problem
+    return run_replicas(system, x, integ, n_steps, wrt=WRT, n_replicas=4, save_every=20, **kw)
+
+
+@pytest.fixture(scope="module")
+def in_process(problem):
+    return _run(problem)
+
+
+def _epoch(problem, **kw):
+    """One pathwise fit epoch (4 replicas × 60 steps, the 3J(HN,HA) couplings): (loss,
+    gradient, θ after the step)."""
+    from timemachine.fitting import JCoupling3HNHA, make_target
+
+    top, system, x, integ = problem
+    targets = [make_target(JCoupling3HNHA(top), [5.68, 6.52], 0.36, name="3J(HN,HA)")]
+    r = tm.fit(system, x, integ, targets, "torsion/C-N-CT-C/k*", estimator="pathwise",
+               epochs=1, n_replicas=4, n_steps=60, progress=False, **kw)  # fmt: skip
+    rec = r.history[0]
+    return np.array([rec["loss"]]), np.asarray(rec["gradient"]), np.asarray(r.params)
+
+
+@pytest.fixture(scope="module")
+def epoch_in_process(problem):
+    return _epoch(problem)
+
+
+def _assert_epoch(got, ref, what):
+    for name, a, b in zip(("loss", "gradient", "params"), got, ref, strict=True):
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert err <= 1e-12, f"{what}: the epoch's {name} differs by {err:.2g}"
+
+
+def _assert_close(got, ref, what, tol=1e-12):
+    np.testing.assert_array_equal(got.replicas, ref.replicas)
+    for name in FIELDS:
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        assert a.shape == b.shape, (what, name)
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert err <= tol, f"{what}: {name} differs by {err:.2g}"
+
+
+def _rel_scale_check(ref):
+    # the fields compared are live: they are not all zeros
+    assert all(np.abs(np.asarray(getattr(ref, f))).max() > 0 for f in FIELDS)
+
+
+def test_a_local_cluster_gives_the_in_process_replicas(problem, in_process, epoch_in_process):
+    _rel_scale_check(in_process)
+    got = _run(problem, executor="dask", n_workers=2, replicas_per_task=1)  # started, stopped
+    _assert_close(got, in_process, "2-worker local cluster")
+    with open_executor("dask", n_workers=2) as ex:
+        # three replicas a task: the same rows, in replica order
+        _assert_close(_run(problem, executor=ex, replicas_per_task=3), in_process, "3 a task")
+        # a fit's epoch: the same loss, gradient and step
+        _assert_epoch(_epoch(problem, executor=ex), epoch_in_process, "2-worker cluster")
+        workers = ex.client.run(os.sched_getaffinity, 0)
+    # each worker pinned to one CPU (XLA's pool sized by it), different ones on >1 CPU
+    cpus = [sorted(c) for c in workers.values()]
+    assert all(len(c) == 1 for c in cpus), cpus
+    if len(os.sched_getaffinity(0)) > 1:
+        assert cpus[0] != cpus[1], cpus
+
+
+_SHARDED = """
+import sys
+import numpy as np
+import jax
+sys.path.insert(0, "tests")
+from test_executor import _epoch, _problem, _run, FIELDS
+from timemachine.fitting.replicas import _replica_sharding
+problem = _problem()
+assert len(jax.local_devices()) == 2, jax.local_devices()
+assert _replica_sharding(3)[1] == 4  # rounded up to a multiple of the devices
+r = _run(problem)
+loss, gradient, params = _epoch(problem)
+np.savez(sys.argv[1], replicas=r.replicas, loss=loss, gradient=gradient, params=params,
+         **{f: getattr(r, f) for f in FIELDS})
+"""
+
+
+def test_replicas_sharded_over_two_devices_give_the_in_process_replicas(
+    tmp_path, in_process, epoch_in_process
+):
+    out = tmp_path / "sharded.npz"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with np.load(out) as z:
+        arrays = {k: z[k] for k in z.files}
+    epoch = tuple(arrays.pop(k) for k in ("loss", "gradient", "params"))
+    got = type(in_process)(**{**in_process._asdict(), **arrays})
+    _assert_close(got, in_process, "sharded over 2 devices")
+    _assert_epoch(epoch, epoch_in_process, "sharded over 2 devices")
+
+
+def test_a_worker_killed_mid_run_has_its_tasks_rerun(problem, in_process):
+    # a fresh cluster's workers compile on their first task: the kill lands in one
+    with open_executor("dask", n_workers=2) as ex:
+        result, errors = {}, []
+
+        def work():
+            try:
+                result["r"] = _run(problem, executor=ex)
+            except Exception as e:  # re-raised below, in the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        # wait until a worker is busy with a task, then SIGKILL its process
+        deadline, victim = time.time() + 120, None
+        while time.time() < deadline and victim is None:
+            busy = [w for w, tasks in ex.client.processing().items() if tasks]
+            if busy:
+                victim = busy[0]
+            time.sleep(0.05)
+        assert victim is not None, "no task ever started"
+        time.sleep(0.5)  # inside the task: compiling or stepping
+        pid = ex.client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not errors, errors
+        assert victim not in ex.client.scheduler_info()["workers"], "the worker lived on"
+    _assert_close(result["r"], in_process, "after a worker was killed")
+    assert result["r"].replicas.tolist() == [0, 1, 2, 3]  # each once, in order
+
+
+def test_a_bad_executor_is_named(problem):
+    with pytest.raises(InputError, match=r"executor must be one of .*got 'dusk'"):
+        _run(problem, executor="dusk")
+    with pytest.raises(InputError, match=r"n_workers must be an int >= 1, got 0"):
+        Executor("dask", n_workers=0)
+    with pytest.raises(InputError, match=r"replicas_per_task must be"):
+        _run(problem, executor="dask", replicas_per_task=0)

@@ -1,0 +1,181 @@
+"""Where independent pieces of a fit run: in this process, or as tasks on Dask.
+
+A fitting epoch's sensitivity replicas are independent: replica r's noise and starting
+velocities depend only on (seed, r), so the same replica gives the same numbers wherever
+it runs. ``executor`` says where they run:
+
+* ``"in-process"`` (the default): all replicas as one vmapped JAX program in this
+  process (``run_replicas``), its batches sharded over the JAX devices present.
+* ``"dask"``: a ``dask.distributed.LocalCluster`` of ``n_workers`` single-threaded worker
+  processes, started for the call and stopped after it (each worker pinned to one CPU,
+  so that XLA's thread pool does not oversubscribe the cores).
+* a scheduler address (``"tcp://host:8786"``, or any string with ``://``), or a
+  ``distributed.Client``: an existing cluster; it is neither started nor stopped here.
+
+Each task returns its replicas' results, and ``Executor.map`` returns them in the order
+the tasks were given, never in the order workers finished, so every sum taken from them
+runs in one fixed order. A worker that dies has its tasks re-run elsewhere by the Dask
+scheduler (``distributed.scheduler.allowed-failures`` times); a task is pure (its output
+depends on its inputs only), so a re-run gives the same numbers and nothing is counted
+twice. Dask is the optional extra ``dask`` (``pip install -e .[dask]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from timemachine.errors import InputError
+
+__all__ = ["EXECUTORS", "Executor", "check_executor", "open_executor"]
+
+#: the named executors (besides a scheduler address or a distributed.Client)
+EXECUTORS = ("in-process", "dask")
+
+
+def _is_client(value) -> bool:
+    return type(value).__name__ == "Client" and hasattr(value, "submit")
+
+
+def check_executor(executor, where: str = "executor"):
+    """``executor`` as given if it is valid: "in-process", "dask", a scheduler address
+    (a string with "://") or a ``distributed.Client``.
+
+    Raises:
+        InputError: naming the value; also "dask" or an address without the ``dask``
+            extra installed.
+    """
+    if _is_client(executor):
+        return executor
+    if not isinstance(executor, str) or not (executor in EXECUTORS or "://" in executor):
+        raise InputError(
+            f"{where} must be one of {list(EXECUTORS)}, a Dask scheduler address "
+            f"('tcp://host:8786') or a distributed.Client, got {executor!r}"
+        )
+    if executor != "in-process":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise InputError(
+                f"{where}={executor!r} needs Dask: pip install 'timemachine[dask]'"
+            ) from None
+    return executor
+
+
+def _pin_to_one_cpu(worker) -> None:
+    """Pin every thread of a Dask worker process to one CPU, chosen by the worker's
+    index, before JAX starts there (XLA sizes its thread pool from the CPU affinity)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        index = int(str(worker.name).rsplit("-", 1)[-1])
+    except ValueError:
+        index = sum(map(ord, str(worker.name)))
+    cpu = {cpus[index % len(cpus)]}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpu)
+
+
+def _pin_plugin():
+    """A ``WorkerPlugin`` that runs ``_pin_to_one_cpu`` on every worker, restarted ones
+    included (defined here so that Dask stays an optional import)."""
+    from distributed import WorkerPlugin
+
+    class PinToOneCPU(WorkerPlugin):
+        name = "timemachine-pin-cpu"
+        idempotent = True
+
+        def setup(self, worker):
+            _pin_to_one_cpu(worker)
+
+    return PinToOneCPU()
+
+
+class Executor:
+    """Runs tasks in order-preserving batches: ``map(fn, items, *shared)`` is
+    ``[fn(item, *shared) for item in items]``, in this process or on Dask.
+
+    Use as a context manager (``open_executor``): a local cluster is started on entry and
+    stopped on exit; an address or a Client is connected to and left running.
+
+    Attributes:
+        kind: "in-process" or "dask".
+        n_workers: the workers of a local cluster (None otherwise).
+        client: the ``distributed.Client`` while open (None in-process).
+    """
+
+    def __init__(self, executor="in-process", n_workers: int | None = None):
+        self.spec = check_executor(executor)
+        self.kind = "in-process" if self.spec == "in-process" else "dask"
+        if n_workers is not None and (
+            isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1
+        ):
+            raise InputError(f"n_workers must be an int >= 1, got {n_workers!r}")
+        self.n_workers = (n_workers or 2) if self.spec == "dask" else None
+        self.client = None
+        self._cluster = None
+        self._own_client = False
+
+    def __enter__(self):
+        if self.kind == "in-process":
+            return self
+        from distributed import Client, LocalCluster
+
+        if _is_client(self.spec):
+            self.client = self.spec
+        elif self.spec == "dask":
+            self._cluster = LocalCluster(
+                n_workers=self.n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=40,
+            )
+            self.client = Client(self._cluster)
+            self.client.register_plugin(_pin_plugin())
+            self._own_client = True
+        else:
+            try:
+                self.client = Client(self.spec, timeout=30)
+            except OSError as e:
+                raise InputError(f"executor {self.spec!r}: no Dask scheduler there ({e})") from None
+            self._own_client = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._own_client:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self.client = self._cluster = None
+        self._own_client = False
+        return False
+
+    def slots(self) -> int:
+        """How many tasks run at once: the cluster's worker threads (1 in-process)."""
+        if self.kind == "in-process" or self.client is None:
+            return 1
+        return max(1, sum(self.client.nthreads().values()))
+
+    def map(self, fn, items, *shared) -> list:
+        """``[fn(item, *shared) for item in items]``, the results in the order of
+        ``items``. On Dask each item is one task and ``shared`` is scattered to every
+        worker once (one copy per worker, so compiled programs keyed on it are reused
+        across that worker's tasks)."""
+        items = list(items)
+        if self.kind == "in-process":
+            return [fn(item, *shared) for item in items]
+        if self.client is None:
+            raise RuntimeError("Executor.map outside its `with` block")
+        futures_shared = [self.client.scatter([s], broadcast=True, hash=False)[0] for s in shared]
+        futures = [self.client.submit(fn, item, *futures_shared, pure=False) for item in items]
+        try:
+            return self.client.gather(futures)
+        finally:
+            for f in futures + futures_shared:
+                f.release()
+
+
+def open_executor(executor="in-process", n_workers: int | None = None) -> Executor:
+    """An ``Executor`` for ``with`` (see the module docstring)."""
+    return Executor(executor, n_workers)

@@ -176,3 +176,9 @@ def test_a_bad_executor_is_named(problem):
         Executor("dask", n_workers=0)
     with pytest.raises(InputError, match=r"replicas_per_task must be"):
         _run(problem, executor="dask", replicas_per_task=0)
+    # the equilibrium chains run in-process: a Dask executor, named or open, is refused
+    top, system, x, integ = problem
+    targets = tm.fitting.graf2007_targets(system.topology)
+    for ex in ("dask", Executor("dask")):
+        with pytest.raises(InputError, match=r"run in-process"):
+            tm.fit(system, x, integ, targets, "torsion/C-N-CT-C/k*", executor=ex)

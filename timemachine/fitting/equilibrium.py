@@ -365,9 +365,9 @@ def fit_equilibrium(
             bar.close()
     state.u = _reported_u(state, optimizer, converged)
     final = result()
-    if out_dir is not None and state.history:
-        # again, for a run killed between its last checkpoint and this file: the resumed
-        # run has no epoch left to write it (the same text the last epoch wrote)
+    if out_dir is not None and state.history and state.start >= s.epochs:
+        # a resumed fit with no epoch left (killed between its last checkpoint and this
+        # file, or already converged) writes what its last epoch would have
         _write_history(out_dir, final)
     return final
 

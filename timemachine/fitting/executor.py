@@ -27,7 +27,7 @@ import os
 
 from timemachine.errors import InputError
 
-__all__ = ["EXECUTORS", "Executor", "check_executor", "open_executor"]
+__all__ = ["EXECUTORS", "Executor", "check_executor", "open_executor", "runs_on_dask"]
 
 #: the named executors (besides a scheduler address or a distributed.Client)
 EXECUTORS = ("in-process", "dask")
@@ -89,6 +89,14 @@ def _pin_plugin():
             _pin_to_one_cpu(worker)
 
     return PinToOneCPU()
+
+
+def runs_on_dask(executor) -> bool:
+    """Whether ``executor`` (checked: ``check_executor``, or an ``Executor``) sends work
+    to Dask."""
+    if isinstance(executor, Executor):
+        return executor.kind == "dask"
+    return check_executor(executor) != "in-process"
 
 
 class Executor:

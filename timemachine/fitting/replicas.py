@@ -26,7 +26,7 @@ import numpy as np
 
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
-from timemachine.fitting.executor import Executor, check_executor, open_executor
+from timemachine.fitting.executor import Executor, open_executor, runs_on_dask
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_replica,
@@ -175,19 +175,19 @@ def run_replicas(
     dtype = check_run_precision(precision, system, backend, method, window, window_tol)
     method, zeta = check_run(system, integrator, backend, method, zeta)
     check_max_sensitivity(max_sensitivity)
-    if isinstance(executor, Executor):
-        on_dask = executor.kind == "dask"
-    else:
-        on_dask = check_executor(executor) != "in-process"
-    if on_dask:
+    keep_frames = save_every is not None
+    n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
+    warn_long_float32(dtype, n_steps, integrator.dt, "run_replicas")
+    replicas = _check_replicas(replicas, n_replicas, first_replica)
+    if runs_on_dask(executor):  # checked here, so that warnings and errors reach the caller
         per_task = replicas_per_task
         if per_task is not None:
             per_task = check_int(replicas_per_task, "replicas_per_task", minimum=1)
-        options = dict(wrt=wrt, params=params, save_every=save_every, method=method,
+        options = dict(wrt=wrt, params=params, save_every=save_every if keep_frames else None,
+                       method=method,
                        window=window, window_tol=window_tol, zeta=zeta,
                        batch_size=batch_size, backend=backend, precision=precision,
                        max_sensitivity=max_sensitivity)  # fmt: skip
-        replicas = _check_replicas(replicas, n_replicas, first_replica)
         shared = (system, _content_key(system), integrator, n_steps, options)
 
         def run(ex):
@@ -200,10 +200,6 @@ def run_replicas(
             with open_executor(executor, n_workers) as ex:
                 parts = run(ex)
         return _merge(parts)
-    keep_frames = save_every is not None
-    n_steps, save_every = check_steps(n_steps, save_every if keep_frames else n_steps)
-    warn_long_float32(dtype, n_steps, integrator.dt, "run_replicas")
-    replicas = _check_replicas(replicas, n_replicas, first_replica)
     m_rep, n = replicas.size, system.n_atoms
     wrt = system.resolve_wrt(wrt)
     theta = system.resolve_params(params)

@@ -38,7 +38,7 @@ from timemachine.checkpoints import (
 from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
-from timemachine.fitting.executor import Executor, check_executor, open_executor
+from timemachine.fitting.executor import Executor, open_executor, runs_on_dask
 from timemachine.fitting.loss import (
     check_prior_sigma,
     loss_and_gradient,
@@ -308,7 +308,7 @@ def fit(
     from timemachine.fitting.equilibrium import EQUILIBRIUM_ESTIMATORS, fit_equilibrium
 
     if estimator in EQUILIBRIUM_ESTIMATORS and targets is not None:
-        if isinstance(executor, str) and check_executor(executor) != "in-process":
+        if runs_on_dask(executor):
             raise InputError(
                 f"executor={executor!r} runs the pathwise fit's replicas; the chains of "
                 f"estimator {estimator!r} run in-process (use executor='in-process')"
@@ -575,9 +575,9 @@ def fit(
         if bar is not None:
             bar.close()
     final = make_result(full0, wrt, names, param, u, theta0, history, target, out_dir)
-    if out_dir is not None and history:
-        # again, for a run killed between its last checkpoint and this file: the resumed
-        # run has no epoch left to write it (the same text the last epoch wrote)
+    if out_dir is not None and history and start >= epochs:
+        # a resumed fit with no epoch left (killed between its last checkpoint and this
+        # file) writes what its last epoch would have
         _write_history(out_dir, final)
     return final
 

@@ -1,7 +1,9 @@
 """Replicas on Dask and over JAX devices (issue 19): the same numbers in-process, on a
 2-worker local cluster (``dask.distributed.LocalCluster``) and sharded over 2 devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, in a subprocess); a worker killed
-in the middle of a run has its tasks re-run, and nothing is lost or counted twice."""
+in the middle of a run has its tasks re-run, and nothing is lost or counted twice. The
+same for the equilibrium fit's epochs: its chains (and the hybrid estimator's replicas)
+as tasks."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import timemachine as tm
 from timemachine.errors import InputError
 from timemachine.fitting import run_replicas
 from timemachine.fitting.executor import Executor, open_executor
+from timemachine.fitting.sampling import EquilibriumChains
 
 pytest.importorskip("distributed")
 
@@ -67,6 +70,28 @@ def epoch_in_process(problem):
     return _epoch(problem)
 
 
+def _equilibrium_epochs(problem, estimator, **kw):
+    """Two equilibrium fit epochs (2 chains × 400 steps each, both sampled; the hybrid
+    estimator's 4 replicas × 20 steps): (loss, gradient, θ) of the last."""
+    from timemachine.fitting import JCoupling3HNHA, make_target
+
+    top, system, x, integ = problem
+    targets = [make_target(JCoupling3HNHA(top), [5.68, 6.52], 0.36, name="3J(HN,HA)")]
+    r = tm.fit(system, x, integ, targets, "torsion/C-N-CT-C/k*", estimator=estimator,
+               epochs=2, n_chains=2, sample_steps=400, decorrelation_steps=100,
+               save_every=20, blocks=4, min_ess=1.0, reservoir_size=40,
+               reweight_threshold=2.0, n_replicas=4, horizon=20, progress=False,
+               **kw)  # fmt: skip
+    assert all(rec["sampled"] for rec in r.history)  # the chains ran in both epochs
+    rec = r.history[-1]
+    return np.array([rec["loss"]]), np.asarray(rec["gradient"]), np.asarray(r.params)
+
+
+@pytest.fixture(scope="module")
+def equilibrium_in_process(problem):
+    return {e: _equilibrium_epochs(problem, e) for e in ("fluctuation", "hybrid")}
+
+
 def _assert_epoch(got, ref, what):
     for name, a, b in zip(("loss", "gradient", "params"), got, ref, strict=True):
         err = np.abs(a - b).max() / np.abs(b).max()
@@ -87,7 +112,9 @@ def _rel_scale_check(ref):
     assert all(np.abs(np.asarray(getattr(ref, f))).max() > 0 for f in FIELDS)
 
 
-def test_a_local_cluster_gives_the_in_process_replicas(problem, in_process, epoch_in_process):
+def test_a_local_cluster_gives_the_in_process_replicas_and_epochs(
+    problem, in_process, epoch_in_process, equilibrium_in_process
+):
     _rel_scale_check(in_process)
     got = _run(problem, executor="dask", n_workers=2, replicas_per_task=1)  # started, stopped
     _assert_close(got, in_process, "2-worker local cluster")
@@ -96,6 +123,10 @@ def test_a_local_cluster_gives_the_in_process_replicas(problem, in_process, epoc
         _assert_close(_run(problem, executor=ex, replicas_per_task=3), in_process, "3 a task")
         # a fit's epoch: the same loss, gradient and step
         _assert_epoch(_epoch(problem, executor=ex), epoch_in_process, "2-worker cluster")
+        # the equilibrium fit: its chains (one a task) and the hybrid replicas on Dask
+        for estimator, ref in equilibrium_in_process.items():
+            got = _equilibrium_epochs(problem, estimator, executor=ex)
+            _assert_epoch(got, ref, f"{estimator} epochs on a 2-worker cluster")
         workers = ex.client.run(os.sched_getaffinity, 0)
     # each worker pinned to one CPU (XLA's pool sized by it), different ones on >1 CPU
     cpus = [sorted(c) for c in workers.values()]
@@ -109,20 +140,22 @@ import sys
 import numpy as np
 import jax
 sys.path.insert(0, "tests")
-from test_executor import _epoch, _problem, _run, FIELDS
-from timemachine.fitting.replicas import _replica_sharding
+from test_executor import _epoch, _equilibrium_epochs, _problem, _run, FIELDS
+from timemachine.fitting.executor import device_sharding
 problem = _problem()
 assert len(jax.local_devices()) == 2, jax.local_devices()
-assert _replica_sharding(3)[1] == 4  # rounded up to a multiple of the devices
+assert device_sharding(3)[1] == 4  # rounded up to a multiple of the devices
 r = _run(problem)
 loss, gradient, params = _epoch(problem)
+eq = {f"{e}_{k}": v for e in ("fluctuation", "hybrid")
+      for k, v in zip(("loss", "gradient", "params"), _equilibrium_epochs(problem, e))}
 np.savez(sys.argv[1], replicas=r.replicas, loss=loss, gradient=gradient, params=params,
-         **{f: getattr(r, f) for f in FIELDS})
+         **eq, **{f: getattr(r, f) for f in FIELDS})
 """
 
 
-def test_replicas_sharded_over_two_devices_give_the_in_process_replicas(
-    tmp_path, in_process, epoch_in_process
+def test_replicas_and_chains_sharded_over_two_devices_give_the_in_process_ones(
+    tmp_path, in_process, epoch_in_process, equilibrium_in_process
 ):
     out = tmp_path / "sharded.npz"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
@@ -133,40 +166,55 @@ def test_replicas_sharded_over_two_devices_give_the_in_process_replicas(
     with np.load(out) as z:
         arrays = {k: z[k] for k in z.files}
     epoch = tuple(arrays.pop(k) for k in ("loss", "gradient", "params"))
+    for estimator, ref in equilibrium_in_process.items():
+        got = tuple(arrays.pop(f"{estimator}_{k}") for k in ("loss", "gradient", "params"))
+        _assert_epoch(got, ref, f"{estimator} epochs, chains sharded over 2 devices")
     got = type(in_process)(**{**in_process._asdict(), **arrays})
     _assert_close(got, in_process, "sharded over 2 devices")
     _assert_epoch(epoch, epoch_in_process, "sharded over 2 devices")
 
 
-def test_a_worker_killed_mid_run_has_its_tasks_rerun(problem, in_process):
+def _kill_a_busy_worker(ex, work):
+    """Run ``work()`` in a thread, SIGKILL the process of the first worker seen busy with
+    a task, and return what ``work`` returned (its exception re-raised here)."""
+    result, errors = {}, []
+
+    def run():
+        try:
+            result["r"] = work()
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # wait until a worker is busy with a task, then SIGKILL its process
+    deadline, victim = time.time() + 120, None
+    while time.time() < deadline and victim is None:
+        busy = [w for w, tasks in ex.client.processing().items() if tasks]
+        if busy:
+            victim = busy[0]
+        time.sleep(0.05)
+    assert victim is not None, "no task ever started"
+    time.sleep(0.5)  # inside the task: compiling or stepping
+    pid = ex.client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not errors, errors
+    assert victim not in ex.client.scheduler_info()["workers"], "the worker lived on"
+    return result["r"]
+
+
+def test_a_worker_killed_mid_run_has_its_tasks_rerun(problem, in_process, equilibrium_in_process):
     # a fresh cluster's workers compile on their first task: the kill lands in one
     with open_executor("dask", n_workers=2) as ex:
-        result, errors = {}, []
-
-        def work():
-            try:
-                result["r"] = _run(problem, executor=ex)
-            except Exception as e:  # re-raised below, in the test's thread
-                errors.append(e)
-
-        thread = threading.Thread(target=work)
-        thread.start()
-        # wait until a worker is busy with a task, then SIGKILL its process
-        deadline, victim = time.time() + 120, None
-        while time.time() < deadline and victim is None:
-            busy = [w for w, tasks in ex.client.processing().items() if tasks]
-            if busy:
-                victim = busy[0]
-            time.sleep(0.05)
-        assert victim is not None, "no task ever started"
-        time.sleep(0.5)  # inside the task: compiling or stepping
-        pid = ex.client.run(os.getpid, workers=[victim])[victim]
-        os.kill(pid, signal.SIGKILL)
-        thread.join(timeout=600)
-        assert not errors, errors
-        assert victim not in ex.client.scheduler_info()["workers"], "the worker lived on"
-    _assert_close(result["r"], in_process, "after a worker was killed")
-    assert result["r"].replicas.tolist() == [0, 1, 2, 3]  # each once, in order
+        got = _kill_a_busy_worker(ex, lambda: _run(problem, executor=ex))
+    _assert_close(got, in_process, "after a worker was killed")
+    assert got.replicas.tolist() == [0, 1, 2, 3]  # each once, in order
+    # in the middle of an equilibrium epoch (chain tasks first, then hybrid replicas):
+    # the fit completes with the uninterrupted numbers
+    with open_executor("dask", n_workers=2) as ex:
+        got = _kill_a_busy_worker(ex, lambda: _equilibrium_epochs(problem, "hybrid", executor=ex))
+    _assert_epoch(got, equilibrium_in_process["hybrid"], "hybrid epochs after a worker was killed")
 
 
 def test_a_bad_executor_is_named(problem):
@@ -176,9 +224,12 @@ def test_a_bad_executor_is_named(problem):
         Executor("dask", n_workers=0)
     with pytest.raises(InputError, match=r"replicas_per_task must be"):
         _run(problem, executor="dask", replicas_per_task=0)
-    # the equilibrium chains run in-process: a Dask executor, named or open, is refused
+    # the equilibrium fit names a bad executor before any chain runs
     top, system, x, integ = problem
     targets = tm.fitting.graf2007_targets(system.topology)
-    for ex in ("dask", Executor("dask")):
-        with pytest.raises(InputError, match=r"run in-process"):
-            tm.fit(system, x, integ, targets, "torsion/C-N-CT-C/k*", executor=ex)
+    with pytest.raises(InputError, match=r"executor must be one of .*got 'dusk'"):
+        tm.fit(system, x, integ, targets, "torsion/C-N-CT-C/k*", executor="dusk")
+    with pytest.raises(InputError, match=r"executor must be an open .*Executor"):
+        EquilibriumChains(system, x, integ, executor="dask")
+    with pytest.raises(InputError, match=r"chains_per_task must be"):
+        EquilibriumChains(system, x, integ, chains_per_task=0)

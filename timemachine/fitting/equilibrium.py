@@ -37,6 +37,7 @@ step 1 lives in ``equilibrium_samples`` (``EpochSampler``), step 2 and the loss 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ from timemachine.fitting.equilibrium_estimate import (
     loss_and_gradient,
 )
 from timemachine.fitting.equilibrium_samples import EpochSampler
+from timemachine.fitting.executor import Executor, check_executor, open_executor
 from timemachine.fitting.loss import check_prior_sigma, target_vector
 from timemachine.fitting.result import (
     Parametrization,
@@ -125,6 +127,8 @@ def fit_equilibrium(
     progress: bool | None = None,
     callback: Callable | None = None,
     precision: str = "float64",
+    executor="in-process",
+    n_workers: int | None = None,
 ):
     """Fit θ[wrt] so that equilibrium averages ⟨O⟩_θ match experimental targets.
 
@@ -181,6 +185,15 @@ def fit_equilibrium(
         precision: "float64" (default) or "float32" (``timemachine.precision``): the
             chains' (and the hybrid replicas') dynamics in single precision; ⟨O⟩, ∂E/∂θ
             on the frames, the estimators and the optimiser stay float64.
+        executor: where the chains and the hybrid replicas run
+            (``timemachine.fitting.executor``): "in-process" (default), "dask" (a local
+            cluster of ``n_workers`` processes, started once for the fit and stopped
+            after it), a scheduler address, a ``distributed.Client`` or an open
+            ``Executor``. Each task is a group of chains (or replicas); their frames come
+            back in chain order and every estimate is reduced from them in that order, so
+            the fit does not depend on the executor (to round-off) and may resume on
+            another one.
+        n_workers: workers of the local cluster (executor "dask"); default 2.
 
     Returns:
         ``timemachine.fitting.FitResult``; ``info`` holds the estimator, the stop reason,
@@ -223,6 +236,8 @@ def fit_equilibrium(
         precision=check_precision(precision).name,
     )
     check_max_sensitivity(max_sensitivity)
+    if not isinstance(executor, Executor):
+        check_executor(executor)
     if isinstance(targets, (str, os.PathLike)):
         targets = load_targets(targets, system.topology)
     target = target_vector(targets)
@@ -277,7 +292,15 @@ def fit_equilibrium(
 
     bar = _progress_bar(progress, s.epochs, state.start)
     converged = state.converged  # a resumed fit that had converged runs no epoch
+    pool = contextlib.ExitStack()
     try:
+        if isinstance(executor, Executor):
+            ex = executor
+        elif state.start < s.epochs:
+            ex = pool.enter_context(open_executor(executor, n_workers))
+        else:
+            ex = None  # nothing to run: no cluster started
+        chains.executor = ex
         for epoch in range(state.start, s.epochs):
             t0 = time.perf_counter()
             theta = param.theta(state.u)
@@ -305,6 +328,7 @@ def fit_equilibrium(
                     hybrid=s.hybrid,
                     horizon_steps=state.horizon_steps,
                     max_sensitivity=max_sensitivity,
+                    executor=ex,
                 )
             except SimulationError as e:  # a chain or replica blew up: name the epoch
                 note = kept_note(out_dir, epoch)
@@ -361,6 +385,8 @@ def fit_equilibrium(
             if converged:
                 break
     finally:
+        chains.executor = None
+        pool.close()
         if bar is not None:
             bar.close()
     state.u = _reported_u(state, optimizer, converged)

@@ -77,6 +77,7 @@ def estimate_at(
     hybrid: HybridSettings | None = None,
     horizon_steps: int | None = None,
     max_sensitivity: float | None = 1e8,
+    executor=None,
 ) -> Estimate:
     """⟨O⟩ and J = d⟨O⟩/dθ[wrt] at θ = ``params`` (P_all,) from an epoch's frames.
 
@@ -84,7 +85,8 @@ def estimate_at(
     horizon ``horizon_steps`` chosen earlier in the fit, or chosen now when None; its
     replicas stop with a ``SimulationError`` once a |dx/dθ| exceeds ``max_sensitivity``
     (``run_replicas``), and the record gets ``dx_dtheta_max``, the largest |dx/dθ_p| over
-    the replicas' last frames per parameter (nm per unit of θ_p).
+    the replicas' last frames per parameter (nm per unit of θ_p). The replicas run on
+    ``executor`` (an open ``Executor``; None: in this process).
     """
     values = observable_values(observable, sample.x)
     mean, cov = block_mean_cov(values, sample.weights, blocks)
@@ -111,12 +113,13 @@ def estimate_at(
         hybrid,
         horizon_steps,
         max_sensitivity,
+        executor or "in-process",
     )
     return Estimate(mean, cov, est, horizon_steps, record)
 
 
 def _hybrid_estimate(
-    observable, system, sample, params, wrt, integrator, epoch, hybrid, n, max_sensitivity
+    observable, system, sample, params, wrt, integrator, epoch, hybrid, n, max_sensitivity, ex
 ):
     """The hybrid J from M replicas started from frames of ``sample``; (estimate, the
     horizon n in steps, the record's horizon and ``dx_dtheta_max`` entries). The pilot
@@ -144,6 +147,7 @@ def _hybrid_estimate(
                 save_every=spacing,
                 precision=hybrid.precision,
                 max_sensitivity=None,
+                executor=ex,
             )
             choice = choose_horizon(
                 pilot.steps,
@@ -158,7 +162,7 @@ def _hybrid_estimate(
             n = int(hybrid.horizon)
     res = run_replicas(
         system, starts, integrator, n, wrt=wrt, replicas=replicas, params=params,
-        precision=hybrid.precision, max_sensitivity=max_sensitivity,
+        precision=hybrid.precision, max_sensitivity=max_sensitivity, executor=ex,
     )  # fmt: skip
     est = hybrid_gradient(
         observable,

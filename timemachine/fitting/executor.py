@@ -27,7 +27,16 @@ import os
 
 from timemachine.errors import InputError
 
-__all__ = ["EXECUTORS", "Executor", "check_executor", "open_executor", "runs_on_dask"]
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "check_executor",
+    "content_key",
+    "device_sharding",
+    "open_executor",
+    "runs_on_dask",
+    "worker_copy",
+]
 
 #: the named executors (besides a scheduler address or a distributed.Client)
 EXECUTORS = ("in-process", "dask")
@@ -187,3 +196,52 @@ class Executor:
 def open_executor(executor="in-process", n_workers: int | None = None) -> Executor:
     """An ``Executor`` for ``with`` (see the module docstring)."""
     return Executor(executor, n_workers)
+
+
+#: the Systems a worker process has received, by content: each call sends a new copy of
+#: the System, and the compiled programs are cached per System object, so the worker
+#: reuses the first copy of the same content (the last few kept)
+_WORKER_SYSTEMS: dict = {}
+
+
+def content_key(system) -> str:
+    """A SHA-256 of the pickled System: equal for equal content."""
+    import hashlib
+    import pickle
+
+    return hashlib.sha256(pickle.dumps(system)).hexdigest()
+
+
+def worker_copy(system, key: str):
+    """On a worker, the first System received with content ``key`` (``content_key``),
+    so that its compiled programs are reused by later tasks and epochs."""
+    if key not in _WORKER_SYSTEMS:
+        while len(_WORKER_SYSTEMS) >= 4:
+            _WORKER_SYSTEMS.pop(next(iter(_WORKER_SYSTEMS)))
+        _WORKER_SYSTEMS[key] = system
+    return _WORKER_SYSTEMS[key]
+
+
+def device_sharding(batch_size: int):
+    """(a function placing arrays with a leading replica (or chain) axis, the batch size) for the
+    JAX devices of this process: with one device, as they are; with D > 1 (several GPUs,
+    or ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` on a CPU), sharded along
+    the replica axis over a 1-D mesh of the D devices (``jax.sharding``), each device
+    running B/D replicas of the one compiled program, and the batch rounded up to a
+    multiple of D (the padding rows are copies, dropped)."""
+    import jax
+    import numpy as np
+
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return (lambda tree: tree), batch_size
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), PartitionSpec("replica"))
+    d = len(devices)
+    batch_size = -(-batch_size // d) * d
+
+    def put(tree):
+        return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+
+    return put, batch_size

@@ -26,7 +26,14 @@ import numpy as np
 
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
-from timemachine.fitting.executor import Executor, open_executor, runs_on_dask
+from timemachine.fitting.executor import (
+    Executor,
+    content_key,
+    device_sharding,
+    open_executor,
+    runs_on_dask,
+    worker_copy,
+)
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
     _check_replica,
@@ -188,7 +195,7 @@ def run_replicas(
                        window=window, window_tol=window_tol, zeta=zeta,
                        batch_size=batch_size, backend=backend, precision=precision,
                        max_sensitivity=max_sensitivity)  # fmt: skip
-        shared = (system, _content_key(system), integrator, n_steps, options)
+        shared = (system, content_key(system), integrator, n_steps, options)
 
         def run(ex):
             per = per_task or -(-replicas.size // ex.slots())
@@ -306,29 +313,11 @@ def _tasks(replicas, x0, v0, n, per_task):
     ]
 
 
-#: the Systems a worker process has received, by content: each call sends a new copy of
-#: the System, and the compiled programs are cached per System object, so the worker
-#: reuses the first copy of the same content (the last few kept)
-_WORKER_SYSTEMS: dict = {}
-
-
-def _content_key(system) -> str:
-    """A SHA-256 of the pickled System: equal for equal content."""
-    import hashlib
-    import pickle
-
-    return hashlib.sha256(pickle.dumps(system)).hexdigest()
-
-
 def _replica_task(task, system, key, integrator, n_steps, options):
     """One Dask task: ``run_replicas`` of its replicas, in-process on the worker (with the
     worker's first System of this content, whose compiled programs are cached)."""
     replicas, x0, v0 = task
-    if key not in _WORKER_SYSTEMS:
-        while len(_WORKER_SYSTEMS) >= 4:
-            _WORKER_SYSTEMS.pop(next(iter(_WORKER_SYSTEMS)))
-        _WORKER_SYSTEMS[key] = system
-    system = _WORKER_SYSTEMS[key]
+    system = worker_copy(system, key)
     return run_replicas(system, x0, integrator, n_steps, replicas=replicas, v0=v0, **options)
 
 
@@ -416,7 +405,7 @@ def _run_jax(program, shared, starts, replicas, batch_size):
     counts = (jnp.asarray(n_blocks, dtype=jnp.int64), jnp.asarray(save_every, dtype=jnp.int64))
     seed = jnp.asarray(seed, dtype=jnp.int64)
     init = jax.vmap(lambda x, v: start_state(method, x, v, p, k))
-    put, batch_size = _replica_sharding(batch_size)
+    put, batch_size = device_sharding(batch_size)
     for start in range(0, m_rep, batch_size):
         # the last batch is padded with copies of its last row, so every batch has the
         # same shape and the program compiles once; the copies are dropped
@@ -434,28 +423,6 @@ def _run_jax(program, shared, starts, replicas, batch_size):
             put(jnp.asarray(replicas[rows], dtype=jnp.int64)),
         )
         yield _outputs(final, frames, used, replicas[rows])
-
-
-def _replica_sharding(batch_size):
-    """(a function placing arrays with a leading replica axis, the batch size) for the
-    JAX devices of this process: with one device, as they are; with D > 1 (several GPUs,
-    or ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` on a CPU), sharded along
-    the replica axis over a 1-D mesh of the D devices (``jax.sharding``), each device
-    running B/D replicas of the one compiled program, and the batch rounded up to a
-    multiple of D (the padding rows are copies, dropped)."""
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return (lambda tree: tree), batch_size
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), PartitionSpec("replica"))
-    d = len(devices)
-    batch_size = -(-batch_size // d) * d
-
-    def put(tree):
-        return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
-
-    return put, batch_size
 
 
 def _run_cuda(program, shared, starts, replicas):

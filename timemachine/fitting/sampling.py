@@ -29,6 +29,7 @@ import numpy as np
 
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
+from timemachine.fitting.executor import Executor, content_key, device_sharding, worker_copy
 from timemachine.fitting.reservoir import Reservoir
 from timemachine.integrator.langevin import (
     LangevinIntegrator,
@@ -191,6 +192,34 @@ def _chain_program(system, n_blocks, save_every, dtype="float64"):
     return jax.jit(jax.vmap(one_chain, in_axes=(None, None, None, 0, 0, 0, 0)))
 
 
+def _run_chains(labels, x, v, step, theta, system, coeffs, seed, program):
+    """Chains ``labels`` (their noise streams) from (x, v, step) (C, ...) at θ: the
+    compiled ``_chain_program`` of ``program`` = (blocks, steps per block, dtype name).
+    Returns numpy (final x, final v, final step, frames x (C, F, N, 3), v, step (C, F),
+    potential energy (C, F)). Over several JAX devices the chains are sharded
+    (``device_sharding``)."""
+    run = _chain_program(system, *program)
+    # over D > 1 JAX devices, the chain axis is sharded (padded to a multiple of D with
+    # copies of the last chain, dropped after)
+    c = len(labels)
+    put, width = device_sharding(c)
+    rows = np.minimum(np.arange(width), c - 1)
+    final, frames = run(
+        jnp.asarray(theta),
+        coeffs,
+        jnp.asarray(seed, dtype=jnp.int64),
+        *(put(jnp.asarray(np.asarray(a)[rows])) for a in (labels, x, v, step)),
+    )
+    return tuple(np.asarray(a)[:c] for a in (final.x, final.v, final.step, *frames))
+
+
+def _chain_task(task, system, key, coeffs, seed, program):
+    """One Dask task: ``_run_chains`` of its chains on a worker, with the worker's first
+    System of this content (``worker_copy``), whose compiled programs are cached."""
+    labels, x, v, step, theta = task
+    return _run_chains(labels, x, v, step, theta, worker_copy(system, key), coeffs, seed, program)
+
+
 class ChainSamples(NamedTuple):
     """Frames of one production segment of C chains.
 
@@ -221,6 +250,13 @@ class EquilibriumChains:
             float64 arrays (of float32 values) for the estimators.
         params: (P,) θ the start is checked at (``timemachine.start_checks.check_start``);
             default ``system.params``.
+        executor: an open ``timemachine.fitting.Executor`` (``open_executor``) the chains
+            run on, or None (in this process, all C chains as one vmapped program). On
+            Dask each task is ``chains_per_task`` consecutive chains (default C divided
+            among the cluster's worker threads), vmapped on a worker; their frames and
+            states come back in chain order. It may be set or changed between segments
+            (attribute ``executor``): a chain's numbers do not depend on where it runs
+            (to round-off: a vmap of another width may round differently).
 
     Raises:
         InputError: bad arguments; a start with two atoms closer than 0.05 nm or a
@@ -241,6 +277,8 @@ class EquilibriumChains:
         first_replica: int = 0,
         precision: str = "float64",
         params=None,
+        executor=None,
+        chains_per_task: int | None = None,
     ):
         self.dtype = check_precision(precision)
         if not isinstance(system, System):
@@ -253,6 +291,15 @@ class EquilibriumChains:
         self.n_chains = check_int(n_chains, "n_chains", minimum=1)
         self.save_every = check_int(save_every, "save_every", minimum=1)
         self.first_replica = check_int(first_replica, "first_replica", minimum=0)
+        if executor is not None and not isinstance(executor, Executor):
+            raise InputError(
+                "executor must be an open timemachine.fitting.Executor (open_executor) or "
+                f"None, got {type(executor).__name__}"
+            )
+        self.executor = executor
+        if chains_per_task is not None:
+            chains_per_task = check_int(chains_per_task, "chains_per_task", minimum=1)
+        self.chains_per_task = chains_per_task
         n = system.n_atoms
         x0 = np.asarray(x0, dtype=np.float64)
         if x0.ndim == 2:
@@ -293,17 +340,27 @@ class EquilibriumChains:
         theta = np.asarray(params, dtype=np.float64)
         if theta.shape != (self.system.n_params,):
             raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
-        program = _chain_program(self.system, n_steps // save_every, save_every, self.dtype.name)
-        final, (xs, vs, steps, energies) = program(
-            jnp.asarray(theta),
-            self._coeffs,
-            jnp.asarray(self.integrator.seed, dtype=jnp.int64),
-            jnp.arange(self.n_chains, dtype=jnp.int64) + self.first_replica,
-            jnp.asarray(self.state.x),
-            jnp.asarray(self.state.v),
-            jnp.asarray(self.state.step),
-        )
-        xs, steps = np.asarray(xs, dtype=np.float64), np.asarray(steps)
+        program = (n_steps // save_every, save_every, self.dtype.name)
+        labels = np.arange(self.n_chains, dtype=np.int64) + self.first_replica
+        start = (self.state.x, self.state.v, self.state.step)
+        ex = self.executor
+        if ex is None or ex.kind == "in-process":
+            outputs = _run_chains(labels, *start, theta, self.system, self._coeffs,
+                                  self.integrator.seed, program)  # fmt: skip
+        else:
+            # C/T tasks of consecutive chains, gathered in chain order; a chain's numbers
+            # depend only on (seed, its index, its state, θ), wherever it runs
+            per = self.chains_per_task or -(-self.n_chains // ex.slots())
+            tasks = [
+                (labels[lo : lo + per],) + tuple(a[lo : lo + per] for a in start) + (theta,)
+                for lo in range(0, self.n_chains, per)
+            ]
+            shared = (self.system, content_key(self.system), self._coeffs,
+                      self.integrator.seed, program)  # fmt: skip
+            parts = ex.map(_chain_task, tasks, *shared)
+            outputs = tuple(np.concatenate(a) for a in zip(*parts, strict=True))
+        final_x, final_v, final_step, xs, vs, steps, energies = outputs
+        xs = np.asarray(xs, dtype=np.float64)
         # a blow-up stops here, at the first bad saved frame, before the chains' state
         # moves on: the state (and a fit's last checkpoint) stays the last good one
         check_batch(
@@ -314,13 +371,13 @@ class EquilibriumChains:
             None,
             self.integrator,
             np.arange(self.n_chains),
-            vs=np.asarray(vs),
-            energies=np.asarray(energies),
+            vs=vs,
+            energies=energies,
             gradient=lambda x: self.system.gradient(x, theta),
             where="equilibrium chains",
             member="chain",
         )
-        self.state = LangevinState(np.asarray(final.x), np.asarray(final.v), np.asarray(final.step))
+        self.state = LangevinState(final_x, final_v, final_step)
         return xs, steps, theta
 
     def decorrelate(self, params, n_steps: int) -> None:

@@ -38,7 +38,7 @@ from timemachine.checkpoints import (
 from timemachine.checks import check_int
 from timemachine.errors import InputError, SimulationError
 from timemachine.files import atomic_write_text
-from timemachine.fitting.executor import Executor, open_executor, runs_on_dask
+from timemachine.fitting.executor import Executor, open_executor
 from timemachine.fitting.loss import (
     check_prior_sigma,
     loss_and_gradient,
@@ -280,12 +280,13 @@ def fit(
             replicas' (pathwise) or the chains' (equilibrium) dynamics in single
             precision; observables, estimators, losses and the optimiser stay float64.
             Its accuracy against float64 is in docs/float32.md.
-        executor: where the pathwise replicas run (``timemachine.fitting.executor``):
-            "in-process" (default), "dask" (a local cluster of ``n_workers`` processes,
-            started once for the fit and stopped after it), a scheduler address or a
-            ``distributed.Client``. The epoch's gradient is reduced from the replicas in
-            replica order, so it does not depend on the executor (to round-off) and a fit
-            may resume on another one. The equilibrium estimators' chains run in-process.
+        executor: where the replicas (pathwise, hybrid) and the chains (equilibrium)
+            run (``timemachine.fitting.executor``): "in-process" (default), "dask" (a
+            local cluster of ``n_workers`` processes, started once for the fit and
+            stopped after it), a scheduler address, a ``distributed.Client`` or an open
+            ``Executor``. The epoch's gradient is reduced from the replicas (chains) in
+            their order, so it does not depend on the executor (to round-off) and a fit
+            may resume on another one.
         n_workers: workers of the local cluster (executor "dask"); default 2.
 
     Returns:
@@ -308,11 +309,6 @@ def fit(
     from timemachine.fitting.equilibrium import EQUILIBRIUM_ESTIMATORS, fit_equilibrium
 
     if estimator in EQUILIBRIUM_ESTIMATORS and targets is not None:
-        if runs_on_dask(executor):
-            raise InputError(
-                f"executor={executor!r} runs the pathwise fit's replicas; the chains of "
-                f"estimator {estimator!r} run in-process (use executor='in-process')"
-            )
         pathwise_only = {
             "time_samples": (time_samples, 0),
             "average": (average, "auto"),
@@ -349,6 +345,8 @@ def fit(
             callback=callback,
             precision=precision,
             max_sensitivity=max_sensitivity,
+            executor=executor,
+            n_workers=n_workers,
             **equilibrium_options,
         )
     from timemachine.fitting.estimators import ESTIMATORS

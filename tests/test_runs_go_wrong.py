@@ -488,8 +488,9 @@ def test_equilibrium_fit_blow_up_in_a_later_epoch_keeps_the_checkpoint(dipeptide
     theta[i] *= 1.0 + float(np.asarray(ckpt["u"])[0])
     assert abs(theta[i] / system.params[i] - 1.0) == pytest.approx(3.0, rel=1e-3)
     firsts = []
+    chains = ckpt["systems"][0]
     for c in range(EQ["n_chains"]):
-        start = LangevinState(ckpt["chain_x"][c], ckpt["chain_v"][c], ckpt["chain_step"][c])
+        start = LangevinState(chains["chain_x"][c], chains["chain_v"][c], chains["chain_step"][c])
         traj = plain(system, theta, start, integrator(), EQ["decorrelation_steps"], 20, c)
         found = first_bad_frame(system, theta, traj.x, np.asarray(traj.steps))
         if found is not None:

@@ -61,6 +61,7 @@ from timemachine.fitting.observables import (
 )
 from timemachine.fitting.replicas import ReplicaResult, run_replicas
 from timemachine.fitting.reservoir import Reservoir, reservoir_sample_trajectory
+from timemachine.fitting.systems import FitSystem
 from timemachine.fitting.targets import (
     Target,
     graf2007_targets,
@@ -77,6 +78,7 @@ __all__ = [
     "EstimatorComparison",
     "Executor",
     "FitResult",
+    "FitSystem",
     "ForceMatchingLoss",
     "GradientEstimate",
     "JCoupling1NCA",

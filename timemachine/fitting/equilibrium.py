@@ -75,6 +75,7 @@ from timemachine.fitting.result import (
     settings_fingerprint,
 )
 from timemachine.fitting.sampling import EquilibriumChains
+from timemachine.fitting.systems import Member, combine_estimates, combine_targets, fit_members
 from timemachine.fitting.trust_region import trust_region_step
 from timemachine.integrator.langevin import LangevinIntegrator, LangevinState
 from timemachine.precision import check_precision
@@ -133,11 +134,14 @@ def fit_equilibrium(
     """Fit θ[wrt] so that equilibrium averages ⟨O⟩_θ match experimental targets.
 
     Args:
-        system: a ``timemachine.System``.
+        system: a ``timemachine.System``; or a list of ``FitSystem`` (system, x0,
+            targets, name) for one fit over several systems that share the fitted
+            parameters by name (``timemachine.fitting.systems``), with x0 and targets None.
         x0: (N, 3) or (C, N, 3) starting positions of the chains, nm.
         integrator: ``LangevinIntegrator``; its seed fixes every chain's noise.
         targets: list of ``Target`` (``timemachine.fitting.targets``) or a target-file path.
-        wrt: the fitted parameters (globs or int indices).
+        wrt: the fitted parameters (globs or int indices; globs only for several
+            systems: each system fits the matching parameters it has).
         estimator: "fluctuation" (default) or "hybrid"; see the module docstring.
         epochs: the most epochs (a resumed fit runs the missing ones); the fit stops
             earlier once converged.
@@ -171,7 +175,8 @@ def fit_equilibrium(
             is below this by more than ``tolerance_sigma`` standard errors (1.0: the
             discrepancy principle, the model fits the data within their uncertainties);
             None (default) fits until the χ² stops changing.
-        params: (P_all,) starting θ (default ``system.params``).
+        params: (P_all,) starting θ (default ``system.params``); for several systems a
+            list of one per system, or None.
         out_dir: folder for the checkpoint (``checkpoint.npz`` with its SHA-256 record
             ``checkpoint.json``, the previous pair kept as ``checkpoint.prev.*``) and
             ``history.json``; None keeps memory only.
@@ -238,44 +243,61 @@ def fit_equilibrium(
     check_max_sensitivity(max_sensitivity)
     if not isinstance(executor, Executor):
         check_executor(executor)
-    if isinstance(targets, (str, os.PathLike)):
-        targets = load_targets(targets, system.topology)
-    target = target_vector(targets)
-    wrt = system.resolve_wrt(wrt)
-    names = tuple(system.param_names[i] for i in wrt)
-    full0 = np.array(system.resolve_params(params), dtype=np.float64)
-    theta0 = full0[wrt].copy()
+    several = isinstance(system, (list, tuple))
+    if several:
+        if x0 is not None or targets is not None:
+            raise InputError(
+                "a fit over several systems takes x0 and targets from each FitSystem: "
+                "pass x0=None and targets=None"
+            )
+        members, names, theta0 = fit_members(system, wrt, params)
+        target = combine_targets(members)
+    else:
+        if isinstance(targets, (str, os.PathLike)):
+            targets = load_targets(targets, system.topology)
+        target = target_vector(targets)
+        wrt = system.resolve_wrt(wrt)
+        names = tuple(system.param_names[i] for i in wrt)
+        full0 = np.array(system.resolve_params(params), dtype=np.float64)
+        theta0 = full0[wrt].copy()
+        members = [Member("system", system, x0, target, wrt, np.arange(wrt.size), full0)]
     param = Parametrization(parametrization, theta0, names)
     opt = make_optimizer("adam", learning_rate, None) if optimizer == "adam" else None
     width = None  # (P,) the prior's widths, θ's units
     if prior_sigma is not None:
         width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
-    chains = EquilibriumChains(
-        system, x0, integrator, n_chains=n_chains, save_every=save_every,
-        precision=s.precision, params=full0,
-    )  # fmt: skip
-    sampler = EpochSampler(
-        chains,
-        target.observable,
-        target.labels,
-        sample_steps=s.sample_steps,
-        decorrelation_steps=s.decorrelation_steps,
-        reservoir_size=s.reservoir_size,
-        min_ess=s.min_ess,
-        max_extend=s.max_extend,
-        reweight_threshold=s.reweight_threshold,
-        max_reuse=s.max_reuse,
-    )
+    samplers = []
+    for i, m in enumerate(members):
+        # system i's chains draw the noise streams i·C … i·C + C - 1
+        chains = EquilibriumChains(
+            m.system, m.x0, integrator, n_chains=n_chains, save_every=save_every,
+            first_replica=i * s.n_chains, precision=s.precision, params=m.full0,
+        )  # fmt: skip
+        samplers.append(
+            EpochSampler(
+                chains,
+                m.target.observable,
+                m.target.labels,
+                sample_steps=s.sample_steps,
+                decorrelation_steps=s.decorrelation_steps,
+                reservoir_size=s.reservoir_size,
+                min_ess=s.min_ess,
+                max_extend=s.max_extend,
+                reweight_threshold=s.reweight_threshold,
+                max_reuse=s.max_reuse,
+            )
+        )
     settings = _settings_record(
-        s, estimator, names, theta0, target, integrator, chains, parametrization, prior_sigma
+        s, estimator, names, theta0, integrator, members, samplers, parametrization, prior_sigma
     )
     u = param.initial()
     state = _FitState(u, opt.init(u) if opt is not None else None, s.trust_radius)
+    state.horizon_steps = [None] * len(members)
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         if resume:
-            _resume(out_dir, settings, state, sampler, s.epochs)
+            _resume(out_dir, settings, state, samplers, s.epochs)
     elif resume:
         raise InputError("resume=True needs out_dir (where the checkpoint lives)")
 
@@ -285,10 +307,21 @@ def fit_equilibrium(
             "estimator": estimator,
             "stop_reason": state.stop_reason,
             "accepted": None if best is None else {"loss": best["loss"], "stderr": best["se"]},
-            "horizon_steps": state.horizon_steps,
+            "horizon_steps": state.horizon_steps if several else state.horizon_steps[0],
         }
         u, history = state.u if u is None else u, state.history
-        return make_result(full0, wrt, names, param, u, theta0, history, target, out_dir, info)
+        first = members[0]
+        fitted = make_result(
+            first.full0, first.wrt, names, param, u, theta0, history, target, out_dir, info
+        )
+        if not several:
+            return fitted
+        theta = param.theta(np.asarray(u, dtype=np.float64))
+        info["systems"] = [m.name for m in members]
+        return fitted._replace(
+            params=first.full(theta),
+            system_params={m.name: m.full(theta) for m in members},
+        )
 
     bar = _progress_bar(progress, s.epochs, state.start)
     converged = state.converged  # a resumed fit that had converged runs no epoch
@@ -300,41 +333,57 @@ def fit_equilibrium(
             ex = pool.enter_context(open_executor(executor, n_workers))
         else:
             ex = None  # nothing to run: no cluster started
-        chains.executor = ex
+        for sampler in samplers:
+            sampler.chains.executor = ex
         for epoch in range(state.start, s.epochs):
             t0 = time.perf_counter()
             theta = param.theta(state.u)
-            full = full0.copy()
-            full[wrt] = theta
+            fulls = [m.full(theta) for m in members]
             record = {"epoch": epoch, "params": theta.tolist(), "estimator": estimator}
 
-            try:
-                # ---- 1. samples at θ: the stored frames reweighted, or the chains run on
-                last = epoch == s.epochs - 1
-                must = last or _looked_converged_reweighted(state.history)
-                sample = sampler.at(full, epoch, must)
-                record.update(sample.record)
-
-                # ---- 2. estimate ⟨O⟩, J = d⟨O⟩/dθ and the loss
-                est = estimate_at(
-                    target.observable,
-                    system,
-                    sample,
-                    full,
-                    wrt,
-                    integrator,
-                    blocks=s.blocks,
-                    epoch=epoch,
-                    hybrid=s.hybrid,
-                    horizon_steps=state.horizon_steps,
-                    max_sensitivity=max_sensitivity,
-                    executor=ex,
-                )
-            except SimulationError as e:  # a chain or replica blew up: name the epoch
-                note = kept_note(out_dir, epoch)
-                raise annotate(e, f"epoch {epoch}: ", note, epoch=epoch) from None
-            state.horizon_steps = est.horizon_steps
-            record.update(est.record)
+            # ---- 1. samples at θ: the stored frames reweighted, or the chains run on;
+            # ---- 2. estimate ⟨O⟩, J = d⟨O⟩/dθ and the loss, system by system
+            last = epoch == s.epochs - 1
+            must = last or _looked_converged_reweighted(state.history)
+            samples = _each_member(
+                ex,
+                [m.name if several else None for m in members],
+                lambda i, fulls=fulls, epoch=epoch, must=must: samplers[i].at(
+                    fulls[i], epoch, must
+                ),
+                epoch,
+                out_dir,
+            )
+            estimates = []
+            for i, m in enumerate(members):
+                try:
+                    estimates.append(
+                        estimate_at(
+                            m.target.observable,
+                            m.system,
+                            samples[i],
+                            fulls[i],
+                            m.wrt,
+                            integrator,
+                            blocks=s.blocks,
+                            epoch=epoch,
+                            hybrid=s.hybrid,
+                            horizon_steps=state.horizon_steps[i],
+                            max_sensitivity=max_sensitivity,
+                            executor=ex,
+                        )
+                    )
+                except SimulationError as e:  # a replica blew up: name the epoch
+                    where = f"epoch {epoch}: " + (f"system {m.name!r}: " if several else "")
+                    raise annotate(e, where, kept_note(out_dir, epoch), epoch=epoch) from None
+                state.horizon_steps[i] = estimates[i].horizon_steps
+            if several:
+                record.update(_members_record(members, samples, estimates))
+                est = combine_estimates(estimates, members, theta.size, target.labels, names)
+            else:
+                record.update(samples[0].record)
+                est = estimates[0]
+                record.update(est.record)
             loss = loss_and_gradient(est, target, theta, theta0, width)
             record.update(_loss_record(loss, est))
             if not (np.isfinite(loss.chi2) and np.isfinite(loss.gradient).all()):
@@ -376,7 +425,7 @@ def fit_equilibrium(
             if out_dir is not None:  # history.json's θ is the one the fit would return now
                 reported = result(_reported_u(state, optimizer, converged))
                 fresh = epoch == state.start and not state.resumed
-                _save(out_dir, settings, epoch, state, sampler, converged, reported, fresh)
+                _save(out_dir, settings, epoch, state, samplers, converged, reported, fresh)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(chi2=f"{loss.chi2:.3g}±{loss.chi2_stderr:.2g}")
@@ -385,7 +434,8 @@ def fit_equilibrium(
             if converged:
                 break
     finally:
-        chains.executor = None
+        for sampler in samplers:
+            sampler.chains.executor = None
         pool.close()
         if bar is not None:
             bar.close()
@@ -438,8 +488,9 @@ class _Settings(NamedTuple):
 
 def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings:
     """InputError on a bad setting of ``fit_equilibrium`` (before anything runs); the
-    checked settings. ``kw`` are ``_Settings``' fields but ``optimizer``."""
-    if not isinstance(system, System):
+    checked settings. ``kw`` are ``_Settings``' fields but ``optimizer``. A list of
+    systems is checked by ``fit_members``."""
+    if not isinstance(system, (System, list, tuple)):
         raise InputError(f"system must be a timemachine.System, got {type(system).__name__}")
     if not isinstance(integrator, LangevinIntegrator):
         raise InputError(
@@ -500,25 +551,37 @@ def _check_settings(system, integrator, estimator, optimizer, **kw) -> _Settings
     return _Settings(optimizer=optimizer, hybrid=hybrid, **kw)
 
 
-def _settings_record(s, estimator, names, theta0, target, integrator, chains, param, prior):
+def _settings_record(s, estimator, names, theta0, integrator, members, samplers, param, prior):
     """The settings a checkpoint must carry to be resumed by this fit, by name (a resume
-    that differs is refused naming each field: ``checkpoints.check_settings``)."""
+    that differs is refused naming each field: ``checkpoints.check_settings``); a fit over
+    several systems has one ``systems`` entry per system instead of ``system``,
+    ``targets`` and ``x0_sha256``."""
+
+    def of(m, sampler):
+        return dict(
+            system=system_record(m.system),
+            targets=dict(
+                labels=list(m.target.labels),
+                value=m.target.value.tolist(),
+                sigma=m.target.uncertainty.tolist(),
+            ),
+            x0_sha256=array_sha256(sampler.chains.state.x),
+        )
+
+    per = [of(m, sampler) for m, sampler in zip(members, samplers, strict=True)]
+    common = dict(per[0]) if len(members) == 1 else dict(
+        systems=[dict(name=m.name, **p) for m, p in zip(members, per, strict=True)]
+    )  # fmt: skip
     return jsonable(
         dict(
-            system=system_record(chains.system),
+            **common,
             parameters=dict(zip(names, theta0.tolist(), strict=True)),
-            targets=dict(
-                labels=list(target.labels),
-                value=target.value.tolist(),
-                sigma=target.uncertainty.tolist(),
-            ),
             integrator=dict(
                 temperature=integrator.temperature,
                 friction=integrator.friction,
                 dt=integrator.dt,
                 seed=integrator.seed,
             ),
-            x0_sha256=array_sha256(chains.state.x),
             estimator=estimator,
             n_chains=s.n_chains,
             sample_steps=s.sample_steps,
@@ -559,7 +622,7 @@ class _FitState:
         accepted: the last accepted point (``TrustRegionStep.accepted``), or None.
         quiet_epochs: freshly sampled epochs in a row that met the stopping rule.
         start: the first epoch to run (``epochs`` once a resumed fit had converged).
-        horizon_steps: the hybrid horizon n, once chosen.
+        horizon_steps: per system, the hybrid horizon n, once chosen (None before).
         stop_reason: why the fit stopped ("epochs" until it converges).
         resumed: whether a checkpoint was loaded.
         converged: whether the loaded checkpoint's fit had converged.
@@ -572,15 +635,15 @@ class _FitState:
     accepted: dict | None = None
     quiet_epochs: int = 0
     start: int = 0
-    horizon_steps: int | None = None
+    horizon_steps: list | None = None
     stop_reason: str = "epochs"
     resumed: bool = False
     converged: bool = False
 
 
-def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) -> None:
-    """Load ``out_dir``'s checkpoint, if any, into the state, the chains and the sampler;
-    CheckpointError naming what differs if it is another fit's."""
+def _resume(out_dir, settings, state: _FitState, samplers, epochs) -> None:
+    """Load ``out_dir``'s checkpoint, if any, into the state, each system's chains and
+    sampler; CheckpointError naming what differs if it is another fit's."""
     ckpt = load_checkpoint(out_dir)
     if ckpt is None:
         return
@@ -593,10 +656,12 @@ def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) 
     state.resumed = True
     state.u, state.radius, state.history = ckpt["u"], ckpt["radius"], ckpt["history"]
     state.start, state.accepted = ckpt["epoch"], ckpt["accepted"]
-    state.quiet_epochs, state.horizon_steps = ckpt["quiet_epochs"], ckpt["horizon"]
-    sampler.chains.state = LangevinState(ckpt["chain_x"], ckpt["chain_v"], ckpt["chain_step"])
-    sampler.stored = (ckpt["stored_x"], ckpt["stored_params"]) if ckpt["stored"] else None
-    sampler.reused = ckpt["reused"]
+    state.quiet_epochs, state.horizon_steps = ckpt["quiet_epochs"], list(ckpt["horizon"])
+    for sampler, saved in zip(samplers, ckpt["systems"], strict=True):
+        x, v, step = saved["chain_x"], saved["chain_v"], saved["chain_step"]
+        sampler.chains.state = LangevinState(x, v, step)
+        sampler.stored = saved["stored"]
+        sampler.reused = saved["reused"]
     if state.opt_state is not None:
         import jax
 
@@ -607,7 +672,7 @@ def _resume(out_dir, settings, state: _FitState, sampler: EpochSampler, epochs) 
         state.converged = True
 
 
-def _save(out_dir, settings, epoch, state: _FitState, sampler, converged, result, fresh) -> None:
+def _save(out_dir, settings, epoch, state: _FitState, samplers, converged, result, fresh) -> None:
     """Write the checkpoint after ``epoch`` and ``result``'s history, atomically; ``fresh``
     (the first epoch of a fit not resumed) drops the checkpoints of an earlier fit."""
     os.makedirs(out_dir, exist_ok=True)
@@ -620,11 +685,9 @@ def _save(out_dir, settings, epoch, state: _FitState, sampler, converged, result
         u=state.u,
         radius=state.radius,
         history=state.history,
-        chains=sampler.chains,
-        stored=sampler.stored,
+        samplers=samplers,
         accepted=state.accepted,
         quiet_epochs=state.quiet_epochs,
-        reused=sampler.reused,
         horizon=state.horizon_steps,
         opt_state=state.opt_state,
         converged=converged,
@@ -754,3 +817,44 @@ def _converged_reason(s: _Settings) -> str:
             else ""
         )
     )
+
+
+def _each_member(ex, names, fn, epoch, out_dir):
+    """``[fn(i) for i in range(len(names))]``, the systems' sampling; on Dask the systems
+    run at once (one thread each here, their chain tasks interleaved on the cluster), the
+    results in system order. A SimulationError names the epoch and (``names[i]`` not
+    None) the system."""
+
+    def run(i):
+        try:
+            return fn(i)
+        except SimulationError as e:  # a chain blew up: name the epoch
+            where = f"epoch {epoch}: " + (f"system {names[i]!r}: " if names[i] else "")
+            raise annotate(e, where, kept_note(out_dir, epoch), epoch=epoch) from None
+
+    if ex is None or ex.kind == "in-process" or len(names) == 1:
+        return [run(i) for i in range(len(names))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = [pool.submit(run, i) for i in range(len(names))]
+        return [f.result() for f in futures]
+
+
+def _members_record(members, samples, estimates) -> dict:
+    """The epoch record's sampling entries of a fit over several systems: ``sampled``
+    (every system sampled afresh), the smallest ESS and reweighting ESS and the largest R̂
+    over the systems, and each system's own entries under ``systems``."""
+    per = {}
+    for m, sample, est in zip(members, samples, estimates, strict=True):
+        per[m.name] = {**sample.record, **est.record}
+    recs = list(per.values())
+    out = {"sampled": all(r["sampled"] for r in recs), "systems": per}
+    out["reweight_ess"] = min(r["reweight_ess"] for r in recs)
+    ess = [r["ess_min"] for r in recs if "ess_min" in r]
+    if ess:
+        out["ess_min"] = min(ess)
+    rhat = [r["rhat_max"] for r in recs if "rhat_max" in r]
+    if rhat:
+        out["rhat_max"] = max(rhat)
+    return out

@@ -2,7 +2,9 @@
 the stored frames and the history, written after every epoch and read back by
 ``fit_equilibrium(..., resume=True)``.
 
-The files are ``checkpoint.npz`` (the arrays) and ``checkpoint.json`` (the metadata below
+A fit over several systems keeps each one's chains and stored frames (system i's arrays
+suffixed ``_i``, system 0's as in a one-system fit). The files are ``checkpoint.npz``
+(the arrays) and ``checkpoint.json`` (the metadata below
 with a SHA-256 of every array, of the npz and of itself), the previous pair kept as
 ``checkpoint.prev.*``: ``timemachine.checkpoints``. The reservoirs need no state of their
 own: each epoch's is seeded by (integrator seed, epoch) and filled from that epoch's
@@ -23,7 +25,11 @@ CHECKPOINT = "checkpoint.npz"
 CHECKPOINT_BASE = "checkpoint"
 HISTORY = "history.json"
 _FORMAT = "timemachine.equilibrium-fit-checkpoint"
-_ARRAYS = ("u", "chain_x", "chain_v", "chain_step", "stored_x", "stored_params")
+
+
+def _key(name, i):
+    """The npz key of system i's array ``name`` (system 0 keeps the one-system names)."""
+    return name if i == 0 else f"{name}_{i}"
 
 
 def save_checkpoint(
@@ -35,11 +41,9 @@ def save_checkpoint(
     u,
     radius,
     history,
-    chains,
-    stored,
+    samplers,
     accepted,
     quiet_epochs,
-    reused,
     horizon,
     opt_state,
     converged,
@@ -53,8 +57,10 @@ def save_checkpoint(
         fingerprint, settings: the fit's settings (a dict) and their hash; a resume must
             match them.
         u: (P,) the optimiser's coordinates; radius: the trust radius ‖δu‖.
-        chains: the ``EquilibriumChains`` (state x, v (C, N, 3) nm and nm/ps, step (C,)).
-        stored: (x (R, N, 3) nm, params (P_all,)) the frames kept for reweighting, or None.
+        samplers: each system's ``EpochSampler``: its chains' state (x, v (C, N, 3) nm
+            and nm/ps, step (C,)), the frames stored for reweighting (x (R, N, 3) nm,
+            params (P_all,)) or None, and the epochs they have been reused for.
+        horizon: per system, the hybrid horizon in steps or None.
         opt_state: the optax state (Adam) or None; the rest is JSON metadata.
         keep_previous: keep the last good checkpoint as ``checkpoint.prev.*``.
     """
@@ -76,30 +82,36 @@ def save_checkpoint(
         "epoch": epoch,
         "radius": radius,
         "quiet_epochs": quiet_epochs,
-        "reused": reused,
-        "horizon": horizon,
+        "reused": [sampler.reused for sampler in samplers],
+        "horizon": list(horizon),
         "converged": converged,
         "stop_reason": stop_reason,
         "accepted": acc,
         "n_opt": len(arrays),
-        "stored": stored is not None,
+        "stored": [sampler.stored is not None for sampler in samplers],
         "history": history,
     }
-    arrays.update(
-        u=np.asarray(u, dtype=np.float64),
-        chain_x=np.asarray(chains.state.x),
-        chain_v=np.asarray(chains.state.v),
-        chain_step=np.asarray(chains.state.step),
-        stored_x=np.asarray(stored[0]) if stored is not None else np.zeros((0, 0, 3)),
-        stored_params=np.asarray(stored[1]) if stored is not None else np.zeros(0),
-    )
+    arrays["u"] = np.asarray(u, dtype=np.float64)
+    for i, sampler in enumerate(samplers):
+        stored, state = sampler.stored, sampler.chains.state
+        arrays[_key("chain_x", i)] = np.asarray(state.x)
+        arrays[_key("chain_v", i)] = np.asarray(state.v)
+        arrays[_key("chain_step", i)] = np.asarray(state.step)
+        arrays[_key("stored_x", i)] = (
+            np.asarray(stored[0]) if stored is not None else np.zeros((0, 0, 3))
+        )
+        arrays[_key("stored_params", i)] = (
+            np.asarray(stored[1]) if stored is not None else np.zeros(0)
+        )
     write_checkpoint(os.path.join(out_dir, CHECKPOINT_BASE), arrays, meta, _FORMAT, keep_previous)
 
 
 def load_checkpoint(out_dir):
     """The last good checkpoint in ``out_dir`` (verified; the previous one, with a
     ``CheckpointFallbackWarning``, when the last fails its checksums), as a dict of its
-    metadata plus the arrays, ``opt_leaves``, ``path`` and ``previous``; None if none.
+    metadata plus ``u``, ``opt_leaves``, ``path``, ``previous`` and ``systems``: per
+    system, a dict of ``chain_x``, ``chain_v``, ``chain_step``, ``stored`` ((x, params)
+    or None) and ``reused``; None if there is no checkpoint.
 
     Raises:
         CorruptCheckpointError: no copy passes its checksums (names the file).
@@ -109,8 +121,19 @@ def load_checkpoint(out_dir):
     if ckpt is None:
         return None
     out = dict(ckpt.meta)
-    for key in _ARRAYS:
-        out[key] = ckpt[key]
+    out["u"] = ckpt["u"]
+    out["systems"] = [
+        dict(
+            chain_x=ckpt[_key("chain_x", i)],
+            chain_v=ckpt[_key("chain_v", i)],
+            chain_step=ckpt[_key("chain_step", i)],
+            stored=(ckpt[_key("stored_x", i)], ckpt[_key("stored_params", i)])
+            if stored
+            else None,
+            reused=int(out["reused"][i]),
+        )
+        for i, stored in enumerate(out["stored"])
+    ]
     out["opt_leaves"] = [ckpt[f"opt_{i}"] for i in range(int(out["n_opt"]))]
     out["path"], out["previous"] = ckpt.path, ckpt.previous
     return out

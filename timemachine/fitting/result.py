@@ -31,6 +31,10 @@ class FitResult(NamedTuple):
         out_dir: where checkpoint and history live, or None.
         info: for an equilibrium fit (``fit_equilibrium``): the estimator, why it
             stopped, the accepted χ² with its error; None for a pathwise fit.
+        system_params: a fit over several systems (``FitSystem``): each system's name →
+            its fitted full θ (P_all_s,); ``params`` and ``wrt`` are then the first
+            system's, ``theta`` and ``param_names`` the shared parameters'. None for a
+            fit of one system.
     """
 
     params: np.ndarray
@@ -44,6 +48,7 @@ class FitResult(NamedTuple):
     target_uncertainties: np.ndarray
     out_dir: str | None
     info: dict | None = None
+    system_params: dict | None = None
 
     def history_dict(self) -> dict:
         """A JSON-ready dict of the whole fit (what ``history.json`` holds)."""

@@ -228,7 +228,9 @@ def fit(
     θ), so do not use it for NMR data.
 
     Args:
-        system: a ``timemachine.System``.
+        system: a ``timemachine.System``; or, for the equilibrium estimators, a list of
+            ``FitSystem`` fitted together, sharing the parameters by name (x0 and
+            targets None: each system brings its own; ``fit_equilibrium``).
         x0: (N, 3) or (M, N, 3) starting positions (nm) of the replicas, every epoch.
         integrator: ``LangevinIntegrator``; its seed fixes the noise of every epoch.
         targets: list of ``Target`` (``timemachine.fitting.targets``) or a target-file path
@@ -308,7 +310,8 @@ def fit(
 
     from timemachine.fitting.equilibrium import EQUILIBRIUM_ESTIMATORS, fit_equilibrium
 
-    if estimator in EQUILIBRIUM_ESTIMATORS and targets is not None:
+    several = isinstance(system, (list, tuple))
+    if estimator in EQUILIBRIUM_ESTIMATORS and (targets is not None or several):
         pathwise_only = {
             "time_samples": (time_samples, 0),
             "average": (average, "auto"),
@@ -351,6 +354,11 @@ def fit(
         )
     from timemachine.fitting.estimators import ESTIMATORS
 
+    if isinstance(system, (list, tuple)):
+        raise InputError(
+            f"a fit over several systems (a list of FitSystem) needs an equilibrium "
+            f"estimator ({EQUILIBRIUM_ESTIMATORS}), got estimator={estimator!r}"
+        )
     if estimator not in ESTIMATORS and targets is not None:
         raise InputError(f"estimator {estimator!r} unknown; use one of {ESTIMATORS}")
     if equilibrium_options:

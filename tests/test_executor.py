@@ -87,6 +87,28 @@ def _equilibrium_epochs(problem, estimator, **kw):
     return np.array([rec["loss"]]), np.asarray(rec["gradient"]), np.asarray(r.params)
 
 
+def _two_systems(problem):
+    from timemachine.fitting import FitSystem, JCoupling3HNHA, make_target
+
+    top, system, x, _ = problem
+    top4, x4 = tm.build_peptide("AAAA")
+    system4, x4 = tm.load_system((top4, x4))
+    x4 = np.asarray(tm.minimize_system(system4, x4))
+    return [
+        FitSystem(system, x, [make_target(JCoupling3HNHA(top), [5.68, 6.52], 0.36)], "AAA"),
+        FitSystem(system4, x4, [make_target(JCoupling3HNHA(top4), [5.9, 6.1, 6.6], 0.36)]),
+    ]
+
+
+def _two_system_epoch(two, **kw):
+    r = tm.fit(two, None, tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=5), None,
+               "torsion/C-N-CT-C/k*", epochs=1, n_chains=2, sample_steps=400,
+               decorrelation_steps=100, save_every=20, blocks=4, min_ess=1.0,
+               reservoir_size=40, progress=False, **kw)  # fmt: skip
+    rec = r.history[-1]
+    return np.array([rec["loss"]]), np.asarray(rec["gradient"]), np.asarray(r.theta)
+
+
 @pytest.fixture(scope="module")
 def equilibrium_in_process(problem):
     return {e: _equilibrium_epochs(problem, e) for e in ("fluctuation", "hybrid")}
@@ -127,6 +149,10 @@ def test_a_local_cluster_gives_the_in_process_replicas_and_epochs(
         for estimator, ref in equilibrium_in_process.items():
             got = _equilibrium_epochs(problem, estimator, executor=ex)
             _assert_epoch(got, ref, f"{estimator} epochs on a 2-worker cluster")
+        # two systems in one fit (their chains at once, from threads): the same epoch
+        two = _two_systems(problem)
+        _assert_epoch(_two_system_epoch(two, executor=ex), _two_system_epoch(two),
+                      "a two-system epoch on a 2-worker cluster")  # fmt: skip
         workers = ex.client.run(os.sched_getaffinity, 0)
     # each worker pinned to one CPU (XLA's pool sized by it), different ones on >1 CPU
     cpus = [sorted(c) for c in workers.values()]

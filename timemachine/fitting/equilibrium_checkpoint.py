@@ -127,9 +127,7 @@ def load_checkpoint(out_dir):
             chain_x=ckpt[_key("chain_x", i)],
             chain_v=ckpt[_key("chain_v", i)],
             chain_step=ckpt[_key("chain_step", i)],
-            stored=(ckpt[_key("stored_x", i)], ckpt[_key("stored_params", i)])
-            if stored
-            else None,
+            stored=(ckpt[_key("stored_x", i)], ckpt[_key("stored_params", i)]) if stored else None,
             reused=int(out["reused"][i]),
         )
         for i, stored in enumerate(out["stored"])

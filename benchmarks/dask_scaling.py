@@ -19,6 +19,11 @@ first epoch compiles on every worker (``first_epoch_s``), the others are timed
 every core), for reference. The first epoch's gradient of every run is compared with the
 in-process one (max relative difference).
 
+The same for the equilibrium fit's chains (``--chains``, default 4; 0 skips them): one
+fluctuation epoch samples each chain for ``--decorrelation-steps`` + ``--chain-steps``
+steps, one chain a task; every epoch resamples (``reweight_threshold`` above 1), so each
+timed epoch runs the chains on the cluster.
+
 The overhead per task is the wall time of ``Executor.map`` over ``--replicas`` no-op
 tasks on the warm 1-worker cluster, divided by their number: the scheduling and
 transfer cost that a task must be long against.
@@ -57,6 +62,9 @@ def main():
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--chain-steps", type=int, default=5000)
+    ap.add_argument("--decorrelation-steps", type=int, default=1000)
     args = ap.parse_args()
 
     top, x = tm.build_peptide("AAA")
@@ -74,28 +82,46 @@ def main():
         walls = [rec["wall_s"] for rec in r.history]
         return walls, np.asarray(r.history[0]["gradient"])
 
-    rows = {}
-    walls, g_ref = fit("in-process")
-    rows["in-process"] = {"first_epoch_s": walls[0], "epoch_s": statistics.median(walls[1:]),
-                          "gradient_rel_diff": 0.0}  # fmt: skip
-    print(f"in-process: {rows['in-process']['epoch_s']:.2f} s", file=sys.stderr)
+    def sample(executor):
+        """The same for the fluctuation estimator's chains (every epoch sampled)."""
+        r = tm.fit(system, x, integ, targets, WRT, estimator="fluctuation",
+                   epochs=1 + args.repeat, n_chains=args.chains, sample_steps=args.chain_steps,
+                   decorrelation_steps=args.decorrelation_steps, save_every=250, blocks=4,
+                   min_ess=1.0, max_extend=0, reweight_threshold=2.0,
+                   patience=args.repeat + 2, progress=False, executor=executor)  # fmt: skip
+        assert all(rec["sampled"] for rec in r.history)
+        walls = [rec["wall_s"] for rec in r.history]
+        return walls, np.asarray(r.history[0]["gradient"])
+
+    runs = {"replicas": fit} | ({"chains": sample} if args.chains else {})
+    tables = {kind: {} for kind in runs}
+    refs = {}
     overhead = None
+
+    def record(kind, name, walls, g):
+        diff = float(np.abs(g - refs[kind]).max() / np.abs(refs[kind]).max())
+        tables[kind][name] = {"first_epoch_s": walls[0], "epoch_s": statistics.median(walls[1:]),
+                              "gradient_rel_diff": diff}  # fmt: skip
+        print(f"{kind}, {name}: {tables[kind][name]['epoch_s']:.2f} s", file=sys.stderr)
+
+    for kind, run in runs.items():
+        walls, refs[kind] = run("in-process")
+        record(kind, "in-process", walls, refs[kind])
     for n in args.workers:
         with open_executor("dask", n_workers=n) as ex:
-            walls, g = fit(ex)
+            for kind, run in runs.items():
+                record(kind, f"{n} workers", *run(ex))
             if n == 1:
                 ex.map(_noop, range(args.replicas))  # warm
                 t0 = time.perf_counter()
                 ex.map(_noop, range(args.replicas))
                 overhead = (time.perf_counter() - t0) / args.replicas
-        diff = float(np.abs(g - g_ref).max() / np.abs(g_ref).max())
-        rows[f"{n} workers"] = {"first_epoch_s": walls[0], "epoch_s": statistics.median(walls[1:]),
-                                "gradient_rel_diff": diff}  # fmt: skip
-        print(f"{n} workers: {rows[f'{n} workers']['epoch_s']:.2f} s", file=sys.stderr)
 
-    base = rows.get("1 workers", {}).get("epoch_s")
-    for r in rows.values():
-        r["speedup_over_1_worker"] = None if base is None else base / r["epoch_s"]
+    for rows in tables.values():
+        base = rows.get("1 workers", {}).get("epoch_s")
+        for r in rows.values():
+            r["speedup_over_1_worker"] = None if base is None else base / r["epoch_s"]
+    rows = tables["replicas"]
     record = {
         "machine": platform.platform(),
         "cpus": len(os.sched_getaffinity(0)),
@@ -105,18 +131,26 @@ def main():
         "dt_ps": 0.002,
         "overhead_per_task_s": overhead,
         "rows": rows,
-    }
+        "chains": None
+        if not args.chains
+        else {"n_chains": args.chains, "sample_steps": args.chain_steps,
+              "decorrelation_steps": args.decorrelation_steps, "rows": tables["chains"]},
+    }  # fmt: skip
     atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-    print("| executor | epoch (s) | first epoch, compiling (s) | speed-up over 1 worker | "
-          "gradient vs in-process |")  # fmt: skip
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        s = r["speedup_over_1_worker"]
-        print(f"| {name} | {r['epoch_s']:.2f} | {r['first_epoch_s']:.1f} | "
-              f"{'' if s is None else f'{s:.2f}×'} | {r['gradient_rel_diff']:.1e} |")  # fmt: skip
+    print("| work | executor | epoch (s) | first epoch, compiling (s) | speed-up over 1 worker "
+          "| gradient vs in-process |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for kind, kind_rows in tables.items():
+        for name, r in kind_rows.items():
+            s = r["speedup_over_1_worker"]
+            s = "" if s is None else f"{s:.2f}×"
+            print(f"| {kind} | {name} | {r['epoch_s']:.2f} | {r['first_epoch_s']:.1f} | {s} | "
+                  f"{r['gradient_rel_diff']:.1e} |")  # fmt: skip
     if overhead is not None:
         print(f"overhead per task (no-op tasks, warm 1-worker cluster): {overhead * 1e3:.1f} ms")
-    print(f"{args.replicas} replicas × {args.steps} steps; JSON: {args.json}")
+    chains = (f"; {args.chains} chains × ({args.decorrelation_steps} + {args.chain_steps}) "
+              "steps" if args.chains else "")  # fmt: skip
+    print(f"{args.replicas} replicas × {args.steps} steps{chains}; JSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,8 @@ def test_run_recovery_refuses_a_zero_count_instead_of_the_preset(tmp_path, nothi
         (["fit", "--learning-rate", "0"], ["--learning-rate"]),
         (["fit", "--experiment", "recovery", "--perturbation", "1"], ["--perturbation", "< 1"]),
         (["fit", "--replicas", "two"], ["--replicas", "'two'"]),
+        (["fit", "--n-workers", "0"], ["--n-workers", ">= 1"]),
+        (["fit", "--executor", "ray"], ["--executor", "in-process, dask or a scheduler", "'ray'"]),
     ],
 )
 def test_numeric_flags_out_of_range_are_usage_errors(argv, fragments, nothing_built, capsys):
@@ -216,6 +218,11 @@ def test_numeric_flags_out_of_range_are_usage_errors(argv, fragments, nothing_bu
         (["fit", "--compare", "nosuch.xml"], ["--compare", "nosuch.xml"]),
         (["fit", "--compare", "amber99sbnmr.xml", "--validate-ns", "0"], ["--validate-ns 0"]),
         (["run", "--pdb", "nosuch.pdb"], ["--pdb", "nosuch.pdb"]),
+        (["fit", "--n-workers", "3"], ["--n-workers 3", "applies to --executor dask"]),
+        (
+            ["fit", "--experiment", "recovery", "--executor", "tcp://h:8786", "--n-workers", "2"],
+            ["--n-workers 2", "not --executor tcp://h:8786"],
+        ),
     ],
 )
 def test_flags_a_job_cannot_honour_fail_before_the_set_up(argv, fragments, nothing_built, capsys):

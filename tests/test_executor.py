@@ -134,31 +134,97 @@ def _rel_scale_check(ref):
     assert all(np.abs(np.asarray(getattr(ref, f))).max() > 0 for f in FIELDS)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-worker local cluster shared by the tests that do not kill its workers."""
+    with open_executor("dask", n_workers=2) as ex:
+        yield ex
+
+
 def test_a_local_cluster_gives_the_in_process_replicas_and_epochs(
-    problem, in_process, epoch_in_process, equilibrium_in_process
+    problem, in_process, epoch_in_process, equilibrium_in_process, cluster
 ):
     _rel_scale_check(in_process)
     got = _run(problem, executor="dask", n_workers=2, replicas_per_task=1)  # started, stopped
     _assert_close(got, in_process, "2-worker local cluster")
-    with open_executor("dask", n_workers=2) as ex:
-        # three replicas a task: the same rows, in replica order
-        _assert_close(_run(problem, executor=ex, replicas_per_task=3), in_process, "3 a task")
-        # a fit's epoch: the same loss, gradient and step
-        _assert_epoch(_epoch(problem, executor=ex), epoch_in_process, "2-worker cluster")
-        # the equilibrium fit: its chains (one a task) and the hybrid replicas on Dask
-        for estimator, ref in equilibrium_in_process.items():
-            got = _equilibrium_epochs(problem, estimator, executor=ex)
-            _assert_epoch(got, ref, f"{estimator} epochs on a 2-worker cluster")
-        # two systems in one fit (their chains at once, from threads): the same epoch
-        two = _two_systems(problem)
-        _assert_epoch(_two_system_epoch(two, executor=ex), _two_system_epoch(two),
-                      "a two-system epoch on a 2-worker cluster")  # fmt: skip
-        workers = ex.client.run(os.sched_getaffinity, 0)
+    ex = cluster
+    # three replicas a task: the same rows, in replica order
+    _assert_close(_run(problem, executor=ex, replicas_per_task=3), in_process, "3 a task")
+    # a fit's epoch: the same loss, gradient and step
+    _assert_epoch(_epoch(problem, executor=ex), epoch_in_process, "2-worker cluster")
+    # the equilibrium fit: its chains (one a task) and the hybrid replicas on Dask
+    for estimator, ref in equilibrium_in_process.items():
+        got = _equilibrium_epochs(problem, estimator, executor=ex)
+        _assert_epoch(got, ref, f"{estimator} epochs on a 2-worker cluster")
+    # two systems in one fit (their chains at once, from threads): the same epoch
+    two = _two_systems(problem)
+    _assert_epoch(_two_system_epoch(two, executor=ex), _two_system_epoch(two),
+                  "a two-system epoch on a 2-worker cluster")  # fmt: skip
+    workers = ex.client.run(os.sched_getaffinity, 0)
     # each worker pinned to one CPU (XLA's pool sized by it), different ones on >1 CPU
     cpus = [sorted(c) for c in workers.values()]
     assert all(len(c) == 1 for c in cpus), cpus
     if len(os.sched_getaffinity(0)) > 1:
         assert cpus[0] != cpus[1], cpus
+
+
+# trialanine in vacuum against the Graf 2007 couplings: one short epoch of 2 chains
+FIT_TOML = """
+[system]
+sequence = "AAA"
+
+[integrator]
+dt = 0.002
+seed = 5
+
+[parameters]
+wrt = ["torsion/C-N-CT-C/k*"]
+
+[targets]
+builtin = "graf2007"
+
+[sampling]
+chains = 2
+sample_steps = 400
+decorrelation_steps = 100
+save_every = 20
+min_ess = 1.0
+reservoir_size = 40
+
+[optimizer]
+epochs = 1
+
+[validation]
+ns = 0.0
+"""
+
+
+def test_the_command_line_fit_on_an_existing_cluster_gives_the_in_process_fit(tmp_path, cluster):
+    """``timemachine fit CONFIG --executor tcp://...``: the configured fit on the cluster's
+    scheduler gives the in-process fit's χ², gradient and fitted parameters."""
+    import json
+
+    from timemachine.cli import main
+
+    path = tmp_path / "fit.toml"
+    path.write_text(FIT_TOML)
+    address = cluster.client.scheduler.address
+    runs = {}
+    for name, flags in (("in-process", []), ("cluster", ["--executor", address])):
+        out = tmp_path / name
+        assert main(["fit", str(path), "--out", str(out), "--quiet", *flags]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        (epoch,) = json.loads((out / "history.json").read_text())["epochs"]
+        runs[name] = summary, epoch
+    got, ref = runs["cluster"][0], runs["in-process"][0]
+    assert ref["executor"] == "in-process" and got["executor"] == f"dask ({address})"
+    assert ref["fitted"] != ref["original"]  # the epoch stepped
+    parts = [
+        [np.array([s["engine_chi2_per_n"]["before"]]), np.array(e["gradient"]),
+         np.array(s["fitted"])]
+        for s, e in (runs["cluster"], runs["in-process"])
+    ]  # fmt: skip
+    _assert_epoch(*parts, "timemachine fit --executor ADDRESS")
 
 
 _SHARDED = """

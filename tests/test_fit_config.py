@@ -65,6 +65,7 @@ def test_a_good_fit_configuration_gets_its_defaults(tmp_path):
     assert cfg["sampling"]["reservoir_size"] == 2000 and cfg["sampling"]["backend"] == "jax"
     assert cfg["targets"]["entry"][0]["value"] == 0.35 and cfg["targets"]["holdout"] == []
     assert cfg["integrator"]["dt"] == 0.001 and cfg["validation"]["compare"] == []
+    assert cfg["executor"] == {"kind": "in-process", "n_workers": None, "address": None}
 
 
 TARGETS_FILE = {"targets": [{"name": "Rg", "type": "Rg", "value": 0.35}]}  # no uncertainty
@@ -119,6 +120,22 @@ MALFORMED = [
      ["[targets].holdout = 'Rg'", "must be a list"]),
     (_replace("[sampling]", '[sampling]\nbackend = "cuda"'), {},
      ["[sampling].backend = 'cuda'", "must be one of jax"]),
+    (GOOD + '\n[executor]\nkind = "ray"\n', {},
+     ["[executor].kind = 'ray'", "must be one of in-process, dask"]),
+    (GOOD + '\n[executor]\nkind = "dask"\nn_workers = 0\n', {},
+     ["[executor].n_workers = 0", "must be > 0"]),
+    (GOOD + '\n[executor]\nkind = "dask"\nn_workers = 2.5\n', {},
+     ["[executor].n_workers = 2.5", "must be an integer"]),
+    (GOOD + "\n[executor]\nn_workers = 4\n", {},
+     ["[executor].n_workers = 4", 'applies to kind = "dask"', "not kind = 'in-process'"]),
+    (GOOD + '\n[executor]\nkind = "dask"\naddress = "localhost:8786"\n', {},
+     ["[executor].address = 'localhost:8786'", "tcp://host:8786"]),
+    (GOOD + '\n[executor]\naddress = "tcp://h:8786"\n', {},
+     ["[executor].address = 'tcp://h:8786'", 'applies to kind = "dask"']),
+    (GOOD + '\n[executor]\nkind = "dask"\naddress = "tcp://h:8786"\nn_workers = 2\n', {},
+     ["[executor].n_workers = 2", "has its own workers"]),
+    (GOOD + '\n[executor]\nkind = "dask"\nworkers = 2\n', {},
+     ["[executor].workers", "did you mean 'n_workers'"]),
 ]  # fmt: skip
 
 
@@ -164,6 +181,22 @@ def test_flags_with_a_configuration_set_keys_or_are_refused(tmp_path, capsys, mo
     assert cfg["optimizer"]["epochs"] == 4 and cfg["integrator"]["seed"] == 7
     assert cfg["estimator"]["kind"] == "hybrid" and cfg["sampling"]["chains"] == 3
     assert cfg["output"]["dir"] == "o"
+    assert cfg["executor"] == {"kind": "in-process", "n_workers": None, "address": None}
+    # --executor and --n-workers set [executor]'s keys: a local cluster, or an address
+    for flags, expected in (
+        (["--executor", "dask", "--n-workers", "3"], ("dask", 3, None)),
+        (["--executor", "tcp://10.0.0.5:8786"], ("dask", None, "tcp://10.0.0.5:8786")),
+    ):
+        seen.clear()
+        assert cli.main(["fit", str(path), *flags]) == 0
+        assert tuple(seen[0]["executor"].values()) == expected, flags
+    # ... and are checked as the file's keys are
+    assert cli.main(["fit", str(path), "--n-workers", "3"]) == 2
+    assert '[executor].n_workers = 3: applies to kind = "dask"' in capsys.readouterr().err
+    assert cli.main(["fit", str(path), "--executor", "ray"]) == 2
+    assert "--executor: must be in-process, dask or a scheduler address" in (
+        capsys.readouterr().err
+    )
     for flag in (["--size", "tiny"], ["--experiment", "recovery"], ["--replicas", "4"]):
         assert cli.main(["fit", str(path), *flag]) == 1
         err = capsys.readouterr().err

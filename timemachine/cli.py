@@ -62,17 +62,28 @@ def _number(kind, minimum, inclusive, maximum=None):
     return parse
 
 
-_count = _number(int, 1, True)  # replicas, steps, epochs
+_count = _number(int, 1, True)  # replicas, steps, epochs, workers
 _seed = _number(int, 0, True)
 _positive = _number(float, 0.0, False)
 _nonnegative = _number(float, 0.0, True)
+
+
+def _executor(text):
+    """An argparse type: "in-process", "dask" or a Dask scheduler address."""
+    from timemachine.config import EXECUTORS
+
+    if text in EXECUTORS or "://" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"must be in-process, dask or a scheduler address (tcp://host:8786), got {text!r}"
+    )
 
 
 #: timemachine fit's flag defaults without a configuration (the main job's preset)
 FIT_DEFAULTS = dict(experiment="nmr", estimator="fluctuation", optimizer="gauss-newton",
                     holdout="", prior_sigma=2.0, stop_chi2=1.0, compare=[], size="quick",
                     perturbation=0.3, torsions="phi", seed=0, backend="jax",
-                    out="timemachine-out")  # fmt: skip
+                    executor="in-process", out="timemachine-out")  # fmt: skip
 
 #: with a configuration, the fit flags that set one key each: flag -> (section, key)
 FIT_FLAG_KEYS = {
@@ -109,11 +120,12 @@ def run_fit_config(args) -> dict:
     """``timemachine fit CONFIG``: read and check the configuration (``--set`` and the flags
     of ``FIT_FLAG_KEYS`` override single keys), then run the fit job
     (``timemachine.fit_job``)."""
-    from timemachine.config import load_config, parse_override
+    from timemachine.config import executor_keys, load_config, parse_override
     from timemachine.errors import InputError
     from timemachine.fit_job import run_fit_job
 
-    settable = set(FIT_FLAG_KEYS) | {"config", "set", "resume", "quiet", "verbose", "command"}
+    settable = set(FIT_FLAG_KEYS) | {"config", "set", "resume", "quiet", "verbose", "command",
+                                     "executor", "n_workers"}  # fmt: skip
     for name, value in vars(args).items():
         if name not in settable and value is not None:
             raise InputError(
@@ -127,6 +139,7 @@ def run_fit_config(args) -> dict:
             if flag == "holdout":
                 value = [h for h in value.split(",") if h]
             overrides.append((section, key, value))
+    overrides += executor_keys(args.executor, args.n_workers)
     cfg = load_config(args.config, "fit", overrides)
     return run_fit_job(cfg, resume=args.resume, quiet=args.quiet)
 
@@ -163,6 +176,11 @@ def run_fit(args) -> dict:
                     f"--{name} applies to --experiment {experiment}, not --experiment "
                     f"{args.experiment}{hint}"
                 )
+    if args.n_workers is not None and args.executor != "dask":
+        raise InputError(
+            f"--n-workers {args.n_workers}: applies to --executor dask (a local cluster), "
+            f"not --executor {args.executor}"
+        )
     check_backend(args.backend)  # before minutes of set-up, not after
     if args.experiment == "nmr":
         if args.backend != "jax":
@@ -189,6 +207,8 @@ def run_fit(args) -> dict:
         torsions=args.torsions,
         seed=args.seed,
         backend=args.backend,
+        executor=args.executor,
+        n_workers=args.n_workers,
         resume=args.resume,
         quiet=args.quiet,
     )
@@ -341,6 +361,19 @@ def build_parser():
         choices=["jax", "cuda"],
         help="where the replicas run: jax (CPU, or GPU through XLA; default) or cuda (the "
         "CUDA kernels through CuPy; needs an NVIDIA GPU)",
+    )
+    f.add_argument(
+        "--executor",
+        type=_executor,
+        help="where the chains and replicas run: in-process (default; over this process's "
+        "JAX devices), dask (a local Dask cluster of --n-workers processes) or the address "
+        "of an existing cluster's scheduler, tcp://host:8786 ([executor] of a configuration)",
+    )
+    f.add_argument(
+        "--n-workers",
+        type=_count,
+        default=None,
+        help="worker processes of the local Dask cluster (--executor dask; default 2)",
     )
     f.add_argument("--out", help="output folder (default timemachine-out)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")

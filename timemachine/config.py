@@ -53,6 +53,11 @@ The schema (the sections a command reads; ``SCHEMA`` below, one :class:`Key` eac
     ``max_trust_radius``, ``parametrization``.
 ``[validation]`` (fit)
     ``ns`` per model in OpenMM (0 skips it), ``seeds``, ``compare`` (other force fields).
+``[executor]`` (fit)
+    ``kind`` ("in-process": the chains and replicas vectorised in this process, sharded
+    over its JAX devices; "dask": tasks on a Dask cluster, ``timemachine.fitting.executor``),
+    ``n_workers`` (the local cluster's worker processes, default 2), ``address`` (an
+    existing cluster's scheduler, ``"tcp://host:8786"``, instead of a local one).
 ``[output]``
     ``dir``: the output folder (relative to the working directory).
 
@@ -83,6 +88,8 @@ __all__ = [
     "build_targets",
     "config_label",
     "default_config",
+    "executor_keys",
+    "executor_of",
     "load_config",
     "parse_override",
 ]
@@ -136,7 +143,14 @@ def _horizon(v):
     return None if v >= 1 else 'must be "auto" or an integer >= 1 (steps)'
 
 
+def _address(v):
+    return None if "://" in v else 'must be a scheduler address, "tcp://host:8786"'
+
+
 _INT, _REAL, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+
+#: ``[executor].kind``'s choices (``timemachine.fitting.executor.EXECUTORS``)
+EXECUTORS = ("in-process", "dask")
 
 #: data sets shipped in ``timemachine/data`` that ``[targets].builtin`` names
 BUILTIN_TARGETS = ("graf2007",)
@@ -305,6 +319,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "compare": Key((list,), "other OpenMM force fields validated the same way", default=[]),
     },  # fmt: skip
+    "executor": {
+        "kind": Key(
+            _STR,
+            "where the chains and replicas run: this process, or tasks on Dask",
+            default="in-process",
+            choices=EXECUTORS,
+        ),
+        "n_workers": Key(
+            _INT,
+            "dask: worker processes of the local cluster started for the fit; null: 2",
+            default=None,
+            check=_positive("workers"),
+        ),
+        "address": Key(
+            _STR,
+            'dask: an existing cluster\'s scheduler ("tcp://host:8786"); null: a local one',
+            default=None,
+            check=_address,
+        ),
+    },
     "output": {
         "dir": Key(_STR, "output folder", default=None),
     },
@@ -316,7 +350,7 @@ COMMANDS = {
     "fdcheck": ("system", "integrator", "parameters", "fdcheck", "output"),
     "run": ("system", "integrator", "run", "output"),
     "fit": ("system", "integrator", "parameters", "targets", "estimator", "sampling",
-            "optimizer", "validation", "output"),
+            "optimizer", "validation", "executor", "output"),
 }  # fmt: skip
 
 
@@ -592,6 +626,55 @@ def _check_fit(cfg, label, base):
     v["compare"] = [
         _forcefield_file(f, base, f"{label}: [validation].compare") for f in v["compare"]
     ]
+    _check_executor(cfg, label)
+
+
+def _check_executor(cfg, label):
+    """``[executor]``: n_workers and address only with kind "dask", not both, and Dask
+    installed (the optional extra) when it is asked for."""
+    e = cfg["executor"]
+    for key in ("n_workers", "address"):
+        if e[key] is not None and e["kind"] != "dask":
+            raise ConfigError(
+                f'{label}: [executor].{key} = {e[key]!r}: applies to kind = "dask", not '
+                f"kind = {e['kind']!r}"
+            )
+    if e["address"] is not None and e["n_workers"] is not None:
+        raise ConfigError(
+            f"{label}: [executor].n_workers = {e['n_workers']}: an existing cluster "
+            f"([executor].address = {e['address']!r}) has its own workers"
+        )
+    if e["kind"] == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f'{label}: [executor].kind = "dask": Dask is not installed '
+                "(pip install 'timemachine[dask]')"
+            ) from None
+
+
+def executor_keys(executor, n_workers):
+    """The command line's ``--executor`` and ``--n-workers`` as ``[executor]`` keys:
+    (section, key, value) triples, none for a flag not given (None); an address sets
+    kind "dask" and the address."""
+    keys = []
+    if executor is not None:
+        if "://" in executor:
+            keys += [("executor", "kind", "dask"), ("executor", "address", executor)]
+        else:
+            keys.append(("executor", "kind", executor))
+    if n_workers is not None:
+        keys.append(("executor", "n_workers", n_workers))
+    return keys
+
+
+def executor_of(cfg):
+    """(executor, n_workers) of a checked fit configuration's ``[executor]``, as
+    ``timemachine.fit`` and ``fit_equilibrium`` take them: "in-process", "dask" (a local
+    cluster of n_workers) or the scheduler address."""
+    e = cfg.get("executor") or {"kind": "in-process", "n_workers": None, "address": None}
+    return (e["address"] or e["kind"]), e["n_workers"]
 
 
 def _check_target_entry(where, entry):

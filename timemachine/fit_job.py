@@ -37,7 +37,13 @@ import time
 
 import numpy as np
 
-from timemachine.config import build_structure, build_system, build_targets, config_label
+from timemachine.config import (
+    build_structure,
+    build_system,
+    build_targets,
+    config_label,
+    executor_of,
+)
 
 __all__ = ["HISTORY_COLUMNS", "run_fit_job", "write_history_csv"]
 
@@ -84,6 +90,12 @@ def _describe(cfg):
     files = " + ".join(os.path.basename(f) for f in s["forcefield"])
     solvent = {"obc2": " + OBC2", "none": ", vacuum"}[s["implicit_solvent"]]
     return f"{what}, {files}{solvent}, {cfg['integrator']['temperature']:g} K"
+
+
+def _executor_label(executor, n_workers):
+    if executor == "dask":
+        return f"dask (a local cluster of {n_workers or 2} workers)"
+    return executor if executor == "in-process" else f"dask ({executor})"
 
 
 def _citation(cfg, targets):
@@ -165,6 +177,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
 
     out = cfg["output"]["dir"] or "timemachine-out"
     est, smp, opt, val = cfg["estimator"], cfg["sampling"], cfg["optimizer"], cfg["validation"]
+    executor, n_workers = executor_of(cfg)
     system, x, topology, wrt, integrator = build_system(cfg)
     targets, fitted_targets = build_targets(cfg, topology)
     held = [t.name for t in targets if t not in fitted_targets]
@@ -175,6 +188,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
         f"{len(names)} parameters against {n_values} values "
         f"({', '.join(t.name for t in fitted_targets)})"
         + (f"; held out: {', '.join(held)}" if held else "")
+        + ("" if executor == "in-process" else f"; on {_executor_label(executor, n_workers)}")
     )
     with tempfile.TemporaryDirectory(prefix="timemachine-fit-") as stage:
         save_targets(os.path.join(stage, "targets.json"), targets)
@@ -239,6 +253,8 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
                 n_replicas=est["replicas"],
                 horizon=est["horizon"],
                 max_horizon=est["max_horizon"],
+                executor=executor,
+                n_workers=n_workers,
                 out_dir=out,
                 resume=resume,
                 progress=False,
@@ -314,6 +330,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
             "held_out": held,
             "estimator": result.info["estimator"],
             "optimizer": opt["kind"],
+            "executor": _executor_label(executor, n_workers),
             "stop_reason": result.info["stop_reason"],
             "parameters": names,
             "original": result.theta_initial.tolist(),

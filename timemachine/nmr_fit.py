@@ -151,6 +151,12 @@ def nmr_config(args, size) -> dict:
         seeds=size["validate_seeds"],
         compare=list(getattr(args, "compare", None) or ()),
     )
+    from timemachine.config import executor_keys
+
+    for section, key, value in executor_keys(
+        getattr(args, "executor", None), getattr(args, "n_workers", None)
+    ):
+        cfg[section][key] = value
     cfg["output"]["dir"] = args.out
     return cfg
 

@@ -196,6 +196,8 @@ def run_recovery(
     torsions="phi",
     seed=0,
     backend="jax",
+    executor="in-process",
+    n_workers=None,
     resume=False,
     quiet=False,
 ) -> dict:
@@ -214,6 +216,8 @@ def run_recovery(
         torsions: a ``RECOVERY_TORSIONS`` key, the fitted torsion types.
         seed: the integrator's seed.
         backend: where the replicas run ("jax" or "cuda").
+        executor, n_workers: where the replicas' tasks run (``timemachine.fit``'s):
+            "in-process", "dask" (a local cluster of n_workers) or a scheduler address.
         resume: continue from ``out/checkpoint.npz``.
         quiet: no progress messages or bar (the summary is printed regardless).
 
@@ -315,6 +319,8 @@ def run_recovery(
             progress=False,
             callback=on_epoch,
             backend=backend,
+            executor=executor,
+            n_workers=n_workers,
         )
     finally:
         if bar is not None:

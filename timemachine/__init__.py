@@ -31,6 +31,7 @@ from timemachine.io import (  # noqa: E402
     export_forcefield,
     from_openmm,
     load_system,
+    solvate,
     strip_solvent,
 )
 from timemachine.sensitivity import compare, finite_difference, simulate  # noqa: E402
@@ -69,5 +70,6 @@ __all__ = [
     "minimize",
     "minimize_system",
     "simulate",
+    "solvate",
     "strip_solvent",
 ]

@@ -11,6 +11,8 @@ Building blocks:
   their last frames give ensemble averages.
 * ``executor``: where replicas run: in-process (sharded over the JAX devices) or as tasks
   on Dask (``open_executor``).
+* ``openmm_sampler``: ``OpenMMSampler``, the equilibrium chains run by OpenMM on any
+  OpenMM System (explicit water, PME), the solute's frames coming back.
 * ``estimators``: ``pathwise_gradient`` (⟨∂O/∂x · dx/dθ⟩) and ``fluctuation_gradient``
   (-β cov(O, ∂E/∂θ)) of averaged observables, each a ``GradientEstimate`` with standard
   errors; ``compare_estimators`` says how far apart the two are.
@@ -59,6 +61,7 @@ from timemachine.fitting.observables import (
     observable_from_spec,
     select_atoms,
 )
+from timemachine.fitting.openmm_sampler import OpenMMSampler
 from timemachine.fitting.replicas import ReplicaResult, run_replicas
 from timemachine.fitting.reservoir import Reservoir, reservoir_sample_trajectory
 from timemachine.fitting.systems import FitSystem
@@ -94,6 +97,7 @@ __all__ = [
     "Observable",
     "ObservableFunction",
     "ObservableSet",
+    "OpenMMSampler",
     "RadiusOfGyration",
     "ReferenceData",
     "ReplicaResult",

@@ -67,6 +67,7 @@ from timemachine.fitting.equilibrium_estimate import (
 from timemachine.fitting.equilibrium_samples import EpochSampler
 from timemachine.fitting.executor import Executor, check_executor, open_executor
 from timemachine.fitting.loss import check_prior_sigma, target_vector
+from timemachine.fitting.openmm_sampler import OpenMMSampler, check_sampled_parameters
 from timemachine.fitting.result import (
     Parametrization,
     kept_note,
@@ -130,6 +131,7 @@ def fit_equilibrium(
     precision: str = "float64",
     executor="in-process",
     n_workers: int | None = None,
+    sampler="jax",
 ):
     """Fit θ[wrt] so that equilibrium averages ⟨O⟩_θ match experimental targets.
 
@@ -199,6 +201,14 @@ def fit_equilibrium(
             the fit does not depend on the executor (to round-off) and may resume on
             another one.
         n_workers: workers of the local cluster (executor "dask"); default 2.
+        sampler: where the chains run. "jax" (default): the engine's Langevin dynamics
+            (``EquilibriumChains``). "openmm": the same System in OpenMM
+            (``OpenMMSampler.for_system``). An ``OpenMMSampler``: chains in OpenMM on
+            its OpenMM System (explicit water, PME, constraints, any platform), of which
+            ``system`` is the solute (its first atoms) and ``x0`` may be None
+            (``timemachine.fitting.openmm_sampler``). With OpenMM only the fluctuation
+            estimator, in-process and float64, and only torsion parameters (their
+            barriers and phases, set in OpenMM each epoch) are fitted.
 
     Returns:
         ``timemachine.fitting.FitResult``; ``info`` holds the estimator, the stop reason,
@@ -267,13 +277,24 @@ def fit_equilibrium(
     if prior_sigma is not None:
         width = check_prior_sigma(prior_sigma, theta0.shape[0], names)
 
+    openmm = _check_sampler(sampler, estimator, several, executor, s.precision)
+    if openmm is not None:
+        check_sampled_parameters(members[0].system, members[0].wrt, "wrt")
     samplers = []
     for i, m in enumerate(members):
         # system i's chains draw the noise streams i·C … i·C + C - 1
-        chains = EquilibriumChains(
-            m.system, m.x0, integrator, n_chains=n_chains, save_every=save_every,
-            first_replica=i * s.n_chains, precision=s.precision, params=m.full0,
-        )  # fmt: skip
+        if openmm is None:
+            chains = EquilibriumChains(
+                m.system, m.x0, integrator, n_chains=n_chains, save_every=save_every,
+                first_replica=i * s.n_chains, precision=s.precision, params=m.full0,
+            )  # fmt: skip
+        else:
+            if openmm == "openmm":
+                if m.x0 is None:
+                    raise InputError('sampler="openmm" needs x0, the (N, 3) start (nm)')
+                openmm = OpenMMSampler.for_system(m.system, m.x0)
+            chains = openmm.chains(m.system, integrator, n_chains, save_every,
+                                   first_replica=i * s.n_chains, params=m.full0)  # fmt: skip
         samplers.append(
             EpochSampler(
                 chains,
@@ -603,11 +624,45 @@ def _settings_record(s, estimator, names, theta0, integrator, members, samplers,
             hybrid=None if s.hybrid is None else s.hybrid._asdict(),
             prior_sigma=None if prior is None else np.asarray(prior).tolist(),
             precision=s.precision,
+            # (absent for the engine's chains, as in checkpoints written before it)
+            **_sampler_record(samplers[0].chains),
         )
     )
 
 
-# --------------------------------------------------------------------------- state
+def _sampler_record(chains) -> dict:
+    """Where the chains run, for the checkpoint: nothing for the engine's chains, else
+    ``sampler``: "openmm" with the platform."""
+    sampler = getattr(chains, "sampler", None)
+    return {} if sampler is None else {"sampler": f"openmm ({sampler.platform})"}
+
+
+def _check_sampler(sampler, estimator, several, executor, precision):
+    """None for the engine's chains; "openmm" or the ``OpenMMSampler`` given, once the
+    settings it cannot honour are refused."""
+    if sampler is None or (isinstance(sampler, str) and sampler == "jax"):
+        return None
+    if not (isinstance(sampler, OpenMMSampler) or sampler == "openmm"):
+        raise InputError(f'sampler must be "jax", "openmm" or an OpenMMSampler, got {sampler!r}')
+    why = None
+    if estimator != "fluctuation":
+        why = (
+            f"estimator={estimator!r}: the OpenMM sampler gives frames, not the engine's "
+            'dynamics the hybrid estimator differentiates; use estimator="fluctuation"'
+        )
+    elif several:
+        why = "a fit over several systems: give each its engine chains (sampler='jax')"
+    elif (
+        isinstance(executor, Executor)
+        and executor.kind != "in-process"
+        or (isinstance(executor, str) and executor != "in-process")
+    ):
+        why = f"executor={executor!r}: the OpenMM chains run in this process"
+    elif precision != "float64":
+        why = f"precision={precision!r}: set OpenMM's own precision in the platform properties"
+    if why:
+        raise InputError(f"sampler={sampler!r} cannot run {why}")
+    return sampler
 
 
 @dataclass

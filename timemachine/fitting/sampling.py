@@ -44,6 +44,7 @@ from timemachine.structured import gradient_fn
 from timemachine.system import System
 
 __all__ = [
+    "ChainSampler",
     "ChainSamples",
     "EquilibriumChains",
     "autocorrelation_time",
@@ -234,7 +235,67 @@ class ChainSamples(NamedTuple):
     params: np.ndarray
 
 
-class EquilibriumChains:
+class ChainSampler:
+    """Persistent chains continued segment by segment at the θ of each epoch: what a fit's
+    sampler provides (``EquilibriumChains`` runs them on JAX, ``OpenMMChains`` in OpenMM).
+
+    A subclass sets ``system`` (the System whose parameters θ are), ``integrator``,
+    ``n_chains``, ``save_every``, ``state`` (a ``LangevinState`` with a leading chain axis;
+    a checkpoint stores and restores it) and ``executor``, and implements
+    ``_advance(params, n_steps, save_every) -> (frames x (C, F, N, 3), steps (C, F), θ)``.
+    """
+
+    @property
+    def steps_run(self) -> int:
+        return int(self.state.step[0])
+
+    def decorrelate(self, params, n_steps: int) -> None:
+        """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""
+        if n_steps:
+            block = np.gcd(int(n_steps), self.save_every) or 1
+            self._advance(params, n_steps, int(block))
+
+    def sample(self, params, n_steps: int) -> ChainSamples:
+        """Run every chain ``n_steps`` at θ = ``params``; the saved frames (every
+        ``save_every`` steps)."""
+        xs, steps, theta = self._advance(params, n_steps, self.save_every)
+        return ChainSamples(xs, steps, theta)
+
+    def sample_until(self, params, n_steps: int, values, min_ess: float, max_extend: int):
+        """Production at θ = ``params`` in segments of ``n_steps``, extended (up to
+        ``max_extend`` more segments) until every observable has ``min_ess`` effective
+        samples: slow conformational exchange at some θ needs longer runs, not a crash.
+
+        Args:
+            params: (P_all,) θ.
+            n_steps: steps per chain and segment (a multiple of ``save_every``).
+            values: ``values(x (F, N, 3) nm) -> (F, K)`` the observables of F frames.
+            min_ess: the effective sample size (``effective_sample_size``) to reach.
+            max_extend: the most extra segments.
+
+        Returns:
+            (``ChainSamples`` of all segments (C, F, ...), series (C, F, K) of the
+            observables, ess (K,), the number of extensions run). The caller decides what
+            an ESS still below ``min_ess`` means.
+        """
+        segment = self.sample(params, n_steps)
+        series = np.stack([values(c) for c in segment.x])
+        ess = effective_sample_size(series)
+        extended = 0
+        while ess.min() < min_ess and extended < max_extend:
+            more = self.sample(params, n_steps)
+            segment = ChainSamples(
+                np.concatenate([segment.x, more.x], axis=1),
+                np.concatenate([segment.steps, more.steps], axis=1),
+                segment.params,
+            )
+            series = np.concatenate([series, np.stack([values(c) for c in more.x])], axis=1)
+            ess = effective_sample_size(series)
+            extended += 1
+        return segment, series, ess, extended
+
+
+class EquilibriumChains(ChainSampler):
     """C persistent plain-MD chains of a System, continued at the θ of each epoch.
 
     Args:
@@ -329,10 +390,6 @@ class EquilibriumChains:
         self.state = LangevinState(x, v, np.zeros(self.n_chains, dtype=np.int64))
         self._coeffs = integrator.coefficients(masses)
 
-    @property
-    def steps_run(self) -> int:
-        return int(self.state.step[0])
-
     def _advance(self, params, n_steps, save_every):
         n_steps = check_int(n_steps, "n_steps", minimum=1)
         if n_steps % save_every:
@@ -379,51 +436,6 @@ class EquilibriumChains:
         )
         self.state = LangevinState(final_x, final_v, final_step)
         return xs, steps, theta
-
-    def decorrelate(self, params, n_steps: int) -> None:
-        """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""
-        if n_steps:
-            block = np.gcd(int(n_steps), self.save_every) or 1
-            self._advance(params, n_steps, int(block))
-
-    def sample(self, params, n_steps: int) -> ChainSamples:
-        """Run every chain ``n_steps`` at θ = ``params``; the saved frames (every
-        ``save_every`` steps)."""
-        xs, steps, theta = self._advance(params, n_steps, self.save_every)
-        return ChainSamples(xs, steps, theta)
-
-    def sample_until(self, params, n_steps: int, values, min_ess: float, max_extend: int):
-        """Production at θ = ``params`` in segments of ``n_steps``, extended (up to
-        ``max_extend`` more segments) until every observable has ``min_ess`` effective
-        samples: slow conformational exchange at some θ needs longer runs, not a crash.
-
-        Args:
-            params: (P_all,) θ.
-            n_steps: steps per chain and segment (a multiple of ``save_every``).
-            values: ``values(x (F, N, 3) nm) -> (F, K)`` the observables of F frames.
-            min_ess: the effective sample size (``effective_sample_size``) to reach.
-            max_extend: the most extra segments.
-
-        Returns:
-            (``ChainSamples`` of all segments (C, F, ...), series (C, F, K) of the
-            observables, ess (K,), the number of extensions run). The caller decides what
-            an ESS still below ``min_ess`` means.
-        """
-        segment = self.sample(params, n_steps)
-        series = np.stack([values(c) for c in segment.x])
-        ess = effective_sample_size(series)
-        extended = 0
-        while ess.min() < min_ess and extended < max_extend:
-            more = self.sample(params, n_steps)
-            segment = ChainSamples(
-                np.concatenate([segment.x, more.x], axis=1),
-                np.concatenate([segment.steps, more.steps], axis=1),
-                segment.params,
-            )
-            series = np.concatenate([series, np.stack([values(c) for c in more.x])], axis=1)
-            ess = effective_sample_size(series)
-            extended += 1
-        return segment, series, ess, extended
 
 
 def reservoir_frames(samples: ChainSamples, capacity: int, seed) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from timemachine.errors import InputError, MissingFileError, SimulationError
 
-__all__ = ["ValidationResult", "validate_openmm"]
+__all__ = ["ValidationResult", "validate_openmm", "validate_sampler"]
 
 _CONSTRAINTS = ("HBonds", "AllBonds", "HAngles", None)
 
@@ -531,3 +531,76 @@ def validate_openmm(
         chain=chain_of,
         frames=np.concatenate(frames) if keep_frames else None,
     )
+
+
+def validate_sampler(
+    sampler,
+    system,
+    params,
+    targets,
+    integrator,
+    *,
+    time_ns=1.0,
+    n_seeds=4,
+    equilibration_ps=100.0,
+    save_every_ps=1.0,
+    n_blocks=10,
+    first_replica=1000,
+) -> ValidationResult:
+    """Score θ in OpenMM on any OpenMM System (an ``OpenMMSampler``: explicit water, PME):
+    independent OpenMM chains with θ's torsions written in, the targets' observables on
+    the solute's frames, and the statistics of ``validate_openmm``.
+
+    Args:
+        sampler: ``timemachine.fitting.OpenMMSampler``; system: the solute's System.
+        params: (P_all,) θ to validate (e.g. ``FitResult.params``).
+        targets: list of ``Target``; integrator: ``LangevinIntegrator`` (its seed and
+            ``first_replica`` choose the chains' noise: use ones the fit did not).
+        time_ns: production of all chains together; equilibration_ps: per chain,
+            discarded; save_every_ps: between scored frames.
+
+    Returns:
+        ``ValidationResult`` (``forcefield_files`` empty: the System was given).
+    """
+    import jax
+
+    from timemachine.fitting.loss import target_vector
+
+    t_start = time.perf_counter()
+    dt = integrator.dt
+    save_every = max(1, int(round(save_every_ps / dt)))
+    saves = max(n_blocks, int(round(time_ns * 1000.0 / n_seeds / (save_every * dt))))
+    equil = int(round(equilibration_ps / dt / save_every)) * save_every
+    tv = target_vector(targets)
+    chains = sampler.chains(system, integrator, n_seeds, save_every, first_replica, params)
+    theta = system.resolve_params(params)
+    t_dyn = time.perf_counter()
+    chains.decorrelate(theta, equil)
+    frames = chains.sample(theta, saves * save_every).x
+    t_dyn = time.perf_counter() - t_dyn
+    obs = jax.jit(jax.vmap(tv.observable))
+    values = np.concatenate([np.asarray(obs(f)) for f in frames])
+    if not np.isfinite(values).all():
+        raise SimulationError("an observable is not finite on some frame")
+    chain_of = np.repeat(np.arange(n_seeds), saves)
+    names = [t.name for t in targets]
+    mean, stderr, chi2, chi2n, chi2n_se, groups = _statistics(
+        values, chain_of, n_blocks, tv.value, tv.uncertainty, tv.slices, names
+    )
+    prod_ns = n_seeds * saves * save_every * dt / 1000.0
+    all_ns = prod_ns + n_seeds * equil * dt / 1000.0
+    return ValidationResult(
+        labels=tv.labels, mean=mean, stderr=stderr, value=np.asarray(tv.value),
+        uncertainty=np.asarray(tv.uncertainty), chi2=chi2, chi2_per_n=chi2n,
+        chi2_per_n_stderr=chi2n_se, groups=groups, n_frames=int(values.shape[0]),
+        n_chains=n_seeds, n_blocks=n_blocks, simulated_ns=prod_ns,
+        equilibration_ps=float(equil * dt), wall_s=time.perf_counter() - t_start,
+        ns_per_day=all_ns / t_dyn * 86400.0 if t_dyn > 0 else float("inf"),
+        platform=sampler.platform, forcefield_files=(),
+        seeds=tuple(range(first_replica, first_replica + n_seeds)),
+        settings={"temperature_K": float(integrator.temperature),
+                  "friction_per_ps": float(integrator.friction), "dt_ps": float(dt),
+                  "save_every_ps": float(save_every * dt),
+                  "nonbonded_method": "the OpenMM System's"},
+        values=values, chain=chain_of,
+    )  # fmt: skip

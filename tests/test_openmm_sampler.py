@@ -1,0 +1,174 @@
+"""OpenMM as the equilibrium sampler (issue 20): θ carried into an explicitly solvated
+OpenMM System through the solute's torsions, ∂E/∂θ on its frames against OpenMM's own
+central differences, a fluctuation fit epoch in TIP3P with PME, bitwise resume on the
+Reference platform, and the settings it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine.errors import ForceFieldError, InputError
+from timemachine.fitting import OpenMMSampler, graf2007_targets
+from timemachine.fitting.openmm_sampler import OpenMMChains, torsion_map
+
+WRT = "torsion/C-N-CT-C/k*"
+
+
+@pytest.fixture(scope="module")
+def solvated():
+    top, x = tm.build_peptide("AAA")
+    return tm.solvate((top, x), padding=1.0, cutoff=0.9)
+
+
+def _torsion_energy_openmm(omm, x, platform="Reference"):
+    """OpenMM's PeriodicTorsionForce energy alone (kJ/mol) at x (N, 3) nm."""
+    import openmm as mm
+    import openmm.unit as unit
+
+    alone = mm.System()  # the same particles with the torsion forces only
+    for i in range(omm.getNumParticles()):
+        alone.addParticle(omm.getParticleMass(i))
+    for f in omm.getForces():
+        if isinstance(f, mm.PeriodicTorsionForce):
+            alone.addForce(mm.XmlSerializer.clone(f))
+    ctx = mm.Context(alone, mm.VerletIntegrator(0.001), mm.Platform.getPlatformByName(platform))
+    ctx.setPositions(x * unit.nanometer)
+    e = ctx.getState(getEnergy=True).getPotentialEnergy()
+    return e.value_in_unit(unit.kilojoule_per_mole)
+
+
+def _perturbed(system, seed=0):
+    theta = np.array(system.params)
+    idx = system.select(["torsion/*/k*", "improper/*/k*"])
+    rng = np.random.default_rng(seed)
+    theta[idx] *= 1.0 + 0.3 * rng.standard_normal(idx.size)
+    return theta
+
+
+def test_theta_reaches_the_solvated_openmm_system_and_its_derivative_agrees(solvated):
+    """At a perturbed θ, OpenMM's torsion energy of the whole box equals the solute
+    System's torsion energy, and the engine's ∂E/∂θ of the φ barriers on the box's
+    solute equals OpenMM's central differences of its own energy."""
+    s = solvated
+    n = s.solute.n_atoms
+    assert s.positions.shape[0] > 600 and np.allclose(s.positions[:n], s.solute_x)
+    samp = OpenMMSampler(s.openmm_system, s.positions, platform="Reference", minimize=False)
+    chains = OpenMMChains(samp, s.solute, tm.LangevinIntegrator(300.0, 1.0, 0.002), n_chains=1)
+    assert len(chains.map) == 72  # every torsion on trialanine, propers and impropers
+    theta = _perturbed(s.solute)
+    chains._set_theta(theta)
+    ours = s.solute.energy_terms(s.positions[:n], theta)
+    ours = ours["torsion"] + ours.get("improper", 0.0)
+    theirs = _torsion_energy_openmm(chains.openmm_system, s.positions)
+    assert abs(ours - theirs) <= 1e-9 * abs(theirs), (ours, theirs)
+    # ∂E/∂θ_p: the engine's (jax.grad on the solute) against OpenMM's central differences
+    import jax
+
+    wrt = s.solute.select(WRT)
+    grad = jax.grad(s.solute.energy_fn(), argnums=1)(np.asarray(s.positions[:n]), theta)[wrt]
+    fd = []
+    for p in wrt:
+        h = 1e-4 * max(1.0, abs(theta[p]))
+        e = []
+        for sign in (1, -1):
+            t = theta.copy()
+            t[p] += sign * h
+            chains._set_theta(t)
+            e.append(_torsion_energy_openmm(chains.openmm_system, s.positions))
+        fd.append((e[0] - e[1]) / (2 * h))
+    np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-7, atol=1e-9)
+
+
+def test_a_fluctuation_epoch_in_tip3p_runs_its_chains_in_openmm(solvated):
+    """One epoch of the fit with OpenMM chains (PME, HBond constraints, CPU platform):
+    a finite χ² and a non-zero fluctuation gradient from the solute's frames."""
+    s = solvated
+    samp = OpenMMSampler(s.openmm_system, s.positions, platform="CPU")
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=3)
+    targets = graf2007_targets(s.solute.topology)
+    r = tm.fit(s.solute, None, integ, targets, WRT, sampler=samp, epochs=1, n_chains=2,
+               sample_steps=600, decorrelation_steps=200, save_every=100, min_ess=1.0,
+               blocks=4, reservoir_size=12, progress=False)  # fmt: skip
+    (rec,) = r.history
+    assert rec["sampled"] and rec["production_steps"] >= 600
+    assert np.isfinite(rec["chi2"]) and np.all(np.isfinite(rec["gradient"]))
+    assert np.any(np.asarray(rec["gradient"]) != 0)
+    # the OpenMM System handed in is left as it was (the sampler works on a copy)
+    assert len(torsion_map(s.solute, s.openmm_system, s.solute.n_atoms)) == 72
+
+
+def test_openmm_chains_on_the_reference_platform_resume_bit_for_bit(tmp_path):
+    """The System itself in OpenMM (``OpenMMSampler.for_system``, what sampler="openmm"
+    builds) on the Reference platform: two epochs in one go and one epoch then a resume
+    give the same history, bit for bit (each segment's context is seeded from (seed,
+    chain, step))."""
+    top, x = tm.build_peptide("AAA")
+    system, x = tm.load_system((top, x))
+    x = np.asarray(tm.minimize_system(system, x))
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=4)
+    targets = graf2007_targets(top)
+    samp = OpenMMSampler.for_system(system, x, platform="Reference")
+    kw = dict(sampler=samp, n_chains=2, sample_steps=400, decorrelation_steps=100,
+              save_every=50, min_ess=1.0, blocks=4, reservoir_size=16,
+              reweight_threshold=2.0, progress=False)  # fmt: skip
+    whole = tm.fit(system, x, integ, targets, WRT, epochs=2, **kw)
+    tm.fit(system, x, integ, targets, WRT, epochs=1, out_dir=tmp_path, **kw)
+    resumed = tm.fit(system, x, integ, targets, WRT, epochs=2, out_dir=tmp_path, resume=True, **kw)
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a["chi2"] == b["chi2"] and a["gradient"] == b["gradient"]
+        assert a["params"] == b["params"]
+    # resuming with the engine's chains instead is refused, naming the sampler
+    from timemachine.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sampler"):
+        tm.fit(system, x, integ, targets, WRT, epochs=3, out_dir=tmp_path, resume=True,
+               **{**kw, "sampler": "jax"})  # fmt: skip
+
+
+def test_what_the_openmm_sampler_cannot_do_is_refused_naming_it(solvated):
+    s = solvated
+    samp = OpenMMSampler(s.openmm_system, s.positions, platform="Reference", minimize=False)
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.002)
+    targets = graf2007_targets(s.solute.topology)
+
+    def fit(wrt=WRT, **kw):
+        tm.fit(s.solute, None, integ, targets, wrt, epochs=1, n_chains=1, sample_steps=200,
+               decorrelation_steps=0, save_every=50, blocks=2, progress=False,
+               **{"sampler": samp, **kw})  # fmt: skip
+
+    charge = next(n for n in s.solute.param_names if n.startswith("charge/"))
+    with pytest.raises(InputError, match=rf"{charge}.*cannot be fitted with the OpenMM sampler"):
+        fit(wrt=[WRT, charge])
+    with pytest.raises(InputError, match=r"estimator='hybrid'.*fluctuation"):
+        fit(estimator="hybrid")
+    with pytest.raises(InputError, match=r"executor='dask'.*in this process"):
+        fit(executor="dask")
+    with pytest.raises(InputError, match=r"precision='float32'"):
+        fit(precision="float32")
+    with pytest.raises(InputError, match=r'sampler must be "jax", "openmm" or an OpenMMSampler'):
+        fit(sampler="gromacs")
+    with pytest.raises(InputError, match=r"positions must be \(714, 3\)"):
+        OpenMMSampler(s.openmm_system, s.positions[:10])
+    with pytest.raises(InputError, match=r"platform 'Metal' is not present"):
+        OpenMMSampler(s.openmm_system, s.positions, platform="Metal")
+    import openmm as mm
+
+    npt = mm.XmlSerializer.clone(s.openmm_system)
+    npt.addForce(mm.MonteCarloBarostat(1.0, 300.0))
+    with pytest.raises(InputError, match=r"MonteCarloBarostat.*fixed box"):
+        OpenMMSampler(npt, s.positions)
+    # a System that is not the box's solute
+    top4, x4 = tm.build_peptide("AAAA")
+    other, _ = tm.load_system((top4, x4))
+    with pytest.raises(ForceFieldError, match=r"mass|torsion"):
+        OpenMMChains(samp, other, integ, n_chains=1)
+    # a box too small for the cutoff, a cutoff <= 0, an unknown water model
+    top, x = tm.build_peptide("AAA")
+    with pytest.raises(InputError, match=r"less than twice the cutoff \(1.5 nm\)"):
+        tm.solvate((top, x), padding=0.5, cutoff=1.5)
+    with pytest.raises(InputError, match=r"cutoff must be > 0 nm, got 0"):
+        tm.solvate((top, x), cutoff=0)
+    with pytest.raises(InputError, match=r"water must be one of .*got 'tip9p'"):
+        tm.solvate((top, x), water="tip9p")

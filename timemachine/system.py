@@ -236,6 +236,69 @@ Nonbonded = _pytree(
 )
 
 
+class CutoffNonbonded:
+    """LJ + Coulomb within a cutoff, as OpenMM's NonbondedForce ``CutoffPeriodic`` (a
+    rectangular periodic box, minimum image, the dispersion correction) or
+    ``CutoffNonPeriodic``: reaction-field electrostatics, OpenMM's optional LJ switch,
+    plain 1-4 exceptions (``timemachine.potentials.cutoffs``).
+
+    charge_index, sigma_index, epsilon_index: (N,) into θ; pair_mask: (N, N) bool, True
+    for full-strength pairs; exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
+    ``Nonbonded``'s; class_sigma_index, class_epsilon_index, class_counts: (C,) the atom
+    classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or None. Derivatives
+    (ζ) come from autodiff of the reference; no CUDA path.
+    """
+
+    kind = "nonbonded-cutoff"
+    structured = None
+    kernel = None
+    charge_index: np.ndarray
+    sigma_index: np.ndarray
+    epsilon_index: np.ndarray
+    pair_mask: np.ndarray
+    exception_idx: np.ndarray
+    coulomb_scale: np.ndarray
+    lj_scale: np.ndarray
+    class_sigma_index: np.ndarray
+    class_epsilon_index: np.ndarray
+    class_counts: tuple  # of ints (static)
+    box: np.ndarray | None
+    cutoff: float = 1.0
+    dielectric: float = 78.3
+    switch_distance: float | None = None
+    dispersion_correction: bool = True
+
+    def energy(self, x, params):
+        from timemachine.potentials import cutoffs
+
+        q = params[self.charge_index]
+        sig = params[self.sigma_index]
+        eps = params[self.epsilon_index]
+        box = None if self.box is None else jnp.asarray(self.box)
+        e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
+                                        self.dielectric, self.switch_distance)  # fmt: skip
+        e = e + potentials.nonbonded_exceptions(
+            x, self.exception_idx, q, sig, eps, self.coulomb_scale, self.lj_scale
+        )
+        if box is not None and self.dispersion_correction:
+            e = e + cutoffs.dispersion_correction(
+                params[self.class_sigma_index], params[self.class_epsilon_index],
+                self.class_counts, box, self.cutoff, self.switch_distance,
+            )  # fmt: skip
+        return e
+
+    def coordinate_groups(self, where):
+        return []  # the whole term through autodiff
+
+
+CutoffNonbonded = _pytree(
+    CutoffNonbonded,
+    ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
+     "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box"],
+    ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction"],
+)  # fmt: skip
+
+
 class OBC2:
     """OBC2 generalized Born + ACE surface term; charge/radius/scale_index (N,) into θ."""
 

@@ -20,6 +20,7 @@ import numpy as np
 from timemachine.errors import ForceFieldError, InputError, MissingFileError
 from timemachine.system import (
     OBC2,
+    CutoffNonbonded,
     HarmonicAngles,
     HarmonicBonds,
     Nonbonded,
@@ -88,13 +89,67 @@ def _make_forcefield(forcefield, implicit_solvent):
 make_forcefield = _make_forcefield  # the one force-field loader, for the peptide builder too
 
 
-def _create_system(ff, topology, source):
+#: the nonbonded methods the engine computes (``load_system``'s ``nonbonded_method``)
+NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic")
+
+
+def _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, source):
+    """createSystem's nonbonded keywords for ``load_system``'s settings, checked: a known
+    method, a cutoff > 0, a switch distance in [0, cutoff), and for CutoffPeriodic a
+    rectangular box at least twice the cutoff across."""
+    import openmm.app as app
+    import openmm.unit as unit
+
+    if nonbonded_method in ("PME", "Ewald", "LJPME"):
+        raise ForceFieldError(
+            f"nonbonded_method={nonbonded_method!r}: the engine computes NoCutoff, "
+            "CutoffNonPeriodic and CutoffPeriodic (reaction field); for PME run the chains in "
+            "OpenMM (timemachine.fitting.OpenMMSampler)"
+        )
+    if nonbonded_method not in NONBONDED_METHODS:
+        raise InputError(
+            f"nonbonded_method must be one of {NONBONDED_METHODS}, got {nonbonded_method!r}"
+        )
+    if nonbonded_method == "NoCutoff":
+        if cutoff is not None or switch_distance is not None:
+            raise InputError("cutoff and switch_distance apply to the cutoff methods, not NoCutoff")
+        return {"nonbondedMethod": app.NoCutoff}
+    cutoff = 1.0 if cutoff is None else cutoff
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
+        raise InputError(f"cutoff must be a number > 0 (nm), got {cutoff!r}")
+    options = {"nonbondedMethod": getattr(app, nonbonded_method),
+               "nonbondedCutoff": float(cutoff) * unit.nanometer}  # fmt: skip
+    if switch_distance is not None:
+        if not (isinstance(switch_distance, (int, float)) and 0 <= switch_distance < cutoff):
+            raise InputError(
+                f"switch_distance must be in [0, cutoff = {cutoff}) nm, got {switch_distance!r}"
+            )
+        options["switchDistance"] = float(switch_distance) * unit.nanometer
+    if nonbonded_method == "CutoffPeriodic":
+        vectors = topology.getPeriodicBoxVectors()
+        if vectors is None:
+            raise InputError(
+                f"nonbonded_method='CutoffPeriodic' needs a periodic box: {source} has none "
+                "(solvate it, or set topology.setPeriodicBoxVectors)"
+            )
+        v = np.array([[c.value_in_unit(unit.nanometer) for c in vec] for vec in vectors])
+        if np.abs(v - np.diag(np.diag(v))).max() > 0:
+            raise InputError(f"the box of {source} is triclinic; the engine takes rectangular ones")
+        if np.diag(v).min() < 2 * cutoff:
+            raise InputError(
+                f"the box of {source} is {np.diag(v).min():.4g} nm across, less than twice the "
+                f"cutoff ({cutoff} nm)"
+            )
+    return options
+
+
+def _create_system(ff, topology, source, nonbonded=None):
     import openmm.app as app
 
     try:
         return ff.createSystem(
             topology,
-            nonbondedMethod=app.NoCutoff,
+            **(nonbonded or {"nonbondedMethod": app.NoCutoff}),
             constraints=None,
             rigidWater=False,
             removeCMMotion=False,
@@ -390,15 +445,29 @@ def _nonbonded_term(f, ff, data, topology, params):
         exc.append((i, j))
         cs.append(c14)
         ls.append(l14)
-    return Nonbonded(
-        qi,
-        si,
-        ei,
-        mask,
-        np.array(exc, dtype=np.int64).reshape(-1, 2),
-        np.array(cs),
-        np.array(ls),
-    ), qi
+    exc = np.array(exc, dtype=np.int64).reshape(-1, 2)
+    method = f.getNonbondedMethod()
+    if method == f.NoCutoff:
+        return Nonbonded(qi, si, ei, mask, exc, np.array(cs), np.array(ls)), qi
+    box = None
+    if method == f.CutoffPeriodic:
+        import openmm.unit as unit
+
+        vectors = topology.getPeriodicBoxVectors()
+        box = np.array([vectors[k][k].value_in_unit(unit.nanometer) for k in range(3)])
+    classes = sorted(set(zip(si.tolist(), ei.tolist(), strict=True)))
+    counts = tuple(int(np.sum((si == a) & (ei == b))) for a, b in classes)
+    term = CutoffNonbonded(
+        qi, si, ei, mask, exc, np.array(cs), np.array(ls),
+        np.array([a for a, _ in classes], dtype=np.int64),
+        np.array([b for _, b in classes], dtype=np.int64),
+        counts, box,
+        cutoff=f.getCutoffDistance()._value,
+        dielectric=float(f.getReactionFieldDielectric()),
+        switch_distance=f.getSwitchingDistance()._value if f.getUseSwitchingFunction() else None,
+        dispersion_correction=bool(f.getUseDispersionCorrection()),
+    )  # fmt: skip
+    return term, qi
 
 
 def _gb_class(atom, nbrs, atoms):
@@ -433,16 +502,16 @@ def _obc2_term(f, topology, charge_index, params):
 _IGNORED_FORCES = ("CMMotionRemover",)
 
 
-def _build(ff, topology, source):
+def _build(ff, topology, source, nonbonded=None):
     import openmm as mm
 
     recorder = _DataRecorder()
     ff.registerGenerator(recorder)
     try:
-        real = _create_system(ff, topology, source)
+        real = _create_system(ff, topology, source, nonbonded)
         data = recorder.data
         with _tagged(ff) as tags:
-            tagged = _create_system(ff, topology, source)
+            tagged = _create_system(ff, topology, source, nonbonded)
     finally:
         ff._forces.remove(recorder)
 
@@ -515,23 +584,35 @@ def _has_atom_records(path) -> bool:
         return any(line.startswith(("ATOM", "HETATM")) for line in f)
 
 
-def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None):
+def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None,
+                nonbonded_method="NoCutoff", cutoff=None, switch_distance=None):  # fmt: skip
     """Parametrise a structure with OpenMM force-field XML files.
 
     Args:
       pdb: path to a PDB/PDBx file, an object with ``.topology`` and ``.positions``
         (``openmm.app.PDBFile``, ``Modeller``), or a ``(topology, positions_nm)`` tuple.
       forcefield: OpenMM force-field XML files (bundled names such as
-        "amber99sbildn.xml", "amber14-all.xml", or paths).
+        "amber99sbildn.xml", "amber14-all.xml", or paths; "tip3p.xml" for water, which
+        the engine keeps flexible).
       implicit_solvent: None (vacuum) or "obc2" (OpenMM's implicit/obc2.xml).
+      nonbonded_method: "NoCutoff" (default: all pairs), "CutoffNonPeriodic" or
+        "CutoffPeriodic" (reaction field within ``cutoff``; periodic in the topology's
+        rectangular box, with the dispersion correction; ``CutoffNonbonded``).
+      cutoff: nm (default 1.0, as OpenMM's); switch_distance: OpenMM's LJ switch, nm.
     Returns:
       (system, positions): a :class:`timemachine.System` and (N, 3) float64 positions, nm.
+
+    Raises:
+      InputError: an unknown method, a cutoff <= 0, a switch distance outside [0,
+        cutoff), CutoffPeriodic without a box, with a triclinic one or one smaller than
+        twice the cutoff. ForceFieldError: PME or Ewald (not computed by the engine).
     """
     import openmm.unit as unit
 
     topology, positions, source = _read_structure(pdb)
+    nonbonded = _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, source)
     ff, _ = _make_forcefield(forcefield, implicit_solvent)
-    system, _ = _build(ff, topology, source)
+    system, _ = _build(ff, topology, source, nonbonded)
     x = np.array(positions.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 3)
     return system, system.check_positions(x, where=f"positions of {source}").__array__()
 

@@ -1,8 +1,9 @@
 """Periodic boxes and cutoffs in the engine (issue 20): ``CutoffNonbonded`` (reaction
-field as OpenMM's CutoffPeriodic and CutoffNonPeriodic, OpenMM's LJ switch, the
-dispersion correction) against OpenMM's Reference platform on trialanine in flexible
-TIP3P; its ζ against jax.jvp of the reference and central differences of ∇E; dx/dθ
-through Langevin steps against central finite differences; the settings it refuses."""
+field as OpenMM's CutoffPeriodic and CutoffNonPeriodic, PME as OpenMM's with its α and
+grid, OpenMM's LJ switch, the dispersion correction) against OpenMM's Reference platform
+on trialanine in flexible TIP3P; its ζ against jax.jvp of the reference and central
+differences of ∇E; dx/dθ through Langevin steps against central finite differences; the
+settings it refuses."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def _openmm(box, x, method, switch):
 
 @pytest.mark.parametrize(
     "method, switch",
-    [("CutoffPeriodic", 0.8), ("CutoffPeriodic", None), ("CutoffNonPeriodic", None)],
-)
+    [("CutoffPeriodic", 0.8), ("CutoffPeriodic", None), ("CutoffNonPeriodic", None),
+     ("PME", None), ("PME", 0.8)],
+)  # fmt: skip
 def test_cutoff_energies_and_forces_match_openmm_reference(box, method, switch):
     system, x = tm.load_system(
         (box.topology, box.positions),
@@ -63,10 +65,10 @@ def test_cutoff_energies_and_forces_match_openmm_reference(box, method, switch):
     assert rms <= 1e-9, rms
 
 
-@pytest.fixture(scope="module")
-def periodic(box):
+@pytest.fixture(scope="module", params=["CutoffPeriodic", "PME"])
+def periodic(box, request):
     system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
-                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
+                               nonbonded_method=request.param, cutoff=0.9,
                                switch_distance=0.8)  # fmt: skip
     return system, np.asarray(x)  # Modeller's waters: close to their minima already
 
@@ -124,10 +126,11 @@ def test_bad_periodic_settings_are_refused_naming_them(box):
     with pytest.raises(InputError, match=r"switch_distance must be in \[0, cutoff = 0.9\)"):
         tm.load_system(structure, forcefield=FILES, nonbonded_method="CutoffPeriodic",
                        cutoff=0.9, switch_distance=0.95)  # fmt: skip
-    with pytest.raises(ForceFieldError, match=r"nonbonded_method='PME'.*OpenMMSampler"):
-        tm.load_system(structure, forcefield=FILES, nonbonded_method="PME", cutoff=0.9)
+    with pytest.raises(ForceFieldError, match=r"nonbonded_method='Ewald'.*and PME"):
+        tm.load_system(structure, forcefield=FILES, nonbonded_method="Ewald", cutoff=0.9)
     top, x = tm.build_peptide("AAA")  # no periodic box
-    with pytest.raises(InputError, match=r"'CutoffPeriodic' needs a periodic box"):
-        tm.load_system((top, x), nonbonded_method="CutoffPeriodic", cutoff=0.9)
+    for method in ("CutoffPeriodic", "PME"):
+        with pytest.raises(InputError, match=rf"'{method}' needs a periodic box"):
+            tm.load_system((top, x), nonbonded_method=method, cutoff=0.9)
     with pytest.raises(InputError, match=r"nonbonded_method must be one of .*got 'Cutoff'"):
         tm.load_system((top, x), nonbonded_method="Cutoff")

@@ -240,13 +240,16 @@ class CutoffNonbonded:
     """LJ + Coulomb within a cutoff, as OpenMM's NonbondedForce ``CutoffPeriodic`` (a
     rectangular periodic box, minimum image, the dispersion correction) or
     ``CutoffNonPeriodic``: reaction-field electrostatics, OpenMM's optional LJ switch,
-    plain 1-4 exceptions (``timemachine.potentials.cutoffs``).
+    plain 1-4 exceptions (``timemachine.potentials.cutoffs``); or ``PME`` with ``alpha``
+    and ``grid``: erfc-screened direct space within the cutoff, the smooth-PME reciprocal
+    sum (order 5), the self energy and the excluded pairs' correction.
 
     charge_index, sigma_index, epsilon_index: (N,) into θ; pair_mask: (N, N) bool, True
     for full-strength pairs; exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
     ``Nonbonded``'s; class_sigma_index, class_epsilon_index, class_counts: (C,) the atom
-    classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or None. Derivatives
-    (ζ) come from autodiff of the reference; no CUDA path.
+    classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or
+    None; exclusion_idx: (X, 2) every excluded pair. Derivatives (ζ) come from autodiff
+    of the reference; no CUDA path.
     """
 
     kind = "nonbonded-cutoff"
@@ -263,10 +266,13 @@ class CutoffNonbonded:
     class_epsilon_index: np.ndarray
     class_counts: tuple  # of ints (static)
     box: np.ndarray | None
+    exclusion_idx: np.ndarray  # (X, 2) every excluded pair, 1-4s included (PME's correction)
     cutoff: float = 1.0
     dielectric: float = 78.3
     switch_distance: float | None = None
     dispersion_correction: bool = True
+    alpha: float | None = None  # PME's Ewald α (nm⁻¹); None: reaction field
+    grid: tuple | None = None  # PME's (K_x, K_y, K_z)
 
     def energy(self, x, params):
         from timemachine.potentials import cutoffs
@@ -276,7 +282,12 @@ class CutoffNonbonded:
         eps = params[self.epsilon_index]
         box = None if self.box is None else jnp.asarray(self.box)
         e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
-                                        self.dielectric, self.switch_distance)  # fmt: skip
+                                        self.dielectric, self.switch_distance,
+                                        self.alpha)  # fmt: skip
+        if self.alpha is not None:  # PME: reciprocal space, self energy, exclusions
+            e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
+            e = e + cutoffs.ewald_self_energy(q, self.alpha)
+            e = e + cutoffs.ewald_exclusion_energy(x, q, self.exclusion_idx, self.alpha)
         e = e + potentials.nonbonded_exceptions(
             x, self.exception_idx, q, sig, eps, self.coulomb_scale, self.lj_scale
         )
@@ -294,8 +305,10 @@ class CutoffNonbonded:
 CutoffNonbonded = _pytree(
     CutoffNonbonded,
     ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
-     "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box"],
-    ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction"],
+     "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box",
+     "exclusion_idx"],
+    ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction",
+     "alpha", "grid"],
 )  # fmt: skip
 
 

@@ -90,7 +90,7 @@ make_forcefield = _make_forcefield  # the one force-field loader, for the peptid
 
 
 #: the nonbonded methods the engine computes (``load_system``'s ``nonbonded_method``)
-NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic")
+NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "PME")
 
 
 def _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, source):
@@ -100,11 +100,10 @@ def _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, sour
     import openmm.app as app
     import openmm.unit as unit
 
-    if nonbonded_method in ("PME", "Ewald", "LJPME"):
+    if nonbonded_method in ("Ewald", "LJPME"):
         raise ForceFieldError(
             f"nonbonded_method={nonbonded_method!r}: the engine computes NoCutoff, "
-            "CutoffNonPeriodic and CutoffPeriodic (reaction field); for PME run the chains in "
-            "OpenMM (timemachine.fitting.OpenMMSampler)"
+            "CutoffNonPeriodic, CutoffPeriodic (reaction field) and PME"
         )
     if nonbonded_method not in NONBONDED_METHODS:
         raise InputError(
@@ -125,12 +124,12 @@ def _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, sour
                 f"switch_distance must be in [0, cutoff = {cutoff}) nm, got {switch_distance!r}"
             )
         options["switchDistance"] = float(switch_distance) * unit.nanometer
-    if nonbonded_method == "CutoffPeriodic":
+    if nonbonded_method in ("CutoffPeriodic", "PME"):
         vectors = topology.getPeriodicBoxVectors()
         if vectors is None:
             raise InputError(
-                f"nonbonded_method='CutoffPeriodic' needs a periodic box: {source} has none "
-                "(solvate it, or set topology.setPeriodicBoxVectors)"
+                f"nonbonded_method={nonbonded_method!r} needs a periodic box: {source} has "
+                "none (solvate it, or set topology.setPeriodicBoxVectors)"
             )
         v = np.array([[c.value_in_unit(unit.nanometer) for c in vec] for vec in vectors])
         if np.abs(v - np.diag(np.diag(v))).max() > 0:
@@ -449,25 +448,58 @@ def _nonbonded_term(f, ff, data, topology, params):
     method = f.getNonbondedMethod()
     if method == f.NoCutoff:
         return Nonbonded(qi, si, ei, mask, exc, np.array(cs), np.array(ls)), qi
-    box = None
-    if method == f.CutoffPeriodic:
+    box = alpha = grid = None
+    if method in (f.CutoffPeriodic, f.PME):
         import openmm.unit as unit
 
         vectors = topology.getPeriodicBoxVectors()
         box = np.array([vectors[k][k].value_in_unit(unit.nanometer) for k in range(3)])
+    if method == f.PME:
+        alpha, grid = _pme_parameters(f, box)
+    elif method != f.CutoffPeriodic and method != f.CutoffNonPeriodic:
+        raise ForceFieldError(f"NonbondedForce method {method} is not computed by the engine")
+    upper = np.triu(~mask, 1)  # every excluded pair (1-2, 1-3 and the 1-4 exceptions)
+    exclusions = np.argwhere(upper).astype(np.int64).reshape(-1, 2)
     classes = sorted(set(zip(si.tolist(), ei.tolist(), strict=True)))
     counts = tuple(int(np.sum((si == a) & (ei == b))) for a, b in classes)
     term = CutoffNonbonded(
         qi, si, ei, mask, exc, np.array(cs), np.array(ls),
         np.array([a for a, _ in classes], dtype=np.int64),
         np.array([b for _, b in classes], dtype=np.int64),
-        counts, box,
+        counts, box, exclusions,
         cutoff=f.getCutoffDistance()._value,
         dielectric=float(f.getReactionFieldDielectric()),
         switch_distance=f.getSwitchingDistance()._value if f.getUseSwitchingFunction() else None,
         dispersion_correction=bool(f.getUseDispersionCorrection()),
+        alpha=alpha, grid=grid,
     )  # fmt: skip
     return term, qi
+
+
+def _pme_parameters(force, box):
+    """(α nm⁻¹, (K_x, K_y, K_z)) of a PME NonbondedForce: the ones OpenMM's Reference
+    platform chooses from the force's Ewald error tolerance (read back from a Context, so
+    that its rounding of the grid is the one used)."""
+    import openmm as mm
+    import openmm.unit as unit
+
+    probe = mm.System()
+    for _ in range(force.getNumParticles()):
+        probe.addParticle(1.0)
+    probe.setDefaultPeriodicBoxVectors(*(mm.Vec3(*(box[k] if c == k else 0.0 for c in range(3)))
+                                         * unit.nanometer for k in range(3)))  # fmt: skip
+    nb = mm.NonbondedForce()
+    nb.setNonbondedMethod(mm.NonbondedForce.PME)
+    nb.setCutoffDistance(force.getCutoffDistance())
+    nb.setEwaldErrorTolerance(force.getEwaldErrorTolerance())
+    alpha, nx, ny, nz = force.getPMEParameters()
+    nb.setPMEParameters(alpha, nx, ny, nz)
+    for _ in range(force.getNumParticles()):
+        nb.addParticle(0.0, 0.1, 0.0)
+    probe.addForce(nb)
+    ctx = mm.Context(probe, mm.VerletIntegrator(0.001), mm.Platform.getPlatformByName("Reference"))
+    alpha, nx, ny, nz = nb.getPMEParametersInContext(ctx)
+    return float(alpha), (int(nx), int(ny), int(nz))
 
 
 def _gb_class(atom, nbrs, atoms):

@@ -248,8 +248,11 @@ class CutoffNonbonded:
     for full-strength pairs; exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
     ``Nonbonded``'s; class_sigma_index, class_epsilon_index, class_counts: (C,) the atom
     classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or
-    None; exclusion_idx: (X, 2) every excluded pair. Derivatives (ζ) come from autodiff
-    of the reference; no CUDA path.
+    None; exclusion_idx: (X, 2) every excluded pair (excluded_keys: their sorted keys).
+    A periodic box at least 3 cutoffs across on every edge sums its pairs through a cell
+    list rebuilt at every evaluation (``cells``, ``cell_capacity``; O(N)), a smaller
+    one densely (O(N²)). Derivatives (ζ) come from autodiff of the reference; no CUDA
+    path.
     """
 
     kind = "nonbonded-cutoff"
@@ -267,12 +270,15 @@ class CutoffNonbonded:
     class_counts: tuple  # of ints (static)
     box: np.ndarray | None
     exclusion_idx: np.ndarray  # (X, 2) every excluded pair, 1-4s included (PME's correction)
+    excluded_keys: np.ndarray  # (X,) sorted i·N + j (i < j) of them, for the cell list
     cutoff: float = 1.0
     dielectric: float = 78.3
     switch_distance: float | None = None
     dispersion_correction: bool = True
     alpha: float | None = None  # PME's Ewald α (nm⁻¹); None: reaction field
     grid: tuple | None = None  # PME's (K_x, K_y, K_z)
+    cells: tuple | None = None  # a cell list's (3,) cells per edge; None: the dense sum
+    cell_capacity: int = 0
 
     def energy(self, x, params):
         from timemachine.potentials import cutoffs
@@ -281,9 +287,15 @@ class CutoffNonbonded:
         sig = params[self.sigma_index]
         eps = params[self.epsilon_index]
         box = None if self.box is None else jnp.asarray(self.box)
-        e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
-                                        self.dielectric, self.switch_distance,
-                                        self.alpha)  # fmt: skip
+        if self.cells is not None and box is not None:
+            e = cutoffs.cell_list_pair_energy(
+                x, q, sig, eps, self.excluded_keys, box, self.cutoff, self.dielectric,
+                self.cells, self.cell_capacity, self.switch_distance, self.alpha,
+            )  # fmt: skip
+        else:
+            e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
+                                            self.dielectric, self.switch_distance,
+                                            self.alpha)  # fmt: skip
         if self.alpha is not None:  # PME: reciprocal space, self energy, exclusions
             e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
             e = e + cutoffs.ewald_self_energy(q, self.alpha)
@@ -306,9 +318,9 @@ CutoffNonbonded = _pytree(
     CutoffNonbonded,
     ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
      "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box",
-     "exclusion_idx"],
+     "exclusion_idx", "excluded_keys"],
     ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction",
-     "alpha", "grid"],
+     "alpha", "grid", "cells", "cell_capacity"],
 )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Trialanine in TIP3P water, fitted to the Graf et al. 2007 couplings with OpenMM as the
 equilibrium sampler, and validated in OpenMM on independent seeds.
 
-    python examples/ala3_tip3p/fit_tip3p.py [--epochs 3] [--chains 2] [--sample-ps 50]
+    python examples/ala3_tip3p/fit_tip3p.py [--epochs 3] [--chains 4] [--sample-ps 100]
         [--validate-ns 0.4] [--platform CPU] [--out tip3p-out]
 
 The box: ``tm.solvate`` puts amber99sbildn trialanine (zwitterionic, built by
@@ -39,9 +39,9 @@ from timemachine.nmr_fit import NMR_TORSIONS
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--sample-ps", type=float, default=50.0, help="production per chain")
-    ap.add_argument("--decorrelation-ps", type=float, default=5.0)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--sample-ps", type=float, default=100.0, help="production per chain")
+    ap.add_argument("--decorrelation-ps", type=float, default=10.0)
     ap.add_argument("--validate-ns", type=float, default=0.4, help="per model, all chains")
     ap.add_argument("--platform", default=None, help="OpenMM platform (default: fastest)")
     ap.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,7 @@ def main():
         f"({decor} + {steps}) steps")  # fmt: skip
     result = tm.fit(box.solute, None, integ, targets, list(NMR_TORSIONS), sampler=sampler,
                     epochs=args.epochs, n_chains=args.chains, sample_steps=steps,
-                    decorrelation_steps=decor, save_every=save_every, min_ess=10.0, max_extend=1,
+                    decorrelation_steps=decor, save_every=save_every, min_ess=5.0, max_extend=2,
                     reservoir_size=1000, prior_sigma=2.0, progress=True)  # fmt: skip
     history = result.history
     log(f"fit done: χ²/N {history[0]['chi2']:.3f} -> {history[-1]['chi2']:.3f} (engine, "

@@ -460,13 +460,14 @@ def _nonbonded_term(f, ff, data, topology, params):
         raise ForceFieldError(f"NonbondedForce method {method} is not computed by the engine")
     upper = np.triu(~mask, 1)  # every excluded pair (1-2, 1-3 and the 1-4 exceptions)
     exclusions = np.argwhere(upper).astype(np.int64).reshape(-1, 2)
+    keys = np.sort(exclusions[:, 0] * n + exclusions[:, 1])
     classes = sorted(set(zip(si.tolist(), ei.tolist(), strict=True)))
     counts = tuple(int(np.sum((si == a) & (ei == b))) for a, b in classes)
     term = CutoffNonbonded(
         qi, si, ei, mask, exc, np.array(cs), np.array(ls),
         np.array([a for a, _ in classes], dtype=np.int64),
         np.array([b for _, b in classes], dtype=np.int64),
-        counts, box, exclusions,
+        counts, box, exclusions, keys,
         cutoff=f.getCutoffDistance()._value,
         dielectric=float(f.getReactionFieldDielectric()),
         switch_distance=f.getSwitchingDistance()._value if f.getUseSwitchingFunction() else None,
@@ -474,6 +475,25 @@ def _nonbonded_term(f, ff, data, topology, params):
         alpha=alpha, grid=grid,
     )  # fmt: skip
     return term, qi
+
+
+def with_cell_list(system, x):
+    """``system`` with its periodic ``CutoffNonbonded`` summing through a cell list sized
+    for positions x (N, 3) nm (``cutoffs.cell_capacity``), where the box allows one."""
+    import dataclasses
+
+    from timemachine.potentials import cutoffs
+
+    terms = []
+    for t in system.terms:
+        if isinstance(t, CutoffNonbonded) and t.box is not None:
+            cells = cutoffs.cell_grid(t.box, t.cutoff)
+            if cells is not None:
+                t = dataclasses.replace(
+                    t, cells=cells, cell_capacity=cutoffs.cell_capacity(x, t.box, cells)
+                )
+        terms.append(t)
+    return System(system.masses, terms, system.param_names, system.params, system.topology)
 
 
 def _pme_parameters(force, box):
@@ -646,7 +666,10 @@ def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None,
     ff, _ = _make_forcefield(forcefield, implicit_solvent)
     system, _ = _build(ff, topology, source, nonbonded)
     x = np.array(positions.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 3)
-    return system, system.check_positions(x, where=f"positions of {source}").__array__()
+    x = system.check_positions(x, where=f"positions of {source}").__array__()
+    if nonbonded_method in ("CutoffPeriodic", "PME"):
+        system = with_cell_list(system, x)
+    return system, x
 
 
 def openmm_system_for(topology, forcefield=("amber99sbildn.xml",), implicit_solvent=None):

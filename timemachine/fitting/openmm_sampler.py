@@ -326,12 +326,7 @@ class OpenMMChains(ChainSampler):
         import openmm as mm
         import openmm.unit as unit
 
-        n_steps = check_int(n_steps, "n_steps", minimum=1)
-        if n_steps % save_every:
-            raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
-        theta = np.asarray(params, dtype=np.float64)
-        if theta.shape != (self.system.n_params,):
-            raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
+        n_steps, theta = self._segment(params, n_steps, save_every)
         self._set_theta(theta)
         sampler, integ = self.sampler, self.integrator
         omm = self.openmm_system

@@ -249,6 +249,17 @@ class ChainSampler:
     def steps_run(self) -> int:
         return int(self.state.step[0])
 
+    def _segment(self, params, n_steps, save_every):
+        """(n_steps, θ (P_all,) float64) of a segment, checked: a positive multiple of
+        ``save_every`` steps, and θ of the System's shape."""
+        n_steps = check_int(n_steps, "n_steps", minimum=1)
+        if n_steps % save_every:
+            raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
+        theta = np.asarray(params, dtype=np.float64)
+        if theta.shape != (self.system.n_params,):
+            raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
+        return n_steps, theta
+
     def decorrelate(self, params, n_steps: int) -> None:
         """Run every chain ``n_steps`` at θ = ``params`` and discard the frames."""
         if n_steps:
@@ -391,12 +402,7 @@ class EquilibriumChains(ChainSampler):
         self._coeffs = integrator.coefficients(masses)
 
     def _advance(self, params, n_steps, save_every):
-        n_steps = check_int(n_steps, "n_steps", minimum=1)
-        if n_steps % save_every:
-            raise InputError(f"n_steps = {n_steps} must be a multiple of save_every = {save_every}")
-        theta = np.asarray(params, dtype=np.float64)
-        if theta.shape != (self.system.n_params,):
-            raise InputError(f"params must have shape ({self.system.n_params},), got {theta.shape}")
+        n_steps, theta = self._segment(params, n_steps, save_every)
         program = (n_steps // save_every, save_every, self.dtype.name)
         labels = np.arange(self.n_chains, dtype=np.int64) + self.first_replica
         start = (self.state.x, self.state.v, self.state.step)

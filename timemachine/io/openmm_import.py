@@ -479,7 +479,8 @@ def _nonbonded_term(f, ff, data, topology, params):
 
 def with_cell_list(system, x):
     """``system`` with its periodic ``CutoffNonbonded`` summing through a cell list sized
-    for positions x (N, 3) nm (``cutoffs.cell_capacity``), where the box allows one."""
+    for positions x (N, 3) nm (``cutoffs.cell_capacity``), where the box allows one and
+    it meets fewer candidates than the dense sum."""
     import dataclasses
 
     from timemachine.potentials import cutoffs
@@ -489,9 +490,11 @@ def with_cell_list(system, x):
         if isinstance(t, CutoffNonbonded) and t.box is not None:
             cells = cutoffs.cell_grid(t.box, t.cutoff)
             if cells is not None:
-                t = dataclasses.replace(
-                    t, cells=cells, cell_capacity=cutoffs.cell_capacity(x, t.box, cells)
-                )
+                capacity = cutoffs.cell_capacity(x, t.box, cells)
+                # only where 27 cells hold fewer candidates than half the box's atoms
+                # (the dense sum's share per atom): in smaller boxes the list costs more
+                if 27 * capacity < system.n_atoms / 2:
+                    t = dataclasses.replace(t, cells=cells, cell_capacity=capacity)
         terms.append(t)
     return System(system.masses, terms, system.param_names, system.params, system.topology)
 

@@ -70,11 +70,11 @@ def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielec
     sqrt_eps = safe_sqrt(epsilon)
     pad = -n % block
     rows = jnp.arange(n + pad).reshape(-1, block)
-    mask = jnp.pad(jnp.asarray(pair_mask), ((0, pad), (0, 0)))
+    mask = jnp.asarray(pair_mask)  # gathered by rows: no padded (N², constant) copy to fold
 
-    def one_block(args):
-        idx, m = args
+    def one_block(idx):
         i = jnp.minimum(idx, n - 1)
+        m = mask[i] & (idx < n)[:, None]
         d = x[i][:, None, :] - x[None, :, :]
         if box is not None:
             d = minimum_image(d, box)
@@ -94,7 +94,10 @@ def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielec
             coul = qq * jax.scipy.special.erfc(alpha * r) / r
         return jnp.sum(jnp.where(inside, lj + coul, 0.0))
 
-    return 0.5 * jnp.sum(jax.lax.map(one_block, (rows, mask.reshape(-1, block, n))))
+    # rematerialised per block: reverse mode (forces) and forward-over-reverse (ζ) keep
+    # one block's intermediates at a time, not all N² of them
+    one_block = jax.checkpoint(one_block)
+    return 0.5 * jnp.sum(jax.lax.map(one_block, rows))
 
 
 def _switch_integral(r, rs, rc, sigma):
@@ -330,7 +333,7 @@ def cell_list_pair_energy(x, charge, sigma, epsilon, excluded_keys, box, cutoff,
             coul = qq * jax.scipy.special.erfc(alpha * r) / r
         return jnp.sum(jnp.where(inside, lj + coul, 0.0))
 
-    energy = 0.5 * jnp.sum(jax.lax.map(one_block, rows))
+    energy = 0.5 * jnp.sum(jax.lax.map(jax.checkpoint(one_block), rows))  # as the dense sum
     return jnp.where(overflow, jnp.nan, energy)
 
 

@@ -1,0 +1,151 @@
+"""Periodic boxes: the cost of a plain step with N, against OpenMM's CPU platform (issue 20).
+A benchmark, not a test: it prints a table and writes JSON (atomically).
+
+    python benchmarks/periodic_bench.py [--json benchmarks/periodic_bench.json]
+        [--edges 2.2 3 4 5 6.2] [--method PME] [--steps 20]
+
+The systems: cubic boxes of flexible TIP3P water (``Modeller.addSolvent`` with the given
+edge, nm), N ≈ 100 L³ atoms, under ``nonbonded_method`` (PME or CutoffPeriodic) with a
+0.9 nm cutoff, 0.5 fs steps at 300 K, γ = 1/ps. For each box, side by side in one run:
+
+* ``ours_ms``: one plain Langevin step of the engine (``EquilibriumChains``: the jitted
+  step, the energy's gradient by autodiff), the median over 3 timings of ``--steps``
+  steps after a warm-up that compiles; pairs through the cell list where every edge
+  holds 3 cutoffs (``cell_list``), densely otherwise;
+* ``openmm_ms``: one step of OpenMM's CPU platform (its own PME and neighbour list,
+  ``LangevinMiddleIntegrator``, all threads), timed the same way;
+* ``sensitivity_ms`` (the box nearest 3 nm only): one step of ``tm.simulate`` carrying
+  dx/dθ for every parameter of water (P is what water has: its charges, σ, ε, bond and
+  angle), and ``sensitivity_over_plain``.
+
+The exponent is the least-squares slope of log(ours_ms) against log(N) over the boxes
+that use the cell list (1: linear; 2: all pairs).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import timemachine as tm  # noqa: E402
+from timemachine.files import atomic_write_text  # noqa: E402
+from timemachine.fitting.sampling import EquilibriumChains  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FILES = ("amber99sbildn.xml", "tip3p.xml")
+
+
+def water_box(edge):
+    """(topology, positions nm) of a cubic box of TIP3P water, edge nm."""
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField(*FILES), model="tip3p",
+                        boxSize=mm.Vec3(edge, edge, edge) * unit.nanometer)  # fmt: skip
+    x = np.asarray(modeller.positions.value_in_unit(unit.nanometer)).reshape(-1, 3)
+    return modeller.topology, x
+
+
+def _median_time(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_ours(system, x, integ, steps):
+    chains = EquilibriumChains(system, x, integ, n_chains=1, save_every=steps)
+    theta = np.asarray(system.params)
+    chains.sample(theta, steps)  # compiles
+    return _median_time(lambda: chains.sample(theta, steps)) / steps
+
+
+def time_openmm(topology, x, method, integ, steps):
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    omm = app.ForceField(*FILES).createSystem(
+        topology, nonbondedMethod=getattr(app, method), nonbondedCutoff=0.9 * unit.nanometer,
+        constraints=None, rigidWater=False,
+    )  # fmt: skip
+    lmi = mm.LangevinMiddleIntegrator(integ.temperature, integ.friction, integ.dt)
+    ctx = mm.Context(omm, lmi, mm.Platform.getPlatformByName("CPU"))
+    ctx.setPositions(x * unit.nanometer)
+    lmi.step(steps)
+    return _median_time(lambda: (lmi.step(steps), ctx.getState(getEnergy=True))) / steps
+
+
+def time_sensitivity(system, x, integ, steps):
+    wrt = np.arange(system.n_params)
+    run = lambda: tm.simulate(system, x, integ, steps, wrt=wrt, save_every=steps,  # noqa: E731
+                              progress=False)  # fmt: skip
+    run()  # compiles
+    return _median_time(run, repeats=2) / steps, wrt.size
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=os.path.join(HERE, "periodic_bench.json"))
+    ap.add_argument("--edges", type=float, nargs="+", default=[2.2, 3.0, 4.0, 5.0, 6.2])
+    ap.add_argument("--method", default="PME", choices=["PME", "CutoffPeriodic"])
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.0005, seed=0)
+    rows = []
+    near3 = min(args.edges, key=lambda e: abs(e - 3.0))
+    for edge in args.edges:
+        top, x = water_box(edge)
+        system, x = tm.load_system((top, x), forcefield=FILES, nonbonded_method=args.method,
+                                   cutoff=0.9)  # fmt: skip
+        x = np.asarray(tm.minimize_system(system, x, tolerance=100.0, max_iterations=100,
+                                          warn=False))  # fmt: skip
+        (term,) = [t for t in system.terms if t.kind == "nonbonded-cutoff"]
+        row = {"edge_nm": edge, "n_atoms": int(system.n_atoms), "cell_list": term.cells is not None}
+        row["ours_ms"] = 1e3 * time_ours(system, x, integ, args.steps)
+        row["openmm_ms"] = 1e3 * time_openmm(top, x, args.method, integ, args.steps)
+        row["ours_over_openmm"] = row["ours_ms"] / row["openmm_ms"]
+        if edge == near3:
+            t, p = time_sensitivity(system, x, integ, args.steps)
+            row.update(sensitivity_ms=1e3 * t, n_params=p,
+                       sensitivity_over_plain=1e3 * t / row["ours_ms"])  # fmt: skip
+        rows.append(row)
+        print(f"{edge} nm: {row}", file=sys.stderr, flush=True)
+    cells = [r for r in rows if r["cell_list"]]
+    exponent = None
+    if len(cells) >= 2:
+        exponent = float(np.polyfit(np.log([r["n_atoms"] for r in cells]),
+                                    np.log([r["ours_ms"] for r in cells]), 1)[0])  # fmt: skip
+    record = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
+              "jax": jax.__version__, "method": args.method, "dt_ps": integ.dt,
+              "steps_timed": args.steps, "rows": rows, "exponent_cell_list": exponent}  # fmt: skip
+    atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    print("| edge (nm) | N | pairs | ours (ms/step) | OpenMM CPU (ms/step) | ours / OpenMM |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        pairs = "cell list" if r["cell_list"] else "dense"
+        print(f"| {r['edge_nm']} | {r['n_atoms']} | {pairs} | {r['ours_ms']:.1f} | "
+              f"{r['openmm_ms']:.2f} | {r['ours_over_openmm']:.1f} |")  # fmt: skip
+    for r in rows:
+        if "sensitivity_ms" in r:
+            print(f"sensitivity step at N = {r['n_atoms']}, P = {r['n_params']}: "
+                  f"{r['sensitivity_ms']:.1f} ms = {r['sensitivity_over_plain']:.1f} plain "
+                  "steps")  # fmt: skip
+    if exponent is not None:
+        print(f"cost ∝ N^{exponent:.2f} over the cell-list boxes; JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,6 +66,11 @@ def test_a_good_fit_configuration_gets_its_defaults(tmp_path):
     assert cfg["targets"]["entry"][0]["value"] == 0.35 and cfg["targets"]["holdout"] == []
     assert cfg["integrator"]["dt"] == 0.001 and cfg["validation"]["compare"] == []
     assert cfg["executor"] == {"kind": "in-process", "n_workers": None, "address": None}
+    # the schema's choices are the executors the fit takes (kept apart: config imports no jax)
+    from timemachine.config import EXECUTORS
+    from timemachine.fitting.executor import EXECUTORS as FIT_EXECUTORS
+
+    assert EXECUTORS == FIT_EXECUTORS
 
 
 TARGETS_FILE = {"targets": [{"name": "Rg", "type": "Rg", "value": 0.35}]}  # no uncertainty

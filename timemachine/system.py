@@ -248,7 +248,7 @@ class CutoffNonbonded:
     for full-strength pairs; exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
     ``Nonbonded``'s; class_sigma_index, class_epsilon_index, class_counts: (C,) the atom
     classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or
-    None; exclusion_idx: (X, 2) every excluded pair (excluded_keys: their sorted keys).
+    None; exclusion_idx: (X, 2) every excluded pair, i < j in lexicographic order.
     A periodic box at least 3 cutoffs across on every edge sums its pairs through a cell
     list rebuilt at every evaluation (``cells``, ``cell_capacity``; O(N)), a smaller
     one densely (O(N²)). Derivatives (ζ) come from autodiff of the reference; no CUDA
@@ -270,7 +270,6 @@ class CutoffNonbonded:
     class_counts: tuple  # of ints (static)
     box: np.ndarray | None
     exclusion_idx: np.ndarray  # (X, 2) every excluded pair, 1-4s included (PME's correction)
-    excluded_keys: np.ndarray  # (X,) sorted i·N + j (i < j) of them, for the cell list
     cutoff: float = 1.0
     dielectric: float = 78.3
     switch_distance: float | None = None
@@ -289,7 +288,7 @@ class CutoffNonbonded:
         box = None if self.box is None else jnp.asarray(self.box)
         if self.cells is not None and box is not None:
             e = cutoffs.cell_list_pair_energy(
-                x, q, sig, eps, self.excluded_keys, box, self.cutoff, self.dielectric,
+                x, q, sig, eps, self.exclusion_idx, box, self.cutoff, self.dielectric,
                 self.cells, self.cell_capacity, self.switch_distance, self.alpha,
             )  # fmt: skip
         else:
@@ -318,7 +317,7 @@ CutoffNonbonded = _pytree(
     CutoffNonbonded,
     ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
      "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box",
-     "exclusion_idx", "excluded_keys"],
+     "exclusion_idx"],
     ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction",
      "alpha", "grid", "cells", "cell_capacity"],
 )  # fmt: skip

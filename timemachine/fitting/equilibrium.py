@@ -65,7 +65,7 @@ from timemachine.fitting.equilibrium_estimate import (
     loss_and_gradient,
 )
 from timemachine.fitting.equilibrium_samples import EpochSampler
-from timemachine.fitting.executor import Executor, check_executor, open_executor
+from timemachine.fitting.executor import Executor, check_executor, open_executor, runs_on_dask
 from timemachine.fitting.loss import check_prior_sigma, target_vector
 from timemachine.fitting.openmm_sampler import OpenMMSampler, check_sampled_parameters
 from timemachine.fitting.result import (
@@ -652,11 +652,7 @@ def _check_sampler(sampler, estimator, several, executor, precision):
         )
     elif several:
         why = "a fit over several systems: give each its engine chains (sampler='jax')"
-    elif (
-        isinstance(executor, Executor)
-        and executor.kind != "in-process"
-        or (isinstance(executor, str) and executor != "in-process")
-    ):
+    elif runs_on_dask(executor):
         why = f"executor={executor!r}: the OpenMM chains run in this process"
     elif precision != "float64":
         why = f"precision={precision!r}: set OpenMM's own precision in the platform properties"

@@ -85,8 +85,6 @@ def torsion_map(system: System, openmm_system, n_solute: int):
             atoms = (a, b, c, d)
             if max(atoms) >= n_solute:
                 continue  # a solvent or ligand torsion: left as OpenMM has it
-            if min(atoms) < 0:
-                continue
             key = (atoms, int(per))
             rows = table.get(key) or table.get((atoms[::-1], int(per)))
             if not rows:
@@ -301,10 +299,11 @@ class OpenMMChains(ChainSampler):
                 .value_in_unit(unit.nanometer)
             )
             del ctx
+        # one Context draws every chain's starting velocities (each from its own seed)
+        ctx = mm.Context(omm, mm.LangevinMiddleIntegrator(t, g, dt), platform,
+                         sampler.properties)  # fmt: skip
         xs, vs = [], []
         for c in range(self.n_chains):
-            ctx = mm.Context(omm, mm.LangevinMiddleIntegrator(t, g, dt), platform,
-                             sampler.properties)  # fmt: skip
             ctx.setPositions(np.asarray(x) * unit.nanometer)
             ctx.setVelocitiesToTemperature(t, _seed(integrator.seed, first_replica + c, 0, 1))
             st = ctx.getState(getPositions=True, getVelocities=True)
@@ -312,7 +311,7 @@ class OpenMMChains(ChainSampler):
             vs.append(
                 st.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
             )
-            del ctx
+        del ctx
         self.state = LangevinState(np.stack(xs), np.stack(vs), np.zeros(self.n_chains, np.int64))
 
     def _set_theta(self, theta) -> None:

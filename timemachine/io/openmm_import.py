@@ -458,16 +458,15 @@ def _nonbonded_term(f, ff, data, topology, params):
         alpha, grid = _pme_parameters(f, box)
     elif method != f.CutoffPeriodic and method != f.CutoffNonPeriodic:
         raise ForceFieldError(f"NonbondedForce method {method} is not computed by the engine")
-    upper = np.triu(~mask, 1)  # every excluded pair (1-2, 1-3 and the 1-4 exceptions)
-    exclusions = np.argwhere(upper).astype(np.int64).reshape(-1, 2)
-    keys = np.sort(exclusions[:, 0] * n + exclusions[:, 1])
+    # every excluded pair (1-2, 1-3 and the 1-4 exceptions), i < j, lexicographic
+    exclusions = np.argwhere(np.triu(~mask, 1)).astype(np.int64).reshape(-1, 2)
     classes = sorted(set(zip(si.tolist(), ei.tolist(), strict=True)))
     counts = tuple(int(np.sum((si == a) & (ei == b))) for a, b in classes)
     term = CutoffNonbonded(
         qi, si, ei, mask, exc, np.array(cs), np.array(ls),
         np.array([a for a, _ in classes], dtype=np.int64),
         np.array([b for _, b in classes], dtype=np.int64),
-        counts, box, exclusions, keys,
+        counts, box, exclusions,
         cutoff=f.getCutoffDistance()._value,
         dielectric=float(f.getReactionFieldDielectric()),
         switch_distance=f.getSwitchingDistance()._value if f.getUseSwitchingFunction() else None,

@@ -49,6 +49,26 @@ def reaction_field_constants(cutoff, dielectric):
     return k_rf, c_rf
 
 
+def _pair_sum(d, allowed, q_i, q_j, sig_i, sig_j, sqrt_eps_i, sqrt_eps_j, cutoff,
+              switch_distance, k_rf, c_rf, alpha):  # fmt: skip
+    """Σ over the ``allowed`` pairs of displacement d (..., 3) within the cutoff of LJ
+    (Lorentz-Berthelot, switched) + Coulomb (reaction field, or PME's erfc with
+    ``alpha``); the per-atom arrays broadcast against d's leading axes."""
+    r2 = jnp.sum(d * d, axis=-1)
+    inside = allowed & (r2 < cutoff * cutoff)
+    r = jnp.sqrt(jnp.where(inside, r2, 1.0))
+    s6 = (0.5 * (sig_i + sig_j) / r) ** 6
+    lj = 4.0 * sqrt_eps_i * sqrt_eps_j * (s6 * s6 - s6)
+    if switch_distance is not None:
+        lj = lj * lj_switch(r, switch_distance, cutoff)
+    qq = COULOMB * q_i * q_j
+    if alpha is None:
+        coul = qq * (1.0 / r + k_rf * r * r - c_rf)
+    else:
+        coul = qq * jax.scipy.special.erfc(alpha * r) / r
+    return jnp.sum(jnp.where(inside, lj + coul, 0.0))
+
+
 def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielectric,
                        switch_distance=None, alpha=None, block=128):  # fmt: skip
     """The pair sum over full-strength pairs within the cutoff: LJ (switched) plus the
@@ -78,21 +98,9 @@ def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielec
         d = x[i][:, None, :] - x[None, :, :]
         if box is not None:
             d = minimum_image(d, box)
-        r2 = jnp.sum(d * d, axis=-1)
-        inside = m & (r2 < cutoff * cutoff)
-        r = jnp.sqrt(jnp.where(inside, r2, 1.0))
-        sig = 0.5 * (sigma[i][:, None] + sigma[None, :])
-        eps = sqrt_eps[i][:, None] * sqrt_eps[None, :]
-        s6 = (sig / r) ** 6
-        lj = 4.0 * eps * (s6 * s6 - s6)
-        if switch_distance is not None:
-            lj = lj * lj_switch(r, switch_distance, cutoff)
-        qq = COULOMB * charge[i][:, None] * charge[None, :]
-        if alpha is None:
-            coul = qq * (1.0 / r + k_rf * r * r - c_rf)
-        else:
-            coul = qq * jax.scipy.special.erfc(alpha * r) / r
-        return jnp.sum(jnp.where(inside, lj + coul, 0.0))
+        return _pair_sum(d, m, charge[i][:, None], charge[None, :], sigma[i][:, None],
+                         sigma[None, :], sqrt_eps[i][:, None], sqrt_eps[None, :], cutoff,
+                         switch_distance, k_rf, c_rf, alpha)  # fmt: skip
 
     # rematerialised per block: reverse mode (forces) and forward-over-reverse (ζ) keep
     # one block's intermediates at a time, not all N² of them
@@ -268,17 +276,18 @@ def _neighbour_cells(cells) -> np.ndarray:
     return (nb[..., 0] * cells[1] + nb[..., 1]) * cells[2] + nb[..., 2]
 
 
-def cell_list_pair_energy(x, charge, sigma, epsilon, excluded_keys, box, cutoff,
+def cell_list_pair_energy(x, charge, sigma, epsilon, exclusions, box, cutoff,
                           dielectric, cells, capacity, switch_distance=None, alpha=None,
                           block=128):  # fmt: skip
     """``cutoff_pair_energy`` of a periodic box through a cell list: O(N) pairs, not N².
 
     The atoms are binned into ``cells`` (3,) cells of edge ≥ the cutoff, each holding at
     most ``capacity`` atoms, and each atom meets only the atoms of its 27 neighbouring
-    cells; excluded pairs are found by a search in ``excluded_keys`` (sorted
-    min(i, j)·N + max(i, j) of every excluded pair). The list is rebuilt from x at every
-    call, so it is always exact (no skin, no stale list); a cell over capacity makes the
-    energy NaN, which a run reports as a blow-up (raise ``capacity``).
+    cells; excluded pairs are found by a search in the keys i·N + j of ``exclusions``
+    ((X, 2) pairs i < j in lexicographic order, so the keys are sorted). The list is
+    rebuilt from x at every call, so it is always exact (no skin, no stale list); a cell
+    over capacity makes the energy NaN, which a run reports as a blow-up (raise
+    ``capacity``).
 
     Returns: scalar energy, kJ/mol (the same sum as the dense one, in another order).
     """
@@ -301,7 +310,8 @@ def cell_list_pair_energy(x, charge, sigma, epsilon, excluded_keys, box, cutoff,
     table = table.at[sorted_flat, slot].set(order.astype(jnp.int32), mode="drop")
     neighbours = jnp.asarray(_neighbour_cells(cells_np), jnp.int32)  # (C, 27)
     sqrt_eps = safe_sqrt(epsilon)
-    keys = jnp.asarray(excluded_keys)
+    exclusions = jnp.asarray(exclusions)
+    keys = exclusions[:, 0] * n + exclusions[:, 1]
     n_keys = keys.shape[0]
     pad = -n % block
     rows = jnp.arange(n + pad).reshape(-1, block)
@@ -317,21 +327,9 @@ def cell_list_pair_energy(x, charge, sigma, epsilon, excluded_keys, box, cutoff,
             at = jnp.clip(jnp.searchsorted(keys, key), 0, n_keys - 1)
             valid = valid & (keys[at] != key)
         d = minimum_image(x[i][:, None, :] - x[j], box)
-        r2 = jnp.sum(d * d, axis=-1)
-        inside = valid & (r2 < cutoff * cutoff)
-        r = jnp.sqrt(jnp.where(inside, r2, 1.0))
-        sig = 0.5 * (sigma[i][:, None] + sigma[j])
-        eps = sqrt_eps[i][:, None] * sqrt_eps[j]
-        s6 = (sig / r) ** 6
-        lj = 4.0 * eps * (s6 * s6 - s6)
-        if switch_distance is not None:
-            lj = lj * lj_switch(r, switch_distance, cutoff)
-        qq = COULOMB * charge[i][:, None] * charge[j]
-        if alpha is None:
-            coul = qq * (1.0 / r + k_rf * r * r - c_rf)
-        else:
-            coul = qq * jax.scipy.special.erfc(alpha * r) / r
-        return jnp.sum(jnp.where(inside, lj + coul, 0.0))
+        return _pair_sum(d, valid, charge[i][:, None], charge[j], sigma[i][:, None],
+                         sigma[j], sqrt_eps[i][:, None], sqrt_eps[j], cutoff,
+                         switch_distance, k_rf, c_rf, alpha)  # fmt: skip
 
     energy = 0.5 * jnp.sum(jax.lax.map(jax.checkpoint(one_block), rows))  # as the dense sum
     return jnp.where(overflow, jnp.nan, energy)

@@ -172,3 +172,29 @@ def test_what_the_openmm_sampler_cannot_do_is_refused_naming_it(solvated):
         tm.solvate((top, x), cutoff=0)
     with pytest.raises(InputError, match=r"water must be one of .*got 'tip9p'"):
         tm.solvate((top, x), water="tip9p")
+
+
+def test_hydrogen_mass_repartitioning_is_accepted_and_other_masses_are_not(solvated):
+    """A box built with ``hydrogen_mass=4`` (OpenMM's repartitioning: heavier hydrogens,
+    lighter heavy atoms, the same total) samples the same positions' distribution, so the
+    chains accept it; masses that differ otherwise are refused, naming the particle."""
+    import openmm.unit as unit
+
+    from timemachine.fitting.openmm_sampler import _check_masses
+
+    top, x = tm.build_peptide("AAA")
+    hmr = tm.solvate((top, x), padding=1.0, cutoff=0.9, hydrogen_mass=4.0)
+    n = hmr.solute.n_atoms
+    masses = np.asarray(hmr.solute.masses)
+    sampled = np.array([hmr.openmm_system.getParticleMass(i).value_in_unit(unit.dalton)
+                        for i in range(n)])  # fmt: skip
+    hydrogens = masses < 1.1
+    np.testing.assert_allclose(sampled[hydrogens], 4.0)
+    assert abs(sampled.sum() - masses.sum()) < 1e-9
+    _check_masses(sampled, masses)  # accepted
+    swapped = sampled.copy()
+    swapped[[0, 4]] = swapped[[4, 0]]
+    with pytest.raises(ForceFieldError, match="not a hydrogen mass repartitioning"):
+        _check_masses(swapped * 1.01, masses)
+    with pytest.raises(InputError, match="hydrogen_mass must be > 0 amu"):
+        tm.solvate((top, x), hydrogen_mass=-1.0)

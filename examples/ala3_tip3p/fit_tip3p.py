@@ -44,6 +44,11 @@ def main():
     ap.add_argument("--decorrelation-ps", type=float, default=10.0)
     ap.add_argument("--validate-ns", type=float, default=0.4, help="per model, all chains")
     ap.add_argument("--platform", default=None, help="OpenMM platform (default: fastest)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU platform threads")
+    ap.add_argument("--dt", type=float, default=0.002, help="ps; 0.004 with --hydrogen-mass 4")
+    ap.add_argument("--hydrogen-mass", type=float, default=None, help="amu (repartitioning)")
+    ap.add_argument("--max-extend", type=int, default=2, help="chain extensions for low ESS")
+    ap.add_argument("--save-every", type=int, default=250, help="steps between kept frames")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tip3p-out")
     args = ap.parse_args()
@@ -54,21 +59,26 @@ def main():
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     top, x = tm.build_peptide("AAA")
-    box = tm.solvate((top, x), padding=1.0, cutoff=0.9)
+    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, hydrogen_mass=args.hydrogen_mass)
     n_water = (box.positions.shape[0] - box.solute.n_atoms) // 3
-    log(f"trialanine in {n_water} TIP3P waters, box {box.box[0]:.2f} nm, PME 0.9 nm, HBonds")
-    sampler = OpenMMSampler(box.openmm_system, box.positions, platform=args.platform)
-    integ = tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=args.seed)
+    hmr = "" if args.hydrogen_mass is None else f", H mass {args.hydrogen_mass:g} amu"
+    log(f"trialanine in {n_water} TIP3P waters, box {box.box[0]:.2f} nm, PME 0.9 nm, HBonds"
+        f"{hmr}, dt {args.dt * 1000:g} fs")  # fmt: skip
+    props = {} if args.threads is None else {"Threads": str(args.threads)}
+    sampler = OpenMMSampler(box.openmm_system, box.positions, platform=args.platform,
+                            properties=props)  # fmt: skip
+    integ = tm.LangevinIntegrator(300.0, 1.0, args.dt, seed=args.seed)
     targets = graf2007_targets(box.solute.topology)
-    save_every = 250  # 0.5 ps between kept frames
+    save_every = args.save_every  # 0.5 ps between kept frames at 2 fs
     steps = int(round(args.sample_ps / integ.dt / save_every)) * save_every
     decor = int(round(args.decorrelation_ps / integ.dt / save_every)) * save_every
     log(f"fit on OpenMM ({sampler.platform}): {args.epochs} epochs × {args.chains} chains × "
         f"({decor} + {steps}) steps")  # fmt: skip
     result = tm.fit(box.solute, None, integ, targets, list(NMR_TORSIONS), sampler=sampler,
                     epochs=args.epochs, n_chains=args.chains, sample_steps=steps,
-                    decorrelation_steps=decor, save_every=save_every, min_ess=5.0, max_extend=2,
-                    reservoir_size=1000, prior_sigma=2.0, progress=True)  # fmt: skip
+                    decorrelation_steps=decor, save_every=save_every, min_ess=5.0,
+                    max_extend=args.max_extend, reservoir_size=1000, prior_sigma=2.0,
+                    progress=True)  # fmt: skip
     history = result.history
     log(f"fit done: χ²/N {history[0]['chi2']:.3f} -> {history[-1]['chi2']:.3f} (engine, "
         "the chains' frames)")  # fmt: skip
@@ -76,13 +86,14 @@ def main():
     for name, theta in (("original", box.solute.params), ("fitted", result.params)):
         log(f"OpenMM validation of the {name} torsions: {args.validate_ns:g} ns")
         v = validate_sampler(sampler, box.solute, theta, targets,
-                             tm.LangevinIntegrator(300.0, 1.0, 0.002, seed=args.seed + 1),
+                             tm.LangevinIntegrator(300.0, 1.0, args.dt, seed=args.seed + 1),
                              time_ns=args.validate_ns, n_seeds=4,
                              equilibration_ps=10.0)  # fmt: skip
         validation[name] = v.to_dict()
     names = [box.solute.param_names[i] for i in box.solute.select(list(NMR_TORSIONS))]
     summary = {
-        "system": f"trialanine + {n_water} TIP3P, amber99sbildn, PME 0.9 nm, HBonds, 300 K",
+        "system": f"trialanine + {n_water} TIP3P, amber99sbildn, PME 0.9 nm, HBonds{hmr}, "
+        f"{args.dt * 1000:g} fs, 300 K",
         "data": "Graf, Nguyen, Stock & Schwalbe, J. Am. Chem. Soc. 129, 1179 (2007)",
         "sampler": f"OpenMM {sampler.platform}",
         "parameters": names,

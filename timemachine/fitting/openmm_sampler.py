@@ -112,6 +112,31 @@ def torsion_map(system: System, openmm_system, n_solute: int):
     return out
 
 
+def _check_masses(sampled, masses) -> None:
+    """ForceFieldError unless the OpenMM System's first N masses (amu) are the System's,
+    or the same atoms after hydrogen mass repartitioning: every atom that differs is a
+    hydrogen made heavier (real mass < 1.1 amu) or a heavy atom made lighter by as much,
+    and the solute's total mass is unchanged. Repartitioned masses change the dynamics,
+    not the Boltzmann distribution of the positions that the estimators use."""
+    if np.allclose(sampled, masses, rtol=1e-6, atol=0):
+        return
+    diff = sampled - masses
+    moved = ~np.isclose(sampled, masses, rtol=1e-6, atol=0)
+    hydrogens = masses < 1.1
+    repartitioned = (
+        abs(diff.sum()) < 1e-6 * masses.sum()
+        and np.all(diff[moved & hydrogens] > 0)
+        and np.all(diff[moved & ~hydrogens] < 0)
+    )
+    if not repartitioned:
+        bad = int(np.argmax(np.abs(diff)))
+        raise ForceFieldError(
+            f"particle {bad} has mass {sampled[bad]:g} amu in the OpenMM System and "
+            f"{float(masses[bad]):g} in the System, and the difference is not a hydrogen "
+            "mass repartitioning: the solute's atoms must come first, in the System's order"
+        )
+
+
 class OpenMMSampler:
     """Where a fit's equilibrium chains run: OpenMM, on any OpenMM System.
 
@@ -275,13 +300,7 @@ class OpenMMChains(ChainSampler):
             )
         masses = np.array([omm.getParticleMass(i).value_in_unit(unit.dalton)
                            for i in range(self.n_solute)])  # fmt: skip
-        if not np.allclose(masses, system.masses, rtol=1e-6, atol=0):
-            bad = int(np.argmax(np.abs(masses - system.masses)))
-            raise ForceFieldError(
-                f"particle {bad} has mass {masses[bad]:g} amu in the OpenMM System and "
-                f"{float(system.masses[bad]):g} in the System: the solute's atoms must come "
-                "first, in the System's order"
-            )
+        _check_masses(masses, np.asarray(system.masses))
         self.map = torsion_map(system, omm, self.n_solute)
         self._forces = {f for f, *_ in self.map}
         theta = system.resolve_params(params)

@@ -49,7 +49,8 @@ class Solvated(NamedTuple):
 
 def solvate(structure, forcefield=("amber99sbildn.xml",), water="tip3p", padding=1.0,
             cutoff=0.9, nonbonded_method="PME", constraints="HBonds", rigid_water=True,
-            ionic_strength=0.0, ewald_error_tolerance=5e-4) -> Solvated:  # fmt: skip
+            ionic_strength=0.0, ewald_error_tolerance=5e-4, hydrogen_mass=None
+            ) -> Solvated:  # fmt: skip
     """Solvate a structure in a rectangular box of water and parametrise it.
 
     Args:
@@ -63,6 +64,12 @@ def solvate(structure, forcefield=("amber99sbildn.xml",), water="tip3p", padding
         rigid_water: rigid water (SETTLE); False for flexible water (a ~0.5 fs step).
         ionic_strength: molar NaCl added besides the neutralising ions.
         ewald_error_tolerance: PME's and Ewald's relative force error.
+        hydrogen_mass: amu, or None: hydrogen mass repartitioning in the box's System
+            (OpenMM's ``hydrogenMass``: each hydrogen this heavy, its bonded heavy atom
+            lighter by as much; water is left alone). With HBond constraints it allows a
+            4 fs step. It changes the dynamics, not the Boltzmann distribution of the
+            positions, which is all an equilibrium estimator uses; the solute System keeps
+            the real masses.
 
     Returns:
         ``Solvated``.
@@ -84,6 +91,10 @@ def solvate(structure, forcefield=("amber99sbildn.xml",), water="tip3p", padding
         raise InputError(f"constraints must be one of {_CONSTRAINTS}, got {constraints!r}")
     if not (isinstance(cutoff, (int, float)) and np.isfinite(cutoff) and cutoff > 0):
         raise InputError(f"cutoff must be > 0 nm, got {cutoff!r}")
+    if hydrogen_mass is not None and not (
+        isinstance(hydrogen_mass, (int, float)) and np.isfinite(hydrogen_mass) and hydrogen_mass > 0
+    ):
+        raise InputError(f"hydrogen_mass must be > 0 amu or None, got {hydrogen_mass!r}")
     if not (isinstance(padding, (int, float)) and np.isfinite(padding) and padding > 0):
         raise InputError(f"padding must be > 0 nm, got {padding!r}")
     topology, positions, source = _read_structure(structure)
@@ -110,6 +121,7 @@ def solvate(structure, forcefield=("amber99sbildn.xml",), water="tip3p", padding
         constraints=None if constraints is None else getattr(app, constraints),
         rigidWater=rigid_water,
         ewaldErrorTolerance=ewald_error_tolerance,
+        hydrogenMass=None if hydrogen_mass is None else hydrogen_mass * unit.amu,
     )
     x = np.asarray(modeller.positions.value_in_unit(unit.nanometer), np.float64).reshape(-1, 3)
     return Solvated(omm, modeller.topology, x, solute, np.asarray(solute_x), box)

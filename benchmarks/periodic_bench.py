@@ -14,12 +14,18 @@ edge, nm), N ≈ 100 L³ atoms, under ``nonbonded_method`` (PME or CutoffPeriodi
   holds 3 cutoffs (``cell_list``), densely otherwise;
 * ``openmm_ms``: one step of OpenMM's CPU platform (its own PME and neighbour list,
   ``LangevinMiddleIntegrator``, all threads), timed the same way;
-* ``sensitivity_ms`` (the box nearest 3 nm only): one step of ``tm.simulate`` carrying
-  dx/dθ for every parameter of water (P is what water has: its charges, σ, ε, bond and
-  angle), and ``sensitivity_over_plain``.
+* ``pairs``: how the step sums its cutoff pairs: over a Verlet list carried through the
+  steps (``timemachine.neighbours``, the default of ``load_system`` with a cutoff; skin
+  0.1 nm), or densely where the box is too small for one.
 
-The exponent is the least-squares slope of log(ours_ms) against log(N) over the boxes
-that use the cell list (1: linear; 2: all pairs).
+Then the sensitivity row, side by side on one system: trialanine in TIP3P (flexible,
+PME 0.9 nm, ``--sensitivity-padding`` nm of water, about 2,000 atoms), one step of
+``tm.simulate`` carrying dx/dθ for P ≈ 40 parameters (every torsion barrier of the
+solute and water's charges, σ and ε), against one plain step of the same System and one
+OpenMM CPU step: ``sensitivity_over_plain``.
+
+The exponent is the least-squares slope of log(ours_ms) against log(N) over the water
+boxes (1: linear; 2: all pairs).
 """
 
 import argparse
@@ -36,6 +42,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import timemachine as tm  # noqa: E402
+from timemachine import neighbours  # noqa: E402
 from timemachine.files import atomic_write_text  # noqa: E402
 from timemachine.fitting.sampling import EquilibriumChains  # noqa: E402
 
@@ -88,12 +95,31 @@ def time_openmm(topology, x, method, integ, steps):
     return _median_time(lambda: (lmi.step(steps), ctx.getState(getEnergy=True))) / steps
 
 
-def time_sensitivity(system, x, integ, steps):
-    wrt = np.arange(system.n_params)
+def time_sensitivity(system, x, integ, steps, wrt=None):
+    wrt = np.arange(system.n_params) if wrt is None else np.asarray(wrt)
     run = lambda: tm.simulate(system, x, integ, steps, wrt=wrt, save_every=steps,  # noqa: E731
                               progress=False)  # fmt: skip
     run()  # compiles
     return _median_time(run, repeats=2) / steps, wrt.size
+
+
+def sensitivity_row(padding, integ, steps):
+    """The sensitivity row (module docstring) on trialanine in ``padding`` nm of water."""
+    top, x = tm.build_peptide("AAA")
+    box = tm.solvate((top, x), padding=padding, cutoff=0.9, constraints=None, rigid_water=False)
+    system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
+                               nonbonded_method="PME", cutoff=0.9)  # fmt: skip
+    x = np.asarray(tm.minimize_system(system, x, tolerance=100.0, max_iterations=100,
+                                      warn=False))  # fmt: skip
+    wrt = system.select(["torsion/*/k*", "charge/tip3p*", "sigma/OW/*", "sigma/HW/*",
+                         "epsilon/OW/*", "epsilon/HW/*"])  # fmt: skip
+    plain = 1e3 * time_ours(system, x, integ, steps)
+    sens, _ = time_sensitivity(system, x, integ, steps, wrt=wrt)
+    omm = 1e3 * time_openmm(box.topology, x, "PME", integ, steps)
+    return {"system": f"trialanine + {(system.n_atoms - 33) // 3} TIP3P, PME 0.9 nm",
+            "n_atoms": int(system.n_atoms), "n_params": int(wrt.size), "plain_ms": plain,
+            "sensitivity_ms": 1e3 * sens, "sensitivity_over_plain": 1e3 * sens / plain,
+            "openmm_ms": omm, "neighbour_list": neighbours.has_neighbours(system)}  # fmt: skip
 
 
 def main():
@@ -102,49 +128,48 @@ def main():
     ap.add_argument("--edges", type=float, nargs="+", default=[2.2, 3.0, 4.0, 5.0, 6.2])
     ap.add_argument("--method", default="PME", choices=["PME", "CutoffPeriodic"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sensitivity-padding", type=float, default=1.3)
     args = ap.parse_args()
     integ = tm.LangevinIntegrator(300.0, 1.0, 0.0005, seed=0)
     rows = []
-    near3 = min(args.edges, key=lambda e: abs(e - 3.0))
     for edge in args.edges:
         top, x = water_box(edge)
         system, x = tm.load_system((top, x), forcefield=FILES, nonbonded_method=args.method,
                                    cutoff=0.9)  # fmt: skip
         x = np.asarray(tm.minimize_system(system, x, tolerance=100.0, max_iterations=100,
                                           warn=False))  # fmt: skip
-        (term,) = [t for t in system.terms if t.kind == "nonbonded-cutoff"]
-        row = {"edge_nm": edge, "n_atoms": int(system.n_atoms), "cell_list": term.cells is not None}
+        row = {
+            "edge_nm": edge,
+            "n_atoms": int(system.n_atoms),
+            "pairs": "Verlet list" if neighbours.has_neighbours(system) else "dense",
+        }
         row["ours_ms"] = 1e3 * time_ours(system, x, integ, args.steps)
         row["openmm_ms"] = 1e3 * time_openmm(top, x, args.method, integ, args.steps)
         row["ours_over_openmm"] = row["ours_ms"] / row["openmm_ms"]
-        if edge == near3:
-            t, p = time_sensitivity(system, x, integ, args.steps)
-            row.update(sensitivity_ms=1e3 * t, n_params=p,
-                       sensitivity_over_plain=1e3 * t / row["ours_ms"])  # fmt: skip
         rows.append(row)
         print(f"{edge} nm: {row}", file=sys.stderr, flush=True)
-    cells = [r for r in rows if r["cell_list"]]
-    exponent = None
-    if len(cells) >= 2:
-        exponent = float(np.polyfit(np.log([r["n_atoms"] for r in cells]),
-                                    np.log([r["ours_ms"] for r in cells]), 1)[0])  # fmt: skip
+    exponent = openmm_exponent = None
+    if len(rows) >= 2:
+        log_n = np.log([r["n_atoms"] for r in rows])
+        exponent = float(np.polyfit(log_n, np.log([r["ours_ms"] for r in rows]), 1)[0])
+        openmm_exponent = float(np.polyfit(log_n, np.log([r["openmm_ms"] for r in rows]), 1)[0])
+    sens = sensitivity_row(args.sensitivity_padding, integ, args.steps)
+    print(f"sensitivity: {sens}", file=sys.stderr, flush=True)
     record = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
               "jax": jax.__version__, "method": args.method, "dt_ps": integ.dt,
-              "steps_timed": args.steps, "rows": rows, "exponent_cell_list": exponent}  # fmt: skip
+              "steps_timed": args.steps, "rows": rows, "exponent": exponent,
+              "openmm_exponent": openmm_exponent, "sensitivity": sens}  # fmt: skip
     atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     print("| edge (nm) | N | pairs | ours (ms/step) | OpenMM CPU (ms/step) | ours / OpenMM |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        pairs = "cell list" if r["cell_list"] else "dense"
-        print(f"| {r['edge_nm']} | {r['n_atoms']} | {pairs} | {r['ours_ms']:.1f} | "
+        print(f"| {r['edge_nm']} | {r['n_atoms']} | {r['pairs']} | {r['ours_ms']:.1f} | "
               f"{r['openmm_ms']:.2f} | {r['ours_over_openmm']:.1f} |")  # fmt: skip
-    for r in rows:
-        if "sensitivity_ms" in r:
-            print(f"sensitivity step at N = {r['n_atoms']}, P = {r['n_params']}: "
-                  f"{r['sensitivity_ms']:.1f} ms = {r['sensitivity_over_plain']:.1f} plain "
-                  "steps")  # fmt: skip
+    print(f"sensitivity step, {sens['system']} (N = {sens['n_atoms']}, P = {sens['n_params']}): "
+          f"{sens['sensitivity_ms']:.0f} ms = {sens['sensitivity_over_plain']:.1f} plain steps "
+          f"({sens['plain_ms']:.1f} ms; OpenMM CPU {sens['openmm_ms']:.1f} ms)")  # fmt: skip
     if exponent is not None:
-        print(f"cost ∝ N^{exponent:.2f} over the cell-list boxes; JSON: {args.json}")
+        print(f"cost ∝ N^{exponent:.2f} (OpenMM CPU: N^{openmm_exponent:.2f}); JSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ def periodic(box, request):
     system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
                                nonbonded_method=request.param, cutoff=0.9,
                                switch_distance=0.8)  # fmt: skip
+    from timemachine import neighbours
+
+    assert neighbours.has_neighbours(system)  # the step programs run on Verlet lists
     return system, np.asarray(x)  # Modeller's waters: close to their minima already
 
 

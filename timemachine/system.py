@@ -278,14 +278,43 @@ class CutoffNonbonded:
     grid: tuple | None = None  # PME's (K_x, K_y, K_z)
     cells: tuple | None = None  # a cell list's (3,) cells per edge; None: the dense sum
     cell_capacity: int = 0
+    skin: float = 0.0  # the Verlet list's skin, nm; 0: no list (the step programs' choice)
+    neighbour_capacity: int = 0  # partners per row of the Verlet list
+    neighbour_cells: tuple | None = None  # the list build's cells (edge ≥ cutoff + skin)
+    neighbour_cell_capacity: int = 0
+    neighbour_exclusions: np.ndarray | None = None  # (N, M) ``cutoffs.exclusion_table``
 
-    def energy(self, x, params):
+    @property
+    def uses_neighbours(self) -> bool:
+        """True when the step programs carry a Verlet list for this term."""
+        return self.skin > 0
+
+    def build_neighbours(self, x):
+        """The term's Verlet list of x (N, 3) nm (``cutoffs.Neighbours``); jittable."""
+        from timemachine.potentials import cutoffs
+
+        box = None if self.box is None else jnp.asarray(self.box)
+        allowed = self.pair_mask if self.neighbour_cells is None else self.neighbour_exclusions
+        return cutoffs.build_neighbours(
+            x, allowed, box, self.cutoff + self.skin, self.neighbour_capacity,
+            self.neighbour_cells, self.neighbour_cell_capacity,
+        )  # fmt: skip
+
+    def energy(self, x, params, neighbours=None):
+        """E (kJ/mol) at x (N, 3) nm; with ``neighbours`` (a fresh ``cutoffs.Neighbours``
+        of this term: no atom moved more than skin/2 since it was built) the pair sum runs
+        over the Verlet list, else over the cell list or densely (always exact)."""
         from timemachine.potentials import cutoffs
 
         q = params[self.charge_index]
         sig = params[self.sigma_index]
         eps = params[self.epsilon_index]
         box = None if self.box is None else jnp.asarray(self.box)
+        if neighbours is not None:
+            e = cutoffs.neighbour_pair_energy(x, q, sig, eps, neighbours, box, self.cutoff,
+                                              self.dielectric, self.switch_distance,
+                                              self.alpha)  # fmt: skip
+            return e + self._long_range(x, params)
         if self.cells is not None and box is not None:
             e = cutoffs.cell_list_pair_energy(
                 x, q, sig, eps, self.exclusion_idx, box, self.cutoff, self.dielectric,
@@ -295,6 +324,55 @@ class CutoffNonbonded:
             e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
                                             self.dielectric, self.switch_distance,
                                             self.alpha)  # fmt: skip
+        return e + self._long_range(x, params)
+
+    def gradient(self, x, params, neighbours):
+        """∇_x E (N, 3) kJ/mol/nm on a fresh Verlet list: the pairs' written out
+        (``cutoffs.neighbour_pair_gradient``, no scatter), the rest by autodiff."""
+        from timemachine.potentials import cutoffs
+
+        box = None if self.box is None else jnp.asarray(self.box)
+        g = cutoffs.neighbour_pair_gradient(
+            x, params[self.charge_index], params[self.sigma_index], params[self.epsilon_index],
+            neighbours, box, self.cutoff, self.dielectric, self.switch_distance, self.alpha,
+        )  # fmt: skip
+        return g + jax.grad(self._long_range)(x, params)
+
+    def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=False):
+        """(∇_x E (N, 3), ζ (P, N, 3)) on a fresh Verlet list for tangents dx (P, N, 3)
+        and parameters ``wrt`` (P,): the pairs' from per-pair scalars
+        (``cutoffs.neighbour_pair_gradient_and_zeta``; ``host``: their contraction in the
+        CPU custom call), the rest by ``jax.linearize``."""
+        from timemachine.potentials import cutoffs
+
+        wrt = np.asarray(wrt)
+        box = None if self.box is None else jnp.asarray(self.box)
+        onehots = {}
+        for kind, index in (("charge", self.charge_index), ("sigma", self.sigma_index),
+                            ("epsilon", self.epsilon_index)):  # fmt: skip
+            hit = np.asarray(index)[:, None] == wrt[None, :]
+            cols = np.nonzero(hit.any(0))[0]
+            onehots[kind] = (cols, hit[:, cols].astype(np.float64)) if cols.size else None
+        g, z = cutoffs.neighbour_pair_gradient_and_zeta(
+            x, params[self.charge_index], params[self.sigma_index], params[self.epsilon_index],
+            neighbours, box, self.cutoff, self.dielectric, self.switch_distance, self.alpha,
+            dx, onehots, host,
+        )  # fmt: skip
+        onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
+        onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
+        g_rest, lin = jax.linearize(jax.grad(self._long_range), x, params)
+        return g + g_rest, z + jax.vmap(lin)(dx, onehot)
+
+    def _long_range(self, x, params):
+        """Everything but the cutoff pair sum: PME's reciprocal, self and exclusion terms,
+        the 1-4 exceptions and the dispersion correction, kJ/mol."""
+        from timemachine.potentials import cutoffs
+
+        q = params[self.charge_index]
+        sig = params[self.sigma_index]
+        eps = params[self.epsilon_index]
+        box = None if self.box is None else jnp.asarray(self.box)
+        e = 0.0
         if self.alpha is not None:  # PME: reciprocal space, self energy, exclusions
             e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
             e = e + cutoffs.ewald_self_energy(q, self.alpha)
@@ -317,23 +395,44 @@ CutoffNonbonded = _pytree(
     CutoffNonbonded,
     ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
      "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box",
-     "exclusion_idx"],
+     "exclusion_idx", "neighbour_exclusions"],
     ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction",
-     "alpha", "grid", "cells", "cell_capacity"],
+     "alpha", "grid", "cells", "cell_capacity", "skin", "neighbour_capacity",
+     "neighbour_cells", "neighbour_cell_capacity"],
 )  # fmt: skip
 
 
 class OBC2:
-    """OBC2 generalized Born + ACE surface term; charge/radius/scale_index (N,) into θ."""
+    """OBC2 generalized Born + ACE surface term; charge/radius/scale_index (N,) into θ.
+
+    ``cutoff``: None (all pairs) or r_c in nm, OpenMM's ``CutoffNonPeriodic`` GB (pairs with
+    r < r_c only, the pair term shifted by -1/r_c; ``timemachine.potentials.gbsa``). With
+    a cutoff the term has no structured part and no CUDA kernel: ζ comes from autodiff of
+    the reference energy, and backend="cuda" refuses it.
+    """
 
     kind = "gb"
-    structured = "obc2"  # timemachine.structured.obc2: pair scalars and Born-radius chain
-    kernel = "gb"  # the CUDA tm_gb_* kernels
     charge_index: np.ndarray
     radius_index: np.ndarray
     scale_index: np.ndarray
     solute_dielectric: float = 1.0
     solvent_dielectric: float = 78.5
+    cutoff: float | None = None
+
+    def __post_init__(self):
+        cutoff = potentials.gbsa.check_cutoff(self.cutoff, "OBC2 cutoff")
+        object.__setattr__(self, "cutoff", cutoff)
+
+    @property
+    def structured(self):
+        """The structured part: ``"obc2"`` (timemachine.structured.obc2, pair scalars and
+        the Born-radius chain) without a cutoff; None with one (autodiff)."""
+        return "obc2" if self.cutoff is None else None
+
+    @property
+    def kernel(self):
+        """The CUDA table: ``"gb"`` (the tm_gb_* kernels) without a cutoff; None with one."""
+        return "gb" if self.cutoff is None else None
 
     def energy(self, x, params):
         return potentials.obc2_energy(
@@ -343,6 +442,7 @@ class OBC2:
             params[self.scale_index],
             self.solute_dielectric,
             self.solvent_dielectric,
+            self.cutoff,
         )
 
     def coordinate_groups(self, where):
@@ -352,7 +452,7 @@ class OBC2:
 OBC2 = _pytree(
     OBC2,
     ["charge_index", "radius_index", "scale_index"],
-    ["solute_dielectric", "solvent_dielectric"],
+    ["solute_dielectric", "solvent_dielectric", "cutoff"],
 )
 
 
@@ -403,8 +503,15 @@ def _physical_bounds(names):
     return lower, strict
 
 
-def _energy(terms, x, params):
-    return sum(t.energy(x, params) for t in terms)
+def _energy(terms, x, params, neighbours=None):
+    """Σ of the terms' energies; ``neighbours`` (``timemachine.neighbours``) a tuple with
+    one Verlet list per term (None for terms without), or None for the exact sums."""
+    if neighbours is None:
+        return sum(t.energy(x, params) for t in terms)
+    return sum(
+        t.energy(x, params) if nb is None else t.energy(x, params, nb)
+        for t, nb in zip(terms, neighbours, strict=True)
+    )
 
 
 _energy_jit = jax.jit(_energy)

@@ -1,5 +1,5 @@
-"""A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms, and the
-all-pairs Hessian contraction of ζ.
+"""A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms, the
+all-pairs Hessian contraction of ζ, and its Verlet-list contraction (``neighbour_zeta``).
 
 The structured ζ (``timemachine.sensitivity.zeta``) needs, for every bond, angle, proper
 and improper torsion and 1-4 exception, the block f''∇q∇qᵀ + f'∇²q of its coordinate q
@@ -45,6 +45,7 @@ from timemachine.backends.host import build_shared_library, host_compiler
 from timemachine.errors import SimulationError
 
 TARGET = "tm_gradient_zeta"
+NEIGHBOUR_TARGET = "tm_neighbour_zeta"
 FLAGS = ("-O3", "-march=native")
 _STATE: dict = {}
 
@@ -95,6 +96,7 @@ def _register() -> None:
     )
     lib = ctypes.CDLL(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmGradientZeta), "cpu")
+    jax.ffi.register_ffi_target(NEIGHBOUR_TARGET, jax.ffi.pycapsule(lib.TmNeighbourZeta), "cpu")
     _STATE["lib"] = lib  # keep the library loaded for the process
 
 
@@ -188,4 +190,17 @@ class BondedTables:
         )
 
 
-__all__ = ["BondedTables", "available"]
+def neighbour_zeta(x, box, idx, pair_a, pair_b, dx_dtheta):
+    """ζ's Verlet-list pair contraction in the custom call: (P, N, 3)
+    Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) over row i's partners j of ``idx`` (N, K) (padded
+    with N at the end, every pair in both rows), d = x_i - x_j (minimum image in ``box``
+    (3,) nm, or None), A, B (N, K) the pair scalars (``cutoffs``), t = dx_dtheta (P, N, 3).
+    Rows are independent and summed in the list's order: bitwise the same on any number
+    of threads. ``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference."""
+    box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
+    out = jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64)
+    call = jax.ffi.ffi_call(NEIGHBOUR_TARGET, out, vmap_method="sequential")
+    return call(x, box, idx.astype(jnp.int32), pair_a, pair_b, dx_dtheta)
+
+
+__all__ = ["BondedTables", "available", "neighbour_zeta"]

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine import neighbours
 from timemachine.checks import check_int, check_vectors
 from timemachine.errors import InputError
 from timemachine.fitting.executor import Executor, content_key, device_sharding, worker_copy
@@ -177,6 +178,9 @@ def _chain_program(system, n_blocks, save_every, dtype="float64"):
     cast = cast_system(system, dtype)
     gradient = gradient_fn(cast)
     energy = cast.energy_fn()
+    if neighbours.has_neighbours(cast):
+        return jax.jit(_chains_on_neighbour_lists(cast, gradient, energy, n_blocks,
+                                                  save_every, dtype))  # fmt: skip
 
     def one_chain(theta, coeffs, seed, replica, x, v, step):
         theta, coeffs, x, v = cast_floats((theta, coeffs, x, v), dtype)
@@ -191,6 +195,37 @@ def _chain_program(system, n_blocks, save_every, dtype="float64"):
         return jax.lax.scan(block, LangevinState(x, v, step), None, length=n_blocks)
 
     return jax.jit(jax.vmap(one_chain, in_axes=(None, None, None, 0, 0, 0, 0)))
+
+
+def _chains_on_neighbour_lists(system, gradient, energy, n_blocks, save_every, dtype):
+    """``_chain_program``'s C chains for a System with Verlet lists
+    (``timemachine.neighbours``): the steps vmapped over the chains inside one loop, so
+    that the lists' rebuilds are a branch taken when some chain needs one (vmapped, a
+    branch would run both sides at every step). The frames' energies are the exact sums."""
+
+    def chains(theta, coeffs, seed, replicas, x, v, step):
+        theta, coeffs, x, v = cast_floats((theta, coeffs, x, v), dtype)
+        period = neighbours.period(system, coeffs.dt)
+        lists = jax.vmap(lambda y: neighbours.build(system, y))(x)
+
+        def advance(s, replica, lists):
+            return langevin_step(lambda y: gradient(y, theta, lists), coeffs, s, seed, replica)
+
+        def one(carry, _):
+            s, lists = carry
+            lists = neighbours.step_lists(system, lists, s.x, s.step[0], period, True)
+            return (jax.vmap(advance)(s, replicas, lists), lists), None
+
+        def block(carry, _):
+            carry, _ = jax.lax.scan(one, carry, None, length=save_every)
+            s = carry[0]
+            return carry, (s.x, s.v, s.step, jax.vmap(lambda y: energy(y, theta))(s.x))
+
+        (final, _), frames = jax.lax.scan(block, (LangevinState(x, v, step), lists), None,
+                                          length=n_blocks)  # fmt: skip
+        return final, tuple(jnp.swapaxes(a, 0, 1) for a in frames)  # (C, F, ...) as vmapped
+
+    return chains
 
 
 def _run_chains(labels, x, v, step, theta, system, coeffs, seed, program):

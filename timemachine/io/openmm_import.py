@@ -533,6 +533,47 @@ def _gb_class(atom, nbrs, atoms):
     return sym
 
 
+def _obc2_cutoff(f):
+    """The cutoff (nm) of an obc2.xml CustomGBForce ``f``, or None (NoCutoff), checked
+    against its pair expression: obc2.xml with a cutoff shifts the pair term by -1/r_c
+    (``charge1*charge2*(1/f-<1/r_c>)``) and sets CutoffNonPeriodic; anything else raises."""
+    import re
+
+    import openmm as mm
+
+    pair = [
+        f.getEnergyTermParameters(k)[0]
+        for k in range(f.getNumEnergyTerms())
+        if f.getEnergyTermParameters(k)[1] == mm.CustomGBForce.ParticlePairNoExclusions
+    ]
+    shift = re.search(r"\(1/f-([^)]+)\)", pair[0]) if len(pair) == 1 else None
+    method = f.getNonbondedMethod()
+    if method == mm.CustomGBForce.NoCutoff:
+        if shift is not None:
+            raise ForceFieldError(
+                "the obc2 CustomGBForce has NoCutoff but a pair term shifted by "
+                f"{shift.group(1)} (built with a cutoff?): not OpenMM's implicit/obc2.xml"
+            )
+        return None
+    if method != mm.CustomGBForce.CutoffNonPeriodic:
+        raise ForceFieldError(
+            f"the obc2 CustomGBForce has nonbonded method {method} (CutoffPeriodic): the "
+            "engine computes generalized Born with NoCutoff or CutoffNonPeriodic only"
+        )
+    cutoff = float(f.getCutoffDistance()._value)
+    try:
+        value = float(shift.group(1)) if shift is not None else None
+    except ValueError:
+        value = None
+    if value is None or abs(value * cutoff - 1.0) > 1e-12:
+        raise ForceFieldError(
+            f"the obc2 CustomGBForce has a cutoff of {cutoff} nm but its pair term is not "
+            f"shifted by 1/cutoff (found {shift.group(1) if shift else 'no shift'}): not "
+            "OpenMM's implicit/obc2.xml"
+        )
+    return cutoff
+
+
 def _obc2_term(f, topology, charge_index, params):
     names = [f.getPerParticleParameterName(k) for k in range(f.getNumPerParticleParameters())]
     if names != ["charge", "or", "sr"] or "4.85*psi^3" not in f.getComputedValueParameters(1)[1]:
@@ -540,6 +581,7 @@ def _obc2_term(f, topology, charge_index, params):
             "only OpenMM's implicit/obc2.xml generalized Born model is supported; found a "
             f"CustomGBForce with per-particle parameters {names}"
         )
+    cutoff = _obc2_cutoff(f)
     atoms = list(topology.atoms())
     nbrs = _bond_graph(topology)
     ri, si = [], []
@@ -550,7 +592,34 @@ def _obc2_term(f, topology, charge_index, params):
         _check(params.values[charge_index[i]], q, where + " charge")
         ri.append(params.get(f"gb/{key}/radius", offset_r + 0.009, where))
         si.append(params.get(f"gb/{key}/scale", sr / offset_r, where))
-    return OBC2(np.array(charge_index), np.array(ri), np.array(si))
+    return OBC2(np.array(charge_index), np.array(ri), np.array(si), cutoff=cutoff)
+
+
+def _check_implicit_solvent_method(implicit_solvent, nonbonded_method, cutoff):
+    """InputError for a nonbonded method that generalized Born cannot take here: OpenMM's
+    obc2.xml refuses the Ewald methods (PME, Ewald, LJPME); it accepts CutoffPeriodic
+    (periodic GB), which the engine does not compute; a cutoff must be finite."""
+    if implicit_solvent is None:
+        return
+    if nonbonded_method in ("PME", "Ewald", "LJPME"):
+        raise InputError(
+            f"nonbonded_method={nonbonded_method!r} with implicit_solvent={implicit_solvent!r}: "
+            "OpenMM's implicit solvent does not take Ewald-type methods; use 'NoCutoff' or "
+            "'CutoffNonPeriodic'"
+        )
+    if nonbonded_method == "CutoffPeriodic":
+        raise InputError(
+            f"nonbonded_method='CutoffPeriodic' with implicit_solvent={implicit_solvent!r}: "
+            "the engine computes generalized Born with 'NoCutoff' or 'CutoffNonPeriodic' "
+            "only (periodic GB is not implemented)"
+        )
+    if (
+        isinstance(cutoff, (int, float))
+        and not isinstance(cutoff, bool)
+        and not np.isfinite(cutoff)
+        and cutoff > 0
+    ):
+        raise InputError(f"cutoff must be a finite number > 0 (nm), got {cutoff!r}")
 
 
 _IGNORED_FORCES = ("CMMotionRemover",)
@@ -639,7 +708,8 @@ def _has_atom_records(path) -> bool:
 
 
 def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None,
-                nonbonded_method="NoCutoff", cutoff=None, switch_distance=None):  # fmt: skip
+                nonbonded_method="NoCutoff", cutoff=None, switch_distance=None,
+                neighbour_skin=0.1):  # fmt: skip
     """Parametrise a structure with OpenMM force-field XML files.
 
     Args:
@@ -648,22 +718,32 @@ def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None,
       forcefield: OpenMM force-field XML files (bundled names such as
         "amber99sbildn.xml", "amber14-all.xml", or paths; "tip3p.xml" for water, which
         the engine keeps flexible).
-      implicit_solvent: None (vacuum) or "obc2" (OpenMM's implicit/obc2.xml).
+      implicit_solvent: None (vacuum) or "obc2" (OpenMM's implicit/obc2.xml); with
+        "CutoffNonPeriodic" its GB term takes the same cutoff (``OBC2.cutoff``: pairs
+        within it only, the pair term shifted by -1/cutoff, as OpenMM's), and the
+        reaction field has dielectric 1, as obc2.xml sets it.
       nonbonded_method: "NoCutoff" (default: all pairs), "CutoffNonPeriodic" or
         "CutoffPeriodic" (reaction field within ``cutoff``; periodic in the topology's
         rectangular box, with the dispersion correction; ``CutoffNonbonded``).
       cutoff: nm (default 1.0, as OpenMM's); switch_distance: OpenMM's LJ switch, nm.
+      neighbour_skin: nm, the Verlet list's skin with a cutoff method (the step programs
+        then sum the cutoff pairs over a list carried through the steps,
+        ``timemachine.neighbours``; energies outside them stay exact sums); capped at
+        half the box's smallest edge minus the cutoff, and 0 (or a box too small for
+        a skin of 0.02 nm) turns the list off.
     Returns:
       (system, positions): a :class:`timemachine.System` and (N, 3) float64 positions, nm.
 
     Raises:
       InputError: an unknown method, a cutoff <= 0, a switch distance outside [0,
         cutoff), CutoffPeriodic without a box, with a triclinic one or one smaller than
-        twice the cutoff. ForceFieldError: PME or Ewald (not computed by the engine).
+        twice the cutoff; implicit solvent with CutoffPeriodic or PME, or with a
+        non-finite cutoff. ForceFieldError: PME or Ewald (not computed by the engine).
     """
     import openmm.unit as unit
 
     topology, positions, source = _read_structure(pdb)
+    _check_implicit_solvent_method(implicit_solvent, nonbonded_method, cutoff)
     nonbonded = _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, source)
     ff, _ = _make_forcefield(forcefield, implicit_solvent)
     system, _ = _build(ff, topology, source, nonbonded)
@@ -671,7 +751,24 @@ def load_system(pdb, forcefield=("amber99sbildn.xml",), implicit_solvent=None,
     x = system.check_positions(x, where=f"positions of {source}").__array__()
     if nonbonded_method in ("CutoffPeriodic", "PME"):
         system = with_cell_list(system, x)
+    if nonbonded_method != "NoCutoff":
+        system = _with_default_neighbour_list(system, x, neighbour_skin)
     return system, x
+
+
+def _with_default_neighbour_list(system, x, skin):
+    """``neighbours.with_neighbour_list`` with the skin capped by the box (module
+    docstring of ``load_system``'s ``neighbour_skin``)."""
+    from timemachine import neighbours
+
+    if not (isinstance(skin, (int, float)) and np.isfinite(skin) and skin >= 0):
+        raise InputError(f"neighbour_skin must be >= 0 nm, got {skin!r}")
+    for t in system.terms:
+        if isinstance(t, CutoffNonbonded) and t.box is not None:
+            skin = min(skin, 0.5 * float(np.min(t.box)) - t.cutoff)
+    if skin < 0.02:
+        return system
+    return neighbours.with_neighbour_list(system, x, skin=skin)
 
 
 def openmm_system_for(topology, forcefield=("amber99sbildn.xml",), implicit_solvent=None):

@@ -22,6 +22,8 @@ The pair sum is evaluated over row blocks of ``block`` atoms against all N (a
 exact for any box, that a neighbour list must reproduce.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,3 +344,418 @@ def cell_capacity(x, box, cells, margin=1.5) -> int:
     c = np.minimum(np.floor((x - box * np.floor(x / box)) / box * cells).astype(int), cells - 1)
     flat = (c[:, 0] * cells[1] + c[:, 1]) * cells[2] + c[:, 2]
     return int(np.ceil(np.bincount(flat, minlength=int(np.prod(cells))).max() * margin)) + 8
+
+
+# --------------------------------------------------------------------------- Verlet list
+
+
+class Neighbours(NamedTuple):
+    """A Verlet list: every full-strength pair within ``cutoff + skin`` at ``reference``,
+    in both atoms' rows, so that it holds every pair within the cutoff as long as no atom
+    has moved more than skin/2 since (then no pair can have closed by more than the skin).
+
+    Attributes:
+      idx: (N, K) int32, row i the partners j of atom i, padded with N. Each pair is in
+        both rows, so a row's sum is the whole force on its atom (no scatter, which is
+        slow on XLA's CPU backend) and the energy is half the sum over rows.
+      reference: (N, 3) nm, the positions the list was built at.
+      overflow: bool scalar, True when some row had more than K partners (the list is
+        then incomplete, and an energy or gradient on it is NaN).
+    """
+
+    idx: jax.Array
+    reference: jax.Array
+    overflow: jax.Array
+
+
+def _candidates(x, box, cells, capacity):
+    """(cell of each atom (N,), table (C, capacity) atoms per cell padded with N, the 27
+    neighbour cells of each (C, 27), overflow): atoms binned into ``cells`` of a
+    periodic box."""
+    n = x.shape[0]
+    cells_np = np.asarray(cells)
+    n_cells = int(np.prod(cells_np))
+    wrapped = x - box * jnp.floor(x / box)
+    c = jnp.minimum(jnp.floor(wrapped / box * cells_np).astype(jnp.int32),
+                    jnp.asarray(cells_np - 1, jnp.int32))  # fmt: skip
+    flat = (c[:, 0] * cells_np[1] + c[:, 1]) * cells_np[2] + c[:, 2]
+    order = jnp.argsort(flat)
+    sorted_flat = flat[order]
+    ids = jnp.arange(n_cells)
+    start = jnp.searchsorted(sorted_flat, ids)
+    count = jnp.searchsorted(sorted_flat, ids, side="right") - start
+    slot = jnp.arange(n) - start[sorted_flat]
+    table = jnp.full((n_cells, capacity), n, jnp.int32)
+    table = table.at[sorted_flat, slot].set(order.astype(jnp.int32), mode="drop")
+    neighbours = jnp.asarray(_neighbour_cells(cells_np), jnp.int32)
+    return flat, table, neighbours, jnp.max(count) > capacity
+
+
+def exclusion_table(exclusions, n) -> np.ndarray:
+    """(N, M) int32: row i the atoms excluded from i ((X, 2) pairs, both ways), padded
+    with -1; M the most any atom has."""
+    exclusions = np.asarray(exclusions, dtype=np.int64).reshape(-1, 2)
+    both = np.concatenate([exclusions, exclusions[:, ::-1]])
+    counts = np.bincount(both[:, 0], minlength=n)
+    table = np.full((n, max(1, int(counts.max(initial=0)))), -1, np.int32)
+    order = np.argsort(both[:, 0], kind="stable")
+    rows = both[order, 0]
+    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    table[rows, slot] = both[order, 1]
+    return table
+
+
+def _compact(valid, j, capacity, n):
+    """(B, capacity) the j of each row's valid entries, in order, padded with n: the
+    position of the k-th valid entry found by bisection in the row's running count (a
+    gather, where a scatter would be slow on XLA's CPU backend)."""
+    count = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # (B, L) non-decreasing
+    ks = jnp.arange(1, capacity + 1, dtype=jnp.int32)
+    at = jax.vmap(lambda c: jnp.searchsorted(c, ks, side="left"))(count)  # (B, capacity)
+    inside = ks[None, :] <= count[:, -1:]
+    picked = jnp.take_along_axis(j, jnp.minimum(at, j.shape[1] - 1), axis=1)
+    return jnp.where(inside, picked, n).astype(jnp.int32), count[:, -1]
+
+
+def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_fn):
+    """``row_fn(valid (B, L), j (B, L))`` over row blocks of every atom's candidates (its
+    27 cells' atoms, or all N), ``valid`` the allowed pairs within ``radius``: the stacked
+    results and the cell table's overflow flag."""
+    n = x.shape[0]
+    x = jax.lax.stop_gradient(x)
+    allowed = jnp.asarray(allowed)
+    overflow = jnp.asarray(False)
+    if cells is not None:
+        flat, table, neighbour_cells, overflow = _candidates(x, box, cells, cell_capacity)
+    pad = -n % block
+    rows = jnp.arange(n + pad).reshape(-1, block)
+
+    def one_block(idx):
+        real = idx < n
+        i = jnp.minimum(idx, n - 1)
+        if cells is None:
+            j = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (idx.shape[0], n))
+        else:
+            j = table[neighbour_cells[flat[i]]].reshape(idx.shape[0], -1)
+        valid = (j < n) & (j != i[:, None]) & real[:, None]
+        j = jnp.where(valid, j, 0)
+        if cells is None:
+            valid = valid & allowed[i]
+        else:
+            valid = valid & ~jnp.any(j[:, :, None] == allowed[i][:, None, :], axis=-1)
+        r2 = 0.0
+        for k in range(3):
+            dk = x[i, k][:, None] - x[j, k]
+            if box is not None:
+                dk = dk - box[k] * jnp.round(dk / box[k])
+            r2 = r2 + dk * dk
+        return row_fn(valid & (r2 < radius * radius), j)
+
+    return jax.lax.map(one_block, rows), overflow
+
+
+def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacity=0,
+                     block=256) -> Neighbours:  # fmt: skip
+    """The Verlet list of x (N, 3) nm: every allowed pair within ``radius`` nm (cutoff +
+    skin; minimum image in a rectangular ``box`` (3,) nm, or no images with box None),
+    ``capacity`` partners per row.
+
+    The candidates are the atoms of the 27 cells around each atom's cell (``cells`` (3,)
+    per edge, of edge ≥ radius, ``cell_capacity`` atoms each: O(N)), with ``allowed`` the
+    ``exclusion_table`` (N, M) of the excluded pairs; or all N (cells None: O(N²), for
+    small or non-periodic boxes), with ``allowed`` the (N, N) bool mask of full-strength
+    pairs. Jittable; no derivatives (integers).
+    """
+    n = x.shape[0]
+    (idx, counts), overflow = _scan_candidates(
+        x, allowed, box, radius, cells, cell_capacity, block,
+        lambda valid, j: _compact(valid, j, capacity, n),
+    )  # fmt: skip
+    overflow = overflow | (jnp.max(counts) > capacity)
+    return Neighbours(idx.reshape(-1, capacity)[:n], jax.lax.stop_gradient(x), overflow)
+
+
+def neighbour_counts(x, allowed, box, radius, cells=None, cell_capacity=0) -> np.ndarray:
+    """(N,) partners per row of the Verlet list of x (numpy): what sizes ``capacity``;
+    ``allowed`` as ``build_neighbours``'. Raises InputError if a cell overflows."""
+    from timemachine.errors import InputError
+
+    n = x.shape[0]
+    box = None if box is None else jnp.asarray(box)
+    counts, overflow = jax.jit(
+        lambda y: _scan_candidates(
+            y,
+            allowed,
+            box,
+            radius,
+            cells,
+            cell_capacity,
+            256,
+            lambda valid, j: jnp.sum(valid, axis=1),
+        )  # fmt: skip
+    )(jnp.asarray(x))
+    if bool(overflow):
+        raise InputError(f"a cell holds more than {cell_capacity} atoms: raise cell_capacity")
+    return np.asarray(counts).reshape(-1)[:n]
+
+
+def max_displacement2(x, reference, box):
+    """max_i |x_i - reference_i|² (nm², minimum image when ``box`` is given): how far the
+    farthest atom has moved since a list was built."""
+    d = x - reference
+    if box is not None:
+        d = minimum_image(d, box)
+    return jnp.max(jnp.sum(d * d, axis=-1))
+
+
+def _row_pairs(x, charge, sigma, sqrt_eps, rows, j, box, cutoff, switch_distance, k_rf,
+               c_rf, alpha):  # fmt: skip
+    """Pair energies u (B, K) kJ/mol, du/dr (B, K) kJ/mol/nm and the displacement
+    components d_k = x_i,k - x_j,k (three (B, K) arrays, minimum image) of atoms
+    ``rows`` (B,) with their partners j (B, K) (n for none): LJ (switched) + reaction
+    field, or PME's erfc with ``alpha``, zero beyond the cutoff. Three (B, K) arrays for
+    the components, not one (B, K, 3): XLA on CPU vectorises 2-D elementwise work far
+    better."""
+    n = x.shape[0]
+    valid = j < n
+    j = jnp.where(valid, j, 0)
+    d, r2 = [], 0.0
+    for k in range(3):
+        dk = x[rows, k][:, None] - x[j, k]
+        if box is not None:
+            dk = dk - box[k] * jnp.round(dk / box[k])
+        d.append(dk)
+        r2 = r2 + dk * dk
+    inside = valid & (r2 < cutoff * cutoff)
+    r = jnp.sqrt(jnp.where(inside, r2, 1.0))
+    sig = 0.5 * (sigma[rows][:, None] + sigma[j])
+    eps4 = 4.0 * sqrt_eps[rows][:, None] * sqrt_eps[j]
+    qq = COULOMB * charge[rows][:, None] * charge[j]
+
+    def u(r):
+        inv_r = 1.0 / r
+        s2 = (sig * inv_r) ** 2
+        s6 = s2 * s2 * s2
+        lj = eps4 * (s6 * s6 - s6)
+        if switch_distance is not None:
+            lj = lj * lj_switch(r, switch_distance, cutoff)
+        if alpha is None:
+            coul = qq * (inv_r + k_rf * r * r - c_rf)
+        else:
+            coul = qq * jax.scipy.special.erfc(alpha * r) * inv_r
+        return lj + coul
+
+    # u and du/dr together by forward mode, elementwise (exact, no reverse pass)
+    energy, du = jax.jvp(u, (r,), (jnp.ones_like(r),))
+    zero = jnp.zeros_like(r)
+    return jnp.where(inside, energy, zero), jnp.where(inside, du / r, zero), d
+
+
+def _row_blocks(n, capacity, pairs_per_block):
+    block = int(max(1, min(n, pairs_per_block // max(capacity, 1))))
+    return block, -n % block
+
+
+def neighbour_pair_energy(x, charge, sigma, epsilon, neighbours: Neighbours, box, cutoff,
+                          dielectric, switch_distance=None, alpha=None,
+                          pairs_per_block=1 << 18):  # fmt: skip
+    """``cutoff_pair_energy`` summed over a Verlet list (``build_neighbours``), O(N K):
+    half the sum over its rows (each pair is in two). Exact when the list is fresh (no
+    atom moved more than skin/2 since it was built: the caller's check); NaN when the
+    list overflowed.
+
+    Returns: scalar energy, kJ/mol.
+    """
+    n, capacity = neighbours.idx.shape
+    k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
+    sqrt_eps = safe_sqrt(epsilon)
+    block, pad = _row_blocks(n, capacity, pairs_per_block)
+    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
+    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+
+    def one_block(args):
+        i, j = args
+        u, _, _ = _row_pairs(x, charge, sigma, sqrt_eps, i, j, box, cutoff, switch_distance,
+                             k_rf, c_rf, alpha)  # fmt: skip
+        return jnp.sum(u)
+
+    table = table.reshape(-1, block, capacity)
+    energy = 0.5 * jnp.sum(jax.lax.map(jax.checkpoint(one_block), (rows, table)))
+    return energy * jnp.where(neighbours.overflow, jnp.nan, 1.0)
+
+
+def neighbour_pair_gradient(x, charge, sigma, epsilon, neighbours: Neighbours, box, cutoff,
+                            dielectric, switch_distance=None, alpha=None,
+                            pairs_per_block=1 << 18):  # fmt: skip
+    """∇_x of ``neighbour_pair_energy``, (N, 3) kJ/mol/nm, written out: row i sums
+    (du/dr)/r · d_ij over its partners, so no scatter runs (reverse-mode autodiff of the
+    energy would scatter the j side). Differentiable in x and the per-atom parameters by
+    forward mode (the Hessian-vector products and mixed partials of ζ), all gathers.
+    """
+    n, capacity = neighbours.idx.shape
+    k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
+    sqrt_eps = safe_sqrt(epsilon)
+    block, pad = _row_blocks(n, capacity, pairs_per_block)
+    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
+    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+
+    def one_block(args):
+        i, j = args
+        _, du_r, d = _row_pairs(x, charge, sigma, sqrt_eps, i, j, box, cutoff,
+                                switch_distance, k_rf, c_rf, alpha)  # fmt: skip
+        return jnp.stack([jnp.sum(du_r * dk, axis=1) for dk in d], axis=1)
+
+    table = table.reshape(-1, block, capacity)
+    grad = jax.lax.map(one_block, (rows, table)).reshape(-1, 3)[:n]
+    return grad * jnp.where(neighbours.overflow, jnp.nan, 1.0)
+
+
+def _pair_scalars(r, sig, cutoff, switch_distance, k_rf, alpha):
+    """Closed-form radial derivatives of one pair, elementwise over r (nm) and the mixed
+    σ = (σ_i + σ_j)/2: (B_lj, dB_lj/dr, B_c, dB_c/dr, dB_lj/dσ) with B = u'(r)/r, for
+    u_lj = ((σ/r)¹² - (σ/r)⁶) S(r) (per unit 4√ε_i√ε_j; OpenMM's switch S) and u_c =
+    1/r + k_rf r² - c_rf or erfc(α r)/r (per unit k_e q_i q_j). Written out (not nested
+    forward derivatives), as the ζ step evaluates them on every listed pair; the tests
+    check them against ``jax.jvp`` of the energy."""
+    inv_r = 1.0 / r
+    inv_r2 = inv_r * inv_r
+    s2 = sig * sig * inv_r2
+    s6 = s2 * s2 * s2
+    s12 = s6 * s6
+    lj = s12 - s6  # L(r)
+    d_lj = (-12.0 * s12 + 6.0 * s6) * inv_r  # L'
+    dd_lj = (156.0 * s12 - 42.0 * s6) * inv_r2  # L''
+    inv_sig = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0), 0.0)  # σ = 0: no LJ
+    lj_s = (12.0 * s12 - 6.0 * s6) * inv_sig  # ∂L/∂σ
+    d_lj_s = (-144.0 * s12 + 36.0 * s6) * inv_r * inv_sig  # ∂L'/∂σ
+    if switch_distance is not None:
+        w = cutoff - switch_distance
+        t = jnp.clip((r - switch_distance) / w, 0.0, 1.0)
+        sw = 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t))
+        d_sw = t * t * (-30.0 + t * (60.0 - 30.0 * t)) / w
+        dd_sw = t * (-60.0 + t * (180.0 - 120.0 * t)) / (w * w)
+        lj, d_lj, dd_lj = (
+            lj * sw,
+            d_lj * sw + lj * d_sw,
+            dd_lj * sw + 2.0 * d_lj * d_sw + lj * dd_sw,
+        )
+        d_lj_s = d_lj_s * sw + lj_s * d_sw
+    if alpha is None:
+        d_c = -inv_r2 + 2.0 * k_rf * r
+        dd_c = 2.0 * inv_r2 * inv_r + 2.0 * k_rf
+    else:
+        erfc = jax.scipy.special.erfc(alpha * r)
+        gauss = 2.0 * alpha / np.sqrt(np.pi) * jnp.exp(-alpha * alpha * r * r)
+        d_c = -erfc * inv_r2 - gauss * inv_r
+        dd_c = 2.0 * erfc * inv_r2 * inv_r + gauss * (2.0 * inv_r2 + 2.0 * alpha * alpha)
+    # B = u'/r and dB/dr = (u'' - u'/r)/r
+    return (d_lj * inv_r, (dd_lj - d_lj * inv_r) * inv_r, d_c * inv_r,
+            (dd_c - d_c * inv_r) * inv_r, d_lj_s * inv_r)  # fmt: skip
+
+
+def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neighbours, box,
+                                     cutoff, dielectric, switch_distance, alpha, tangents,
+                                     onehots, host=False,
+                                     elements_per_block=1 << 22):  # fmt: skip
+    """∇_x E (N, 3) and ζ (P, N, 3) of the Verlet-list pair sum, from per-pair scalars
+    contracted with all P tangents at once (the all-pairs path's structure, sparse).
+
+    With u the pair energy, B = u'(r)/r and A = (dB/dr)/r, row i sums over its partners j:
+
+        ∇_i E = Σ_j B_ij d_ij,
+        (H t)_i = Σ_j A_ij (d_ij · (t_i - t_j)) d_ij + B_ij (t_i - t_j),
+        ∂(∇_i E)/∂θ_p = Σ_j (∂B_ij/∂θ_p) d_ij,
+
+    d_ij = x_i - x_j (minimum image); ζ_p = (H dx_p)_i + ∂(∇E)/∂θ_p. B is linear in
+    k_e q_i q_j and in 4 √ε_i √ε_j, so its parameter derivatives are the pair's Coulomb and
+    LJ parts; the σ part is one forward derivative.
+
+    Args:
+      tangents: (P, N, 3) dx/dθ.
+      onehots: {"charge", "sigma", "epsilon"} -> (cols, (N, len(cols)) float): the
+        positions p in wrt of the parameters of that kind and 1 where atom i's parameter
+        of that kind is θ_wrt[p] (None for a kind no wrt parameter is of).
+      host: the (H t) contraction in the CPU custom call (``xla_cpu.neighbour_zeta``)
+        instead of XLA's gathers; the same sums (this function is its reference).
+      elements_per_block: P · rows · K per block, the memory of one (P, B, K) array.
+
+    Returns: (grad (N, 3) kJ/mol/nm, ζ (P, N, 3) kJ/mol/nm/[θ]), NaN on an overflowed list.
+    """
+    n, capacity = neighbours.idx.shape
+    p = tangents.shape[0]
+    k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
+    sqrt_eps = safe_sqrt(epsilon)
+    # d√ε/dε, 0 where ε = 0 (as safe_sqrt's derivative)
+    dse = jnp.where(epsilon > 0, 0.5 / jnp.where(epsilon > 0, sqrt_eps, 1.0), 0.0)
+    width = 1 if host else max(p, 1)
+    block, pad = _row_blocks(n, capacity * width, elements_per_block)
+    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
+    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+    table = table.reshape(-1, block, capacity)
+    t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
+    kinds = {k: (np.asarray(v[0]), jnp.asarray(v[1], x.dtype))
+             for k, v in onehots.items() if v is not None}  # fmt: skip
+
+    def one_block(args):
+        i, j = args
+        valid = j < n
+        j = jnp.where(valid, j, 0)
+        d, r2 = [], 0.0
+        for k in range(3):
+            dk = x[i, k][:, None] - x[j, k]
+            if box is not None:
+                dk = dk - box[k] * jnp.round(dk / box[k])
+            d.append(dk)
+            r2 = r2 + dk * dk
+        inside = valid & (r2 < cutoff * cutoff)
+        r = jnp.sqrt(jnp.where(inside, r2, 1.0))
+        sig = 0.5 * (sigma[i][:, None] + sigma[j])
+        eps4 = 4.0 * sqrt_eps[i][:, None] * sqrt_eps[j]
+        qq = COULOMB * charge[i][:, None] * charge[j]
+
+        b_lj, db_lj, b_c, db_c, db_lj_ds = _pair_scalars(r, sig, cutoff, switch_distance,
+                                                         k_rf, alpha)  # fmt: skip
+        zero = jnp.zeros_like(r)
+        b = jnp.where(inside, eps4 * b_lj + qq * b_c, zero)
+        a = jnp.where(inside, (eps4 * db_lj + qq * db_c) / r, zero)
+        # computed once, in memory: XLA's CPU fusion would otherwise recompute the scalars
+        # (erfc and all) inside every consumer below
+        a, b, b_lj, b_c, db_lj_ds = jax.lax.optimization_barrier((a, b, b_lj, b_c, db_lj_ds))
+        grad = jnp.stack([jnp.sum(b * dk, axis=1) for dk in d], axis=1)  # (B, 3)
+        ti = [tk[:, i] for tk in t_k]  # (P, B)
+        if host:
+            zeta = [jnp.zeros_like(ti[k]) for k in range(3)]
+        else:  # Hessian-vector products with every tangent: gathers only, no scatter
+            tj = [tk[:, j] for tk in t_k]  # (P, B, K)
+            s = sum(d[k][None] * (ti[k][:, :, None] - tj[k]) for k in range(3))  # (P, B, K)
+            b_sum = jnp.sum(b, axis=1)  # (B,)
+            zeta = [jnp.sum(a[None] * s * d[k][None] - b[None] * tj[k], axis=2) + ti[k] * b_sum
+                    for k in range(3)]  # fmt: skip
+        # mixed partials: ∂B/∂(atom i's and atom j's parameter of each kind)
+        deriv = {
+            "charge": (b_c * COULOMB * charge[j], b_c * COULOMB * charge[i][:, None]),
+            "sigma": (0.5 * eps4 * db_lj_ds, 0.5 * eps4 * db_lj_ds),
+            "epsilon": (b_lj * 4.0 * sqrt_eps[j] * dse[i][:, None],
+                        b_lj * 4.0 * sqrt_eps[i][:, None] * dse[j]),
+        }  # fmt: skip
+        for kind, (cols, onehot) in kinds.items():
+            d_i, d_j = (jnp.where(inside, v, zero) for v in deriv[kind])
+            own = onehot[i].T  # (P_kind, B)
+            other = jnp.moveaxis(onehot[j], -1, 0)  # (P_kind, B, K)
+            for k in range(3):
+                part = own * jnp.sum(d_i * d[k], axis=1)[None]
+                part = part + jnp.sum(other * (d_j * d[k])[None], axis=2)
+                zeta[k] = zeta[k].at[cols].add(part)
+        out = (grad, jnp.stack(zeta, axis=-1))  # (B, 3), (P, B, 3)
+        return out + ((a, b) if host else ())
+
+    blocks = jax.lax.map(one_block, (rows, table))
+    bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
+    grad = blocks[0].reshape(-1, 3)[:n] * bad
+    zeta = jnp.moveaxis(blocks[1], 1, 0).reshape(p, -1, 3)[:, :n]
+    if host:
+        from timemachine.backends import xla_cpu
+
+        a, b = (v.reshape(-1, capacity)[:n] for v in blocks[2:])
+        zeta = zeta + xla_cpu.neighbour_zeta(x, box, neighbours.idx, a, b, tangents)
+    return grad, zeta * bad

@@ -12,11 +12,27 @@ and scaled offset radius sr = scale * or. We implement exactly those expressions
           + Σ_i 28.3919551 (radius_i + 0.14)² (radius_i/B_i)^6           (ACE surface area)
           - k_GB (1/ε_in - 1/ε_out) Σ_{i<j} q_i q_j / f_ij                (pairs)
     f_ij = sqrt(r² + B_i B_j exp(-r²/(4 B_i B_j)))
+
+With a cutoff r_c (OpenMM's ``CutoffNonPeriodic``: obc2.xml passes ``nonbondedCutoff`` to
+GBSAOBC2Force, which shifts the pair expression, and the CustomGBForce skips every pair with
+r ≥ r_c both in its ParticlePair computed value I and in its ParticlePairNoExclusions
+energy; the native GBSAOBCForce, ReferenceObc.cpp, does the same, skipping r > r_c), only
+pairs with r < r_c enter I_i and the pair sum, and the pair term is shifted by -1/r_c:
+
+    E_pair = -k_GB (1/ε_in - 1/ε_out) Σ_{i<j, r<r_c} q_i q_j (1/f_ij - 1/r_c)
+
+The self and ACE terms are unchanged. As in OpenMM, neither the energy nor its gradient is
+continuous at r_c: a pair's share of I_i (so the Born radii) stops abruptly there, and the
+shifted pair term 1/f_ij - 1/r_c is only nearly zero at r = r_c (f_ij > r; f_ij → r for
+r ≫ √(B_i B_j)).
 """
+
+import math
 
 import jax.numpy as jnp
 
 from timemachine.constants import COULOMB_GB
+from timemachine.errors import InputError
 from timemachine.potentials.nonbonded import pair_distances
 
 DIELECTRIC_OFFSET = 0.009  # nm
@@ -62,14 +78,32 @@ def gb_prefactor(solute_dielectric, solvent_dielectric):
     return -COULOMB_GB * (1.0 / solute_dielectric - 1.0 / solvent_dielectric)
 
 
-def obc2_born_radii(x, radius, scale):
+def check_cutoff(cutoff, where="cutoff"):
+    """``cutoff`` as a float: None (all pairs) or a finite number > 0, nm; InputError
+    naming ``where`` and the value otherwise."""
+    if cutoff is None:
+        return None
+    if (
+        isinstance(cutoff, bool)
+        or not isinstance(cutoff, (int, float))
+        or not math.isfinite(cutoff)
+        or not cutoff > 0
+    ):
+        raise InputError(f"{where} must be None or a finite number > 0 (nm), got {cutoff!r}")
+    return float(cutoff)
+
+
+def obc2_born_radii(x, radius, scale, cutoff=None):
     """Effective Born radii B (N,), nm.
 
     Args:
       x: (N, 3) positions, nm.
       radius: (N,) intrinsic (mbondi2) radii, nm.
       scale: (N,) OBC screening factors, dimensionless.
+      cutoff: None (all pairs) or r_c, nm (a Python number): only pairs with r < r_c
+        enter the Born integral I_i, as OpenMM's CutoffNonPeriodic.
     """
+    cutoff = check_cutoff(cutoff)
     n = x.shape[0]
     r = pair_distances(x)  # ones on the diagonal
     offset_r = radius - DIELECTRIC_OFFSET
@@ -78,11 +112,15 @@ def obc2_born_radii(x, radius, scale):
     sr_j = sr[None, :]
     term = born_integral(r, or_i, sr_j)
     use = (r + sr_j - or_i >= 0.0) & ~jnp.eye(n, dtype=bool)
+    if cutoff is not None:
+        use = use & (r < cutoff)
     psi = jnp.sum(jnp.where(use, term, 0.0), axis=1) * offset_r
     return born_radius(psi, offset_r, radius)
 
 
-def obc2_energy(x, charge, radius, scale, solute_dielectric=1.0, solvent_dielectric=78.5):
+def obc2_energy(
+    x, charge, radius, scale, solute_dielectric=1.0, solvent_dielectric=78.5, cutoff=None
+):
     """OBC2 solvation energy (polar GB + ACE non-polar), kJ/mol.
 
     Args:
@@ -90,14 +128,23 @@ def obc2_energy(x, charge, radius, scale, solute_dielectric=1.0, solvent_dielect
       charge: (N,) partial charges, e (the same as the NonbondedForce's).
       radius: (N,) intrinsic radii, nm.
       scale: (N,) screening factors.
+      solute_dielectric, solvent_dielectric: ε_in, ε_out.
+      cutoff: None (all pairs, the default) or r_c, nm (a Python number): OpenMM's
+        CutoffNonPeriodic GB, pairs with r < r_c only, in the Born radii and in the pair
+        sum, whose term is shifted to pre q_i q_j (1/f_ij - 1/r_c).
+    Cost O(N²) time and memory (N × N pair arrays), with or without the cutoff.
     """
+    cutoff = check_cutoff(cutoff)
     n = x.shape[0]
-    born = obc2_born_radii(x, radius, scale)
+    born = obc2_born_radii(x, radius, scale, cutoff)
     pre = gb_prefactor(solute_dielectric, solvent_dielectric)
     e_self = jnp.sum(gb_self(born, charge, radius, pre))
     r = pair_distances(x)
     qq = charge[:, None] * charge[None, :]
     off_diag = ~jnp.eye(n, dtype=bool)
     h = gb_pair(r, born[:, None], born[None, :], pre)
+    if cutoff is not None:
+        h = h - pre / cutoff
+        off_diag = off_diag & (r < cutoff)
     e_pair = 0.5 * jnp.sum(jnp.where(off_diag, qq * h, 0.0))
     return e_self + e_pair

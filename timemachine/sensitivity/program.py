@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timemachine import neighbours
 from timemachine.precision import cast_floats, cast_system
 from timemachine.sensitivity import zeta as zeta_module
 from timemachine.sensitivity.propagation import exact_init, exact_step, window_init, window_step
@@ -70,49 +71,61 @@ def make_chunk(system, wrt_key, zeta_method, method, bonded="auto", dtype="float
         system, np.asarray(wrt_key, dtype=np.int64), method=zeta_method, bonded=bonded
     )
 
+    uses_lists = neighbours.has_neighbours(system)
+
     def chunk(capacity, state, n_blocks, save_every, theta, coeffs, wcoeffs, seed, replica):
         state, theta, coeffs, wcoeffs = cast_floats((state, theta, coeffs, wcoeffs), dtype)
+        # Verlet lists (timemachine.neighbours), carried through the loops; () without
+        period = neighbours.period(system, coeffs.dt)
+        lists0 = neighbours.build(system, state.x) if uses_lists else ()
 
-        # ∇E and ζ from one fused call: the structured path gets ∇E from the same pair
-        # scalars as ζ, which saves about one gradient per step over separate calls
-        def gz(y, dx):
-            return gz_fn(y, theta, dx)
+        def step(s, lists):
+            if uses_lists:
+                lists = neighbours.step_lists(system, lists, s.x, s.step, period)
 
-        def step(s):
+            # ∇E and ζ from one fused call: the structured path gets ∇E from the same pair
+            # scalars as ζ, which saves about one gradient per step over separate calls
+            def gz(y, dx):
+                return gz_fn(y, theta, dx, lists) if uses_lists else gz_fn(y, theta, dx)
+
             if method == "exact":
-                return exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
-            return window_step(
-                None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
-            )
+                s = exact_step(None, None, coeffs, s, seed, replica, gradient_and_zeta_fn=gz)
+            else:
+                s = window_step(
+                    None, None, coeffs, wcoeffs, s, seed, replica, gradient_and_zeta_fn=gz
+                )
+            return s, lists
 
         def one(i, carry):
-            s, v_first = carry
-            s = step(s)
+            s, lists, v_first = carry
+            s, lists = step(s, lists)
             # v after the block's first step is v_{t+1} of the previous block's frame
-            return s, jnp.where(i == 0, s.v, v_first)
+            return s, lists, jnp.where(i == 0, s.v, v_first)
 
         def block(j, carry):
-            s, frames = carry
-            s, v_first = jax.lax.fori_loop(0, save_every, one, (s, jnp.zeros_like(s.v)))
+            s, lists, frames = carry
+            s, lists, v_first = jax.lax.fori_loop(
+                0, save_every, one, (s, lists, jnp.zeros_like(s.v))
+            )
             saved = (s.x, s.v, s.dx_dtheta, s.step, v_first, energy_fn(s.x, theta))
             frames = tuple(
                 jax.lax.dynamic_update_index_in_dim(buf, value, j, axis=0)
                 for buf, value in zip(frames, saved, strict=True)
             )
-            return s, frames
+            return s, lists, frames
 
         empty = tuple(
             jnp.zeros((capacity,) + jnp.shape(a), jnp.result_type(a))
             for a in (state.x, state.v, state.dx_dtheta, state.step, state.v, state.x[0, 0])
         )
-        final, frames = jax.lax.fori_loop(0, n_blocks, block, (state, empty))
+        final, lists, frames = jax.lax.fori_loop(0, n_blocks, block, (state, lists0, empty))
 
         # v_{t+1} of the last frame (the next step's, same noise), for its kinetic energy.
         # It is the whole next step, in a loop of (traced) trip count 1, and all of its
         # state is returned (nothing of it can be pruned), so that XLA compiles it as the
         # step inside the next chunk's loop and its v has the same bits.
         once = jnp.minimum(save_every, 1)
-        look = jax.lax.fori_loop(0, once, lambda i, s: step(s), final)
+        look, _ = jax.lax.fori_loop(0, once, lambda i, c: step(*c), (final, lists))
         return final, frames, look
 
     return chunk

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timemachine.structured.autodiff import autodiff_part
+from timemachine.structured.autodiff import autodiff_part, gradient_part
 from timemachine.structured.coordinates import CoordinateTerms, merge_groups
 from timemachine.structured.fusion import in_memory
 from timemachine.structured.registry import pair_part
@@ -52,8 +51,9 @@ class StructuredTerms:
         self.pairs = [pair_part(t, wrt) for t in system.terms if t.structured is not None]
         groups = [] if host_bonded else system.coordinate_groups()
         self.coords = [CoordinateTerms(*g, wrt) for g in merge_groups(groups)]
+        # (term index, part): the index picks the term's Verlet list, where it has one
         self.autodiff = [
-            jax.grad(t.energy, argnums=0) if gradient_only else autodiff_part(t, wrt)
+            (t_no, gradient_part(t) if gradient_only else autodiff_part(t, wrt))
             for t_no, t in enumerate(system.terms)
             if t.structured is None and not t.coordinate_groups(f"system.terms[{t_no}]")
         ]

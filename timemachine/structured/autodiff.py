@@ -7,18 +7,80 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def gradient_part(term):
+    """``fn(x, params, neighbours=None) -> ∇_x E`` of any term: ``jax.grad`` of its
+    energy, or on a Verlet list (``timemachine.neighbours``) the term's own written-out
+    ``gradient`` (no scatter)."""
+    grad_x = jax.grad(term.energy, argnums=0)
+
+    def part(x, params, neighbours=None):
+        if neighbours is None:
+            return grad_x(x, params)
+        return term.gradient(x, params, neighbours)
+
+    return part
+
+
 def autodiff_part(term, wrt):
     """(∇E, ζ) of any term by ``jax.linearize`` of its gradient, vmapped over the P tangents.
 
     linearize evaluates the primal (and the residuals the tangent map needs) once; only
-    the linear map runs P times.
+    the linear map runs P times. With ``neighbours`` the gradient linearized is the
+    term's own on that Verlet list (forward mode through gathers only).
     """
-    grad_x = jax.grad(term.energy, argnums=0)
+    grad_x = gradient_part(term)
 
-    def part(x, params, dx):
+    def part(x, params, dx, neighbours=None):
         onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
         onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
-        grad, lin = jax.linearize(grad_x, x, params)
+        grad, lin = jax.linearize(lambda y, p: grad_x(y, p, neighbours), x, params)
         return grad, jax.vmap(lin)(dx, onehot)
 
     return part
+
+
+def sparse_gradient(system):
+    """``fn(x, params, neighbours=None) -> ∇_x E (N, 3)`` for a System whose cutoff pairs
+    run on Verlet lists (``timemachine.neighbours``): every term by its own gradient
+    (``gradient_part``), so nothing is O(N²): the closed-form path's dense (N, N) pair
+    scalars and GEMM serve all-pairs Systems and would dominate a periodic box's step."""
+    parts = [gradient_part(t) for t in system.terms]
+
+    def gradient(x, params, neighbours=None):
+        lists = (None,) * len(parts) if neighbours is None else neighbours
+        return sum(part(x, params, nb) for part, nb in zip(parts, lists, strict=True))
+
+    return gradient
+
+
+def sparse_gradient_and_zeta(system, wrt, host=False):
+    """``fn(x, params, dx (P, N, 3), neighbours=None) -> (∇_x E, ζ (P, N, 3))`` for a
+    System with Verlet lists: a term's own ``gradient_and_zeta`` on its list where it has
+    one (the cutoff pairs' per-pair scalars contracted with all P tangents at once), and
+    one ``jax.linearize`` of the other terms' gradients, its linear map vmapped over the P
+    tangents (dx_p and the one-hot θ direction of ``wrt[p]``). Exact; nothing O(N²).
+    ``host``: the pair contraction in the CPU custom call (``xla_cpu.neighbour_zeta``)."""
+    parts = [gradient_part(t) for t in system.terms]
+    wrt = np.asarray(wrt, dtype=np.int64)
+    terms = system.terms
+
+    def fn(x, params, dx, neighbours=None):
+        lists = (None,) * len(terms) if neighbours is None else neighbours
+        own = [nb is not None and hasattr(t, "gradient_and_zeta")
+               for t, nb in zip(terms, lists, strict=True)]  # fmt: skip
+
+        def rest(y, p):
+            return sum(part(y, p, nb) for part, nb, o in zip(parts, lists, own, strict=True)
+                       if not o)  # fmt: skip
+
+        onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
+        onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
+        grad, lin = jax.linearize(rest, x, params)
+        zeta = jax.vmap(lin)(dx, onehot)
+        for t, nb, o in zip(terms, lists, own, strict=True):
+            if o:
+                g, z = t.gradient_and_zeta(x, params, dx, wrt, nb, host=host)
+                grad, zeta = grad + g, zeta + z
+        return grad, zeta
+
+    return fn

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from timemachine.structured.assembly import StructuredTerms
+from timemachine.structured.autodiff import sparse_gradient
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_gradient(system):
-    """A jittable ``gradient(x (N,3), params (P_all,)) -> ∇_x E (N, 3)``, kJ/mol/nm.
+    """A jittable ``gradient(x (N,3), params (P_all,), neighbours=None) -> ∇_x E (N, 3)``,
+    kJ/mol/nm (``neighbours``: the Verlet lists of ``timemachine.neighbours.build``).
 
     The all-pairs terms (LJ + Coulomb, OBC2) as Σ_j B_ij d_ij from closed-form pair
     scalars, the bonded terms from analytic internal-coordinate derivatives, ``jax.grad``
@@ -25,13 +27,15 @@ def make_gradient(system):
     CPU custom call's variant is ``timemachine.sensitivity.zeta.make_gradient(bonded=
     "host")``.
     """
+    if any(getattr(t, "uses_neighbours", False) for t in system.terms):
+        return sparse_gradient(system)
     terms = StructuredTerms(system, np.zeros(0, np.int64), gradient_only=True)
 
-    def gradient(x, params):  # jit drops the Hessian scalars A that only ζ uses
+    def gradient(x, params, neighbours=None):  # jit drops the Hessian scalars A (ζ's)
         s = terms.evaluate(x, params, jnp.zeros((0,) + x.shape, x.dtype))
         grad = terms.gradient(x, s)
-        for part in terms.autodiff:
-            grad = grad + part(x, params)
+        for t_no, part in terms.autodiff:
+            grad = grad + part(x, params, None if neighbours is None else neighbours[t_no])
         return grad
 
     return gradient

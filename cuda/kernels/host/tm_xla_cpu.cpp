@@ -379,6 +379,106 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   return ffi::Error::Success();
 }
 
+// The Verlet-list pair contraction of ζ (timemachine/potentials/cutoffs.py): row i of
+// the list idx (N, K) holds atom i's partners j (padded with N at the end), every pair in
+// both rows, with the pair scalars A_ij, B_ij (N, K) that XLA computes; then
+//     ζ_i = Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j),   d = x_i - x_j (minimum image in box),
+// a sum over row i alone: rows are independent (no scatter), and a row's sum runs in the
+// list's order, so the result is bitwise the same for any split among threads.
+void neighbour_rows(const double* x, const double* box, const int32_t* idx, const double* pa,
+                    const double* pb, int64_t n, int64_t k, int64_t i0, int64_t i1,
+                    const double* t, double* z) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
+    const double* ti = t + 3 * i * LANES;
+    const lanes t0 = load_lanes(ti), t1 = load_lanes(ti + LANES), t2 = load_lanes(ti + 2 * LANES);
+    lanes acc0 = {}, acc1 = {}, acc2 = {};
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t j = idx[i * k + s];
+      if (j >= n) break;  // padding: the row's partners come first
+      double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
+      if (box) {
+        d0 -= box[0] * std::nearbyint(d0 / box[0]);
+        d1 -= box[1] * std::nearbyint(d1 / box[1]);
+        d2 -= box[2] * std::nearbyint(d2 / box[2]);
+      }
+      const double aij = pa[i * k + s], bij = pb[i * k + s];
+      const double* tj = t + 3 * j * LANES;
+      const lanes e0 = t0 - load_lanes(tj), e1 = t1 - load_lanes(tj + LANES),
+                  e2 = t2 - load_lanes(tj + 2 * LANES);
+      const lanes as = aij * (d0 * e0 + d1 * e1 + d2 * e2);
+      acc0 += as * d0 + bij * e0;
+      acc1 += as * d1 + bij * e1;
+      acc2 += as * d2 + bij * e2;
+    }
+    double* zi = z + 3 * i * LANES;
+    store_lanes(zi, acc0);
+    store_lanes(zi + LANES, acc1);
+    store_lanes(zi + 2 * LANES, acc2);
+  }
+}
+
+thread_local Scratch t_ndxt, t_nzt;
+
+ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                             ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
+                             ffi::Buffer<ffi::F64> pair_a, ffi::Buffer<ffi::F64> pair_b,
+                             ffi::Buffer<ffi::F64> dx, ffi::ResultBuffer<ffi::F64> zeta) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_zeta: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const auto id = idx.dimensions();
+  if (id.size() != 2 || id[0] != n)
+    return ffi::Error::InvalidArgument("tm_neighbour_zeta: idx must have shape (N, K)");
+  const int64_t k = id[1];
+  if (pair_a.element_count() != (size_t)(n * k) || pair_b.element_count() != (size_t)(n * k))
+    return ffi::Error::InvalidArgument("tm_neighbour_zeta: pair_a, pair_b must be (N, K)");
+  if (box.element_count() != 0 && box.element_count() != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_zeta: box must be (3,) or empty");
+  const auto dd = dx.dimensions();
+  if (dd.size() != 3 || dd[1] != n || dd[2] != 3)
+    return ffi::Error::InvalidArgument(
+        "tm_neighbour_zeta: dx must have shape (P, " + std::to_string(n) + ", 3)");
+  const int64_t p = dd[0];
+  if (p == 0) return ffi::Error::Success();
+  const int64_t chunks = (p + LANES - 1) / LANES;
+  const int64_t rows = 3 * n, block = rows * LANES;
+  double* dxt = t_ndxt.get(chunks * block);
+  double* zt = t_nzt.get(chunks * block);
+  const double* src = dx.typed_data();
+  double* z = zeta->typed_data();
+  const double* bx = box.element_count() ? box.typed_data() : nullptr;
+  // units: (chunk, row range) pairs, so that one chunk of tangents still splits
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 8));
+  const int units = (int)(chunks * parts);
+  for (int64_t c = 0; c < chunks; ++c) {  // tangents in, as (chunk, 3N, LANES)
+    double* t = dxt + c * block;
+    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+    if (width < LANES) std::memset(t, 0, sizeof(double) * block);
+    for (int64_t l = 0; l < width; ++l) {
+      const double* s = src + (c * LANES + l) * rows;
+      for (int64_t r = 0; r < rows; ++r) t[r * LANES + l] = s[r];
+    }
+  }
+  std::function<void(int)> work = [&](int u) {
+    const int64_t c = u / parts, part = u % parts;
+    neighbour_rows(x.typed_data(), bx, idx.typed_data(), pair_a.typed_data(),
+                   pair_b.typed_data(), n, k, n * part / parts, n * (part + 1) / parts,
+                   dxt + c * block, zt + c * block);
+  };
+  parallel_units(pool, units, work);
+  for (int64_t c = 0; c < chunks; ++c) {  // ζ out, (P, N, 3)
+    const double* zc = zt + c * block;
+    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+    for (int64_t l = 0; l < width; ++l) {
+      double* d = z + (c * LANES + l) * rows;
+      for (int64_t r = 0; r < rows; ++r) d[r] = zc[r * LANES + l];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
@@ -396,5 +496,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
                                   .Arg<ffi::Buffer<ffi::F64>>()  // pair_a
                                   .Arg<ffi::Buffer<ffi::F64>>()  // pair_b
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // zeta
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourZeta, NeighbourZetaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // box
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_a
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_b
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
 );

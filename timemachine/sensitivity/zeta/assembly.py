@@ -9,6 +9,8 @@ matrix, applied in column tiles (``dense``); on the CPU custom call
 instead. Mixed partials are scattered from the few terms that use each chosen parameter.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from timemachine.sensitivity.zeta.dense import column_tiles, dense_pair_product
 from timemachine.sensitivity.zeta.reference import zeta_reference
 from timemachine.structured import StructuredTerms
 from timemachine.structured import make_gradient as _plain_gradient
+from timemachine.structured.autodiff import sparse_gradient, sparse_gradient_and_zeta
 from timemachine.structured.fusion import unit_rows
 
 
@@ -87,7 +90,8 @@ def make_zeta(system, wrt, method="structured", bonded="auto"):
 
 
 def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
-    """A jittable ``fn(x, params, dx_dtheta) -> (∇_x E (N,3), ζ (P,N,3))``.
+    """A jittable ``fn(x, params, dx_dtheta, neighbours=None) -> (∇_x E (N,3), ζ (P,N,3))``
+    (``neighbours``: the Verlet lists of ``timemachine.neighbours.build``, or None).
 
     A sensitivity step needs both at the same x; the structured path gets the gradient
     almost free from the same pair scalars (Σ_j B_ij d_ij), bonded derivatives and
@@ -99,8 +103,9 @@ def make_gradient_and_zeta(system, wrt, method="structured", bonded="auto"):
         energy_fn = system.energy_fn()
         grad = jax.grad(energy_fn, argnums=0)
 
-        def fn(x, params, dx_dtheta):
-            return grad(x, params), zeta_reference(energy_fn, x, params, dx_dtheta, wrt)
+        def fn(x, params, dx_dtheta, neighbours=None):
+            energy = functools.partial(energy_fn, neighbours=neighbours)
+            return grad(x, params, neighbours), zeta_reference(energy, x, params, dx_dtheta, wrt)
 
         return fn
     if method != "structured":
@@ -133,6 +138,11 @@ def _use_host_bonded(bonded, gradient_only):
 
 
 def _structured(system, wrt, gradient_only=False, bonded="auto"):
+    if any(getattr(t, "uses_neighbours", False) for t in system.terms):
+        # Verlet lists: every term by its own gradient, nothing O(N²) (structured.autodiff)
+        if gradient_only:
+            return sparse_gradient(system)
+        return sparse_gradient_and_zeta(system, wrt, host=_use_host_bonded(bonded, False))
     n = system.n_atoms
     # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs
     host = (
@@ -148,15 +158,18 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
     unit = unit_rows(n)
     tiles = column_tiles(n, terms.block_flat)
 
-    def gradient_and_zeta(x, params, dx_dtheta):
+    def gradient_and_zeta(x, params, dx_dtheta, neighbours=None):
+        def lists(t_no):
+            return None if neighbours is None else neighbours[t_no]
+
         s = terms.evaluate(x, params, jnp.zeros_like(dx_dtheta))
         # gradient: Σ_j B_ij d_ij over every pair form, plus f' ∇q of the bonded blocks
         grad = terms.gradient(x, s)
         if gradient_only:
             if host is not None:
                 grad = grad + host(x, params, dx_dtheta)[0]
-            for part in terms.autodiff:
-                grad = grad + part(x, params)
+            for t_no, part in terms.autodiff:
+                grad = grad + part(x, params, lists(t_no))
             return grad
         p = dx_dtheta.shape[0]
         tangents = jnp.transpose(dx_dtheta, (0, 2, 1)).reshape(p, 3 * n)
@@ -175,15 +188,15 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
                 hess_t = hess_t + apply(ext)
             out = jnp.transpose(hess_t, (0, 2, 1)) + s.mixed
         out = terms.add_mixed(out, s)
-        for part in terms.autodiff:
-            g_term, z_term = part(x, params, dx_dtheta)
+        for t_no, part in terms.autodiff:
+            g_term, z_term = part(x, params, dx_dtheta, lists(t_no))
             grad, out = grad + g_term, out + z_term
         return grad, out
 
     if gradient_only:
 
-        def gradient(x, params):  # jit drops the Hessian scalars A that only ζ uses
-            return gradient_and_zeta(x, params, jnp.zeros((0,) + x.shape, x.dtype))
+        def gradient(x, params, neighbours=None):  # jit drops the Hessian scalars A (ζ's)
+            return gradient_and_zeta(x, params, jnp.zeros((0,) + x.shape, x.dtype), neighbours)
 
         return gradient
     return gradient_and_zeta

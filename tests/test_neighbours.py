@@ -1,0 +1,212 @@
+"""Verlet lists carried through the step programs (``timemachine.neighbours``, issue 20):
+the list's energy, forces and ζ against the exact cutoff sums and jax.jvp of them;
+chains and sensitivity trajectories on lists against the same runs on exact sums; the
+rebuild rule (stale, scheduled, overflow); chunking at multiples of the period bit for
+bit; the settings it refuses. dx/dθ on lists against central finite differences is
+``tests/test_periodic.py``'s (its boxes load with lists by default)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine import neighbours
+from timemachine.errors import InputError
+from timemachine.potentials import cutoffs
+
+FILES = ("amber99sbildn.xml", "tip3p.xml")
+
+
+def _water(edge):
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField(*FILES), model="tip3p",
+                        boxSize=mm.Vec3(edge, edge, edge) * unit.nanometer)  # fmt: skip
+    x = np.asarray(modeller.positions.value_in_unit(unit.nanometer)).reshape(-1, 3)
+    return modeller.topology, x
+
+
+@pytest.fixture(scope="module")
+def water():
+    """A 2.2 nm box of flexible TIP3P (1,038 atoms), PME 0.9 nm: (exact System, listed
+    System, x)."""
+    top, x = _water(2.2)
+    exact, x = tm.load_system((top, x), forcefield=FILES, nonbonded_method="PME", cutoff=0.9,
+                              neighbour_skin=0)  # fmt: skip
+    x = np.asarray(tm.minimize_system(exact, x, tolerance=100.0, max_iterations=50, warn=False))
+    return exact, neighbours.with_neighbour_list(exact, x, skin=0.1), x
+
+
+@pytest.fixture(scope="module")
+def peptide_box():
+    """Trialanine in 227 flexible TIP3P waters with reaction field (714 atoms)."""
+    top, x = tm.build_peptide("AAA")
+    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, constraints=None, rigid_water=False,
+                     nonbonded_method="CutoffPeriodic")  # fmt: skip
+    system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
+                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
+                               switch_distance=0.8, neighbour_skin=0.08)  # fmt: skip
+    return system, x
+
+
+def _term(system):
+    (k,) = [k for k, t in enumerate(system.terms) if getattr(t, "uses_neighbours", False)]
+    return k, system.terms[k]
+
+
+def test_list_energy_and_forces_equal_the_exact_sum(water):
+    exact, listed, x = water
+    lists = neighbours.build(listed, jnp.asarray(x))
+    theta = jnp.asarray(exact.params)
+    e_exact = float(exact.energy(x))
+    e_list = float(listed.energy_fn()(jnp.asarray(x), theta, lists))
+    assert abs(e_list - e_exact) <= 1e-12 * abs(e_exact)
+    k, term = _term(listed)
+    g_ref = np.asarray(jax.grad(exact.terms[k].energy)(jnp.asarray(x), theta))
+    g = np.asarray(term.gradient(jnp.asarray(x), theta, lists[k]))
+    assert np.abs(g - g_ref).max() <= 1e-11 * np.sqrt(np.mean(g_ref**2))
+    # the list holds more than the cutoff's pairs (the skin), each in both rows
+    n = listed.n_atoms
+    row = np.asarray(lists[k].idx)
+    assert (row < n).sum() % 2 == 0 and not bool(lists[k].overflow)
+
+
+def test_list_stays_exact_within_half_the_skin_and_goes_stale_beyond(water):
+    exact, listed, x = water
+    lists = neighbours.build(listed, jnp.asarray(x))
+    rng = np.random.default_rng(1)
+    moved = x + rng.uniform(-1, 1, x.shape) * 0.045 / np.sqrt(3)  # |δ| < 0.045 < skin/2
+    assert not bool(neighbours.stale(listed, lists, jnp.asarray(moved)))
+    theta = jnp.asarray(exact.params)
+    e = float(listed.energy_fn()(jnp.asarray(moved), theta, lists))
+    assert abs(e - float(exact.energy(moved))) <= 1e-12 * abs(e)
+    far = x.copy()
+    far[5] += np.array([0.06, 0.0, 0.0])  # one atom beyond skin/2
+    assert bool(neighbours.stale(listed, lists, jnp.asarray(far)))
+    # the step rule rebuilds a stale list, and on the scheduled steps
+    k, _ = _term(listed)
+    rebuilt = neighbours.step_lists(listed, lists, jnp.asarray(far), 3, 25)
+    np.testing.assert_array_equal(np.asarray(rebuilt[k].reference), far)
+    kept = neighbours.step_lists(listed, lists, jnp.asarray(moved), 3, 25)
+    np.testing.assert_array_equal(np.asarray(kept[k].reference), x)
+    scheduled = neighbours.step_lists(listed, lists, jnp.asarray(moved), 50, 25)
+    np.testing.assert_array_equal(np.asarray(scheduled[k].reference), moved)
+
+
+def test_overflowed_list_makes_the_energy_nan(water):
+    import dataclasses
+
+    _, listed, x = water
+    k, term = _term(listed)
+    small = list(listed.terms)
+    small[k] = dataclasses.replace(term, neighbour_capacity=50)
+    tight = tm.System(listed.masses, small, listed.param_names, listed.params, listed.topology)
+    lists = neighbours.build(tight, jnp.asarray(x))
+    assert bool(lists[k].overflow)
+    assert np.isnan(float(tight.energy_fn()(jnp.asarray(x), jnp.asarray(tight.params), lists)))
+
+
+def test_structured_pair_zeta_matches_jvp_of_the_reference(peptide_box):
+    """ζ on the list (per-pair scalars contracted with every tangent at once, the long-range
+    rest by linearize) against jax.jvp of ∇ of the exact energy: charges, σ, ε (H's ε is
+    0) and a torsion barrier, with random tangents."""
+    system, x = peptide_box
+    k, term = _term(system)
+    wrt = system.select(["charge/*", "sigma/*", "epsilon/*", "torsion/*"])[::7]
+    names = {system.param_names[i].split("/")[0] for i in wrt}
+    assert {"charge", "sigma", "epsilon", "torsion"} <= names
+    lists = neighbours.build(system, jnp.asarray(x))
+    theta = jnp.asarray(system.params)
+    dx = jnp.asarray(np.random.default_rng(2).normal(size=(wrt.size,) + x.shape) * 0.1)
+    g, z = term.gradient_and_zeta(jnp.asarray(x), theta, dx, wrt, lists[k])
+    grad = jax.grad(lambda y, p: term.energy(y, p), argnums=0)
+    onehot = np.zeros((wrt.size, system.n_params))
+    onehot[np.arange(wrt.size), wrt] = 1.0
+    z_ref = jax.vmap(lambda t, o: jax.jvp(grad, (jnp.asarray(x), theta), (t, o))[1])(
+        dx, jnp.asarray(onehot)
+    )
+    g_ref = grad(jnp.asarray(x), theta)
+    assert np.abs(np.asarray(g - g_ref)).max() <= 1e-12 * np.abs(np.asarray(g_ref)).max()
+    err = np.abs(np.asarray(z - z_ref)).max() / np.abs(np.asarray(z_ref)).max()
+    assert err <= 1e-10, err
+
+
+def test_chains_and_sensitivities_on_lists_match_the_exact_sums(water):
+    from timemachine.fitting.sampling import EquilibriumChains
+
+    exact, listed, x = water
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.0005, seed=3)
+    runs = {}
+    for name, system in (("exact", exact), ("listed", listed)):
+        chains = EquilibriumChains(system, x, integ, n_chains=2, save_every=40)
+        runs[name] = chains.sample(np.asarray(system.params), 120).x
+    assert np.abs(runs["exact"] - runs["listed"]).max() < 1e-10  # 120 steps, ~50 rebuilds
+    wrt = exact.select(["charge/*", "epsilon/OW/*"])
+    traj = {}
+    for name, system in (("exact", exact), ("listed", listed)):
+        traj[name] = tm.simulate(system, x, integ, 40, wrt=wrt, save_every=20, progress=False)
+    d_ref = np.asarray(traj["exact"].dx_dtheta)
+    d = np.asarray(traj["listed"].dx_dtheta)
+    assert np.abs(d - d_ref).max() <= 1e-10 * np.abs(d_ref).max()
+
+
+def test_chunks_at_multiples_of_the_period_reproduce_the_bits(water):
+    _, listed, x = water
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.0005, seed=4)
+    assert int(neighbours.period(listed, integ.dt)) == 25
+    wrt = listed.select(["charge/*"])
+    whole = tm.simulate(listed, x, integ, 50, wrt=wrt, save_every=25, progress=False)
+    first = tm.simulate(listed, x, integ, 25, wrt=wrt, save_every=25, progress=False)
+    second = tm.simulate(listed, first.final_state, integ, 25, wrt=wrt, save_every=25,
+                         progress=False)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(whole.x)[-1], np.asarray(second.x)[-1])
+    np.testing.assert_array_equal(np.asarray(whole.dx_dtheta)[-1], np.asarray(second.dx_dtheta)[-1])
+
+
+def test_bad_settings_are_refused(water):
+    exact, _, x = water
+    with pytest.raises(InputError, match="skin must be >= 0"):
+        neighbours.with_neighbour_list(exact, x, skin=-0.1)
+    with pytest.raises(InputError, match="twice cutoff \\+ skin"):
+        neighbours.with_neighbour_list(exact, x, skin=0.3)
+    top, xw = _water(2.2)
+    with pytest.raises(InputError, match="neighbour_skin must be >= 0"):
+        tm.load_system((top, xw), forcefield=FILES, nonbonded_method="PME", cutoff=0.9,
+                       neighbour_skin=-1.0)  # fmt: skip
+
+
+def test_exclusion_table_lists_each_excluded_partner():
+    pairs = np.array([[0, 1], [0, 2], [1, 2], [3, 4]])
+    table = cutoffs.exclusion_table(pairs, 6)
+    assert table.shape == (6, 2)
+    assert sorted(table[0]) == [1, 2] and sorted(table[2]) == [0, 1]
+    assert list(table[5]) == [-1, -1] and sorted(table[4]) == [-1, 3]
+
+
+def test_host_contraction_matches_the_jax_reference(peptide_box):
+    """The CPU custom call's Verlet-list contraction (``xla_cpu.neighbour_zeta``) against
+    the JAX gathers it replaces, for 11 tangents (one partial SIMD chunk)."""
+    from timemachine.backends import xla_cpu
+
+    ok, why = xla_cpu.available()
+    if not ok:
+        pytest.skip(why)
+    system, x = peptide_box
+    k, term = _term(system)
+    wrt = system.select(["charge/*", "sigma/*", "epsilon/*"])[:11]
+    lists = neighbours.build(system, jnp.asarray(x))
+    theta = jnp.asarray(system.params)
+    dx = jnp.asarray(np.random.default_rng(6).normal(size=(wrt.size,) + x.shape))
+    out = {}
+    for host in (True, False):
+        fn = jax.jit(lambda y, d, nb, h=host: term.gradient_and_zeta(y, theta, d, wrt, nb, h))
+        out[host] = fn(jnp.asarray(x), dx, lists[k])
+    np.testing.assert_array_equal(np.asarray(out[True][0]), np.asarray(out[False][0]))
+    z_host, z_jax = (np.asarray(out[h][1]) for h in (True, False))
+    assert np.abs(z_host - z_jax).max() <= 1e-13 * np.abs(z_jax).max()

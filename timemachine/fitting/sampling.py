@@ -201,7 +201,7 @@ def _chains_on_neighbour_lists(system, gradient, energy, n_blocks, save_every, d
     """``_chain_program``'s C chains for a System with Verlet lists
     (``timemachine.neighbours``): the steps vmapped over the chains inside one loop, so
     that the lists' rebuilds are a branch taken when some chain needs one (vmapped, a
-    branch would run both sides at every step). The frames' energies are the exact sums."""
+    branch would run both sides at every step)."""
 
     def chains(theta, coeffs, seed, replicas, x, v, step):
         theta, coeffs, x, v = cast_floats((theta, coeffs, x, v), dtype)
@@ -217,9 +217,12 @@ def _chains_on_neighbour_lists(system, gradient, energy, n_blocks, save_every, d
             return (jax.vmap(advance)(s, replicas, lists), lists), None
 
         def block(carry, _):
-            carry, _ = jax.lax.scan(one, carry, None, length=save_every)
-            s = carry[0]
-            return carry, (s.x, s.v, s.step, jax.vmap(lambda y: energy(y, theta))(s.x))
+            (s, lists), _ = jax.lax.scan(one, carry, None, length=save_every)
+            # the frame's energy on lists fresh at its x (the next step would build the
+            # same ones: the rule is a function of (lists, x, step))
+            lists = neighbours.step_lists(system, lists, s.x, s.step[0], period, True)
+            e = jax.vmap(lambda y, nb: energy(y, theta, nb))(s.x, lists)
+            return (s, lists), (s.x, s.v, s.step, e)
 
         (final, _), frames = jax.lax.scan(block, (LangevinState(x, v, step), lists), None,
                                           length=n_blocks)  # fmt: skip

@@ -107,7 +107,12 @@ def make_chunk(system, wrt_key, zeta_method, method, bonded="auto", dtype="float
             s, lists, v_first = jax.lax.fori_loop(
                 0, save_every, one, (s, lists, jnp.zeros_like(s.v))
             )
-            saved = (s.x, s.v, s.dx_dtheta, s.step, v_first, energy_fn(s.x, theta))
+            if uses_lists:  # lists fresh at the frame (the next step would build the same)
+                lists = neighbours.step_lists(system, lists, s.x, s.step, period)
+                energy = energy_fn(s.x, theta, lists)
+            else:
+                energy = energy_fn(s.x, theta)
+            saved = (s.x, s.v, s.dx_dtheta, s.step, v_first, energy)
             frames = tuple(
                 jax.lax.dynamic_update_index_in_dim(buf, value, j, axis=0)
                 for buf, value in zip(frames, saved, strict=True)

@@ -190,17 +190,25 @@ class BondedTables:
         )
 
 
-def neighbour_zeta(x, box, idx, pair_a, pair_b, dx_dtheta):
+def neighbour_zeta(x, box, idx, pair_a, pair_b, dx_dtheta, mixed=None):
     """ζ's Verlet-list pair contraction in the custom call: (P, N, 3)
     Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) over row i's partners j of ``idx`` (N, K) (padded
     with N at the end, every pair in both rows), d = x_i - x_j (minimum image in ``box``
     (3,) nm, or None), A, B (N, K) the pair scalars (``cutoffs``), t = dx_dtheta (P, N, 3).
     Rows are independent and summed in the list's order: bitwise the same on any number
-    of threads. ``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference."""
+    of threads. ``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference.
+
+    ``mixed``: optional (mix_i, mix_j (M, N, K), mix_p (M, N) int32), M ≤ 3 parameter
+    kinds: ∂B_ij/∂(atom i's, atom j's parameter of kind m) and each atom's tangent of
+    that kind (-1: none); the call then adds Σ_j (mix_i [p = mix_p_i] + mix_j [p =
+    mix_p_j]) d_ij, the pairs' mixed partials, to ζ."""
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
+    if mixed is None:
+        mixed = (jnp.zeros((0,), jnp.float64), jnp.zeros((0,), jnp.float64),
+                 jnp.zeros((0,), jnp.int32))  # fmt: skip
     out = jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64)
     call = jax.ffi.ffi_call(NEIGHBOUR_TARGET, out, vmap_method="sequential")
-    return call(x, box, idx.astype(jnp.int32), pair_a, pair_b, dx_dtheta)
+    return call(x, box, idx.astype(jnp.int32), pair_a, pair_b, dx_dtheta, *mixed)
 
 
 __all__ = ["BondedTables", "available", "neighbour_zeta"]

@@ -508,14 +508,11 @@ def max_displacement2(x, reference, box):
     return jnp.max(jnp.sum(d * d, axis=-1))
 
 
-def _row_pairs(x, charge, sigma, sqrt_eps, rows, j, box, cutoff, switch_distance, k_rf,
-               c_rf, alpha):  # fmt: skip
-    """Pair energies u (B, K) kJ/mol, du/dr (B, K) kJ/mol/nm and the displacement
-    components d_k = x_i,k - x_j,k (three (B, K) arrays, minimum image) of atoms
-    ``rows`` (B,) with their partners j (B, K) (n for none): LJ (switched) + reaction
-    field, or PME's erfc with ``alpha``, zero beyond the cutoff. Three (B, K) arrays for
-    the components, not one (B, K, 3): XLA on CPU vectorises 2-D elementwise work far
-    better."""
+def _row_geometry(x, charge, sigma, sqrt_eps, rows, j, box, cutoff):
+    """What a row block of a Verlet list needs of its pairs: the displacement components
+    d_k = x_i,k - x_j,k (three (B, K) arrays, minimum image), ``inside`` (listed and
+    within the cutoff), r (1 outside), the mixed σ, 4√ε_i√ε_j and k_e q_i q_j, for atoms
+    ``rows`` (B,) and partners j (B, K) (n for none)."""
     n = x.shape[0]
     valid = j < n
     j = jnp.where(valid, j, 0)
@@ -531,6 +528,19 @@ def _row_pairs(x, charge, sigma, sqrt_eps, rows, j, box, cutoff, switch_distance
     sig = 0.5 * (sigma[rows][:, None] + sigma[j])
     eps4 = 4.0 * sqrt_eps[rows][:, None] * sqrt_eps[j]
     qq = COULOMB * charge[rows][:, None] * charge[j]
+    return d, inside, r, sig, eps4, qq
+
+
+def _row_pairs(x, charge, sigma, sqrt_eps, rows, j, box, cutoff, switch_distance, k_rf,
+               c_rf, alpha):  # fmt: skip
+    """Pair energies u (B, K) kJ/mol, du/dr (B, K) kJ/mol/nm and the displacement
+    components d_k = x_i,k - x_j,k (three (B, K) arrays, minimum image) of atoms
+    ``rows`` (B,) with their partners j (B, K) (n for none): LJ (switched) + reaction
+    field, or PME's erfc with ``alpha``, zero beyond the cutoff. Three (B, K) arrays for
+    the components, not one (B, K, 3): XLA on CPU vectorises 2-D elementwise work far
+    better."""
+    d, inside, r, sig, eps4, qq = _row_geometry(x, charge, sigma, sqrt_eps, rows, j, box,
+                                                cutoff)  # fmt: skip
 
     def u(r):
         inv_r = 1.0 / r
@@ -695,24 +705,19 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
     kinds = {k: (np.asarray(v[0]), jnp.asarray(v[1], x.dtype))
              for k, v in onehots.items() if v is not None}  # fmt: skip
+    # the custom call takes the mixed partials too where every atom's parameter of a kind
+    # is one tangent (no repeated wrt entries): mix_p (M, N), the tangent or -1
+    host_mixed = host and all(
+        np.asarray(v[1]).sum(1).max(initial=0) <= 1 for v in onehots.values() if v is not None
+    )
+    mix_p = [np.where(np.asarray(v[1]).any(1), np.asarray(v[0])[np.asarray(v[1]).argmax(1)], -1)
+             for v in onehots.values() if v is not None]  # fmt: skip
 
     def one_block(args):
         i, j = args
-        valid = j < n
-        j = jnp.where(valid, j, 0)
-        d, r2 = [], 0.0
-        for k in range(3):
-            dk = x[i, k][:, None] - x[j, k]
-            if box is not None:
-                dk = dk - box[k] * jnp.round(dk / box[k])
-            d.append(dk)
-            r2 = r2 + dk * dk
-        inside = valid & (r2 < cutoff * cutoff)
-        r = jnp.sqrt(jnp.where(inside, r2, 1.0))
-        sig = 0.5 * (sigma[i][:, None] + sigma[j])
-        eps4 = 4.0 * sqrt_eps[i][:, None] * sqrt_eps[j]
-        qq = COULOMB * charge[i][:, None] * charge[j]
-
+        d, inside, r, sig, eps4, qq = _row_geometry(x, charge, sigma, sqrt_eps, i, j, box,
+                                                    cutoff)  # fmt: skip
+        j = jnp.where(j < n, j, 0)
         b_lj, db_lj, b_c, db_c, db_lj_ds = _pair_scalars(r, sig, cutoff, switch_distance,
                                                          k_rf, alpha)  # fmt: skip
         zero = jnp.zeros_like(r)
@@ -738,8 +743,12 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
             "epsilon": (b_lj * 4.0 * sqrt_eps[j] * dse[i][:, None],
                         b_lj * 4.0 * sqrt_eps[i][:, None] * dse[j]),
         }  # fmt: skip
+        mixed = []
         for kind, (cols, onehot) in kinds.items():
             d_i, d_j = (jnp.where(inside, v, zero) for v in deriv[kind])
+            if host_mixed:
+                mixed += [d_i, d_j]
+                continue
             own = onehot[i].T  # (P_kind, B)
             other = jnp.moveaxis(onehot[j], -1, 0)  # (P_kind, B, K)
             for k in range(3):
@@ -747,7 +756,7 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
                 part = part + jnp.sum(other * (d_j * d[k])[None], axis=2)
                 zeta[k] = zeta[k].at[cols].add(part)
         out = (grad, jnp.stack(zeta, axis=-1))  # (B, 3), (P, B, 3)
-        return out + ((a, b) if host else ())
+        return out + ((a, b, *mixed) if host else ())
 
     blocks = jax.lax.map(one_block, (rows, table))
     bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
@@ -756,6 +765,11 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     if host:
         from timemachine.backends import xla_cpu
 
-        a, b = (v.reshape(-1, capacity)[:n] for v in blocks[2:])
-        zeta = zeta + xla_cpu.neighbour_zeta(x, box, neighbours.idx, a, b, tangents)
+        a, b, *mixed = (v.reshape(-1, capacity)[:n] for v in blocks[2:])
+        if host_mixed and mixed:
+            mix_i, mix_j = jnp.stack(mixed[0::2]), jnp.stack(mixed[1::2])
+            mix = (mix_i, mix_j, jnp.asarray(np.stack(mix_p), jnp.int32))
+        else:
+            mix = None
+        zeta = zeta + xla_cpu.neighbour_zeta(x, box, neighbours.idx, a, b, tangents, mix)
     return grad, zeta * bad

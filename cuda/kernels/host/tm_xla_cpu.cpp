@@ -385,14 +385,23 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 //     ζ_i = Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j),   d = x_i - x_j (minimum image in box),
 // a sum over row i alone: rows are independent (no scatter), and a row's sum runs in the
 // list's order, so the result is bitwise the same for any split among threads.
+// Mixed partials in the same pass: for each of the M parameter kinds m (charge, σ, ε),
+// mix_i[m], mix_j[m] (N, K) are ∂B_ij/∂(atom i's, atom j's parameter of kind m) and
+// mix_p[m] (N,) the tangent of atom a's parameter of kind m (-1: not chosen); then
+//     ζ_p,i += Σ_j (mix_i[m]_ij [p = mix_p[m]_i] + mix_j[m]_ij [p = mix_p[m]_j]) d_ij,
+// added for the tangents of this chunk (p in [p0, p0 + LANES)) only.
 void neighbour_rows(const double* x, const double* box, const int32_t* idx, const double* pa,
                     const double* pb, int64_t n, int64_t k, int64_t i0, int64_t i1,
-                    const double* t, double* z) {
+                    const double* t, double* z, int m_kinds, const double* mix_i,
+                    const double* mix_j, const int32_t* mix_p, int64_t p0) {
   for (int64_t i = i0; i < i1; ++i) {
     const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
     const double* ti = t + 3 * i * LANES;
     const lanes t0 = load_lanes(ti), t1 = load_lanes(ti + LANES), t2 = load_lanes(ti + 2 * LANES);
     lanes acc0 = {}, acc1 = {}, acc2 = {};
+    int64_t pi_[3];
+    double own[3][3] = {};
+    for (int m = 0; m < m_kinds; ++m) pi_[m] = (int64_t)mix_p[m * n + i] - p0;
     for (int64_t s = 0; s < k; ++s) {
       const int64_t j = idx[i * k + s];
       if (j >= n) break;  // padding: the row's partners come first
@@ -410,7 +419,28 @@ void neighbour_rows(const double* x, const double* box, const int32_t* idx, cons
       acc0 += as * d0 + bij * e0;
       acc1 += as * d1 + bij * e1;
       acc2 += as * d2 + bij * e2;
+      for (int m = 0; m < m_kinds; ++m) {
+        const int64_t pj = (int64_t)mix_p[m * n + j] - p0;
+        if (pj >= 0 && pj < LANES) {
+          const double w = mix_j[(m * n + i) * k + s];
+          acc0[pj] += w * d0;
+          acc1[pj] += w * d1;
+          acc2[pj] += w * d2;
+        }
+        if (pi_[m] >= 0 && pi_[m] < LANES) {
+          const double w = mix_i[(m * n + i) * k + s];
+          own[m][0] += w * d0;
+          own[m][1] += w * d1;
+          own[m][2] += w * d2;
+        }
+      }
     }
+    for (int m = 0; m < m_kinds; ++m)
+      if (pi_[m] >= 0 && pi_[m] < LANES) {
+        acc0[pi_[m]] += own[m][0];
+        acc1[pi_[m]] += own[m][1];
+        acc2[pi_[m]] += own[m][2];
+      }
     double* zi = z + 3 * i * LANES;
     store_lanes(zi, acc0);
     store_lanes(zi + LANES, acc1);
@@ -423,7 +453,9 @@ thread_local Scratch t_ndxt, t_nzt;
 ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                              ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
                              ffi::Buffer<ffi::F64> pair_a, ffi::Buffer<ffi::F64> pair_b,
-                             ffi::Buffer<ffi::F64> dx, ffi::ResultBuffer<ffi::F64> zeta) {
+                             ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::F64> mix_i,
+                             ffi::Buffer<ffi::F64> mix_j, ffi::Buffer<ffi::S32> mix_p,
+                             ffi::ResultBuffer<ffi::F64> zeta) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != 3)
     return ffi::Error::InvalidArgument("tm_neighbour_zeta: x must have shape (N, 3)");
@@ -441,6 +473,12 @@ ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     return ffi::Error::InvalidArgument(
         "tm_neighbour_zeta: dx must have shape (P, " + std::to_string(n) + ", 3)");
   const int64_t p = dd[0];
+  const int m_kinds = (int)(mix_p.element_count() / std::max<int64_t>(n, 1));
+  if (m_kinds > 3 || mix_p.element_count() != (size_t)(m_kinds * n) ||
+      mix_i.element_count() != (size_t)(m_kinds * n * k) ||
+      mix_j.element_count() != (size_t)(m_kinds * n * k))
+    return ffi::Error::InvalidArgument(
+        "tm_neighbour_zeta: mix_i, mix_j must be (M, N, K) and mix_p (M, N), M <= 3");
   if (p == 0) return ffi::Error::Success();
   const int64_t chunks = (p + LANES - 1) / LANES;
   const int64_t rows = 3 * n, block = rows * LANES;
@@ -465,7 +503,8 @@ ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     const int64_t c = u / parts, part = u % parts;
     neighbour_rows(x.typed_data(), bx, idx.typed_data(), pair_a.typed_data(),
                    pair_b.typed_data(), n, k, n * part / parts, n * (part + 1) / parts,
-                   dxt + c * block, zt + c * block);
+                   dxt + c * block, zt + c * block, m_kinds, mix_i.typed_data(),
+                   mix_j.typed_data(), mix_p.typed_data(), c * LANES);
   };
   parallel_units(pool, units, work);
   for (int64_t c = 0; c < chunks; ++c) {  // ζ out, (P, N, 3)
@@ -508,5 +547,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourZeta, NeighbourZetaImpl,
                                   .Arg<ffi::Buffer<ffi::F64>>()  // pair_a
                                   .Arg<ffi::Buffer<ffi::F64>>()  // pair_b
                                   .Arg<ffi::Buffer<ffi::F64>>()  // dx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // mix_i
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // mix_j
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // mix_p
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
 );

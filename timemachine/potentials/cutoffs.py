@@ -561,9 +561,16 @@ def _row_pairs(x, charge, sigma, sqrt_eps, rows, j, box, cutoff, switch_distance
     return jnp.where(inside, energy, zero), jnp.where(inside, du / r, zero), d
 
 
-def _row_blocks(n, capacity, pairs_per_block):
-    block = int(max(1, min(n, pairs_per_block // max(capacity, 1))))
-    return block, -n % block
+def _row_blocks(neighbours, width, pairs_per_block):
+    """(rows (nb, B), partners (nb, B, K)): the list's rows in blocks of B ≈
+    pairs_per_block / (K · width) atoms (the last padded with copies of atom N-1 and no
+    partners)."""
+    n, capacity = neighbours.idx.shape
+    block = int(max(1, min(n, pairs_per_block // max(capacity * width, 1))))
+    pad = -n % block
+    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
+    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+    return rows, table.reshape(-1, block, capacity)
 
 
 def neighbour_pair_energy(x, charge, sigma, epsilon, neighbours: Neighbours, box, cutoff,
@@ -576,12 +583,9 @@ def neighbour_pair_energy(x, charge, sigma, epsilon, neighbours: Neighbours, box
 
     Returns: scalar energy, kJ/mol.
     """
-    n, capacity = neighbours.idx.shape
     k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
     sqrt_eps = safe_sqrt(epsilon)
-    block, pad = _row_blocks(n, capacity, pairs_per_block)
-    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
-    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+    rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def one_block(args):
         i, j = args
@@ -589,7 +593,6 @@ def neighbour_pair_energy(x, charge, sigma, epsilon, neighbours: Neighbours, box
                              k_rf, c_rf, alpha)  # fmt: skip
         return jnp.sum(u)
 
-    table = table.reshape(-1, block, capacity)
     energy = 0.5 * jnp.sum(jax.lax.map(jax.checkpoint(one_block), (rows, table)))
     return energy * jnp.where(neighbours.overflow, jnp.nan, 1.0)
 
@@ -602,12 +605,10 @@ def neighbour_pair_gradient(x, charge, sigma, epsilon, neighbours: Neighbours, b
     energy would scatter the j side). Differentiable in x and the per-atom parameters by
     forward mode (the Hessian-vector products and mixed partials of ζ), all gathers.
     """
-    n, capacity = neighbours.idx.shape
+    n = neighbours.idx.shape[0]
     k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
     sqrt_eps = safe_sqrt(epsilon)
-    block, pad = _row_blocks(n, capacity, pairs_per_block)
-    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
-    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
+    rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def one_block(args):
         i, j = args
@@ -615,7 +616,6 @@ def neighbour_pair_gradient(x, charge, sigma, epsilon, neighbours: Neighbours, b
                                 switch_distance, k_rf, c_rf, alpha)  # fmt: skip
         return jnp.stack([jnp.sum(du_r * dk, axis=1) for dk in d], axis=1)
 
-    table = table.reshape(-1, block, capacity)
     grad = jax.lax.map(one_block, (rows, table)).reshape(-1, 3)[:n]
     return grad * jnp.where(neighbours.overflow, jnp.nan, 1.0)
 
@@ -697,11 +697,7 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     sqrt_eps = safe_sqrt(epsilon)
     # d√ε/dε, 0 where ε = 0 (as safe_sqrt's derivative)
     dse = jnp.where(epsilon > 0, 0.5 / jnp.where(epsilon > 0, sqrt_eps, 1.0), 0.0)
-    width = 1 if host else max(p, 1)
-    block, pad = _row_blocks(n, capacity * width, elements_per_block)
-    rows = jnp.minimum(jnp.arange(n + pad), n - 1).reshape(-1, block)
-    table = jnp.concatenate([neighbours.idx, jnp.full((pad, capacity), n, jnp.int32)])
-    table = table.reshape(-1, block, capacity)
+    rows, table = _row_blocks(neighbours, 1 if host else max(p, 1), elements_per_block)
     t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
     kinds = {k: (np.asarray(v[0]), jnp.asarray(v[1], x.dtype))
              for k, v in onehots.items() if v is not None}  # fmt: skip

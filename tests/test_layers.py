@@ -24,7 +24,7 @@ LAYERS = [
     ["checkpoints"],
     ["potentials", "integrator"],
     ["system"],
-    ["structured", "forms", "start_checks"],
+    ["structured", "forms", "start_checks", "neighbours"],
     ["io", "backends", "data"],
     ["sensitivity"],
     ["fitting"],

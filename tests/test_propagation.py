@@ -149,7 +149,9 @@ def test_primal_trajectory_is_the_integrators(trialanine_obc2):
     assert np.abs(traj.x - np.asarray(xs)).max() < 1e-12  # nm; trialanine spans ~1 nm
     assert np.abs(traj.v - np.asarray(vs)).max() < 1e-9  # nm/ps; |v| ~ 1
     np.testing.assert_array_equal(traj.steps, np.asarray(steps))
-    np.testing.assert_allclose(traj.kinetic_energy, np.asarray(ke), rtol=1e-14)
+    # a few ulps: the CPU custom call's bonded ∇E is compiled code whose inlining (and so
+    # its last bits) moves with what else the library holds (1.1e-14 measured once)
+    np.testing.assert_allclose(traj.kinetic_energy, np.asarray(ke), rtol=5e-14)
     public = run(lambda y: grad(y, theta), system.masses, x0, integrator, 30, save_every=5)
     assert np.abs(traj.x - np.asarray(public.x)).max() < 1e-12
 

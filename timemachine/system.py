@@ -338,11 +338,11 @@ class CutoffNonbonded:
         )  # fmt: skip
         return g + jax.grad(self._long_range)(x, params)
 
-    def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=False):
+    def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=None):
         """(∇_x E (N, 3), ζ (P, N, 3)) on a fresh Verlet list for tangents dx (P, N, 3)
         and parameters ``wrt`` (P,): the pairs' from per-pair scalars
-        (``cutoffs.neighbour_pair_gradient_and_zeta``; ``host``: their contraction in the
-        CPU custom call), the rest by ``jax.linearize``."""
+        (``cutoffs.neighbour_pair_gradient_and_zeta``; ``host``: the CPU custom call's
+        contraction, ``xla_cpu.neighbour_zeta``, or None), the rest by ``jax.linearize``."""
         from timemachine.potentials import cutoffs
 
         wrt = np.asarray(wrt)

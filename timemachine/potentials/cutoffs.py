@@ -665,7 +665,7 @@ def _pair_scalars(r, sig, cutoff, switch_distance, k_rf, alpha):
 
 def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neighbours, box,
                                      cutoff, dielectric, switch_distance, alpha, tangents,
-                                     onehots, host=False,
+                                     onehots, host=None,
                                      elements_per_block=1 << 22):  # fmt: skip
     """∇_x E (N, 3) and ζ (P, N, 3) of the Verlet-list pair sum, from per-pair scalars
     contracted with all P tangents at once (the all-pairs path's structure, sparse).
@@ -685,8 +685,10 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
       onehots: {"charge", "sigma", "epsilon"} -> (cols, (N, len(cols)) float): the
         positions p in wrt of the parameters of that kind and 1 where atom i's parameter
         of that kind is θ_wrt[p] (None for a kind no wrt parameter is of).
-      host: the (H t) contraction in the CPU custom call (``xla_cpu.neighbour_zeta``)
-        instead of XLA's gathers; the same sums (this function is its reference).
+      host: None, or the (H t) contraction and the mixed partials in compiled code
+        (``timemachine.backends.xla_cpu.neighbour_zeta``, passed in by the caller, which
+        sits above this layer) instead of XLA's gathers: the same sums, this function's
+        XLA path being its reference.
       elements_per_block: P · rows · K per block, the memory of one (P, B, K) array.
 
     Returns: (grad (N, 3) kJ/mol/nm, ζ (P, N, 3) kJ/mol/nm/[θ]), NaN on an overflowed list.
@@ -697,13 +699,14 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     sqrt_eps = safe_sqrt(epsilon)
     # d√ε/dε, 0 where ε = 0 (as safe_sqrt's derivative)
     dse = jnp.where(epsilon > 0, 0.5 / jnp.where(epsilon > 0, sqrt_eps, 1.0), 0.0)
-    rows, table = _row_blocks(neighbours, 1 if host else max(p, 1), elements_per_block)
+    rows, table = _row_blocks(neighbours, 1 if host is not None else max(p, 1),
+                              elements_per_block)  # fmt: skip
     t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
     kinds = {k: (np.asarray(v[0]), jnp.asarray(v[1], x.dtype))
              for k, v in onehots.items() if v is not None}  # fmt: skip
     # the custom call takes the mixed partials too where every atom's parameter of a kind
     # is one tangent (no repeated wrt entries): mix_p (M, N), the tangent or -1
-    host_mixed = host and all(
+    host_mixed = host is not None and all(
         np.asarray(v[1]).sum(1).max(initial=0) <= 1 for v in onehots.values() if v is not None
     )
     mix_p = [np.where(np.asarray(v[1]).any(1), np.asarray(v[0])[np.asarray(v[1]).argmax(1)], -1)
@@ -724,7 +727,7 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
         a, b, b_lj, b_c, db_lj_ds = jax.lax.optimization_barrier((a, b, b_lj, b_c, db_lj_ds))
         grad = jnp.stack([jnp.sum(b * dk, axis=1) for dk in d], axis=1)  # (B, 3)
         ti = [tk[:, i] for tk in t_k]  # (P, B)
-        if host:
+        if host is not None:
             zeta = [jnp.zeros_like(ti[k]) for k in range(3)]
         else:  # Hessian-vector products with every tangent: gathers only, no scatter
             tj = [tk[:, j] for tk in t_k]  # (P, B, K)
@@ -752,20 +755,18 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
                 part = part + jnp.sum(other * (d_j * d[k])[None], axis=2)
                 zeta[k] = zeta[k].at[cols].add(part)
         out = (grad, jnp.stack(zeta, axis=-1))  # (B, 3), (P, B, 3)
-        return out + ((a, b, *mixed) if host else ())
+        return out + ((a, b, *mixed) if host is not None else ())
 
     blocks = jax.lax.map(one_block, (rows, table))
     bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
     grad = blocks[0].reshape(-1, 3)[:n] * bad
     zeta = jnp.moveaxis(blocks[1], 1, 0).reshape(p, -1, 3)[:, :n]
-    if host:
-        from timemachine.backends import xla_cpu
-
+    if host is not None:
         a, b, *mixed = (v.reshape(-1, capacity)[:n] for v in blocks[2:])
         if host_mixed and mixed:
             mix_i, mix_j = jnp.stack(mixed[0::2]), jnp.stack(mixed[1::2])
             mix = (mix_i, mix_j, jnp.asarray(np.stack(mix_p), jnp.int32))
         else:
             mix = None
-        zeta = zeta + xla_cpu.neighbour_zeta(x, box, neighbours.idx, a, b, tangents, mix)
+        zeta = zeta + host(x, box, neighbours.idx, a, b, tangents, mix)
     return grad, zeta * bad

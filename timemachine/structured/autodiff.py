@@ -53,13 +53,14 @@ def sparse_gradient(system):
     return gradient
 
 
-def sparse_gradient_and_zeta(system, wrt, host=False):
+def sparse_gradient_and_zeta(system, wrt, host=None):
     """``fn(x, params, dx (P, N, 3), neighbours=None) -> (∇_x E, ζ (P, N, 3))`` for a
     System with Verlet lists: a term's own ``gradient_and_zeta`` on its list where it has
     one (the cutoff pairs' per-pair scalars contracted with all P tangents at once), and
     one ``jax.linearize`` of the other terms' gradients, its linear map vmapped over the P
     tangents (dx_p and the one-hot θ direction of ``wrt[p]``). Exact; nothing O(N²).
-    ``host``: the pair contraction in the CPU custom call (``xla_cpu.neighbour_zeta``)."""
+    ``host``: the pair contraction in compiled code (``xla_cpu.neighbour_zeta``, passed in
+    from the sensitivity layer), or None for XLA's."""
     parts = [gradient_part(t) for t in system.terms]
     wrt = np.asarray(wrt, dtype=np.int64)
     terms = system.terms

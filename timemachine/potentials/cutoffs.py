@@ -294,23 +294,8 @@ def cell_list_pair_energy(x, charge, sigma, epsilon, exclusions, box, cutoff,
     Returns: scalar energy, kJ/mol (the same sum as the dense one, in another order).
     """
     n = x.shape[0]
-    cells_np = np.asarray(cells)
-    n_cells = int(np.prod(cells_np))
     k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
-    cells_j = jnp.asarray(cells_np, jnp.int32)
-    wrapped = x - box * jnp.floor(x / box)
-    c = jnp.minimum(jnp.floor(wrapped / box * cells_np).astype(jnp.int32), cells_j - 1)
-    flat = (c[:, 0] * cells_np[1] + c[:, 1]) * cells_np[2] + c[:, 2]
-    order = jnp.argsort(flat)
-    sorted_flat = flat[order]
-    ids = jnp.arange(n_cells)
-    start = jnp.searchsorted(sorted_flat, ids)
-    count = jnp.searchsorted(sorted_flat, ids, side="right") - start
-    overflow = jnp.max(count) > capacity
-    slot = jnp.arange(n) - start[sorted_flat]
-    table = jnp.full((n_cells, capacity), n, jnp.int32)
-    table = table.at[sorted_flat, slot].set(order.astype(jnp.int32), mode="drop")
-    neighbours = jnp.asarray(_neighbour_cells(cells_np), jnp.int32)  # (C, 27)
+    flat, table, neighbours, overflow = _candidates(x, box, cells, capacity)
     sqrt_eps = safe_sqrt(epsilon)
     exclusions = jnp.asarray(exclusions)
     keys = exclusions[:, 0] * n + exclusions[:, 1]

@@ -341,8 +341,12 @@ class CutoffNonbonded:
     def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=None):
         """(∇_x E (N, 3), ζ (P, N, 3)) on a fresh Verlet list for tangents dx (P, N, 3)
         and parameters ``wrt`` (P,): the pairs' from per-pair scalars
-        (``cutoffs.neighbour_pair_gradient_and_zeta``; ``host``: the CPU custom call's
-        contraction, ``xla_cpu.neighbour_zeta``, or None), the rest by ``jax.linearize``."""
+        (``cutoffs.neighbour_pair_gradient_and_zeta``), PME's reciprocal part written out
+        with one batched spread, FFT and gather for all P
+        (``cutoffs.pme_reciprocal_gradient_and_zeta``), the rest by ``jax.linearize``.
+        ``host``: the CPU custom call (``timemachine.backends.xla_cpu``, passed in from
+        the sensitivity layer) for the pairs' contraction and PME's spread and gather, or
+        None for XLA's."""
         from timemachine.potentials import cutoffs
 
         wrt = np.asarray(wrt)
@@ -356,16 +360,24 @@ class CutoffNonbonded:
         g, z = cutoffs.neighbour_pair_gradient_and_zeta(
             x, params[self.charge_index], params[self.sigma_index], params[self.epsilon_index],
             neighbours, box, self.cutoff, self.dielectric, self.switch_distance, self.alpha,
-            dx, onehots, host,
+            dx, onehots, None if host is None else host.neighbour_pairs,
         )  # fmt: skip
         onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
         onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
-        g_rest, lin = jax.linearize(jax.grad(self._long_range), x, params)
+        if self.alpha is not None:
+            q = params[self.charge_index]
+            g_rec, z_rec = cutoffs.pme_reciprocal_gradient_and_zeta(
+                x, q, box, self.alpha, self.grid, dx, onehot[:, self.charge_index], host=host
+            )  # fmt: skip
+            g, z = g + g_rec, z + z_rec
+        rest = jax.grad(lambda y, p: self._long_range(y, p, reciprocal=False))
+        g_rest, lin = jax.linearize(rest, x, params)
         return g + g_rest, z + jax.vmap(lin)(dx, onehot)
 
-    def _long_range(self, x, params):
-        """Everything but the cutoff pair sum: PME's reciprocal, self and exclusion terms,
-        the 1-4 exceptions and the dispersion correction, kJ/mol."""
+    def _long_range(self, x, params, reciprocal=True):
+        """Everything but the cutoff pair sum: PME's reciprocal (unless ``reciprocal`` is
+        False), self and exclusion terms, the 1-4 exceptions and the dispersion
+        correction, kJ/mol."""
         from timemachine.potentials import cutoffs
 
         q = params[self.charge_index]
@@ -374,7 +386,8 @@ class CutoffNonbonded:
         box = None if self.box is None else jnp.asarray(self.box)
         e = 0.0
         if self.alpha is not None:  # PME: reciprocal space, self energy, exclusions
-            e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
+            if reciprocal:
+                e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
             e = e + cutoffs.ewald_self_energy(q, self.alpha)
             e = e + cutoffs.ewald_exclusion_energy(x, q, self.exclusion_idx, self.alpha)
         e = e + potentials.nonbonded_exceptions(

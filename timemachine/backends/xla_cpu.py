@@ -1,5 +1,7 @@
 """A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms, the
-all-pairs Hessian contraction of ζ, and its Verlet-list contraction (``neighbour_zeta``).
+all-pairs Hessian contraction of ζ, a Verlet list's cutoff pairs (``neighbour_pairs``: ∇E
+and ζ with the pair scalars computed in C++), and PME's tangent spread and gather
+(``pme_spread``, ``pme_gather``).
 
 The structured ζ (``timemachine.sensitivity.zeta``) needs, for every bond, angle, proper
 and improper torsion and 1-4 exception, the block f''∇q∇qᵀ + f'∇²q of its coordinate q
@@ -45,7 +47,9 @@ from timemachine.backends.host import build_shared_library, host_compiler
 from timemachine.errors import SimulationError
 
 TARGET = "tm_gradient_zeta"
-NEIGHBOUR_TARGET = "tm_neighbour_zeta"
+NEIGHBOUR_TARGET = "tm_neighbour_pairs"
+PME_SPREAD_TARGET = "tm_pme_spread"
+PME_GATHER_TARGET = "tm_pme_gather"
 FLAGS = ("-O3", "-march=native")
 _STATE: dict = {}
 
@@ -96,7 +100,9 @@ def _register() -> None:
     )
     lib = ctypes.CDLL(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmGradientZeta), "cpu")
-    jax.ffi.register_ffi_target(NEIGHBOUR_TARGET, jax.ffi.pycapsule(lib.TmNeighbourZeta), "cpu")
+    jax.ffi.register_ffi_target(NEIGHBOUR_TARGET, jax.ffi.pycapsule(lib.TmNeighbourPairs), "cpu")
+    jax.ffi.register_ffi_target(PME_SPREAD_TARGET, jax.ffi.pycapsule(lib.TmPmeSpread), "cpu")
+    jax.ffi.register_ffi_target(PME_GATHER_TARGET, jax.ffi.pycapsule(lib.TmPmeGather), "cpu")
     _STATE["lib"] = lib  # keep the library loaded for the process
 
 
@@ -190,25 +196,54 @@ class BondedTables:
         )
 
 
-def neighbour_zeta(x, box, idx, pair_a, pair_b, dx_dtheta, mixed=None):
-    """ζ's Verlet-list pair contraction in the custom call: (P, N, 3)
-    Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j) over row i's partners j of ``idx`` (N, K) (padded
-    with N at the end, every pair in both rows), d = x_i - x_j (minimum image in ``box``
-    (3,) nm, or None), A, B (N, K) the pair scalars (``cutoffs``), t = dx_dtheta (P, N, 3).
+def neighbour_pairs(x, box, idx, atoms, consts, dx_dtheta, mix_p=None):
+    """∇E (N, 3) and ζ (P, N, 3) of a Verlet list's cutoff pairs in the custom call, the
+    per-pair scalars computed there with the closed forms of ``cutoffs._pair_scalars``
+    (``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference).
+
+    Args:
+      x: (N, 3) nm; box: (3,) nm or None (no images); idx: (N, K) the list (partners
+        first, padded with N; every pair in both rows).
+      atoms: (4, N) each atom's charge (e), σ (nm), √ε and d√ε/dε (0 where ε = 0).
+      consts: (cutoff nm, switch distance nm or -1, k_rf nm⁻³, α nm⁻¹ or 0 for the
+        reaction field).
+      dx_dtheta: (P, N, 3) tangents.
+      mix_p: optional (3, N) int32, the tangent of atom a's charge, σ and ε (-1: none);
+        given, ζ also gets the pairs' mixed partials ∂(∇E)/∂θ_p.
+
     Rows are independent and summed in the list's order: bitwise the same on any number
-    of threads. ``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference.
-
-    ``mixed``: optional (mix_i, mix_j (M, N, K), mix_p (M, N) int32), M ≤ 3 parameter
-    kinds: ∂B_ij/∂(atom i's, atom j's parameter of kind m) and each atom's tangent of
-    that kind (-1: none); the call then adds Σ_j (mix_i [p = mix_p_i] + mix_j [p =
-    mix_p_j]) d_ij, the pairs' mixed partials, to ζ."""
+    of threads."""
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
-    if mixed is None:
-        mixed = (jnp.zeros((0,), jnp.float64), jnp.zeros((0,), jnp.float64),
-                 jnp.zeros((0,), jnp.int32))  # fmt: skip
-    out = jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64)
+    mix_p = jnp.zeros((0,), jnp.int32) if mix_p is None else jnp.asarray(mix_p, jnp.int32)
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float64),
+        jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64),
+    )
     call = jax.ffi.ffi_call(NEIGHBOUR_TARGET, out, vmap_method="sequential")
-    return call(x, box, idx.astype(jnp.int32), pair_a, pair_b, dx_dtheta, *mixed)
+    return call(x, box, idx.astype(jnp.int32), atoms, jnp.asarray(consts, jnp.float64),
+                dx_dtheta, mix_p)  # fmt: skip
 
 
-__all__ = ["BondedTables", "available", "neighbour_zeta"]
+def pme_spread(w, dw, idx, charge, dq, dx, grid):
+    """PME's tangent spread in the custom call: (P, K_x, K_y, K_z) δQ_p = Σ_j dq_p,j W_j +
+    q_j ∇W_j · dx_p,j, with atom j's stencil the product of its B-spline weights ``w``
+    (N, 3, order) at grid indices ``idx`` (N, 3, order) int32 and ``dw`` their
+    x-derivatives (nm⁻¹); charge (N,) e, dq (P, N), dx (P, N, 3). The JAX scatter of
+    ``cutoffs.pme_reciprocal_gradient_and_zeta`` is the reference; bitwise the same on
+    any number of threads."""
+    p = dx.shape[0]
+    out = jax.ShapeDtypeStruct((p,) + tuple(int(g) for g in grid), jnp.float64)
+    call = jax.ffi.ffi_call(PME_SPREAD_TARGET, out, vmap_method="sequential")
+    return call(w, dw, idx.astype(jnp.int32), charge, dq, dx)
+
+
+def pme_gather(potential, w, dw, idx):
+    """PME's tangent gather in the custom call: (P, N, 3) Σ_g δΨ_p(g) ∇W_i(g) for grid
+    potentials ``potential`` (P, K_x, K_y, K_z) and the stencils of ``pme_spread``."""
+    p, n = potential.shape[0], w.shape[0]
+    out = jax.ShapeDtypeStruct((p, n, 3), jnp.float64)
+    call = jax.ffi.ffi_call(PME_GATHER_TARGET, out, vmap_method="sequential")
+    return call(potential, w, dw, idx.astype(jnp.int32))
+
+
+__all__ = ["BondedTables", "available", "neighbour_pairs", "pme_gather", "pme_spread"]

@@ -203,6 +203,34 @@ def bspline_moduli(k, order) -> np.ndarray:
     return mod
 
 
+def _pme_stencil(x, box, grid, order):
+    """(frac (N, 3) in [0, 1), idx: three (N, order) grid indices): atom i's B-spline
+    weights along axis d are ``_bspline_weights(frac[i, d])``, at grid points idx[d][i]
+    (floor(u) - j, wrapped), u = K x / L its scaled fractional coordinate."""
+    u = x / box
+    u = (u - jnp.floor(u)) * jnp.asarray(grid, x.dtype)  # (N, 3) in [0, K)
+    base = jnp.floor(u)
+    frac = u - base
+    base = base.astype(jnp.int32)
+    j = jnp.arange(order)
+    idx = [(base[:, d, None] - j[None, :]) % grid[d] for d in range(3)]  # (N, n) each
+    return frac, idx
+
+
+def _pme_kernel(box, alpha, grid, order):
+    """(K_x, K_y, K_z) exp(-π² |m|² / α²) / (|m|² b_x b_y b_z), zero at m = 0: the
+    reciprocal energy's weight of each of the FFT's frequencies."""
+    freq = [np.fft.fftfreq(g, 1.0 / g) for g in grid]  # integers 0..K/2, -K/2+1..-1
+    moduli = [bspline_moduli(g, order) for g in grid]
+    m = [jnp.asarray(freq[d]) / box[d] for d in range(3)]
+    m2 = m[0][:, None, None] ** 2 + m[1][None, :, None] ** 2 + m[2][None, None, :] ** 2
+    b = moduli[0][:, None, None] * moduli[1][None, :, None] * moduli[2][None, None, :]
+    nonzero = np.ones(grid, dtype=bool)
+    nonzero[0, 0, 0] = False
+    m2_safe = jnp.where(nonzero, m2, 1.0)
+    return jnp.where(nonzero, jnp.exp(-(np.pi**2) * m2_safe / alpha**2) / (m2_safe * b), 0.0)
+
+
 def pme_reciprocal_energy(x, charge, box, alpha, grid, order=5):
     """The smooth-PME reciprocal energy (kJ/mol) of charges in a rectangular box:
 
@@ -214,13 +242,8 @@ def pme_reciprocal_energy(x, charge, box, alpha, grid, order=5):
     x and the charges (forward and reverse mode through the FFT).
     """
     grid = tuple(int(g) for g in grid)
-    u = x / box
-    u = (u - jnp.floor(u)) * jnp.asarray(grid, x.dtype)  # (N, 3) in [0, K)
-    base = jnp.floor(u)
-    w = _bspline_weights(u - base, order)  # (N, 3, n)
-    base = base.astype(jnp.int32)
-    j = jnp.arange(order)
-    idx = [(base[:, d, None] - j[None, :]) % grid[d] for d in range(3)]  # (N, n) each
+    frac, idx = _pme_stencil(x, box, grid, order)
+    w = _bspline_weights(frac, order)  # (N, 3, n)
     weight = (charge[:, None, None, None] * w[:, 0, :, None, None] * w[:, 1, None, :, None]
               * w[:, 2, None, None, :])  # fmt: skip
     ix = jnp.broadcast_to(idx[0][:, :, None, None], weight.shape)
@@ -229,17 +252,127 @@ def pme_reciprocal_energy(x, charge, box, alpha, grid, order=5):
     q_grid = jnp.zeros(grid, x.dtype).at[ix, iy, iz].add(weight)
     f = jnp.fft.fftn(q_grid)
     s2 = f.real**2 + f.imag**2
-    freq = [np.fft.fftfreq(g, 1.0 / g) for g in grid]  # integers 0..K/2, -K/2+1..-1
-    moduli = [bspline_moduli(g, order) for g in grid]
-    m = [jnp.asarray(freq[d]) / box[d] for d in range(3)]
-    m2 = m[0][:, None, None] ** 2 + m[1][None, :, None] ** 2 + m[2][None, None, :] ** 2
-    b = moduli[0][:, None, None] * moduli[1][None, :, None] * moduli[2][None, None, :]
-    nonzero = np.ones(grid, dtype=bool)
-    nonzero[0, 0, 0] = False
-    m2_safe = jnp.where(nonzero, m2, 1.0)
-    kernel = jnp.where(nonzero, jnp.exp(-(np.pi**2) * m2_safe / alpha**2) / (m2_safe * b), 0.0)
+    kernel = _pme_kernel(box, alpha, grid, order)
     volume = box[0] * box[1] * box[2]
     return COULOMB / (2.0 * np.pi * volume) * jnp.sum(kernel * s2)
+
+
+def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=5, host=None,
+                                     elements_per_block=1 << 21):  # fmt: skip
+    """∇_x of ``pme_reciprocal_energy`` (N, 3) kJ/mol/nm and its derivatives along P
+    tangents at once, (P, N, 3): ζ_p = H dx_p + ∂(∇E)/∂q · dq_p, written out rather than
+    linearized (one batched spread, FFT and gather for all P, where autodiff runs them
+    per tangent).
+
+    With W_i(g) atom i's B-spline stencil (order³ grid points), Q = Σ_j q_j W_j the
+    spread charges and Ψ = ∂E/∂Q = (k_e N_g / π V) F⁻¹(kernel · F(Q)) the grid
+    potential (the convolution of ``pme_reciprocal_energy``'s quadratic form):
+
+        ∇_i E = q_i Σ_g Ψ(g) ∇W_i(g),
+        ζ_p,i = dq_p,i Σ_g Ψ ∇W_i + q_i Σ_g Ψ ∇∇W_i · dx_p,i + q_i Σ_g δΨ_p(g) ∇W_i(g),
+        δΨ_p = (k_e N_g / π V) F⁻¹(kernel · F(δQ_p)),  δQ_p = Σ_j dq_p,j W_j + q_j ∇W_j · dx_p,j.
+
+    The spreads are one scatter of (atoms × order³, P) rows, the FFTs real (``rfftn``,
+    batched over P) and the gathers one (atoms × order³, P) gather, over blocks of atoms
+    of ``elements_per_block`` / (order³ P) (memory O(block · order³ · P + grid · P)).
+
+    Args:
+      x: (N, 3) nm; charge: (N,) e; box: (3,) nm; alpha: nm⁻¹; grid: (K_x, K_y, K_z).
+      dx: (P, N, 3) position tangents; dq: (P, N) charge tangents (e per unit θ_p).
+      host: None, or an object with ``pme_spread`` and ``pme_gather`` (the CPU custom
+        call, ``timemachine.backends.xla_cpu``, passed in from above this layer) that
+        replace XLA's scatter and gather; this function's XLA path is their reference.
+
+    Returns: (grad (N, 3), ζ (P, N, 3)).
+    """
+    grid = tuple(int(g) for g in grid)
+    n, p = x.shape[0], dx.shape[0]
+    n_grid = grid[0] * grid[1] * grid[2]
+    frac, idx = _pme_stencil(x, box, grid, order)
+    ones = jnp.ones_like(frac)
+    spline = lambda f: _bspline_weights(f, order)  # noqa: E731
+    w, dw = jax.jvp(spline, (frac,), (ones,))  # (N, 3, n): M and dM/du
+    ddw = jax.jvp(lambda f: jax.jvp(spline, (f,), (ones,))[1], (frac,), (ones,))[1]
+    scale = jnp.asarray(grid, x.dtype) / box  # du/dx per axis
+    dw = dw * scale[None, :, None]
+    ddw = ddw * (scale * scale)[None, :, None]
+
+    def outer(a, b, c):  # (N, n) × 3 -> (N, n³)
+        return (a[:, :, None, None] * b[:, None, :, None] * c[:, None, None, :]).reshape(n, -1)
+
+    wx, wy, wz = w[:, 0], w[:, 1], w[:, 2]
+    gx, gy, gz = dw[:, 0], dw[:, 1], dw[:, 2]
+    hx, hy, hz = ddw[:, 0], ddw[:, 1], ddw[:, 2]
+    stencil = outer(wx, wy, wz)  # (N, S)
+    d_stencil = jnp.stack([outer(gx, wy, wz), outer(wx, gy, wz), outer(wx, wy, gz)], -1)
+    dd_stencil = jnp.stack([
+        jnp.stack([outer(hx, wy, wz), outer(gx, gy, wz), outer(gx, wy, gz)], -1),
+        jnp.stack([outer(gx, gy, wz), outer(wx, hy, wz), outer(wx, gy, gz)], -1),
+        jnp.stack([outer(gx, wy, gz), outer(wx, gy, gz), outer(wx, wy, hz)], -1),
+    ], -2)  # (N, S, 3, 3)  # fmt: skip
+    flat = ((idx[0][:, :, None, None] * grid[1] + idx[1][:, None, :, None]) * grid[2]
+            + idx[2][:, None, None, :]).reshape(n, -1)  # (N, S)  # fmt: skip
+
+    volume = box[0] * box[1] * box[2]
+    factor = COULOMB * n_grid / (np.pi * volume)
+    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
+
+    def potential(q_grid):  # (..., K_x, K_y, K_z) -> Ψ, the same shape
+        axes = (-3, -2, -1)
+        f = jnp.fft.rfftn(q_grid, axes=axes)
+        return factor * jnp.fft.irfftn(half * f, s=grid, axes=axes)
+
+    q_grid = jnp.zeros(n_grid, x.dtype).at[flat].add(charge[:, None] * stencil)
+    psi = potential(q_grid.reshape(grid)).reshape(-1)
+    patch = psi[flat]  # (N, S)
+    # elementwise products and sums: XLA's CPU dots of this shape are far slower
+    g0 = jnp.sum(patch[:, :, None] * d_stencil, axis=1)  # Σ Ψ ∇W (N, 3)
+    h0 = jnp.sum(patch[:, :, None, None] * dd_stencil, axis=1)  # Σ Ψ ∇∇W (N, 3, 3)
+    grad = charge[:, None] * g0
+    if p == 0:
+        return grad, jnp.zeros((0, n, 3), x.dtype)
+
+    if host is not None:
+        stencil_idx = jnp.stack(idx, axis=1)  # (N, 3, n)
+        d_grid = host.pme_spread(w, dw, stencil_idx, charge, dq, dx, grid)
+        field = host.pme_gather(potential(d_grid), w, dw, stencil_idx)
+        return grad, _pme_zeta(charge, field, h0, g0, dx, dq)
+
+    # tangents, atoms in blocks: coefficients of (W, ∂_x W, ∂_y W, ∂_z W) per tangent
+    s = stencil.shape[1]
+    block = int(max(1, min(n, elements_per_block // (s * p))))
+    pad = -n % block
+    basis = jnp.concatenate([stencil[..., None], d_stencil], -1)  # (N, S, 4)
+    coef = jnp.concatenate([dq[:, :, None], charge[None, :, None] * dx], -1)  # (P, N, 4)
+    coef = jnp.moveaxis(coef, 0, -1)  # (N, 4, P)
+
+    def blocks(a):
+        a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+        return a.reshape((-1, block) + a.shape[1:])
+
+    def spread(acc, args):
+        b, c, f = args
+        values = jnp.einsum("nsc,ncp->nsp", b, c).reshape(-1, p)
+        return acc.at[f.reshape(-1)].add(values), None
+
+    d_grid, _ = jax.lax.scan(spread, jnp.zeros((n_grid, p), x.dtype),
+                             (blocks(basis), blocks(coef), blocks(flat)))  # fmt: skip
+    d_psi = potential(d_grid.T.reshape((p,) + grid)).reshape(p, n_grid).T  # (N_g, P)
+
+    def gather(args):
+        ds, f = args
+        return jnp.einsum("nsp,nsd->pnd", d_psi[f], ds)
+
+    field = jax.lax.map(gather, (blocks(d_stencil), blocks(flat)))  # (nb, P, B, 3)
+    field = jnp.moveaxis(field, 1, 0).reshape(p, -1, 3)[:, :n]
+    return grad, _pme_zeta(charge, field, h0, g0, dx, dq)
+
+
+def _pme_zeta(charge, field, h0, g0, dx, dq):
+    """ζ (P, N, 3) from the tangents' field Σ δΨ_p ∇W (P, N, 3), Σ Ψ ∇∇W (N, 3, 3) and
+    Σ Ψ ∇W (N, 3)."""
+    hessian = sum(h0[None, :, :, e] * dx[:, :, e, None] for e in range(3))  # (P, N, 3)
+    return charge[None, :, None] * (field + hessian) + dq[:, :, None] * g0[None]
 
 
 def ewald_self_energy(charge, alpha):
@@ -670,10 +803,12 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
       onehots: {"charge", "sigma", "epsilon"} -> (cols, (N, len(cols)) float): the
         positions p in wrt of the parameters of that kind and 1 where atom i's parameter
         of that kind is θ_wrt[p] (None for a kind no wrt parameter is of).
-      host: None, or the (H t) contraction and the mixed partials in compiled code
-        (``timemachine.backends.xla_cpu.neighbour_zeta``, passed in by the caller, which
-        sits above this layer) instead of XLA's gathers: the same sums, this function's
-        XLA path being its reference.
+      host: None, or the whole computation in compiled code
+        (``timemachine.backends.xla_cpu.neighbour_pairs``, passed in by the caller, which
+        sits above this layer): the pair scalars, the contraction and the mixed partials
+        in one pass over the list, this function's XLA path being its reference. It is
+        used where every atom's parameter of a kind is at most one tangent (no repeated
+        wrt entries), else the XLA path runs.
       elements_per_block: P · rows · K per block, the memory of one (P, B, K) array.
 
     Returns: (grad (N, 3) kJ/mol/nm, ζ (P, N, 3) kJ/mol/nm/[θ]), NaN on an overflowed list.
@@ -684,18 +819,26 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     sqrt_eps = safe_sqrt(epsilon)
     # d√ε/dε, 0 where ε = 0 (as safe_sqrt's derivative)
     dse = jnp.where(epsilon > 0, 0.5 / jnp.where(epsilon > 0, sqrt_eps, 1.0), 0.0)
-    rows, table = _row_blocks(neighbours, 1 if host is not None else max(p, 1),
-                              elements_per_block)  # fmt: skip
-    t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
+    bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
     kinds = {k: (np.asarray(v[0]), jnp.asarray(v[1], x.dtype))
              for k, v in onehots.items() if v is not None}  # fmt: skip
-    # the custom call takes the mixed partials too where every atom's parameter of a kind
-    # is one tangent (no repeated wrt entries): mix_p (M, N), the tangent or -1
-    host_mixed = host is not None and all(
+    if host is not None and all(
         np.asarray(v[1]).sum(1).max(initial=0) <= 1 for v in onehots.values() if v is not None
-    )
-    mix_p = [np.where(np.asarray(v[1]).any(1), np.asarray(v[0])[np.asarray(v[1]).argmax(1)], -1)
-             for v in onehots.values() if v is not None]  # fmt: skip
+    ):
+        # each atom's tangent of its charge, σ and ε (-1: none)
+        mix_p = np.full((3, n), -1, np.int32)
+        for m, kind in enumerate(("charge", "sigma", "epsilon")):
+            if onehots.get(kind) is not None:
+                cols, hit = (np.asarray(v) for v in onehots[kind])
+                mix_p[m] = np.where(hit.any(1), cols[hit.argmax(1)], -1)
+        atoms = jnp.stack([charge, sigma, sqrt_eps, dse]).astype(x.dtype)
+        consts = jnp.asarray([cutoff, -1.0 if switch_distance is None else switch_distance,
+                              k_rf, 0.0 if alpha is None else alpha], x.dtype)  # fmt: skip
+        grad, zeta = host(x, box, neighbours.idx, atoms, consts, tangents,
+                          mix_p if kinds else None)  # fmt: skip
+        return grad * bad, zeta * bad
+    rows, table = _row_blocks(neighbours, max(p, 1), elements_per_block)
+    t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
 
     def one_block(args):
         i, j = args
@@ -711,15 +854,13 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
         # (erfc and all) inside every consumer below
         a, b, b_lj, b_c, db_lj_ds = jax.lax.optimization_barrier((a, b, b_lj, b_c, db_lj_ds))
         grad = jnp.stack([jnp.sum(b * dk, axis=1) for dk in d], axis=1)  # (B, 3)
+        # Hessian-vector products with every tangent: gathers only, no scatter
         ti = [tk[:, i] for tk in t_k]  # (P, B)
-        if host is not None:
-            zeta = [jnp.zeros_like(ti[k]) for k in range(3)]
-        else:  # Hessian-vector products with every tangent: gathers only, no scatter
-            tj = [tk[:, j] for tk in t_k]  # (P, B, K)
-            s = sum(d[k][None] * (ti[k][:, :, None] - tj[k]) for k in range(3))  # (P, B, K)
-            b_sum = jnp.sum(b, axis=1)  # (B,)
-            zeta = [jnp.sum(a[None] * s * d[k][None] - b[None] * tj[k], axis=2) + ti[k] * b_sum
-                    for k in range(3)]  # fmt: skip
+        tj = [tk[:, j] for tk in t_k]  # (P, B, K)
+        s = sum(d[k][None] * (ti[k][:, :, None] - tj[k]) for k in range(3))  # (P, B, K)
+        b_sum = jnp.sum(b, axis=1)  # (B,)
+        zeta = [jnp.sum(a[None] * s * d[k][None] - b[None] * tj[k], axis=2) + ti[k] * b_sum
+                for k in range(3)]  # fmt: skip
         # mixed partials: ∂B/∂(atom i's and atom j's parameter of each kind)
         deriv = {
             "charge": (b_c * COULOMB * charge[j], b_c * COULOMB * charge[i][:, None]),
@@ -727,31 +868,17 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
             "epsilon": (b_lj * 4.0 * sqrt_eps[j] * dse[i][:, None],
                         b_lj * 4.0 * sqrt_eps[i][:, None] * dse[j]),
         }  # fmt: skip
-        mixed = []
         for kind, (cols, onehot) in kinds.items():
             d_i, d_j = (jnp.where(inside, v, zero) for v in deriv[kind])
-            if host_mixed:
-                mixed += [d_i, d_j]
-                continue
             own = onehot[i].T  # (P_kind, B)
             other = jnp.moveaxis(onehot[j], -1, 0)  # (P_kind, B, K)
             for k in range(3):
                 part = own * jnp.sum(d_i * d[k], axis=1)[None]
                 part = part + jnp.sum(other * (d_j * d[k])[None], axis=2)
                 zeta[k] = zeta[k].at[cols].add(part)
-        out = (grad, jnp.stack(zeta, axis=-1))  # (B, 3), (P, B, 3)
-        return out + ((a, b, *mixed) if host is not None else ())
+        return grad, jnp.stack(zeta, axis=-1)  # (B, 3), (P, B, 3)
 
     blocks = jax.lax.map(one_block, (rows, table))
-    bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
     grad = blocks[0].reshape(-1, 3)[:n] * bad
     zeta = jnp.moveaxis(blocks[1], 1, 0).reshape(p, -1, 3)[:, :n]
-    if host is not None:
-        a, b, *mixed = (v.reshape(-1, capacity)[:n] for v in blocks[2:])
-        if host_mixed and mixed:
-            mix_i, mix_j = jnp.stack(mixed[0::2]), jnp.stack(mixed[1::2])
-            mix = (mix_i, mix_j, jnp.asarray(np.stack(mix_p), jnp.int32))
-        else:
-            mix = None
-        zeta = zeta + host(x, box, neighbours.idx, a, b, tangents, mix)
     return grad, zeta * bad

@@ -59,8 +59,9 @@ def sparse_gradient_and_zeta(system, wrt, host=None):
     one (the cutoff pairs' per-pair scalars contracted with all P tangents at once), and
     one ``jax.linearize`` of the other terms' gradients, its linear map vmapped over the P
     tangents (dx_p and the one-hot θ direction of ``wrt[p]``). Exact; nothing O(N²).
-    ``host``: the pair contraction in compiled code (``xla_cpu.neighbour_zeta``, passed in
-    from the sensitivity layer), or None for XLA's."""
+    ``host``: the cutoff pairs and PME's tangent spread and gather in compiled code
+    (``timemachine.backends.xla_cpu``, passed in from the sensitivity layer), or None for
+    XLA's."""
     parts = [gradient_part(t) for t in system.terms]
     wrt = np.asarray(wrt, dtype=np.int64)
     terms = system.terms

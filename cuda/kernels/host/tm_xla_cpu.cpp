@@ -379,29 +379,93 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   return ffi::Error::Success();
 }
 
-// The Verlet-list pair contraction of ζ (timemachine/potentials/cutoffs.py): row i of
+// The Verlet-list pairs of a cutoff nonbonded term (timemachine/potentials/cutoffs.py,
+// neighbour_pair_gradient_and_zeta): ∇E and ζ in one pass, the per-pair scalars computed
+// here (not read from memory) with the closed forms of cutoffs._pair_scalars. Row i of
 // the list idx (N, K) holds atom i's partners j (padded with N at the end), every pair in
-// both rows, with the pair scalars A_ij, B_ij (N, K) that XLA computes; then
-//     ζ_i = Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j),   d = x_i - x_j (minimum image in box),
-// a sum over row i alone: rows are independent (no scatter), and a row's sum runs in the
-// list's order, so the result is bitwise the same for any split among threads.
-// Mixed partials in the same pass: for each of the M parameter kinds m (charge, σ, ε),
-// mix_i[m], mix_j[m] (N, K) are ∂B_ij/∂(atom i's, atom j's parameter of kind m) and
-// mix_p[m] (N,) the tangent of atom a's parameter of kind m (-1: not chosen); then
-//     ζ_p,i += Σ_j (mix_i[m]_ij [p = mix_p[m]_i] + mix_j[m]_ij [p = mix_p[m]_j]) d_ij,
-// added for the tangents of this chunk (p in [p0, p0 + LANES)) only.
-void neighbour_rows(const double* x, const double* box, const int32_t* idx, const double* pa,
-                    const double* pb, int64_t n, int64_t k, int64_t i0, int64_t i1,
-                    const double* t, double* z, int m_kinds, const double* mix_i,
-                    const double* mix_j, const int32_t* mix_p, int64_t p0) {
+// both rows; with u the pair energy, B = u'(r)/r and A = (dB/dr)/r,
+//     ∇_i E = Σ_j B_ij d_ij,   ζ_i += Σ_j (A_ij d dᵀ + B_ij I)(t_i - t_j),
+// d = x_i - x_j (minimum image in box), a sum over row i alone: rows are independent (no
+// scatter) and a row's sum runs in the list's order, so the result is bitwise the same
+// for any split among threads. Mixed partials in the same pass: B is linear in
+// k_e q_i q_j and in 4√ε_i√ε_j, so ∂B/∂(a parameter of atom i or j) is the pair's
+// Coulomb or LJ part times the other factor (σ: one derivative of the LJ part), added
+// to the tangent of that atom's parameter of each kind (mix_p (3, N): charge, σ, ε;
+// -1: not chosen).
+struct PairConsts {
+  double cutoff, switch_distance, k_rf, alpha;  // switch_distance < 0: no switch;
+};                                              // alpha = 0: reaction field
+
+struct PairScalars {
+  double b, a, b_lj, b_c, db_lj_ds;
+};
+
+inline PairScalars pair_scalars(double r, double sig, double eps4, double qq,
+                                const PairConsts& pc) {
+  const double inv_r = 1.0 / r, inv_r2 = inv_r * inv_r;
+  const double s2 = sig * sig * inv_r2, s6 = s2 * s2 * s2, s12 = s6 * s6;
+  double lj = s12 - s6;
+  double d_lj = (-12.0 * s12 + 6.0 * s6) * inv_r;
+  double dd_lj = (156.0 * s12 - 42.0 * s6) * inv_r2;
+  const double inv_sig = sig > 0 ? 1.0 / sig : 0.0;  // σ = 0: no LJ
+  const double lj_s = (12.0 * s12 - 6.0 * s6) * inv_sig;
+  double d_lj_s = (-144.0 * s12 + 36.0 * s6) * inv_r * inv_sig;
+  if (pc.switch_distance >= 0) {
+    const double w = pc.cutoff - pc.switch_distance;
+    const double t = std::min(std::max((r - pc.switch_distance) / w, 0.0), 1.0);
+    const double sw = 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t));
+    const double d_sw = t * t * (-30.0 + t * (60.0 - 30.0 * t)) / w;
+    const double dd_sw = t * (-60.0 + t * (180.0 - 120.0 * t)) / (w * w);
+    const double l = lj, dl = d_lj;
+    lj = l * sw;
+    d_lj = dl * sw + l * d_sw;
+    dd_lj = dd_lj * sw + 2.0 * dl * d_sw + l * dd_sw;
+    d_lj_s = d_lj_s * sw + lj_s * d_sw;
+  }
+  double d_c, dd_c;
+  if (pc.alpha == 0) {
+    d_c = -inv_r2 + 2.0 * pc.k_rf * r;
+    dd_c = 2.0 * inv_r2 * inv_r + 2.0 * pc.k_rf;
+  } else {
+    const double ar = pc.alpha * r;
+    const double erfc = std::erfc(ar);
+    const double gauss = 1.1283791670955126 * pc.alpha * std::exp(-ar * ar);  // 2α/√π e^{-α²r²}
+    d_c = -erfc * inv_r2 - gauss * inv_r;
+    dd_c = 2.0 * erfc * inv_r2 * inv_r + gauss * (2.0 * inv_r2 + 2.0 * pc.alpha * pc.alpha);
+  }
+  PairScalars ps;
+  ps.b_lj = d_lj * inv_r;
+  ps.b_c = d_c * inv_r;
+  ps.db_lj_ds = d_lj_s * inv_r;
+  const double db_lj = (dd_lj - d_lj * inv_r) * inv_r, db_c = (dd_c - d_c * inv_r) * inv_r;
+  ps.b = eps4 * ps.b_lj + qq * ps.b_c;
+  ps.a = (eps4 * db_lj + qq * db_c) * inv_r;
+  return ps;
+}
+
+struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε = 0)
+  const double* q;
+  const double* sig;
+  const double* seps;
+  const double* dseps;
+};
+
+constexpr double COULOMB_K = 138.93545764438198;  // kJ nm/(mol e²), timemachine.constants
+
+// rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
+// 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks lanes
+void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
+                         int64_t k, const PairAtoms& at, const PairConsts& pc, int64_t i0,
+                         int64_t i1, int64_t chunks, const double* t, double* z,
+                         const int32_t* mix_p, double* grad, lanes* acc) {
+  const int64_t block = 3 * n * LANES;
+  const double rc2 = pc.cutoff * pc.cutoff;
   for (int64_t i = i0; i < i1; ++i) {
     const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
-    const double* ti = t + 3 * i * LANES;
-    const lanes t0 = load_lanes(ti), t1 = load_lanes(ti + LANES), t2 = load_lanes(ti + 2 * LANES);
-    lanes acc0 = {}, acc1 = {}, acc2 = {};
-    int64_t pi_[3];
-    double own[3][3] = {};
-    for (int m = 0; m < m_kinds; ++m) pi_[m] = (int64_t)mix_p[m * n + i] - p0;
+    const double qi = at.q[i], sgi = at.sig[i], sei = at.seps[i], dsei = at.dseps[i];
+    double g0 = 0, g1 = 0, g2 = 0;
+    double own[3][3] = {};  // Σ_j ∂B/∂(atom i's parameter of kind m) d
+    for (int64_t c = 0; c < 3 * chunks; ++c) acc[c] = lanes{};
     for (int64_t s = 0; s < k; ++s) {
       const int64_t j = idx[i * k + s];
       if (j >= n) break;  // padding: the row's partners come first
@@ -411,85 +475,110 @@ void neighbour_rows(const double* x, const double* box, const int32_t* idx, cons
         d1 -= box[1] * std::nearbyint(d1 / box[1]);
         d2 -= box[2] * std::nearbyint(d2 / box[2]);
       }
-      const double aij = pa[i * k + s], bij = pb[i * k + s];
-      const double* tj = t + 3 * j * LANES;
-      const lanes e0 = t0 - load_lanes(tj), e1 = t1 - load_lanes(tj + LANES),
-                  e2 = t2 - load_lanes(tj + 2 * LANES);
-      const lanes as = aij * (d0 * e0 + d1 * e1 + d2 * e2);
-      acc0 += as * d0 + bij * e0;
-      acc1 += as * d1 + bij * e1;
-      acc2 += as * d2 + bij * e2;
-      for (int m = 0; m < m_kinds; ++m) {
-        const int64_t pj = (int64_t)mix_p[m * n + j] - p0;
-        if (pj >= 0 && pj < LANES) {
-          const double w = mix_j[(m * n + i) * k + s];
-          acc0[pj] += w * d0;
-          acc1[pj] += w * d1;
-          acc2[pj] += w * d2;
+      const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
+      if (!(r2 < rc2)) continue;
+      const double r = std::sqrt(r2);
+      const double eps4 = 4.0 * sei * at.seps[j];
+      const double qq = COULOMB_K * qi * at.q[j];
+      const PairScalars ps = pair_scalars(r, 0.5 * (sgi + at.sig[j]), eps4, qq, pc);
+      g0 += ps.b * d0;
+      g1 += ps.b * d1;
+      g2 += ps.b * d2;
+      if (chunks == 0) continue;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const double* ti = t + c * block + 3 * i * LANES;
+        const double* tj = t + c * block + 3 * j * LANES;
+        const lanes e0 = load_lanes(ti) - load_lanes(tj),
+                    e1 = load_lanes(ti + LANES) - load_lanes(tj + LANES),
+                    e2 = load_lanes(ti + 2 * LANES) - load_lanes(tj + 2 * LANES);
+        const lanes as = ps.a * (d0 * e0 + d1 * e1 + d2 * e2);
+        acc[3 * c] += as * d0 + ps.b * e0;
+        acc[3 * c + 1] += as * d1 + ps.b * e1;
+        acc[3 * c + 2] += as * d2 + ps.b * e2;
+      }
+      if (!mix_p) continue;
+      // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
+      const double half_s = 0.5 * eps4 * ps.db_lj_ds;
+      const double mi[3] = {ps.b_c * COULOMB_K * at.q[j], half_s,
+                            ps.b_lj * 4.0 * at.seps[j] * dsei};
+      const double mj[3] = {ps.b_c * COULOMB_K * qi, half_s,
+                            ps.b_lj * 4.0 * sei * at.dseps[j]};
+      for (int m = 0; m < 3; ++m) {
+        const int32_t pj = mix_p[m * n + j];
+        if (pj >= 0) {
+          double* a = reinterpret_cast<double*>(&acc[3 * (pj / LANES)]);
+          a[pj % LANES] += mj[m] * d0;
+          a[LANES + pj % LANES] += mj[m] * d1;
+          a[2 * LANES + pj % LANES] += mj[m] * d2;
         }
-        if (pi_[m] >= 0 && pi_[m] < LANES) {
-          const double w = mix_i[(m * n + i) * k + s];
-          own[m][0] += w * d0;
-          own[m][1] += w * d1;
-          own[m][2] += w * d2;
-        }
+        own[m][0] += mi[m] * d0;
+        own[m][1] += mi[m] * d1;
+        own[m][2] += mi[m] * d2;
       }
     }
-    for (int m = 0; m < m_kinds; ++m)
-      if (pi_[m] >= 0 && pi_[m] < LANES) {
-        acc0[pi_[m]] += own[m][0];
-        acc1[pi_[m]] += own[m][1];
-        acc2[pi_[m]] += own[m][2];
+    grad[3 * i] = g0;
+    grad[3 * i + 1] = g1;
+    grad[3 * i + 2] = g2;
+    if (chunks == 0) continue;
+    if (mix_p)
+      for (int m = 0; m < 3; ++m) {
+        const int32_t pi = mix_p[m * n + i];
+        if (pi < 0) continue;
+        double* a = reinterpret_cast<double*>(&acc[3 * (pi / LANES)]);
+        for (int e = 0; e < 3; ++e) a[e * LANES + pi % LANES] += own[m][e];
       }
-    double* zi = z + 3 * i * LANES;
-    store_lanes(zi, acc0);
-    store_lanes(zi + LANES, acc1);
-    store_lanes(zi + 2 * LANES, acc2);
+    for (int64_t c = 0; c < chunks; ++c) {
+      double* zi = z + c * block + 3 * i * LANES;
+      store_lanes(zi, acc[3 * c]);
+      store_lanes(zi + LANES, acc[3 * c + 1]);
+      store_lanes(zi + 2 * LANES, acc[3 * c + 2]);
+    }
   }
 }
 
 thread_local Scratch t_ndxt, t_nzt;
 
-ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
-                             ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
-                             ffi::Buffer<ffi::F64> pair_a, ffi::Buffer<ffi::F64> pair_b,
-                             ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::F64> mix_i,
-                             ffi::Buffer<ffi::F64> mix_j, ffi::Buffer<ffi::S32> mix_p,
-                             ffi::ResultBuffer<ffi::F64> zeta) {
+ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                              ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
+                              ffi::Buffer<ffi::F64> atoms, ffi::Buffer<ffi::F64> consts,
+                              ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::S32> mix_p,
+                              ffi::ResultBuffer<ffi::F64> grad,
+                              ffi::ResultBuffer<ffi::F64> zeta) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_zeta: x must have shape (N, 3)");
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: x must have shape (N, 3)");
   const int64_t n = xd[0];
   const auto id = idx.dimensions();
   if (id.size() != 2 || id[0] != n)
-    return ffi::Error::InvalidArgument("tm_neighbour_zeta: idx must have shape (N, K)");
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: idx must have shape (N, K)");
   const int64_t k = id[1];
-  if (pair_a.element_count() != (size_t)(n * k) || pair_b.element_count() != (size_t)(n * k))
-    return ffi::Error::InvalidArgument("tm_neighbour_zeta: pair_a, pair_b must be (N, K)");
+  if (atoms.element_count() != (size_t)(4 * n))
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: atoms must be (4, N)");
+  if (consts.element_count() != 4)
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: consts must be (4,)");
   if (box.element_count() != 0 && box.element_count() != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_zeta: box must be (3,) or empty");
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: box must be (3,) or empty");
   const auto dd = dx.dimensions();
   if (dd.size() != 3 || dd[1] != n || dd[2] != 3)
     return ffi::Error::InvalidArgument(
-        "tm_neighbour_zeta: dx must have shape (P, " + std::to_string(n) + ", 3)");
+        "tm_neighbour_pairs: dx must have shape (P, " + std::to_string(n) + ", 3)");
   const int64_t p = dd[0];
-  const int m_kinds = (int)(mix_p.element_count() / std::max<int64_t>(n, 1));
-  if (m_kinds > 3 || mix_p.element_count() != (size_t)(m_kinds * n) ||
-      mix_i.element_count() != (size_t)(m_kinds * n * k) ||
-      mix_j.element_count() != (size_t)(m_kinds * n * k))
-    return ffi::Error::InvalidArgument(
-        "tm_neighbour_zeta: mix_i, mix_j must be (M, N, K) and mix_p (M, N), M <= 3");
-  if (p == 0) return ffi::Error::Success();
+  if (mix_p.element_count() != 0 && mix_p.element_count() != (size_t)(3 * n))
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p must be (3, N) or empty");
+  const int32_t* mp = mix_p.element_count() ? mix_p.typed_data() : nullptr;
+  if (mp)
+    for (int64_t a = 0; a < 3 * n; ++a)
+      if (mp[a] >= p) return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p >= P");
+  const double* cd = consts.typed_data();
+  const PairConsts pc{cd[0], cd[1], cd[2], cd[3]};
+  const double* ad = atoms.typed_data();
+  const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const int64_t chunks = (p + LANES - 1) / LANES;
   const int64_t rows = 3 * n, block = rows * LANES;
-  double* dxt = t_ndxt.get(chunks * block);
-  double* zt = t_nzt.get(chunks * block);
+  double* dxt = t_ndxt.get(std::max<int64_t>(chunks * block, 1));
+  double* zt = t_nzt.get(std::max<int64_t>(chunks * block, 1));
   const double* src = dx.typed_data();
-  double* z = zeta->typed_data();
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
-  // units: (chunk, row range) pairs, so that one chunk of tangents still splits
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 8));
-  const int units = (int)(chunks * parts);
   for (int64_t c = 0; c < chunks; ++c) {  // tangents in, as (chunk, 3N, LANES)
     double* t = dxt + c * block;
     const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
@@ -499,14 +588,16 @@ ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       for (int64_t r = 0; r < rows; ++r) t[r * LANES + l] = s[r];
     }
   }
+  // units: row ranges, each with every chunk (the scalars are computed once per pair)
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
-    const int64_t c = u / parts, part = u % parts;
-    neighbour_rows(x.typed_data(), bx, idx.typed_data(), pair_a.typed_data(),
-                   pair_b.typed_data(), n, k, n * part / parts, n * (part + 1) / parts,
-                   dxt + c * block, zt + c * block, m_kinds, mix_i.typed_data(),
-                   mix_j.typed_data(), mix_p.typed_data(), c * LANES);
+    std::vector<lanes> acc(3 * std::max<int64_t>(chunks, 1));
+    neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, n * u / units,
+                        n * (u + 1) / units, chunks, dxt, zt, mp, g, acc.data());
   };
   parallel_units(pool, units, work);
+  double* z = zeta->typed_data();
   for (int64_t c = 0; c < chunks; ++c) {  // ζ out, (P, N, 3)
     const double* zc = zt + c * block;
     const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
@@ -515,6 +606,198 @@ ffi::Error NeighbourZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       for (int64_t r = 0; r < rows; ++r) d[r] = zc[r * LANES + l];
     }
   }
+  return ffi::Error::Success();
+}
+
+// Smooth PME's reciprocal ζ (timemachine/potentials/cutoffs.py,
+// pme_reciprocal_gradient_and_zeta): the two steps that XLA runs slowly on the CPU, a
+// scatter and a gather of (atoms × order³) rows of P tangents.
+//
+// Atom j's stencil is the tensor product of its B-spline weights w[j][d][a] along the
+// three axes at grid indices idx[j][d][a], with dw the weights' x-derivatives (already
+// scaled by K_d / L_d). Per tangent p,
+//   spread:  δQ_p(g) += W_j(g) dq_p,j + q_j Σ_e ∂_e W_j(g) dx_p,j,e
+//   gather:  F_p,i,d = Σ_g δΨ_p(g) ∂_d W_i(g)
+// The grid is held as (K³, chunks, LANES): a grid point's tangents are contiguous, so an
+// atom's stencil (order rows of order consecutive points) reads whole cache lines for
+// every chunk at once. The spread's units are chunk ranges (atoms write shared grid
+// points; a chunk is one cache line, so units share none), the gather's atom ranges;
+// every lane sums in the same order whichever unit or thread runs it, so results are
+// bitwise the same on any number of threads.
+struct PmeStencil {
+  const double* w;     // (N, 3, n)
+  const double* dw;    // (N, 3, n)
+  const int32_t* idx;  // (N, 3, n)
+  int64_t n, order, ky, kz;
+};
+
+// coef (N, chunks, 4, LANES): dq and q dx_{x,y,z}; buf (K³, chunks, LANES); uv scratch
+void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks, int64_t c0,
+                       int64_t c1, double* buf, lanes* uv) {
+  const int64_t o = st.order, m = c1 - c0;
+  for (int64_t j = 0; j < st.n; ++j) {
+    const double* wj = st.w + j * 3 * o;
+    const double* gj = st.dw + j * 3 * o;
+    const int32_t* ij = st.idx + j * 3 * o;
+    const double* cj = coef + j * chunks * 4 * LANES;
+    for (int64_t a = 0; a < o; ++a) {
+      const double wx = wj[a], gx = gj[a];
+      const int64_t rx = (int64_t)ij[a] * st.ky;
+      for (int64_t b = 0; b < o; ++b) {
+        const double wy = wj[o + b], gy = gj[o + b];
+        const double p0 = wx * wy, p1 = gx * wy, p2 = wx * gy;
+        for (int64_t c = 0; c < m; ++c) {
+          const double* cc = cj + (c0 + c) * 4 * LANES;
+          uv[2 * c] = p0 * load_lanes(cc) + p1 * load_lanes(cc + LANES) +
+                      p2 * load_lanes(cc + 2 * LANES);
+          uv[2 * c + 1] = p0 * load_lanes(cc + 3 * LANES);
+        }
+        const int64_t rxy = (rx + ij[o + b]) * st.kz;
+        for (int64_t z = 0; z < o; ++z) {
+          const double wz = wj[2 * o + z], gz = gj[2 * o + z];
+          double* g = buf + ((rxy + ij[2 * o + z]) * chunks + c0) * LANES;
+          for (int64_t c = 0; c < m; ++c)
+            store_lanes(g + c * LANES, load_lanes(g + c * LANES) + wz * uv[2 * c] + gz * uv[2 * c + 1]);
+        }
+      }
+    }
+  }
+}
+
+// buf (K³, chunks, LANES) δΨ; out (N, chunks, 3, LANES); sf scratch
+void pme_gather_rows(const PmeStencil& st, const double* buf, int64_t chunks, int64_t i0,
+                     int64_t i1, double* out, lanes* sf) {
+  const int64_t o = st.order;
+  lanes* s01 = sf;               // (chunks, 2)
+  lanes* f = sf + 2 * chunks;    // (chunks, 3)
+  for (int64_t i = i0; i < i1; ++i) {
+    const double* wi = st.w + i * 3 * o;
+    const double* gi = st.dw + i * 3 * o;
+    const int32_t* ii = st.idx + i * 3 * o;
+    for (int64_t c = 0; c < 3 * chunks; ++c) f[c] = lanes{};
+    for (int64_t a = 0; a < o; ++a) {
+      const int64_t rx = (int64_t)ii[a] * st.ky;
+      for (int64_t b = 0; b < o; ++b) {
+        const int64_t rxy = (rx + ii[o + b]) * st.kz;
+        for (int64_t c = 0; c < 2 * chunks; ++c) s01[c] = lanes{};
+        for (int64_t z = 0; z < o; ++z) {
+          const double wz = wi[2 * o + z], gz = gi[2 * o + z];
+          const double* g = buf + (rxy + ii[2 * o + z]) * chunks * LANES;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const lanes v = load_lanes(g + c * LANES);
+            s01[2 * c] += wz * v;
+            s01[2 * c + 1] += gz * v;
+          }
+        }
+        const double wx = wi[a], gx = gi[a], wy = wi[o + b], gy = gi[o + b];
+        const double px = gx * wy, py = wx * gy, pz = wx * wy;
+        for (int64_t c = 0; c < chunks; ++c) {
+          f[3 * c] += px * s01[2 * c];
+          f[3 * c + 1] += py * s01[2 * c];
+          f[3 * c + 2] += pz * s01[2 * c + 1];
+        }
+      }
+    }
+    double* oi = out + i * chunks * 3 * LANES;
+    for (int64_t c = 0; c < 3 * chunks; ++c) store_lanes(oi + c * LANES, f[c]);
+  }
+}
+
+ffi::Error check_stencil(const char* name, ffi::Buffer<ffi::F64>& w, ffi::Buffer<ffi::F64>& dw,
+                         ffi::Buffer<ffi::S32>& idx, int64_t* n, int64_t* order) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 3 || wd[1] != 3)
+    return ffi::Error::InvalidArgument(std::string(name) + ": w must have shape (N, 3, order)");
+  *n = wd[0];
+  *order = wd[2];
+  if (dw.element_count() != w.element_count() || idx.element_count() != w.element_count())
+    return ffi::Error::InvalidArgument(std::string(name) + ": dw, idx must be shaped as w");
+  return ffi::Error::Success();
+}
+
+thread_local Scratch t_pcoef, t_pbuf, t_pout;
+
+ffi::Error PmeSpreadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
+                         ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F64> charge,
+                         ffi::Buffer<ffi::F64> dq, ffi::Buffer<ffi::F64> dx,
+                         ffi::ResultBuffer<ffi::F64> grid) {
+  int64_t n, order;
+  if (auto e = check_stencil("tm_pme_spread", w, dw, idx, &n, &order); e.failure()) return e;
+  const auto gd = grid->dimensions();
+  if (gd.size() != 4) return ffi::Error::InvalidArgument("tm_pme_spread: grid is (P, Kx, Ky, Kz)");
+  const int64_t p = gd[0], kx = gd[1], ky = gd[2], kz = gd[3], ng = kx * ky * kz;
+  if (charge.element_count() != (size_t)n || dq.element_count() != (size_t)(p * n) ||
+      dx.element_count() != (size_t)(p * n * 3))
+    return ffi::Error::InvalidArgument("tm_pme_spread: charge (N,), dq (P, N), dx (P, N, 3)");
+  if (p == 0) return ffi::Error::Success();
+  const int64_t chunks = (p + LANES - 1) / LANES, width = chunks * LANES;
+  double* coef = t_pcoef.get(n * width * 4);
+  double* buf = t_pbuf.get(ng * width);
+  const double* q = charge.typed_data();
+  const double* dqd = dq.typed_data();
+  const double* dxd = dx.typed_data();
+  std::memset(coef, 0, sizeof(double) * n * width * 4);
+  for (int64_t pp = 0; pp < p; ++pp) {
+    const int64_t c = pp / LANES, l = pp % LANES;
+    for (int64_t j = 0; j < n; ++j) {
+      double* cj = coef + (j * chunks + c) * 4 * LANES + l;
+      cj[0] = dqd[pp * n + j];
+      for (int e = 0; e < 3; ++e) cj[(1 + e) * LANES] = q[j] * dxd[(pp * n + j) * 3 + e];
+    }
+  }
+  std::memset(buf, 0, sizeof(double) * ng * width);
+  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
+  const int64_t units = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
+  std::function<void(int)> work = [&](int u) {
+    std::vector<lanes> uv(2 * chunks);
+    pme_spread_chunks(st, coef, chunks, chunks * u / units, chunks * (u + 1) / units, buf,
+                      uv.data());
+  };
+  parallel_units(pool, (int)units, work);
+  double* out = grid->typed_data();
+  for (int64_t g = 0; g < ng; ++g) {
+    const double* b = buf + g * width;
+    for (int64_t pp = 0; pp < p; ++pp) out[pp * ng + g] = b[pp];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
+                         ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
+                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F64> field) {
+  int64_t n, order;
+  if (auto e = check_stencil("tm_pme_gather", w, dw, idx, &n, &order); e.failure()) return e;
+  const auto pd = potential.dimensions();
+  if (pd.size() != 4)
+    return ffi::Error::InvalidArgument("tm_pme_gather: potential is (P, Kx, Ky, Kz)");
+  const int64_t p = pd[0], ky = pd[2], kz = pd[3], ng = pd[1] * ky * kz;
+  if (field->element_count() != (size_t)(p * n * 3))
+    return ffi::Error::InvalidArgument("tm_pme_gather: field is (P, N, 3)");
+  if (p == 0) return ffi::Error::Success();
+  const int64_t chunks = (p + LANES - 1) / LANES, width = chunks * LANES;
+  double* buf = t_pbuf.get(ng * width);
+  double* out = t_pout.get(n * 3 * width);
+  const double* src = potential.typed_data();
+  for (int64_t g = 0; g < ng; ++g) {  // δΨ in, as (K³, chunks, LANES)
+    double* b = buf + g * width;
+    for (int64_t pp = 0; pp < p; ++pp) b[pp] = src[pp * ng + g];
+    for (int64_t pp = p; pp < width; ++pp) b[pp] = 0.0;
+  }
+  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  std::function<void(int)> work = [&](int u) {
+    std::vector<lanes> sf(5 * chunks);
+    pme_gather_rows(st, buf, chunks, n * u / units, n * (u + 1) / units, out, sf.data());
+  };
+  parallel_units(pool, units, work);
+  double* f = field->typed_data();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int e = 0; e < 3; ++e) {
+        const double* o = out + ((i * chunks + c) * 3 + e) * LANES;
+        const int64_t width_c = std::min<int64_t>(LANES, p - c * LANES);
+        for (int64_t l = 0; l < width_c; ++l) f[((c * LANES + l) * n + i) * 3 + e] = o[l];
+      }
   return ffi::Error::Success();
 }
 
@@ -538,17 +821,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
 );
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourZeta, NeighbourZetaImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourPairs, NeighbourPairsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F64>>()  // x
                                   .Arg<ffi::Buffer<ffi::F64>>()  // box
                                   .Arg<ffi::Buffer<ffi::S32>>()  // idx
-                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_a
-                                  .Arg<ffi::Buffer<ffi::F64>>()  // pair_b
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // atoms (4, N)
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // consts (4,)
                                   .Arg<ffi::Buffer<ffi::F64>>()  // dx
-                                  .Arg<ffi::Buffer<ffi::F64>>()  // mix_i
-                                  .Arg<ffi::Buffer<ffi::F64>>()  // mix_j
                                   .Arg<ffi::Buffer<ffi::S32>>()  // mix_p
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeSpread, PmeSpreadImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dw
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // charge
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dq
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grid
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeGather, PmeGatherImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // potential
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dw
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // field
 );

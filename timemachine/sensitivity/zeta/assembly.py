@@ -142,7 +142,7 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
         # Verlet lists: every term by its own gradient, nothing O(N²) (structured.autodiff)
         if gradient_only:
             return sparse_gradient(system)
-        host = xla_cpu.neighbour_zeta if _use_host_bonded(bonded, False) else None
+        host = xla_cpu if _use_host_bonded(bonded, False) else None
         return sparse_gradient_and_zeta(system, wrt, host=host)
     n = system.n_atoms
     # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs

@@ -16,6 +16,9 @@ Two levels, as test_kernels_host.py does for the all-pairs terms:
   of both atom types, ε_H = 0 among them, and bond/angle tangents that are x-only):
   to 1e-12 relative (max-abs error over max-abs value).
 
+With a GPU (``@pytest.mark.gpu``, skipped without one) the same kernels run through CuPy
+on the same box, against the reference and the host build.
+
 Errors are max-abs over max-abs of each array; for the random pairs, within each of 12
 log-spaced bins of r, so that the small values near the cutoff are checked as tightly as
 the large ones at short range.
@@ -232,7 +235,8 @@ def pair_args(term, theta):
 
 
 def kernel_run(executor, term, theta, x, nb, wrt, dx, xonly=False):
-    """(energy (N,), ∇E, ∂E/∂(q_i, σ_i, ε_i) (N, 3), ζ) from the host-built kernels."""
+    """(energy (N,), ∇E, ∂E/∂(q_i, σ_i, ε_i) (N, 3), ζ) from the cutoff kernels on
+    ``executor`` (the host build, or CuPy on a GPU), as numpy arrays."""
     n = x.shape[0]
     p = len(wrt)
     q, sig, eps = (np.asarray(a, np.float64) for a in pair_args(term, theta))
@@ -243,13 +247,13 @@ def kernel_run(executor, term, theta, x, nb, wrt, dx, xonly=False):
     inv_wrt[np.asarray(wrt)] = np.arange(p, dtype=np.int32)
     k_rf, c_rf = cutoffs.reaction_field_constants(term.cutoff, term.dielectric)
     arrays = dict(
-        x=np.ascontiguousarray(x, np.float64), charge=q, sigma=sig, root_eps=root,
-        droot_eps=droot, slot_q=inv_wrt[term.charge_index], slot_sig=inv_wrt[term.sigma_index],
-        slot_eps=inv_wrt[term.epsilon_index], nbr=np.ascontiguousarray(nb.idx, np.int32),
-        dx=np.ascontiguousarray(dx, np.float64), energy=np.zeros(n), grad=np.zeros((n, 3)),
+        x=np.asarray(x, np.float64), charge=q, sigma=sig, root_eps=root, droot_eps=droot,
+        slot_q=inv_wrt[term.charge_index], slot_sig=inv_wrt[term.sigma_index],
+        slot_eps=inv_wrt[term.epsilon_index], nbr=np.asarray(nb.idx, np.int32),
+        dx=np.asarray(dx, np.float64), energy=np.zeros(n), grad=np.zeros((n, 3)),
         dedp=np.zeros((n, 3)), zeta=np.zeros((max(p, 1), n, 3)),
     )  # fmt: skip
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    arrays = {k: executor.upload(k, np.ascontiguousarray(v)) for k, v in arrays.items()}
     box = np.zeros(3) if term.box is None else np.asarray(term.box, np.float64)
     fields = {k: executor.ptr(v) for k, v in arrays.items()}
     fields.update(
@@ -264,7 +268,9 @@ def kernel_run(executor, term, theta, x, nb, wrt, dx, xonly=False):
     if p:
         kernel = "tm_cutoff_zeta_xonly" if xonly else "tm_cutoff_zeta"
         executor.launch(kernel, n, -(-p // PCHUNK), block)
-    return arrays["energy"], arrays["grad"], arrays["dedp"], arrays["zeta"][:p]
+    out = [executor.to_host(arrays[k]) for k in ("energy", "grad", "dedp", "zeta")]
+    out[3] = out[3][:p]
+    return tuple(out)
 
 
 def reference_run(term, theta, x, nb, wrt, dx):
@@ -367,3 +373,43 @@ def test_rows_own_their_sums_in_every_launch_order(water, order):
     other = kernel_run(HostExecutor(lib, order=order), term, theta, x, nb, wrt, dx)
     for a, b in zip(base, other, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cuda_backend_refuses_the_term_and_says_why(water):
+    from timemachine.backends.tables import build_plan
+    from timemachine.errors import InputError
+
+    system, *_ = water
+    why = (
+        r"no kernel for system\.terms\[2\] \(nonbonded-cutoff\), a CutoffNonbonded, yet: "
+        r"its Verlet-list pair kernels \(tm_cutoff_primal.*backend='jax'"
+    )
+    with pytest.raises(InputError, match=why):
+        build_plan(system, [])
+
+
+@pytest.mark.gpu
+def test_gpu_cutoff_kernels_match_the_reference_and_the_host_build(water):
+    """The same kernels through CuPy (NVRTC) on a GPU: against the JAX reference to 1e-12,
+    and against the host build of the same bodies (a different compiler: FMA contraction
+    may change the last bits, not more)."""
+    from timemachine.backends.cupy_backend import CupyExecutor
+
+    system, term, x, nb = water
+    theta = np.asarray(system.params)
+    wrt = [system.param_names.index(name) for name in WRT_NAMES]
+    dx = tangents(system, x, wrt, 8)
+    gpu = kernel_run(CupyExecutor(), term, theta, x, nb, wrt, dx)
+    host = kernel_run(HostExecutor(load_host_library()), term, theta, x, nb, wrt, dx)
+    e_ref, dedp_ref, g_ref, z_ref = reference_run(term, theta, x, nb, wrt, dx)
+    errs = {
+        "E": abs(gpu[0].sum() - e_ref) / abs(e_ref),
+        "∇E": rel(gpu[1], g_ref),
+        "∂E/∂(q,σ,ε)": rel(gpu[2], dedp_ref),
+        "ζ": rel(gpu[3], z_ref),
+    }
+    print("GPU vs JAX: " + "  ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    for name, err in errs.items():
+        assert err < TOL, f"{name}: relative error {err:.2e}"
+    for a, b in zip(gpu, host, strict=True):
+        assert rel(a, b) < 1e-13

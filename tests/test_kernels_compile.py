@@ -108,7 +108,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(build):
     print("\n".join(warnings) or "no compiler warnings")
 
 
-CUTOFF_KERNELS = ("tm_cutoff_primal", "tm_cutoff_zeta", "tm_cutoff_zeta_xonly")
+CUTOFF_KERNELS = ("tm_cutoff_list", "tm_cutoff_primal", "tm_cutoff_zeta", "tm_cutoff_zeta_xonly")
 
 
 @needs_nvcc

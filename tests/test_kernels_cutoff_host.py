@@ -14,7 +14,8 @@ Two levels, as test_kernels_host.py does for the all-pairs terms:
   against ``neighbour_pair_energy``, jax.grad of it for ∂E/∂(q, σ, ε), and
   ``neighbour_pair_gradient_and_zeta`` for ∇E and ζ with 10 tangents (charges, σ and ε
   of both atom types, ε_H = 0 among them, and bond/angle tangents that are x-only):
-  to 1e-12 relative (max-abs error over max-abs value).
+  to 1e-12 relative (max-abs error over max-abs value); and tm_cutoff_list, the list
+  build, against the term's ``build_neighbours``.
 
 With a GPU (``@pytest.mark.gpu``, skipped without one) the same kernels run through CuPy
 on the same box, against the reference and the host build.
@@ -373,6 +374,46 @@ def test_rows_own_their_sums_in_every_launch_order(water, order):
     other = kernel_run(HostExecutor(lib, order=order), term, theta, x, nb, wrt, dx)
     for a, b in zip(base, other, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def kernel_list(executor, term, x, capacity):
+    """(nbr (N, K), count (N,)) from tm_cutoff_list at radius cutoff + skin."""
+    n = x.shape[0]
+    excluded = cutoffs.exclusion_table(term.exclusion_idx, n)
+    arrays = dict(x=np.asarray(x, np.float64), excluded=excluded,
+                  nbr=np.zeros((n, capacity), np.int32), count=np.zeros(n, np.int32))  # fmt: skip
+    arrays = {k: executor.upload(k, np.ascontiguousarray(v)) for k, v in arrays.items()}
+    box = np.zeros(3) if term.box is None else np.asarray(term.box, np.float64)
+    fields = {k: executor.ptr(v) for k, v in arrays.items()}
+    fields.update(box_x=box[0], box_y=box[1], box_z=box[2], radius=term.cutoff + term.skin,
+                  periodic=int(term.box is not None), n_atoms=n,
+                  n_excluded=excluded.shape[1], capacity=capacity)  # fmt: skip
+    executor.launch("tm_cutoff_list", n, 1, executor.struct("list", "ListArgs", fields))
+    return executor.to_host(arrays["nbr"]), executor.to_host(arrays["count"])
+
+
+def test_list_kernel_finds_the_pairs_of_build_neighbours(water):
+    """tm_cutoff_list (all j per row, in increasing j) holds in each row the partners of
+    the JAX build (cell list or all pairs, in its own order), and marks overflow."""
+    system, term, x, nb = water
+    n, capacity = nb.idx.shape
+    lib = load_host_library()
+    nbr, count = kernel_list(HostExecutor(lib), term, x, capacity)
+    ref = np.asarray(nb.idx)
+    assert np.array_equal(count, (ref < n).sum(1)) and count.max() > 300
+    np.testing.assert_array_equal(nbr, np.sort(ref, axis=1))  # padding N sorts last
+    # the kernels on the kernel's own list give what they give on the reference list
+    wrt = [system.param_names.index(name) for name in WRT_NAMES]
+    dx = tangents(system, x, wrt, 9)
+    mine = kernel_run(HostExecutor(lib), term, np.asarray(system.params), x,
+                      nb._replace(idx=nbr), wrt, dx)  # fmt: skip
+    theirs = kernel_run(HostExecutor(lib), term, np.asarray(system.params), x, nb, wrt, dx)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)  # the same pairs in the same order per row
+    # too small a capacity: the first K partners, and counts that say so
+    small, count_small = kernel_list(HostExecutor(lib, order="strided"), term, x, 100)
+    np.testing.assert_array_equal(count_small, count)
+    np.testing.assert_array_equal(small, nbr[:, :100])
 
 
 def test_cuda_backend_refuses_the_term_and_says_why(water):

@@ -292,4 +292,47 @@ TM_HD void cutoff_zeta_body_xonly(i64 i, i64 chunk, const CutoffArgs& a) {
   cutoff_zeta_chunk<false>(i, chunk, a);
 }
 
+// ------------------------------------------------------------ building the list
+// Row i of the Verlet list of x: every j ≠ i not in row i of the exclusion table with
+// |d_ij| < radius (cutoff + skin; minimum image when periodic), in increasing j, padded
+// with N; count[i] the partners found (> capacity: the row overflowed and holds the first
+// capacity of them). O(N) per row (all j): the reference build for the host tests and
+// for small systems. A thread writes only its own row.
+struct ListArgs {
+  const double* x;      // (N, 3)
+  const i32* excluded;  // (N, M) atoms excluded from i, padded with -1 (cutoffs.exclusion_table)
+  i32* nbr;             // (N, K) out
+  i32* count;           // (N,) out
+  double box_x, box_y, box_z;
+  double radius;        // nm
+  i64 periodic;
+  i64 n_atoms;
+  i64 n_excluded;       // M
+  i64 capacity;         // K
+};
+
+TM_HD void cutoff_list_body(i64 i, const ListArgs& a) {
+  if (i >= a.n_atoms) return;
+  const double xi[3] = {a.x[3 * i], a.x[3 * i + 1], a.x[3 * i + 2]};
+  const double r2max = a.radius * a.radius;
+  i64 found = 0;
+  for (i64 j = 0; j < a.n_atoms; ++j) {
+    if (j == i) continue;
+    double d[3] = {xi[0] - a.x[3 * j], xi[1] - a.x[3 * j + 1], xi[2] - a.x[3 * j + 2]};
+    if (a.periodic) {
+      d[0] = minimum_image(d[0], a.box_x);
+      d[1] = minimum_image(d[1], a.box_y);
+      d[2] = minimum_image(d[2], a.box_z);
+    }
+    if (!(d[0] * d[0] + d[1] * d[1] + d[2] * d[2] < r2max)) continue;
+    bool skip = false;
+    for (i64 m = 0; m < a.n_excluded; ++m) skip = skip || a.excluded[i * a.n_excluded + m] == j;
+    if (skip) continue;
+    if (found < a.capacity) a.nbr[i * a.capacity + found] = (i32)j;
+    ++found;
+  }
+  for (i64 s = found; s < a.capacity; ++s) a.nbr[i * a.capacity + s] = (i32)a.n_atoms;
+  a.count[i] = (i32)found;
+}
+
 }  // namespace tmk

@@ -18,6 +18,7 @@
   X(tm_terms_zeta, TermArgs, terms_zeta_body)            \
   X(tm_nonbonded_primal, NonbondedArgs, nonbonded_primal_body) \
   X(tm_cutoff_primal, CutoffArgs, cutoff_primal_body)    \
+  X(tm_cutoff_list, ListArgs, cutoff_list_body)          \
   X(tm_gb_psi, GBArgs, gb_psi_body)                      \
   X(tm_gb_beta, GBArgs, gb_beta_body)                    \
   X(tm_gb_grad, GBArgs, gb_grad_body)                    \

@@ -174,10 +174,10 @@ TABLE_BUILDERS = {"nonbonded": ("pairs", _nonbonded_table), "gb": ("gb", _gb_tab
 NOT_WIRED = {
     "nonbonded-cutoff": (
         "its Verlet-list pair kernels (tm_cutoff_primal, tm_cutoff_zeta[_xonly], "
-        "cuda/kernels/cutoff.cuh) exist and are checked on the host build, but the CUDA "
-        "backend does not yet build and refresh the list on the device, nor run PME's "
-        "reciprocal sum, the 1-4 exceptions or the dispersion correction: run explicit "
-        "solvent with backend='jax'"
+        "tm_cutoff_list; cuda/kernels/cutoff.cuh) exist and are checked on the host build, "
+        "but the CUDA step program does not yet keep the list on the device (check and "
+        "rebuild), nor run PME's reciprocal sum, the 1-4 exceptions or the dispersion "
+        "correction: run explicit solvent with backend='jax'"
     ),
 }
 

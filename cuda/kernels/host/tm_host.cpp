@@ -46,11 +46,11 @@ TM_KERNELS_2D(TM_HOST_2D)
 extern "C" long long tm_pchunk() { return tmk::PCHUNK; }
 extern "C" long long tm_sizeof(const char* name) {
   const char* names[] = {"TermArgs", "NonbondedArgs", "GBArgs", "LangevinArgs", "GatherArgs",
-                         "CutoffArgs"};
+                         "CutoffArgs", "ListArgs"};
   const long long sizes[] = {sizeof(tmk::TermArgs), sizeof(tmk::NonbondedArgs), sizeof(tmk::GBArgs),
                            sizeof(tmk::LangevinArgs), sizeof(tmk::GatherArgs),
-                           sizeof(tmk::CutoffArgs)};
-  for (int k = 0; k < 6; ++k) {
+                           sizeof(tmk::CutoffArgs), sizeof(tmk::ListArgs)};
+  for (int k = 0; k < 7; ++k) {
     const char* p = names[k];
     const char* q = name;
     while (*p && *p == *q) ++p, ++q;

@@ -454,3 +454,52 @@ def test_gpu_cutoff_kernels_match_the_reference_and_the_host_build(water):
         assert err < TOL, f"{name}: relative error {err:.2e}"
     for a, b in zip(gpu, host, strict=True):
         assert rel(a, b) < 1e-13
+
+
+SANITIZED_RUN = """
+import sys
+sys.path.insert(0, TESTS)
+import jax.numpy as jnp
+import numpy as np
+import timemachine as tm
+import test_kernels_cutoff_host as t
+from timemachine.backends.host import HostExecutor, load_host_library
+
+lib = load_host_library(SANITIZER_FLAGS)
+top, x0 = t._water()
+for method, kw in (("PME", {}), ("CutoffNonPeriodic", {"switch_distance": 0.8})):
+    system, x = tm.load_system((top, x0), forcefield=t.FILES, nonbonded_method=method,
+                               cutoff=t.CUTOFF, neighbour_skin=0.1, **kw)
+    (term,) = [u for u in system.terms if u.kind == "nonbonded-cutoff"]
+    x = np.asarray(x)
+    nb = term.build_neighbours(jnp.asarray(x))
+    capacity = nb.idx.shape[1]
+    nbr, count = t.kernel_list(HostExecutor(lib), term, x, capacity)
+    t.kernel_list(HostExecutor(lib), term, x, 50)  # rows that overflow
+    wrt = [system.param_names.index(name) for name in t.WRT_NAMES]
+    dx = t.tangents(system, x, wrt, 1)
+    for xonly in (False, True):
+        out = t.kernel_run(HostExecutor(lib), term, np.asarray(system.params), x,
+                           nb._replace(idx=nbr), wrt, dx, xonly)
+        assert all(np.isfinite(a).all() for a in out)
+    print(method, "clean")
+"""
+
+
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(sanitizer_env):
+    # the list build (at capacity and overflowing it) and the pair passes, periodic and
+    # not, with a partial tangent chunk: an out-of-bounds index stops the run and is named
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SANITIZER_FLAGS
+
+    code = SANITIZED_RUN.replace("SANITIZER_FLAGS", repr(tuple(SANITIZER_FLAGS.split())))
+    code = code.replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=sanitizer_env, capture_output=True, text=True
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-6000:]
+    assert report.count("clean") == 2, report[-6000:]

@@ -108,6 +108,29 @@ def test_every_kernel_compiles_for_sm80_and_sm90(build):
     print("\n".join(warnings) or "no compiler warnings")
 
 
+CUTOFF_KERNELS = ("tm_cutoff_list", "tm_cutoff_primal", "tm_cutoff_zeta", "tm_cutoff_zeta_xonly")
+
+
+@needs_nvcc
+def test_cutoff_list_kernels_compile_for_both_architectures(build):
+    # the Verlet-list kernels of cutoff.cuh (issue 20) are entries the Python side knows,
+    # compiled for sm_80 and sm_90; their registers and spills are reported (the ζ passes
+    # carry PCHUNK tangents in registers, as the all-pairs ones do)
+    proc, _ = build
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert set(CUTOFF_KERNELS) <= set(KERNELS)
+    entries = compiled_entries(output)
+    assert {(k, a) for k in CUTOFF_KERNELS for a in ARCHS} <= entries
+    usage = re.findall(
+        r"Function properties for (tm_cutoff\w+)\n\s+\d+ bytes stack frame, (\d+) bytes spill"
+        r"[^\n]*\n[^\n]*Used (\d+) registers",
+        output,
+    )
+    assert len(usage) == len(CUTOFF_KERNELS) * len(ARCHS), usage
+    print("cutoff kernels (name, spill bytes, registers):", usage)
+
+
 def broken_copy(tmp_path, header, marker, line):
     """A copy of the kernel sources with ``line`` added after ``marker`` in ``header``."""
     src = tmp_path / "kernels"
@@ -229,6 +252,15 @@ def test_nvrtc_rejects_what_only_nvcc_accepts(nvrtc, tmp_path):
     rc, log, _ = nvrtc_compile(nvrtc, str(src), "compute_80", str(tmp_path))
     assert rc != 0
     assert "cstdint" in log, log
+
+
+def test_nvrtc_reports_an_error_in_the_cutoff_header(nvrtc, tmp_path):
+    # cutoff.cuh is part of what NVRTC compiles: a type error there fails the build and
+    # the log names the header
+    src = broken_copy(tmp_path, "cutoff.cuh", "namespace tmk {", "static const double x = nullptr;")
+    rc, log, _ = nvrtc_compile(nvrtc, str(src), "compute_80", str(tmp_path))
+    assert rc != 0
+    assert "cutoff.cuh" in log, log
 
 
 # ------------------------------------------------------------------------------ packaging

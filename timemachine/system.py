@@ -251,8 +251,9 @@ class CutoffNonbonded:
     None; exclusion_idx: (X, 2) every excluded pair, i < j in lexicographic order.
     A periodic box at least 3 cutoffs across on every edge sums its pairs through a cell
     list rebuilt at every evaluation (``cells``, ``cell_capacity``; O(N)), a smaller
-    one densely (O(N²)). Derivatives (ζ) come from autodiff of the reference; no CUDA
-    path.
+    one densely (O(N²)). Derivatives (ζ) come from autodiff of the reference; the CUDA
+    kernels of its Verlet-list pair sum exist (cuda/kernels/cutoff.cuh) but backend="cuda"
+    does not run the term yet (``backends.tables.NOT_WIRED``).
     """
 
     kind = "nonbonded-cutoff"

@@ -4,6 +4,7 @@
 // over the same index space, in the same order of launches, for the CPU test suite.
 #pragma once
 #include "bonded.cuh"
+#include "cutoff.cuh"
 #include "gather.cuh"
 #include "gbsa.cuh"
 #include "langevin.cuh"
@@ -16,6 +17,8 @@
   X(tm_terms_primal, TermArgs, terms_primal_body)        \
   X(tm_terms_zeta, TermArgs, terms_zeta_body)            \
   X(tm_nonbonded_primal, NonbondedArgs, nonbonded_primal_body) \
+  X(tm_cutoff_primal, CutoffArgs, cutoff_primal_body)    \
+  X(tm_cutoff_list, ListArgs, cutoff_list_body)          \
   X(tm_gb_psi, GBArgs, gb_psi_body)                      \
   X(tm_gb_beta, GBArgs, gb_beta_body)                    \
   X(tm_gb_grad, GBArgs, gb_grad_body)                    \
@@ -31,6 +34,8 @@
 #define TM_KERNELS_2D(X)                                               \
   X(tm_nonbonded_zeta, NonbondedArgs, nonbonded_zeta_body)             \
   X(tm_nonbonded_zeta_xonly, NonbondedArgs, nonbonded_zeta_body_xonly) \
+  X(tm_cutoff_zeta, CutoffArgs, cutoff_zeta_body)                     \
+  X(tm_cutoff_zeta_xonly, CutoffArgs, cutoff_zeta_body_xonly)         \
   X(tm_gb_dpsi, GBArgs, gb_dpsi_body)                                  \
   X(tm_gb_dpsi_xonly, GBArgs, gb_dpsi_body_xonly)                      \
   X(tm_gb_dbeta, GBArgs, gb_dbeta_body)                                \

@@ -45,10 +45,12 @@ TM_KERNELS_2D(TM_HOST_2D)
 // layout checks for the Python-side struct descriptions, and the constants they share
 extern "C" long long tm_pchunk() { return tmk::PCHUNK; }
 extern "C" long long tm_sizeof(const char* name) {
-  const char* names[] = {"TermArgs", "NonbondedArgs", "GBArgs", "LangevinArgs", "GatherArgs"};
+  const char* names[] = {"TermArgs", "NonbondedArgs", "GBArgs", "LangevinArgs", "GatherArgs",
+                         "CutoffArgs", "ListArgs"};
   const long long sizes[] = {sizeof(tmk::TermArgs), sizeof(tmk::NonbondedArgs), sizeof(tmk::GBArgs),
-                           sizeof(tmk::LangevinArgs), sizeof(tmk::GatherArgs)};
-  for (int k = 0; k < 5; ++k) {
+                           sizeof(tmk::LangevinArgs), sizeof(tmk::GatherArgs),
+                           sizeof(tmk::CutoffArgs), sizeof(tmk::ListArgs)};
+  for (int k = 0; k < 7; ++k) {
     const char* p = names[k];
     const char* q = name;
     while (*p && *p == *q) ++p, ++q;
@@ -67,4 +69,43 @@ extern "C" void tm_philox4x32_10(const unsigned int* ctr, const unsigned int* ke
 extern "C" void tm_normals(unsigned long long seed, long long step, unsigned long long replica, long long n_atoms,
                            double* out) {
   for (long long i = 0; i < n_atoms; ++i) tmk::atom_normals(seed, step, replica, i, out + 3 * i);
+}
+
+// the cutoff term's per-pair maths (cutoff.cuh) on arrays of pairs, for the tests against
+// cutoffs._pair_scalars and jax derivatives. form: (cutoff, switch_distance, k_rf, c_rf,
+// alpha, use_switch, pme). pairs (n, 7): r, q_i, q_j, σ_i, σ_j, ε_i, ε_j. out (n, 23):
+// the radial functions (lj, c, lj_s, b_lj, db_lj, b_c, db_c, db_lj_s), then u, B, A,
+// ∂u/∂(q_i, q_j, σ_i, σ_j, ε_i, ε_j) and ∂B/∂(the same).
+extern "C" void tm_cutoff_pairs(long long n, const double* form, const double* pairs, double* out) {
+  tmk::CutoffForm f;
+  f.cutoff = form[0];
+  f.switch_distance = form[1];
+  f.k_rf = form[2];
+  f.c_rf = form[3];
+  f.alpha = form[4];
+  f.use_switch = form[5] != 0.0;
+  f.pme = form[6] != 0.0;
+  for (long long k = 0; k < n; ++k) {
+    const double* p = pairs + 7 * k;
+    double* o = out + 23 * k;
+    const tmk::CutoffRadial s = tmk::cutoff_radial(p[0], 0.5 * (p[3] + p[4]), f);
+    const double v[8] = {s.lj, s.c, s.lj_s, s.b_lj, s.db_lj, s.b_c, s.db_c, s.db_lj_s};
+    for (int c = 0; c < 8; ++c) o[c] = v[c];
+    const double rei = tmk::tm_safe_sqrt(p[5]), rej = tmk::tm_safe_sqrt(p[6]);
+    const tmk::CutoffPair q = tmk::cutoff_pair(p[0], p[1], p[2], p[3], p[4], rei, rej,
+                                               tmk::safe_sqrt_derivative(p[5], rei),
+                                               tmk::safe_sqrt_derivative(p[6], rej), f);
+    o[8] = q.u;
+    o[9] = q.b;
+    o[10] = q.a;
+    for (int c = 0; c < 6; ++c) {
+      o[11 + c] = q.du[c];
+      o[17 + c] = q.db[c];
+    }
+  }
+}
+
+// the minimum image of displacements d (n, 3) in box (3,), for the test against jnp.round
+extern "C" void tm_minimum_image(long long n, const double* box, const double* d, double* out) {
+  for (long long k = 0; k < 3 * n; ++k) out[k] = tmk::minimum_image(d[k], box[k % 3]);
 }

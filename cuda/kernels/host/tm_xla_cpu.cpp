@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "../bonded.cuh"
+#include "../cutoff.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -392,54 +393,21 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 // Coulomb or LJ part times the other factor (σ: one derivative of the LJ part), added
 // to the tangent of that atom's parameter of each kind (mix_p (3, N): charge, σ, ε;
 // -1: not chosen).
-struct PairConsts {
-  double cutoff, switch_distance, k_rf, alpha;  // switch_distance < 0: no switch;
-};                                              // alpha = 0: reaction field
-
 struct PairScalars {
   double b, a, b_lj, b_c, db_lj_ds;
 };
 
+// B, A and the parts of B the mixed partials need, from cutoff.cuh's radial functions
+// (the maths the CUDA kernels share)
 inline PairScalars pair_scalars(double r, double sig, double eps4, double qq,
-                                const PairConsts& pc) {
-  const double inv_r = 1.0 / r, inv_r2 = inv_r * inv_r;
-  const double s2 = sig * sig * inv_r2, s6 = s2 * s2 * s2, s12 = s6 * s6;
-  double lj = s12 - s6;
-  double d_lj = (-12.0 * s12 + 6.0 * s6) * inv_r;
-  double dd_lj = (156.0 * s12 - 42.0 * s6) * inv_r2;
-  const double inv_sig = sig > 0 ? 1.0 / sig : 0.0;  // σ = 0: no LJ
-  const double lj_s = (12.0 * s12 - 6.0 * s6) * inv_sig;
-  double d_lj_s = (-144.0 * s12 + 36.0 * s6) * inv_r * inv_sig;
-  if (pc.switch_distance >= 0) {
-    const double w = pc.cutoff - pc.switch_distance;
-    const double t = std::min(std::max((r - pc.switch_distance) / w, 0.0), 1.0);
-    const double sw = 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t));
-    const double d_sw = t * t * (-30.0 + t * (60.0 - 30.0 * t)) / w;
-    const double dd_sw = t * (-60.0 + t * (180.0 - 120.0 * t)) / (w * w);
-    const double l = lj, dl = d_lj;
-    lj = l * sw;
-    d_lj = dl * sw + l * d_sw;
-    dd_lj = dd_lj * sw + 2.0 * dl * d_sw + l * dd_sw;
-    d_lj_s = d_lj_s * sw + lj_s * d_sw;
-  }
-  double d_c, dd_c;
-  if (pc.alpha == 0) {
-    d_c = -inv_r2 + 2.0 * pc.k_rf * r;
-    dd_c = 2.0 * inv_r2 * inv_r + 2.0 * pc.k_rf;
-  } else {
-    const double ar = pc.alpha * r;
-    const double erfc = std::erfc(ar);
-    const double gauss = 1.1283791670955126 * pc.alpha * std::exp(-ar * ar);  // 2α/√π e^{-α²r²}
-    d_c = -erfc * inv_r2 - gauss * inv_r;
-    dd_c = 2.0 * erfc * inv_r2 * inv_r + gauss * (2.0 * inv_r2 + 2.0 * pc.alpha * pc.alpha);
-  }
+                                const tmk::CutoffForm& f) {
+  const tmk::CutoffRadial s = tmk::cutoff_radial(r, sig, f);
   PairScalars ps;
-  ps.b_lj = d_lj * inv_r;
-  ps.b_c = d_c * inv_r;
-  ps.db_lj_ds = d_lj_s * inv_r;
-  const double db_lj = (dd_lj - d_lj * inv_r) * inv_r, db_c = (dd_c - d_c * inv_r) * inv_r;
-  ps.b = eps4 * ps.b_lj + qq * ps.b_c;
-  ps.a = (eps4 * db_lj + qq * db_c) * inv_r;
+  ps.b_lj = s.b_lj;
+  ps.b_c = s.b_c;
+  ps.db_lj_ds = s.db_lj_s;
+  ps.b = eps4 * s.b_lj + qq * s.b_c;
+  ps.a = (eps4 * s.db_lj + qq * s.db_c) / r;
   return ps;
 }
 
@@ -450,12 +418,10 @@ struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε
   const double* dseps;
 };
 
-constexpr double COULOMB_K = 138.93545764438198;  // kJ nm/(mol e²), timemachine.constants
-
 // rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
 // 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks lanes
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
-                         int64_t k, const PairAtoms& at, const PairConsts& pc, int64_t i0,
+                         int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc, int64_t i0,
                          int64_t i1, int64_t chunks, const double* t, double* z,
                          const int32_t* mix_p, double* grad, lanes* acc) {
   const int64_t block = 3 * n * LANES;
@@ -479,7 +445,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       if (!(r2 < rc2)) continue;
       const double r = std::sqrt(r2);
       const double eps4 = 4.0 * sei * at.seps[j];
-      const double qq = COULOMB_K * qi * at.q[j];
+      const double qq = tmk::COULOMB * qi * at.q[j];
       const PairScalars ps = pair_scalars(r, 0.5 * (sgi + at.sig[j]), eps4, qq, pc);
       g0 += ps.b * d0;
       g1 += ps.b * d1;
@@ -499,9 +465,9 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       if (!mix_p) continue;
       // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
       const double half_s = 0.5 * eps4 * ps.db_lj_ds;
-      const double mi[3] = {ps.b_c * COULOMB_K * at.q[j], half_s,
+      const double mi[3] = {ps.b_c * tmk::COULOMB * at.q[j], half_s,
                             ps.b_lj * 4.0 * at.seps[j] * dsei};
-      const double mj[3] = {ps.b_c * COULOMB_K * qi, half_s,
+      const double mj[3] = {ps.b_c * tmk::COULOMB * qi, half_s,
                             ps.b_lj * 4.0 * sei * at.dseps[j]};
       for (int m = 0; m < 3; ++m) {
         const int32_t pj = mix_p[m * n + j];
@@ -570,7 +536,14 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     for (int64_t a = 0; a < 3 * n; ++a)
       if (mp[a] >= p) return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p >= P");
   const double* cd = consts.typed_data();
-  const PairConsts pc{cd[0], cd[1], cd[2], cd[3]};
+  tmk::CutoffForm pc;  // consts: cutoff, switch distance (< 0: none), k_rf, α (0: RF)
+  pc.cutoff = cd[0];
+  pc.switch_distance = cd[1];
+  pc.use_switch = cd[1] >= 0;
+  pc.k_rf = cd[2];
+  pc.c_rf = 0.0;  // a constant shift of the energy: no derivative needs it
+  pc.alpha = cd[3];
+  pc.pme = cd[3] != 0;
   const double* ad = atoms.typed_data();
   const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const int64_t chunks = (p + LANES - 1) / LANES;

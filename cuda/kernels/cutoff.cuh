@@ -42,49 +42,59 @@ TM_HD double minimum_image(double d, double box) { return d - box * tm_rint(d / 
 // The radial functions of one pair, per unit 4√ε_i√ε_j (LJ) and per unit k_e q_i q_j
 // (Coulomb), at distance r and mixed σ: cutoffs._pair_scalars (b_lj .. db_lj_s, the same
 // expressions in the same order) and the energies and ∂/∂σ the primal pass needs.
-struct CutoffRadial {
-  double lj, c;      // u_lj = ((σ/r)¹² - (σ/r)⁶) S, u_c = c(r)
-  double lj_s;       // ∂u_lj/∂σ
-  double b_lj, db_lj;  // B_lj = u_lj'/r and dB_lj/dr
-  double b_c, db_c;    // B_c, dB_c/dr
-  double db_lj_s;      // ∂B_lj/∂σ
+// T is double, or (the CPU custom call) a SIMD vector of doubles with a where(mask, a, b)
+// of its own declared before this header.
+template <class T>
+struct CutoffRadialT {
+  T lj, c;      // u_lj = ((σ/r)¹² - (σ/r)⁶) S, u_c = c(r)
+  T lj_s;       // ∂u_lj/∂σ
+  T b_lj, db_lj;  // B_lj = u_lj'/r and dB_lj/dr
+  T b_c, db_c;    // B_c, dB_c/dr
+  T db_lj_s;      // ∂B_lj/∂σ
 };
+typedef CutoffRadialT<double> CutoffRadial;
 
-TM_HD CutoffRadial cutoff_radial(double r, double sig, const CutoffForm& f) {
-  CutoffRadial o;
-  const double inv_r = 1.0 / r;
-  const double inv_r2 = inv_r * inv_r;
-  const double s2 = sig * sig * inv_r2;
-  const double s6 = s2 * s2 * s2;
-  const double s12 = s6 * s6;
-  double lj = s12 - s6;                                 // L
-  double d_lj = (-12.0 * s12 + 6.0 * s6) * inv_r;       // L'
-  double dd_lj = (156.0 * s12 - 42.0 * s6) * inv_r2;    // L''
-  const double inv_sig = sig > 0.0 ? 1.0 / sig : 0.0;   // σ = 0: no LJ, no σ derivative
-  double lj_s = (12.0 * s12 - 6.0 * s6) * inv_sig;              // ∂L/∂σ
-  double d_lj_s = (-144.0 * s12 + 36.0 * s6) * inv_r * inv_sig;  // ∂L'/∂σ
+TM_HD double where(bool mask, double a, double b) { return mask ? a : b; }
+
+// cutoff_radial given erfc(α r) and exp(-α² r²) (read for PME only): a caller that
+// evaluates those two for many pairs at once (the CPU custom call's SIMD batches) shares
+// the rest of the maths
+template <class T>
+TM_HD CutoffRadialT<T> cutoff_radial_given(T r, T sig, const CutoffForm& f, T erfc_ar,
+                                           T exp_a2r2) {
+  CutoffRadialT<T> o;
+  const T inv_r = 1.0 / r;
+  const T inv_r2 = inv_r * inv_r;
+  const T s2 = sig * sig * inv_r2;
+  const T s6 = s2 * s2 * s2;
+  const T s12 = s6 * s6;
+  T lj = s12 - s6;                                 // L
+  T d_lj = (-12.0 * s12 + 6.0 * s6) * inv_r;       // L'
+  T dd_lj = (156.0 * s12 - 42.0 * s6) * inv_r2;    // L''
+  const T inv_sig = where(sig > 0.0, 1.0 / sig, 0.0 * sig);   // σ = 0: no LJ, no σ derivative
+  T lj_s = (12.0 * s12 - 6.0 * s6) * inv_sig;              // ∂L/∂σ
+  T d_lj_s = (-144.0 * s12 + 36.0 * s6) * inv_r * inv_sig;  // ∂L'/∂σ
   if (f.use_switch) {
     const double w = f.cutoff - f.switch_distance;
-    double t = (r - f.switch_distance) / w;
-    t = t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
-    const double sw = 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t));
-    const double d_sw = t * t * (-30.0 + t * (60.0 - 30.0 * t)) / w;
-    const double dd_sw = t * (-60.0 + t * (180.0 - 120.0 * t)) / (w * w);
-    const double l0 = lj, l1 = d_lj, l2 = dd_lj;
+    T t = (r - f.switch_distance) / w;
+    t = where(t < 0.0, 0.0 * t, where(t > 1.0, 0.0 * t + 1.0, t));
+    const T sw = 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t));
+    const T d_sw = t * t * (-30.0 + t * (60.0 - 30.0 * t)) / w;
+    const T dd_sw = t * (-60.0 + t * (180.0 - 120.0 * t)) / (w * w);
+    const T l0 = lj, l1 = d_lj, l2 = dd_lj;
     lj = l0 * sw;
     d_lj = l1 * sw + l0 * d_sw;
     dd_lj = l2 * sw + 2.0 * l1 * d_sw + l0 * dd_sw;
     d_lj_s = d_lj_s * sw + lj_s * d_sw;
     lj_s = lj_s * sw;
   }
-  double c, d_c, dd_c;
+  T c, d_c, dd_c;
   if (!f.pme) {
     c = inv_r + f.k_rf * r * r - f.c_rf;
     d_c = -inv_r2 + 2.0 * f.k_rf * r;
     dd_c = 2.0 * inv_r2 * inv_r + 2.0 * f.k_rf;
   } else {
-    const double erfc_ar = tm_erfc(f.alpha * r);
-    const double gauss = 2.0 * f.alpha / SQRT_PI * tm_exp(-f.alpha * f.alpha * r * r);
+    const T gauss = 2.0 * f.alpha / SQRT_PI * exp_a2r2;
     c = erfc_ar * inv_r;
     d_c = -erfc_ar * inv_r2 - gauss * inv_r;
     dd_c = 2.0 * erfc_ar * inv_r2 * inv_r + gauss * (2.0 * inv_r2 + 2.0 * f.alpha * f.alpha);
@@ -99,6 +109,12 @@ TM_HD CutoffRadial cutoff_radial(double r, double sig, const CutoffForm& f) {
   o.db_c = (dd_c - d_c * inv_r) * inv_r;
   o.db_lj_s = d_lj_s * inv_r;
   return o;
+}
+
+TM_HD CutoffRadial cutoff_radial(double r, double sig, const CutoffForm& f) {
+  if (!f.pme) return cutoff_radial_given<double>(r, sig, f, 0.0, 0.0);
+  return cutoff_radial_given<double>(r, sig, f, tm_erfc(f.alpha * r),
+                                     tm_exp(-f.alpha * f.alpha * r * r));
 }
 
 // One pair inside the cutoff: u, B, A and, per channel c = (q_i, q_j, σ_i, σ_j, ε_i, ε_j),

@@ -48,6 +48,21 @@
 #include <vector>
 
 #include "../bonded.cuh"
+
+// LANES doubles as one GCC/Clang vector: tangents per SIMD block (one AVX-512 or two AVX2
+// registers), and the batch of pairs whose scalars are computed at once. Declared before
+// cutoff.cuh so that its templates find where() for vectors.
+constexpr int LANES = 8;
+typedef double lanes __attribute__((vector_size(LANES * sizeof(double))));
+// Pair scalars go in batches of BATCH: one AVX2 register (wider GCC vectors are split
+// through the stack on AVX2 machines, with store-forwarding stalls)
+constexpr int BATCH = 4;
+typedef double quad __attribute__((vector_size(BATCH * sizeof(double))));
+typedef int64_t mask_quad __attribute__((vector_size(BATCH * sizeof(double))));
+namespace tmk {
+inline quad where(mask_quad mask, quad a, quad b) { return mask ? a : b; }
+}  // namespace tmk
+
 #include "../cutoff.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -55,14 +70,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int LANES = 8;  // tangents per SIMD block: one AVX-512 or two AVX2 registers
 constexpr int64_t TILE = 64;
 constexpr int SCALAR_PARTS = 2;  // fixed split of the scalar pass, whatever the threads  // atoms per pair tile: 2 × 64 × 3 × LANES doubles = 24 KiB
 
 // A dual number with LANES tangents as one GCC/Clang vector, so that each operation is a
 // SIMD instruction (the generic tmk::Jet's loops stay scalar after unrolling). It has
 // exactly the operations bonded.cuh's coordinate gradients use.
-typedef double lanes __attribute__((vector_size(LANES * sizeof(double))));
 struct VJet {
   double v;
   lanes d;
@@ -93,6 +106,12 @@ inline lanes load_lanes(const double* p) {
   return v;
 }
 inline void store_lanes(double* p, lanes v) { std::memcpy(p, &v, sizeof v); }
+inline quad load_quad(const double* p) {
+  quad v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_quad(double* p, quad v) { std::memcpy(p, &v, sizeof v); }
 
 // 64-byte aligned scratch that keeps its capacity between calls (one per calling thread)
 struct Scratch {
@@ -393,22 +412,69 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 // Coulomb or LJ part times the other factor (σ: one derivative of the LJ part), added
 // to the tangent of that atom's parameter of each kind (mix_p (3, N): charge, σ, ε;
 // -1: not chosen).
-struct PairScalars {
-  double b, a, b_lj, b_c, db_lj_ds;
-};
+// exp(x) for x in [-700, 0] on BATCH values at once (the C library's is one value per
+// call): x = k ln 2 + f (Cody-Waite, fdlibm's split of ln 2), e^f by its Taylor series to
+// f¹³ (|f| ≤ ln2/2: remainder < 5e-18), 2^k into the exponent bits.
+inline quad exp_nonpositive(quad x) {
+  x = x < -700.0 ? (x * 0.0 - 700.0) : x;
+  const double shifter = 6755399441055744.0;  // 1.5 · 2^52: adding it rounds to an integer
+  const quad kd = x * 1.4426950408889634 + shifter;
+  const quad k = kd - shifter;
+  const quad f = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  static const double inv_fact[14] = {
+      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+      1.0 / 40320.0,      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,
+      1.0 / 6.0,          0.5,               1.0,              1.0};
+  quad p = f * 0.0 + inv_fact[0];
+  for (int m = 1; m < 14; ++m) p = p * f + inv_fact[m];
+  int64_t sb;
+  std::memcpy(&sb, &shifter, 8);
+  mask_quad kb;
+  std::memcpy(&kb, &kd, sizeof kb);
+  const mask_quad bits = (kb - sb + 1023) << 52;
+  quad scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
-// B, A and the parts of B the mixed partials need, from cutoff.cuh's radial functions
-// (the maths the CUDA kernels share)
-inline PairScalars pair_scalars(double r, double sig, double eps4, double qq,
-                                const tmk::CutoffForm& f) {
-  const tmk::CutoffRadial s = tmk::cutoff_radial(r, sig, f);
-  PairScalars ps;
-  ps.b_lj = s.b_lj;
-  ps.b_c = s.b_c;
-  ps.db_lj_ds = s.db_lj_s;
-  ps.b = eps4 * s.b_lj + qq * s.b_c;
-  ps.a = (eps4 * s.db_lj + qq * s.db_c) / r;
-  return ps;
+// erfc(y) = erfcx(y) e^{-y²} for y in [0, ERFC_YMAX], erfcx(y) = e^{y²} erfc(y) by its
+// Chebyshev series on [0, ERFC_YMAX] (ERFC_TERMS terms, interpolated at start-up from
+// the C library's erfc and exp, as accurate as they are to a few ulp), evaluated on
+// BATCH values at once by Clenshaw's recurrence. erfcx is entire and varies slowly
+// there: its coefficients fall below 1e-16 by the 30th (α r_c ≤ 4: Ewald tolerances down
+// to ~1e-7; beyond, the C library's erfc runs).
+constexpr int ERFC_TERMS = 30;
+constexpr double ERFC_YMAX = 4.0;
+
+struct ErfcxSeries {
+  double c[ERFC_TERMS];
+  ErfcxSeries() {
+    const double pi = 3.14159265358979323846;
+    double fx[ERFC_TERMS];
+    for (int j = 0; j < ERFC_TERMS; ++j) {
+      const double t = std::cos(pi * (j + 0.5) / ERFC_TERMS);
+      const double y = 0.5 * (t + 1.0) * ERFC_YMAX;
+      fx[j] = std::exp(y * y) * std::erfc(y);
+    }
+    for (int m = 0; m < ERFC_TERMS; ++m) {
+      double sum = 0.0;
+      for (int j = 0; j < ERFC_TERMS; ++j) sum += fx[j] * std::cos(pi * m * (j + 0.5) / ERFC_TERMS);
+      c[m] = 2.0 * sum / ERFC_TERMS;
+    }
+    c[0] *= 0.5;
+  }
+};
+const ErfcxSeries kErfcx;
+
+inline quad erfcx_series(quad y) {
+  const quad t = y * (2.0 / ERFC_YMAX) - 1.0, t2 = 2.0 * t;
+  quad b1 = y * 0.0, b2 = y * 0.0;
+  for (int m = ERFC_TERMS - 1; m >= 1; --m) {
+    const quad b0 = kErfcx.c[m] + t2 * b1 - b2;
+    b2 = b1;
+    b1 = b0;
+  }
+  return kErfcx.c[0] + t * b1 - b2;
 }
 
 struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε = 0)
@@ -418,73 +484,144 @@ struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε
   const double* dseps;
 };
 
+// The scalars of a batch of up to BATCH partners of one row, computed as BATCH-wide
+// vectors with cutoff.cuh's pair maths (the CUDA kernels' too) and the erfc and exp
+// above: the minimum-image displacements d (3, BATCH), and B, A, B_lj, B_c, ∂B_lj/∂σ
+// with 0 for the slots at or beyond the cutoff and the empty ones (inside = 0).
+struct PairBatch {
+  quad d[3];
+  quad inside, eps4, b, a, b_lj, b_c, db_lj_ds;
+  int64_t j[BATCH];
+};
+
+inline quad vrint(quad v) {  // round half to even, |v| < 2^51 (as jnp.round)
+  const double shifter = 6755399441055744.0;
+  return (v + shifter) - shifter;
+}
+
+void pair_batch(PairBatch& pb, int count, const double* x, const double* box, int64_t i,
+                const PairAtoms& at, const tmk::CutoffForm& pc, bool fast_erfc) {
+  alignas(64) double xj[3][BATCH], sej[BATCH], qj[BATCH], sgj[BATCH], valid[BATCH];
+  for (int l = 0; l < BATCH; ++l) {
+    const int64_t j = l < count ? pb.j[l] : i;
+    xj[0][l] = x[3 * j];
+    xj[1][l] = x[3 * j + 1];
+    xj[2][l] = x[3 * j + 2];
+    sej[l] = at.seps[j];
+    qj[l] = at.q[j];
+    sgj[l] = at.sig[j];
+    valid[l] = l < count ? 1.0 : 0.0;
+  }
+  quad r2 = load_quad(valid) * 0.0;
+  for (int e = 0; e < 3; ++e) {
+    quad d = x[3 * i + e] - load_quad(xj[e]);
+    if (box) d -= box[e] * vrint(d / box[e]);
+    pb.d[e] = d;
+    r2 += d * d;
+  }
+  const mask_quad in = (r2 < pc.cutoff * pc.cutoff) & (load_quad(valid) > 0.5);
+  const quad one = r2 * 0.0 + 1.0, zero = r2 * 0.0;
+  pb.inside = in ? one : zero;
+  const quad rr = in ? r2 : one;
+  alignas(64) double rs[BATCH];
+  store_quad(rs, rr);
+  for (int l = 0; l < BATCH; ++l) rs[l] = std::sqrt(rs[l]);
+  const quad r = load_quad(rs);
+  pb.eps4 = (4.0 * at.seps[i]) * load_quad(sej);
+  const quad qq = (tmk::COULOMB * at.q[i]) * load_quad(qj);
+  const quad sig = 0.5 * (at.sig[i] + load_quad(sgj));
+  quad erfc_ar = zero, gauss = zero;
+  if (pc.pme) {
+    gauss = exp_nonpositive(-(pc.alpha * pc.alpha) * r * r);
+    if (fast_erfc) {
+      erfc_ar = erfcx_series(pc.alpha * r) * gauss;
+    } else {
+      alignas(64) double ev[BATCH];
+      for (int l = 0; l < BATCH; ++l) ev[l] = std::erfc(pc.alpha * rs[l]);
+      erfc_ar = load_quad(ev);
+    }
+  }
+  const tmk::CutoffRadialT<quad> s = tmk::cutoff_radial_given<quad>(r, sig, pc, erfc_ar, gauss);
+  pb.b = in ? pb.eps4 * s.b_lj + qq * s.b_c : zero;
+  pb.a = in ? (pb.eps4 * s.db_lj + qq * s.db_c) / r : zero;
+  pb.b_lj = in ? s.b_lj : zero;
+  pb.b_c = in ? s.b_c : zero;
+  pb.db_lj_ds = in ? s.db_lj_s : zero;
+}
+
 // rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
 // 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks lanes
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
-                         int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc, int64_t i0,
-                         int64_t i1, int64_t chunks, const double* t, double* z,
-                         const int32_t* mix_p, double* grad, lanes* acc) {
+                         int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc,
+                         bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
+                         const double* t, double* z, const int32_t* mix_p, double* grad,
+                         lanes* acc) {
   const int64_t block = 3 * n * LANES;
-  const double rc2 = pc.cutoff * pc.cutoff;
+  PairBatch pb;
   for (int64_t i = i0; i < i1; ++i) {
-    const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
-    const double qi = at.q[i], sgi = at.sig[i], sei = at.seps[i], dsei = at.dseps[i];
-    double g0 = 0, g1 = 0, g2 = 0;
+    const double qi = at.q[i], sei = at.seps[i], dsei = at.dseps[i];
+    quad gv[3] = {};       // the gradient's partial sums, one per slot of the batches
     double own[3][3] = {};  // Σ_j ∂B/∂(atom i's parameter of kind m) d
     for (int64_t c = 0; c < 3 * chunks; ++c) acc[c] = lanes{};
-    for (int64_t s = 0; s < k; ++s) {
-      const int64_t j = idx[i * k + s];
-      if (j >= n) break;  // padding: the row's partners come first
-      double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
-      if (box) {
-        d0 -= box[0] * std::nearbyint(d0 / box[0]);
-        d1 -= box[1] * std::nearbyint(d1 / box[1]);
-        d2 -= box[2] * std::nearbyint(d2 / box[2]);
+    for (int64_t s0 = 0; s0 < k; s0 += BATCH) {
+      int count = 0;
+      for (; count < BATCH && s0 + count < k; ++count) {
+        const int64_t j = idx[i * k + s0 + count];
+        if (j >= n) break;  // padding: the row's partners come first
+        pb.j[count] = j;
       }
-      const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
-      if (!(r2 < rc2)) continue;
-      const double r = std::sqrt(r2);
-      const double eps4 = 4.0 * sei * at.seps[j];
-      const double qq = tmk::COULOMB * qi * at.q[j];
-      const PairScalars ps = pair_scalars(r, 0.5 * (sgi + at.sig[j]), eps4, qq, pc);
-      g0 += ps.b * d0;
-      g1 += ps.b * d1;
-      g2 += ps.b * d2;
-      if (chunks == 0) continue;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const double* ti = t + c * block + 3 * i * LANES;
-        const double* tj = t + c * block + 3 * j * LANES;
-        const lanes e0 = load_lanes(ti) - load_lanes(tj),
-                    e1 = load_lanes(ti + LANES) - load_lanes(tj + LANES),
-                    e2 = load_lanes(ti + 2 * LANES) - load_lanes(tj + 2 * LANES);
-        const lanes as = ps.a * (d0 * e0 + d1 * e1 + d2 * e2);
-        acc[3 * c] += as * d0 + ps.b * e0;
-        acc[3 * c + 1] += as * d1 + ps.b * e1;
-        acc[3 * c + 2] += as * d2 + ps.b * e2;
+      if (count == 0) break;
+      pair_batch(pb, count, x, box, i, at, pc, fast_erfc);
+      gv[0] += pb.b * pb.d[0];
+      gv[1] += pb.b * pb.d[1];
+      gv[2] += pb.b * pb.d[2];
+      if (chunks == 0) {
+        if (count < BATCH) break;
+        continue;
       }
-      if (!mix_p) continue;
-      // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
-      const double half_s = 0.5 * eps4 * ps.db_lj_ds;
-      const double mi[3] = {ps.b_c * tmk::COULOMB * at.q[j], half_s,
-                            ps.b_lj * 4.0 * at.seps[j] * dsei};
-      const double mj[3] = {ps.b_c * tmk::COULOMB * qi, half_s,
-                            ps.b_lj * 4.0 * sei * at.dseps[j]};
-      for (int m = 0; m < 3; ++m) {
-        const int32_t pj = mix_p[m * n + j];
-        if (pj >= 0) {
-          double* a = reinterpret_cast<double*>(&acc[3 * (pj / LANES)]);
-          a[pj % LANES] += mj[m] * d0;
-          a[LANES + pj % LANES] += mj[m] * d1;
-          a[2 * LANES + pj % LANES] += mj[m] * d2;
+      for (int l = 0; l < count; ++l) {
+        if (pb.inside[l] == 0.0) continue;
+        const int64_t j = pb.j[l];
+        const double pa = pb.a[l], pbb = pb.b[l];
+        const double d0 = pb.d[0][l], d1 = pb.d[1][l], d2 = pb.d[2][l];
+        for (int64_t c = 0; c < chunks; ++c) {
+          const double* ti = t + c * block + 3 * i * LANES;
+          const double* tj = t + c * block + 3 * j * LANES;
+          const lanes e0 = load_lanes(ti) - load_lanes(tj),
+                      e1 = load_lanes(ti + LANES) - load_lanes(tj + LANES),
+                      e2 = load_lanes(ti + 2 * LANES) - load_lanes(tj + 2 * LANES);
+          const lanes as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
+          acc[3 * c] += as * d0 + pbb * e0;
+          acc[3 * c + 1] += as * d1 + pbb * e1;
+          acc[3 * c + 2] += as * d2 + pbb * e2;
         }
-        own[m][0] += mi[m] * d0;
-        own[m][1] += mi[m] * d1;
-        own[m][2] += mi[m] * d2;
+        if (!mix_p) continue;
+        // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
+        const double half_s = 0.5 * pb.eps4[l] * pb.db_lj_ds[l];
+        const double mi[3] = {pb.b_c[l] * tmk::COULOMB * at.q[j], half_s,
+                              pb.b_lj[l] * 4.0 * at.seps[j] * dsei};
+        const double mj[3] = {pb.b_c[l] * tmk::COULOMB * qi, half_s,
+                              pb.b_lj[l] * 4.0 * sei * at.dseps[j]};
+        for (int m = 0; m < 3; ++m) {
+          const int32_t pj = mix_p[m * n + j];
+          if (pj >= 0) {
+            double* a = reinterpret_cast<double*>(&acc[3 * (pj / LANES)]);
+            a[pj % LANES] += mj[m] * d0;
+            a[LANES + pj % LANES] += mj[m] * d1;
+            a[2 * LANES + pj % LANES] += mj[m] * d2;
+          }
+          own[m][0] += mi[m] * d0;
+          own[m][1] += mi[m] * d1;
+          own[m][2] += mi[m] * d2;
+        }
       }
+      if (count < BATCH) break;
     }
-    grad[3 * i] = g0;
-    grad[3 * i + 1] = g1;
-    grad[3 * i + 2] = g2;
+    for (int e = 0; e < 3; ++e) {  // the slots summed in a fixed order
+      double g = 0.0;
+      for (int l = 0; l < BATCH; ++l) g += gv[e][l];
+      grad[3 * i + e] = g;
+    }
     if (chunks == 0) continue;
     if (mix_p)
       for (int m = 0; m < 3; ++m) {
@@ -544,6 +681,9 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   pc.c_rf = 0.0;  // a constant shift of the energy: no derivative needs it
   pc.alpha = cd[3];
   pc.pme = cd[3] != 0;
+  // the SIMD erfc covers α r up to ERFC_YMAX; beyond (an unusually tight Ewald
+  // tolerance) the C library's erfc runs
+  const bool fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
   const double* ad = atoms.typed_data();
   const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const int64_t chunks = (p + LANES - 1) / LANES;
@@ -566,8 +706,8 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
     std::vector<lanes> acc(3 * std::max<int64_t>(chunks, 1));
-    neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, n * u / units,
-                        n * (u + 1) / units, chunks, dxt, zt, mp, g, acc.data());
+    neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, fast_erfc,
+                        n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, g, acc.data());
   };
   parallel_units(pool, units, work);
   double* z = zeta->typed_data();

@@ -14,6 +14,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from timemachine import fitting  # noqa: E402
+from timemachine.backends import xla_cpu_gb  # noqa: E402, F401  (registers its plain-MD gradient)
 from timemachine.errors import (  # noqa: E402
     CheckpointError,
     CheckpointFallbackWarning,

@@ -30,6 +30,34 @@ TM_HD T gb_integral(const T& r, const T& or_i, const T& sr_j) {
                 0.5 * tm_log(lower / upper) / r);
 }
 
+// gb_integral and its derivative along r together, with two divisions and one log (the
+// Jet of gb_integral takes nine): L = max(or_i, |r - sr_j|) as there, 1/L and 1/U from one
+// reciprocal of L U, and inv_r = 1/r given (the pair loops share it). For any scalar type
+// T whose tm_max, tm_fabs and comparisons work lane by lane (the CPU custom call's SIMD
+// vectors, host/tm_xla_cpu_gb.cpp); equal to gb_integral(Jet) to round-off.
+//   dT/dr = ½ [-L'/L² + 1/U² + ¼ (1 + sr²/r²)(1/U² - 1/L²) + ½ (r - sr²/r)(L'/L³ - 1/U³)
+//              + ½ (L'/L - 1/U)/r - ½ ln(L/U)/r²],   L' = dL/dr ∈ {0, ±1}
+TM_HD double tm_select(bool c, double a, double b) { return c ? a : b; }
+template <class T>
+TM_HD void gb_integral_d(const T& r, const T& inv_r, const T& or_i, const T& sr_j, T& t,
+                         T& dt) {
+  const T upper = r + sr_j;
+  const T diff = r - sr_j;
+  const T lower = tm_max(or_i, tm_fabs(diff));
+  // L' = sign(r - sr_j) where |r - sr_j| is the larger, else 0 (as tm_max and the Jet of
+  // tm_fabs pick their branches)
+  const T dlower = tm_select(or_i >= tm_fabs(diff), T{}, tm_select(diff < 0.0, T{} - 1.0, T{} + 1.0));
+  const T inv_lu = 1.0 / (lower * upper);
+  const T inv_l = upper * inv_lu, inv_u = lower * inv_lu;
+  const T inv_l2 = inv_l * inv_l, inv_u2 = inv_u * inv_u;
+  const T s2r = sr_j * sr_j * inv_r;
+  const T ln = tm_log(lower * inv_u);
+  t = 0.5 * (inv_l - inv_u + 0.25 * (r - s2r) * (inv_u2 - inv_l2) + 0.5 * ln * inv_r);
+  dt = 0.5 * (-dlower * inv_l2 + inv_u2 + 0.25 * (1.0 + s2r * inv_r) * (inv_u2 - inv_l2) +
+              0.5 * (r - s2r) * (dlower * inv_l2 * inv_l - inv_u2 * inv_u) +
+              0.5 * (dlower * inv_l - inv_u) * inv_r - 0.5 * ln * inv_r * inv_r);
+}
+
 // B(ψ, radius); the offset radius or = radius - 0.009 is a function of radius
 template <class T>
 TM_HD T gb_born(const T& psi, const T& radius) {

@@ -69,6 +69,21 @@ TM_HD PairScalars lj_coulomb_pair(double r, double qi, double qj, double si, dou
                                safe_sqrt_derivative(ej, rej), coulomb_scale, lj_scale);
 }
 
+// φ'(r)/r of one all-pairs LJ + Coulomb pair (coulomb and lj scale 1), the scalar B_ij of
+// its gradient g_i = Σ_j B_ij d_ij, for any scalar type T (double, or a SIMD vector of
+// pairs in the CPU custom call host/tm_xla_cpu_gb.cpp): written, as
+// timemachine.structured.nonbonded does, in powers of (σ/r)², so no odd power is needed.
+//   inv_r2 = 1/r², sig = (σ_i + σ_j)/2, eps = √ε_i √ε_j, qq = q_i q_j
+template <class T>
+TM_HD T lj_coulomb_d1_over_r(const T& inv_r2, const T& inv_r, const T& sig, const T& eps,
+                             const T& qq) {
+  const T s2 = sig * sig * inv_r2;
+  const T s6 = s2 * s2 * s2;
+  const T s12 = s6 * s6;
+  const T coul = COULOMB * qq * inv_r;
+  return (eps * (4.0 * (6.0 * s6 - 12.0 * s12)) - coul) * inv_r2;
+}
+
 // ------------------------------------------------------------ all-pairs kernel bodies
 struct NonbondedArgs {
   const double* x;           // (N, 3)

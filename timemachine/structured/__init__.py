@@ -21,7 +21,7 @@ are computed in closed form is here, one module per kind of term:
 from timemachine.structured import nonbonded, obc2  # noqa: F401  (register the pair parts)
 from timemachine.structured.assembly import PairScalars, StructuredTerms
 from timemachine.structured.coordinates import COORDINATES, CoordinateTerms, merge_groups
-from timemachine.structured.gradient import gradient_fn, make_gradient
+from timemachine.structured.gradient import gradient_fn, make_gradient, register_fast_gradient
 from timemachine.structured.minimize import minimize_system
 from timemachine.structured.registry import PAIR_PARTS, pair_part, register_pair_part
 
@@ -36,5 +36,6 @@ __all__ = [
     "merge_groups",
     "minimize_system",
     "pair_part",
+    "register_fast_gradient",
     "register_pair_part",
 ]

@@ -11,6 +11,18 @@ from timemachine.structured.assembly import StructuredTerms
 from timemachine.structured.autodiff import sparse_gradient
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# factories system -> gradient or None, tried in order by gradient_fn: fast paths that live
+# in higher layers (the CPU custom call, timemachine.backends.xla_cpu_gb) register here
+_FAST_GRADIENTS: list = []
+
+
+def register_fast_gradient(factory):
+    """Register ``factory(system) -> gradient or None``, a faster plain-MD gradient with
+    :func:`make_gradient`'s signature and values (to round-off), or None where it does
+    not apply. :func:`gradient_fn` uses the first that applies. Returns ``factory``."""
+    if factory not in _FAST_GRADIENTS:
+        _FAST_GRADIENTS.append(factory)
+    return factory
 
 
 def make_gradient(system):
@@ -42,10 +54,18 @@ def make_gradient(system):
 
 
 def gradient_fn(system):
-    """The cached :func:`make_gradient` of ``system``: one function per System, so that
+    """The cached plain-MD gradient of ``system``: one function per System, so that
     jitted programs keyed on it are reused (plain dynamics, finite differences, the
-    integrator's minimiser). Use inside jit/scan (no input checks)."""
+    integrator's minimiser). It is the first registered fast path that applies
+    (:func:`register_fast_gradient`; the CPU custom call of all-pairs OBC2 and LJ +
+    Coulomb), else :func:`make_gradient`. Use inside jit/scan (no input checks)."""
     fn = _CACHE.get(system)
     if fn is None:
-        fn = _CACHE[system] = make_gradient(system)
+        for factory in _FAST_GRADIENTS:
+            fn = factory(system)
+            if fn is not None:
+                break
+        else:
+            fn = make_gradient(system)
+        _CACHE[system] = fn
     return fn

@@ -1,0 +1,511 @@
+// XLA FFI custom call for the CPU: the plain-MD gradient of the all-pairs terms, OBC2
+// (no cutoff) and LJ + Coulomb (no cutoff, with exclusions), in three passes over the
+// unordered pairs, with the per-term maths of gbsa.cuh and nonbonded.cuh.
+//
+// Why: in XLA on CPU these terms are a few dozen (N, N) elementwise arrays per step, each
+// written to memory and read back (villin's plain step was 1.8x OpenMM CPU's native
+// GBSAOBCForce). Here every pair quantity lives in registers, each unordered pair is
+// evaluated once for both of its atoms, and W pairs at a time are one SIMD operation.
+//
+// The passes (gbsa.cuh, with c_i = β_i b'_i or_i):
+//   1. ψ_i = or_i Σ_j T(r, or_i, sr_j) [r + sr_j ≥ or_i]          → B_i = b(ψ_i), b'_i
+//   2. β_i = e'(B_i) + Σ_j q_i q_j ∂h/∂B_i;   g += q_i q_j h_r d/r + φ'_LJC d/r  → c_i
+//   3. g_k += Σ_j (c_k T'_kj + c_j T'_jk) d_kj / r
+// T, h, e and b are gbsa.cuh's gb_integral, gb_pair, gb_self and gb_born, evaluated with
+// Jets whose values are SIMD vectors of W pairs (the same templates the CUDA kernels and
+// the host build use); φ'/r is nonbonded.cuh's lj_coulomb_d1_over_r.
+//
+// Determinism: the rows i of the upper triangle (pairs j > i) are dealt to UNITS fixed
+// units (row i to unit i mod UNITS); each unit sums into its own per-atom arrays, rows in
+// increasing order, and the units' arrays are added in unit order. The units are shared
+// among XLA's intra-op threads, so the result is bitwise the same on any number of them.
+//
+// exp and log of W lanes are evaluated here by polynomials (about 1 ulp; glibc's scalar
+// functions would leave the loop scalar): the results agree with jax.grad of the JAX
+// reference to round-off (≤ 1e-12 relative, tests/test_xla_cpu_gb.py), not bitwise.
+//
+// Operands (built once per System in timemachine/backends/xla_cpu_gb.py):
+//   x (N,3) f64; GB: q, radius, scale (N) f64, or all empty (no OBC2);
+//   LJ + Coulomb: q, sigma, epsilon (N) f64, or all empty (no all-pairs LJ + Coulomb);
+//   excl_start (N+1) i32, excl (E) i32: the excluded partners j > i of row i, increasing;
+//   attributes pre = -k_GB (1/ε_in - 1/ε_out), cache_bytes: the most memory pass 1 may
+//   keep for pass 3 (8 N² bytes; 0: pass 3 evaluates the integrals again).
+// Result: grad (N, 3), kJ/mol/nm (overwritten).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+constexpr int W = 4;  // pairs per SIMD vector: one AVX2 register of doubles
+typedef double vd __attribute__((vector_size(W * sizeof(double))));
+typedef long long vl __attribute__((vector_size(W * sizeof(double))));
+
+namespace tmk {
+// SIMD overloads the shared templates find when their scalar type is vd (declared before
+// the headers: a vector type has no namespace for argument-dependent lookup)
+inline vd zero_like(vd) { return vd{}; }
+inline vd sel(vl m, vd a, vd b) { return (vd)(((vl)a & m) | ((vl)b & ~m)); }
+inline vd tm_sqrt(vd a) {
+  vd r;
+  for (int l = 0; l < W; ++l) r[l] = __builtin_sqrt(a[l]);  // vsqrtpd with -fno-math-errno
+  return r;
+}
+inline vd tm_fabs(vd a) { return sel(a < 0.0, -a, a); }
+inline vd tm_max(vd a, vd b) { return sel(a >= b, a, b); }
+inline vd tm_select(vl m, vd a, vd b) { return sel(m, a, b); }
+
+// e^x: x = k ln2 + r, |r| ≤ ln2/2, Taylor to r^13 (truncation < 5e-18 relative), times 2^k.
+// Below -708 (where e^x is subnormal) it returns 0.
+inline vd tm_exp(vd x) {
+  const double magic = 6755399441055744.0;  // 1.5 · 2^52: adding it rounds to an integer
+  const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  const vl under = x < -708.0;
+  const vd xc = sel(under, vd{} - 708.0, sel(x > 709.0, vd{} + 709.0, x));
+  const vd t = xc * 1.4426950408889634 + magic;
+  const vd k = t - magic;
+  const vd r = (xc - k * ln2_hi) - k * ln2_lo;
+  static const double c[14] = {1.0,
+                               1.0,
+                               1.0 / 2,
+                               1.0 / 6,
+                               1.0 / 24,
+                               1.0 / 120,
+                               1.0 / 720,
+                               1.0 / 5040,
+                               1.0 / 40320,
+                               1.0 / 362880,
+                               1.0 / 3628800,
+                               1.0 / 39916800,
+                               1.0 / 479001600,
+                               1.0 / 6227020800.0};
+  vd p = vd{} + c[13];
+  for (int m = 12; m >= 0; --m) p = p * r + c[m];
+  const vl ki = (vl)t - (vl)(vd{} + magic);  // k as an integer: the low bits of t
+  const vd scale = (vd)((ki + 1023) << 52);
+  return sel(under, vd{}, p * scale);
+}
+
+// ln x for normal x > 0: x = 2^e m, m in [√½, √2), ln m = 2 atanh(f), f = (m-1)/(m+1),
+// |f| ≤ 0.172, the series to f^21 (truncation < 3e-17 relative)
+inline vd tm_log(vd x) {
+  const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  const vl bits = (vl)x;
+  vl e = (bits >> 52) - 1023;
+  vd m = (vd)((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
+  const vl big = m > 1.4142135623730951;
+  m = sel(big, m * 0.5, m);
+  e -= big;  // big is -1 where true
+  const vd f = (m - 1.0) / (m + 1.0);
+  const vd s = f * f;
+  vd p = vd{} + 2.0 / 21;
+  for (int k = 9; k >= 1; --k) p = p * s + 2.0 / (2 * k + 1);
+  const vd ln_m = 2.0 * f + f * s * p;
+  const vd ed = __builtin_convertvector(e, vd);
+  return ed * ln2_hi + (ln_m + ed * ln2_lo);
+}
+}  // namespace tmk
+
+#include "../gbsa.cuh"
+#include "../nonbonded.cuh"
+
+namespace ffi = xla::ffi;
+
+namespace tmk {
+// Jets of vd: the branch of max and |.| picked lane by lane
+template <int K>
+inline Jet<vd, K> sel(vl m, const Jet<vd, K>& a, const Jet<vd, K>& b) {
+  Jet<vd, K> r;
+  r.v = sel(m, a.v, b.v);
+  for (int k = 0; k < K; ++k) r.d[k] = sel(m, a.d[k], b.d[k]);
+  return r;
+}
+template <int K>
+inline Jet<vd, K> tm_fabs(const Jet<vd, K>& a) {
+  return sel(a.v < 0.0, -a, a);
+}
+template <int K>
+inline Jet<vd, K> tm_max(const Jet<vd, K>& a, const Jet<vd, K>& b) {
+  return sel(a.v >= b.v, a, b);
+}
+}  // namespace tmk
+
+namespace {
+
+using tmk::Jet;
+using tmk::sel;
+
+constexpr int UNITS = 16;  // fixed, so that the sums do not depend on the thread count
+
+inline vd load(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+inline void add_to(double* p, vd v) { store(p, load(p) + v); }
+inline double hsum(vd v) {
+  double s = v[0];
+  for (int l = 1; l < W; ++l) s += v[l];
+  return s;
+}
+inline vd bcast(double a) { return vd{} + a; }
+
+template <int K>
+inline Jet<vd, K> seed(vd v, int k) {  // tangent k on (k < 0: a constant)
+  Jet<vd, K> a;
+  a.v = v;
+  for (int c = 0; c < K; ++c) a.d[c] = c == k ? bcast(1.0) : vd{};
+  return a;
+}
+
+// 64-byte aligned scratch that keeps its capacity between calls
+struct Scratch {
+  double* p = nullptr;
+  size_t cap = 0;
+  double* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 7) / 8 * 8;
+      p = static_cast<double*>(std::aligned_alloc(64, cap * sizeof(double)));
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+thread_local Scratch t_soa, t_units, t_cache, t_rows;
+
+// run work(0..units-1) on this thread and on up to units - 1 tasks of XLA's intra-op pool;
+// units are claimed from a counter, so a task that starts late finds nothing left (as
+// parallel_units in tm_xla_cpu.cpp)
+void parallel_units(ffi::ThreadPool& pool, int units, const std::function<void(int)>& work) {
+  struct State {
+    std::atomic<int> next{0}, done{0};
+    int units = 0;
+    const std::function<void(int)>* work = nullptr;
+  };
+  auto st = std::make_shared<State>();
+  st->units = units;
+  st->work = &work;
+  auto run = [](State& s) {
+    for (int k; (k = s.next.fetch_add(1, std::memory_order_relaxed)) < s.units;) {
+      (*s.work)(k);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
+  for (int h = 0; h < helpers; ++h) pool.Schedule([st, run] { run(*st); });
+  run(*st);
+  while (st->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+// per-atom arrays, structure of arrays, padded by W far-away atoms so that a block of W
+// partners never reads past the end (their lanes are masked off)
+struct Atoms {
+  int64_t n;
+  const double *x, *y, *z;
+  const double *off, *sr, *born, *qgb, *cfac;  // OBC2: or, sr = scale or, B, q, c
+  const double *qnb, *sig, *rte;               // LJ + Coulomb: q, σ, √ε
+  const int32_t *excl_start, *excl;
+  double pre;
+};
+
+struct Acc {  // one unit's sums
+  double *a, *gx, *gy, *gz;  // a: ψ sums (pass 1) or β sums (pass 2)
+  double* keep;              // 1, or 0 for the excluded partners of the current row
+};
+
+// distances of row i to the W partners at j0: d (three components) and r, and the lanes
+// that are real partners
+struct Block {
+  vd dx, dy, dz, r2, r;
+  vl valid;
+};
+inline Block block(const Atoms& at, int64_t i, int64_t j0) {
+  Block b;
+  b.dx = bcast(at.x[i]) - load(at.x + j0);
+  b.dy = bcast(at.y[i]) - load(at.y + j0);
+  b.dz = bcast(at.z[i]) - load(at.z + j0);
+  b.r2 = b.dx * b.dx + b.dy * b.dy + b.dz * b.dz;
+  b.r = tmk::tm_sqrt(b.r2);
+  vl lane;
+  for (int l = 0; l < W; ++l) lane[l] = j0 + l;
+  b.valid = lane < at.n;
+  return b;
+}
+
+// pass 1, row i: Σ_j T_ij into the ψ sum of i, T_ji into j's; with a cache, also
+// T'_ij/r and T'_ji/r (0 where the pair does not enter) for pass 3, W of each per block
+void psi_row(const Atoms& at, int64_t i, Acc& u, double* cache) {
+  const vd or_i = bcast(at.off[i]), sr_i = bcast(at.sr[i]);
+  vd acc = {};
+  for (int64_t j0 = i + 1; j0 < at.n; j0 += W) {
+    const Block b = block(at, i, j0);
+    const vd or_j = load(at.off + j0), sr_j = load(at.sr + j0);
+    const vd inv_r = 1.0 / b.r;
+    vd tij, dij, tji, dji;
+    tmk::gb_integral_d(b.r, inv_r, or_i, sr_j, tij, dij);
+    tmk::gb_integral_d(b.r, inv_r, or_j, sr_i, tji, dji);
+    const vl use_ij = b.valid & ((b.r + sr_j) - or_i >= 0.0);
+    const vl use_ji = b.valid & ((b.r + sr_i) - or_j >= 0.0);
+    acc += sel(use_ij, tij, vd{});
+    add_to(u.a + j0, sel(use_ji, tji, vd{}));
+    if (cache) {
+      store(cache, sel(use_ij, dij * inv_r, vd{}));
+      store(cache + W, sel(use_ji, dji * inv_r, vd{}));
+      cache += 2 * W;
+    }
+  }
+  u.a[i] += hsum(acc);
+}
+
+// pass 2, row i: β sums (∂h/∂B_i, ∂h/∂B_j) and the gradient of the pair terms that need
+// no c: q_i q_j h_r and LJ + Coulomb
+template <bool kGB, bool kNB>
+void pair_row(const Atoms& at, int64_t i, Acc& u) {
+  vd acc = {}, gx = {}, gy = {}, gz = {};
+  if constexpr (kNB)
+    for (int32_t e = at.excl_start[i]; e < at.excl_start[i + 1]; ++e) u.keep[at.excl[e]] = 0.0;
+  for (int64_t j0 = i + 1; j0 < at.n; j0 += W) {
+    const Block b = block(at, i, j0);
+    const vd inv_r = 1.0 / b.r;
+    vd f = {};  // φ'/r of the pair
+    if constexpr (kGB) {
+      const vd qq = bcast(at.qgb[i]) * load(at.qgb + j0);
+      const Jet<vd, 3> h = tmk::gb_pair(seed<3>(b.r, 0), seed<3>(bcast(at.born[i]), 1),
+                                        seed<3>(load(at.born + j0), 2), at.pre);
+      acc += sel(b.valid, qq * h.d[1], vd{});
+      add_to(u.a + j0, sel(b.valid, qq * h.d[2], vd{}));
+      f = qq * h.d[0] * inv_r;
+    }
+    if constexpr (kNB) {
+      const vd sig = 0.5 * (bcast(at.sig[i]) + load(at.sig + j0));
+      const vd eps = bcast(at.rte[i]) * load(at.rte + j0);
+      const vd qq = bcast(at.qnb[i]) * load(at.qnb + j0);
+      const vd lj = tmk::lj_coulomb_d1_over_r(inv_r * inv_r, inv_r, sig, eps, qq);
+      f += sel(load(u.keep + j0) != 0.0, lj, vd{});
+    }
+    f = sel(b.valid, f, vd{});
+    const vd fx = f * b.dx, fy = f * b.dy, fz = f * b.dz;
+    gx += fx;
+    gy += fy;
+    gz += fz;
+    add_to(u.gx + j0, -fx);
+    add_to(u.gy + j0, -fy);
+    add_to(u.gz + j0, -fz);
+  }
+  if constexpr (kNB)
+    for (int32_t e = at.excl_start[i]; e < at.excl_start[i + 1]; ++e) u.keep[at.excl[e]] = 1.0;
+  u.a[i] += hsum(acc);
+  u.gx[i] += hsum(gx);
+  u.gy[i] += hsum(gy);
+  u.gz[i] += hsum(gz);
+}
+
+// pass 3, row k: the Born-radius chain, (c_k T'_kj + c_j T'_jk) d/r, from pass 1's cache
+// or (kCached false) evaluated again
+template <bool kCached>
+void chain_row(const Atoms& at, int64_t k, Acc& u, const double* cache) {
+  const vd or_k = bcast(at.off[k]), sr_k = bcast(at.sr[k]), c_k = bcast(at.cfac[k]);
+  vd gx = {}, gy = {}, gz = {};
+  for (int64_t j0 = k + 1; j0 < at.n; j0 += W) {
+    vd dx, dy, dz, akj, ajk;  // T'_kj/r, T'_jk/r where the pair enters, else 0
+    if constexpr (kCached) {
+      dx = bcast(at.x[k]) - load(at.x + j0);
+      dy = bcast(at.y[k]) - load(at.y + j0);
+      dz = bcast(at.z[k]) - load(at.z + j0);
+      akj = load(cache);
+      ajk = load(cache + W);
+      cache += 2 * W;
+    } else {
+      const Block b = block(at, k, j0);
+      const vd or_j = load(at.off + j0), sr_j = load(at.sr + j0);
+      const vd inv_r = 1.0 / b.r;
+      vd t;
+      tmk::gb_integral_d(b.r, inv_r, or_k, sr_j, t, akj);
+      tmk::gb_integral_d(b.r, inv_r, or_j, sr_k, t, ajk);
+      akj = sel(b.valid & ((b.r + sr_j) - or_k >= 0.0), akj * inv_r, vd{});
+      ajk = sel(b.valid & ((b.r + sr_k) - or_j >= 0.0), ajk * inv_r, vd{});
+      dx = b.dx;
+      dy = b.dy;
+      dz = b.dz;
+    }
+    const vd s = c_k * akj + load(at.cfac + j0) * ajk;
+    const vd fx = s * dx, fy = s * dy, fz = s * dz;
+    gx += fx;
+    gy += fy;
+    gz += fz;
+    add_to(u.gx + j0, -fx);
+    add_to(u.gy + j0, -fy);
+    add_to(u.gz + j0, -fz);
+  }
+  u.gx[k] += hsum(gx);
+  u.gy[k] += hsum(gy);
+  u.gz[k] += hsum(gz);
+}
+
+ffi::Error PairGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                            ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
+                            ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::F64> q_nb,
+                            ffi::Buffer<ffi::F64> sigma, ffi::Buffer<ffi::F64> epsilon,
+                            ffi::Buffer<ffi::S32> excl_start, ffi::Buffer<ffi::S32> excl,
+                            double pre, double cache_bytes, ffi::ResultBuffer<ffi::F64> grad) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_pair_gradient: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const size_t un = (size_t)n;
+  const bool gb = radius.element_count() > 0, nb = sigma.element_count() > 0;
+  if (gb && (q_gb.element_count() != un || radius.element_count() != un ||
+             scale.element_count() != un))
+    return ffi::Error::InvalidArgument(
+        "tm_pair_gradient: the OBC2 charge, radius and scale must be (" + std::to_string(n) +
+        ",) or all empty");
+  if (nb && (q_nb.element_count() != un || sigma.element_count() != un ||
+             epsilon.element_count() != un || excl_start.element_count() != un + 1))
+    return ffi::Error::InvalidArgument(
+        "tm_pair_gradient: the LJ + Coulomb charge, sigma, epsilon must be (" +
+        std::to_string(n) + ",) and excl_start (" + std::to_string(n + 1) + ",), or empty");
+  if (nb && (size_t)excl_start.typed_data()[n] != excl.element_count())
+    return ffi::Error::InvalidArgument("tm_pair_gradient: excl_start[N] != len(excl)");
+  double* g = grad->typed_data();
+  std::memset(g, 0, sizeof(double) * 3 * un);
+  if (n < 2 || (!gb && !nb)) return ffi::Error::Success();
+
+  // structure of arrays, padded with W far-away atoms (distinct positions, valid radii)
+  const int64_t np = n + W;
+  enum { X, Y, Z, OFF, SR, BORN, QGB, CFAC, QNB, SIG, RTE, PSI, B1, NSOA };
+  double* soa = t_soa.get((size_t)NSOA * np);
+  auto col = [&](int c) { return soa + (size_t)c * np; };
+  const double* xs = x.typed_data();
+  for (int64_t i = 0; i < np; ++i) {
+    const bool real = i < n;
+    col(X)[i] = real ? xs[3 * i] : 1e4 + 10.0 * (double)i;
+    col(Y)[i] = real ? xs[3 * i + 1] : 0.0;
+    col(Z)[i] = real ? xs[3 * i + 2] : 0.0;
+    const double rad = gb && real ? radius.typed_data()[i] : 0.15;
+    col(OFF)[i] = rad - tmk::GB_DIELECTRIC_OFFSET;
+    col(SR)[i] = (gb && real ? scale.typed_data()[i] : 0.8) * col(OFF)[i];
+    col(QGB)[i] = gb && real ? q_gb.typed_data()[i] : 0.0;
+    col(BORN)[i] = 0.15;
+    col(CFAC)[i] = 0.0;
+    col(QNB)[i] = nb && real ? q_nb.typed_data()[i] : 0.0;
+    col(SIG)[i] = nb && real ? sigma.typed_data()[i] : 0.3;
+    col(RTE)[i] = nb && real ? std::sqrt(epsilon.typed_data()[i]) : 0.0;
+  }
+  Atoms at{n,         col(X),    col(Y),    col(Z),    col(OFF),
+           col(SR),   col(BORN), col(QGB),  col(CFAC), col(QNB),
+           col(SIG),  col(RTE),  nb ? excl_start.typed_data() : nullptr,
+           nb ? excl.typed_data() : nullptr, pre};
+
+  // the units' sums: a, gx, gy, gz, keep, np each
+  const size_t per_unit = 5 * (size_t)np;
+  double* ub = t_units.get(UNITS * per_unit);
+  auto unit = [&](int k) {
+    double* b = ub + k * per_unit;
+    return Acc{b, b + np, b + 2 * np, b + 3 * np, b + 4 * np};
+  };
+  auto clear = [&](bool grads) {
+    for (int k = 0; k < UNITS; ++k) {
+      Acc u = unit(k);
+      std::memset(u.a, 0, sizeof(double) * np);
+      if (grads) std::memset(u.gx, 0, sizeof(double) * 3 * np);
+      std::fill(u.keep, u.keep + np, 1.0);
+    }
+  };
+  auto run = [&](auto&& row) {
+    std::function<void(int)> work = [&](int k) {
+      Acc u = unit(k);
+      for (int64_t i = k; i < n - 1; i += UNITS) row(i, u);
+    };
+    parallel_units(pool, UNITS, work);
+  };
+  auto sum_a = [&](int64_t i) {
+    double s = 0.0;
+    for (int k = 0; k < UNITS; ++k) s += unit(k).a[i];
+    return s;
+  };
+
+  // pass 1's cache of T'/r for pass 3: 2 W doubles per block of partners, while it stays
+  // under cache_bytes; larger systems evaluate the integrals again in pass 3
+  const int64_t blocks = (n - 1 + W - 1) / W * n;  // a bound: row i has ⌈(n-1-i)/W⌉
+  const bool cached = gb && (double)blocks * 2 * W * sizeof(double) <= cache_bytes;
+  double* cache = nullptr;
+  int64_t* row_at = nullptr;
+  if (cached) {
+    row_at = reinterpret_cast<int64_t*>(t_rows.get(n));
+    int64_t at_ = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      row_at[i] = at_;
+      at_ += (n - 1 - i + W - 1) / W * 2 * W;
+    }
+    cache = t_cache.get(std::max<int64_t>(at_, 1));
+  }
+  auto cache_row = [&](int64_t i) { return cached ? cache + row_at[i] : nullptr; };
+
+  clear(true);
+  if (gb) {  // pass 1: ψ → B, b'
+    run([&](int64_t i, Acc& u) { psi_row(at, i, u, cache_row(i)); });
+    for (int64_t i = 0; i < n; ++i) {
+      const double psi = sum_a(i) * col(OFF)[i];
+      const tmk::J1 b = tmk::gb_born(tmk::seed1(psi, true), tmk::seed1(radius.typed_data()[i], false));
+      col(BORN)[i] = b.v;
+      col(B1)[i] = b.d[0];
+    }
+    for (int k = 0; k < UNITS; ++k) std::memset(unit(k).a, 0, sizeof(double) * np);
+  }
+  // pass 2: β and the c-free pair gradient
+  if (gb && nb)
+    run([&](int64_t i, Acc& u) { pair_row<true, true>(at, i, u); });
+  else if (gb)
+    run([&](int64_t i, Acc& u) { pair_row<true, false>(at, i, u); });
+  else
+    run([&](int64_t i, Acc& u) { pair_row<false, true>(at, i, u); });
+  if (gb) {  // c = β b' or, then pass 3
+    for (int64_t i = 0; i < n; ++i) {
+      const double bi = col(BORN)[i];
+      const tmk::J1 e = tmk::gb_self(tmk::seed1(bi, true), tmk::seed1(col(QGB)[i], false),
+                                     tmk::seed1(radius.typed_data()[i], false), pre);
+      col(CFAC)[i] = (e.d[0] + sum_a(i)) * col(B1)[i] * col(OFF)[i];
+    }
+    if (cached)
+      run([&](int64_t i, Acc& u) { chain_row<true>(at, i, u, cache_row(i)); });
+    else
+      run([&](int64_t i, Acc& u) { chain_row<false>(at, i, u, nullptr); });
+  }
+  for (int k = 0; k < UNITS; ++k) {
+    const Acc u = unit(k);
+    for (int64_t i = 0; i < n; ++i) {
+      g[3 * i] += u.gx[i];
+      g[3 * i + 1] += u.gy[i];
+      g[3 * i + 2] += u.gz[i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPairGradient, PairGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // q_gb
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // radius
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // q_nb
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // sigma
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // epsilon
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // excl_start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // excl
+                                  .Attr<double>("pre")
+                                  .Attr<double>("cache_bytes")
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad
+);

@@ -550,19 +550,19 @@ void pair_batch(PairBatch& pb, int count, const double* x, const double* box, in
 }
 
 // rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
-// 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks lanes
+// 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks·LANES doubles
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
                          int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc,
                          bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
                          const double* t, double* z, const int32_t* mix_p, double* grad,
-                         lanes* acc) {
+                         double* acc) {
   const int64_t block = 3 * n * LANES;
   PairBatch pb;
   for (int64_t i = i0; i < i1; ++i) {
     const double qi = at.q[i], sei = at.seps[i], dsei = at.dseps[i];
     quad gv[3] = {};       // the gradient's partial sums, one per slot of the batches
     double own[3][3] = {};  // Σ_j ∂B/∂(atom i's parameter of kind m) d
-    for (int64_t c = 0; c < 3 * chunks; ++c) acc[c] = lanes{};
+    std::memset(acc, 0, sizeof(double) * 3 * chunks * LANES);
     for (int64_t s0 = 0; s0 < k; s0 += BATCH) {
       int count = 0;
       for (; count < BATCH && s0 + count < k; ++count) {
@@ -584,17 +584,21 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
         const int64_t j = pb.j[l];
         const double pa = pb.a[l], pbb = pb.b[l];
         const double d0 = pb.d[0][l], d1 = pb.d[1][l], d2 = pb.d[2][l];
-        for (int64_t c = 0; c < chunks; ++c) {
-          const double* ti = t + c * block + 3 * i * LANES;
-          const double* tj = t + c * block + 3 * j * LANES;
-          const lanes e0 = load_lanes(ti) - load_lanes(tj),
-                      e1 = load_lanes(ti + LANES) - load_lanes(tj + LANES),
-                      e2 = load_lanes(ti + 2 * LANES) - load_lanes(tj + 2 * LANES);
-          const lanes as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
-          acc[3 * c] += as * d0 + pbb * e0;
-          acc[3 * c + 1] += as * d1 + pbb * e1;
-          acc[3 * c + 2] += as * d2 + pbb * e2;
-        }
+        // in halves of BATCH lanes: one AVX2 register each (a LANES-wide GCC vector is
+        // split through the stack on AVX2, with store-forwarding stalls)
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int h = 0; h < LANES; h += BATCH) {
+            const double* ti = t + c * block + 3 * i * LANES + h;
+            const double* tj = t + c * block + 3 * j * LANES + h;
+            const quad e0 = load_quad(ti) - load_quad(tj),
+                       e1 = load_quad(ti + LANES) - load_quad(tj + LANES),
+                       e2 = load_quad(ti + 2 * LANES) - load_quad(tj + 2 * LANES);
+            const quad as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
+            double* ac = acc + 3 * c * LANES + h;
+            store_quad(ac, load_quad(ac) + as * d0 + pbb * e0);
+            store_quad(ac + LANES, load_quad(ac + LANES) + as * d1 + pbb * e1);
+            store_quad(ac + 2 * LANES, load_quad(ac + 2 * LANES) + as * d2 + pbb * e2);
+          }
         if (!mix_p) continue;
         // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
         const double half_s = 0.5 * pb.eps4[l] * pb.db_lj_ds[l];
@@ -605,7 +609,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
         for (int m = 0; m < 3; ++m) {
           const int32_t pj = mix_p[m * n + j];
           if (pj >= 0) {
-            double* a = reinterpret_cast<double*>(&acc[3 * (pj / LANES)]);
+            double* a = acc + 3 * (pj / LANES) * LANES;
             a[pj % LANES] += mj[m] * d0;
             a[LANES + pj % LANES] += mj[m] * d1;
             a[2 * LANES + pj % LANES] += mj[m] * d2;
@@ -627,15 +631,11 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       for (int m = 0; m < 3; ++m) {
         const int32_t pi = mix_p[m * n + i];
         if (pi < 0) continue;
-        double* a = reinterpret_cast<double*>(&acc[3 * (pi / LANES)]);
+        double* a = acc + 3 * (pi / LANES) * LANES;
         for (int e = 0; e < 3; ++e) a[e * LANES + pi % LANES] += own[m][e];
       }
-    for (int64_t c = 0; c < chunks; ++c) {
-      double* zi = z + c * block + 3 * i * LANES;
-      store_lanes(zi, acc[3 * c]);
-      store_lanes(zi + LANES, acc[3 * c + 1]);
-      store_lanes(zi + 2 * LANES, acc[3 * c + 2]);
-    }
+    for (int64_t c = 0; c < chunks; ++c)
+      std::memcpy(z + c * block + 3 * i * LANES, acc + 3 * c * LANES, sizeof(double) * 3 * LANES);
   }
 }
 
@@ -705,7 +705,7 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
-    std::vector<lanes> acc(3 * std::max<int64_t>(chunks, 1));
+    std::vector<double> acc(3 * LANES * std::max<int64_t>(chunks, 1));
     neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, fast_erfc,
                         n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, g, acc.data());
   };
@@ -745,9 +745,10 @@ struct PmeStencil {
 };
 
 // coef (N, chunks, 4, LANES): dq and q dx_{x,y,z}; buf (K³, chunks, LANES); uv scratch
+// of 2·chunks·LANES doubles; lanes in halves of BATCH, as the gather's
 void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks, int64_t c0,
-                       int64_t c1, double* buf, lanes* uv) {
-  const int64_t o = st.order, m = c1 - c0;
+                       int64_t c1, double* buf, double* uv) {
+  const int64_t o = st.order, m = (c1 - c0) * LANES, width = chunks * LANES;
   for (int64_t j = 0; j < st.n; ++j) {
     const double* wj = st.w + j * 3 * o;
     const double* gj = st.dw + j * 3 * o;
@@ -759,60 +760,62 @@ void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks,
       for (int64_t b = 0; b < o; ++b) {
         const double wy = wj[o + b], gy = gj[o + b];
         const double p0 = wx * wy, p1 = gx * wy, p2 = wx * gy;
-        for (int64_t c = 0; c < m; ++c) {
-          const double* cc = cj + (c0 + c) * 4 * LANES;
-          uv[2 * c] = p0 * load_lanes(cc) + p1 * load_lanes(cc + LANES) +
-                      p2 * load_lanes(cc + 2 * LANES);
-          uv[2 * c + 1] = p0 * load_lanes(cc + 3 * LANES);
-        }
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t h = 0; h < LANES; h += BATCH) {
+            const double* cc = cj + c * 4 * LANES + h;
+            double* u = uv + 2 * (c - c0) * LANES + h;
+            store_quad(u, p0 * load_quad(cc) + p1 * load_quad(cc + LANES) +
+                              p2 * load_quad(cc + 2 * LANES));
+            store_quad(u + LANES, p0 * load_quad(cc + 3 * LANES));
+          }
         const int64_t rxy = (rx + ij[o + b]) * st.kz;
         for (int64_t z = 0; z < o; ++z) {
           const double wz = wj[2 * o + z], gz = gj[2 * o + z];
-          double* g = buf + ((rxy + ij[2 * o + z]) * chunks + c0) * LANES;
-          for (int64_t c = 0; c < m; ++c)
-            store_lanes(g + c * LANES, load_lanes(g + c * LANES) + wz * uv[2 * c] + gz * uv[2 * c + 1]);
+          double* g = buf + (rxy + ij[2 * o + z]) * width + c0 * LANES;
+          for (int64_t q = 0; q < m; q += BATCH) {
+            const double* u = uv + 2 * (q / LANES) * LANES + q % LANES;
+            store_quad(g + q, load_quad(g + q) + wz * load_quad(u) + gz * load_quad(u + LANES));
+          }
         }
       }
     }
   }
 }
 
-// buf (K³, chunks, LANES) δΨ; out (N, chunks, 3, LANES); sf scratch
+// buf (K³, chunks, LANES) δΨ; out (N, chunks, 3, LANES); sf scratch of 3·chunks·LANES
+// doubles; order ≤ 8. The lanes go in halves of BATCH (one AVX2 register; see neighbour_pair_rows).
 void pme_gather_rows(const PmeStencil& st, const double* buf, int64_t chunks, int64_t i0,
-                     int64_t i1, double* out, lanes* sf) {
-  const int64_t o = st.order;
-  lanes* s01 = sf;               // (chunks, 2)
-  lanes* f = sf + 2 * chunks;    // (chunks, 3)
+                     int64_t i1, double* out, double* sf) {
+  const int64_t o = st.order, width = chunks * LANES;
+  double* f = sf;  // (chunks, 3, LANES)
   for (int64_t i = i0; i < i1; ++i) {
     const double* wi = st.w + i * 3 * o;
     const double* gi = st.dw + i * 3 * o;
     const int32_t* ii = st.idx + i * 3 * o;
-    for (int64_t c = 0; c < 3 * chunks; ++c) f[c] = lanes{};
+    std::memset(f, 0, sizeof(double) * 3 * width);
     for (int64_t a = 0; a < o; ++a) {
       const int64_t rx = (int64_t)ii[a] * st.ky;
       for (int64_t b = 0; b < o; ++b) {
         const int64_t rxy = (rx + ii[o + b]) * st.kz;
-        for (int64_t c = 0; c < 2 * chunks; ++c) s01[c] = lanes{};
-        for (int64_t z = 0; z < o; ++z) {
-          const double wz = wi[2 * o + z], gz = gi[2 * o + z];
-          const double* g = buf + (rxy + ii[2 * o + z]) * chunks * LANES;
-          for (int64_t c = 0; c < chunks; ++c) {
-            const lanes v = load_lanes(g + c * LANES);
-            s01[2 * c] += wz * v;
-            s01[2 * c + 1] += gz * v;
-          }
-        }
+        const double* g[8];  // the order (≤ 8) grid points along z of this (x, y) row
+        for (int64_t z = 0; z < o; ++z) g[z] = buf + (rxy + ii[2 * o + z]) * width;
         const double wx = wi[a], gx = gi[a], wy = wi[o + b], gy = gi[o + b];
         const double px = gx * wy, py = wx * gy, pz = wx * wy;
-        for (int64_t c = 0; c < chunks; ++c) {
-          f[3 * c] += px * s01[2 * c];
-          f[3 * c + 1] += py * s01[2 * c];
-          f[3 * c + 2] += pz * s01[2 * c + 1];
+        for (int64_t h = 0; h < width; h += BATCH) {  // partial sums in registers
+          quad s0 = load_quad(g[0] + h) * wi[2 * o], s1 = load_quad(g[0] + h) * gi[2 * o];
+          for (int64_t z = 1; z < o; ++z) {
+            const quad v = load_quad(g[z] + h);
+            s0 += wi[2 * o + z] * v;
+            s1 += gi[2 * o + z] * v;
+          }
+          double* fc = f + 3 * (h / LANES) * LANES + h % LANES;
+          store_quad(fc, load_quad(fc) + px * s0);
+          store_quad(fc + LANES, load_quad(fc + LANES) + py * s0);
+          store_quad(fc + 2 * LANES, load_quad(fc + 2 * LANES) + pz * s1);
         }
       }
     }
-    double* oi = out + i * chunks * 3 * LANES;
-    for (int64_t c = 0; c < 3 * chunks; ++c) store_lanes(oi + c * LANES, f[c]);
+    std::memcpy(out + i * 3 * width, f, sizeof(double) * 3 * width);
   }
 }
 
@@ -823,6 +826,8 @@ ffi::Error check_stencil(const char* name, ffi::Buffer<ffi::F64>& w, ffi::Buffer
     return ffi::Error::InvalidArgument(std::string(name) + ": w must have shape (N, 3, order)");
   *n = wd[0];
   *order = wd[2];
+  if (*order < 1 || *order > 8)
+    return ffi::Error::InvalidArgument(std::string(name) + ": the spline order must be 1..8");
   if (dw.element_count() != w.element_count() || idx.element_count() != w.element_count())
     return ffi::Error::InvalidArgument(std::string(name) + ": dw, idx must be shaped as w");
   return ffi::Error::Success();
@@ -862,7 +867,7 @@ ffi::Error PmeSpreadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> w, ffi::Buf
   const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
   const int64_t units = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
   std::function<void(int)> work = [&](int u) {
-    std::vector<lanes> uv(2 * chunks);
+    std::vector<double> uv(2 * chunks * LANES);
     pme_spread_chunks(st, coef, chunks, chunks * u / units, chunks * (u + 1) / units, buf,
                       uv.data());
   };
@@ -899,7 +904,7 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
   const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
-    std::vector<lanes> sf(5 * chunks);
+    std::vector<double> sf(3 * chunks * LANES);
     pme_gather_rows(st, buf, chunks, n * u / units, n * (u + 1) / units, out, sf.data());
   };
   parallel_units(pool, units, work);

@@ -86,24 +86,34 @@ def available() -> tuple[bool, str]:
     return ok, why
 
 
-def _register() -> None:
+def load_library(source, name, targets, flags=FLAGS):
+    """Build ``cuda/kernels/host/<source>`` (cached; ``TIMEMACHINE_XLA_CPU_FLAGS`` replaces
+    ``flags``) and register its handlers with XLA's CPU: ``targets`` {FFI target name:
+    exported symbol}. Returns the loaded library (keep it alive for the process)."""
     import jaxlib
 
-    src = os.path.join(kernel_dir(), "host", "tm_xla_cpu.cpp")
-    flags = tuple(os.environ.get("TIMEMACHINE_XLA_CPU_FLAGS", " ".join(FLAGS)).split())
+    src = os.path.join(kernel_dir(), "host", source)
+    flags = tuple(os.environ.get("TIMEMACHINE_XLA_CPU_FLAGS", " ".join(flags)).split())
     path = build_shared_library(
         src,
-        "tm_xla_cpu",
+        name,
         flags,
         include_dirs=(jax.ffi.include_dir(),),
         key_extra=_cpu_signature() + jaxlib.__version__,
     )
     lib = ctypes.CDLL(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmGradientZeta), "cpu")
-    jax.ffi.register_ffi_target(NEIGHBOUR_TARGET, jax.ffi.pycapsule(lib.TmNeighbourPairs), "cpu")
-    jax.ffi.register_ffi_target(PME_SPREAD_TARGET, jax.ffi.pycapsule(lib.TmPmeSpread), "cpu")
-    jax.ffi.register_ffi_target(PME_GATHER_TARGET, jax.ffi.pycapsule(lib.TmPmeGather), "cpu")
-    _STATE["lib"] = lib  # keep the library loaded for the process
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+    return lib
+
+
+def _register() -> None:
+    _STATE["lib"] = load_library(  # kept loaded for the process
+        "tm_xla_cpu.cpp",
+        "tm_xla_cpu",
+        {TARGET: "TmGradientZeta", NEIGHBOUR_TARGET: "TmNeighbourPairs",
+         PME_SPREAD_TARGET: "TmPmeSpread", PME_GATHER_TARGET: "TmPmeGather"},
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,4 +256,11 @@ def pme_gather(potential, w, dw, idx):
     return call(potential, w, dw, idx.astype(jnp.int32))
 
 
-__all__ = ["BondedTables", "available", "neighbour_pairs", "pme_gather", "pme_spread"]
+__all__ = [
+    "BondedTables",
+    "available",
+    "load_library",
+    "neighbour_pairs",
+    "pme_gather",
+    "pme_spread",
+]

@@ -25,15 +25,13 @@ get the reference's derivatives.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timemachine.backends import kernel_dir, xla_cpu
-from timemachine.backends.host import build_shared_library
+from timemachine.backends import xla_cpu
 from timemachine.backends.tables import coordinate_term_groups
 from timemachine.errors import SimulationError
 from timemachine.potentials.gbsa import gb_prefactor
@@ -67,20 +65,9 @@ def available() -> tuple[bool, str]:
 
 
 def _register() -> None:
-    import jaxlib
-
-    src = os.path.join(kernel_dir(), "host", "tm_xla_cpu_gb.cpp")
-    flags = tuple(os.environ.get("TIMEMACHINE_XLA_CPU_FLAGS", " ".join(FLAGS)).split())
-    path = build_shared_library(
-        src,
-        "tm_xla_cpu_gb",
-        flags,
-        include_dirs=(jax.ffi.include_dir(),),
-        key_extra=xla_cpu._cpu_signature() + jaxlib.__version__,
+    _STATE["lib"] = xla_cpu.load_library(  # kept loaded for the process
+        "tm_xla_cpu_gb.cpp", "tm_xla_cpu_gb", {TARGET: "TmPairGradient"}, FLAGS
     )
-    lib = ctypes.CDLL(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TmPairGradient), "cpu")
-    _STATE["lib"] = lib  # keep the library loaded for the process
 
 
 def exclusion_lists(pair_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ def sparse_gradient(system):
     return gradient
 
 
-def sparse_gradient_and_zeta(system, wrt, host=None):
+def sparse_gradient_and_zeta(system, wrt, host=None, bonded=None):
     """``fn(x, params, dx (P, N, 3), neighbours=None) -> (∇_x E, ζ (P, N, 3))`` for a
     System with Verlet lists: a term's own ``gradient_and_zeta`` on its list where it has
     one (the cutoff pairs' per-pair scalars contracted with all P tangents at once), and
@@ -61,24 +61,35 @@ def sparse_gradient_and_zeta(system, wrt, host=None):
     tangents (dx_p and the one-hot θ direction of ``wrt[p]``). Exact; nothing O(N²).
     ``host``: the cutoff pairs and PME's tangent spread and gather in compiled code
     (``timemachine.backends.xla_cpu``, passed in from the sensitivity layer), or None for
-    XLA's."""
+    XLA's. ``bonded``: None, or ``fn(x, params, dx) -> (∇E, ζ)`` of every term that is
+    wholly internal coordinates (bonds, angles, torsions: the bonded custom call's
+    ``BondedTables``), which then leave the linearize."""
     parts = [gradient_part(t) for t in system.terms]
     wrt = np.asarray(wrt, dtype=np.int64)
     terms = system.terms
+    by_tables = [
+        bonded is not None and t.structured is None
+        and bool(t.coordinate_groups(f"system.terms[{k}]"))
+        for k, t in enumerate(terms)
+    ]  # fmt: skip
 
     def fn(x, params, dx, neighbours=None):
         lists = (None,) * len(terms) if neighbours is None else neighbours
         own = [nb is not None and hasattr(t, "gradient_and_zeta")
                for t, nb in zip(terms, lists, strict=True)]  # fmt: skip
+        skip = [o or b for o, b in zip(own, by_tables, strict=True)]
 
         def rest(y, p):
-            return sum(part(y, p, nb) for part, nb, o in zip(parts, lists, own, strict=True)
-                       if not o)  # fmt: skip
+            return sum((part(y, p, nb) for part, nb, s in zip(parts, lists, skip, strict=True)
+                        if not s), jnp.zeros_like(y))  # fmt: skip
 
         onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
         onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
         grad, lin = jax.linearize(rest, x, params)
         zeta = jax.vmap(lin)(dx, onehot)
+        if bonded is not None:
+            g, z = bonded(x, params, dx)
+            grad, zeta = grad + g, zeta + z
         for t, nb, o in zip(terms, lists, own, strict=True):
             if o:
                 g, z = t.gradient_and_zeta(x, params, dx, wrt, nb, host=host)

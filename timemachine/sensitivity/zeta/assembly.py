@@ -143,7 +143,12 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
         if gradient_only:
             return sparse_gradient(system)
         host = xla_cpu if _use_host_bonded(bonded, False) else None
-        return sparse_gradient_and_zeta(system, wrt, host=host)
+        tables = None
+        groups = coordinate_term_groups(system)
+        if host is not None and groups and np.unique(wrt).size == wrt.size:
+            # the bonds, angles and torsions in the bonded custom call, not linearize
+            tables = xla_cpu.BondedTables.build(groups, system.n_params, wrt)
+        return sparse_gradient_and_zeta(system, wrt, host=host, bonded=tables)
     n = system.n_atoms
     # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs
     host = (

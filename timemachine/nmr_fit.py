@@ -47,7 +47,11 @@ NMR_SIZES = {
         chains=2,
         validate_ns=0.02,
         validate_seeds=2,
-        min_ess=5.0,  # a smoke test: 40 frames cannot give 20 independent ones
+        # a smoke test of the pipeline: two 7.5 ps chains cannot cross ψ's basins, so a
+        # coupling's ESS is about the number of chains (1.2-1.3 for ²J(N,Cα) on an AMD
+        # EPYC, where 5 failed; it passed elsewhere only when both chains happened to
+        # start in one basin). The guard still runs and stops chains worth < 1 sample.
+        min_ess=1.0,
     ),
     "quick": dict(
         epochs=10,

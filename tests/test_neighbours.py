@@ -236,3 +236,18 @@ def test_host_pairs_and_pme_match_the_jax_reference(box, request):
     assert np.abs(g_host - g_jax).max() <= 1e-13 * np.abs(g_jax).max()
     assert np.abs(z_host - z_jax).max() <= 1e-13 * np.abs(z_jax).max()
     assert np.abs(z_jax).max() > 1.0  # the tangents and mixed partials do contribute
+
+
+def test_the_bonded_call_stands_only_for_wholly_internal_coordinate_terms():
+    """``coordinate_only`` picks the bonds, angles and torsions, and not the all-pairs
+    Nonbonded term, whose coordinate groups are only its 1-4 exceptions (the rest of it
+    stays in its own gradient: giving it to the bonded call would count the exceptions
+    twice)."""
+    from timemachine.structured.autodiff import coordinate_only
+
+    system, _ = tm.load_system(tm.build_peptide("AAA"), forcefield=("amber99sbildn.xml",))
+    picked = dict(zip([type(t).__name__ for t in system.terms], coordinate_only(system),
+                      strict=False))  # fmt: skip
+    assert picked["HarmonicBonds"] and picked["HarmonicAngles"] and picked["PeriodicTorsions"]
+    assert picked["Nonbonded"] is False
+    assert any(t.coordinate_groups("t") for t in system.terms if type(t).__name__ == "Nonbonded")

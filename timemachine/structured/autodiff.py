@@ -53,6 +53,17 @@ def sparse_gradient(system):
     return gradient
 
 
+def coordinate_only(system) -> list[bool]:
+    """Per term of ``system``: True where its coordinate groups are the whole term (bonds,
+    angles, torsions: no structured part), so that the bonded custom call can stand for
+    it. A term with a structured part (the all-pairs Nonbonded, whose groups are only its
+    1-4 exceptions) is False."""
+    return [
+        t.structured is None and bool(t.coordinate_groups(f"system.terms[{k}]"))
+        for k, t in enumerate(system.terms)
+    ]
+
+
 def sparse_gradient_and_zeta(system, wrt, host=None, bonded=None):
     """``fn(x, params, dx (P, N, 3), neighbours=None) -> (∇_x E, ζ (P, N, 3))`` for a
     System with Verlet lists: a term's own ``gradient_and_zeta`` on its list where it has
@@ -63,15 +74,12 @@ def sparse_gradient_and_zeta(system, wrt, host=None, bonded=None):
     (``timemachine.backends.xla_cpu``, passed in from the sensitivity layer), or None for
     XLA's. ``bonded``: None, or ``fn(x, params, dx) -> (∇E, ζ)`` of every term that is
     wholly internal coordinates (bonds, angles, torsions: the bonded custom call's
-    ``BondedTables``), which then leave the linearize."""
+    ``BondedTables`` of the terms ``coordinate_only`` picks, and of no other), which then
+    leave the linearize."""
     parts = [gradient_part(t) for t in system.terms]
     wrt = np.asarray(wrt, dtype=np.int64)
     terms = system.terms
-    by_tables = [
-        bonded is not None and t.structured is None
-        and bool(t.coordinate_groups(f"system.terms[{k}]"))
-        for k, t in enumerate(terms)
-    ]  # fmt: skip
+    by_tables = coordinate_only(system) if bonded is not None else [False] * len(terms)
 
     def fn(x, params, dx, neighbours=None):
         lists = (None,) * len(terms) if neighbours is None else neighbours

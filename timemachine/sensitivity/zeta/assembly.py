@@ -22,8 +22,13 @@ from timemachine.sensitivity.zeta.dense import column_tiles, dense_pair_product
 from timemachine.sensitivity.zeta.reference import zeta_reference
 from timemachine.structured import StructuredTerms
 from timemachine.structured import make_gradient as _plain_gradient
-from timemachine.structured.autodiff import sparse_gradient, sparse_gradient_and_zeta
+from timemachine.structured.autodiff import (
+    coordinate_only,
+    sparse_gradient,
+    sparse_gradient_and_zeta,
+)
 from timemachine.structured.fusion import unit_rows
+from timemachine.system import System
 
 
 def make_zeta(system, wrt, method="structured", bonded="auto"):
@@ -144,10 +149,13 @@ def _structured(system, wrt, gradient_only=False, bonded="auto"):
             return sparse_gradient(system)
         host = xla_cpu if _use_host_bonded(bonded, False) else None
         tables = None
-        groups = coordinate_term_groups(system)
-        if host is not None and groups and np.unique(wrt).size == wrt.size:
-            # the bonds, angles and torsions in the bonded custom call, not linearize
-            tables = xla_cpu.BondedTables.build(groups, system.n_params, wrt)
+        # the bonds, angles and torsions in the bonded custom call, not linearize: the
+        # groups of exactly the terms sparse_gradient_and_zeta then leaves out (an
+        # all-pairs term's 1-4 exceptions stay in its own gradient)
+        covered = [t for t, c in zip(system.terms, coordinate_only(system), strict=True) if c]
+        if host is not None and covered and np.unique(wrt).size == wrt.size:
+            only = System(system.masses, covered, system.param_names, system.params)
+            tables = xla_cpu.BondedTables.build(coordinate_term_groups(only), system.n_params, wrt)
         return sparse_gradient_and_zeta(system, wrt, host=host, bonded=tables)
     n = system.n_atoms
     # bonds, angles, torsions and 1-4 exceptions in one C++ custom call (CPU), if it runs

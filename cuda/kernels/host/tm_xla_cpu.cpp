@@ -49,20 +49,13 @@
 
 #include "../bonded.cuh"
 
-// LANES doubles as one GCC/Clang vector: tangents per SIMD block (one AVX-512 or two AVX2
-// registers), and the batch of pairs whose scalars are computed at once. Declared before
-// cutoff.cuh so that its templates find where() for vectors.
+// LANES doubles as one GCC/Clang vector: the tangents per SIMD block of the bonded Jets
+// (one AVX-512 or two AVX2 registers). The Verlet-list pairs go in batches of W (one
+// AVX2 register, cpu_simd.cuh, included before cutoff.cuh so that its templates find
+// where() for that vector).
 constexpr int LANES = 8;
 typedef double lanes __attribute__((vector_size(LANES * sizeof(double))));
-// Pair scalars go in batches of BATCH: one AVX2 register (wider GCC vectors are split
-// through the stack on AVX2 machines, with store-forwarding stalls)
-constexpr int BATCH = 4;
-typedef double quad __attribute__((vector_size(BATCH * sizeof(double))));
-typedef int64_t mask_quad __attribute__((vector_size(BATCH * sizeof(double))));
-namespace tmk {
-inline quad where(mask_quad mask, quad a, quad b) { return mask ? a : b; }
-}  // namespace tmk
-
+#include "../cpu_simd.cuh"  // vd, vl, W, where(); exp; Scratch, parallel_units
 #include "../cutoff.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -106,27 +99,7 @@ inline lanes load_lanes(const double* p) {
   return v;
 }
 inline void store_lanes(double* p, lanes v) { std::memcpy(p, &v, sizeof v); }
-inline quad load_quad(const double* p) {
-  quad v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store_quad(double* p, quad v) { std::memcpy(p, &v, sizeof v); }
 
-// 64-byte aligned scratch that keeps its capacity between calls (one per calling thread)
-struct Scratch {
-  double* p = nullptr;
-  size_t cap = 0;
-  double* get(size_t n) {
-    if (n > cap) {
-      std::free(p);
-      cap = (n + 7) / 8 * 8;
-      p = static_cast<double*>(std::aligned_alloc(64, cap * sizeof(double)));
-    }
-    return p;
-  }
-  ~Scratch() { std::free(p); }
-};
 
 struct Tables {
   const double* x;
@@ -265,30 +238,6 @@ __attribute__((noinline)) void pair_tile(const double* x, const double* pa, cons
   }
 }
 
-// run work(0..units-1) on this thread and on up to units - 1 tasks of XLA's intra-op
-// pool. Units are claimed from a counter, so a task that starts late (the pool is busy)
-// finds nothing left and returns: the caller never waits for a unit nobody has claimed.
-void parallel_units(ffi::ThreadPool& pool, int units, const std::function<void(int)>& work) {
-  struct State {
-    std::atomic<int> next{0}, done{0};
-    int units = 0;
-    const std::function<void(int)>* work = nullptr;
-  };
-  auto st = std::make_shared<State>();
-  st->units = units;
-  st->work = &work;
-  auto run = [](State& s) {
-    for (int k; (k = s.next.fetch_add(1, std::memory_order_relaxed)) < s.units;) {
-      (*s.work)(k);  // only reached while the caller is still waiting for this unit
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
-  for (int h = 0; h < helpers; ++h) pool.Schedule([st, run] { run(*st); });
-  run(*st);
-  while (st->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
-}
-
 ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                             ffi::Buffer<ffi::F64> theta, ffi::Buffer<ffi::F64> dx,
                             ffi::Buffer<ffi::S32> tuples, ffi::Buffer<ffi::S32> tuple_kind,
@@ -412,35 +361,10 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 // Coulomb or LJ part times the other factor (σ: one derivative of the LJ part), added
 // to the tangent of that atom's parameter of each kind (mix_p (3, N): charge, σ, ε;
 // -1: not chosen).
-// exp(x) for x in [-700, 0] on BATCH values at once (the C library's is one value per
-// call): x = k ln 2 + f (Cody-Waite, fdlibm's split of ln 2), e^f by its Taylor series to
-// f¹³ (|f| ≤ ln2/2: remainder < 5e-18), 2^k into the exponent bits.
-inline quad exp_nonpositive(quad x) {
-  x = x < -700.0 ? (x * 0.0 - 700.0) : x;
-  const double shifter = 6755399441055744.0;  // 1.5 · 2^52: adding it rounds to an integer
-  const quad kd = x * 1.4426950408889634 + shifter;
-  const quad k = kd - shifter;
-  const quad f = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-  static const double inv_fact[14] = {
-      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
-      1.0 / 40320.0,      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,
-      1.0 / 6.0,          0.5,               1.0,              1.0};
-  quad p = f * 0.0 + inv_fact[0];
-  for (int m = 1; m < 14; ++m) p = p * f + inv_fact[m];
-  int64_t sb;
-  std::memcpy(&sb, &shifter, 8);
-  mask_quad kb;
-  std::memcpy(&kb, &kd, sizeof kb);
-  const mask_quad bits = (kb - sb + 1023) << 52;
-  quad scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // erfc(y) = erfcx(y) e^{-y²} for y in [0, ERFC_YMAX], erfcx(y) = e^{y²} erfc(y) by its
 // Chebyshev series on [0, ERFC_YMAX] (ERFC_TERMS terms, interpolated at start-up from
 // the C library's erfc and exp, as accurate as they are to a few ulp), evaluated on
-// BATCH values at once by Clenshaw's recurrence. erfcx is entire and varies slowly
+// W values at once by Clenshaw's recurrence. erfcx is entire and varies slowly
 // there: its coefficients fall below 1e-16 by the 30th (α r_c ≤ 4: Ewald tolerances down
 // to ~1e-7; beyond, the C library's erfc runs).
 constexpr int ERFC_TERMS = 30;
@@ -466,11 +390,11 @@ struct ErfcxSeries {
 };
 const ErfcxSeries kErfcx;
 
-inline quad erfcx_series(quad y) {
-  const quad t = y * (2.0 / ERFC_YMAX) - 1.0, t2 = 2.0 * t;
-  quad b1 = y * 0.0, b2 = y * 0.0;
+inline vd erfcx_series(vd y) {
+  const vd t = y * (2.0 / ERFC_YMAX) - 1.0, t2 = 2.0 * t;
+  vd b1 = y * 0.0, b2 = y * 0.0;
   for (int m = ERFC_TERMS - 1; m >= 1; --m) {
-    const quad b0 = kErfcx.c[m] + t2 * b1 - b2;
+    const vd b0 = kErfcx.c[m] + t2 * b1 - b2;
     b2 = b1;
     b1 = b0;
   }
@@ -484,25 +408,25 @@ struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε
   const double* dseps;
 };
 
-// The scalars of a batch of up to BATCH partners of one row, computed as BATCH-wide
+// The scalars of a batch of up to W partners of one row, computed as W-wide
 // vectors with cutoff.cuh's pair maths (the CUDA kernels' too) and the erfc and exp
-// above: the minimum-image displacements d (3, BATCH), and B, A, B_lj, B_c, ∂B_lj/∂σ
+// above: the minimum-image displacements d (3, W), and B, A, B_lj, B_c, ∂B_lj/∂σ
 // with 0 for the slots at or beyond the cutoff and the empty ones (inside = 0).
 struct PairBatch {
-  quad d[3];
-  quad inside, eps4, b, a, b_lj, b_c, db_lj_ds;
-  int64_t j[BATCH];
+  vd d[3];
+  vd inside, eps4, b, a, b_lj, b_c, db_lj_ds;
+  int64_t j[W];
 };
 
-inline quad vrint(quad v) {  // round half to even, |v| < 2^51 (as jnp.round)
+inline vd vrint(vd v) {  // round half to even, |v| < 2^51 (as jnp.round)
   const double shifter = 6755399441055744.0;
   return (v + shifter) - shifter;
 }
 
 void pair_batch(PairBatch& pb, int count, const double* x, const double* box, int64_t i,
                 const PairAtoms& at, const tmk::CutoffForm& pc, bool fast_erfc) {
-  alignas(64) double xj[3][BATCH], sej[BATCH], qj[BATCH], sgj[BATCH], valid[BATCH];
-  for (int l = 0; l < BATCH; ++l) {
+  alignas(64) double xj[3][W], sej[W], qj[W], sgj[W], valid[W];
+  for (int l = 0; l < W; ++l) {
     const int64_t j = l < count ? pb.j[l] : i;
     xj[0][l] = x[3 * j];
     xj[1][l] = x[3 * j + 1];
@@ -512,36 +436,36 @@ void pair_batch(PairBatch& pb, int count, const double* x, const double* box, in
     sgj[l] = at.sig[j];
     valid[l] = l < count ? 1.0 : 0.0;
   }
-  quad r2 = load_quad(valid) * 0.0;
+  vd r2 = load(valid) * 0.0;
   for (int e = 0; e < 3; ++e) {
-    quad d = x[3 * i + e] - load_quad(xj[e]);
+    vd d = x[3 * i + e] - load(xj[e]);
     if (box) d -= box[e] * vrint(d / box[e]);
     pb.d[e] = d;
     r2 += d * d;
   }
-  const mask_quad in = (r2 < pc.cutoff * pc.cutoff) & (load_quad(valid) > 0.5);
-  const quad one = r2 * 0.0 + 1.0, zero = r2 * 0.0;
+  const vl in = (r2 < pc.cutoff * pc.cutoff) & (load(valid) > 0.5);
+  const vd one = bcast(1.0), zero = vd{};
   pb.inside = in ? one : zero;
-  const quad rr = in ? r2 : one;
-  alignas(64) double rs[BATCH];
-  store_quad(rs, rr);
-  for (int l = 0; l < BATCH; ++l) rs[l] = std::sqrt(rs[l]);
-  const quad r = load_quad(rs);
-  pb.eps4 = (4.0 * at.seps[i]) * load_quad(sej);
-  const quad qq = (tmk::COULOMB * at.q[i]) * load_quad(qj);
-  const quad sig = 0.5 * (at.sig[i] + load_quad(sgj));
-  quad erfc_ar = zero, gauss = zero;
+  const vd rr = in ? r2 : one;
+  alignas(64) double rs[W];
+  store(rs, rr);
+  for (int l = 0; l < W; ++l) rs[l] = std::sqrt(rs[l]);
+  const vd r = load(rs);
+  pb.eps4 = (4.0 * at.seps[i]) * load(sej);
+  const vd qq = (tmk::COULOMB * at.q[i]) * load(qj);
+  const vd sig = 0.5 * (at.sig[i] + load(sgj));
+  vd erfc_ar = zero, gauss = zero;
   if (pc.pme) {
-    gauss = exp_nonpositive(-(pc.alpha * pc.alpha) * r * r);
+    gauss = tmk::tm_exp(-(pc.alpha * pc.alpha) * r * r);
     if (fast_erfc) {
       erfc_ar = erfcx_series(pc.alpha * r) * gauss;
     } else {
-      alignas(64) double ev[BATCH];
-      for (int l = 0; l < BATCH; ++l) ev[l] = std::erfc(pc.alpha * rs[l]);
-      erfc_ar = load_quad(ev);
+      alignas(64) double ev[W];
+      for (int l = 0; l < W; ++l) ev[l] = std::erfc(pc.alpha * rs[l]);
+      erfc_ar = load(ev);
     }
   }
-  const tmk::CutoffRadialT<quad> s = tmk::cutoff_radial_given<quad>(r, sig, pc, erfc_ar, gauss);
+  const tmk::CutoffRadialT<vd> s = tmk::cutoff_radial_given<vd>(r, sig, pc, erfc_ar, gauss);
   pb.b = in ? pb.eps4 * s.b_lj + qq * s.b_c : zero;
   pb.a = in ? (pb.eps4 * s.db_lj + qq * s.db_c) / r : zero;
   pb.b_lj = in ? s.b_lj : zero;
@@ -560,12 +484,12 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
   PairBatch pb;
   for (int64_t i = i0; i < i1; ++i) {
     const double qi = at.q[i], sei = at.seps[i], dsei = at.dseps[i];
-    quad gv[3] = {};       // the gradient's partial sums, one per slot of the batches
+    vd gv[3] = {};       // the gradient's partial sums, one per slot of the batches
     double own[3][3] = {};  // Σ_j ∂B/∂(atom i's parameter of kind m) d
     std::memset(acc, 0, sizeof(double) * 3 * chunks * LANES);
-    for (int64_t s0 = 0; s0 < k; s0 += BATCH) {
+    for (int64_t s0 = 0; s0 < k; s0 += W) {
       int count = 0;
-      for (; count < BATCH && s0 + count < k; ++count) {
+      for (; count < W && s0 + count < k; ++count) {
         const int64_t j = idx[i * k + s0 + count];
         if (j >= n) break;  // padding: the row's partners come first
         pb.j[count] = j;
@@ -576,7 +500,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       gv[1] += pb.b * pb.d[1];
       gv[2] += pb.b * pb.d[2];
       if (chunks == 0) {
-        if (count < BATCH) break;
+        if (count < W) break;
         continue;
       }
       for (int l = 0; l < count; ++l) {
@@ -584,20 +508,20 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
         const int64_t j = pb.j[l];
         const double pa = pb.a[l], pbb = pb.b[l];
         const double d0 = pb.d[0][l], d1 = pb.d[1][l], d2 = pb.d[2][l];
-        // in halves of BATCH lanes: one AVX2 register each (a LANES-wide GCC vector is
+        // in halves of W lanes: one AVX2 register each (a LANES-wide GCC vector is
         // split through the stack on AVX2, with store-forwarding stalls)
         for (int64_t c = 0; c < chunks; ++c)
-          for (int h = 0; h < LANES; h += BATCH) {
+          for (int h = 0; h < LANES; h += W) {
             const double* ti = t + c * block + 3 * i * LANES + h;
             const double* tj = t + c * block + 3 * j * LANES + h;
-            const quad e0 = load_quad(ti) - load_quad(tj),
-                       e1 = load_quad(ti + LANES) - load_quad(tj + LANES),
-                       e2 = load_quad(ti + 2 * LANES) - load_quad(tj + 2 * LANES);
-            const quad as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
+            const vd e0 = load(ti) - load(tj),
+                       e1 = load(ti + LANES) - load(tj + LANES),
+                       e2 = load(ti + 2 * LANES) - load(tj + 2 * LANES);
+            const vd as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
             double* ac = acc + 3 * c * LANES + h;
-            store_quad(ac, load_quad(ac) + as * d0 + pbb * e0);
-            store_quad(ac + LANES, load_quad(ac + LANES) + as * d1 + pbb * e1);
-            store_quad(ac + 2 * LANES, load_quad(ac + 2 * LANES) + as * d2 + pbb * e2);
+            store(ac, load(ac) + as * d0 + pbb * e0);
+            store(ac + LANES, load(ac + LANES) + as * d1 + pbb * e1);
+            store(ac + 2 * LANES, load(ac + 2 * LANES) + as * d2 + pbb * e2);
           }
         if (!mix_p) continue;
         // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
@@ -619,11 +543,11 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
           own[m][2] += mi[m] * d2;
         }
       }
-      if (count < BATCH) break;
+      if (count < W) break;
     }
     for (int e = 0; e < 3; ++e) {  // the slots summed in a fixed order
       double g = 0.0;
-      for (int l = 0; l < BATCH; ++l) g += gv[e][l];
+      for (int l = 0; l < W; ++l) g += gv[e][l];
       grad[3 * i + e] = g;
     }
     if (chunks == 0) continue;
@@ -745,7 +669,7 @@ struct PmeStencil {
 };
 
 // coef (N, chunks, 4, LANES): dq and q dx_{x,y,z}; buf (K³, chunks, LANES); uv scratch
-// of 2·chunks·LANES doubles; lanes in halves of BATCH, as the gather's
+// of 2·chunks·LANES doubles; lanes in halves of W, as the gather's
 void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks, int64_t c0,
                        int64_t c1, double* buf, double* uv) {
   const int64_t o = st.order, m = (c1 - c0) * LANES, width = chunks * LANES;
@@ -761,20 +685,20 @@ void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks,
         const double wy = wj[o + b], gy = gj[o + b];
         const double p0 = wx * wy, p1 = gx * wy, p2 = wx * gy;
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t h = 0; h < LANES; h += BATCH) {
+          for (int64_t h = 0; h < LANES; h += W) {
             const double* cc = cj + c * 4 * LANES + h;
             double* u = uv + 2 * (c - c0) * LANES + h;
-            store_quad(u, p0 * load_quad(cc) + p1 * load_quad(cc + LANES) +
-                              p2 * load_quad(cc + 2 * LANES));
-            store_quad(u + LANES, p0 * load_quad(cc + 3 * LANES));
+            store(u, p0 * load(cc) + p1 * load(cc + LANES) +
+                              p2 * load(cc + 2 * LANES));
+            store(u + LANES, p0 * load(cc + 3 * LANES));
           }
         const int64_t rxy = (rx + ij[o + b]) * st.kz;
         for (int64_t z = 0; z < o; ++z) {
           const double wz = wj[2 * o + z], gz = gj[2 * o + z];
           double* g = buf + (rxy + ij[2 * o + z]) * width + c0 * LANES;
-          for (int64_t q = 0; q < m; q += BATCH) {
+          for (int64_t q = 0; q < m; q += W) {
             const double* u = uv + 2 * (q / LANES) * LANES + q % LANES;
-            store_quad(g + q, load_quad(g + q) + wz * load_quad(u) + gz * load_quad(u + LANES));
+            store(g + q, load(g + q) + wz * load(u) + gz * load(u + LANES));
           }
         }
       }
@@ -783,7 +707,7 @@ void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks,
 }
 
 // buf (K³, chunks, LANES) δΨ; out (N, chunks, 3, LANES); sf scratch of 3·chunks·LANES
-// doubles; order ≤ 8. The lanes go in halves of BATCH (one AVX2 register; see neighbour_pair_rows).
+// doubles; order ≤ 8. The lanes go in halves of W (one AVX2 register; see neighbour_pair_rows).
 void pme_gather_rows(const PmeStencil& st, const double* buf, int64_t chunks, int64_t i0,
                      int64_t i1, double* out, double* sf) {
   const int64_t o = st.order, width = chunks * LANES;
@@ -801,17 +725,17 @@ void pme_gather_rows(const PmeStencil& st, const double* buf, int64_t chunks, in
         for (int64_t z = 0; z < o; ++z) g[z] = buf + (rxy + ii[2 * o + z]) * width;
         const double wx = wi[a], gx = gi[a], wy = wi[o + b], gy = gi[o + b];
         const double px = gx * wy, py = wx * gy, pz = wx * wy;
-        for (int64_t h = 0; h < width; h += BATCH) {  // partial sums in registers
-          quad s0 = load_quad(g[0] + h) * wi[2 * o], s1 = load_quad(g[0] + h) * gi[2 * o];
+        for (int64_t h = 0; h < width; h += W) {  // partial sums in registers
+          vd s0 = load(g[0] + h) * wi[2 * o], s1 = load(g[0] + h) * gi[2 * o];
           for (int64_t z = 1; z < o; ++z) {
-            const quad v = load_quad(g[z] + h);
+            const vd v = load(g[z] + h);
             s0 += wi[2 * o + z] * v;
             s1 += gi[2 * o + z] * v;
           }
           double* fc = f + 3 * (h / LANES) * LANES + h % LANES;
-          store_quad(fc, load_quad(fc) + px * s0);
-          store_quad(fc + LANES, load_quad(fc + LANES) + py * s0);
-          store_quad(fc + 2 * LANES, load_quad(fc + 2 * LANES) + pz * s1);
+          store(fc, load(fc) + px * s0);
+          store(fc + LANES, load(fc + LANES) + py * s0);
+          store(fc + 2 * LANES, load(fc + 2 * LANES) + pz * s1);
         }
       }
     }

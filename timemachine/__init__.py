@@ -14,7 +14,9 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from timemachine import fitting  # noqa: E402
-from timemachine.backends import xla_cpu_gb  # noqa: E402, F401  (registers its plain-MD gradient)
+
+# registered at import: the CPU custom calls' plain-MD gradients and Verlet-list build
+from timemachine.backends import xla_cpu_gb, xla_cpu_periodic  # noqa: E402, F401
 from timemachine.errors import (  # noqa: E402
     CheckpointError,
     CheckpointFallbackWarning,

@@ -50,6 +50,10 @@ TARGET = "tm_gradient_zeta"
 NEIGHBOUR_TARGET = "tm_neighbour_pairs"
 PME_SPREAD_TARGET = "tm_pme_spread"
 PME_GATHER_TARGET = "tm_pme_gather"
+FORCES_TARGET = "tm_neighbour_forces"
+BUILD_TARGET = "tm_neighbour_build"
+CHARGE_SPREAD_TARGET = "tm_pme_charge_spread"
+FORCE_GATHER_TARGET = "tm_pme_force_gather"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno")  # no errno: sqrt vectorises
 _STATE: dict = {}
 
@@ -112,7 +116,9 @@ def _register() -> None:
         "tm_xla_cpu.cpp",
         "tm_xla_cpu",
         {TARGET: "TmGradientZeta", NEIGHBOUR_TARGET: "TmNeighbourPairs",
-         PME_SPREAD_TARGET: "TmPmeSpread", PME_GATHER_TARGET: "TmPmeGather"},
+         PME_SPREAD_TARGET: "TmPmeSpread", PME_GATHER_TARGET: "TmPmeGather",
+         FORCES_TARGET: "TmNeighbourForces", BUILD_TARGET: "TmNeighbourBuild",
+         CHARGE_SPREAD_TARGET: "TmPmeChargeSpread", FORCE_GATHER_TARGET: "TmPmeForceGather"},
     )  # fmt: skip
 
 
@@ -256,11 +262,70 @@ def pme_gather(potential, w, dw, idx):
     return call(potential, w, dw, idx.astype(jnp.int32))
 
 
+def neighbour_forces(x, box, idx, atoms, consts):
+    """∇E (N, 3) kJ/mol/nm of a Verlet list's cutoff pairs for plain MD (no tangents):
+    ``neighbour_pairs``' arguments without dx and mix_p, the same closed forms, each row
+    in two passes (its partners within the cutoff gathered, then their scalars in SIMD
+    batches). ``cutoffs.neighbour_pair_gradient`` is the JAX reference. Bitwise the same
+    on any number of threads."""
+    box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float64)
+    call = jax.ffi.ffi_call(FORCES_TARGET, out, vmap_method="sequential")
+    return call(x, box, idx.astype(jnp.int32), atoms, jnp.asarray(consts, jnp.float64))
+
+
+def neighbour_build(x, box, radius, capacity, cells=None, cell_capacity=0, exclusions=None,
+                    mask=None):  # fmt: skip
+    """(idx (N, capacity) int32, overflow bool): ``cutoffs.build_neighbours``' Verlet list,
+    the same entries in the same order, built in compiled code (a cell list: O(N)).
+
+    With ``cells`` (3,) (a periodic ``box`` (3,) nm) the candidates are the 27 cells'
+    atoms and ``exclusions`` the (N, M) ``cutoffs.exclusion_table``; without, every atom,
+    ``mask`` the (N, N) bool of allowed pairs (box (3,) or None). ``cell_capacity``: atoms
+    per cell the JAX table holds (beyond it, overflow)."""
+    n = x.shape[0]
+    box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
+    if cells is None:
+        cells_arr = jnp.zeros((0,), jnp.int32)
+        exclusions = jnp.zeros((n, 0), jnp.int32)
+        mask = jnp.asarray(mask, jnp.bool_)
+    else:
+        cells_arr = jnp.asarray(np.asarray(cells, np.int32))
+        exclusions = jnp.asarray(exclusions, jnp.int32)
+        mask = jnp.zeros((0,), jnp.bool_)
+    out = (jax.ShapeDtypeStruct((n, int(capacity)), jnp.int32),
+           jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
+    call = jax.ffi.ffi_call(BUILD_TARGET, out, vmap_method="sequential")
+    idx, overflow = call(x, box, exclusions, mask, cells_arr,
+                         jnp.asarray([radius, cell_capacity], jnp.float64))  # fmt: skip
+    return idx, overflow > 0
+
+
+def pme_charge_spread(w, dw, idx, charge, grid):
+    """Q (K_x, K_y, K_z) = Σ_j q_j W_j: the charges on PME's grid, with ``pme_spread``'s
+    stencils (plain MD; one pass in atom order)."""
+    out = jax.ShapeDtypeStruct(tuple(int(g) for g in grid), jnp.float64)
+    call = jax.ffi.ffi_call(CHARGE_SPREAD_TARGET, out, vmap_method="sequential")
+    return call(w, dw, idx.astype(jnp.int32), charge)
+
+
+def pme_force_gather(potential, w, dw, idx, charge):
+    """(N, 3) q_i Σ_g Ψ(g) ∇W_i(g): PME's reciprocal gradient from the grid potential
+    Ψ (K_x, K_y, K_z) (plain MD)."""
+    out = jax.ShapeDtypeStruct((w.shape[0], 3), jnp.float64)
+    call = jax.ffi.ffi_call(FORCE_GATHER_TARGET, out, vmap_method="sequential")
+    return call(potential, w, dw, idx.astype(jnp.int32), charge)
+
+
 __all__ = [
     "BondedTables",
     "available",
     "load_library",
+    "neighbour_build",
+    "neighbour_forces",
     "neighbour_pairs",
+    "pme_charge_spread",
+    "pme_force_gather",
     "pme_gather",
     "pme_spread",
 ]

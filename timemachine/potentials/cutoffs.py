@@ -257,6 +257,30 @@ def pme_reciprocal_energy(x, charge, box, alpha, grid, order=5):
     return COULOMB / (2.0 * np.pi * volume) * jnp.sum(kernel * s2)
 
 
+def pme_reciprocal_gradient(x, charge, box, alpha, grid, order=5, host=None):
+    """∇_x of ``pme_reciprocal_energy`` (N, 3) kJ/mol/nm for plain MD, written out: the
+    charges spread on the grid, Ψ = ∂E/∂Q by one real FFT pair, and ∇_i E = q_i Σ_g Ψ(g)
+    ∇W_i(g) (``pme_reciprocal_gradient_and_zeta``'s notation). ``host``: None (XLA's
+    scatter and gather; ``jax.grad`` of the energy is the reference), or an object with
+    ``pme_charge_spread`` and ``pme_force_gather`` (the CPU custom call,
+    ``timemachine.backends.xla_cpu``, passed in from above this layer) that replace them.
+    """
+    grid = tuple(int(g) for g in grid)
+    if host is None:
+        return jax.grad(pme_reciprocal_energy)(x, charge, box, alpha, grid, order)
+    frac, idx = _pme_stencil(x, box, grid, order)
+    spline = lambda f: _bspline_weights(f, order)  # noqa: E731
+    w, dw = jax.jvp(spline, (frac,), (jnp.ones_like(frac),))  # (N, 3, n): M and dM/du
+    dw = dw * (jnp.asarray(grid, x.dtype) / box)[None, :, None]
+    idx = jnp.stack(idx, axis=1)  # (N, 3, n)
+    q_grid = host.pme_charge_spread(w, dw, idx, charge, grid)
+    volume = box[0] * box[1] * box[2]
+    factor = COULOMB * (grid[0] * grid[1] * grid[2]) / (np.pi * volume)
+    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
+    psi = factor * jnp.fft.irfftn(half * jnp.fft.rfftn(q_grid), s=grid)
+    return host.pme_force_gather(psi, w, dw, idx, charge)
+
+
 def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=5, host=None,
                                      elements_per_block=1 << 21):  # fmt: skip
     """∇_x of ``pme_reciprocal_energy`` (N, 3) kJ/mol/nm and its derivatives along P
@@ -572,6 +596,21 @@ def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_f
     return jax.lax.map(one_block, rows), overflow
 
 
+#: the compiled list build (``register_list_builder``), or empty: this module's JAX build
+_LIST_BUILDER: list = []
+
+
+def register_list_builder(builder):
+    """Build Verlet lists with ``builder(x, box, radius, capacity, cells, cell_capacity,
+    allowed) -> (idx, overflow)`` (float64 x; None where it cannot run) in place of the
+    JAX build of ``build_neighbours``: a compiled build registered from above this layer
+    (``timemachine.backends.xla_cpu_periodic``), which must give the same entries in the
+    same order (the tests compare them); None restores the JAX build."""
+    _LIST_BUILDER.clear()
+    if builder is not None:
+        _LIST_BUILDER.append(builder)
+
+
 def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacity=0,
                      block=256) -> Neighbours:  # fmt: skip
     """The Verlet list of x (N, 3) nm: every allowed pair within ``radius`` nm (cutoff +
@@ -582,9 +621,16 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
     per edge, of edge ≥ radius, ``cell_capacity`` atoms each: O(N)), with ``allowed`` the
     ``exclusion_table`` (N, M) of the excluded pairs; or all N (cells None: O(N²), for
     small or non-periodic boxes), with ``allowed`` the (N, N) bool mask of full-strength
-    pairs. Jittable; no derivatives (integers).
+    pairs. Jittable; no derivatives (integers). A compiled build registered with
+    ``register_list_builder`` runs in its place (the same list).
     """
     n = x.shape[0]
+    built = None
+    if _LIST_BUILDER and x.dtype == jnp.float64:
+        x = jax.lax.stop_gradient(x)
+        built = _LIST_BUILDER[0](x, box, radius, capacity, cells, cell_capacity, allowed)
+    if built is not None:
+        return Neighbours(built[0], x, built[1])
     (idx, counts), overflow = _scan_candidates(
         x, allowed, box, radius, cells, cell_capacity, block,
         lambda valid, j: _compact(valid, j, capacity, n),
@@ -717,15 +763,25 @@ def neighbour_pair_energy(x, charge, sigma, epsilon, neighbours: Neighbours, box
 
 def neighbour_pair_gradient(x, charge, sigma, epsilon, neighbours: Neighbours, box, cutoff,
                             dielectric, switch_distance=None, alpha=None,
-                            pairs_per_block=1 << 18):  # fmt: skip
+                            pairs_per_block=1 << 18, host=None):  # fmt: skip
     """∇_x of ``neighbour_pair_energy``, (N, 3) kJ/mol/nm, written out: row i sums
     (du/dr)/r · d_ij over its partners, so no scatter runs (reverse-mode autodiff of the
     energy would scatter the j side). Differentiable in x and the per-atom parameters by
     forward mode (the Hessian-vector products and mixed partials of ζ), all gathers.
+
+    ``host``: None, or the plain-MD pair forces in compiled code
+    (``timemachine.backends.xla_cpu.neighbour_forces``, passed in from above this layer;
+    not differentiable), this function's XLA path being its reference.
     """
     n = neighbours.idx.shape[0]
     k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
     sqrt_eps = safe_sqrt(epsilon)
+    if host is not None:
+        atoms = jnp.stack([charge, sigma, sqrt_eps, jnp.zeros_like(sqrt_eps)]).astype(x.dtype)
+        consts = jnp.asarray([cutoff, -1.0 if switch_distance is None else switch_distance,
+                              k_rf, 0.0 if alpha is None else alpha], x.dtype)  # fmt: skip
+        grad = host(x, box, neighbours.idx, atoms, consts)
+        return grad * jnp.where(neighbours.overflow, jnp.nan, 1.0)
     rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def one_block(args):

@@ -843,6 +843,395 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ the plain step
+// Plain MD needs ∇E alone, so its calls skip the tangents' layout and work. The pair
+// forces of a Verlet list (cutoffs.neighbour_pair_gradient is the JAX reference) take
+// each row in two passes:
+//  1. the row's partners within the cutoff, with their minimum-image displacements and
+//     parameters, copied into contiguous arrays (scalar loads: the partners are
+//     scattered in memory; a quarter of a list's entries are in the skin);
+//  2. the pair scalars over those arrays, FU vectors of W pairs per iteration: erfc's
+//     series and exp are chains of dependent multiply-adds, and FU independent chains
+//     keep the floating-point units busy where one chain would wait on each result.
+// A row's force is its partial sums, one per SIMD slot, summed in a fixed order: the
+// result does not depend on the number of threads.
+constexpr int FU = 4;
+constexpr int FB = FU * W;  // pairs per iteration of pass 2
+
+template <int U>
+inline void erfcx_series_n(const vd* y, vd* out) {
+  vd t[U], t2[U], b1[U], b2[U];
+  for (int u = 0; u < U; ++u) {
+    t[u] = y[u] * (2.0 / ERFC_YMAX) - 1.0;
+    t2[u] = 2.0 * t[u];
+    b1[u] = vd{};
+    b2[u] = vd{};
+  }
+  for (int m = ERFC_TERMS - 1; m >= 1; --m)
+    for (int u = 0; u < U; ++u) {
+      const vd b0 = kErfcx.c[m] + t2[u] * b1[u] - b2[u];
+      b2[u] = b1[u];
+      b1[u] = b0;
+    }
+  for (int u = 0; u < U; ++u) out[u] = kErfcx.c[0] + t[u] * b1[u] - b2[u];
+}
+
+struct RowArrays {  // one row's partners within the cutoff, structure of arrays
+  double *d[3], *r2, *q, *sg, *se;
+  void bind(double* base, int64_t cap) {  // 7 arrays of cap doubles
+    for (int e = 0; e < 3; ++e) d[e] = base + e * cap;
+    r2 = base + 3 * cap;
+    q = base + 4 * cap;
+    sg = base + 5 * cap;
+    se = base + 6 * cap;
+  }
+};
+
+inline double rint_even(double v) {  // as vrint: round half to even, |v| < 2^51
+  const double shifter = 6755399441055744.0;
+  return (v + shifter) - shifter;  // IEEE: no -ffast-math, so not folded
+}
+
+void neighbour_force_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
+                          int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc,
+                          bool fast_erfc, int64_t i0, int64_t i1, double* grad, RowArrays& ra) {
+  const double rc2 = pc.cutoff * pc.cutoff;
+  double inv_box[3] = {0.0, 0.0, 0.0};
+  if (box)
+    for (int e = 0; e < 3; ++e) inv_box[e] = 1.0 / box[e];
+  for (int64_t i = i0; i < i1; ++i) {
+    const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
+    int64_t m = 0;
+    // local restrict pointers: stores through them cannot change ra's fields, so the
+    // compiler keeps them in registers
+    double* __restrict o0 = ra.d[0];
+    double* __restrict o1 = ra.d[1];
+    double* __restrict o2 = ra.d[2];
+    double* __restrict or2 = ra.r2;
+    double* __restrict oq = ra.q;
+    double* __restrict osg = ra.sg;
+    double* __restrict ose = ra.se;
+    const int32_t* __restrict row = idx + i * k;
+    for (int64_t s = 0; s < k; ++s) {  // pass 1
+      const int64_t j = row[s];
+      if (j >= n) break;  // padding: the row's partners come first
+      double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
+      if (box) {  // d/L by a product: it rounds to a different image only at |d| ≈ L/2,
+                  // far beyond the cutoff (L ≥ 2 r_c)
+        d0 -= box[0] * rint_even(d0 * inv_box[0]);
+        d1 -= box[1] * rint_even(d1 * inv_box[1]);
+        d2 -= box[2] * rint_even(d2 * inv_box[2]);
+      }
+      const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
+      // written always, kept (m advanced) within the cutoff: no branch to mispredict
+      o0[m] = d0;
+      o1[m] = d1;
+      o2[m] = d2;
+      or2[m] = r2;
+      oq[m] = at.q[j];
+      osg[m] = at.sig[j];
+      ose[m] = at.seps[j];
+      m += r2 < rc2;
+    }
+    const int64_t mp = (m + FB - 1) / FB * FB;
+    for (int64_t s = m; s < mp; ++s) {  // padding: r = 1, no charge, no ε (B = 0)
+      ra.d[0][s] = ra.d[1][s] = ra.d[2][s] = 0.0;
+      ra.r2[s] = 1.0;
+      ra.q[s] = ra.se[s] = 0.0;
+      ra.sg[s] = at.sig[i];
+    }
+    const double qi = tmk::COULOMB * at.q[i], sei = 4.0 * at.seps[i], sgi = at.sig[i];
+    vd gv[3] = {};
+    for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
+      vd r[FU], erfc_ar[FU], gauss[FU];
+      for (int u = 0; u < FU; ++u) {
+        const vd r2 = load(ra.r2 + s0 + u * W);
+        r[u] = tmk::tm_sqrt(r2);
+        gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
+      }
+      if (pc.pme) {
+        if (fast_erfc) {
+          vd y[FU];
+          for (int u = 0; u < FU; ++u) y[u] = pc.alpha * r[u];
+          erfcx_series_n<FU>(y, erfc_ar);
+          for (int u = 0; u < FU; ++u) erfc_ar[u] *= gauss[u];
+        } else {
+          for (int u = 0; u < FU; ++u)
+            for (int l = 0; l < W; ++l) erfc_ar[u][l] = std::erfc(pc.alpha * r[u][l]);
+        }
+      } else {
+        for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
+      }
+      for (int u = 0; u < FU; ++u) {
+        const int64_t s = s0 + u * W;
+        const vd sig = 0.5 * (sgi + load(ra.sg + s));
+        const tmk::CutoffRadialT<vd> f =
+            tmk::cutoff_radial_given<vd>(r[u], sig, pc, erfc_ar[u], gauss[u]);
+        const vd b = (sei * load(ra.se + s)) * f.b_lj + (qi * load(ra.q + s)) * f.b_c;
+        gv[0] += b * load(ra.d[0] + s);
+        gv[1] += b * load(ra.d[1] + s);
+        gv[2] += b * load(ra.d[2] + s);
+      }
+    }
+    for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]);
+  }
+}
+
+thread_local Scratch t_rows;
+
+ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
+                               ffi::Buffer<ffi::F64> atoms, ffi::Buffer<ffi::F64> consts,
+                               ffi::ResultBuffer<ffi::F64> grad) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_forces: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const auto id = idx.dimensions();
+  if (id.size() != 2 || id[0] != n)
+    return ffi::Error::InvalidArgument("tm_neighbour_forces: idx must have shape (N, K)");
+  const int64_t k = id[1];
+  if (atoms.element_count() != (size_t)(4 * n))
+    return ffi::Error::InvalidArgument("tm_neighbour_forces: atoms must be (4, N)");
+  if (consts.element_count() != 4)
+    return ffi::Error::InvalidArgument("tm_neighbour_forces: consts must be (4,)");
+  if (box.element_count() != 0 && box.element_count() != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_forces: box must be (3,) or empty");
+  const double* cd = consts.typed_data();
+  tmk::CutoffForm pc;  // as tm_neighbour_pairs'
+  pc.cutoff = cd[0];
+  pc.switch_distance = cd[1];
+  pc.use_switch = cd[1] >= 0;
+  pc.k_rf = cd[2];
+  pc.c_rf = 0.0;
+  pc.alpha = cd[3];
+  pc.pme = cd[3] != 0;
+  const bool fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
+  const double* ad = atoms.typed_data();
+  const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
+  const double* bx = box.element_count() ? box.typed_data() : nullptr;
+  const int64_t cap = (k + FB - 1) / FB * FB + FB;
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  double* g = grad->typed_data();
+  std::function<void(int)> work = [&](int u) {
+    RowArrays ra;
+    ra.bind(t_rows.get(7 * cap), cap);
+    neighbour_force_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, fast_erfc,
+                         n * u / units, n * (u + 1) / units, g, ra);
+  };
+  parallel_units(pool, units, work);
+  return ffi::Error::Success();
+}
+
+// The Verlet list of cutoffs.build_neighbours, the same entries in the same order:
+// with cells, atom i's candidates are the atoms of the 27 cells around its own (in
+// _neighbour_cells' order of shifts, each cell's atoms by index, at most cell_capacity
+// of them: the JAX table drops the rest and reports the overflow), excluding i and its
+// excluded partners (the exclusion table's row); without cells, every j by index where
+// the (N, N) mask allows. Kept: the candidates within `radius`, the first K of them.
+// overflow (int32) is 1 when a cell held more than cell_capacity atoms or a row had more
+// than K partners.
+ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                              ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> allowed,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> cells,
+                              ffi::Buffer<ffi::F64> radius_cap,
+                              ffi::ResultBuffer<ffi::S32> out,
+                              ffi::ResultBuffer<ffi::S32> overflow) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != n)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: the list must be (N, K)");
+  const int64_t k = od[1];
+  if (radius_cap.element_count() != 2)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: radius_cap is (radius, cell capacity)");
+  const double radius = radius_cap.typed_data()[0];
+  const int64_t cell_cap = (int64_t)radius_cap.typed_data()[1];
+  const bool has_cells = cells.element_count() == 3;
+  if (box.element_count() != 0 && box.element_count() != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: box must be (3,) or empty");
+  if (has_cells && box.element_count() != 3)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: cells need a box");
+  const auto ad = allowed.dimensions();
+  if (has_cells && (ad.size() != 2 || ad[0] != n))
+    return ffi::Error::InvalidArgument("tm_neighbour_build: the exclusion table must be (N, M)");
+  if (!has_cells && mask.element_count() != (size_t)(n * n))
+    return ffi::Error::InvalidArgument("tm_neighbour_build: the mask must be (N, N)");
+  const double* xs = x.typed_data();
+  const double* bx = box.element_count() ? box.typed_data() : nullptr;
+  const double r2max = radius * radius;
+  int32_t* list = out->typed_data();
+  std::atomic<int> over{0};
+  double inv_box[3] = {0.0, 0.0, 0.0};
+  if (bx)
+    for (int e = 0; e < 3; ++e) inv_box[e] = 1.0 / bx[e];
+  auto within = [&](int64_t i, int64_t j) {  // d/L by a product, as neighbour_force_rows
+    double r2 = 0.0;
+    for (int e = 0; e < 3; ++e) {
+      double d = xs[3 * i + e] - xs[3 * j + e];
+      if (bx) d -= bx[e] * rint_even(d * inv_box[e]);
+      r2 += d * d;
+    }
+    return r2 < r2max;
+  };
+  if (!has_cells) {
+    const bool* mk = mask.typed_data();
+    const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+    std::function<void(int)> work = [&](int u) {
+      for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < n; ++j)
+          if (j != i && mk[i * n + j] && within(i, j)) {
+            if (c < k) list[i * k + c] = (int32_t)j;
+            ++c;
+          }
+        for (int64_t s = c; s < k; ++s) list[i * k + s] = (int32_t)n;
+        if (c > k) over.store(1, std::memory_order_relaxed);
+      }
+    };
+    parallel_units(pool, units, work);
+    overflow->typed_data()[0] = over.load();
+    return ffi::Error::Success();
+  }
+  const int32_t* cl = cells.typed_data();
+  const int64_t cx = cl[0], cy = cl[1], cz = cl[2], nc = cx * cy * cz;
+  // bin the atoms (as _candidates: wrapped into the box, floor, clipped to the last cell)
+  std::vector<int32_t> cell_of(n), start(nc + 1, 0), members(n);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t c3[3];
+    const int64_t cn[3] = {cx, cy, cz};
+    for (int e = 0; e < 3; ++e) {
+      const double w = xs[3 * i + e] - bx[e] * std::floor(xs[3 * i + e] / bx[e]);
+      c3[e] = std::min<int64_t>((int64_t)std::floor(w / bx[e] * (double)cn[e]), cn[e] - 1);
+    }
+    cell_of[i] = (int32_t)((c3[0] * cy + c3[1]) * cz + c3[2]);
+    ++start[cell_of[i] + 1];
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    if (start[c + 1] > cell_cap) over.store(1, std::memory_order_relaxed);
+    start[c + 1] += start[c];
+  }
+  {
+    std::vector<int32_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < n; ++i) members[fill[cell_of[i]]++] = (int32_t)i;  // by index
+  }
+  const int64_t m = ad[1];
+  const int32_t* ex = allowed.typed_data();
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  std::function<void(int)> work = [&](int u) {
+    for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
+      const int64_t c = cell_of[i];
+      const int64_t c0 = c / (cy * cz), c1 = (c / cz) % cy, c2 = c % cz;
+      int64_t cnt = 0;
+      for (int a = -1; a <= 1; ++a)
+        for (int b = -1; b <= 1; ++b)
+          for (int z = -1; z <= 1; ++z) {
+            const int64_t nb = (((c0 + a + cx) % cx) * cy + (c1 + b + cy) % cy) * cz +
+                               (c2 + z + cz) % cz;
+            const int64_t e = std::min<int64_t>(start[nb + 1], start[nb] + cell_cap);
+            for (int64_t s = start[nb]; s < e; ++s) {
+              const int64_t j = members[s];
+              if (j == i || !within(i, j)) continue;
+              bool excluded = false;
+              for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
+              if (excluded) continue;
+              if (cnt < k) list[i * k + cnt] = (int32_t)j;
+              ++cnt;
+            }
+          }
+      for (int64_t s = cnt; s < k; ++s) list[i * k + s] = (int32_t)n;
+      if (cnt > k) over.store(1, std::memory_order_relaxed);
+    }
+  };
+  parallel_units(pool, units, work);
+  overflow->typed_data()[0] = over.load();
+  return ffi::Error::Success();
+}
+
+// Smooth PME's reciprocal force, plain: Q = Σ_j q_j W_j spread on the grid (one pass in
+// atom order: bitwise the same on any number of threads), and after the convolution
+// (XLA's FFT) ∇_i E = q_i Σ_g Ψ(g) ∇W_i(g), rows split among the threads.
+ffi::Error PmeChargeSpreadImpl(ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
+                               ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F64> charge,
+                               ffi::ResultBuffer<ffi::F64> grid) {
+  int64_t n, order;
+  if (auto e = check_stencil("tm_pme_charge_spread", w, dw, idx, &n, &order); e.failure())
+    return e;
+  const auto gd = grid->dimensions();
+  if (gd.size() != 3) return ffi::Error::InvalidArgument("tm_pme_charge_spread: grid is (Kx, Ky, Kz)");
+  if (charge.element_count() != (size_t)n)
+    return ffi::Error::InvalidArgument("tm_pme_charge_spread: charge must be (N,)");
+  const int64_t ky = gd[1], kz = gd[2], o = order;
+  double* q_grid = grid->typed_data();
+  std::memset(q_grid, 0, sizeof(double) * gd[0] * ky * kz);
+  const double* ws = w.typed_data();
+  const int32_t* is = idx.typed_data();
+  const double* q = charge.typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    const double* wj = ws + j * 3 * o;
+    const int32_t* ij = is + j * 3 * o;
+    for (int64_t a = 0; a < o; ++a) {
+      const double qa = q[j] * wj[a];
+      for (int64_t b = 0; b < o; ++b) {
+        const double qab = qa * wj[o + b];
+        double* row = q_grid + ((int64_t)ij[a] * ky + ij[o + b]) * kz;
+        for (int64_t z = 0; z < o; ++z) row[ij[2 * o + z]] += qab * wj[2 * o + z];
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PmeForceGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
+                              ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
+                              ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F64> charge,
+                              ffi::ResultBuffer<ffi::F64> grad) {
+  int64_t n, order;
+  if (auto e = check_stencil("tm_pme_force_gather", w, dw, idx, &n, &order); e.failure())
+    return e;
+  const auto pd = potential.dimensions();
+  if (pd.size() != 3)
+    return ffi::Error::InvalidArgument("tm_pme_force_gather: potential is (Kx, Ky, Kz)");
+  if (charge.element_count() != (size_t)n || grad->element_count() != (size_t)(3 * n))
+    return ffi::Error::InvalidArgument("tm_pme_force_gather: charge (N,), grad (N, 3)");
+  const int64_t ky = pd[1], kz = pd[2], o = order;
+  const double* psi = potential.typed_data();
+  const double* ws = w.typed_data();
+  const double* gs = dw.typed_data();
+  const int32_t* is = idx.typed_data();
+  const double* q = charge.typed_data();
+  double* g = grad->typed_data();
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  std::function<void(int)> work = [&](int u) {
+    for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
+      const double* wi = ws + i * 3 * o;
+      const double* gi = gs + i * 3 * o;
+      const int32_t* ii = is + i * 3 * o;
+      double f0 = 0.0, f1 = 0.0, f2 = 0.0;
+      for (int64_t a = 0; a < o; ++a)
+        for (int64_t b = 0; b < o; ++b) {
+          const double* row = psi + ((int64_t)ii[a] * ky + ii[o + b]) * kz;
+          double s0 = 0.0, s1 = 0.0;
+          for (int64_t z = 0; z < o; ++z) {
+            const double v = row[ii[2 * o + z]];
+            s0 += wi[2 * o + z] * v;
+            s1 += gi[2 * o + z] * v;
+          }
+          f0 += gi[a] * wi[o + b] * s0;
+          f1 += wi[a] * gi[o + b] * s0;
+          f2 += wi[a] * wi[o + b] * s1;
+        }
+      g[3 * i] = q[i] * f0;
+      g[3 * i + 1] = q[i] * f1;
+      g[3 * i + 2] = q[i] * f2;
+    }
+  };
+  parallel_units(pool, units, work);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
@@ -897,4 +1286,48 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeGather, PmeGatherImpl,
                                   .Arg<ffi::Buffer<ffi::F64>>()  // dw
                                   .Arg<ffi::Buffer<ffi::S32>>()  // idx
                                   .Ret<ffi::Buffer<ffi::F64>>()  // field
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourForces, NeighbourForcesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // box
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // atoms (4, N)
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // consts (4,)
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourBuild, NeighbourBuildImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()   // box
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // exclusion table
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (N, N)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // cells (3,) or empty
+                                  .Arg<ffi::Buffer<ffi::F64>>()   // radius, cell capacity
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // list (N, K)
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // overflow ()
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeChargeSpread, PmeChargeSpreadImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dw
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // charge
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grid
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeForceGather, PmeForceGatherImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // potential
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dw
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // charge
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad
 );

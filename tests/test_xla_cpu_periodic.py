@@ -1,0 +1,146 @@
+"""The plain-MD step of Verlet-list Systems in the CPU custom calls
+(``timemachine.backends.xla_cpu_periodic``, issue 20): the compiled list build against
+the JAX build (the same entries in the same order, the same overflow flags), and the
+plain gradient (pairs, PME's spread and gather) against the sparse JAX reference, with
+its derivatives (custom_jvp) the reference's."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import timemachine as tm
+from timemachine import neighbours
+from timemachine.backends import xla_cpu, xla_cpu_periodic
+from timemachine.potentials import cutoffs
+from timemachine.structured import gradient_fn, make_gradient
+
+FILES = ("amber99sbildn.xml", "tip3p.xml")
+
+pytestmark = pytest.mark.skipif(not xla_cpu.available()[0], reason="no CPU custom call here")
+
+
+def _water(edge):
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField(*FILES), model="tip3p",
+                        boxSize=mm.Vec3(edge, edge, edge) * unit.nanometer)  # fmt: skip
+    x = np.asarray(modeller.positions.value_in_unit(unit.nanometer)).reshape(-1, 3)
+    return modeller.topology, x
+
+
+@pytest.fixture(scope="module")
+def water():
+    """A 2.2 nm box of flexible TIP3P (1,038 atoms), PME 0.9 nm, on a Verlet list."""
+    top, x = _water(2.2)
+    system, x = tm.load_system((top, x), forcefield=FILES, nonbonded_method="PME", cutoff=0.9)
+    x = np.asarray(tm.minimize_system(system, x, tolerance=100.0, max_iterations=50, warn=False))
+    return system, x
+
+
+@pytest.fixture(scope="module")
+def peptide_box():
+    """Trialanine in flexible TIP3P, reaction field with a switch, on a Verlet list."""
+    top, x = tm.build_peptide("AAA")
+    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, constraints=None, rigid_water=False,
+                     nonbonded_method="CutoffPeriodic")  # fmt: skip
+    system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
+                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
+                               switch_distance=0.8, neighbour_skin=0.08)  # fmt: skip
+    return system, np.asarray(x)
+
+
+def _jax_build(*args, **kwargs):
+    """cutoffs.build_neighbours with the compiled build unregistered."""
+    cutoffs.register_list_builder(None)
+    try:
+        return cutoffs.build_neighbours(*args, **kwargs)
+    finally:
+        cutoffs.register_list_builder(xla_cpu_periodic.build_list)
+
+
+@pytest.mark.parametrize("radius", [0.7, 0.55])  # 3 and 4 cells per edge
+def test_the_compiled_cell_list_build_is_the_jax_build(water, radius):
+    system, x = water
+    term = system.terms[-1]
+    box = jnp.asarray(term.box)
+    cells = cutoffs.cell_grid(term.box, radius)
+    assert cells is not None and min(cells) == int(2.2 // radius)
+    cap = cutoffs.cell_capacity(x, term.box, cells)
+    table = cutoffs.exclusion_table(term.exclusion_idx, system.n_atoms)
+    # enough room; a cell table too small; rows too short: the same lists, the same flags
+    for cell_cap, capacity, over in ((cap, 300, False), (5, 300, True), (cap, 40, True)):
+        idx, overflow = jax.jit(
+            lambda y, cc=cell_cap, k=capacity: xla_cpu.neighbour_build(
+                y, box, radius, k, cells, cc, exclusions=table
+            )
+        )(jnp.asarray(x))  # fmt: skip
+        ref = _jax_build(jnp.asarray(x), table, box, radius, capacity, cells, cell_cap)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
+        assert bool(overflow) is bool(ref.overflow) is over
+    full = np.asarray(idx)
+    assert ((full < system.n_atoms).sum(1) > 20).all()  # the rows do hold partners
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_the_compiled_dense_build_is_the_jax_build(water, periodic):
+    system, x = water
+    term = system.terms[-1]
+    box = jnp.asarray(term.box) if periodic else None
+    mask = np.asarray(term.pair_mask)
+    idx, overflow = xla_cpu.neighbour_build(jnp.asarray(x), box, 0.6, 200, mask=mask)
+    ref = _jax_build(jnp.asarray(x), mask, box, 0.6, 200)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
+    assert not bool(overflow) and not bool(ref.overflow)
+    # the lists: every allowed pair within the radius, each in both rows
+    n = system.n_atoms
+    d = x[:, None, :] - x[None, :, :]
+    if periodic:
+        d = d - np.asarray(term.box) * np.round(d / np.asarray(term.box))
+    near = (np.sum(d * d, -1) < 0.36) & mask & ~np.eye(n, dtype=bool)
+    rows = np.zeros((n, n), bool)
+    listed = np.asarray(idx)
+    r, c = np.nonzero(listed < n)
+    rows[r, listed[r, c]] = True
+    np.testing.assert_array_equal(rows, near)
+
+
+@pytest.mark.parametrize("box", ["water", "peptide_box"])
+def test_plain_gradient_in_the_custom_calls_matches_the_jax_reference(box, request):
+    """PME (water) and reaction field with a switch (trialanine): the registered plain
+    gradient against the sparse JAX gradient, and its jvp (force matching) the
+    reference's."""
+    system, x = request.getfixturevalue(box)
+    fast = gradient_fn(system)
+    assert fast.__module__ == xla_cpu_periodic.__name__
+    lists = neighbours.build(system, jnp.asarray(x))
+    theta = jnp.asarray(system.params)
+    ref = make_gradient(system)
+    g = np.asarray(jax.jit(fast)(jnp.asarray(x), theta, lists))
+    g_ref = np.asarray(jax.jit(ref)(jnp.asarray(x), theta, lists))
+    assert np.abs(g - g_ref).max() <= 1e-12 * np.abs(g_ref).max()
+    assert np.abs(g_ref).max() > 100.0
+    rng = np.random.default_rng(3)
+    dx = jnp.asarray(rng.normal(size=x.shape))
+    dth = jnp.asarray(rng.normal(size=theta.shape) * 1e-3)
+    t = jax.jvp(lambda y, p: fast(y, p, lists), (jnp.asarray(x), theta), (dx, dth))[1]
+    t_ref = jax.jvp(lambda y, p: ref(y, p, lists), (jnp.asarray(x), theta), (dx, dth))[1]
+    np.testing.assert_allclose(np.asarray(t), np.asarray(t_ref), rtol=0, atol=1e-12 *
+                               float(np.abs(t_ref).max()))  # fmt: skip
+
+
+def test_pme_reciprocal_gradient_in_the_custom_calls_matches_autodiff(water):
+    system, x = water
+    term = system.terms[-1]
+    q = jnp.asarray(system.params)[term.charge_index]
+    box = jnp.asarray(term.box)
+    g = cutoffs.pme_reciprocal_gradient(jnp.asarray(x), q, box, term.alpha, term.grid,
+                                        host=xla_cpu)  # fmt: skip
+    g_ref = jax.grad(cutoffs.pme_reciprocal_energy)(jnp.asarray(x), q, box, term.alpha,
+                                                    term.grid)  # fmt: skip
+    assert np.abs(np.asarray(g - g_ref)).max() <= 1e-12 * float(jnp.abs(g_ref).max())

@@ -497,9 +497,11 @@ class Neighbours(NamedTuple):
     has moved more than skin/2 since (then no pair can have closed by more than the skin).
 
     Attributes:
-      idx: (N, K) int32, row i the partners j of atom i, padded with N. Each pair is in
-        both rows, so a row's sum is the whole force on its atom (no scatter, which is
-        slow on XLA's CPU backend) and the energy is half the sum over rows.
+      idx: (N, K) int32, row i the partners j of atom i, those with j > i first, then
+        those with j < i, padded with N. Each pair is in both rows, so a row's sum is the
+        whole force on its atom (no scatter, which is slow on XLA's CPU backend) and the
+        energy is half the sum over rows; the heads of the rows (j > i) hold every pair
+        once (the compiled plain-MD pass, ``tm_neighbour_forces``).
       reference: (N, 3) nm, the positions the list was built at.
       overflow: bool scalar, True when some row had more than K partners (the list is
         then incomplete, and an energy or gradient on it is NaN).
@@ -547,20 +549,30 @@ def exclusion_table(exclusions, n) -> np.ndarray:
     return table
 
 
-def _compact(valid, j, capacity, n):
-    """(B, capacity) the j of each row's valid entries, in order, padded with n: the
-    position of the k-th valid entry found by bisection in the row's running count (a
-    gather, where a scatter would be slow on XLA's CPU backend)."""
-    count = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # (B, L) non-decreasing
+def _compact(valid, i, j, capacity, n):
+    """(B, capacity) the j of each row's valid entries, padded with n: first those with
+    j > i, then those with j < i, each in candidate order (a plain-MD pass can then take
+    every pair once from the head of each row), and the rows' counts. The k-th entry's
+    position is found by bisection in a running count (a gather, where a scatter would be
+    slow on XLA's CPU backend)."""
+    upper = valid & (j > i[:, None])
+    lower = valid & (j < i[:, None])
     ks = jnp.arange(1, capacity + 1, dtype=jnp.int32)
-    at = jax.vmap(lambda c: jnp.searchsorted(c, ks, side="left"))(count)  # (B, capacity)
-    inside = ks[None, :] <= count[:, -1:]
+    c_up = jnp.cumsum(upper, axis=1, dtype=jnp.int32)  # (B, L) non-decreasing
+    c_lo = jnp.cumsum(lower, axis=1, dtype=jnp.int32)
+    n_up = c_up[:, -1:]
+    ks_lo = jnp.maximum(ks[None, :] - n_up, 1)  # the rank among the lower entries
+    at_up = jax.vmap(lambda c: jnp.searchsorted(c, ks, side="left"))(c_up)  # (B, capacity)
+    at_lo = jax.vmap(lambda c, k: jnp.searchsorted(c, k, side="left"))(c_lo, ks_lo)
+    at = jnp.where(ks[None, :] <= n_up, at_up, at_lo)
+    count = n_up[:, 0] + c_lo[:, -1]
+    inside = ks[None, :] <= count[:, None]
     picked = jnp.take_along_axis(j, jnp.minimum(at, j.shape[1] - 1), axis=1)
-    return jnp.where(inside, picked, n).astype(jnp.int32), count[:, -1]
+    return jnp.where(inside, picked, n).astype(jnp.int32), count
 
 
 def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_fn):
-    """``row_fn(valid (B, L), j (B, L))`` over row blocks of every atom's candidates (its
+    """``row_fn(valid (B, L), i (B,), j (B, L))`` over row blocks of every atom's candidates (its
     27 cells' atoms, or all N), ``valid`` the allowed pairs within ``radius``: the stacked
     results and the cell table's overflow flag."""
     n = x.shape[0]
@@ -591,7 +603,7 @@ def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_f
             if box is not None:
                 dk = dk - box[k] * jnp.round(dk / box[k])
             r2 = r2 + dk * dk
-        return row_fn(valid & (r2 < radius * radius), j)
+        return row_fn(valid & (r2 < radius * radius), i, j)
 
     return jax.lax.map(one_block, rows), overflow
 
@@ -633,7 +645,7 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
         return Neighbours(built[0], x, built[1])
     (idx, counts), overflow = _scan_candidates(
         x, allowed, box, radius, cells, cell_capacity, block,
-        lambda valid, j: _compact(valid, j, capacity, n),
+        lambda valid, i, j: _compact(valid, i, j, capacity, n),
     )  # fmt: skip
     overflow = overflow | (jnp.max(counts) > capacity)
     return Neighbours(idx.reshape(-1, capacity)[:n], jax.lax.stop_gradient(x), overflow)
@@ -655,7 +667,7 @@ def neighbour_counts(x, allowed, box, radius, cells=None, cell_capacity=0) -> np
             cells,
             cell_capacity,
             256,
-            lambda valid, j: jnp.sum(valid, axis=1),
+            lambda valid, i, j: jnp.sum(valid, axis=1),
         )  # fmt: skip
     )(jnp.asarray(x))
     if bool(overflow):

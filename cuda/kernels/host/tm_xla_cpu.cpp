@@ -55,7 +55,10 @@
 // where() for that vector).
 constexpr int LANES = 8;
 typedef double lanes __attribute__((vector_size(LANES * sizeof(double))));
-#include "../cpu_simd.cuh"  // vd, vl, W, where(); exp; Scratch, parallel_units
+#include "../cpu_simd.cuh"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif  // vd, vl, W, where(); exp; Scratch, parallel_units
 #include "../cutoff.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -846,17 +849,20 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
 // ------------------------------------------------------------------ the plain step
 // Plain MD needs ∇E alone, so its calls skip the tangents' layout and work. The pair
 // forces of a Verlet list (cutoffs.neighbour_pair_gradient is the JAX reference) take
-// each row in two passes:
-//  1. the row's partners within the cutoff, with their minimum-image displacements and
-//     parameters, copied into contiguous arrays (scalar loads: the partners are
+// every pair once, from the heads of the rows (a row lists its partners j > i first):
+//  1. row i's partners j > i within the cutoff, with their minimum-image displacements
+//     and parameters, copied into contiguous arrays (scalar loads: the partners are
 //     scattered in memory; a quarter of a list's entries are in the skin);
 //  2. the pair scalars over those arrays, FU vectors of W pairs per iteration: erfc's
 //     series and exp are chains of dependent multiply-adds, and FU independent chains
 //     keep the floating-point units busy where one chain would wait on each result.
-// A row's force is its partial sums, one per SIMD slot, summed in a fixed order: the
-// result does not depend on the number of threads.
+// Row i's force is its partial sums, one per SIMD slot, summed in a fixed order; the
+// opposite force on each j goes to a buffer of the unit (a fixed range of rows) in pair
+// order, and the buffers are summed in unit order: the result does not depend on the
+// number of threads.
 constexpr int FU = 4;
-constexpr int FB = FU * W;  // pairs per iteration of pass 2
+constexpr int FB = FU * W;           // pairs per iteration of pass 2
+constexpr int64_t FORCE_UNITS = 8;  // row ranges, whatever the number of threads
 
 template <int U>
 inline void erfcx_series_n(const vd* y, vd* out) {
@@ -876,25 +882,39 @@ inline void erfcx_series_n(const vd* y, vd* out) {
   for (int u = 0; u < U; ++u) out[u] = kErfcx.c[0] + t[u] * b1[u] - b2[u];
 }
 
-struct RowArrays {  // one row's partners within the cutoff, structure of arrays
-  double *d[3], *r2, *q, *sg, *se;
-  void bind(double* base, int64_t cap) {  // 7 arrays of cap doubles
-    for (int e = 0; e < 3; ++e) d[e] = base + e * cap;
-    r2 = base + 3 * cap;
-    q = base + 4 * cap;
-    sg = base + 5 * cap;
-    se = base + 6 * cap;
-  }
+// per atom, one 32-byte vector each (row N: the padding's, far from nothing, no charge)
+struct PackedAtoms {
+  const double* xyz;  // (N + 1, 4): x, y, z, 0
+  const double* par;  // (N + 1, 4): q, σ, √ε, 0
 };
+
+// the W rows (one per partner) of 4 doubles turned into 3 vectors of their first 3 fields
+inline void transpose3(const double* base, const int64_t* j, vd* out) {
+  const vd r0 = load(base + 4 * j[0]), r1 = load(base + 4 * j[1]), r2 = load(base + 4 * j[2]),
+           r3 = load(base + 4 * j[3]);
+  typedef long long vm __attribute__((vector_size(W * sizeof(double))));
+  const vd t0 = __builtin_shuffle(r0, r1, vm{0, 4, 2, 6});  // x0 x1 z0 z1
+  const vd t1 = __builtin_shuffle(r0, r1, vm{1, 5, 3, 7});  // y0 y1 . .
+  const vd t2 = __builtin_shuffle(r2, r3, vm{0, 4, 2, 6});  // x2 x3 z2 z3
+  const vd t3 = __builtin_shuffle(r2, r3, vm{1, 5, 3, 7});  // y2 y3 . .
+  out[0] = __builtin_shuffle(t0, t2, vm{0, 1, 4, 5});
+  out[1] = __builtin_shuffle(t1, t3, vm{0, 1, 4, 5});
+  out[2] = __builtin_shuffle(t0, t2, vm{2, 3, 6, 7});
+}
 
 inline double rint_even(double v) {  // as vrint: round half to even, |v| < 2^51
   const double shifter = 6755399441055744.0;
   return (v + shifter) - shifter;  // IEEE: no -ffast-math, so not folded
 }
 
+// rows [i0, i1): their pairs' forces into own (row i's, written) and opp ((N + 1, 3), the
+// partners' opposite forces, added; row N takes the padding's zeros). Pass 1 keeps the
+// partners j > i within the cutoff (j and r², into oj, or2); pass 2 reads their
+// coordinates and parameters as packed rows.
 void neighbour_force_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
-                          int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc,
-                          bool fast_erfc, int64_t i0, int64_t i1, double* grad, RowArrays& ra) {
+                          int64_t k, const PackedAtoms& pa, const tmk::CutoffForm& pc,
+                          bool fast_erfc, int64_t i0, int64_t i1, double* own, double* opp,
+                          int64_t* oj, double* or2) {
   const double rc2 = pc.cutoff * pc.cutoff;
   double inv_box[3] = {0.0, 0.0, 0.0};
   if (box)
@@ -902,50 +922,65 @@ void neighbour_force_rows(const double* x, const double* box, const int32_t* idx
   for (int64_t i = i0; i < i1; ++i) {
     const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
     int64_t m = 0;
-    // local restrict pointers: stores through them cannot change ra's fields, so the
-    // compiler keeps them in registers
-    double* __restrict o0 = ra.d[0];
-    double* __restrict o1 = ra.d[1];
-    double* __restrict o2 = ra.d[2];
-    double* __restrict or2 = ra.r2;
-    double* __restrict oq = ra.q;
-    double* __restrict osg = ra.sg;
-    double* __restrict ose = ra.se;
-    const int32_t* __restrict row = idx + i * k;
-    for (int64_t s = 0; s < k; ++s) {  // pass 1
-      const int64_t j = row[s];
-      if (j >= n) break;  // padding: the row's partners come first
-      double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
-      if (box) {  // d/L by a product: it rounds to a different image only at |d| ≈ L/2,
-                  // far beyond the cutoff (L ≥ 2 r_c)
-        d0 -= box[0] * rint_even(d0 * inv_box[0]);
-        d1 -= box[1] * rint_even(d1 * inv_box[1]);
-        d2 -= box[2] * rint_even(d2 * inv_box[2]);
+    {  // pass 1
+      int64_t* __restrict jo = oj;
+      double* __restrict ro = or2;
+      const int32_t* __restrict row = idx + i * k;
+      int64_t s = 0;
+#ifdef __AVX2__
+      // four slots at a time while the whole four are in the head: the coordinates by
+      // AVX2 gathers, the same arithmetic as the scalar loop below
+      const __m256d xv0 = _mm256_set1_pd(xi0), xv1 = _mm256_set1_pd(xi1),
+                    xv2 = _mm256_set1_pd(xi2);
+      const __m128i lo = _mm_set1_epi32((int32_t)i - 1), hi = _mm_set1_epi32((int32_t)n);
+      for (; s + 4 <= k; s += 4) {
+        const __m128i j4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s));
+        const __m128i head = _mm_and_si128(_mm_cmpgt_epi32(j4, lo), _mm_cmplt_epi32(j4, hi));
+        if (_mm_movemask_ps(_mm_castsi128_ps(head)) != 0xF) break;
+        const __m128i j3 = _mm_add_epi32(_mm_add_epi32(j4, j4), j4);
+        vd d[3];
+        d[0] = (vd)_mm256_sub_pd(xv0, _mm256_i32gather_pd(x, j3, 8));
+        d[1] = (vd)_mm256_sub_pd(xv1, _mm256_i32gather_pd(x + 1, j3, 8));
+        d[2] = (vd)_mm256_sub_pd(xv2, _mm256_i32gather_pd(x + 2, j3, 8));
+        if (box)
+          for (int e = 0; e < 3; ++e) d[e] -= box[e] * vrint(d[e] * inv_box[e]);
+        const vd r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+        for (int l = 0; l < 4; ++l) {  // written always, kept within the cutoff
+          jo[m] = row[s + l];
+          ro[m] = r2[l];
+          m += r2[l] < rc2;
+        }
       }
-      const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
-      // written always, kept (m advanced) within the cutoff: no branch to mispredict
-      o0[m] = d0;
-      o1[m] = d1;
-      o2[m] = d2;
-      or2[m] = r2;
-      oq[m] = at.q[j];
-      osg[m] = at.sig[j];
-      ose[m] = at.seps[j];
-      m += r2 < rc2;
+#endif
+      for (; s < k; ++s) {
+        const int64_t j = row[s];
+        if (j >= n || j < i) break;  // the head ends: padding, or the partners j < i
+        double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
+        if (box) {  // d/L by a product: it rounds to a different image only at |d| ≈ L/2,
+                    // far beyond the cutoff (L ≥ 2 r_c)
+          d0 -= box[0] * rint_even(d0 * inv_box[0]);
+          d1 -= box[1] * rint_even(d1 * inv_box[1]);
+          d2 -= box[2] * rint_even(d2 * inv_box[2]);
+        }
+        const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
+        jo[m] = j;  // written always, kept (m advanced) within the cutoff: no branch
+        ro[m] = r2;
+        m += r2 < rc2;
+      }
     }
     const int64_t mp = (m + FB - 1) / FB * FB;
-    for (int64_t s = m; s < mp; ++s) {  // padding: r = 1, no charge, no ε (B = 0)
-      ra.d[0][s] = ra.d[1][s] = ra.d[2][s] = 0.0;
-      ra.r2[s] = 1.0;
-      ra.q[s] = ra.se[s] = 0.0;
-      ra.sg[s] = at.sig[i];
+    for (int64_t s = m; s < mp; ++s) {  // padding: atom N, r = 1 (no charge, no ε: B = 0)
+      oj[s] = n;
+      or2[s] = 1.0;
     }
-    const double qi = tmk::COULOMB * at.q[i], sei = 4.0 * at.seps[i], sgi = at.sig[i];
+    const vd xi[3] = {bcast(xi0), bcast(xi1), bcast(xi2)};
+    const double qi = tmk::COULOMB * pa.par[4 * i], sgi = pa.par[4 * i + 1],
+                 sei = 4.0 * pa.par[4 * i + 2];
     vd gv[3] = {};
     for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
       vd r[FU], erfc_ar[FU], gauss[FU];
       for (int u = 0; u < FU; ++u) {
-        const vd r2 = load(ra.r2 + s0 + u * W);
+        const vd r2 = load(or2 + s0 + u * W);
         r[u] = tmk::tm_sqrt(r2);
         gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
       }
@@ -963,21 +998,35 @@ void neighbour_force_rows(const double* x, const double* box, const int32_t* idx
         for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
       }
       for (int u = 0; u < FU; ++u) {
-        const int64_t s = s0 + u * W;
-        const vd sig = 0.5 * (sgi + load(ra.sg + s));
+        const int64_t* js = oj + s0 + u * W;
+        vd d[3], pj[3];
+        transpose3(pa.xyz, js, d);
+        transpose3(pa.par, js, pj);
+        for (int e = 0; e < 3; ++e) {  // the displacements again, as pass 1's
+          d[e] = xi[e] - d[e];
+          if (box) d[e] -= box[e] * vrint(d[e] * inv_box[e]);
+        }
+        const vd sig = 0.5 * (sgi + pj[1]);
         const tmk::CutoffRadialT<vd> f =
             tmk::cutoff_radial_given<vd>(r[u], sig, pc, erfc_ar[u], gauss[u]);
-        const vd b = (sei * load(ra.se + s)) * f.b_lj + (qi * load(ra.q + s)) * f.b_c;
-        gv[0] += b * load(ra.d[0] + s);
-        gv[1] += b * load(ra.d[1] + s);
-        gv[2] += b * load(ra.d[2] + s);
+        const vd b = (sei * pj[2]) * f.b_lj + (qi * pj[0]) * f.b_c;
+        const vd f0 = b * d[0], f1 = b * d[1], f2 = b * d[2];
+        gv[0] += f0;
+        gv[1] += f1;
+        gv[2] += f2;
+        for (int l = 0; l < W; ++l) {
+          double* o = opp + 3 * js[l];
+          o[0] -= f0[l];
+          o[1] -= f1[l];
+          o[2] -= f2[l];
+        }
       }
     }
-    for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]);
+    for (int e = 0; e < 3; ++e) own[3 * i + e] = hsum(gv[e]);
   }
 }
 
-thread_local Scratch t_rows;
+thread_local Scratch t_rows, t_opp, t_packed;
 
 ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                                ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
@@ -1008,22 +1057,54 @@ ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   pc.pme = cd[3] != 0;
   const bool fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
   const double* ad = atoms.typed_data();
-  const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
   const int64_t cap = (k + FB - 1) / FB * FB + FB;
-  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  const int64_t units = std::max<int64_t>(1, std::min<int64_t>(FORCE_UNITS, n));
+  double* packed = t_packed.get(8 * (n + 1));
+  const double* xs = x.typed_data();
+  for (int64_t a = 0; a < n; ++a) {
+    double* px = packed + 4 * a;
+    double* pp = packed + 4 * (n + 1) + 4 * a;
+    px[0] = xs[3 * a];
+    px[1] = xs[3 * a + 1];
+    px[2] = xs[3 * a + 2];
+    px[3] = 0.0;
+    pp[0] = ad[a];
+    pp[1] = ad[n + a];
+    pp[2] = ad[2 * n + a];
+    pp[3] = 0.0;
+  }
+  for (int e = 0; e < 4; ++e) packed[4 * n + e] = packed[4 * (n + 1) + 4 * n + e] = 0.0;
+  packed[4 * (n + 1) + 4 * n + 1] = 1.0;  // the padding's σ
+  const PackedAtoms pa{packed, packed + 4 * (n + 1)};
+  const int64_t stride = 3 * (n + 1);
+  double* opp = t_opp.get(units * stride);  // each unit's opposite forces
   double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
-    RowArrays ra;
-    ra.bind(t_rows.get(7 * cap), cap);
-    neighbour_force_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, fast_erfc,
-                         n * u / units, n * (u + 1) / units, g, ra);
+    const int64_t i0 = n * u / units, i1 = n * (u + 1) / units;
+    double* o = opp + u * stride;
+    std::memset(o + 3 * i0, 0, sizeof(double) * 3 * (n + 1 - i0));  // j > i ≥ i0 only
+    double* rows = t_rows.get(2 * cap);
+    neighbour_force_rows(xs, bx, idx.typed_data(), n, k, pa, pc, fast_erfc, i0, i1, g, o,
+                         reinterpret_cast<int64_t*>(rows), rows + cap);
   };
-  parallel_units(pool, units, work);
+  parallel_units(pool, (int)units, work);
+  // ∇_i E = row i's own sum + the units' opposite forces on i, in unit order (unit u's
+  // buffer holds rows ≥ its first row)
+  std::function<void(int)> reduce = [&](int u) {
+    const int64_t a0 = n * u / units, a1 = n * (u + 1) / units;
+    for (int64_t v = 0; v < units; ++v) {
+      const int64_t from = std::max<int64_t>(a0, n * v / units);
+      const double* o = opp + v * stride;
+      for (int64_t r = 3 * from; r < 3 * a1; ++r) g[r] += o[r];
+    }
+  };
+  parallel_units(pool, (int)units, reduce);
   return ffi::Error::Success();
 }
 
-// The Verlet list of cutoffs.build_neighbours, the same entries in the same order:
+// The Verlet list of cutoffs.build_neighbours, the same entries in the same order (a
+// row's partners j > i first, then j < i, each in candidate order):
 // with cells, atom i's candidates are the atoms of the 27 cells around its own (in
 // _neighbour_cells' order of shifts, each cell's atoms by index, at most cell_capacity
 // of them: the JAX table drops the rest and reports the overflow), excluding i and its
@@ -1031,6 +1112,31 @@ ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 // the (N, N) mask allows. Kept: the candidates within `radius`, the first K of them.
 // overflow (int32) is 1 when a cell held more than cell_capacity atoms or a row had more
 // than K partners.
+// one row of the list being built: the partners j > i, then those j < i, each in the
+// order found, the first K kept, padded with N; finish() is true on overflow
+struct RowFill {
+  std::vector<int32_t> upper, lower;
+  int64_t k, i = 0;
+  explicit RowFill(int64_t k_) : k(k_) {
+    upper.reserve(k);
+    lower.reserve(k);
+  }
+  void start(int64_t row) {
+    i = row;
+    upper.clear();
+    lower.clear();
+  }
+  void add(int64_t j) { (j > i ? upper : lower).push_back((int32_t)j); }
+  bool finish(int32_t* out, int64_t n) const {
+    const int64_t nu = std::min<int64_t>((int64_t)upper.size(), k);
+    const int64_t nl = std::min<int64_t>((int64_t)lower.size(), k - nu);
+    std::copy(upper.begin(), upper.begin() + nu, out);
+    std::copy(lower.begin(), lower.begin() + nl, out + nu);
+    std::fill(out + nu + nl, out + k, (int32_t)n);
+    return (int64_t)(upper.size() + lower.size()) > k;
+  }
+};
+
 ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> allowed,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> cells,
@@ -1080,15 +1186,12 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     const bool* mk = mask.typed_data();
     const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
     std::function<void(int)> work = [&](int u) {
+      RowFill fill(k);
       for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
-        int64_t c = 0;
+        fill.start(i);
         for (int64_t j = 0; j < n; ++j)
-          if (j != i && mk[i * n + j] && within(i, j)) {
-            if (c < k) list[i * k + c] = (int32_t)j;
-            ++c;
-          }
-        for (int64_t s = c; s < k; ++s) list[i * k + s] = (int32_t)n;
-        if (c > k) over.store(1, std::memory_order_relaxed);
+          if (j != i && mk[i * n + j] && within(i, j)) fill.add(j);
+        if (fill.finish(list + i * k, n)) over.store(1, std::memory_order_relaxed);
       }
     };
     parallel_units(pool, units, work);
@@ -1119,30 +1222,49 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   }
   const int64_t m = ad[1];
   const int32_t* ex = allowed.typed_data();
+  // the members' coordinates in cell order, so that a cell's distances are one SIMD loop
+  std::vector<double> cell_x(3 * n);
+  for (int64_t s = 0; s < n; ++s)
+    for (int e = 0; e < 3; ++e) cell_x[e * n + s] = xs[3 * members[s] + e];
+  int64_t largest = 0;
+  for (int64_t c = 0; c < nc; ++c) largest = std::max<int64_t>(largest, start[c + 1] - start[c]);
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
+    std::vector<double> r2v(largest + 1);
+    RowFill fill(k);
     for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
       const int64_t c = cell_of[i];
       const int64_t c0 = c / (cy * cz), c1 = (c / cz) % cy, c2 = c % cz;
-      int64_t cnt = 0;
+      const double xi[3] = {xs[3 * i], xs[3 * i + 1], xs[3 * i + 2]};
+      fill.start(i);
       for (int a = -1; a <= 1; ++a)
         for (int b = -1; b <= 1; ++b)
           for (int z = -1; z <= 1; ++z) {
             const int64_t nb = (((c0 + a + cx) % cx) * cy + (c1 + b + cy) % cy) * cz +
                                (c2 + z + cz) % cz;
-            const int64_t e = std::min<int64_t>(start[nb + 1], start[nb] + cell_cap);
-            for (int64_t s = start[nb]; s < e; ++s) {
-              const int64_t j = members[s];
-              if (j == i || !within(i, j)) continue;
+            const int64_t s0 = start[nb];
+            const int64_t len = std::min<int64_t>(start[nb + 1], s0 + cell_cap) - s0;
+            double* __restrict r2 = r2v.data();
+            for (int64_t s = 0; s < len; ++s) r2[s] = 0.0;
+            for (int e = 0; e < 3; ++e) {  // as within(): vectorised over the cell
+              const double* __restrict cxe = cell_x.data() + e * n + s0;
+              const double xe = xi[e], le = bx[e], inv = inv_box[e];
+              for (int64_t s = 0; s < len; ++s) {
+                double d = xe - cxe[s];
+                d -= le * rint_even(d * inv);
+                r2[s] += d * d;
+              }
+            }
+            for (int64_t s = 0; s < len; ++s) {
+              if (!(r2[s] < r2max)) continue;
+              const int64_t j = members[s0 + s];
+              if (j == i) continue;
               bool excluded = false;
               for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
-              if (excluded) continue;
-              if (cnt < k) list[i * k + cnt] = (int32_t)j;
-              ++cnt;
+              if (!excluded) fill.add(j);
             }
           }
-      for (int64_t s = cnt; s < k; ++s) list[i * k + s] = (int32_t)n;
-      if (cnt > k) over.store(1, std::memory_order_relaxed);
+      if (fill.finish(list + i * k, n)) over.store(1, std::memory_order_relaxed);
     }
   };
   parallel_units(pool, units, work);

@@ -1,6 +1,6 @@
 """The plain-MD step of Verlet-list Systems in the CPU custom calls
 (``timemachine.backends.xla_cpu_periodic``, issue 20): the compiled list build against
-the JAX build (the same entries in the same order, the same overflow flags), and the
+the JAX build (the same partners per row, j > i first; the same overflow flags), and the
 plain gradient (pairs, PME's spread and gather) against the sparse JAX reference, with
 its derivatives (custom_jvp) the reference's."""
 
@@ -64,38 +64,57 @@ def _jax_build(*args, **kwargs):
         cutoffs.register_list_builder(xla_cpu_periodic.build_list)
 
 
-@pytest.mark.parametrize("radius", [0.7, 0.55])  # 3 and 4 cells per edge
-def test_the_compiled_cell_list_build_is_the_jax_build(water, radius):
-    system, x = water
-    term = system.terms[-1]
+def _parts(idx, n):
+    """Per row: (sorted partners j > i, sorted partners j < i), checking that the j > i
+    come first."""
+    out = []
+    for i, row in enumerate(np.asarray(idx)):
+        row = row[row < n]
+        head = int(np.argmax(row < i)) if (row < i).any() else row.size
+        assert (row[:head] > i).all() and (row[head:] < i).all()
+        out.append((tuple(np.sort(row[:head])), tuple(np.sort(row[head:]))))
+    return out
+
+
+@pytest.mark.parametrize("edge", [2.2, 3.1])  # 7 and 10 half-radius cells per edge
+def test_the_compiled_cell_list_build_has_the_jax_builds_partners(edge):
+    top, x = _water(edge)
+    system, _ = tm.load_system((top, x), forcefield=FILES, nonbonded_method="PME", cutoff=0.5,
+                               neighbour_skin=0)  # fmt: skip
+    term, n, radius = system.terms[-1], system.n_atoms, 0.6
     box = jnp.asarray(term.box)
     cells = cutoffs.cell_grid(term.box, radius)
-    assert cells is not None and min(cells) == int(2.2 // radius)
+    assert cells is not None and min(cells) == int(edge // radius)
     cap = cutoffs.cell_capacity(x, term.box, cells)
-    table = cutoffs.exclusion_table(term.exclusion_idx, system.n_atoms)
-    # enough room; a cell table too small; rows too short: the same lists, the same flags
-    for cell_cap, capacity, over in ((cap, 300, False), (5, 300, True), (cap, 40, True)):
-        idx, overflow = jax.jit(
-            lambda y, cc=cell_cap, k=capacity: xla_cpu.neighbour_build(
-                y, box, radius, k, cells, cc, exclusions=table
-            )
-        )(jnp.asarray(x))  # fmt: skip
-        ref = _jax_build(jnp.asarray(x), table, box, radius, capacity, cells, cell_cap)
-        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
-        assert bool(overflow) is bool(ref.overflow) is over
-    full = np.asarray(idx)
-    assert ((full < system.n_atoms).sum(1) > 20).all()  # the rows do hold partners
+    table = cutoffs.exclusion_table(term.exclusion_idx, n)
+    build = jax.jit(lambda y, k: xla_cpu.neighbour_build(y, box, radius, k, cells,
+                                                         exclusions=table),
+                    static_argnums=1)  # fmt: skip
+    idx, overflow = build(jnp.asarray(x), 200)
+    ref = _jax_build(jnp.asarray(x), table, box, radius, 200, cells, cap)
+    assert not bool(overflow) and not bool(ref.overflow)
+    assert _parts(idx, n) == _parts(ref.idx, n)
+    assert ((np.asarray(idx) < n).sum(1) > 20).all()  # the rows do hold partners
+    # rows over capacity: flagged, and their first partners kept
+    short, over = build(jnp.asarray(x), 40)
+    assert bool(over)
+    np.testing.assert_array_equal(np.asarray(short), np.asarray(idx)[:, :40])
+    # the JAX table flags a cell over its capacity; the compiled cells hold every atom
+    assert bool(_jax_build(jnp.asarray(x), table, box, radius, 200, cells, 5).overflow)
 
 
 @pytest.mark.parametrize("periodic", [True, False])
-def test_the_compiled_dense_build_is_the_jax_build(water, periodic):
+def test_the_compiled_build_from_a_mask_has_the_jax_builds_partners(water, periodic):
     system, x = water
     term = system.terms[-1]
     box = jnp.asarray(term.box) if periodic else None
     mask = np.asarray(term.pair_mask)
     idx, overflow = xla_cpu.neighbour_build(jnp.asarray(x), box, 0.6, 200, mask=mask)
     ref = _jax_build(jnp.asarray(x), mask, box, 0.6, 200)
-    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
+    if periodic:  # the compiled build takes its cell list (the box is 3.7 radii across)
+        assert _parts(idx, system.n_atoms) == _parts(ref.idx, system.n_atoms)
+    else:  # every atom by index, as the JAX build
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
     assert not bool(overflow) and not bool(ref.overflow)
     # the lists: every allowed pair within the radius, each in both rows
     n = system.n_atoms

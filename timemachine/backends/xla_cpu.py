@@ -274,15 +274,19 @@ def neighbour_forces(x, box, idx, atoms, consts):
     return call(x, box, idx.astype(jnp.int32), atoms, jnp.asarray(consts, jnp.float64))
 
 
-def neighbour_build(x, box, radius, capacity, cells=None, cell_capacity=0, exclusions=None,
-                    mask=None):  # fmt: skip
-    """(idx (N, capacity) int32, overflow bool): ``cutoffs.build_neighbours``' Verlet list,
-    the same entries in the same order, built in compiled code (a cell list: O(N)).
+def neighbour_build(x, box, radius, capacity, cells=None, exclusions=None, mask=None):
+    """(idx (N, capacity) int32, overflow bool): ``cutoffs.build_neighbours``' Verlet list
+    built in compiled code: the same partners in each row, those j > i first, then those
+    j < i (``cutoffs.Neighbours``).
 
-    With ``cells`` (3,) (a periodic ``box`` (3,) nm) the candidates are the 27 cells'
-    atoms and ``exclusions`` the (N, M) ``cutoffs.exclusion_table``; without, every atom,
-    ``mask`` the (N, N) bool of allowed pairs (box (3,) or None). ``cell_capacity``: atoms
-    per cell the JAX table holds (beyond it, overflow)."""
+    With ``cells`` (3,) (the JAX build's, ≥ 3 per edge: the box allows a cell list) the
+    candidates come from a cell list (O(N): cells of edge ≥ radius/2, the 5³ around each
+    atom's, skipping those wholly beyond the radius; the order within a row's two parts
+    then differs from the JAX build's) and ``exclusions`` is the
+    (N, M) ``cutoffs.exclusion_table``; without, ``mask`` is the (N, N) bool of allowed
+    pairs, and the candidates come from the same cell list in a periodic box 2.5 radii
+    across, else are every atom by index (the JAX build's order; box (3,) or None). Its
+    cells hold every atom, so only a row over ``capacity`` overflows."""
     n = x.shape[0]
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
     if cells is None:
@@ -297,7 +301,7 @@ def neighbour_build(x, box, radius, capacity, cells=None, cell_capacity=0, exclu
            jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
     call = jax.ffi.ffi_call(BUILD_TARGET, out, vmap_method="sequential")
     idx, overflow = call(x, box, exclusions, mask, cells_arr,
-                         jnp.asarray([radius, cell_capacity], jnp.float64))  # fmt: skip
+                         jnp.asarray([radius, 0.0], jnp.float64))  # fmt: skip
     return idx, overflow > 0
 
 

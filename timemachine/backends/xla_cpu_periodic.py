@@ -8,9 +8,9 @@ summing its pairs over a Verlet list (``timemachine.neighbours``):
   or PME's erfc-screened Coulomb), each row in two passes: its partners within the cutoff
   gathered into contiguous arrays, then their pair scalars in SIMD batches with the
   closed forms of ``cutoff.cuh`` (the CUDA kernels' and the ζ call's too);
-* ``tm_neighbour_build``: the Verlet list through a cell list, the same entries in the
-  same order as ``cutoffs.build_neighbours``' JAX build (the tests compare them), which
-  it replaces once this module is imported (``cutoffs.register_list_builder``);
+* ``tm_neighbour_build``: the Verlet list through a cell list, the same partners in each
+  row as ``cutoffs.build_neighbours``' JAX build (the tests compare them), which it
+  replaces once this module is imported (``cutoffs.register_list_builder``);
 * ``tm_pme_charge_spread`` and ``tm_pme_force_gather``: PME's charge spread and force
   gather around XLA's real FFT (``cutoffs.pme_reciprocal_gradient``).
 
@@ -45,13 +45,13 @@ from timemachine.system import System
 
 def build_list(x, box, radius, capacity, cells, cell_capacity, allowed):
     """``cutoffs.build_neighbours``' list in the custom call, or None where it cannot run
-    (registered with ``cutoffs.register_list_builder``)."""
+    (registered with ``cutoffs.register_list_builder``; ``cell_capacity`` is the JAX
+    table's: the compiled cells hold every atom)."""
     if not xla_cpu.available()[0]:
         return None
     if cells is None:
         return xla_cpu.neighbour_build(x, box, radius, capacity, mask=allowed)
-    return xla_cpu.neighbour_build(x, box, radius, capacity, cells, cell_capacity,
-                                   exclusions=allowed)  # fmt: skip
+    return xla_cpu.neighbour_build(x, box, radius, capacity, cells, exclusions=allowed)
 
 
 def _term_gradient(term):

@@ -616,8 +616,8 @@ def register_list_builder(builder):
     """Build Verlet lists with ``builder(x, box, radius, capacity, cells, cell_capacity,
     allowed) -> (idx, overflow)`` (float64 x; None where it cannot run) in place of the
     JAX build of ``build_neighbours``: a compiled build registered from above this layer
-    (``timemachine.backends.xla_cpu_periodic``), which must give the same entries in the
-    same order (the tests compare them); None restores the JAX build."""
+    (``timemachine.backends.xla_cpu_periodic``), which must give the same partners in
+    each row, those j > i first (the tests compare them); None restores the JAX build."""
     _LIST_BUILDER.clear()
     if builder is not None:
         _LIST_BUILDER.append(builder)
@@ -634,7 +634,8 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
     ``exclusion_table`` (N, M) of the excluded pairs; or all N (cells None: O(N²), for
     small or non-periodic boxes), with ``allowed`` the (N, N) bool mask of full-strength
     pairs. Jittable; no derivatives (integers). A compiled build registered with
-    ``register_list_builder`` runs in its place (the same list).
+    ``register_list_builder`` runs in its place (the same partners per row; their order
+    within the j > i and j < i parts may differ).
     """
     n = x.shape[0]
     built = None

@@ -1103,15 +1103,6 @@ ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   return ffi::Error::Success();
 }
 
-// The Verlet list of cutoffs.build_neighbours, the same entries in the same order (a
-// row's partners j > i first, then j < i, each in candidate order):
-// with cells, atom i's candidates are the atoms of the 27 cells around its own (in
-// _neighbour_cells' order of shifts, each cell's atoms by index, at most cell_capacity
-// of them: the JAX table drops the rest and reports the overflow), excluding i and its
-// excluded partners (the exclusion table's row); without cells, every j by index where
-// the (N, N) mask allows. Kept: the candidates within `radius`, the first K of them.
-// overflow (int32) is 1 when a cell held more than cell_capacity atoms or a row had more
-// than K partners.
 // one row of the list being built: the partners j > i, then those j < i, each in the
 // order found, the first K kept, padded with N; finish() is true on overflow
 struct RowFill {
@@ -1137,6 +1128,15 @@ struct RowFill {
   }
 };
 
+// The Verlet list of cutoffs.build_neighbours: every allowed pair within `radius`, in
+// both rows, each row's partners j > i first, then those j < i, the first K kept, padded
+// with N. With cells (a periodic box), atom i's candidates are the atoms of the cells
+// around its own (below), less i and its excluded partners (the exclusion table's row);
+// without cells, where the (N, N) mask allows: by cells too in a periodic box 2.5 radii
+// across, else every j by index (the JAX build's order). The
+// partners are the JAX build's; their order within each part differs where the cells
+// do. overflow (int32) is 1 when a row had more than K partners (the cells hold every
+// atom: no cell overflows, unlike the JAX table).
 ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> allowed,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> cells,
@@ -1152,9 +1152,8 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     return ffi::Error::InvalidArgument("tm_neighbour_build: the list must be (N, K)");
   const int64_t k = od[1];
   if (radius_cap.element_count() != 2)
-    return ffi::Error::InvalidArgument("tm_neighbour_build: radius_cap is (radius, cell capacity)");
+    return ffi::Error::InvalidArgument("tm_neighbour_build: radius_cap is (radius, unused)");
   const double radius = radius_cap.typed_data()[0];
-  const int64_t cell_cap = (int64_t)radius_cap.typed_data()[1];
   const bool has_cells = cells.element_count() == 3;
   if (box.element_count() != 0 && box.element_count() != 3)
     return ffi::Error::InvalidArgument("tm_neighbour_build: box must be (3,) or empty");
@@ -1182,8 +1181,12 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     }
     return r2 < r2max;
   };
-  if (!has_cells) {
-    const bool* mk = mask.typed_data();
+  // a periodic box 2.5 radii across takes the cell list (below), whichever the JAX build
+  // would use (it sums densely where its own cells would hold a third of the box)
+  bool use_cells = bx != nullptr;
+  for (int e = 0; use_cells && e < 3; ++e) use_cells = std::floor(bx[e] / (0.5 * radius)) >= 5;
+  const bool* mk = has_cells ? nullptr : mask.typed_data();
+  if (!use_cells) {
     const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
     std::function<void(int)> work = [&](int u) {
       RowFill fill(k);
@@ -1198,72 +1201,105 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     overflow->typed_data()[0] = over.load();
     return ffi::Error::Success();
   }
-  const int32_t* cl = cells.typed_data();
-  const int64_t cx = cl[0], cy = cl[1], cz = cl[2], nc = cx * cy * cz;
-  // bin the atoms (as _candidates: wrapped into the box, floor, clipped to the last cell)
+  // cells of edge ≥ radius/2 and the 5³ cells around each atom's own: fewer candidates
+  // than the JAX build's 3³ cells of edge ≥ radius ((2.5 r)³ against (3 r)³), fewer
+  // still as a neighbouring cell wholly beyond the radius from the atom is skipped. The
+  // given cells (≥ 3 per edge of edge ≥ radius) only say that the box allows them: every
+  // edge then holds ≥ 6 half-radius cells, so the 5 offsets along it are distinct.
+  constexpr int64_t reach = 2;
+  int64_t cn[3];
+  for (int e = 0; e < 3; ++e) cn[e] = (int64_t)std::floor(bx[e] / (0.5 * radius));
+  const int64_t cx = cn[0], cy = cn[1], cz = cn[2], nc = cx * cy * cz;
+  double edge[3];
+  for (int e = 0; e < 3; ++e) edge[e] = bx[e] / (double)cn[e];
+  // bin the atoms: wrapped into the box, floor, clipped to the last cell; by index
   std::vector<int32_t> cell_of(n), start(nc + 1, 0), members(n);
+  std::vector<double> wrapped(3 * n);
   for (int64_t i = 0; i < n; ++i) {
     int64_t c3[3];
-    const int64_t cn[3] = {cx, cy, cz};
     for (int e = 0; e < 3; ++e) {
       const double w = xs[3 * i + e] - bx[e] * std::floor(xs[3 * i + e] / bx[e]);
+      wrapped[3 * i + e] = w;
       c3[e] = std::min<int64_t>((int64_t)std::floor(w / bx[e] * (double)cn[e]), cn[e] - 1);
     }
     cell_of[i] = (int32_t)((c3[0] * cy + c3[1]) * cz + c3[2]);
     ++start[cell_of[i] + 1];
   }
-  for (int64_t c = 0; c < nc; ++c) {
-    if (start[c + 1] > cell_cap) over.store(1, std::memory_order_relaxed);
-    start[c + 1] += start[c];
-  }
+  for (int64_t c = 0; c < nc; ++c) start[c + 1] += start[c];
   {
     std::vector<int32_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < n; ++i) members[fill[cell_of[i]]++] = (int32_t)i;  // by index
+    for (int64_t i = 0; i < n; ++i) members[fill[cell_of[i]]++] = (int32_t)i;
   }
-  const int64_t m = ad[1];
+  // the allowed pairs: the exclusion table's row (with cells), or the mask's
+  const int64_t m = has_cells ? ad[1] : 0;
   const int32_t* ex = allowed.typed_data();
   // the members' coordinates in cell order, so that a cell's distances are one SIMD loop
   std::vector<double> cell_x(3 * n);
   for (int64_t s = 0; s < n; ++s)
     for (int e = 0; e < 3; ++e) cell_x[e * n + s] = xs[3 * members[s] + e];
-  int64_t largest = 0;
-  for (int64_t c = 0; c < nc; ++c) largest = std::max<int64_t>(largest, start[c + 1] - start[c]);
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
-    std::vector<double> r2v(largest + 1);
+    std::vector<double> r2v(n + 1);
     RowFill fill(k);
     for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
       const int64_t c = cell_of[i];
-      const int64_t c0 = c / (cy * cz), c1 = (c / cz) % cy, c2 = c % cz;
+      const int64_t ci[3] = {c / (cy * cz), (c / cz) % cy, c % cz};
       const double xi[3] = {xs[3 * i], xs[3 * i + 1], xs[3 * i + 2]};
+      // the atom's distance to the slab of offset o along each axis (0 for its own)
+      double gap2[3][5];
+      for (int e = 0; e < 3; ++e)
+        for (int64_t o = -reach; o <= reach; ++o) {
+          const double w = wrapped[3 * i + e];
+          double g = 0.0;
+          if (o > 0) g = (double)(ci[e] + o) * edge[e] - w;
+          if (o < 0) g = w - (double)(ci[e] + o + 1) * edge[e];
+          g = std::max(g, 0.0);
+          gap2[e][o + reach] = g * g;
+        }
       fill.start(i);
-      for (int a = -1; a <= 1; ++a)
-        for (int b = -1; b <= 1; ++b)
-          for (int z = -1; z <= 1; ++z) {
-            const int64_t nb = (((c0 + a + cx) % cx) * cy + (c1 + b + cy) % cy) * cz +
-                               (c2 + z + cz) % cz;
-            const int64_t s0 = start[nb];
-            const int64_t len = std::min<int64_t>(start[nb + 1], s0 + cell_cap) - s0;
-            double* __restrict r2 = r2v.data();
-            for (int64_t s = 0; s < len; ++s) r2[s] = 0.0;
-            for (int e = 0; e < 3; ++e) {  // as within(): vectorised over the cell
-              const double* __restrict cxe = cell_x.data() + e * n + s0;
-              const double xe = xi[e], le = bx[e], inv = inv_box[e];
-              for (int64_t s = 0; s < len; ++s) {
-                double d = xe - cxe[s];
-                d -= le * rint_even(d * inv);
-                r2[s] += d * d;
-              }
-            }
-            for (int64_t s = 0; s < len; ++s) {
-              if (!(r2[s] < r2max)) continue;
-              const int64_t j = members[s0 + s];
-              if (j == i) continue;
-              bool excluded = false;
-              for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
-              if (!excluded) fill.add(j);
-            }
+      // a run of members: the cells along z of one (x, y) column are consecutive, so the
+      // included offsets along z (an interval: the gap grows with |offset|) are one or,
+      // where they wrap around the box, two runs
+      auto scan = [&](int64_t s0, int64_t len) {
+        double* __restrict r2 = r2v.data();
+        for (int64_t s = 0; s < len; ++s) r2[s] = 0.0;
+        for (int e = 0; e < 3; ++e) {  // as within(): vectorised over the run
+          const double* __restrict cxe = cell_x.data() + e * n + s0;
+          const double xe = xi[e], le = bx[e], inv = inv_box[e];
+          for (int64_t s = 0; s < len; ++s) {
+            double d = xe - cxe[s];
+            d -= le * rint_even(d * inv);
+            r2[s] += d * d;
           }
+        }
+        for (int64_t s = 0; s < len; ++s) {
+          if (!(r2[s] < r2max)) continue;
+          const int64_t j = members[s0 + s];
+          if (j == i) continue;
+          bool excluded = mk != nullptr && !mk[i * n + j];
+          for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
+          if (!excluded) fill.add(j);
+        }
+      };
+      for (int64_t a = -reach; a <= reach; ++a)
+        for (int64_t b = -reach; b <= reach; ++b) {
+          const double g_ab = gap2[0][a + reach] + gap2[1][b + reach];
+          if (g_ab >= r2max) continue;
+          int64_t lo = -reach, hi = reach;  // the offsets along z within reach
+          while (g_ab + gap2[2][lo + reach] >= r2max) ++lo;
+          while (g_ab + gap2[2][hi + reach] >= r2max) --hi;
+          const int64_t column = (((ci[0] + a + cx) % cx) * cy + (ci[1] + b + cy) % cy) * cz;
+          const int64_t z0 = ci[2] + lo, z1 = ci[2] + hi;  // inclusive, unwrapped
+          if (z0 < 0) {  // wraps below: [z0 + cz, cz) and [0, z1]
+            scan(start[column + z0 + cz], start[column + cz] - start[column + z0 + cz]);
+            scan(start[column], start[column + z1 + 1] - start[column]);
+          } else if (z1 >= cz) {  // wraps above: [z0, cz) and [0, z1 - cz]
+            scan(start[column + z0], start[column + cz] - start[column + z0]);
+            scan(start[column], start[column + z1 - cz + 1] - start[column]);
+          } else {
+            scan(start[column + z0], start[column + z1 + 1] - start[column + z0]);
+          }
+        }
       if (fill.finish(list + i * k, n)) over.store(1, std::memory_order_relaxed);
     }
   };

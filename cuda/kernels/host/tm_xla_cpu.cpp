@@ -1128,6 +1128,8 @@ struct RowFill {
   }
 };
 
+thread_local Scratch t_cellx, t_runr2;  // the members' coordinates; a run's r²
+
 // The Verlet list of cutoffs.build_neighbours: every allowed pair within `radius`, in
 // both rows, each row's partners j > i first, then those j < i, the first K kept, padded
 // with N. With cells (a periodic box), atom i's candidates are the atoms of the cells
@@ -1233,13 +1235,13 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   // the allowed pairs: the exclusion table's row (with cells), or the mask's
   const int64_t m = has_cells ? ad[1] : 0;
   const int32_t* ex = allowed.typed_data();
-  // the members' coordinates in cell order, so that a cell's distances are one SIMD loop
-  std::vector<double> cell_x(3 * n);
+  // the members' coordinates in cell order, so that a run's distances are one SIMD loop
+  double* cell_x = t_cellx.get(3 * n);
   for (int64_t s = 0; s < n; ++s)
     for (int e = 0; e < 3; ++e) cell_x[e * n + s] = xs[3 * members[s] + e];
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
-    std::vector<double> r2v(n + 1);
+    double* r2v = t_runr2.get(n + 1);
     RowFill fill(k);
     for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
       const int64_t c = cell_of[i];
@@ -1261,16 +1263,16 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       // included offsets along z (an interval: the gap grows with |offset|) are one or,
       // where they wrap around the box, two runs
       auto scan = [&](int64_t s0, int64_t len) {
-        double* __restrict r2 = r2v.data();
-        for (int64_t s = 0; s < len; ++s) r2[s] = 0.0;
-        for (int e = 0; e < 3; ++e) {  // as within(): vectorised over the run
-          const double* __restrict cxe = cell_x.data() + e * n + s0;
-          const double xe = xi[e], le = bx[e], inv = inv_box[e];
-          for (int64_t s = 0; s < len; ++s) {
-            double d = xe - cxe[s];
-            d -= le * rint_even(d * inv);
-            r2[s] += d * d;
-          }
+        double* __restrict r2 = r2v;
+        const double* __restrict c0 = cell_x + s0;
+        const double* __restrict c1 = cell_x + n + s0;
+        const double* __restrict c2 = cell_x + 2 * n + s0;
+        for (int64_t s = 0; s < len; ++s) {  // as within(): one SIMD loop over the run
+          double d0 = xi[0] - c0[s], d1 = xi[1] - c1[s], d2 = xi[2] - c2[s];
+          d0 -= bx[0] * rint_even(d0 * inv_box[0]);
+          d1 -= bx[1] * rint_even(d1 * inv_box[1]);
+          d2 -= bx[2] * rint_even(d2 * inv_box[2]);
+          r2[s] = d0 * d0 + d1 * d1 + d2 * d2;
         }
         for (int64_t s = 0; s < len; ++s) {
           if (!(r2[s] < r2max)) continue;

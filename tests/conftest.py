@@ -1,10 +1,56 @@
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# JAX's persistent compilation cache, one fresh folder per pytest session: shared by the
+# xdist workers and, through the environment, by every subprocess a test starts (the
+# kill/resume workers, the command-line jobs, Dask workers), which otherwise compile the
+# same programs again each time. Every program is cached, however small or quick to
+# compile. A cached executable is the code XLA compiled for the same HLO, options and
+# XLA_FLAGS (the cache key); FFI custom calls in it are looked up by name in the process
+# that loads it, so a library rebuilt with other flags (the sanitizer builds) is the one
+# that runs. The key holds nothing of the CPUs a process may use, so the tests whose point
+# is that a process with another thread count (its own compile, under its own affinity)
+# gives the same bits run those subprocesses with ``fresh_compile_env``.
+CACHE_OWNER = "TIMEMACHINE_TEST_JAX_CACHE"  # the session's cache folder, set by the controller
+CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        os.environ[CACHE_OWNER] = tempfile.mkdtemp(prefix="tm-jax-cache-")
+        config._tm_jax_cache = os.environ[CACHE_OWNER]
+    folder = os.environ.get(CACHE_OWNER)
+    if not folder:  # an xdist worker started by something other than this conftest
+        return
+    os.environ.update(CACHE_ENV, JAX_COMPILATION_CACHE_DIR=folder)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_tm_jax_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fresh_compile_env(env):
+    """``env`` for a subprocess that must compile every program itself: without the
+    session's persistent compilation cache."""
+    env = dict(env)
+    for name in ("JAX_COMPILATION_CACHE_DIR", CACHE_OWNER, *CACHE_ENV):
+        env.pop(name, None)
+    return env
 
 
 def rel(a, b):

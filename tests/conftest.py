@@ -1,10 +1,57 @@
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# JAX's persistent compilation cache, one fresh folder per pytest session: shared by the
+# xdist workers and, through the environment, by every subprocess a test starts (the
+# kill/resume workers, the command-line jobs, Dask workers), which otherwise compile the
+# same programs again each time. Every program is cached, however small or quick to
+# compile. A cached executable is the code XLA compiled for the same HLO, options and
+# XLA_FLAGS (the cache key); FFI custom calls in it are looked up by name in the process
+# that loads it, so a library rebuilt with other flags (the sanitizer builds) is the one
+# that runs. The key holds nothing of the CPUs a process may use, so the tests whose point
+# is that a process with another thread count (its own compile, under its own affinity)
+# gives the same bits run those subprocesses with ``fresh_compile_env``.
+SESSION_DIR = "TIMEMACHINE_TEST_SESSION_DIR"  # the session's folder, made by the controller
+CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix="tm-test-session-")
+        config._tm_session_dir = os.environ[SESSION_DIR]
+    root = os.environ.get(SESSION_DIR)
+    if not root:  # an xdist worker started by something other than this conftest
+        return
+    folder = os.path.join(root, "jax-cache")
+    os.environ.update(CACHE_ENV, JAX_COMPILATION_CACHE_DIR=folder)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "_tm_session_dir", None)
+    if root:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_compile_env(env):
+    """``env`` for a subprocess that must compile every program itself: without the
+    session's persistent compilation cache."""
+    env = dict(env)
+    for name in ("JAX_COMPILATION_CACHE_DIR", *CACHE_ENV):
+        env.pop(name, None)
+    return env
 
 
 def rel(a, b):
@@ -68,7 +115,9 @@ SANITIZER_FLAGS = (
 def sanitizer_env(tmp_path):
     """Environment for a subprocess that loads libraries built with SANITIZER_FLAGS: g++'s
     ASan runtime (and libstdc++, for its interceptors) preloaded, leak checks off, and a
-    fresh build cache. Skips where g++ lacks the runtimes."""
+    build cache of this session's own, not the user's (the sanitizer tests share it: each
+    library is built once per session with the sanitizers, the key being its sources,
+    compiler and flags). Skips where g++ lacks the runtimes."""
     import shutil
     import subprocess
 
@@ -86,8 +135,14 @@ def sanitizer_env(tmp_path):
         os.environ,
         LD_PRELOAD=" ".join(runtimes),
         ASAN_OPTIONS="detect_leaks=0",
-        TIMEMACHINE_CACHE=str(tmp_path / "cache"),
+        TIMEMACHINE_CACHE=_session_path("sanitizer-builds", tmp_path),
     )
+
+
+def _session_path(name, fallback):
+    """``name`` in this session's folder (``fallback/name`` in a run without one)."""
+    root = os.environ.get(SESSION_DIR) or str(fallback)
+    return os.path.join(root, name)
 
 
 @pytest.fixture()

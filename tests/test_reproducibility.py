@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fresh_compile_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_STEPS, SAVE_EVERY, SEED = 200, 10, 11
@@ -129,7 +130,9 @@ def reference(setup):
 
 
 def _env(extra=None, host_kernels=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    # each worker compiles its programs itself, under its own affinity and flags, as a
+    # fresh process would: not from the session's compilation cache (conftest.py)
+    env = fresh_compile_env(dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
     for name in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.pop(name, None)
     env["TIMEMACHINE_HOST_KERNELS"] = "1" if host_kernels else "0"

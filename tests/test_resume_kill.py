@@ -291,7 +291,20 @@ def _wait(proc, until, timeout=60.0):
         time.sleep(0.003)
 
 
-def killed_then_resumed(job, workdir, n_kills, seed, span):
+def _inside(out, stale, name):
+    """Whether the write of ``name`` is under way: its temporary file is there. For a
+    checkpoint's JSON (``*.json`` beside ``*.npz``): between the renames of the two, its
+    temporary there and the npz's gone (both are staged before either is renamed)."""
+    fresh = _temporaries(out, stale)
+    if not any(name in n for n in fresh):
+        return False
+    if name.endswith(".json"):
+        npz = name[: -len(".json")] + ".npz"
+        return not any(npz in n for n in fresh)
+    return True
+
+
+def killed_then_resumed(job, workdir, n_kills, seed, span, plan=None):
     """Run ``job`` into one folder, SIGKILL it ``n_kills`` times (seeded), then let it
     finish; returns (its result arrays, one dict per kill: how, when and what the folder
     held, the stderr of every attempt).
@@ -299,14 +312,21 @@ def killed_then_resumed(job, workdir, n_kills, seed, span):
     Each attempt first waits for the run's first progress on disk (a chunk or checkpoint
     written by this attempt: the compilation is behind it), then kills either after a
     random delay of up to ``span`` seconds ("time") or, after a random number of further
-    writes, the moment a temporary file appears ("write": inside a write)."""
+    writes, the moment a temporary file appears ("write": inside a write). ``plan``, one
+    entry per kill, names the moments instead: "time", or the file whose write to kill
+    (``_inside``: "state.npz" inside a checkpoint before its renames, "state.json"
+    between them, "chunk_" inside a chunk's)."""
     rng = random.Random(seed)
     out = workdir / "killed" / ("sensitivity" if job == "cli" else "")
     events, logs = [], []
+    if plan is not None:
+        n_kills = len(plan)
     for i in range(n_kills):
         log = workdir / f"attempt-{i}.log"
         logs.append(log)
         mode = "write" if i % 2 else "time"  # alternate: random moments, and inside writes
+        if plan is not None:
+            mode = plan[i]
         proc = _start(job, out, slow=True, log=log, home=workdir)
         t0 = _wait_ready(proc, log)
         before, stale = _snapshot(out), set(_temporaries(out))
@@ -314,6 +334,8 @@ def killed_then_resumed(job, workdir, n_kills, seed, span):
             _wait(proc, lambda before=before: _snapshot(out) != before)
         if mode == "time":
             time.sleep(rng.uniform(0.0, span))
+        elif mode != "write":  # the moment the named write is under way
+            _wait(proc, lambda stale=stale, mode=mode: _inside(out, stale, mode))
         else:
             for _ in range(rng.randrange(0, 4)):  # let a few writes pass
                 _wait(proc, lambda stale=stale: _temporaries(out, stale))
@@ -345,9 +367,10 @@ def killed_then_resumed(job, workdir, n_kills, seed, span):
     return result, events, [open(p).read() for p in logs]
 
 
-def _check(job, tmp_path, n_kills, seed, span):
+def _check(job, tmp_path, n_kills, seed, span, plan=None):
     ref, work = reference(job, tmp_path)
-    got, events, stderr = killed_then_resumed(job, tmp_path, n_kills, seed, span)
+    got, events, stderr = killed_then_resumed(job, tmp_path, n_kills, seed, span, plan)
+    n_kills = len(plan) if plan is not None else n_kills
     assert sorted(got) == sorted(ref)
     for key in ref:
         assert np.array_equal(got[key], ref[key]), f"{job}: {key} differs after the kills"
@@ -362,10 +385,24 @@ def _check(job, tmp_path, n_kills, seed, span):
     return killed, stderr
 
 
-def test_simulate_killed_eight_times_resumes_bitwise(tmp_path):
-    killed, stderr = _check("simulate", tmp_path, n_kills=8, seed=18, span=1.5)
+# simulate's kills, each at a distinct moment: anywhere (the first attempt: even before its
+# first write), inside a chunk's write, inside a checkpoint's before either rename,
+# between the renames of its npz and its JSON, and at a random moment after progress
+SIMULATE_PLAN = ("time", "chunk_", "state.npz", "state.json", "time")
+
+
+def test_simulate_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
+    killed, stderr = _check("simulate", tmp_path, None, seed=18, span=1.5, plan=SIMULATE_PLAN)
+    assert len(killed) == len(SIMULATE_PLAN), killed
+    for e, want in zip(killed, SIMULATE_PLAN, strict=True):
+        if want != "time":  # killed inside the write it was meant for
+            fresh = [n for n in e["held"] if n.startswith(".tmp-") and want in n]
+            assert e["in_write"] and fresh, (want, e)
     # the trajectory was continued, not restarted: some kill landed after a checkpoint
     assert any("state.json" in e["held"] for e in killed)
+    # and the kill between the renames left a new npz beside the old JSON: the resume
+    # read it as a torn checkpoint and fell back to the previous one
+    assert any("resuming from the previous checkpoint" in e for e in stderr), stderr[-1][-3000:]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import fresh_compile_env, rel_err
 
 import timemachine as tm
 from timemachine.backends import xla_cpu
@@ -141,7 +141,9 @@ def test_custom_call_result_does_not_depend_on_threads(trialanine, tmp_path):
     fixed order, so one thread and two give bitwise the same ∇E and ζ (all pairs, bonded
     terms and mixed partials of trialanine, 18 tangents in 3 chunks)."""
     out = tmp_path / "one_cpu.npz"
-    subprocess.run([sys.executable, "-c", _ONE_CPU, str(out)], check=True, timeout=300)
+    # compiled afresh under one CPU, not loaded from the session's cache (conftest.py)
+    env = fresh_compile_env(os.environ)
+    subprocess.run([sys.executable, "-c", _ONE_CPU, str(out)], check=True, timeout=300, env=env)
     system, x = tm.load_system(trialanine, forcefield=("amber99sbildn.xml",))
     wrt = system.select("torsion/*/k*")
     dx = np.random.default_rng(3).normal(scale=1e-3, size=(len(wrt), system.n_atoms, 3))

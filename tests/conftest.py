@@ -66,6 +66,23 @@ def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
+TIP3P_FILES = ("amber99sbildn.xml", "tip3p.xml")
+
+
+def tip3p_box(edge):
+    """(topology, positions (N, 3) nm) of a cubic box of TIP3P water ``edge`` nm across,
+    from OpenMM's ``Modeller.addSolvent``."""
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField(*TIP3P_FILES), model="tip3p",
+                        boxSize=mm.Vec3(edge, edge, edge) * unit.nanometer)  # fmt: skip
+    x = np.asarray(modeller.positions.value_in_unit(unit.nanometer)).reshape(-1, 3)
+    return modeller.topology, x
+
+
 VILLIN_PDB = os.path.join(
     os.path.dirname(__import__("openmm.app").app.__file__), "data", "test.pdb"
 )

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tip3p_box
 
 import timemachine as tm
 from timemachine import neighbours
@@ -23,15 +24,7 @@ pytestmark = pytest.mark.skipif(not xla_cpu.available()[0], reason="no CPU custo
 
 
 def _water(edge):
-    import openmm as mm
-    import openmm.app as app
-    import openmm.unit as unit
-
-    modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(app.ForceField(*FILES), model="tip3p",
-                        boxSize=mm.Vec3(edge, edge, edge) * unit.nanometer)  # fmt: skip
-    x = np.asarray(modeller.positions.value_in_unit(unit.nanometer)).reshape(-1, 3)
-    return modeller.topology, x
+    return tip3p_box(edge)
 
 
 @pytest.fixture(scope="module")

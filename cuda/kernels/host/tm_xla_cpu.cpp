@@ -568,26 +568,58 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
 
 thread_local Scratch t_ndxt, t_nzt;
 
+// What tm_neighbour_pairs and tm_neighbour_forces share: the list's arguments checked
+// (x (N, 3), idx (N, K), atoms (4, N), consts (4,), box (3,) or empty), and consts read
+// into the pair form (cutoff, switch distance or < 0, k_rf, α or 0 for the reaction
+// field); fast_erfc where the SIMD erfc covers α r_c (beyond, the C library's runs).
+struct ListArgs {
+  int64_t n, k;
+  tmk::CutoffForm pc;
+  bool fast_erfc;
+};
+
+ffi::Error read_list_args(const std::string& name, ffi::Buffer<ffi::F64>& x,
+                          ffi::Buffer<ffi::F64>& box, ffi::Buffer<ffi::S32>& idx,
+                          ffi::Buffer<ffi::F64>& atoms, ffi::Buffer<ffi::F64>& consts,
+                          ListArgs* out) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument(name + ": x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const auto id = idx.dimensions();
+  if (id.size() != 2 || id[0] != n)
+    return ffi::Error::InvalidArgument(name + ": idx must have shape (N, K)");
+  if (atoms.element_count() != (size_t)(4 * n))
+    return ffi::Error::InvalidArgument(name + ": atoms must be (4, N)");
+  if (consts.element_count() != 4)
+    return ffi::Error::InvalidArgument(name + ": consts must be (4,)");
+  if (box.element_count() != 0 && box.element_count() != 3)
+    return ffi::Error::InvalidArgument(name + ": box must be (3,) or empty");
+  const double* cd = consts.typed_data();
+  out->n = n;
+  out->k = id[1];
+  out->pc.cutoff = cd[0];
+  out->pc.switch_distance = cd[1];
+  out->pc.use_switch = cd[1] >= 0;
+  out->pc.k_rf = cd[2];
+  out->pc.c_rf = 0.0;  // a constant shift of the energy: no derivative needs it
+  out->pc.alpha = cd[3];
+  out->pc.pme = cd[3] != 0;
+  out->fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
+  return ffi::Error::Success();
+}
+
 ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
                               ffi::Buffer<ffi::F64> atoms, ffi::Buffer<ffi::F64> consts,
                               ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::S32> mix_p,
                               ffi::ResultBuffer<ffi::F64> grad,
                               ffi::ResultBuffer<ffi::F64> zeta) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_pairs: x must have shape (N, 3)");
-  const int64_t n = xd[0];
-  const auto id = idx.dimensions();
-  if (id.size() != 2 || id[0] != n)
-    return ffi::Error::InvalidArgument("tm_neighbour_pairs: idx must have shape (N, K)");
-  const int64_t k = id[1];
-  if (atoms.element_count() != (size_t)(4 * n))
-    return ffi::Error::InvalidArgument("tm_neighbour_pairs: atoms must be (4, N)");
-  if (consts.element_count() != 4)
-    return ffi::Error::InvalidArgument("tm_neighbour_pairs: consts must be (4,)");
-  if (box.element_count() != 0 && box.element_count() != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_pairs: box must be (3,) or empty");
+  ListArgs la;
+  if (auto e = read_list_args("tm_neighbour_pairs", x, box, idx, atoms, consts, &la);
+      e.failure())
+    return e;
+  const int64_t n = la.n, k = la.k;
   const auto dd = dx.dimensions();
   if (dd.size() != 3 || dd[1] != n || dd[2] != 3)
     return ffi::Error::InvalidArgument(
@@ -599,18 +631,8 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   if (mp)
     for (int64_t a = 0; a < 3 * n; ++a)
       if (mp[a] >= p) return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p >= P");
-  const double* cd = consts.typed_data();
-  tmk::CutoffForm pc;  // consts: cutoff, switch distance (< 0: none), k_rf, α (0: RF)
-  pc.cutoff = cd[0];
-  pc.switch_distance = cd[1];
-  pc.use_switch = cd[1] >= 0;
-  pc.k_rf = cd[2];
-  pc.c_rf = 0.0;  // a constant shift of the energy: no derivative needs it
-  pc.alpha = cd[3];
-  pc.pme = cd[3] != 0;
-  // the SIMD erfc covers α r up to ERFC_YMAX; beyond (an unusually tight Ewald
-  // tolerance) the C library's erfc runs
-  const bool fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
+  const tmk::CutoffForm& pc = la.pc;
+  const bool fast_erfc = la.fast_erfc;
   const double* ad = atoms.typed_data();
   const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const int64_t chunks = (p + LANES - 1) / LANES;
@@ -1032,30 +1054,13 @@ ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                                ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
                                ffi::Buffer<ffi::F64> atoms, ffi::Buffer<ffi::F64> consts,
                                ffi::ResultBuffer<ffi::F64> grad) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_forces: x must have shape (N, 3)");
-  const int64_t n = xd[0];
-  const auto id = idx.dimensions();
-  if (id.size() != 2 || id[0] != n)
-    return ffi::Error::InvalidArgument("tm_neighbour_forces: idx must have shape (N, K)");
-  const int64_t k = id[1];
-  if (atoms.element_count() != (size_t)(4 * n))
-    return ffi::Error::InvalidArgument("tm_neighbour_forces: atoms must be (4, N)");
-  if (consts.element_count() != 4)
-    return ffi::Error::InvalidArgument("tm_neighbour_forces: consts must be (4,)");
-  if (box.element_count() != 0 && box.element_count() != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_forces: box must be (3,) or empty");
-  const double* cd = consts.typed_data();
-  tmk::CutoffForm pc;  // as tm_neighbour_pairs'
-  pc.cutoff = cd[0];
-  pc.switch_distance = cd[1];
-  pc.use_switch = cd[1] >= 0;
-  pc.k_rf = cd[2];
-  pc.c_rf = 0.0;
-  pc.alpha = cd[3];
-  pc.pme = cd[3] != 0;
-  const bool fast_erfc = cd[3] * cd[0] <= ERFC_YMAX;
+  ListArgs la;
+  if (auto e = read_list_args("tm_neighbour_forces", x, box, idx, atoms, consts, &la);
+      e.failure())
+    return e;
+  const int64_t n = la.n, k = la.k;
+  const tmk::CutoffForm& pc = la.pc;
+  const bool fast_erfc = la.fast_erfc;
   const double* ad = atoms.typed_data();
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
   const int64_t cap = (k + FB - 1) / FB * FB + FB;

@@ -83,6 +83,20 @@ def tip3p_box(edge):
     return modeller.topology, x
 
 
+def trialanine_rf_box():
+    """(System, x (N, 3) nm): trialanine in 227 flexible TIP3P waters (714 atoms) with
+    reaction field and a switch at 0.8 nm, cutoff 0.9 nm, on a Verlet list (skin 0.08)."""
+    import timemachine as tm
+
+    top, x = tm.build_peptide("AAA")
+    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, constraints=None, rigid_water=False,
+                     nonbonded_method="CutoffPeriodic")  # fmt: skip
+    system, x = tm.load_system((box.topology, box.positions), forcefield=TIP3P_FILES,
+                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
+                               switch_distance=0.8, neighbour_skin=0.08)  # fmt: skip
+    return system, np.asarray(x)
+
+
 VILLIN_PDB = os.path.join(
     os.path.dirname(__import__("openmm.app").app.__file__), "data", "test.pdb"
 )

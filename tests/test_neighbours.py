@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tip3p_box
+from conftest import tip3p_box, trialanine_rf_box
 
 import timemachine as tm
 from timemachine import neighbours
@@ -39,13 +39,7 @@ def water():
 @pytest.fixture(scope="module")
 def peptide_box():
     """Trialanine in 227 flexible TIP3P waters with reaction field (714 atoms)."""
-    top, x = tm.build_peptide("AAA")
-    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, constraints=None, rigid_water=False,
-                     nonbonded_method="CutoffPeriodic")  # fmt: skip
-    system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
-                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
-                               switch_distance=0.8, neighbour_skin=0.08)  # fmt: skip
-    return system, x
+    return trialanine_rf_box()
 
 
 def _term(system):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tip3p_box
+from conftest import tip3p_box, trialanine_rf_box
 
 import timemachine as tm
 from timemachine import neighbours
@@ -39,13 +39,7 @@ def water():
 @pytest.fixture(scope="module")
 def peptide_box():
     """Trialanine in flexible TIP3P, reaction field with a switch, on a Verlet list."""
-    top, x = tm.build_peptide("AAA")
-    box = tm.solvate((top, x), padding=1.0, cutoff=0.9, constraints=None, rigid_water=False,
-                     nonbonded_method="CutoffPeriodic")  # fmt: skip
-    system, x = tm.load_system((box.topology, box.positions), forcefield=FILES,
-                               nonbonded_method="CutoffPeriodic", cutoff=0.9,
-                               switch_distance=0.8, neighbour_skin=0.08)  # fmt: skip
-    return system, np.asarray(x)
+    return trialanine_rf_box()
 
 
 def _jax_build(*args, **kwargs):
@@ -80,8 +74,7 @@ def test_the_compiled_cell_list_build_has_the_jax_builds_partners(edge):
     assert cells is not None and min(cells) == int(edge // radius)
     cap = cutoffs.cell_capacity(x, term.box, cells)
     table = cutoffs.exclusion_table(term.exclusion_idx, n)
-    build = jax.jit(lambda y, k: xla_cpu.neighbour_build(y, box, radius, k, cells,
-                                                         exclusions=table),
+    build = jax.jit(lambda y, k: xla_cpu.neighbour_build(y, box, radius, k, exclusions=table),
                     static_argnums=1)  # fmt: skip
     idx, overflow = build(jnp.asarray(x), 200)
     ref = _jax_build(jnp.asarray(x), table, box, radius, 200, cells, cap)

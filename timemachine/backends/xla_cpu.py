@@ -274,34 +274,31 @@ def neighbour_forces(x, box, idx, atoms, consts):
     return call(x, box, idx.astype(jnp.int32), atoms, jnp.asarray(consts, jnp.float64))
 
 
-def neighbour_build(x, box, radius, capacity, cells=None, exclusions=None, mask=None):
+def neighbour_build(x, box, radius, capacity, exclusions=None, mask=None):
     """(idx (N, capacity) int32, overflow bool): ``cutoffs.build_neighbours``' Verlet list
     built in compiled code: the same partners in each row, those j > i first, then those
     j < i (``cutoffs.Neighbours``).
 
-    With ``cells`` (3,) (the JAX build's, ≥ 3 per edge: the box allows a cell list) the
-    candidates come from a cell list (O(N): cells of edge ≥ radius/2, the 5³ around each
-    atom's, skipping those wholly beyond the radius; the order within a row's two parts
-    then differs from the JAX build's) and ``exclusions`` is the
-    (N, M) ``cutoffs.exclusion_table``; without, ``mask`` is the (N, N) bool of allowed
-    pairs, and the candidates come from the same cell list in a periodic box 2.5 radii
-    across, else are every atom by index (the JAX build's order; box (3,) or None). Its
-    cells hold every atom, so only a row over ``capacity`` overflows."""
+    The allowed pairs: ``exclusions``, the (N, M) ``cutoffs.exclusion_table`` (the JAX
+    build's cell-list case: the box must be 2.5 radii across), or ``mask``, the (N, N)
+    bool of allowed pairs. In a periodic ``box`` (3,) nm 2.5 radii across the candidates
+    come from a cell list (O(N): cells of edge ≥ radius/2, the 5³ around each atom's,
+    skipping those wholly beyond the radius; the order within a row's two parts then
+    differs from the JAX build's), else they are every atom by index (the JAX build's
+    order; box (3,) or None). The cells hold every atom, so only a row over ``capacity``
+    overflows."""
     n = x.shape[0]
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
-    if cells is None:
-        cells_arr = jnp.zeros((0,), jnp.int32)
-        exclusions = jnp.zeros((n, 0), jnp.int32)
-        mask = jnp.asarray(mask, jnp.bool_)
-    else:
-        cells_arr = jnp.asarray(np.asarray(cells, np.int32))
+    if mask is None:
         exclusions = jnp.asarray(exclusions, jnp.int32)
         mask = jnp.zeros((0,), jnp.bool_)
+    else:
+        exclusions = jnp.zeros((n, 0), jnp.int32)
+        mask = jnp.asarray(mask, jnp.bool_)
     out = (jax.ShapeDtypeStruct((n, int(capacity)), jnp.int32),
            jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
     call = jax.ffi.ffi_call(BUILD_TARGET, out, vmap_method="sequential")
-    idx, overflow = call(x, box, exclusions, mask, cells_arr,
-                         jnp.asarray([radius, 0.0], jnp.float64))  # fmt: skip
+    idx, overflow = call(x, box, exclusions, mask, jnp.asarray([radius], jnp.float64))
     return idx, overflow > 0
 
 

@@ -49,9 +49,9 @@ def build_list(x, box, radius, capacity, cells, cell_capacity, allowed):
     table's: the compiled cells hold every atom)."""
     if not xla_cpu.available()[0]:
         return None
-    if cells is None:
+    if cells is None:  # the JAX build's dense case: ``allowed`` is the (N, N) mask
         return xla_cpu.neighbour_build(x, box, radius, capacity, mask=allowed)
-    return xla_cpu.neighbour_build(x, box, radius, capacity, cells, exclusions=allowed)
+    return xla_cpu.neighbour_build(x, box, radius, capacity, exclusions=allowed)
 
 
 def _term_gradient(term):

@@ -257,6 +257,38 @@ def pme_reciprocal_energy(x, charge, box, alpha, grid, order=5):
     return COULOMB / (2.0 * np.pi * volume) * jnp.sum(kernel * s2)
 
 
+def _pme_weights(x, box, grid, order, second=False):
+    """Atom i's B-spline stencil: (w, dw[, ddw], idx) with w (N, 3, order) the weights
+    along each axis, dw their x-derivatives (nm⁻¹), ddw the second (nm⁻², with
+    ``second``) and idx (three (N, order) grid indices, ``_pme_stencil``'s)."""
+    frac, idx = _pme_stencil(x, box, grid, order)
+    ones = jnp.ones_like(frac)
+    spline = lambda f: _bspline_weights(f, order)  # noqa: E731
+    w, dw = jax.jvp(spline, (frac,), (ones,))  # M and dM/du
+    scale = jnp.asarray(grid, x.dtype) / box  # du/dx per axis
+    out = (w, dw * scale[None, :, None])
+    if second:
+        ddw = jax.jvp(lambda f: jax.jvp(spline, (f,), (ones,))[1], (frac,), (ones,))[1]
+        out = out + (ddw * (scale * scale)[None, :, None],)
+    return out + (idx,)
+
+
+def _pme_potential_fn(box, alpha, grid, order):
+    """``potential(Q (..., K_x, K_y, K_z)) -> Ψ = ∂E/∂Q`` (the same shape): the
+    convolution of ``pme_reciprocal_energy``'s quadratic form, (k_e N_g / π V)
+    F⁻¹(kernel · F(Q)) by one real FFT pair, batched over leading axes."""
+    volume = box[0] * box[1] * box[2]
+    factor = COULOMB * (grid[0] * grid[1] * grid[2]) / (np.pi * volume)
+    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
+
+    def potential(q_grid):
+        axes = (-3, -2, -1)
+        return factor * jnp.fft.irfftn(half * jnp.fft.rfftn(q_grid, axes=axes), s=grid,
+                                       axes=axes)  # fmt: skip
+
+    return potential
+
+
 def pme_reciprocal_gradient(x, charge, box, alpha, grid, order=5, host=None):
     """∇_x of ``pme_reciprocal_energy`` (N, 3) kJ/mol/nm for plain MD, written out: the
     charges spread on the grid, Ψ = ∂E/∂Q by one real FFT pair, and ∇_i E = q_i Σ_g Ψ(g)
@@ -268,16 +300,10 @@ def pme_reciprocal_gradient(x, charge, box, alpha, grid, order=5, host=None):
     grid = tuple(int(g) for g in grid)
     if host is None:
         return jax.grad(pme_reciprocal_energy)(x, charge, box, alpha, grid, order)
-    frac, idx = _pme_stencil(x, box, grid, order)
-    spline = lambda f: _bspline_weights(f, order)  # noqa: E731
-    w, dw = jax.jvp(spline, (frac,), (jnp.ones_like(frac),))  # (N, 3, n): M and dM/du
-    dw = dw * (jnp.asarray(grid, x.dtype) / box)[None, :, None]
+    w, dw, idx = _pme_weights(x, box, grid, order)
     idx = jnp.stack(idx, axis=1)  # (N, 3, n)
     q_grid = host.pme_charge_spread(w, dw, idx, charge, grid)
-    volume = box[0] * box[1] * box[2]
-    factor = COULOMB * (grid[0] * grid[1] * grid[2]) / (np.pi * volume)
-    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
-    psi = factor * jnp.fft.irfftn(half * jnp.fft.rfftn(q_grid), s=grid)
+    psi = _pme_potential_fn(box, alpha, grid, order)(q_grid)
     return host.pme_force_gather(psi, w, dw, idx, charge)
 
 
@@ -312,14 +338,7 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     grid = tuple(int(g) for g in grid)
     n, p = x.shape[0], dx.shape[0]
     n_grid = grid[0] * grid[1] * grid[2]
-    frac, idx = _pme_stencil(x, box, grid, order)
-    ones = jnp.ones_like(frac)
-    spline = lambda f: _bspline_weights(f, order)  # noqa: E731
-    w, dw = jax.jvp(spline, (frac,), (ones,))  # (N, 3, n): M and dM/du
-    ddw = jax.jvp(lambda f: jax.jvp(spline, (f,), (ones,))[1], (frac,), (ones,))[1]
-    scale = jnp.asarray(grid, x.dtype) / box  # du/dx per axis
-    dw = dw * scale[None, :, None]
-    ddw = ddw * (scale * scale)[None, :, None]
+    w, dw, ddw, idx = _pme_weights(x, box, grid, order, second=True)  # (N, 3, n) each
 
     def outer(a, b, c):  # (N, n) × 3 -> (N, n³)
         return (a[:, :, None, None] * b[:, None, :, None] * c[:, None, None, :]).reshape(n, -1)
@@ -337,14 +356,7 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     flat = ((idx[0][:, :, None, None] * grid[1] + idx[1][:, None, :, None]) * grid[2]
             + idx[2][:, None, None, :]).reshape(n, -1)  # (N, S)  # fmt: skip
 
-    volume = box[0] * box[1] * box[2]
-    factor = COULOMB * n_grid / (np.pi * volume)
-    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
-
-    def potential(q_grid):  # (..., K_x, K_y, K_z) -> Ψ, the same shape
-        axes = (-3, -2, -1)
-        f = jnp.fft.rfftn(q_grid, axes=axes)
-        return factor * jnp.fft.irfftn(half * f, s=grid, axes=axes)
+    potential = _pme_potential_fn(box, alpha, grid, order)  # (..., K_x, K_y, K_z) -> Ψ
 
     q_grid = jnp.zeros(n_grid, x.dtype).at[flat].add(charge[:, None] * stencil)
     psi = potential(q_grid.reshape(grid)).reshape(-1)

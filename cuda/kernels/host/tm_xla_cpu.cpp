@@ -393,15 +393,23 @@ struct ErfcxSeries {
 };
 const ErfcxSeries kErfcx;
 
-inline vd erfcx_series(vd y) {
-  const vd t = y * (2.0 / ERFC_YMAX) - 1.0, t2 = 2.0 * t;
-  vd b1 = y * 0.0, b2 = y * 0.0;
-  for (int m = ERFC_TERMS - 1; m >= 1; --m) {
-    const vd b0 = kErfcx.c[m] + t2 * b1 - b2;
-    b2 = b1;
-    b1 = b0;
+// erfcx at U vectors at once: U independent Clenshaw recurrences, interleaved
+template <int U>
+inline void erfcx_series_n(const vd* y, vd* out) {
+  vd t[U], t2[U], b1[U], b2[U];
+  for (int u = 0; u < U; ++u) {
+    t[u] = y[u] * (2.0 / ERFC_YMAX) - 1.0;
+    t2[u] = 2.0 * t[u];
+    b1[u] = vd{};
+    b2[u] = vd{};
   }
-  return kErfcx.c[0] + t * b1 - b2;
+  for (int m = ERFC_TERMS - 1; m >= 1; --m)
+    for (int u = 0; u < U; ++u) {
+      const vd b0 = kErfcx.c[m] + t2[u] * b1[u] - b2[u];
+      b2[u] = b1[u];
+      b1[u] = b0;
+    }
+  for (int u = 0; u < U; ++u) out[u] = kErfcx.c[0] + t[u] * b1[u] - b2[u];
 }
 
 struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε = 0)
@@ -461,7 +469,9 @@ void pair_batch(PairBatch& pb, int count, const double* x, const double* box, in
   if (pc.pme) {
     gauss = tmk::tm_exp(-(pc.alpha * pc.alpha) * r * r);
     if (fast_erfc) {
-      erfc_ar = erfcx_series(pc.alpha * r) * gauss;
+      const vd y = pc.alpha * r;
+      erfcx_series_n<1>(&y, &erfc_ar);
+      erfc_ar *= gauss;
     } else {
       alignas(64) double ev[W];
       for (int l = 0; l < W; ++l) ev[l] = std::erfc(pc.alpha * rs[l]);
@@ -886,23 +896,6 @@ constexpr int FU = 4;
 constexpr int FB = FU * W;           // pairs per iteration of pass 2
 constexpr int64_t FORCE_UNITS = 8;  // row ranges, whatever the number of threads
 
-template <int U>
-inline void erfcx_series_n(const vd* y, vd* out) {
-  vd t[U], t2[U], b1[U], b2[U];
-  for (int u = 0; u < U; ++u) {
-    t[u] = y[u] * (2.0 / ERFC_YMAX) - 1.0;
-    t2[u] = 2.0 * t[u];
-    b1[u] = vd{};
-    b2[u] = vd{};
-  }
-  for (int m = ERFC_TERMS - 1; m >= 1; --m)
-    for (int u = 0; u < U; ++u) {
-      const vd b0 = kErfcx.c[m] + t2[u] * b1[u] - b2[u];
-      b2[u] = b1[u];
-      b1[u] = b0;
-    }
-  for (int u = 0; u < U; ++u) out[u] = kErfcx.c[0] + t[u] * b1[u] - b2[u];
-}
 
 // per atom, one 32-byte vector each (row N: the padding's, far from nothing, no charge)
 struct PackedAtoms {
@@ -1137,17 +1130,15 @@ thread_local Scratch t_cellx, t_runr2;  // the members' coordinates; a run's r²
 
 // The Verlet list of cutoffs.build_neighbours: every allowed pair within `radius`, in
 // both rows, each row's partners j > i first, then those j < i, the first K kept, padded
-// with N. With cells (a periodic box), atom i's candidates are the atoms of the cells
-// around its own (below), less i and its excluded partners (the exclusion table's row);
-// without cells, where the (N, N) mask allows: by cells too in a periodic box 2.5 radii
-// across, else every j by index (the JAX build's order). The
-// partners are the JAX build's; their order within each part differs where the cells
-// do. overflow (int32) is 1 when a row had more than K partners (the cells hold every
-// atom: no cell overflows, unlike the JAX table).
+// with N. The allowed pairs are an exclusion table's (N, M) complement (mask empty) or
+// an (N, N) mask. In a periodic box 2.5 radii across, atom i's candidates are the atoms
+// of the cells around its own (below); otherwise every j by index (the JAX build's
+// order). The partners are the JAX build's; their order within each part differs where
+// the cells do. overflow (int32) is 1 when a row had more than K partners (the cells
+// hold every atom: no cell overflows, unlike the JAX table).
 ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> allowed,
-                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> cells,
-                              ffi::Buffer<ffi::F64> radius_cap,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> radius_in,
                               ffi::ResultBuffer<ffi::S32> out,
                               ffi::ResultBuffer<ffi::S32> overflow) {
   const auto xd = x.dimensions();
@@ -1158,21 +1149,28 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   if (od.size() != 2 || od[0] != n)
     return ffi::Error::InvalidArgument("tm_neighbour_build: the list must be (N, K)");
   const int64_t k = od[1];
-  if (radius_cap.element_count() != 2)
-    return ffi::Error::InvalidArgument("tm_neighbour_build: radius_cap is (radius, unused)");
-  const double radius = radius_cap.typed_data()[0];
-  const bool has_cells = cells.element_count() == 3;
+  if (radius_in.element_count() != 1)
+    return ffi::Error::InvalidArgument("tm_neighbour_build: radius must be (1,)");
+  const double radius = radius_in.typed_data()[0];
   if (box.element_count() != 0 && box.element_count() != 3)
     return ffi::Error::InvalidArgument("tm_neighbour_build: box must be (3,) or empty");
-  if (has_cells && box.element_count() != 3)
-    return ffi::Error::InvalidArgument("tm_neighbour_build: cells need a box");
-  const auto ad = allowed.dimensions();
-  if (has_cells && (ad.size() != 2 || ad[0] != n))
-    return ffi::Error::InvalidArgument("tm_neighbour_build: the exclusion table must be (N, M)");
-  if (!has_cells && mask.element_count() != (size_t)(n * n))
-    return ffi::Error::InvalidArgument("tm_neighbour_build: the mask must be (N, N)");
   const double* xs = x.typed_data();
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
+  // a periodic box 2.5 radii across takes the cell list (below), whichever the JAX build
+  // would use (it sums densely where its own cells would hold a third of the box)
+  bool use_cells = bx != nullptr;
+  for (int e = 0; use_cells && e < 3; ++e) use_cells = std::floor(bx[e] / (0.5 * radius)) >= 5;
+  // the allowed pairs: the exclusion table's rows (mask empty; the JAX build's cell-list
+  // case, so the box holds cells), or the (N, N) mask
+  const bool has_table = mask.element_count() == 0;
+  const auto ad = allowed.dimensions();
+  if (has_table && (ad.size() != 2 || ad[0] != n))
+    return ffi::Error::InvalidArgument("tm_neighbour_build: the exclusion table must be (N, M)");
+  if (has_table && !use_cells)
+    return ffi::Error::InvalidArgument(
+        "tm_neighbour_build: an exclusion table needs a box 2.5 radii across");
+  if (!has_table && mask.element_count() != (size_t)(n * n))
+    return ffi::Error::InvalidArgument("tm_neighbour_build: the mask must be (N, N)");
   const double r2max = radius * radius;
   int32_t* list = out->typed_data();
   std::atomic<int> over{0};
@@ -1188,11 +1186,7 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     }
     return r2 < r2max;
   };
-  // a periodic box 2.5 radii across takes the cell list (below), whichever the JAX build
-  // would use (it sums densely where its own cells would hold a third of the box)
-  bool use_cells = bx != nullptr;
-  for (int e = 0; use_cells && e < 3; ++e) use_cells = std::floor(bx[e] / (0.5 * radius)) >= 5;
-  const bool* mk = has_cells ? nullptr : mask.typed_data();
+  const bool* mk = has_table ? nullptr : mask.typed_data();
   if (!use_cells) {
     const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
     std::function<void(int)> work = [&](int u) {
@@ -1210,9 +1204,8 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   }
   // cells of edge ≥ radius/2 and the 5³ cells around each atom's own: fewer candidates
   // than the JAX build's 3³ cells of edge ≥ radius ((2.5 r)³ against (3 r)³), fewer
-  // still as a neighbouring cell wholly beyond the radius from the atom is skipped. The
-  // given cells (≥ 3 per edge of edge ≥ radius) only say that the box allows them: every
-  // edge then holds ≥ 6 half-radius cells, so the 5 offsets along it are distinct.
+  // still as a neighbouring cell wholly beyond the radius from the atom is skipped. Every
+  // edge holds ≥ 5 cells (use_cells), so the 5 offsets along it are distinct.
   constexpr int64_t reach = 2;
   int64_t cn[3];
   for (int e = 0; e < 3; ++e) cn[e] = (int64_t)std::floor(bx[e] / (0.5 * radius));
@@ -1238,7 +1231,7 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     for (int64_t i = 0; i < n; ++i) members[fill[cell_of[i]]++] = (int32_t)i;
   }
   // the allowed pairs: the exclusion table's row (with cells), or the mask's
-  const int64_t m = has_cells ? ad[1] : 0;
+  const int64_t m = has_table ? ad[1] : 0;
   const int32_t* ex = allowed.typed_data();
   // the members' coordinates in cell order, so that a run's distances are one SIMD loop
   double* cell_x = t_cellx.get(3 * n);
@@ -1470,9 +1463,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourBuild, NeighbourBuildImpl,
                                   .Arg<ffi::Buffer<ffi::F64>>()   // x
                                   .Arg<ffi::Buffer<ffi::F64>>()   // box
                                   .Arg<ffi::Buffer<ffi::S32>>()   // exclusion table
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (N, N)
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // cells (3,) or empty
-                                  .Arg<ffi::Buffer<ffi::F64>>()   // radius, cell capacity
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (N, N) or empty
+                                  .Arg<ffi::Buffer<ffi::F64>>()   // radius (1,)
                                   .Ret<ffi::Buffer<ffi::S32>>()   // list (N, K)
                                   .Ret<ffi::Buffer<ffi::S32>>()   // overflow ()
 );

@@ -352,7 +352,7 @@ ffi::Error GradientZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 }
 
 // The Verlet-list pairs of a cutoff nonbonded term (timemachine/potentials/cutoffs.py,
-// neighbour_pair_gradient_and_zeta): ∇E and ζ in one pass, the per-pair scalars computed
+// neighbour_pair_gradient_and_zeta): ∇E and ζ row by row, the per-pair scalars computed
 // here (not read from memory) with the closed forms of cutoffs._pair_scalars. Row i of
 // the list idx (N, K) holds atom i's partners j (padded with N at the end), every pair in
 // both rows; with u the pair energy, B = u'(r)/r and A = (dB/dr)/r,
@@ -412,171 +412,265 @@ inline void erfcx_series_n(const vd* y, vd* out) {
   for (int u = 0; u < U; ++u) out[u] = kErfcx.c[0] + t[u] * b1[u] - b2[u];
 }
 
-struct PairAtoms {  // per-atom parameters: q, σ, √ε, d√ε/dε (0 where ε = 0)
-  const double* q;
-  const double* sig;
-  const double* seps;
-  const double* dseps;
+constexpr int FU = 4;
+constexpr int FB = FU * W;           // pairs per iteration of pass 2
+
+
+// per atom, one 32-byte vector each (row N: the padding's, far from nothing, no charge)
+struct PackedAtoms {
+  const double* xyz;  // (N + 1, 4): x, y, z, 0
+  const double* par;  // (N + 1, 4): q, σ, √ε, then 0 (plain step) or d√ε/dε (ζ)
 };
 
-// The scalars of a batch of up to W partners of one row, computed as W-wide
-// vectors with cutoff.cuh's pair maths (the CUDA kernels' too) and the erfc and exp
-// above: the minimum-image displacements d (3, W), and B, A, B_lj, B_c, ∂B_lj/∂σ
-// with 0 for the slots at or beyond the cutoff and the empty ones (inside = 0).
-struct PairBatch {
-  vd d[3];
-  vd inside, eps4, b, a, b_lj, b_c, db_lj_ds;
-  int64_t j[W];
-};
+// the W rows (one per partner) of 4 doubles turned into 3 vectors of their first 3 fields
+inline void transpose3(const double* base, const int64_t* j, vd* out) {
+  const vd r0 = load(base + 4 * j[0]), r1 = load(base + 4 * j[1]), r2 = load(base + 4 * j[2]),
+           r3 = load(base + 4 * j[3]);
+  typedef long long vm __attribute__((vector_size(W * sizeof(double))));
+  const vd t0 = __builtin_shuffle(r0, r1, vm{0, 4, 2, 6});  // x0 x1 z0 z1
+  const vd t1 = __builtin_shuffle(r0, r1, vm{1, 5, 3, 7});  // y0 y1 . .
+  const vd t2 = __builtin_shuffle(r2, r3, vm{0, 4, 2, 6});  // x2 x3 z2 z3
+  const vd t3 = __builtin_shuffle(r2, r3, vm{1, 5, 3, 7});  // y2 y3 . .
+  out[0] = __builtin_shuffle(t0, t2, vm{0, 1, 4, 5});
+  out[1] = __builtin_shuffle(t1, t3, vm{0, 1, 4, 5});
+  out[2] = __builtin_shuffle(t0, t2, vm{2, 3, 6, 7});
+}
 
 inline vd vrint(vd v) {  // round half to even, |v| < 2^51 (as jnp.round)
   const double shifter = 6755399441055744.0;
   return (v + shifter) - shifter;
 }
 
-void pair_batch(PairBatch& pb, int count, const double* x, const double* box, int64_t i,
-                const PairAtoms& at, const tmk::CutoffForm& pc, bool fast_erfc) {
-  alignas(64) double xj[3][W], sej[W], qj[W], sgj[W], valid[W];
-  for (int l = 0; l < W; ++l) {
-    const int64_t j = l < count ? pb.j[l] : i;
-    xj[0][l] = x[3 * j];
-    xj[1][l] = x[3 * j + 1];
-    xj[2][l] = x[3 * j + 2];
-    sej[l] = at.seps[j];
-    qj[l] = at.q[j];
-    sgj[l] = at.sig[j];
-    valid[l] = l < count ? 1.0 : 0.0;
+inline double rint_even(double v) {  // as vrint: round half to even, |v| < 2^51
+  const double shifter = 6755399441055744.0;
+  return (v + shifter) - shifter;  // IEEE: no -ffast-math, so not folded
+}
+
+
+// the W rows of 4 doubles turned into 4 vectors, one per field
+inline void transpose4(const double* base, const int64_t* j, vd* out) {
+  const vd r0 = load(base + 4 * j[0]), r1 = load(base + 4 * j[1]), r2 = load(base + 4 * j[2]),
+           r3 = load(base + 4 * j[3]);
+  typedef long long vm __attribute__((vector_size(W * sizeof(double))));
+  const vd t0 = __builtin_shuffle(r0, r1, vm{0, 4, 2, 6});  // f0 of 0 1, f2 of 0 1
+  const vd t1 = __builtin_shuffle(r0, r1, vm{1, 5, 3, 7});  // f1 of 0 1, f3 of 0 1
+  const vd t2 = __builtin_shuffle(r2, r3, vm{0, 4, 2, 6});
+  const vd t3 = __builtin_shuffle(r2, r3, vm{1, 5, 3, 7});
+  out[0] = __builtin_shuffle(t0, t2, vm{0, 1, 4, 5});
+  out[1] = __builtin_shuffle(t1, t3, vm{0, 1, 4, 5});
+  out[2] = __builtin_shuffle(t0, t2, vm{2, 3, 6, 7});
+  out[3] = __builtin_shuffle(t1, t3, vm{2, 3, 6, 7});
+}
+
+// x (N, 3) and atoms (4, N) as PackedAtoms in scratch (ζ: the fourth field d√ε/dε),
+// row N the padding's: at 0, no charge, σ = 1, no ε
+thread_local Scratch t_packed;
+PackedAtoms pack_atoms(const double* xs, const double* ad, int64_t n, bool zeta) {
+  double* packed = t_packed.get(8 * (n + 1));
+  for (int64_t a = 0; a < n; ++a) {
+    double* px = packed + 4 * a;
+    double* pp = packed + 4 * (n + 1) + 4 * a;
+    px[0] = xs[3 * a];
+    px[1] = xs[3 * a + 1];
+    px[2] = xs[3 * a + 2];
+    px[3] = 0.0;
+    pp[0] = ad[a];
+    pp[1] = ad[n + a];
+    pp[2] = ad[2 * n + a];
+    pp[3] = zeta ? ad[3 * n + a] : 0.0;
   }
-  vd r2 = load(valid) * 0.0;
-  for (int e = 0; e < 3; ++e) {
-    vd d = x[3 * i + e] - load(xj[e]);
-    if (box) d -= box[e] * vrint(d / box[e]);
-    pb.d[e] = d;
-    r2 += d * d;
-  }
-  const vl in = (r2 < pc.cutoff * pc.cutoff) & (load(valid) > 0.5);
-  const vd one = bcast(1.0), zero = vd{};
-  pb.inside = in ? one : zero;
-  const vd rr = in ? r2 : one;
-  alignas(64) double rs[W];
-  store(rs, rr);
-  for (int l = 0; l < W; ++l) rs[l] = std::sqrt(rs[l]);
-  const vd r = load(rs);
-  pb.eps4 = (4.0 * at.seps[i]) * load(sej);
-  const vd qq = (tmk::COULOMB * at.q[i]) * load(qj);
-  const vd sig = 0.5 * (at.sig[i] + load(sgj));
-  vd erfc_ar = zero, gauss = zero;
-  if (pc.pme) {
-    gauss = tmk::tm_exp(-(pc.alpha * pc.alpha) * r * r);
-    if (fast_erfc) {
-      const vd y = pc.alpha * r;
-      erfcx_series_n<1>(&y, &erfc_ar);
-      erfc_ar *= gauss;
-    } else {
-      alignas(64) double ev[W];
-      for (int l = 0; l < W; ++l) ev[l] = std::erfc(pc.alpha * rs[l]);
-      erfc_ar = load(ev);
+  for (int e = 0; e < 4; ++e) packed[4 * n + e] = packed[4 * (n + 1) + 4 * n + e] = 0.0;
+  packed[4 * (n + 1) + 4 * n + 1] = 1.0;  // the padding's σ
+  return PackedAtoms{packed, packed + 4 * (n + 1)};
+}
+
+// One row's partners within the cutoff (passes 1 and 2 of neighbour_pair_rows), each
+// array (cap,): j, r², the displacement d, A = (dB/dr)/r, B = u'/r and ∂B/∂(atom j's
+// charge, σ, ε)
+struct RowPairs {
+  int64_t* j;
+  double *r2, *d[3], *a, *b, *mj[3];
+  static int64_t doubles(int64_t cap) { return 10 * cap; }
+  RowPairs(double* s, int64_t cap)
+      : j(reinterpret_cast<int64_t*>(s)), r2(s + cap), d{s + 2 * cap, s + 3 * cap, s + 4 * cap},
+        a(s + 5 * cap), b(s + 6 * cap), mj{s + 7 * cap, s + 8 * cap, s + 9 * cap} {}
+};
+
+// Pass 1: row i's partners (both j > i and j < i) within the cutoff, j and r² into rp,
+// padded to a multiple of FB with atom N at r = 1 (no charge, no ε: every scalar 0).
+// Returns the count kept.
+int64_t keep_partners(const double* x, const double* box, const double* inv_box,
+                      const int32_t* row, int64_t k, int64_t n, int64_t i, double rc2,
+                      RowPairs& rp) {
+  const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
+  int64_t* __restrict jo = rp.j;
+  double* __restrict ro = rp.r2;
+  int64_t m = 0, s = 0;
+#ifdef __AVX2__
+  const __m256d xv0 = _mm256_set1_pd(xi0), xv1 = _mm256_set1_pd(xi1), xv2 = _mm256_set1_pd(xi2);
+  const __m128i hi = _mm_set1_epi32((int32_t)n);
+  for (; s + 4 <= k; s += 4) {
+    const __m128i j4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s));
+    if (_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(j4, hi))) != 0xF) break;
+    const __m128i j3 = _mm_add_epi32(_mm_add_epi32(j4, j4), j4);
+    vd d[3];
+    d[0] = (vd)_mm256_sub_pd(xv0, _mm256_i32gather_pd(x, j3, 8));
+    d[1] = (vd)_mm256_sub_pd(xv1, _mm256_i32gather_pd(x + 1, j3, 8));
+    d[2] = (vd)_mm256_sub_pd(xv2, _mm256_i32gather_pd(x + 2, j3, 8));
+    if (box)
+      for (int e = 0; e < 3; ++e) d[e] -= box[e] * vrint(d[e] * inv_box[e]);
+    const vd r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+    for (int l = 0; l < 4; ++l) {  // written always, kept within the cutoff
+      jo[m] = row[s + l];
+      ro[m] = r2[l];
+      m += r2[l] < rc2;
     }
   }
-  const tmk::CutoffRadialT<vd> s = tmk::cutoff_radial_given<vd>(r, sig, pc, erfc_ar, gauss);
-  pb.b = in ? pb.eps4 * s.b_lj + qq * s.b_c : zero;
-  pb.a = in ? (pb.eps4 * s.db_lj + qq * s.db_c) / r : zero;
-  pb.b_lj = in ? s.b_lj : zero;
-  pb.b_c = in ? s.b_c : zero;
-  pb.db_lj_ds = in ? s.db_lj_s : zero;
+#endif
+  for (; s < k; ++s) {
+    const int64_t j = row[s];
+    if (j >= n) break;  // padding: the row's partners come first
+    double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
+    if (box) {
+      d0 -= box[0] * rint_even(d0 * inv_box[0]);
+      d1 -= box[1] * rint_even(d1 * inv_box[1]);
+      d2 -= box[2] * rint_even(d2 * inv_box[2]);
+    }
+    const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
+    jo[m] = j;
+    ro[m] = r2;
+    m += r2 < rc2;
+  }
+  const int64_t mp = (m + FB - 1) / FB * FB;
+  for (int64_t t = m; t < mp; ++t) {
+    jo[t] = n;
+    ro[t] = 1.0;
+  }
+  return m;
 }
 
 // rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
-// 3N, LANES), ζ into z (same layout); acc: scratch of 3·chunks·LANES doubles
+// 3N, LANES), ζ into z (same layout). pa.par holds q, σ, √ε, d√ε/dε per atom; rp is
+// the thread's scratch.
+//  1. the row's partners within the cutoff (keep_partners);
+//  2. their scalars, FU vectors of W pairs per iteration (as neighbour_force_rows),
+//     into rp, with ∇_i E and the mixed partials of atom i's own parameters summed;
+//  3. the tangents, chunk by chunk: row i's sums in registers over the kept pairs, in
+//     list order, then the partners' mixed partials added in the same order.
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
-                         int64_t k, const PairAtoms& at, const tmk::CutoffForm& pc,
+                         int64_t k, const PackedAtoms& pa, const tmk::CutoffForm& pc,
                          bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
                          const double* t, double* z, const int32_t* mix_p, double* grad,
-                         double* acc) {
+                         RowPairs& rp) {
+  constexpr int NH = LANES / W;  // vectors per chunk of tangents
   const int64_t block = 3 * n * LANES;
-  PairBatch pb;
+  const double rc2 = pc.cutoff * pc.cutoff;
+  double inv_box[3] = {0.0, 0.0, 0.0};
+  if (box)
+    for (int e = 0; e < 3; ++e) inv_box[e] = 1.0 / box[e];
   for (int64_t i = i0; i < i1; ++i) {
-    const double qi = at.q[i], sei = at.seps[i], dsei = at.dseps[i];
-    vd gv[3] = {};       // the gradient's partial sums, one per slot of the batches
-    double own[3][3] = {};  // Σ_j ∂B/∂(atom i's parameter of kind m) d
-    std::memset(acc, 0, sizeof(double) * 3 * chunks * LANES);
-    for (int64_t s0 = 0; s0 < k; s0 += W) {
-      int count = 0;
-      for (; count < W && s0 + count < k; ++count) {
-        const int64_t j = idx[i * k + s0 + count];
-        if (j >= n) break;  // padding: the row's partners come first
-        pb.j[count] = j;
+    const int64_t m = keep_partners(x, box, inv_box, idx + i * k, k, n, i, rc2, rp);
+    const int64_t mp = (m + FB - 1) / FB * FB;
+    const vd xi[3] = {bcast(x[3 * i]), bcast(x[3 * i + 1]), bcast(x[3 * i + 2])};
+    const double* pi = pa.par + 4 * i;
+    const double qi = tmk::COULOMB * pi[0], sgi = pi[1], sei4 = 4.0 * pi[2],
+                 dsei4 = 4.0 * pi[3];
+    vd gv[3] = {}, own[3][3] = {};  // ∇_i E; Σ_j ∂B/∂(atom i's parameter of kind m) d
+    for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
+      vd r[FU], erfc_ar[FU], gauss[FU];
+      for (int u = 0; u < FU; ++u) {
+        const vd r2 = load(rp.r2 + s0 + u * W);
+        r[u] = tmk::tm_sqrt(r2);
+        gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
       }
-      if (count == 0) break;
-      pair_batch(pb, count, x, box, i, at, pc, fast_erfc);
-      gv[0] += pb.b * pb.d[0];
-      gv[1] += pb.b * pb.d[1];
-      gv[2] += pb.b * pb.d[2];
-      if (chunks == 0) {
-        if (count < W) break;
-        continue;
+      if (pc.pme) {
+        if (fast_erfc) {
+          vd y[FU];
+          for (int u = 0; u < FU; ++u) y[u] = pc.alpha * r[u];
+          erfcx_series_n<FU>(y, erfc_ar);
+          for (int u = 0; u < FU; ++u) erfc_ar[u] *= gauss[u];
+        } else {
+          for (int u = 0; u < FU; ++u)
+            for (int l = 0; l < W; ++l) erfc_ar[u][l] = std::erfc(pc.alpha * r[u][l]);
+        }
+      } else {
+        for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
       }
-      for (int l = 0; l < count; ++l) {
-        if (pb.inside[l] == 0.0) continue;
-        const int64_t j = pb.j[l];
-        const double pa = pb.a[l], pbb = pb.b[l];
-        const double d0 = pb.d[0][l], d1 = pb.d[1][l], d2 = pb.d[2][l];
-        // in halves of W lanes: one AVX2 register each (a LANES-wide GCC vector is
-        // split through the stack on AVX2, with store-forwarding stalls)
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int h = 0; h < LANES; h += W) {
-            const double* ti = t + c * block + 3 * i * LANES + h;
-            const double* tj = t + c * block + 3 * j * LANES + h;
-            const vd e0 = load(ti) - load(tj),
-                       e1 = load(ti + LANES) - load(tj + LANES),
-                       e2 = load(ti + 2 * LANES) - load(tj + 2 * LANES);
-            const vd as = pa * (d0 * e0 + d1 * e1 + d2 * e2);
-            double* ac = acc + 3 * c * LANES + h;
-            store(ac, load(ac) + as * d0 + pbb * e0);
-            store(ac + LANES, load(ac + LANES) + as * d1 + pbb * e1);
-            store(ac + 2 * LANES, load(ac + 2 * LANES) + as * d2 + pbb * e2);
-          }
+      for (int u = 0; u < FU; ++u) {
+        const int64_t s = s0 + u * W;
+        vd d[3], pj[4];
+        transpose3(pa.xyz, rp.j + s, d);
+        transpose4(pa.par, rp.j + s, pj);
+        for (int e = 0; e < 3; ++e) {  // the displacements again, as pass 1's
+          d[e] = xi[e] - d[e];
+          if (box) d[e] -= box[e] * vrint(d[e] * inv_box[e]);
+          store(rp.d[e] + s, d[e]);
+        }
+        const vd sig = 0.5 * (sgi + pj[1]);
+        const tmk::CutoffRadialT<vd> f =
+            tmk::cutoff_radial_given<vd>(r[u], sig, pc, erfc_ar[u], gauss[u]);
+        const vd eps4 = sei4 * pj[2], qq = qi * pj[0];
+        const vd b = eps4 * f.b_lj + qq * f.b_c;
+        store(rp.b + s, b);
+        store(rp.a + s, (eps4 * f.db_lj + qq * f.db_c) / r[u]);
+        for (int e = 0; e < 3; ++e) gv[e] += b * d[e];
         if (!mix_p) continue;
         // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
-        const double half_s = 0.5 * pb.eps4[l] * pb.db_lj_ds[l];
-        const double mi[3] = {pb.b_c[l] * tmk::COULOMB * at.q[j], half_s,
-                              pb.b_lj[l] * 4.0 * at.seps[j] * dsei};
-        const double mj[3] = {pb.b_c[l] * tmk::COULOMB * qi, half_s,
-                              pb.b_lj[l] * 4.0 * sei * at.dseps[j]};
-        for (int m = 0; m < 3; ++m) {
-          const int32_t pj = mix_p[m * n + j];
-          if (pj >= 0) {
-            double* a = acc + 3 * (pj / LANES) * LANES;
-            a[pj % LANES] += mj[m] * d0;
-            a[LANES + pj % LANES] += mj[m] * d1;
-            a[2 * LANES + pj % LANES] += mj[m] * d2;
-          }
-          own[m][0] += mi[m] * d0;
-          own[m][1] += mi[m] * d1;
-          own[m][2] += mi[m] * d2;
+        const vd half_s = 0.5 * eps4 * f.db_lj_s;
+        const vd mi[3] = {(tmk::COULOMB * f.b_c) * pj[0], half_s, (dsei4 * f.b_lj) * pj[2]};
+        store(rp.mj[0] + s, qi * f.b_c);
+        store(rp.mj[1] + s, half_s);
+        store(rp.mj[2] + s, (sei4 * f.b_lj) * pj[3]);
+        for (int mk = 0; mk < 3; ++mk)
+          for (int e = 0; e < 3; ++e) own[mk][e] += mi[mk] * d[e];
+      }
+    }
+    for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]);
+    for (int64_t c = 0; c < chunks; ++c) {  // pass 3
+      const double* tc = t + c * block;
+      vd ti[3][NH], acc[3][NH] = {};
+      for (int e = 0; e < 3; ++e)
+        for (int h = 0; h < NH; ++h) ti[e][h] = load(tc + (3 * i + e) * LANES + h * W);
+      for (int64_t s = 0; s < m; ++s) {
+        const double* tj = tc + 3 * rp.j[s] * LANES;
+        const double pa_ = rp.a[s], pb_ = rp.b[s];
+        const double d0 = rp.d[0][s], d1 = rp.d[1][s], d2 = rp.d[2][s];
+        for (int h = 0; h < NH; ++h) {
+          const vd e0 = ti[0][h] - load(tj + h * W), e1 = ti[1][h] - load(tj + LANES + h * W),
+                   e2 = ti[2][h] - load(tj + 2 * LANES + h * W);
+          const vd as = pa_ * (d0 * e0 + d1 * e1 + d2 * e2);
+          acc[0][h] += as * d0 + pb_ * e0;
+          acc[1][h] += as * d1 + pb_ * e1;
+          acc[2][h] += as * d2 + pb_ * e2;
         }
       }
-      if (count < W) break;
+      double* zi = z + c * block + 3 * i * LANES;
+      for (int e = 0; e < 3; ++e)
+        for (int h = 0; h < NH; ++h) store(zi + e * LANES + h * W, acc[e][h]);
     }
-    for (int e = 0; e < 3; ++e) {  // the slots summed in a fixed order
-      double g = 0.0;
-      for (int l = 0; l < W; ++l) g += gv[e][l];
-      grad[3 * i + e] = g;
-    }
-    if (chunks == 0) continue;
-    if (mix_p)
-      for (int m = 0; m < 3; ++m) {
-        const int32_t pi = mix_p[m * n + i];
-        if (pi < 0) continue;
-        double* a = acc + 3 * (pi / LANES) * LANES;
-        for (int e = 0; e < 3; ++e) a[e * LANES + pi % LANES] += own[m][e];
+    if (!mix_p || chunks == 0) continue;
+    for (int64_t s = 0; s < m; ++s) {  // the partners' parameters, in list order
+      const int64_t j = rp.j[s];
+      for (int mk = 0; mk < 3; ++mk) {
+        const int32_t pj = mix_p[mk * n + j];
+        if (pj < 0) continue;
+        double* zz = z + (pj / LANES) * block + 3 * i * LANES + pj % LANES;
+        const double v = rp.mj[mk][s];
+        zz[0] += v * rp.d[0][s];
+        zz[LANES] += v * rp.d[1][s];
+        zz[2 * LANES] += v * rp.d[2][s];
       }
-    for (int64_t c = 0; c < chunks; ++c)
-      std::memcpy(z + c * block + 3 * i * LANES, acc + 3 * c * LANES, sizeof(double) * 3 * LANES);
+    }
+    for (int mk = 0; mk < 3; ++mk) {  // atom i's own
+      const int32_t pi_ = mix_p[mk * n + i];
+      if (pi_ < 0) continue;
+      double* zz = z + (pi_ / LANES) * block + 3 * i * LANES + pi_ % LANES;
+      for (int e = 0; e < 3; ++e) zz[e * LANES] += hsum(own[mk][e]);
+    }
   }
 }
 
-thread_local Scratch t_ndxt, t_nzt;
+thread_local Scratch t_ndxt, t_nzt, t_zrows;
 
 // What tm_neighbour_pairs and tm_neighbour_forces share: the list's arguments checked
 // (x (N, 3), idx (N, K), atoms (4, N), consts (4,), box (3,) or empty), and consts read
@@ -643,8 +737,6 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       if (mp[a] >= p) return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p >= P");
   const tmk::CutoffForm& pc = la.pc;
   const bool fast_erfc = la.fast_erfc;
-  const double* ad = atoms.typed_data();
-  const PairAtoms at{ad, ad + n, ad + 2 * n, ad + 3 * n};
   const int64_t chunks = (p + LANES - 1) / LANES;
   const int64_t rows = 3 * n, block = rows * LANES;
   double* dxt = t_ndxt.get(std::max<int64_t>(chunks * block, 1));
@@ -660,13 +752,15 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
       for (int64_t r = 0; r < rows; ++r) t[r * LANES + l] = s[r];
     }
   }
+  const PackedAtoms pa = pack_atoms(x.typed_data(), atoms.typed_data(), n, true);
   // units: row ranges, each with every chunk (the scalars are computed once per pair)
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  const int64_t cap = (k + FB - 1) / FB * FB + FB;
   double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
-    std::vector<double> acc(3 * LANES * std::max<int64_t>(chunks, 1));
-    neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, at, pc, fast_erfc,
-                        n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, g, acc.data());
+    RowPairs rp(t_zrows.get(RowPairs::doubles(cap)), cap);
+    neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, pa, pc, fast_erfc,
+                        n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, g, rp);
   };
   parallel_units(pool, units, work);
   double* z = zeta->typed_data();
@@ -892,35 +986,7 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
 // opposite force on each j goes to a buffer of the unit (a fixed range of rows) in pair
 // order, and the buffers are summed in unit order: the result does not depend on the
 // number of threads.
-constexpr int FU = 4;
-constexpr int FB = FU * W;           // pairs per iteration of pass 2
 constexpr int64_t FORCE_UNITS = 8;  // row ranges, whatever the number of threads
-
-
-// per atom, one 32-byte vector each (row N: the padding's, far from nothing, no charge)
-struct PackedAtoms {
-  const double* xyz;  // (N + 1, 4): x, y, z, 0
-  const double* par;  // (N + 1, 4): q, σ, √ε, 0
-};
-
-// the W rows (one per partner) of 4 doubles turned into 3 vectors of their first 3 fields
-inline void transpose3(const double* base, const int64_t* j, vd* out) {
-  const vd r0 = load(base + 4 * j[0]), r1 = load(base + 4 * j[1]), r2 = load(base + 4 * j[2]),
-           r3 = load(base + 4 * j[3]);
-  typedef long long vm __attribute__((vector_size(W * sizeof(double))));
-  const vd t0 = __builtin_shuffle(r0, r1, vm{0, 4, 2, 6});  // x0 x1 z0 z1
-  const vd t1 = __builtin_shuffle(r0, r1, vm{1, 5, 3, 7});  // y0 y1 . .
-  const vd t2 = __builtin_shuffle(r2, r3, vm{0, 4, 2, 6});  // x2 x3 z2 z3
-  const vd t3 = __builtin_shuffle(r2, r3, vm{1, 5, 3, 7});  // y2 y3 . .
-  out[0] = __builtin_shuffle(t0, t2, vm{0, 1, 4, 5});
-  out[1] = __builtin_shuffle(t1, t3, vm{0, 1, 4, 5});
-  out[2] = __builtin_shuffle(t0, t2, vm{2, 3, 6, 7});
-}
-
-inline double rint_even(double v) {  // as vrint: round half to even, |v| < 2^51
-  const double shifter = 6755399441055744.0;
-  return (v + shifter) - shifter;  // IEEE: no -ffast-math, so not folded
-}
 
 // rows [i0, i1): their pairs' forces into own (row i's, written) and opp ((N + 1, 3), the
 // partners' opposite forces, added; row N takes the padding's zeros). Pass 1 keeps the
@@ -1041,7 +1107,7 @@ void neighbour_force_rows(const double* x, const double* box, const int32_t* idx
   }
 }
 
-thread_local Scratch t_rows, t_opp, t_packed;
+thread_local Scratch t_rows, t_opp;
 
 ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                                ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
@@ -1058,23 +1124,8 @@ ffi::Error NeighbourForcesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
   const int64_t cap = (k + FB - 1) / FB * FB + FB;
   const int64_t units = std::max<int64_t>(1, std::min<int64_t>(FORCE_UNITS, n));
-  double* packed = t_packed.get(8 * (n + 1));
   const double* xs = x.typed_data();
-  for (int64_t a = 0; a < n; ++a) {
-    double* px = packed + 4 * a;
-    double* pp = packed + 4 * (n + 1) + 4 * a;
-    px[0] = xs[3 * a];
-    px[1] = xs[3 * a + 1];
-    px[2] = xs[3 * a + 2];
-    px[3] = 0.0;
-    pp[0] = ad[a];
-    pp[1] = ad[n + a];
-    pp[2] = ad[2 * n + a];
-    pp[3] = 0.0;
-  }
-  for (int e = 0; e < 4; ++e) packed[4 * n + e] = packed[4 * (n + 1) + 4 * n + e] = 0.0;
-  packed[4 * (n + 1) + 4 * n + 1] = 1.0;  // the padding's σ
-  const PackedAtoms pa{packed, packed + 4 * (n + 1)};
+  const PackedAtoms pa = pack_atoms(xs, ad, n, false);
   const int64_t stride = 3 * (n + 1);
   double* opp = t_opp.get(units * stride);  // each unit's opposite forces
   double* g = grad->typed_data();

@@ -54,6 +54,7 @@ FORCES_TARGET = "tm_neighbour_forces"
 BUILD_TARGET = "tm_neighbour_build"
 CHARGE_SPREAD_TARGET = "tm_pme_charge_spread"
 FORCE_GATHER_TARGET = "tm_pme_force_gather"
+FIELD_GATHER_TARGET = "tm_pme_field_gather"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno")  # no errno: sqrt vectorises
 _STATE: dict = {}
 
@@ -118,7 +119,8 @@ def _register() -> None:
         {TARGET: "TmGradientZeta", NEIGHBOUR_TARGET: "TmNeighbourPairs",
          PME_SPREAD_TARGET: "TmPmeSpread", PME_GATHER_TARGET: "TmPmeGather",
          FORCES_TARGET: "TmNeighbourForces", BUILD_TARGET: "TmNeighbourBuild",
-         CHARGE_SPREAD_TARGET: "TmPmeChargeSpread", FORCE_GATHER_TARGET: "TmPmeForceGather"},
+         CHARGE_SPREAD_TARGET: "TmPmeChargeSpread", FORCE_GATHER_TARGET: "TmPmeForceGather",
+         FIELD_GATHER_TARGET: "TmPmeFieldGather"},
     )  # fmt: skip
 
 
@@ -318,6 +320,17 @@ def pme_force_gather(potential, w, dw, idx, charge):
     return call(potential, w, dw, idx.astype(jnp.int32), charge)
 
 
+def pme_field_gather(potential, w, dw, ddw, idx):
+    """(Σ_g Ψ(g) ∇W_i(g) (N, 3), Σ_g Ψ(g) ∇∇W_i(g) (N, 3, 3)): the charges' grid
+    potential Ψ (K_x, K_y, K_z) and its curvature at each atom's stencil, for the ζ step
+    (``cutoffs.pme_reciprocal_gradient_and_zeta``'s g0 and h0; ddw (N, 3, order) the
+    weights' second derivatives)."""
+    n = w.shape[0]
+    out = (jax.ShapeDtypeStruct((n, 3), jnp.float64), jax.ShapeDtypeStruct((n, 3, 3), jnp.float64))
+    call = jax.ffi.ffi_call(FIELD_GATHER_TARGET, out, vmap_method="sequential")
+    return call(potential, w, dw, ddw, idx.astype(jnp.int32))
+
+
 __all__ = [
     "BondedTables",
     "available",
@@ -326,6 +339,7 @@ __all__ = [
     "neighbour_forces",
     "neighbour_pairs",
     "pme_charge_spread",
+    "pme_field_gather",
     "pme_force_gather",
     "pme_gather",
     "pme_spread",

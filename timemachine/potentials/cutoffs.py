@@ -329,9 +329,10 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     Args:
       x: (N, 3) nm; charge: (N,) e; box: (3,) nm; alpha: nm⁻¹; grid: (K_x, K_y, K_z).
       dx: (P, N, 3) position tangents; dq: (P, N) charge tangents (e per unit θ_p).
-      host: None, or an object with ``pme_spread`` and ``pme_gather`` (the CPU custom
-        call, ``timemachine.backends.xla_cpu``, passed in from above this layer) that
-        replace XLA's scatter and gather; this function's XLA path is their reference.
+      host: None, or an object with ``pme_charge_spread``, ``pme_field_gather``,
+        ``pme_spread`` and ``pme_gather`` (the CPU custom call,
+        ``timemachine.backends.xla_cpu``, passed in from above this layer) that replace
+        XLA's scatters and gathers; this function's XLA path is their reference.
 
     Returns: (grad (N, 3), ζ (P, N, 3)).
     """
@@ -339,6 +340,20 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     n, p = x.shape[0], dx.shape[0]
     n_grid = grid[0] * grid[1] * grid[2]
     w, dw, ddw, idx = _pme_weights(x, box, grid, order, second=True)  # (N, 3, n) each
+    potential = _pme_potential_fn(box, alpha, grid, order)  # (..., K_x, K_y, K_z) -> Ψ
+
+    if host is not None:
+        # the charges' spread, the field and curvature gathers and the tangents' spread
+        # and gather in compiled code (separable stencils, no (N, n³) arrays)
+        stencil_idx = jnp.stack(idx, axis=1)  # (N, 3, n)
+        psi = potential(host.pme_charge_spread(w, dw, stencil_idx, charge, grid))
+        g0, h0 = host.pme_field_gather(psi, w, dw, ddw, stencil_idx)
+        grad = charge[:, None] * g0
+        if p == 0:
+            return grad, jnp.zeros((0, n, 3), x.dtype)
+        d_grid = host.pme_spread(w, dw, stencil_idx, charge, dq, dx, grid)
+        field = host.pme_gather(potential(d_grid), w, dw, stencil_idx)
+        return grad, _pme_zeta(charge, field, h0, g0, dx, dq)
 
     def outer(a, b, c):  # (N, n) × 3 -> (N, n³)
         return (a[:, :, None, None] * b[:, None, :, None] * c[:, None, None, :]).reshape(n, -1)
@@ -356,8 +371,6 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     flat = ((idx[0][:, :, None, None] * grid[1] + idx[1][:, None, :, None]) * grid[2]
             + idx[2][:, None, None, :]).reshape(n, -1)  # (N, S)  # fmt: skip
 
-    potential = _pme_potential_fn(box, alpha, grid, order)  # (..., K_x, K_y, K_z) -> Ψ
-
     q_grid = jnp.zeros(n_grid, x.dtype).at[flat].add(charge[:, None] * stencil)
     psi = potential(q_grid.reshape(grid)).reshape(-1)
     patch = psi[flat]  # (N, S)
@@ -367,12 +380,6 @@ def pme_reciprocal_gradient_and_zeta(x, charge, box, alpha, grid, dx, dq, order=
     grad = charge[:, None] * g0
     if p == 0:
         return grad, jnp.zeros((0, n, 3), x.dtype)
-
-    if host is not None:
-        stencil_idx = jnp.stack(idx, axis=1)  # (N, 3, n)
-        d_grid = host.pme_spread(w, dw, stencil_idx, charge, dq, dx, grid)
-        field = host.pme_gather(potential(d_grid), w, dw, stencil_idx)
-        return grad, _pme_zeta(charge, field, h0, g0, dx, dq)
 
     # tangents, atoms in blocks: coefficients of (W, ∂_x W, ∂_y W, ∂_z W) per tangent
     s = stencil.shape[1]

@@ -1441,6 +1441,77 @@ ffi::Error PmeForceGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potent
   return ffi::Error::Success();
 }
 
+// The ζ step's grid field at each atom from the charges' potential Ψ (K_x, K_y, K_z):
+// g0 (N, 3) = Σ_g Ψ(g) ∇W_i(g) and h0 (N, 3, 3) = Σ_g Ψ(g) ∇∇W_i(g), ddw the weights'
+// second derivatives (scaled by (K_d / L_d)²). Separable as the force gather: along z
+// three sums (w, ∂w, ∂²w) per (x, y) row, then the nine products of the x and y factors.
+ffi::Error PmeFieldGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
+                              ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
+                              ffi::Buffer<ffi::F64> ddw, ffi::Buffer<ffi::S32> idx,
+                              ffi::ResultBuffer<ffi::F64> field,
+                              ffi::ResultBuffer<ffi::F64> hessian) {
+  int64_t n, order;
+  if (auto e = check_stencil("tm_pme_field_gather", w, dw, idx, &n, &order); e.failure())
+    return e;
+  const auto pd = potential.dimensions();
+  if (pd.size() != 3)
+    return ffi::Error::InvalidArgument("tm_pme_field_gather: potential is (Kx, Ky, Kz)");
+  if (ddw.element_count() != w.element_count() || field->element_count() != (size_t)(3 * n) ||
+      hessian->element_count() != (size_t)(9 * n))
+    return ffi::Error::InvalidArgument(
+        "tm_pme_field_gather: ddw shaped as w, field (N, 3), hessian (N, 3, 3)");
+  const int64_t ky = pd[1], kz = pd[2], o = order;
+  const double* psi = potential.typed_data();
+  const double* ws = w.typed_data();
+  const double* gs = dw.typed_data();
+  const double* hs = ddw.typed_data();
+  const int32_t* is = idx.typed_data();
+  double* f = field->typed_data();
+  double* hh = hessian->typed_data();
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  std::function<void(int)> work = [&](int u) {
+    for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
+      const double* wi = ws + i * 3 * o;
+      const double* gi = gs + i * 3 * o;
+      const double* hi = hs + i * 3 * o;
+      const int32_t* ii = is + i * 3 * o;
+      double fx = 0.0, fy = 0.0, fz = 0.0, hxx = 0.0, hyy = 0.0, hzz = 0.0, hxy = 0.0,
+             hxz = 0.0, hyz = 0.0;
+      for (int64_t a = 0; a < o; ++a)
+        for (int64_t b = 0; b < o; ++b) {
+          const double* row = psi + ((int64_t)ii[a] * ky + ii[o + b]) * kz;
+          double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+          for (int64_t z = 0; z < o; ++z) {
+            const double v = row[ii[2 * o + z]];
+            s0 += wi[2 * o + z] * v;
+            s1 += gi[2 * o + z] * v;
+            s2 += hi[2 * o + z] * v;
+          }
+          const double wx = wi[a], gx = gi[a], hx = hi[a], wy = wi[o + b], gy = gi[o + b],
+                       hy = hi[o + b];
+          fx += gx * wy * s0;
+          fy += wx * gy * s0;
+          fz += wx * wy * s1;
+          hxx += hx * wy * s0;
+          hyy += wx * hy * s0;
+          hzz += wx * wy * s2;
+          hxy += gx * gy * s0;
+          hxz += gx * wy * s1;
+          hyz += wx * gy * s1;
+        }
+      f[3 * i] = fx;
+      f[3 * i + 1] = fy;
+      f[3 * i + 2] = fz;
+      double* h = hh + 9 * i;
+      h[0] = hxx, h[1] = hxy, h[2] = hxz;
+      h[3] = hxy, h[4] = hyy, h[5] = hyz;
+      h[6] = hxz, h[7] = hyz, h[8] = hzz;
+    }
+  };
+  parallel_units(pool, units, work);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGradientZeta, GradientZetaImpl,
@@ -1538,4 +1609,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeForceGather, PmeForceGatherImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // idx
                                   .Arg<ffi::Buffer<ffi::F64>>()  // charge
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPmeFieldGather, PmeFieldGatherImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // potential
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // dw
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // ddw
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // field (N, 3)
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // hessian (N, 3, 3)
 );

@@ -484,20 +484,25 @@ PackedAtoms pack_atoms(const double* xs, const double* ad, int64_t n, bool zeta)
   return PackedAtoms{packed, packed + 4 * (n + 1)};
 }
 
+constexpr int PREFETCH = 16;  // pass 3's look-ahead, pairs
+static_assert(PREFETCH <= FB, "the rows' scratch holds FB slots beyond the list");
+
 // One row's partners within the cutoff (passes 1 and 2 of neighbour_pair_rows), each
-// array (cap,): j, r², the displacement d, A = (dB/dr)/r, B = u'/r and ∂B/∂(atom j's
-// charge, σ, ε)
+// array (cap,): j, r², the displacement d, A d with A = (dB/dr)/r, B = u'/r and
+// ∂B/∂(atom j's charge, σ, ε)
 struct RowPairs {
   int64_t* j;
-  double *r2, *d[3], *a, *b, *mj[3];
-  static int64_t doubles(int64_t cap) { return 10 * cap; }
+  double *r2, *d[3], *ad[3], *b, *mj[3];
+  static int64_t doubles(int64_t cap) { return 12 * cap; }
   RowPairs(double* s, int64_t cap)
       : j(reinterpret_cast<int64_t*>(s)), r2(s + cap), d{s + 2 * cap, s + 3 * cap, s + 4 * cap},
-        a(s + 5 * cap), b(s + 6 * cap), mj{s + 7 * cap, s + 8 * cap, s + 9 * cap} {}
+        ad{s + 5 * cap, s + 6 * cap, s + 7 * cap}, b(s + 8 * cap),
+        mj{s + 9 * cap, s + 10 * cap, s + 11 * cap} {}
 };
 
 // Pass 1: row i's partners (both j > i and j < i) within the cutoff, j and r² into rp,
-// padded to a multiple of FB with atom N at r = 1 (no charge, no ε: every scalar 0).
+// padded to a multiple of FB (and PREFETCH beyond) with atom N at r = 1 (no charge, no
+// ε: every scalar 0).
 // Returns the count kept.
 int64_t keep_partners(const double* x, const double* box, const double* inv_box,
                       const int32_t* row, int64_t k, int64_t n, int64_t i, double rc2,
@@ -541,7 +546,7 @@ int64_t keep_partners(const double* x, const double* box, const double* inv_box,
     ro[m] = r2;
     m += r2 < rc2;
   }
-  const int64_t mp = (m + FB - 1) / FB * FB;
+  const int64_t mp = (m + FB - 1) / FB * FB + PREFETCH;  // + the prefetches' look-ahead
   for (int64_t t = m; t < mp; ++t) {
     jo[t] = n;
     ro[t] = 1.0;
@@ -549,20 +554,39 @@ int64_t keep_partners(const double* x, const double* box, const double* inv_box,
   return m;
 }
 
+// The tangents' vectors in pass 3 of neighbour_pair_rows: a whole chunk (LANES) in one
+// register with AVX-512 (half the instructions of two AVX2 registers), else W lanes
+#ifdef __AVX512F__
+typedef lanes tv;
+constexpr int TW = LANES;
+#else
+typedef vd tv;
+constexpr int TW = W;
+#endif
+constexpr int NT = LANES / TW;  // vectors per chunk of tangents
+inline tv load_t(const double* p) {
+  tv v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_t(double* p, tv v) { std::memcpy(p, &v, sizeof v); }
+
 // rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
 // 3N, LANES), ζ into z (same layout). pa.par holds q, σ, √ε, d√ε/dε per atom; rp is
 // the thread's scratch.
 //  1. the row's partners within the cutoff (keep_partners);
 //  2. their scalars, FU vectors of W pairs per iteration (as neighbour_force_rows),
-//     into rp, with ∇_i E and the mixed partials of atom i's own parameters summed;
-//  3. the tangents, chunk by chunk: row i's sums in registers over the kept pairs, in
-//     list order, then the partners' mixed partials added in the same order.
+//     into rp, with ∇_i E, the mixed partials of atom i's own parameters and the row's
+//     matrix M_i = Σ_j A d dᵀ + B I summed;
+//  3. the tangents, chunk by chunk: ζ_i = M_i t_i - Σ_j (A d dᵀ + B I) t_j, the sum in
+//     registers over the kept pairs in list order (the t_i - t_j form would take three
+//     more operations per pair and lane), then the partners' mixed partials added in
+//     the same order.
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
                          int64_t k, const PackedAtoms& pa, const tmk::CutoffForm& pc,
                          bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
                          const double* t, double* z, const int32_t* mix_p, double* grad,
                          RowPairs& rp) {
-  constexpr int NH = LANES / W;  // vectors per chunk of tangents
   const int64_t block = 3 * n * LANES;
   const double rc2 = pc.cutoff * pc.cutoff;
   double inv_box[3] = {0.0, 0.0, 0.0};
@@ -576,6 +600,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
     const double qi = tmk::COULOMB * pi[0], sgi = pi[1], sei4 = 4.0 * pi[2],
                  dsei4 = 4.0 * pi[3];
     vd gv[3] = {}, own[3][3] = {};  // ∇_i E; Σ_j ∂B/∂(atom i's parameter of kind m) d
+    vd mv[6] = {}, bv = {};          // M_i's Σ_j A d dᵀ (xx yy zz xy xz yz) and Σ_j B
     for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
       vd r[FU], erfc_ar[FU], gauss[FU];
       for (int u = 0; u < FU; ++u) {
@@ -611,9 +636,22 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
             tmk::cutoff_radial_given<vd>(r[u], sig, pc, erfc_ar[u], gauss[u]);
         const vd eps4 = sei4 * pj[2], qq = qi * pj[0];
         const vd b = eps4 * f.b_lj + qq * f.b_c;
+        const vd a = (eps4 * f.db_lj + qq * f.db_c) / r[u];
         store(rp.b + s, b);
-        store(rp.a + s, (eps4 * f.db_lj + qq * f.db_c) / r[u]);
-        for (int e = 0; e < 3; ++e) gv[e] += b * d[e];
+        for (int e = 0; e < 3; ++e) {
+          gv[e] += b * d[e];
+          store(rp.ad[e] + s, a * d[e]);
+        }
+        if (chunks) {
+          const vd ad0 = a * d[0], ad1 = a * d[1];
+          mv[0] += ad0 * d[0];
+          mv[1] += ad1 * d[1];
+          mv[2] += (a * d[2]) * d[2];
+          mv[3] += ad0 * d[1];
+          mv[4] += ad0 * d[2];
+          mv[5] += ad1 * d[2];
+          bv += b;
+        }
         if (!mix_p) continue;
         // ∂B/∂(atom i's, atom j's parameter) of each kind: charge, σ, ε
         const vd half_s = 0.5 * eps4 * f.db_lj_s;
@@ -626,29 +664,48 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       }
     }
     for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]);
+    if (chunks == 0) continue;
+    const double bs = hsum(bv), mxx = hsum(mv[0]) + bs, myy = hsum(mv[1]) + bs,
+                 mzz = hsum(mv[2]) + bs, mxy = hsum(mv[3]), mxz = hsum(mv[4]),
+                 myz = hsum(mv[5]);
     for (int64_t c = 0; c < chunks; ++c) {  // pass 3
       const double* tc = t + c * block;
-      vd ti[3][NH], acc[3][NH] = {};
-      for (int e = 0; e < 3; ++e)
-        for (int h = 0; h < NH; ++h) ti[e][h] = load(tc + (3 * i + e) * LANES + h * W);
+      tv acc_a[3][NT] = {}, acc_b[3][NT] = {};  // Σ A (d·t_j) d and Σ B t_j
       for (int64_t s = 0; s < m; ++s) {
         const double* tj = tc + 3 * rp.j[s] * LANES;
-        const double pa_ = rp.a[s], pb_ = rp.b[s];
+        {  // the partner PREFETCH pairs ahead (padding: atom N; a prefetch never faults)
+          const double* tn = tc + 3 * rp.j[s + PREFETCH] * LANES;
+          __builtin_prefetch(tn);
+          __builtin_prefetch(tn + LANES);
+          __builtin_prefetch(tn + 2 * LANES);
+        }
+        const double pb_ = rp.b[s], a0 = rp.ad[0][s], a1 = rp.ad[1][s], a2 = rp.ad[2][s];
         const double d0 = rp.d[0][s], d1 = rp.d[1][s], d2 = rp.d[2][s];
-        for (int h = 0; h < NH; ++h) {
-          const vd e0 = ti[0][h] - load(tj + h * W), e1 = ti[1][h] - load(tj + LANES + h * W),
-                   e2 = ti[2][h] - load(tj + 2 * LANES + h * W);
-          const vd as = pa_ * (d0 * e0 + d1 * e1 + d2 * e2);
-          acc[0][h] += as * d0 + pb_ * e0;
-          acc[1][h] += as * d1 + pb_ * e1;
-          acc[2][h] += as * d2 + pb_ * e2;
+        for (int h = 0; h < NT; ++h) {
+          const tv t0 = load_t(tj + h * TW), t1 = load_t(tj + LANES + h * TW),
+                   t2 = load_t(tj + 2 * LANES + h * TW);
+          const tv as = a0 * t0 + a1 * t1 + a2 * t2;
+          acc_a[0][h] += as * d0;
+          acc_a[1][h] += as * d1;
+          acc_a[2][h] += as * d2;
+          acc_b[0][h] += pb_ * t0;
+          acc_b[1][h] += pb_ * t1;
+          acc_b[2][h] += pb_ * t2;
         }
       }
+      const double* ti = tc + 3 * i * LANES;
       double* zi = z + c * block + 3 * i * LANES;
-      for (int e = 0; e < 3; ++e)
-        for (int h = 0; h < NH; ++h) store(zi + e * LANES + h * W, acc[e][h]);
+      for (int h = 0; h < NT; ++h) {
+        const tv t0 = load_t(ti + h * TW), t1 = load_t(ti + LANES + h * TW),
+                 t2 = load_t(ti + 2 * LANES + h * TW);
+        store_t(zi + h * TW, (mxx * t0 + mxy * t1 + mxz * t2) - (acc_a[0][h] + acc_b[0][h]));
+        store_t(zi + LANES + h * TW,
+                (mxy * t0 + myy * t1 + myz * t2) - (acc_a[1][h] + acc_b[1][h]));
+        store_t(zi + 2 * LANES + h * TW,
+                (mxz * t0 + myz * t1 + mzz * t2) - (acc_a[2][h] + acc_b[2][h]));
+      }
     }
-    if (!mix_p || chunks == 0) continue;
+    if (!mix_p) continue;
     for (int64_t s = 0; s < m; ++s) {  // the partners' parameters, in list order
       const int64_t j = rp.j[s];
       for (int mk = 0; mk < 3; ++mk) {

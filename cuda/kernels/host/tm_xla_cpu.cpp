@@ -841,11 +841,10 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
 // scaled by K_d / L_d). Per tangent p,
 //   spread:  δQ_p(g) += W_j(g) dq_p,j + q_j Σ_e ∂_e W_j(g) dx_p,j,e
 //   gather:  F_p,i,d = Σ_g δΨ_p(g) ∂_d W_i(g)
-// The grid is held as (K³, chunks, LANES): a grid point's tangents are contiguous, so an
-// atom's stencil (order rows of order consecutive points) reads whole cache lines for
-// every chunk at once. The spread's units are chunk ranges (atoms write shared grid
-// points; a chunk is one cache line, so units share none), the gather's atom ranges;
-// every lane sums in the same order whichever unit or thread runs it, so results are
+// Both go chunk by chunk of LANES tangents, a unit each: the chunk's grid is held as
+// (K³, LANES), a grid point's tangents one cache line and the whole grid (K³ · 64 bytes,
+// 0.9 MB at 24³) small enough to stay in cache while every atom's stencil visits it;
+// every lane sums in atom order whichever unit or thread runs it, so results are
 // bitwise the same on any number of threads.
 struct PmeStencil {
   const double* w;     // (N, 3, n)
@@ -958,35 +957,37 @@ ffi::Error PmeSpreadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> w, ffi::Buf
       dx.element_count() != (size_t)(p * n * 3))
     return ffi::Error::InvalidArgument("tm_pme_spread: charge (N,), dq (P, N), dx (P, N, 3)");
   if (p == 0) return ffi::Error::Success();
-  const int64_t chunks = (p + LANES - 1) / LANES, width = chunks * LANES;
-  double* coef = t_pcoef.get(n * width * 4);
-  double* buf = t_pbuf.get(ng * width);
+  const int64_t chunks = (p + LANES - 1) / LANES;
+  double* coefs = t_pcoef.get(chunks * n * 4 * LANES);  // per chunk (N, 4, LANES)
+  double* bufs = t_pbuf.get(chunks * ng * LANES);       // per chunk (K³, LANES)
   const double* q = charge.typed_data();
   const double* dqd = dq.typed_data();
   const double* dxd = dx.typed_data();
-  std::memset(coef, 0, sizeof(double) * n * width * 4);
-  for (int64_t pp = 0; pp < p; ++pp) {
-    const int64_t c = pp / LANES, l = pp % LANES;
-    for (int64_t j = 0; j < n; ++j) {
-      double* cj = coef + (j * chunks + c) * 4 * LANES + l;
-      cj[0] = dqd[pp * n + j];
-      for (int e = 0; e < 3; ++e) cj[(1 + e) * LANES] = q[j] * dxd[(pp * n + j) * 3 + e];
-    }
-  }
-  std::memset(buf, 0, sizeof(double) * ng * width);
-  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
-  const int64_t units = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
-  std::function<void(int)> work = [&](int u) {
-    std::vector<double> uv(2 * chunks * LANES);
-    pme_spread_chunks(st, coef, chunks, chunks * u / units, chunks * (u + 1) / units, buf,
-                      uv.data());
-  };
-  parallel_units(pool, (int)units, work);
   double* out = grid->typed_data();
-  for (int64_t g = 0; g < ng; ++g) {
-    const double* b = buf + g * width;
-    for (int64_t pp = 0; pp < p; ++pp) out[pp * ng + g] = b[pp];
-  }
+  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
+  std::function<void(int)> work = [&](int c) {
+    double* coef = coefs + c * n * 4 * LANES;
+    double* buf = bufs + c * ng * LANES;
+    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+    for (int64_t j = 0; j < n; ++j) {  // dq and q dx of the chunk's tangents
+      double* cj = coef + j * 4 * LANES;
+      for (int64_t l = 0; l < LANES; ++l) {
+        const int64_t pp = c * LANES + l;
+        const bool on = l < width;
+        cj[l] = on ? dqd[pp * n + j] : 0.0;
+        for (int e = 0; e < 3; ++e)
+          cj[(1 + e) * LANES + l] = on ? q[j] * dxd[(pp * n + j) * 3 + e] : 0.0;
+      }
+    }
+    std::memset(buf, 0, sizeof(double) * ng * LANES);
+    double uv[2 * LANES];
+    pme_spread_chunks(st, coef, 1, 0, 1, buf, uv);
+    for (int64_t l = 0; l < width; ++l) {  // out (P, K³)
+      double* o = out + (c * LANES + l) * ng;
+      for (int64_t g = 0; g < ng; ++g) o[g] = buf[g * LANES + l];
+    }
+  };
+  parallel_units(pool, (int)chunks, work);
   return ffi::Error::Success();
 }
 
@@ -1002,30 +1003,33 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
   if (field->element_count() != (size_t)(p * n * 3))
     return ffi::Error::InvalidArgument("tm_pme_gather: field is (P, N, 3)");
   if (p == 0) return ffi::Error::Success();
-  const int64_t chunks = (p + LANES - 1) / LANES, width = chunks * LANES;
-  double* buf = t_pbuf.get(ng * width);
-  double* out = t_pout.get(n * 3 * width);
+  const int64_t chunks = (p + LANES - 1) / LANES;
+  double* bufs = t_pbuf.get(chunks * ng * LANES);     // per chunk (K³, LANES)
+  double* outs = t_pout.get(chunks * n * 3 * LANES);  // per chunk (N, 3, LANES)
   const double* src = potential.typed_data();
-  for (int64_t g = 0; g < ng; ++g) {  // δΨ in, as (K³, chunks, LANES)
-    double* b = buf + g * width;
-    for (int64_t pp = 0; pp < p; ++pp) b[pp] = src[pp * ng + g];
-    for (int64_t pp = p; pp < width; ++pp) b[pp] = 0.0;
-  }
-  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
-  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
-  std::function<void(int)> work = [&](int u) {
-    std::vector<double> sf(3 * chunks * LANES);
-    pme_gather_rows(st, buf, chunks, n * u / units, n * (u + 1) / units, out, sf.data());
-  };
-  parallel_units(pool, units, work);
   double* f = field->typed_data();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int e = 0; e < 3; ++e) {
-        const double* o = out + ((i * chunks + c) * 3 + e) * LANES;
-        const int64_t width_c = std::min<int64_t>(LANES, p - c * LANES);
-        for (int64_t l = 0; l < width_c; ++l) f[((c * LANES + l) * n + i) * 3 + e] = o[l];
+  const PmeStencil st{w.typed_data(), dw.typed_data(), idx.typed_data(), n, order, ky, kz};
+  std::function<void(int)> work = [&](int c) {
+    double* buf = bufs + c * ng * LANES;
+    double* out = outs + c * n * 3 * LANES;
+    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
+    for (int64_t l = 0; l < LANES; ++l) {  // δΨ of the chunk in, as (K³, LANES)
+      if (l < width) {
+        const double* s = src + (c * LANES + l) * ng;
+        for (int64_t g = 0; g < ng; ++g) buf[g * LANES + l] = s[g];
+      } else {
+        for (int64_t g = 0; g < ng; ++g) buf[g * LANES + l] = 0.0;
       }
+    }
+    double sf[3 * LANES];
+    pme_gather_rows(st, buf, 1, 0, n, out, sf);
+    for (int64_t l = 0; l < width; ++l) {  // field (P, N, 3)
+      double* fl = f + (c * LANES + l) * n * 3;
+      for (int64_t i = 0; i < n; ++i)
+        for (int e = 0; e < 3; ++e) fl[3 * i + e] = out[(3 * i + e) * LANES + l];
+    }
+  };
+  parallel_units(pool, (int)chunks, work);
   return ffi::Error::Success();
 }
 

@@ -564,6 +564,7 @@ typedef vd tv;
 constexpr int TW = W;
 #endif
 constexpr int NT = LANES / TW;  // vectors per chunk of tangents
+constexpr int GROUP = 4 / NT;   // chunks per pass over a row's pairs: 12 registers of sums
 inline tv load_t(const double* p) {
   tv v;
   std::memcpy(&v, p, sizeof v);
@@ -571,23 +572,62 @@ inline tv load_t(const double* p) {
 }
 inline void store_t(double* p, tv v) { std::memcpy(p, &v, sizeof v); }
 
-// rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (chunk,
-// 3N, LANES), ζ into z (same layout). pa.par holds q, σ, √ε, d√ε/dε per atom; rp is
+// Pass 3 for chunks [c0, c0 + G) of row i: ζ_i = M_i t_i - Σ_j (A d dᵀ + B I) t_j, the
+// G chunks' sums in registers over the kept pairs (list order), each partner's G · 3
+// vectors one contiguous block of t (N, chunks, 3, LANES), fetched PREFETCH pairs ahead.
+// mi: M_i's xx yy zz xy xz yz.
+template <int G>
+void tangent_group(const RowPairs& rp, int64_t m, const double* t, int64_t stride, int64_t c0,
+                   int64_t i, const double* mi, double* z) {
+  tv acc[G][3][NT] = {};
+  const int64_t off = c0 * 3 * LANES;
+  for (int64_t s = 0; s < m; ++s) {
+    const double* tj = t + rp.j[s] * stride + off;
+    const double* tn = t + rp.j[s + PREFETCH] * stride + off;  // padding: atom N, in bounds
+    for (int q = 0; q < G * 3 * LANES; q += 8) __builtin_prefetch(tn + q);
+    const double pb_ = rp.b[s], a0 = rp.ad[0][s], a1 = rp.ad[1][s], a2 = rp.ad[2][s];
+    const double d0 = rp.d[0][s], d1 = rp.d[1][s], d2 = rp.d[2][s];
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < NT; ++h) {
+        const double* tg = tj + g * 3 * LANES + h * TW;
+        const tv t0 = load_t(tg), t1 = load_t(tg + LANES), t2 = load_t(tg + 2 * LANES);
+        const tv as = a0 * t0 + a1 * t1 + a2 * t2;
+        acc[g][0][h] += as * d0;
+        acc[g][0][h] += pb_ * t0;
+        acc[g][1][h] += as * d1;
+        acc[g][1][h] += pb_ * t1;
+        acc[g][2][h] += as * d2;
+        acc[g][2][h] += pb_ * t2;
+      }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < NT; ++h) {
+      const double* ti = t + i * stride + off + g * 3 * LANES + h * TW;
+      double* zi = z + i * stride + off + g * 3 * LANES + h * TW;
+      const tv t0 = load_t(ti), t1 = load_t(ti + LANES), t2 = load_t(ti + 2 * LANES);
+      store_t(zi, (mi[0] * t0 + mi[3] * t1 + mi[4] * t2) - acc[g][0][h]);
+      store_t(zi + LANES, (mi[3] * t0 + mi[1] * t1 + mi[5] * t2) - acc[g][1][h]);
+      store_t(zi + 2 * LANES, (mi[4] * t0 + mi[5] * t1 + mi[2] * t2) - acc[g][2][h]);
+    }
+}
+
+// rows [i0, i1) of the list: grad (N, 3) and, for `chunks` chunks of tangents t (N + 1,
+// chunks, 3, LANES; atom N's zero), ζ into z (N, chunks, 3, LANES). pa.par holds q, σ, √ε, d√ε/dε per atom; rp is
 // the thread's scratch.
 //  1. the row's partners within the cutoff (keep_partners);
 //  2. their scalars, FU vectors of W pairs per iteration (as neighbour_force_rows),
 //     into rp, with ∇_i E, the mixed partials of atom i's own parameters and the row's
 //     matrix M_i = Σ_j A d dᵀ + B I summed;
-//  3. the tangents, chunk by chunk: ζ_i = M_i t_i - Σ_j (A d dᵀ + B I) t_j, the sum in
-//     registers over the kept pairs in list order (the t_i - t_j form would take three
-//     more operations per pair and lane), then the partners' mixed partials added in
-//     the same order.
+//  3. the tangents, GROUP chunks at a time (tangent_group): ζ_i = M_i t_i -
+//     Σ_j (A d dᵀ + B I) t_j, the sums in registers over the kept pairs in list order
+//     (the t_i - t_j form would take three more operations per pair and lane), then the
+//     partners' mixed partials added in the same order.
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
                          int64_t k, const PackedAtoms& pa, const tmk::CutoffForm& pc,
                          bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
                          const double* t, double* z, const int32_t* mix_p, double* grad,
                          RowPairs& rp) {
-  const int64_t block = 3 * n * LANES;
+  const int64_t stride = chunks * 3 * LANES;  // one atom's tangents
   const double rc2 = pc.cutoff * pc.cutoff;
   double inv_box[3] = {0.0, 0.0, 0.0};
   if (box)
@@ -668,41 +708,13 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
     const double bs = hsum(bv), mxx = hsum(mv[0]) + bs, myy = hsum(mv[1]) + bs,
                  mzz = hsum(mv[2]) + bs, mxy = hsum(mv[3]), mxz = hsum(mv[4]),
                  myz = hsum(mv[5]);
-    for (int64_t c = 0; c < chunks; ++c) {  // pass 3
-      const double* tc = t + c * block;
-      tv acc_a[3][NT] = {}, acc_b[3][NT] = {};  // Σ A (d·t_j) d and Σ B t_j
-      for (int64_t s = 0; s < m; ++s) {
-        const double* tj = tc + 3 * rp.j[s] * LANES;
-        {  // the partner PREFETCH pairs ahead (padding: atom N; a prefetch never faults)
-          const double* tn = tc + 3 * rp.j[s + PREFETCH] * LANES;
-          __builtin_prefetch(tn);
-          __builtin_prefetch(tn + LANES);
-          __builtin_prefetch(tn + 2 * LANES);
-        }
-        const double pb_ = rp.b[s], a0 = rp.ad[0][s], a1 = rp.ad[1][s], a2 = rp.ad[2][s];
-        const double d0 = rp.d[0][s], d1 = rp.d[1][s], d2 = rp.d[2][s];
-        for (int h = 0; h < NT; ++h) {
-          const tv t0 = load_t(tj + h * TW), t1 = load_t(tj + LANES + h * TW),
-                   t2 = load_t(tj + 2 * LANES + h * TW);
-          const tv as = a0 * t0 + a1 * t1 + a2 * t2;
-          acc_a[0][h] += as * d0;
-          acc_a[1][h] += as * d1;
-          acc_a[2][h] += as * d2;
-          acc_b[0][h] += pb_ * t0;
-          acc_b[1][h] += pb_ * t1;
-          acc_b[2][h] += pb_ * t2;
-        }
-      }
-      const double* ti = tc + 3 * i * LANES;
-      double* zi = z + c * block + 3 * i * LANES;
-      for (int h = 0; h < NT; ++h) {
-        const tv t0 = load_t(ti + h * TW), t1 = load_t(ti + LANES + h * TW),
-                 t2 = load_t(ti + 2 * LANES + h * TW);
-        store_t(zi + h * TW, (mxx * t0 + mxy * t1 + mxz * t2) - (acc_a[0][h] + acc_b[0][h]));
-        store_t(zi + LANES + h * TW,
-                (mxy * t0 + myy * t1 + myz * t2) - (acc_a[1][h] + acc_b[1][h]));
-        store_t(zi + 2 * LANES + h * TW,
-                (mxz * t0 + myz * t1 + mzz * t2) - (acc_a[2][h] + acc_b[2][h]));
+    const double mi[6] = {mxx, myy, mzz, mxy, mxz, myz};
+    for (int64_t c0 = 0; c0 < chunks; c0 += GROUP) {  // pass 3
+      switch (std::min<int64_t>(GROUP, chunks - c0)) {
+        case 1: tangent_group<1>(rp, m, t, stride, c0, i, mi, z); break;
+        case 2: tangent_group<2>(rp, m, t, stride, c0, i, mi, z); break;
+        case 3: tangent_group<3>(rp, m, t, stride, c0, i, mi, z); break;
+        default: tangent_group<GROUP>(rp, m, t, stride, c0, i, mi, z); break;
       }
     }
     if (!mix_p) continue;
@@ -711,7 +723,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       for (int mk = 0; mk < 3; ++mk) {
         const int32_t pj = mix_p[mk * n + j];
         if (pj < 0) continue;
-        double* zz = z + (pj / LANES) * block + 3 * i * LANES + pj % LANES;
+        double* zz = z + i * stride + (pj / LANES) * 3 * LANES + pj % LANES;
         const double v = rp.mj[mk][s];
         zz[0] += v * rp.d[0][s];
         zz[LANES] += v * rp.d[1][s];
@@ -721,7 +733,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
     for (int mk = 0; mk < 3; ++mk) {  // atom i's own
       const int32_t pi_ = mix_p[mk * n + i];
       if (pi_ < 0) continue;
-      double* zz = z + (pi_ / LANES) * block + 3 * i * LANES + pi_ % LANES;
+      double* zz = z + i * stride + (pi_ / LANES) * 3 * LANES + pi_ % LANES;
       for (int e = 0; e < 3; ++e) zz[e * LANES] += hsum(own[mk][e]);
     }
   }
@@ -795,19 +807,19 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   const tmk::CutoffForm& pc = la.pc;
   const bool fast_erfc = la.fast_erfc;
   const int64_t chunks = (p + LANES - 1) / LANES;
-  const int64_t rows = 3 * n, block = rows * LANES;
-  double* dxt = t_ndxt.get(std::max<int64_t>(chunks * block, 1));
-  double* zt = t_nzt.get(std::max<int64_t>(chunks * block, 1));
+  const int64_t rows = 3 * n, stride = chunks * 3 * LANES;
+  // tangents in, as (N + 1, chunks, 3, LANES): each atom's one contiguous block (atom N,
+  // the padding's, zero)
+  double* dxt = t_ndxt.get(std::max<int64_t>((n + 1) * stride, 1));
+  double* zt = t_nzt.get(std::max<int64_t>(n * stride, 1));
   const double* src = dx.typed_data();
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
-  for (int64_t c = 0; c < chunks; ++c) {  // tangents in, as (chunk, 3N, LANES)
-    double* t = dxt + c * block;
-    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
-    if (width < LANES) std::memset(t, 0, sizeof(double) * block);
-    for (int64_t l = 0; l < width; ++l) {
-      const double* s = src + (c * LANES + l) * rows;
-      for (int64_t r = 0; r < rows; ++r) t[r * LANES + l] = s[r];
-    }
+  std::memset(dxt, 0, sizeof(double) * (n + 1) * stride);
+  for (int64_t pp = 0; pp < p; ++pp) {
+    const double* s = src + pp * rows;
+    double* t = dxt + (pp / LANES) * 3 * LANES + pp % LANES;
+    for (int64_t a = 0; a < n; ++a)
+      for (int e = 0; e < 3; ++e) t[a * stride + e * LANES] = s[3 * a + e];
   }
   const PackedAtoms pa = pack_atoms(x.typed_data(), atoms.typed_data(), n, true);
   // units: row ranges, each with every chunk (the scalars are computed once per pair)
@@ -821,13 +833,11 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   };
   parallel_units(pool, units, work);
   double* z = zeta->typed_data();
-  for (int64_t c = 0; c < chunks; ++c) {  // ζ out, (P, N, 3)
-    const double* zc = zt + c * block;
-    const int64_t width = std::min<int64_t>(LANES, p - c * LANES);
-    for (int64_t l = 0; l < width; ++l) {
-      double* d = z + (c * LANES + l) * rows;
-      for (int64_t r = 0; r < rows; ++r) d[r] = zc[r * LANES + l];
-    }
+  for (int64_t pp = 0; pp < p; ++pp) {  // ζ out, (P, N, 3)
+    double* d = z + pp * rows;
+    const double* zc = zt + (pp / LANES) * 3 * LANES + pp % LANES;
+    for (int64_t a = 0; a < n; ++a)
+      for (int e = 0; e < 3; ++e) d[3 * a + e] = zc[a * stride + e * LANES];
   }
   return ffi::Error::Success();
 }

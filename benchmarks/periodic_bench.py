@@ -22,7 +22,10 @@ Then the sensitivity row, side by side on one system: trialanine in TIP3P (flexi
 PME 0.9 nm, ``--sensitivity-padding`` nm of water, about 1,600 atoms), one step of
 ``tm.simulate`` carrying dx/dθ for P ≈ 40 parameters (every torsion barrier and charge
 of the solute, water's charges and oxygen's σ and ε), against one plain step of the
-same System and one OpenMM CPU step: ``sensitivity_over_plain``.
+same System and one OpenMM CPU step: ``sensitivity_over_plain``. Both of ours are the
+marginal cost of a step (the slope of a call's time between ``--steps`` and 3×
+``--steps`` steps, medians of 3 calls), with each call's fixed cost (start checks, the
+first list build, the frames' copies) reported beside it as ``*_call_ms``.
 
 The exponent is the least-squares slope of log(ours_ms) against log(N) over the water
 boxes (1: linear; 2: all pairs).
@@ -95,12 +98,35 @@ def time_openmm(topology, x, method, integ, steps):
     return _median_time(lambda: (lmi.step(steps), ctx.getState(getEnergy=True))) / steps
 
 
+def _marginal(run, steps, repeats=3):
+    """(ms per step, ms per call): the slope and intercept of a call's time against its
+    steps, from the medians of ``repeats`` calls of ``steps`` and of 3 ``steps`` steps.
+    What one more step costs, without the call's fixed work (start checks, the first
+    list build, the frames' copies), which a long run spreads over its steps."""
+    short = _median_time(lambda: run(steps), repeats)
+    long = _median_time(lambda: run(3 * steps), repeats)
+    per_step = (long - short) / (2 * steps)
+    return 1e3 * per_step, 1e3 * (short - steps * per_step)
+
+
 def time_sensitivity(system, x, integ, steps, wrt=None):
+    """(ms per step, ms per call, P) of ``tm.simulate`` carrying dx/dθ for ``wrt``."""
     wrt = np.arange(system.n_params) if wrt is None else np.asarray(wrt)
-    run = lambda: tm.simulate(system, x, integ, steps, wrt=wrt, save_every=steps,  # noqa: E731
-                              progress=False)  # fmt: skip
-    run()  # compiles
-    return _median_time(run, repeats=2) / steps, wrt.size
+
+    def run(n):
+        tm.simulate(system, x, integ, n, wrt=wrt, save_every=n, progress=False)
+
+    run(steps), run(3 * steps)  # compiles (the program is compiled once per save_every)
+    return _marginal(run, steps) + (wrt.size,)
+
+
+def time_plain_marginal(system, x, integ, steps):
+    """(ms per step, ms per call) of the plain step (``EquilibriumChains``), as
+    ``time_sensitivity``'s."""
+    chains = EquilibriumChains(system, x, integ, n_chains=1, save_every=steps)
+    theta = np.asarray(system.params)
+    chains.sample(theta, 3 * steps)  # compiles
+    return _marginal(lambda n: chains.sample(theta, n), steps)
 
 
 def sensitivity_row(padding, integ, steps):
@@ -112,12 +138,13 @@ def sensitivity_row(padding, integ, steps):
     x = np.asarray(tm.minimize_system(system, x, tolerance=100.0, max_iterations=100,
                                       warn=False))  # fmt: skip
     wrt = system.select(["torsion/*/k*", "charge/*", "sigma/OW/*", "epsilon/OW/*"])
-    plain = 1e3 * time_ours(system, x, integ, steps)
-    sens, _ = time_sensitivity(system, x, integ, steps, wrt=wrt)
+    plain, plain_call = time_plain_marginal(system, x, integ, steps)
+    sens, sens_call, _ = time_sensitivity(system, x, integ, steps, wrt=wrt)
     omm = 1e3 * time_openmm(box.topology, x, "PME", integ, steps)
     return {"system": f"trialanine + {(system.n_atoms - 33) // 3} TIP3P, PME 0.9 nm",
             "n_atoms": int(system.n_atoms), "n_params": int(wrt.size), "plain_ms": plain,
-            "sensitivity_ms": 1e3 * sens, "sensitivity_over_plain": 1e3 * sens / plain,
+            "plain_call_ms": plain_call, "sensitivity_ms": sens,
+            "sensitivity_call_ms": sens_call, "sensitivity_over_plain": sens / plain,
             "openmm_ms": omm, "neighbour_list": neighbours.has_neighbours(system)}  # fmt: skip
 
 
@@ -166,7 +193,8 @@ def main():
               f"{r['openmm_ms']:.2f} | {r['ours_over_openmm']:.1f} |")  # fmt: skip
     print(f"sensitivity step, {sens['system']} (N = {sens['n_atoms']}, P = {sens['n_params']}): "
           f"{sens['sensitivity_ms']:.0f} ms = {sens['sensitivity_over_plain']:.1f} plain steps "
-          f"({sens['plain_ms']:.1f} ms; OpenMM CPU {sens['openmm_ms']:.1f} ms)")  # fmt: skip
+          f"({sens['plain_ms']:.1f} ms; OpenMM CPU {sens['openmm_ms']:.1f} ms; per call "
+          f"{sens['sensitivity_call_ms']:.0f} ms and {sens['plain_call_ms']:.0f} ms)")  # fmt: skip
     if exponent is not None:
         print(f"cost ∝ N^{exponent:.2f} (OpenMM CPU: N^{openmm_exponent:.2f}); JSON: {args.json}")
 

@@ -3,8 +3,8 @@
 From the bottom (docs/design.md, "Layers"): errors and constants → the input checks and
 atomic files → checksummed checkpoints → the potentials and the integrator → the System
 and its terms → the structured derivatives with the plain-MD gradient, the new
-functional forms and the checks of a starting structure → io, the backends and the
-package data → sensitivities → fitting → the main jobs (the NMR fit, the MD run) → the
+functional forms and the Verlet lists → io, the backends, the package data and the checks
+of a starting structure → sensitivities → fitting → the main jobs (the NMR fit, the MD run) → the
 command line and the benchmarks → ``python -m timemachine``. A module may import from its
 own package and from any lower layer; packages of one layer do not import each other. Only
 the main jobs and the layers above them may import the root facade (``import timemachine
@@ -24,8 +24,8 @@ LAYERS = [
     ["checkpoints"],
     ["potentials", "integrator"],
     ["system"],
-    ["structured", "forms", "start_checks", "neighbours"],
-    ["io", "backends", "data"],
+    ["structured", "forms", "neighbours"],
+    ["io", "backends", "data", "start_checks"],
     ["sensitivity"],
     ["fitting"],
     ["config"],

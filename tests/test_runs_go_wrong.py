@@ -22,6 +22,7 @@ import pathlib
 import random
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -189,6 +190,36 @@ def test_atoms_too_close_are_refused_before_anything_runs(dipeptide, tmp_path):
         tm.simulate(system, shrunk, integrator(), 20, wrt=WRT, save_every=10, progress=False)
     assert info.value.atoms == (a, b) and info.value.distance == pytest.approx(d, rel=1e-9)
     assert "Å read as nm" in str(info.value)
+
+
+def test_a_periodic_start_is_checked_on_its_verlet_lists_by_minimum_image():
+    """A TIP3P box on Verlet lists: the start check's O(N) pass (lists built at x0, the
+    plain step's gradient) has the exact sums' energy and gradient, and refuses two
+    oxygens 0.02 nm apart across the box's face, a clash only the minimum image sees (the
+    raw displacement is a box edge long), naming both atoms and their distance."""
+    from conftest import TIP3P_FILES, tip3p_box
+
+    from timemachine import start_checks
+
+    top, x = tip3p_box(2.2)
+    system, x = tm.load_system((top, x), forcefield=TIP3P_FILES, nonbonded_method="PME",
+                               cutoff=0.9)  # fmt: skip
+    x = np.asarray(x)
+    e, g, _, _ = start_checks._on_lists(system)(jnp.asarray(x), jnp.asarray(system.params))
+    e_ref, g_ref = float(system.energy(x)), np.asarray(system.gradient(x))
+    assert abs(float(e) - e_ref) <= 1e-9 * abs(e_ref)
+    assert np.abs(np.asarray(g) - g_ref).max() <= 1e-9 * np.abs(g_ref).max()
+
+    edge = float(np.asarray(system.terms[-1].box)[0])
+    oxygens = [a.index for a in top.atoms() if a.name == "O"]
+    i, j = oxygens[0], oxygens[-1]
+    bad = x.copy()
+    shift = bad[i] + np.array([edge - 0.02, 0.0, 0.0]) - bad[j]
+    bad[[j, j + 1, j + 2]] += shift  # the whole molecule, so its own geometry stays
+    with pytest.raises(InputError, match=r"are 0\.02 nm apart, closer than") as info:
+        start_checks.check_start(system, bad)
+    assert set(info.value.atoms) == {i, j}
+    assert info.value.distance == pytest.approx(0.02, rel=1e-9)
 
 
 def test_nan_in_the_start_is_refused_naming_the_atom(dipeptide):

@@ -25,9 +25,15 @@ The bounds, and why:
 
 from __future__ import annotations
 
+import weakref
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from timemachine import neighbours
 from timemachine.errors import InputError
+from timemachine.structured import gradient_fn
 
 __all__ = [
     "MAX_ENERGY",
@@ -112,6 +118,69 @@ def closest_pair(system, x):
     return best[1], best[2], float(np.sqrt(best[0]))
 
 
+_ON_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_lists(system):
+    """The jitted ``fn(x, θ) -> (E kJ/mol, ∇E (N, 3), r² nm² of the closest listed pair,
+    its atoms (2,))`` of a System with Verlet lists (one per System, cached): the lists
+    built at x, E over them and ∇E by the plain step's gradient (the compiled one where it
+    is registered), both O(N) where the exact sums are O(N²); NaN E on an overflowed list.
+    The closest pair is over the lists' pairs by minimum image (every pair within the
+    cutoff is listed)."""
+    fn = _ON_LISTS.get(system)
+    if fn is not None:
+        return fn
+    energy_fn, grad_fn = system.energy_fn(), gradient_fn(system)
+
+    def on_lists(x, theta):
+        lists = neighbours.build(system, x)
+        e, g = energy_fn(x, theta, lists), grad_fn(x, theta, lists)
+        best_r2, best = jnp.inf, jnp.zeros(2, jnp.int32)
+        n = x.shape[0]
+        for t, nb in zip(system.terms, lists, strict=True):
+            if nb is None:
+                continue
+            j = jnp.minimum(nb.idx, n - 1)
+            d = x[:, None, :] - x[j]
+            if t.box is not None:
+                box = jnp.asarray(t.box)
+                d = d - box * jnp.round(d / box)
+            r2 = jnp.where(nb.idx < n, jnp.sum(d * d, axis=-1), jnp.inf)
+            k = jnp.argmin(r2)
+            i_k, s_k = k // r2.shape[1], k % r2.shape[1]
+            closer = r2[i_k, s_k] < best_r2
+            best_r2 = jnp.where(closer, r2[i_k, s_k], best_r2)
+            best = jnp.where(closer, jnp.stack([i_k, j[i_k, s_k]]).astype(jnp.int32), best)
+            e = jnp.where(nb.overflow, jnp.nan, e)
+        return e, g, best_r2, best
+
+    fn = _ON_LISTS[system] = jax.jit(on_lists)
+    return fn
+
+
+def _closest_exception(system, x):
+    """(r² nm², i, j) of the closest 1-4 exception pair (by minimum image in a box), or
+    None without exceptions."""
+    best = None
+    for term in system.terms:
+        if getattr(term, "kind", None) != "nonbonded" or not hasattr(term, "exception_idx"):
+            continue
+        exc = np.asarray(term.exception_idx, dtype=np.int64).reshape(-1, 2)
+        if not exc.shape[0]:
+            continue
+        d = x[exc[:, 0]] - x[exc[:, 1]]
+        box = getattr(term, "box", None)
+        if box is not None:
+            box = np.asarray(box)
+            d = d - box * np.round(d / box)
+        d2 = (d * d).sum(axis=-1)
+        k = int(np.argmin(d2))
+        if best is None or d2[k] < best[0]:
+            best = (float(d2[k]), *sorted(int(a) for a in exc[k]))
+    return best
+
+
 def check_start(system, x, params=None, where="x0") -> None:
     """Refuse a starting structure that cannot run: two interacting atoms closer than
     ``MIN_PAIR_DISTANCE``, or a non-finite or enormous energy or gradient.
@@ -128,7 +197,21 @@ def check_start(system, x, params=None, where="x0") -> None:
             pair, or the one atom of the largest |∇E|) and ``.distance`` (nm, or None).
     """
     x = np.asarray(x, dtype=np.float64)
-    pair = closest_pair(system, x)
+    theta = system.params if params is None else params
+    energy = grad = pair = None
+    if neighbours.has_neighbours(system):
+        # cutoff terms on Verlet lists: one O(N) pass for E, ∇E and the closest pair
+        # (the exact sums are O(N²)); an overflowed list (NaN E) falls back to them
+        e, g, r2, ij = _on_lists(system)(jnp.asarray(x), jnp.asarray(theta))
+        if np.isfinite(float(e)):
+            energy, grad = float(e), np.asarray(g)
+            i, j = sorted(int(a) for a in np.asarray(ij))
+            pair = (i, j, float(np.sqrt(r2))) if np.isfinite(float(r2)) else None
+            exc = _closest_exception(system, x)
+            if exc is not None and (pair is None or exc[0] < pair[2] ** 2):
+                pair = (exc[1], exc[2], float(np.sqrt(exc[0])))
+    if energy is None:
+        pair = closest_pair(system, x)
     if pair is not None and pair[2] < MIN_PAIR_DISTANCE:
         i, j, d = pair
         err = InputError(
@@ -138,10 +221,10 @@ def check_start(system, x, params=None, where="x0") -> None:
         )
         err.atoms, err.distance = (int(i), int(j)), d
         raise err
-    theta = system.params if params is None else params
     with np.errstate(all="ignore"):
-        energy = float(system.energy(x, theta))
-        grad = np.asarray(system.gradient(x, theta))
+        if energy is None:
+            energy = float(system.energy(x, theta))
+            grad = np.asarray(system.gradient(x, theta))
         mag = np.linalg.norm(grad, axis=-1)
     mag = np.where(np.isfinite(mag), mag, np.inf)
     atom = int(np.argmax(mag))

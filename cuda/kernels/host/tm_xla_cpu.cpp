@@ -863,78 +863,78 @@ struct PmeStencil {
   int64_t n, order, ky, kz;
 };
 
-// coef (N, chunks, 4, LANES): dq and q dx_{x,y,z}; buf (K³, chunks, LANES); uv scratch
-// of 2·chunks·LANES doubles; lanes in halves of W, as the gather's
-void pme_spread_chunks(const PmeStencil& st, const double* coef, int64_t chunks, int64_t c0,
-                       int64_t c1, double* buf, double* uv) {
-  const int64_t o = st.order, m = (c1 - c0) * LANES, width = chunks * LANES;
+// One chunk's spread: coef (N, 4, LANES) dq and q dx_{x,y,z}; buf (K³, LANES), added
+// to. Per (x, y) row of a stencil, u = Σ of the three weights' products with dq, q dx_x,
+// q dx_y and v = w_x w_y q dx_z, then each z point takes w_z u + ∂w_z v (separable).
+void pme_spread_chunk(const PmeStencil& st, const double* coef, double* buf) {
+  const int64_t o = st.order;
   for (int64_t j = 0; j < st.n; ++j) {
     const double* wj = st.w + j * 3 * o;
     const double* gj = st.dw + j * 3 * o;
     const int32_t* ij = st.idx + j * 3 * o;
-    const double* cj = coef + j * chunks * 4 * LANES;
+    const double* cj = coef + j * 4 * LANES;
+    tv c0[NT], c1[NT], c2[NT], c3[NT];
+    for (int h = 0; h < NT; ++h) {
+      c0[h] = load_t(cj + h * TW);
+      c1[h] = load_t(cj + LANES + h * TW);
+      c2[h] = load_t(cj + 2 * LANES + h * TW);
+      c3[h] = load_t(cj + 3 * LANES + h * TW);
+    }
     for (int64_t a = 0; a < o; ++a) {
       const double wx = wj[a], gx = gj[a];
       const int64_t rx = (int64_t)ij[a] * st.ky;
       for (int64_t b = 0; b < o; ++b) {
         const double wy = wj[o + b], gy = gj[o + b];
         const double p0 = wx * wy, p1 = gx * wy, p2 = wx * gy;
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t h = 0; h < LANES; h += W) {
-            const double* cc = cj + c * 4 * LANES + h;
-            double* u = uv + 2 * (c - c0) * LANES + h;
-            store(u, p0 * load(cc) + p1 * load(cc + LANES) +
-                              p2 * load(cc + 2 * LANES));
-            store(u + LANES, p0 * load(cc + 3 * LANES));
-          }
+        tv u[NT], v[NT];
+        for (int h = 0; h < NT; ++h) {
+          u[h] = p0 * c0[h] + p1 * c1[h] + p2 * c2[h];
+          v[h] = p0 * c3[h];
+        }
         const int64_t rxy = (rx + ij[o + b]) * st.kz;
         for (int64_t z = 0; z < o; ++z) {
           const double wz = wj[2 * o + z], gz = gj[2 * o + z];
-          double* g = buf + (rxy + ij[2 * o + z]) * width + c0 * LANES;
-          for (int64_t q = 0; q < m; q += W) {
-            const double* u = uv + 2 * (q / LANES) * LANES + q % LANES;
-            store(g + q, load(g + q) + wz * load(u) + gz * load(u + LANES));
-          }
+          double* g = buf + (rxy + ij[2 * o + z]) * LANES;
+          for (int h = 0; h < NT; ++h)
+            store_t(g + h * TW, load_t(g + h * TW) + wz * u[h] + gz * v[h]);
         }
       }
     }
   }
 }
 
-// buf (K³, chunks, LANES) δΨ; out (N, chunks, 3, LANES); sf scratch of 3·chunks·LANES
-// doubles; order ≤ 8. The lanes go in halves of W (one AVX2 register; see neighbour_pair_rows).
-void pme_gather_rows(const PmeStencil& st, const double* buf, int64_t chunks, int64_t i0,
-                     int64_t i1, double* out, double* sf) {
-  const int64_t o = st.order, width = chunks * LANES;
-  double* f = sf;  // (chunks, 3, LANES)
-  for (int64_t i = i0; i < i1; ++i) {
+// One chunk's gather: buf (K³, LANES) δΨ; out (N, 3, LANES); order ≤ 8.
+void pme_gather_chunk(const PmeStencil& st, const double* buf, double* out) {
+  const int64_t o = st.order;
+  for (int64_t i = 0; i < st.n; ++i) {
     const double* wi = st.w + i * 3 * o;
     const double* gi = st.dw + i * 3 * o;
     const int32_t* ii = st.idx + i * 3 * o;
-    std::memset(f, 0, sizeof(double) * 3 * width);
+    tv f0[NT] = {}, f1[NT] = {}, f2[NT] = {};
     for (int64_t a = 0; a < o; ++a) {
       const int64_t rx = (int64_t)ii[a] * st.ky;
       for (int64_t b = 0; b < o; ++b) {
         const int64_t rxy = (rx + ii[o + b]) * st.kz;
-        const double* g[8];  // the order (≤ 8) grid points along z of this (x, y) row
-        for (int64_t z = 0; z < o; ++z) g[z] = buf + (rxy + ii[2 * o + z]) * width;
         const double wx = wi[a], gx = gi[a], wy = wi[o + b], gy = gi[o + b];
         const double px = gx * wy, py = wx * gy, pz = wx * wy;
-        for (int64_t h = 0; h < width; h += W) {  // partial sums in registers
-          vd s0 = load(g[0] + h) * wi[2 * o], s1 = load(g[0] + h) * gi[2 * o];
-          for (int64_t z = 1; z < o; ++z) {
-            const vd v = load(g[z] + h);
+        for (int h = 0; h < NT; ++h) {  // the z sums in registers
+          tv s0 = {}, s1 = {};
+          for (int64_t z = 0; z < o; ++z) {
+            const tv v = load_t(buf + (rxy + ii[2 * o + z]) * LANES + h * TW);
             s0 += wi[2 * o + z] * v;
             s1 += gi[2 * o + z] * v;
           }
-          double* fc = f + 3 * (h / LANES) * LANES + h % LANES;
-          store(fc, load(fc) + px * s0);
-          store(fc + LANES, load(fc + LANES) + py * s0);
-          store(fc + 2 * LANES, load(fc + 2 * LANES) + pz * s1);
+          f0[h] += px * s0;
+          f1[h] += py * s0;
+          f2[h] += pz * s1;
         }
       }
     }
-    std::memcpy(out + i * 3 * width, f, sizeof(double) * 3 * width);
+    for (int h = 0; h < NT; ++h) {
+      store_t(out + i * 3 * LANES + h * TW, f0[h]);
+      store_t(out + i * 3 * LANES + LANES + h * TW, f1[h]);
+      store_t(out + i * 3 * LANES + 2 * LANES + h * TW, f2[h]);
+    }
   }
 }
 
@@ -990,8 +990,7 @@ ffi::Error PmeSpreadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> w, ffi::Buf
       }
     }
     std::memset(buf, 0, sizeof(double) * ng * LANES);
-    double uv[2 * LANES];
-    pme_spread_chunks(st, coef, 1, 0, 1, buf, uv);
+    pme_spread_chunk(st, coef, buf);
     for (int64_t l = 0; l < width; ++l) {  // out (P, K³)
       double* o = out + (c * LANES + l) * ng;
       for (int64_t g = 0; g < ng; ++g) o[g] = buf[g * LANES + l];
@@ -1031,8 +1030,7 @@ ffi::Error PmeGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
         for (int64_t g = 0; g < ng; ++g) buf[g * LANES + l] = 0.0;
       }
     }
-    double sf[3 * LANES];
-    pme_gather_rows(st, buf, 1, 0, n, out, sf);
+    pme_gather_chunk(st, buf, out);
     for (int64_t l = 0; l < width; ++l) {  // field (P, N, 3)
       double* fl = f + (c * LANES + l) * n * 3;
       for (int64_t i = 0; i < n; ++i)

@@ -225,6 +225,25 @@ def test_host_pairs_and_pme_match_the_jax_reference(box, request):
     assert np.abs(z_jax).max() > 1.0  # the tangents and mixed partials do contribute
 
 
+def test_pme_potential_of_a_batch_packs_two_grids_per_complex_fft_exactly():
+    """The ζ step's batched PME convolution (two real grids per complex FFT, each scaled
+    by its largest |Q|) against one real FFT pair per grid: ≤ 1e-14 relative to each
+    grid's own potential for grids 1e-6 to 1e5 in scale (an odd count, so one is paired
+    with nothing), and exactly zero for a zero grid."""
+    box = jnp.asarray([3.0, 3.1, 3.2])
+    grid = (24, 25, 27)
+    potential = cutoffs._pme_potential_fn(box, 3.1, grid, 5)
+    scales = np.array([1.0, 1e-6, 1e5, 0.0, 3.0])
+    q = np.random.default_rng(0).normal(size=(5,) + grid) * scales[:, None, None, None]
+    batch = np.asarray(potential(jnp.asarray(q)))
+    for k in range(5):
+        one = np.asarray(potential(jnp.asarray(q[k])))  # one grid: the real FFT pair
+        if scales[k] == 0.0:
+            assert not batch[k].any() and not one.any()
+        else:
+            assert np.abs(batch[k] - one).max() <= 1e-14 * np.abs(one).max()
+
+
 def test_the_bonded_call_stands_only_for_wholly_internal_coordinate_terms():
     """``coordinate_only`` picks the bonds, angles and torsions, and not the all-pairs
     Nonbonded term, whose coordinate groups are only its 1-4 exceptions (the rest of it

@@ -276,15 +276,34 @@ def _pme_weights(x, box, grid, order, second=False):
 def _pme_potential_fn(box, alpha, grid, order):
     """``potential(Q (..., K_x, K_y, K_z)) -> Ψ = ∂E/∂Q`` (the same shape): the
     convolution of ``pme_reciprocal_energy``'s quadratic form, (k_e N_g / π V)
-    F⁻¹(kernel · F(Q)) by one real FFT pair, batched over leading axes."""
+    F⁻¹(kernel · F(Q)), batched over leading axes.
+
+    One grid: one real FFT pair. A batch (P, K_x, K_y, K_z) of P ≥ 2 (the ζ step's
+    tangent grids): two grids per complex FFT pair, Z = Q_a/s_a + i Q_b/s_b. The kernel
+    is real and even (kernel(m) = kernel(-m)), so F⁻¹(kernel · F(Z)) = Ψ_a/s_a + i Ψ_b/s_b
+    exactly, half the transforms of the real pairs' (and fewer passes than XLA's
+    inverse real FFT). s = each grid's largest |Q| puts both parts on one scale, so
+    each keeps the round-off of a transform of its own (the other's ~1e-16 of s); a
+    zero grid gives exactly zero."""
     volume = box[0] * box[1] * box[2]
     factor = COULOMB * (grid[0] * grid[1] * grid[2]) / (np.pi * volume)
-    half = _pme_kernel(box, alpha, grid, order)[:, :, : grid[2] // 2 + 1]
+    full = _pme_kernel(box, alpha, grid, order)
+    half = full[:, :, : grid[2] // 2 + 1]
+    axes = (-3, -2, -1)
 
     def potential(q_grid):
-        axes = (-3, -2, -1)
-        return factor * jnp.fft.irfftn(half * jnp.fft.rfftn(q_grid, axes=axes), s=grid,
-                                       axes=axes)  # fmt: skip
+        if q_grid.ndim != 4 or q_grid.shape[0] < 2:
+            return factor * jnp.fft.irfftn(half * jnp.fft.rfftn(q_grid, axes=axes), s=grid,
+                                           axes=axes)  # fmt: skip
+        p = q_grid.shape[0]
+        scale = jnp.max(jnp.abs(q_grid), axis=(1, 2, 3))  # 0: a zero grid, Ψ = 0 exactly
+        q = q_grid / jnp.where(scale > 0, scale, 1.0)[:, None, None, None]
+        if p % 2:
+            q = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])
+        z = jax.lax.complex(q[0::2], q[1::2])
+        out = jnp.fft.ifftn(full * jnp.fft.fftn(z, axes=axes), axes=axes)
+        psi = jnp.stack([out.real, out.imag], axis=1).reshape(q.shape)[:p]
+        return (factor * scale)[:, None, None, None] * psi
 
     return potential
 

@@ -484,6 +484,29 @@ PackedAtoms pack_atoms(const double* xs, const double* ad, int64_t n, bool zeta)
   return PackedAtoms{packed, packed + 4 * (n + 1)};
 }
 
+// r, erfc(α r) and exp(-α² r²) of FU vectors of W pairs from their r² (PME; the
+// reaction field's erfc and exp are 0): erfc's series and exp are chains of dependent
+// multiply-adds, FU independent chains at once (pass 2 of both row kernels)
+inline void radial_batch(const double* r2s, const tmk::CutoffForm& pc, bool fast_erfc, vd* r,
+                         vd* erfc_ar, vd* gauss) {
+  for (int u = 0; u < FU; ++u) {
+    const vd r2 = load(r2s + u * W);
+    r[u] = tmk::tm_sqrt(r2);
+    gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
+  }
+  if (!pc.pme) {
+    for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
+  } else if (fast_erfc) {
+    vd y[FU];
+    for (int u = 0; u < FU; ++u) y[u] = pc.alpha * r[u];
+    erfcx_series_n<FU>(y, erfc_ar);
+    for (int u = 0; u < FU; ++u) erfc_ar[u] *= gauss[u];
+  } else {
+    for (int u = 0; u < FU; ++u)
+      for (int l = 0; l < W; ++l) erfc_ar[u][l] = std::erfc(pc.alpha * r[u][l]);
+  }
+}
+
 constexpr int PREFETCH = 16;  // pass 3's look-ahead, pairs
 static_assert(PREFETCH <= FB, "the rows' scratch holds FB slots beyond the list");
 
@@ -500,23 +523,25 @@ struct RowPairs {
         mj{s + 9 * cap, s + 10 * cap, s + 11 * cap} {}
 };
 
-// Pass 1: row i's partners (both j > i and j < i) within the cutoff, j and r² into rp,
-// padded to a multiple of FB (and PREFETCH beyond) with atom N at r = 1 (no charge, no
-// ε: every scalar 0).
-// Returns the count kept.
+// Pass 1 of a row's pairs: row i's partners within the cutoff, j and r² (minimum image)
+// into jo and ro, those j > i alone (head_only: the plain step takes each pair once, from
+// the heads of the rows) or all; padded to a multiple of FB (and PREFETCH beyond) with
+// atom N at r = 1 (no charge, no ε: every scalar 0). Returns the count kept.
 int64_t keep_partners(const double* x, const double* box, const double* inv_box,
                       const int32_t* row, int64_t k, int64_t n, int64_t i, double rc2,
-                      RowPairs& rp) {
+                      bool head_only, int64_t* __restrict jo, double* __restrict ro) {
   const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
-  int64_t* __restrict jo = rp.j;
-  double* __restrict ro = rp.r2;
+  const int64_t lo = head_only ? i : -1;  // partners j > lo
   int64_t m = 0, s = 0;
 #ifdef __AVX2__
+  // four slots at a time while all four are kept partners: the coordinates by AVX2
+  // gathers, the same arithmetic as the scalar loop below
   const __m256d xv0 = _mm256_set1_pd(xi0), xv1 = _mm256_set1_pd(xi1), xv2 = _mm256_set1_pd(xi2);
-  const __m128i hi = _mm_set1_epi32((int32_t)n);
+  const __m128i lo4 = _mm_set1_epi32((int32_t)lo), hi = _mm_set1_epi32((int32_t)n);
   for (; s + 4 <= k; s += 4) {
     const __m128i j4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s));
-    if (_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(j4, hi))) != 0xF) break;
+    const __m128i keep = _mm_and_si128(_mm_cmpgt_epi32(j4, lo4), _mm_cmplt_epi32(j4, hi));
+    if (_mm_movemask_ps(_mm_castsi128_ps(keep)) != 0xF) break;
     const __m128i j3 = _mm_add_epi32(_mm_add_epi32(j4, j4), j4);
     vd d[3];
     d[0] = (vd)_mm256_sub_pd(xv0, _mm256_i32gather_pd(x, j3, 8));
@@ -534,15 +559,16 @@ int64_t keep_partners(const double* x, const double* box, const double* inv_box,
 #endif
   for (; s < k; ++s) {
     const int64_t j = row[s];
-    if (j >= n) break;  // padding: the row's partners come first
+    if (j >= n || j <= lo) break;  // padding, or (head_only) the partners j < i
     double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
-    if (box) {
+    if (box) {  // d/L by a product: it rounds to a different image only at |d| ≈ L/2,
+                // far beyond the cutoff (L ≥ 2 r_c)
       d0 -= box[0] * rint_even(d0 * inv_box[0]);
       d1 -= box[1] * rint_even(d1 * inv_box[1]);
       d2 -= box[2] * rint_even(d2 * inv_box[2]);
     }
     const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
-    jo[m] = j;
+    jo[m] = j;  // written always, kept (m advanced) within the cutoff: no branch
     ro[m] = r2;
     m += r2 < rc2;
   }
@@ -633,7 +659,8 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
   if (box)
     for (int e = 0; e < 3; ++e) inv_box[e] = 1.0 / box[e];
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t m = keep_partners(x, box, inv_box, idx + i * k, k, n, i, rc2, rp);
+    const int64_t m = keep_partners(x, box, inv_box, idx + i * k, k, n, i, rc2, false, rp.j,
+                                    rp.r2);
     const int64_t mp = (m + FB - 1) / FB * FB;
     const vd xi[3] = {bcast(x[3 * i]), bcast(x[3 * i + 1]), bcast(x[3 * i + 2])};
     const double* pi = pa.par + 4 * i;
@@ -643,24 +670,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
     vd mv[6] = {}, bv = {};          // M_i's Σ_j A d dᵀ (xx yy zz xy xz yz) and Σ_j B
     for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
       vd r[FU], erfc_ar[FU], gauss[FU];
-      for (int u = 0; u < FU; ++u) {
-        const vd r2 = load(rp.r2 + s0 + u * W);
-        r[u] = tmk::tm_sqrt(r2);
-        gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
-      }
-      if (pc.pme) {
-        if (fast_erfc) {
-          vd y[FU];
-          for (int u = 0; u < FU; ++u) y[u] = pc.alpha * r[u];
-          erfcx_series_n<FU>(y, erfc_ar);
-          for (int u = 0; u < FU; ++u) erfc_ar[u] *= gauss[u];
-        } else {
-          for (int u = 0; u < FU; ++u)
-            for (int l = 0; l < W; ++l) erfc_ar[u][l] = std::erfc(pc.alpha * r[u][l]);
-        }
-      } else {
-        for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
-      }
+      radial_batch(rp.r2 + s0, pc, fast_erfc, r, erfc_ar, gauss);
       for (int u = 0; u < FU; ++u) {
         const int64_t s = s0 + u * W;
         vd d[3], pj[4];
@@ -1071,82 +1081,15 @@ void neighbour_force_rows(const double* x, const double* box, const int32_t* idx
     for (int e = 0; e < 3; ++e) inv_box[e] = 1.0 / box[e];
   for (int64_t i = i0; i < i1; ++i) {
     const double xi0 = x[3 * i], xi1 = x[3 * i + 1], xi2 = x[3 * i + 2];
-    int64_t m = 0;
-    {  // pass 1
-      int64_t* __restrict jo = oj;
-      double* __restrict ro = or2;
-      const int32_t* __restrict row = idx + i * k;
-      int64_t s = 0;
-#ifdef __AVX2__
-      // four slots at a time while the whole four are in the head: the coordinates by
-      // AVX2 gathers, the same arithmetic as the scalar loop below
-      const __m256d xv0 = _mm256_set1_pd(xi0), xv1 = _mm256_set1_pd(xi1),
-                    xv2 = _mm256_set1_pd(xi2);
-      const __m128i lo = _mm_set1_epi32((int32_t)i - 1), hi = _mm_set1_epi32((int32_t)n);
-      for (; s + 4 <= k; s += 4) {
-        const __m128i j4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s));
-        const __m128i head = _mm_and_si128(_mm_cmpgt_epi32(j4, lo), _mm_cmplt_epi32(j4, hi));
-        if (_mm_movemask_ps(_mm_castsi128_ps(head)) != 0xF) break;
-        const __m128i j3 = _mm_add_epi32(_mm_add_epi32(j4, j4), j4);
-        vd d[3];
-        d[0] = (vd)_mm256_sub_pd(xv0, _mm256_i32gather_pd(x, j3, 8));
-        d[1] = (vd)_mm256_sub_pd(xv1, _mm256_i32gather_pd(x + 1, j3, 8));
-        d[2] = (vd)_mm256_sub_pd(xv2, _mm256_i32gather_pd(x + 2, j3, 8));
-        if (box)
-          for (int e = 0; e < 3; ++e) d[e] -= box[e] * vrint(d[e] * inv_box[e]);
-        const vd r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
-        for (int l = 0; l < 4; ++l) {  // written always, kept within the cutoff
-          jo[m] = row[s + l];
-          ro[m] = r2[l];
-          m += r2[l] < rc2;
-        }
-      }
-#endif
-      for (; s < k; ++s) {
-        const int64_t j = row[s];
-        if (j >= n || j < i) break;  // the head ends: padding, or the partners j < i
-        double d0 = xi0 - x[3 * j], d1 = xi1 - x[3 * j + 1], d2 = xi2 - x[3 * j + 2];
-        if (box) {  // d/L by a product: it rounds to a different image only at |d| ≈ L/2,
-                    // far beyond the cutoff (L ≥ 2 r_c)
-          d0 -= box[0] * rint_even(d0 * inv_box[0]);
-          d1 -= box[1] * rint_even(d1 * inv_box[1]);
-          d2 -= box[2] * rint_even(d2 * inv_box[2]);
-        }
-        const double r2 = d0 * d0 + d1 * d1 + d2 * d2;
-        jo[m] = j;  // written always, kept (m advanced) within the cutoff: no branch
-        ro[m] = r2;
-        m += r2 < rc2;
-      }
-    }
+    const int64_t m = keep_partners(x, box, inv_box, idx + i * k, k, n, i, rc2, true, oj, or2);
     const int64_t mp = (m + FB - 1) / FB * FB;
-    for (int64_t s = m; s < mp; ++s) {  // padding: atom N, r = 1 (no charge, no ε: B = 0)
-      oj[s] = n;
-      or2[s] = 1.0;
-    }
     const vd xi[3] = {bcast(xi0), bcast(xi1), bcast(xi2)};
     const double qi = tmk::COULOMB * pa.par[4 * i], sgi = pa.par[4 * i + 1],
                  sei = 4.0 * pa.par[4 * i + 2];
     vd gv[3] = {};
     for (int64_t s0 = 0; s0 < mp; s0 += FB) {  // pass 2
       vd r[FU], erfc_ar[FU], gauss[FU];
-      for (int u = 0; u < FU; ++u) {
-        const vd r2 = load(or2 + s0 + u * W);
-        r[u] = tmk::tm_sqrt(r2);
-        gauss[u] = pc.pme ? tmk::tm_exp(-(pc.alpha * pc.alpha) * r2) : vd{};
-      }
-      if (pc.pme) {
-        if (fast_erfc) {
-          vd y[FU];
-          for (int u = 0; u < FU; ++u) y[u] = pc.alpha * r[u];
-          erfcx_series_n<FU>(y, erfc_ar);
-          for (int u = 0; u < FU; ++u) erfc_ar[u] *= gauss[u];
-        } else {
-          for (int u = 0; u < FU; ++u)
-            for (int l = 0; l < W; ++l) erfc_ar[u][l] = std::erfc(pc.alpha * r[u][l]);
-        }
-      } else {
-        for (int u = 0; u < FU; ++u) erfc_ar[u] = vd{};
-      }
+      radial_batch(or2 + s0, pc, fast_erfc, r, erfc_ar, gauss);
       for (int u = 0; u < FU; ++u) {
         const int64_t* js = oj + s0 + u * W;
         vd d[3], pj[3];

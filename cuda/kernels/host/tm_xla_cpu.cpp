@@ -1405,6 +1405,43 @@ ffi::Error PmeChargeSpreadImpl(ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw
   return ffi::Error::Success();
 }
 
+// Atom i's Σ_g Ψ(g) ∇W_i(g) (f, 3) and, with H, Σ_g Ψ(g) ∇∇W_i(g) (h: xx yy zz xy xz
+// yz) from the grid potential Ψ (K_x, K_y, K_z): separable, along z the sums of w, ∂w
+// (and ∂²w) per (x, y) row of the stencil, then the products of the x and y factors.
+// wi, gi, hi: the atom's (3, order) weights and their first and second derivatives.
+template <bool H>
+inline void pme_field_at(const double* psi, int64_t ky, int64_t kz, int64_t o,
+                         const double* wi, const double* gi, const double* hi,
+                         const int32_t* ii, double* f, double* h) {
+  double fx = 0.0, fy = 0.0, fz = 0.0, hxx = 0.0, hyy = 0.0, hzz = 0.0, hxy = 0.0, hxz = 0.0,
+         hyz = 0.0;
+  for (int64_t a = 0; a < o; ++a)
+    for (int64_t b = 0; b < o; ++b) {
+      const double* row = psi + ((int64_t)ii[a] * ky + ii[o + b]) * kz;
+      double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+      for (int64_t z = 0; z < o; ++z) {
+        const double v = row[ii[2 * o + z]];
+        s0 += wi[2 * o + z] * v;
+        s1 += gi[2 * o + z] * v;
+        if (H) s2 += hi[2 * o + z] * v;
+      }
+      const double wx = wi[a], gx = gi[a], wy = wi[o + b], gy = gi[o + b];
+      fx += gx * wy * s0;
+      fy += wx * gy * s0;
+      fz += wx * wy * s1;
+      if (H) {
+        hxx += hi[a] * wy * s0;
+        hyy += wx * hi[o + b] * s0;
+        hzz += wx * wy * s2;
+        hxy += gx * gy * s0;
+        hxz += gx * wy * s1;
+        hyz += wx * gy * s1;
+      }
+    }
+  f[0] = fx, f[1] = fy, f[2] = fz;
+  if (H) h[0] = hxx, h[1] = hyy, h[2] = hzz, h[3] = hxy, h[4] = hxz, h[5] = hyz;
+}
+
 ffi::Error PmeForceGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
                               ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
                               ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F64> charge,
@@ -1427,26 +1464,12 @@ ffi::Error PmeForceGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potent
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
     for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
-      const double* wi = ws + i * 3 * o;
-      const double* gi = gs + i * 3 * o;
-      const int32_t* ii = is + i * 3 * o;
-      double f0 = 0.0, f1 = 0.0, f2 = 0.0;
-      for (int64_t a = 0; a < o; ++a)
-        for (int64_t b = 0; b < o; ++b) {
-          const double* row = psi + ((int64_t)ii[a] * ky + ii[o + b]) * kz;
-          double s0 = 0.0, s1 = 0.0;
-          for (int64_t z = 0; z < o; ++z) {
-            const double v = row[ii[2 * o + z]];
-            s0 += wi[2 * o + z] * v;
-            s1 += gi[2 * o + z] * v;
-          }
-          f0 += gi[a] * wi[o + b] * s0;
-          f1 += wi[a] * gi[o + b] * s0;
-          f2 += wi[a] * wi[o + b] * s1;
-        }
-      g[3 * i] = q[i] * f0;
-      g[3 * i + 1] = q[i] * f1;
-      g[3 * i + 2] = q[i] * f2;
+      double f[3];
+      pme_field_at<false>(psi, ky, kz, o, ws + i * 3 * o, gs + i * 3 * o, nullptr,
+                          is + i * 3 * o, f, nullptr);
+      g[3 * i] = q[i] * f[0];
+      g[3 * i + 1] = q[i] * f[1];
+      g[3 * i + 2] = q[i] * f[2];
     }
   };
   parallel_units(pool, units, work);
@@ -1454,9 +1477,8 @@ ffi::Error PmeForceGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potent
 }
 
 // The ζ step's grid field at each atom from the charges' potential Ψ (K_x, K_y, K_z):
-// g0 (N, 3) = Σ_g Ψ(g) ∇W_i(g) and h0 (N, 3, 3) = Σ_g Ψ(g) ∇∇W_i(g), ddw the weights'
-// second derivatives (scaled by (K_d / L_d)²). Separable as the force gather: along z
-// three sums (w, ∂w, ∂²w) per (x, y) row, then the nine products of the x and y factors.
+// g0 (N, 3) = Σ_g Ψ(g) ∇W_i(g) and h0 (N, 3, 3) = Σ_g Ψ(g) ∇∇W_i(g) (pme_field_at), ddw
+// the weights' second derivatives (scaled by (K_d / L_d)²).
 ffi::Error PmeFieldGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potential,
                               ffi::Buffer<ffi::F64> w, ffi::Buffer<ffi::F64> dw,
                               ffi::Buffer<ffi::F64> ddw, ffi::Buffer<ffi::S32> idx,
@@ -1483,41 +1505,13 @@ ffi::Error PmeFieldGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> potent
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
   std::function<void(int)> work = [&](int u) {
     for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
-      const double* wi = ws + i * 3 * o;
-      const double* gi = gs + i * 3 * o;
-      const double* hi = hs + i * 3 * o;
-      const int32_t* ii = is + i * 3 * o;
-      double fx = 0.0, fy = 0.0, fz = 0.0, hxx = 0.0, hyy = 0.0, hzz = 0.0, hxy = 0.0,
-             hxz = 0.0, hyz = 0.0;
-      for (int64_t a = 0; a < o; ++a)
-        for (int64_t b = 0; b < o; ++b) {
-          const double* row = psi + ((int64_t)ii[a] * ky + ii[o + b]) * kz;
-          double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-          for (int64_t z = 0; z < o; ++z) {
-            const double v = row[ii[2 * o + z]];
-            s0 += wi[2 * o + z] * v;
-            s1 += gi[2 * o + z] * v;
-            s2 += hi[2 * o + z] * v;
-          }
-          const double wx = wi[a], gx = gi[a], hx = hi[a], wy = wi[o + b], gy = gi[o + b],
-                       hy = hi[o + b];
-          fx += gx * wy * s0;
-          fy += wx * gy * s0;
-          fz += wx * wy * s1;
-          hxx += hx * wy * s0;
-          hyy += wx * hy * s0;
-          hzz += wx * wy * s2;
-          hxy += gx * gy * s0;
-          hxz += gx * wy * s1;
-          hyz += wx * gy * s1;
-        }
-      f[3 * i] = fx;
-      f[3 * i + 1] = fy;
-      f[3 * i + 2] = fz;
-      double* h = hh + 9 * i;
-      h[0] = hxx, h[1] = hxy, h[2] = hxz;
-      h[3] = hxy, h[4] = hyy, h[5] = hyz;
-      h[6] = hxz, h[7] = hyz, h[8] = hzz;
+      double hv[6];
+      pme_field_at<true>(psi, ky, kz, o, ws + i * 3 * o, gs + i * 3 * o, hs + i * 3 * o,
+                         is + i * 3 * o, f + 3 * i, hv);
+      double* h = hh + 9 * i;  // (3, 3), symmetric
+      h[0] = hv[0], h[1] = hv[3], h[2] = hv[4];
+      h[3] = hv[3], h[4] = hv[1], h[5] = hv[5];
+      h[6] = hv[4], h[7] = hv[5], h[8] = hv[2];
     }
   };
   parallel_units(pool, units, work);

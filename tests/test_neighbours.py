@@ -244,6 +244,38 @@ def test_pme_potential_of_a_batch_packs_two_grids_per_complex_fft_exactly():
             assert np.abs(batch[k] - one).max() <= 1e-14 * np.abs(one).max()
 
 
+def test_ewald_exclusion_zeta_in_closed_form_matches_linearize(water):
+    """The excluded pairs' erf correction: its closed-form ∇E and ζ (position tangents and
+    both water charges' tangents) against ``jax.linearize`` of ``jax.grad`` of its energy,
+    vmapped over the tangents, to 1e-13."""
+    _, system, x = water
+    _, term = _term(system)
+    theta = jnp.asarray(system.params)
+    wrt = system.select(["charge/*"])
+    p = wrt.size
+    onehot = jnp.zeros((p, theta.shape[0])).at[np.arange(p), wrt].set(1.0)
+    dx = jnp.asarray(np.random.default_rng(2).normal(size=(p,) + x.shape))
+    x = jnp.asarray(x)
+
+    def energy(y, th):
+        return cutoffs.ewald_exclusion_energy(y, th[term.charge_index], term.exclusion_idx,
+                                              term.alpha)  # fmt: skip
+
+    @jax.jit
+    def reference(y, d):
+        g, lin = jax.linearize(jax.grad(energy), y, theta)
+        return g, jax.vmap(lin)(d, onehot)
+
+    g_ref, z_ref = reference(x, dx)
+    g, z = jax.jit(cutoffs.ewald_exclusion_gradient_and_zeta, static_argnums=3)(
+        x, theta[term.charge_index], jnp.asarray(term.exclusion_idx), term.alpha, dx,
+        onehot[:, term.charge_index],
+    )  # fmt: skip
+    assert np.abs(np.asarray(g - g_ref)).max() <= 1e-13 * float(jnp.abs(g_ref).max())
+    assert np.abs(np.asarray(z - z_ref)).max() <= 1e-13 * float(jnp.abs(z_ref).max())
+    assert float(jnp.abs(z_ref).max()) > 1.0
+
+
 def test_the_bonded_call_stands_only_for_wholly_internal_coordinate_terms():
     """``coordinate_only`` picks the bonds, angles and torsions, and not the all-pairs
     Nonbonded term, whose coordinate groups are only its 1-4 exceptions (the rest of it

@@ -344,7 +344,9 @@ class CutoffNonbonded:
         and parameters ``wrt`` (P,): the pairs' from per-pair scalars
         (``cutoffs.neighbour_pair_gradient_and_zeta``), PME's reciprocal part written out
         with one batched spread, FFT and gather for all P
-        (``cutoffs.pme_reciprocal_gradient_and_zeta``), the rest by ``jax.linearize``.
+        (``cutoffs.pme_reciprocal_gradient_and_zeta``), the excluded pairs' erf correction
+        in closed form (``cutoffs.ewald_exclusion_gradient_and_zeta``), the rest by
+        ``jax.linearize``.
         ``host``: the CPU custom call (``timemachine.backends.xla_cpu``, passed in from
         the sensitivity layer) for the pairs' contraction and PME's spread and gather, or
         None for XLA's."""
@@ -366,19 +368,23 @@ class CutoffNonbonded:
         onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
         onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
         if self.alpha is not None:
-            q = params[self.charge_index]
+            q, dq = params[self.charge_index], onehot[:, self.charge_index]
             g_rec, z_rec = cutoffs.pme_reciprocal_gradient_and_zeta(
-                x, q, box, self.alpha, self.grid, dx, onehot[:, self.charge_index], host=host
+                x, q, box, self.alpha, self.grid, dx, dq, host=host
             )  # fmt: skip
-            g, z = g + g_rec, z + z_rec
-        rest = jax.grad(lambda y, p: self._long_range(y, p, reciprocal=False))
+            g_ex, z_ex = cutoffs.ewald_exclusion_gradient_and_zeta(
+                x, q, self.exclusion_idx, self.alpha, dx, dq
+            )  # fmt: skip
+            g, z = g + g_rec + g_ex, z + z_rec + z_ex
+        rest = jax.grad(lambda y, p: self._long_range(y, p, reciprocal=False,
+                                                      exclusions=False))  # fmt: skip
         g_rest, lin = jax.linearize(rest, x, params)
         return g + g_rest, z + jax.vmap(lin)(dx, onehot)
 
-    def _long_range(self, x, params, reciprocal=True):
+    def _long_range(self, x, params, reciprocal=True, exclusions=True):
         """Everything but the cutoff pair sum: PME's reciprocal (unless ``reciprocal`` is
-        False), self and exclusion terms, the 1-4 exceptions and the dispersion
-        correction, kJ/mol."""
+        False), self and exclusion terms (the latter unless ``exclusions`` is False), the
+        1-4 exceptions and the dispersion correction, kJ/mol."""
         from timemachine.potentials import cutoffs
 
         q = params[self.charge_index]
@@ -390,7 +396,8 @@ class CutoffNonbonded:
             if reciprocal:
                 e = e + cutoffs.pme_reciprocal_energy(x, q, box, self.alpha, self.grid)
             e = e + cutoffs.ewald_self_energy(q, self.alpha)
-            e = e + cutoffs.ewald_exclusion_energy(x, q, self.exclusion_idx, self.alpha)
+            if exclusions:
+                e = e + cutoffs.ewald_exclusion_energy(x, q, self.exclusion_idx, self.alpha)
         e = e + potentials.nonbonded_exceptions(
             x, self.exception_idx, q, sig, eps, self.coulomb_scale, self.lj_scale
         )

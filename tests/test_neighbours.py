@@ -55,7 +55,7 @@ def test_list_energy_and_forces_equal_the_exact_sum(water):
     e_list = float(listed.energy_fn()(jnp.asarray(x), theta, lists))
     assert abs(e_list - e_exact) <= 1e-12 * abs(e_exact)
     k, term = _term(listed)
-    g_ref = np.asarray(jax.grad(exact.terms[k].energy)(jnp.asarray(x), theta))
+    g_ref = np.asarray(jax.jit(jax.grad(exact.terms[k].energy))(jnp.asarray(x), theta))
     g = np.asarray(term.gradient(jnp.asarray(x), theta, lists[k]))
     assert np.abs(g - g_ref).max() <= 1e-11 * np.sqrt(np.mean(g_ref**2))
     # the list holds more than the cutoff's pairs (the skin), each in both rows
@@ -133,10 +133,10 @@ def test_structured_pair_zeta_matches_jvp_of_the_reference(box, host, request):
     grad = jax.grad(lambda y, p: term.energy(y, p), argnums=0)
     onehot = np.zeros((wrt.size, system.n_params))
     onehot[np.arange(wrt.size), wrt] = 1.0
-    z_ref = jax.vmap(lambda t, o: jax.jvp(grad, (jnp.asarray(x), theta), (t, o))[1])(
+    z_ref = jax.jit(jax.vmap(lambda t, o: jax.jvp(grad, (jnp.asarray(x), theta), (t, o))[1]))(
         dx, jnp.asarray(onehot)
     )
-    g_ref = grad(jnp.asarray(x), theta)
+    g_ref = jax.jit(grad)(jnp.asarray(x), theta)
     assert np.abs(np.asarray(g - g_ref)).max() <= 1e-12 * np.abs(np.asarray(g_ref)).max()
     err = np.abs(np.asarray(z - z_ref)).max() / np.abs(np.asarray(z_ref)).max()
     assert err <= 1e-10, err

@@ -154,43 +154,66 @@ def test_custom_call_result_does_not_depend_on_threads(trialanine, tmp_path):
     np.testing.assert_array_equal(np.asarray(z), one["z"])
 
 
+_SANITIZED_CASES = [
+    ("AAA", "obc2", ["torsion/*", "bond/*", "angle/*", "charge/*"]),
+    ("villin", None, ["torsion/*", "improper/*"]),
+]
+
 _SANITIZED = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
-import openmm.app as app, os
-import timemachine as tm
+sys.path.insert(0, TESTS)
+from test_xla_cpu import _sanitized_case
 from timemachine.sensitivity.zeta import make_gradient_and_zeta
 
-pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"))
-cases = [
-    (tm.build_peptide("AAA"), "obc2", ["torsion/*", "bond/*", "angle/*", "charge/*"]),
-    (tm.strip_solvent(pdb.topology, pdb.positions), None, ["torsion/*", "improper/*"]),
-]
-for structure, solvent, wrt in cases:
-    system, x = tm.load_system(structure, implicit_solvent=solvent)
-    wrt = system.select(wrt)[:70]
-    dx = np.random.default_rng(0).normal(scale=1e-3, size=(wrt.size, system.n_atoms, 3))
-    args = jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx)
+out = {}
+for k in range(2):
+    system, wrt, args = _sanitized_case(k)
     g, z = jax.jit(make_gradient_and_zeta(system, wrt, bonded="host"))(*args)
-    g0, z0 = jax.jit(make_gradient_and_zeta(system, wrt, bonded="jax"))(*args)
-    scale = float(np.abs(z0).max())
-    assert float(np.abs(np.asarray(z) - np.asarray(z0)).max()) <= 1e-11 * scale
+    out[f"g{k}"], out[f"z{k}"] = np.asarray(g), np.asarray(z)
     print(system.n_atoms, "atoms,", wrt.size, "tangents: clean")
+np.savez(sys.argv[1], **out)
 """
 
 
+def _sanitized_case(k):
+    """(System, wrt, (x, θ, dx)) of the sanitizer run's case ``k``."""
+    import openmm.app as app
+
+    name, solvent, wrt = _SANITIZED_CASES[k]
+    if name == "villin":
+        pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"))
+        structure = tm.strip_solvent(pdb.topology, pdb.positions)
+    else:
+        structure = tm.build_peptide(name)
+    system, x = tm.load_system(structure, implicit_solvent=solvent)
+    wrt = system.select(wrt)[:70]
+    dx = np.random.default_rng(0).normal(scale=1e-3, size=(wrt.size, system.n_atoms, 3))
+    return system, wrt, (jnp.asarray(x), jnp.asarray(system.params), jnp.asarray(dx))
+
+
 def test_custom_call_runs_clean_under_address_and_undefined_behaviour_sanitizers(
-    sanitizer_env,
+    sanitizer_env, tmp_path
 ):
     """tm_xla_cpu.cpp built with ASan and UBSan (TIMEMACHINE_XLA_CPU_FLAGS), inside XLA's
     compiled step on XLA's threads: trialanine/OBC2 with bond, angle, torsion and charge
     tangents (the mixed partials), villin with 70 torsion and improper tangents (a tail
-    chunk, tiles of 64 atoms and a partial last tile); the results match the pure-JAX ζ."""
+    chunk, tiles of 64 atoms and a partial last tile); the results match the pure-JAX ζ
+    (computed here, outside the sanitized process, where XLA compiles it faster)."""
     from conftest import SANITIZER_FLAGS
 
     env = dict(sanitizer_env, TIMEMACHINE_XLA_CPU_FLAGS=SANITIZER_FLAGS)
-    proc = subprocess.run(
-        [sys.executable, "-c", _SANITIZED], env=env, capture_output=True, text=True, timeout=600
-    )
+    code = _SANITIZED.replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "sanitized.npz"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]
     assert report.count("clean") == 2, report[-6000:]
+    with np.load(out) as got:
+        for k in range(2):
+            system, wrt, args = _sanitized_case(k)
+            g0, z0 = jax.jit(make_gradient_and_zeta(system, wrt, bonded="jax"))(*args)
+            scale = float(np.abs(z0).max())
+            assert float(np.abs(got[f"z{k}"] - np.asarray(z0)).max()) <= 1e-11 * scale, k
+            assert rel_err(got[f"g{k}"], g0) <= 1e-13, k

@@ -391,18 +391,23 @@ def _check(job, tmp_path, n_kills, seed, span, plan=None):
 SIMULATE_PLAN = ("time", "chunk_", "state.npz", "state.json", "time")
 
 
-def test_simulate_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
-    killed, stderr = _check("simulate", tmp_path, None, seed=18, span=1.5, plan=SIMULATE_PLAN)
-    assert len(killed) == len(SIMULATE_PLAN), killed
-    for e, want in zip(killed, SIMULATE_PLAN, strict=True):
+def _check_plan(job, tmp_path, seed, span, plan, record):
+    """Run ``job`` killed once at each moment of ``plan`` (``_check``), then check that
+    each write-targeted kill landed inside the write it was meant for, that the run was
+    continued rather than restarted (some kill came after a ``record`` JSON was written),
+    and that the kill between the renames left a torn pair the resume fell back from."""
+    killed, stderr = _check(job, tmp_path, None, seed=seed, span=span, plan=plan)
+    assert len(killed) == len(plan), killed
+    for e, want in zip(killed, plan, strict=True):
         if want != "time":  # killed inside the write it was meant for
             fresh = [n for n in e["held"] if n.startswith(".tmp-") and want in n]
             assert e["in_write"] and fresh, (want, e)
-    # the trajectory was continued, not restarted: some kill landed after a checkpoint
-    assert any("state.json" in e["held"] for e in killed)
-    # and the kill between the renames left a new npz beside the old JSON: the resume
-    # read it as a torn checkpoint and fell back to the previous one
+    assert any(f"{record}.json" in e["held"] for e in killed)
     assert any("resuming from the previous checkpoint" in e for e in stderr), stderr[-1][-3000:]
+
+
+def test_simulate_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
+    _check_plan("simulate", tmp_path, 18, 1.5, SIMULATE_PLAN, "state")
 
 
 # a fit's kills, each at a distinct moment (as simulate's): anywhere, inside a checkpoint's
@@ -410,27 +415,14 @@ def test_simulate_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
 FIT_PLAN = ("time", "checkpoint.npz", "checkpoint.json")
 
 
-def _check_fit_plan(job, tmp_path, seed, span):
-    killed, stderr = _check(job, tmp_path, None, seed=seed, span=span, plan=FIT_PLAN)
-    assert len(killed) == len(FIT_PLAN), killed
-    for e, want in zip(killed, FIT_PLAN, strict=True):
-        if want != "time":  # killed inside the write it was meant for
-            fresh = [n for n in e["held"] if n.startswith(".tmp-") and want in n]
-            assert e["in_write"] and fresh, (want, e)
-    # the fit was continued, not restarted: a kill landed after an epoch's checkpoint
-    assert any("checkpoint.json" in e["held"] for e in killed)
-    # the kill between the renames left a torn pair: the resume fell back to the previous
-    assert any("resuming from the previous checkpoint" in e for e in stderr), stderr[-1][-3000:]
-
-
 @pytest.mark.slow
 def test_pathwise_fit_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
-    _check_fit_plan("fit", tmp_path, seed=19, span=1.0)
+    _check_plan("fit", tmp_path, 19, 1.0, FIT_PLAN, "checkpoint")
 
 
 @pytest.mark.slow
 def test_equilibrium_fit_killed_at_each_kind_of_moment_resumes_bitwise(tmp_path):
-    _check_fit_plan("equilibrium", tmp_path, seed=20, span=2.0)
+    _check_plan("equilibrium", tmp_path, 20, 2.0, FIT_PLAN, "checkpoint")
 
 
 @pytest.mark.slow

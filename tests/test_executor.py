@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -266,47 +267,66 @@ def test_replicas_and_chains_sharded_over_two_devices_give_the_in_process_ones(
     _assert_epoch(epoch, epoch_in_process, "sharded over 2 devices")
 
 
-def _kill_a_busy_worker(ex, work):
-    """Run ``work()`` in a thread, SIGKILL the process of the first worker seen busy with
-    a task, and return what ``work`` returned (its exception re-raised here)."""
+def _kill_busy_workers(ex, work, n_victims=1):
+    """Run ``work()`` in a thread, SIGKILL the processes of the first ``n_victims``
+    workers seen busy with a task, and return what ``work`` returned (its exception
+    re-raised here; a thread still running after 600 s fails with its stack)."""
     result, errors = {}, []
 
     def run():
         try:
             result["r"] = work()
-        except Exception as e:  # re-raised below, in the test's thread
+        except BaseException as e:  # re-raised below, in the test's thread
             errors.append(e)
 
     thread = threading.Thread(target=run)
     thread.start()
-    # wait until a worker is busy with a task, then SIGKILL its process
-    deadline, victim = time.time() + 120, None
-    while time.time() < deadline and victim is None:
-        busy = [w for w, tasks in ex.client.processing().items() if tasks]
-        if busy:
-            victim = busy[0]
+    # wait until the workers are busy with a task, then SIGKILL their processes
+    deadline, victims = time.time() + 120, []
+    while time.time() < deadline and len(victims) < n_victims:
+        victims = [w for w, tasks in ex.client.processing().items() if tasks][:n_victims]
         time.sleep(0.05)
-    assert victim is not None, "no task ever started"
+    assert len(victims) == n_victims, f"{n_victims} tasks never ran at once"
     time.sleep(0.5)  # inside the task: compiling or stepping
-    pid = ex.client.run(os.getpid, workers=[victim])[victim]
-    os.kill(pid, signal.SIGKILL)
+    pids = ex.client.run(os.getpid, workers=victims)
+    for victim in victims:
+        os.kill(pids[victim], signal.SIGKILL)
     thread.join(timeout=600)
+    if thread.is_alive():
+        stack = "".join(traceback.format_stack(sys._current_frames()[thread.ident]))
+        pytest.fail(
+            f"still running 600 s after the kill of {victims}; its stack:\n{stack}\n"
+            f"processing: {ex.client.processing()}\nwho_has: {ex.client.who_has()}"
+        )
     assert not errors, errors
-    assert victim not in ex.client.scheduler_info()["workers"], "the worker lived on"
+    workers = ex.client.scheduler_info()["workers"]
+    assert not set(victims) & set(workers), "a worker lived on"
     return result["r"]
 
 
 def test_a_worker_killed_mid_run_has_its_tasks_rerun(problem, in_process, equilibrium_in_process):
     # a fresh cluster's workers compile on their first task: the kill lands in one
     with open_executor("dask", n_workers=2) as ex:
-        got = _kill_a_busy_worker(ex, lambda: _run(problem, executor=ex))
+        got = _kill_busy_workers(ex, lambda: _run(problem, executor=ex))
     _assert_close(got, in_process, "after a worker was killed")
     assert got.replicas.tolist() == [0, 1, 2, 3]  # each once, in order
     # in the middle of an equilibrium epoch (chain tasks first, then hybrid replicas):
     # the fit completes with the uninterrupted numbers
     with open_executor("dask", n_workers=2) as ex:
-        got = _kill_a_busy_worker(ex, lambda: _equilibrium_epochs(problem, "hybrid", executor=ex))
+        got = _kill_busy_workers(ex, lambda: _equilibrium_epochs(problem, "hybrid", executor=ex))
     _assert_epoch(got, equilibrium_in_process["hybrid"], "hybrid epochs after a worker was killed")
+
+
+def test_tasks_whose_shared_data_died_with_every_worker_are_submitted_again():
+    # both workers killed: the scattered shared value has no copy left, so Dask cancels
+    # the tasks that need it ("lost dependencies"); map scatters it again and resubmits
+    def slow_add(item, shared):  # pickled by value to the workers
+        time.sleep(2.0)
+        return item + shared
+
+    with open_executor("dask", n_workers=2) as ex:
+        got = _kill_busy_workers(ex, lambda: ex.map(slow_add, range(4), 10), n_victims=2)
+    assert got == [10, 11, 12, 13]
 
 
 def test_a_bad_executor_is_named(problem):

@@ -17,7 +17,8 @@ the tasks were given, never in the order workers finished, so every sum taken fr
 runs in one fixed order. A worker that dies has its tasks re-run elsewhere by the Dask
 scheduler (``distributed.scheduler.allowed-failures`` times); a task is pure (its output
 depends on its inputs only), so a re-run gives the same numbers and nothing is counted
-twice. Dask is the optional extra ``dask`` (``pip install -e .[dask]``).
+twice. A task whose shared inputs died with the workers holding them is submitted again
+(``Executor.map``). Dask is the optional extra ``dask`` (``pip install -e .[dask]``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ __all__ = [
 
 #: the named executors (besides a scheduler address or a distributed.Client)
 EXECUTORS = ("in-process", "dask")
+
+#: how many times ``Executor.map`` submits again the tasks cancelled by lost shared data
+MAX_RESUBMITS = 3
 
 
 def _is_client(value) -> bool:
@@ -178,19 +182,45 @@ class Executor:
         """``[fn(item, *shared) for item in items]``, the results in the order of
         ``items``. On Dask each item is one task and ``shared`` is scattered to every
         worker once (one copy per worker, so compiled programs keyed on it are reused
-        across that worker's tasks)."""
+        across that worker's tasks).
+
+        Scattered data has no task to recompute it: if every worker holding a copy dies
+        (Dask's memory manager keeps one copy of data no waiting task needs), the tasks
+        that need it are cancelled ("lost dependencies"). Those items are then submitted
+        again with the shared values scattered afresh, up to ``MAX_RESUBMITS`` times; the
+        tasks are pure, so a re-run gives the same numbers. A task's own error is raised.
+        """
         items = list(items)
         if self.kind == "in-process":
             return [fn(item, *shared) for item in items]
         if self.client is None:
             raise RuntimeError("Executor.map outside its `with` block")
-        futures_shared = [self.client.scatter([s], broadcast=True, hash=False)[0] for s in shared]
-        futures = [self.client.submit(fn, item, *futures_shared, pure=False) for item in items]
-        try:
-            return self.client.gather(futures)
-        finally:
-            for f in futures + futures_shared:
-                f.release()
+        from concurrent.futures import CancelledError
+
+        results, pending = [None] * len(items), list(range(len(items)))
+        for _ in range(1 + MAX_RESUBMITS):
+            futures_shared = [
+                self.client.scatter([s], broadcast=True, hash=False)[0] for s in shared
+            ]
+            futures = {i: self.client.submit(fn, items[i], *futures_shared, pure=False)
+                       for i in pending}  # fmt: skip
+            try:
+                pending = []
+                for i, f in futures.items():
+                    try:
+                        results[i] = f.result()  # a task's own error is raised here
+                    except CancelledError:  # its shared data was lost: submit it again
+                        pending.append(i)
+            finally:
+                for f in [*futures.values(), *futures_shared]:
+                    f.release()
+            if not pending:
+                return results
+        raise RuntimeError(
+            f"Executor.map: tasks for items {pending} were cancelled "
+            f"{1 + MAX_RESUBMITS} times (their shared data lost with the workers holding "
+            "it, or the cluster shut down)"
+        )
 
 
 def open_executor(executor="in-process", n_workers: int | None = None) -> Executor:

@@ -227,6 +227,83 @@ def test_cutoff_gb_zeta_matches_jvp_and_central_differences(peptide, cut_system)
         assert err <= 1e-6, (names[wrt[p]], err)
 
 
+def test_cutoff_gb_on_its_verlet_list_is_the_exact_cutoff_sum(peptide, cut_system):
+    """load_system gives the cutoff GB a Verlet list of every pair (no exclusions). On it
+    the Born integrals and pairs (O(N K)) give the exact cutoff sum's energy and gradient
+    (≤ 1e-12 relative; so OpenMM Reference's to 1e-9), at the positions it was built and
+    after every atom moved up to skin/2; the written-out gradient equals autodiff of the
+    list energy; ζ on the list (forward mode through that gradient) equals jax.jvp of the
+    exact gradient to 1e-10; the compiled and JAX list builds hold the same partners; an
+    overflowing list gives NaN."""
+    import jax
+    import jax.numpy as jnp
+
+    from timemachine import neighbours
+    from timemachine.potentials import cutoffs
+    from timemachine.sensitivity.zeta import make_gradient_and_zeta
+
+    top, x = peptide
+    system = cut_system
+    k = next(i for i, t in enumerate(system.terms) if t.kind == "gb")
+    gb = system.terms[k]
+    assert gb.uses_neighbours and gb.skin == 0.1 and 0 < gb.neighbour_capacity < len(x)
+    theta = jnp.asarray(system.params)
+    lists = jax.jit(lambda y: neighbours.build(system, y))(x)
+    nb = lists[k]
+    # every pair within cutoff + skin, in both rows, none excluded
+    r = np.linalg.norm(x[:, None] - x[None, :], axis=-1)
+    want = [set(np.flatnonzero((r[i] < 1.1) & (np.arange(len(x)) != i))) for i in range(len(x))]
+    got = [set(row[row < len(x)].tolist()) for row in np.asarray(nb.idx)]
+    assert got == want
+    cutoffs.register_list_builder(None)  # the JAX build: the same partners
+    try:
+        jax_idx = np.asarray(gb.build_neighbours(jnp.asarray(x)).idx)
+    finally:
+        from timemachine.backends import xla_cpu_periodic
+
+        cutoffs.register_list_builder(xla_cpu_periodic.build_list)
+    assert [set(row[row < len(x)].tolist()) for row in jax_idx] == want
+
+    ref = _openmm(top, x, "CutoffNonPeriodic", 1.0)["CustomGBForce"]
+    move = np.random.default_rng(5).normal(size=x.shape)
+    move *= 0.049 / np.linalg.norm(move, axis=1, keepdims=True)  # < skin/2 for every atom
+    for y in (x, x + move):
+        assert not bool(neighbours.stale(system, lists, jnp.asarray(y)))
+        e_list = float(gb.energy(jnp.asarray(y), theta, nb))
+        e_exact, g_exact = jax.value_and_grad(gb.energy)(jnp.asarray(y), theta)
+        g_list = gb.gradient(jnp.asarray(y), theta, nb)
+        g_auto = jax.grad(lambda z: gb.energy(z, theta, nb))(jnp.asarray(y))
+        scale = float(jnp.abs(g_exact).max())
+        assert abs(e_list - float(e_exact)) <= 1e-12 * abs(float(e_exact))
+        assert float(jnp.abs(g_list - g_exact).max()) <= 1e-12 * scale
+        assert float(jnp.abs(g_list - g_auto).max()) <= 1e-12 * scale
+    e_err, f_err = _errors(float(gb.energy(jnp.asarray(x), theta, nb)),
+                           -np.asarray(gb.gradient(jnp.asarray(x), theta, nb)), *ref)  # fmt: skip
+    assert e_err <= 1e-9 and f_err <= 1e-9, (e_err, f_err)
+
+    names = system.param_names
+    wrt = np.array([names.index("gb/C/radius"), names.index("gb/O/scale"),
+                    next(i for i, n in enumerate(names) if n.startswith("charge/"))])  # fmt: skip
+    t = np.random.default_rng(2).normal(0.0, 1e-2, (wrt.size,) + x.shape)
+    alone = System(system.masses, [gb], names, system.params, system.topology)
+    _, zeta = jax.jit(make_gradient_and_zeta(alone, wrt))(x, theta, t, (nb,))
+    grad = jax.grad(gb.energy, argnums=0)
+
+    @jax.jit
+    def ref_zeta(xx, th, dxs):
+        return jax.vmap(lambda dx, p: jax.jvp(grad, (xx, th), (dx, jnp.eye(th.size)[p]))[1])(
+            dxs, wrt
+        )
+
+    want_zeta = np.asarray(ref_zeta(x, theta, t))
+    assert np.abs(np.asarray(zeta) - want_zeta).max() <= 1e-10 * np.abs(want_zeta).max()
+
+    small = dataclasses.replace(gb, neighbour_capacity=8)
+    over = small.build_neighbours(jnp.asarray(x))
+    assert bool(over.overflow) and np.isnan(float(small.energy(jnp.asarray(x), theta, over)))
+    assert np.isnan(np.asarray(small.gradient(jnp.asarray(x), theta, over))).all()
+
+
 @pytest.mark.slow
 def test_cutoff_gb_dx_dtheta_matches_central_finite_differences(peptide, cut_system):
     """dx/dθ of two GB parameters over 100 Langevin steps of 0.5 fs against central

@@ -1,7 +1,7 @@
 """Verlet lists carried through the step programs: O(N) cutoff pairs, exact at every step.
 
-A term with ``uses_neighbours`` (``CutoffNonbonded`` with a skin) sums its pairs over a
-Verlet list (``timemachine.potentials.cutoffs.Neighbours``): every pair within
+A term with ``uses_neighbours`` (``CutoffNonbonded`` or cutoff ``OBC2`` with a skin) sums
+its pairs over a Verlet list (``timemachine.potentials.cutoffs.Neighbours``): every pair within
 ``cutoff + skin`` at the positions it was built at. It holds every pair within the
 cutoff as long as no atom has moved more than skin/2, so the step programs (the
 equilibrium chains, ``simulate``'s sensitivity chunks, plain MD) carry the lists in
@@ -137,7 +137,14 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
     x = np.asarray(x, dtype=np.float64)
     terms = []
     for t in system.terms:
-        if hasattr(t, "build_neighbours"):
+        if getattr(t, "kind", None) == "gb" and t.cutoff is not None:
+            # generalized Born: every pair (no exclusions), no periodic images
+            capacity = 0
+            if skin > 0:
+                counts = cutoffs.neighbour_counts(x, None, None, t.cutoff + skin)
+                capacity = int(np.ceil(counts.max() * margin)) + 16
+            t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity)
+        elif hasattr(t, "build_neighbours") and getattr(t, "kind", None) != "gb":
             if skin == 0:
                 t = dataclasses.replace(t, skin=0.0, neighbour_capacity=0,
                                         neighbour_cells=None, neighbour_cell_capacity=0,

@@ -428,17 +428,23 @@ class OBC2:
 
     ``cutoff``: None (all pairs) or r_c in nm, OpenMM's ``CutoffNonPeriodic`` GB (pairs with
     r < r_c only, the pair term shifted by -1/r_c; ``timemachine.potentials.gbsa``). With
-    a cutoff the term has no structured part and no CUDA kernel: ζ comes from autodiff of
-    the reference energy, and backend="cuda" refuses it.
+    a cutoff the term has no structured part and no CUDA kernel: ζ comes from forward-mode
+    autodiff of its gradient, and backend="cuda" refuses it. With a cutoff and a ``skin``
+    > 0 (``timemachine.neighbours.with_neighbour_list``) the step programs sum its Born
+    integrals and pairs over a Verlet list of every pair (``neighbour_capacity`` partners
+    per row): O(N K), not O(N²).
     """
 
     kind = "gb"
+    box = None  # no periodic images (the Verlet list's upkeep reads it)
     charge_index: np.ndarray
     radius_index: np.ndarray
     scale_index: np.ndarray
     solute_dielectric: float = 1.0
     solvent_dielectric: float = 78.5
     cutoff: float | None = None
+    skin: float = 0.0  # the Verlet list's skin, nm; 0: no list
+    neighbour_capacity: int = 0  # partners per row of the Verlet list
 
     def __post_init__(self):
         cutoff = potentials.gbsa.check_cutoff(self.cutoff, "OBC2 cutoff")
@@ -455,16 +461,44 @@ class OBC2:
         """The CUDA table: ``"gb"`` (the tm_gb_* kernels) without a cutoff; None with one."""
         return "gb" if self.cutoff is None else None
 
-    def energy(self, x, params):
+    @property
+    def uses_neighbours(self) -> bool:
+        """True when the step programs carry a Verlet list for this term (a skin and a
+        cutoff: without one it sums every pair, the structured path)."""
+        return self.skin > 0 and self.cutoff is not None
+
+    def build_neighbours(self, x):
+        """The term's Verlet list of x (N, 3) nm: every pair within cutoff + skin (GB
+        excludes none; ``cutoffs.Neighbours``). Jittable."""
+        from timemachine.potentials import cutoffs
+
+        return cutoffs.build_neighbours(x, None, None, self.cutoff + self.skin,
+                                        self.neighbour_capacity)  # fmt: skip
+
+    def _per_atom(self, params):
+        return (params[self.charge_index], params[self.radius_index],
+                params[self.scale_index])  # fmt: skip
+
+    def energy(self, x, params, neighbours=None):
+        """E (kJ/mol) at x (N, 3) nm; with ``neighbours`` (a fresh list of this term) the
+        Born integrals and pairs are summed over it, else over all pairs (exact)."""
+        if neighbours is not None:
+            return potentials.gbsa.obc2_neighbour_energy(
+                x, *self._per_atom(params), neighbours, self.cutoff,
+                self.solute_dielectric, self.solvent_dielectric,
+            )  # fmt: skip
         return potentials.obc2_energy(
-            x,
-            params[self.charge_index],
-            params[self.radius_index],
-            params[self.scale_index],
-            self.solute_dielectric,
-            self.solvent_dielectric,
+            x, *self._per_atom(params), self.solute_dielectric, self.solvent_dielectric,
             self.cutoff,
-        )
+        )  # fmt: skip
+
+    def gradient(self, x, params, neighbours):
+        """∇_x E (N, 3) kJ/mol/nm on a fresh Verlet list, written out (no scatter;
+        ``gbsa.obc2_neighbour_gradient``)."""
+        return potentials.gbsa.obc2_neighbour_gradient(
+            x, *self._per_atom(params), neighbours, self.cutoff,
+            self.solute_dielectric, self.solvent_dielectric,
+        )  # fmt: skip
 
     def coordinate_groups(self, where):
         return []
@@ -473,7 +507,7 @@ class OBC2:
 OBC2 = _pytree(
     OBC2,
     ["charge_index", "radius_index", "scale_index"],
-    ["solute_dielectric", "solvent_dielectric", "cutoff"],
+    ["solute_dielectric", "solvent_dielectric", "cutoff", "skin", "neighbour_capacity"],
 )
 
 

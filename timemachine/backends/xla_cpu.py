@@ -282,8 +282,9 @@ def neighbour_build(x, box, radius, capacity, exclusions=None, mask=None):
     j < i (``cutoffs.Neighbours``).
 
     The allowed pairs: ``exclusions``, the (N, M) ``cutoffs.exclusion_table`` (the JAX
-    build's cell-list case: the box must be 2.5 radii across), or ``mask``, the (N, N)
-    bool of allowed pairs. In a periodic ``box`` (3,) nm 2.5 radii across the candidates
+    build's cell-list case: the box must be 2.5 radii across), ``mask``, the (N, N)
+    bool of allowed pairs, or neither: every pair (generalized Born's list). In a
+    periodic ``box`` (3,) nm 2.5 radii across the candidates
     come from a cell list (O(N): cells of edge ≥ radius/2, the 5³ around each atom's,
     skipping those wholly beyond the radius; the order within a row's two parts then
     differs from the JAX build's), else they are every atom by index (the JAX build's
@@ -292,7 +293,8 @@ def neighbour_build(x, box, radius, capacity, exclusions=None, mask=None):
     n = x.shape[0]
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
     if mask is None:
-        exclusions = jnp.asarray(exclusions, jnp.int32)
+        exclusions = (jnp.zeros((n, 0), jnp.int32) if exclusions is None
+                      else jnp.asarray(exclusions, jnp.int32))  # fmt: skip
         mask = jnp.zeros((0,), jnp.bool_)
     else:
         exclusions = jnp.zeros((n, 0), jnp.int32)

@@ -49,6 +49,8 @@ def build_list(x, box, radius, capacity, cells, cell_capacity, allowed):
     table's: the compiled cells hold every atom)."""
     if not xla_cpu.available()[0]:
         return None
+    if allowed is None:  # every pair (generalized Born)
+        return xla_cpu.neighbour_build(x, box, radius, capacity)
     if cells is None:  # the JAX build's dense case: ``allowed`` is the (N, N) mask
         return xla_cpu.neighbour_build(x, box, radius, capacity, mask=allowed)
     return xla_cpu.neighbour_build(x, box, radius, capacity, exclusions=allowed)

@@ -126,10 +126,11 @@ def openmm_platforms() -> list[str]:
     return [p for p in ("Reference", "CPU", "CUDA", "OpenCL") if p in names]
 
 
-def native_gb_system(openmm_system):
+def native_gb_system(openmm_system, cutoff=None):
     """A copy of ``openmm_system`` with OpenMM's ``implicit/obc2.xml`` CustomGBForce
     replaced by the equivalent native ``GBSAOBCForce`` (OBC II, ACE surface term,
-    NoCutoff, the same charges, radii and scale factors); None when it has no such force.
+    NoCutoff, or CutoffNonPeriodic with ``cutoff`` nm; the same charges, radii and scale
+    factors); None when it has no such force.
 
     The obc2.xml per-particle parameters are (charge, or = radius - 0.009 nm,
     sr = scale · or); GBSAOBCForce takes (charge, radius, scale).
@@ -147,7 +148,11 @@ def native_gb_system(openmm_system):
     system = mm.XmlSerializer.clone(openmm_system)
     system.removeForce(gb[0])
     native = mm.GBSAOBCForce()
-    native.setNonbondedMethod(mm.GBSAOBCForce.NoCutoff)
+    if cutoff is None:
+        native.setNonbondedMethod(mm.GBSAOBCForce.NoCutoff)
+    else:
+        native.setNonbondedMethod(mm.GBSAOBCForce.CutoffNonPeriodic)
+        native.setCutoffDistance(cutoff)
     native.setSolventDielectric(78.5)
     native.setSoluteDielectric(1.0)
     for i in range(custom.getNumParticles()):

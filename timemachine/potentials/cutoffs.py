@@ -648,7 +648,7 @@ def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_f
     results and the cell table's overflow flag."""
     n = x.shape[0]
     x = jax.lax.stop_gradient(x)
-    allowed = jnp.asarray(allowed)
+    allowed = None if allowed is None else jnp.asarray(allowed)
     overflow = jnp.asarray(False)
     if cells is not None:
         flat, table, neighbour_cells, overflow = _candidates(x, box, cells, cell_capacity)
@@ -664,7 +664,9 @@ def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_f
             j = table[neighbour_cells[flat[i]]].reshape(idx.shape[0], -1)
         valid = (j < n) & (j != i[:, None]) & real[:, None]
         j = jnp.where(valid, j, 0)
-        if cells is None:
+        if allowed is None:
+            pass  # every pair (generalized Born)
+        elif cells is None:
             valid = valid & allowed[i]
         else:
             valid = valid & ~jnp.any(j[:, :, None] == allowed[i][:, None, :], axis=-1)
@@ -704,7 +706,8 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
     per edge, of edge ≥ radius, ``cell_capacity`` atoms each: O(N)), with ``allowed`` the
     ``exclusion_table`` (N, M) of the excluded pairs; or all N (cells None: O(N²), for
     small or non-periodic boxes), with ``allowed`` the (N, N) bool mask of full-strength
-    pairs. Jittable; no derivatives (integers). A compiled build registered with
+    pairs; ``allowed`` None allows every pair (generalized Born's list). Jittable; no
+    derivatives (integers). A compiled build registered with
     ``register_list_builder`` runs in its place (the same partners per row; their order
     within the j > i and j < i parts may differ).
     """

@@ -304,6 +304,43 @@ def test_cutoff_gb_on_its_verlet_list_is_the_exact_cutoff_sum(peptide, cut_syste
     assert np.isnan(np.asarray(small.gradient(jnp.asarray(x), theta, over))).all()
 
 
+def test_the_plain_step_takes_the_list_custom_call(peptide, cut_system):
+    """The plain-MD gradient of the cutoff GB on its list runs in the CPU custom call
+    (``xla_cpu_gb.gb_list_gradient``, each pair once from the heads of the rows) and
+    equals the JAX list gradient (its reference) to 1e-12, alone and in the System's
+    ``gradient_fn``, whose jvp stays the reference's (force matching)."""
+    import jax
+    import jax.numpy as jnp
+
+    from timemachine import neighbours
+    from timemachine.backends import xla_cpu_gb
+    from timemachine.structured import gradient_fn, make_gradient
+
+    if not xla_cpu_gb.available()[0]:
+        pytest.skip(xla_cpu_gb.available()[1])
+    _, x = peptide
+    system = cut_system
+    x, theta = jnp.asarray(x), jnp.asarray(system.params)
+    lists = neighbours.build(system, x)
+    k = next(i for i, t in enumerate(system.terms) if t.kind == "gb")
+    gb = system.terms[k]
+    want = gb.gradient(x, theta, lists[k])
+    got = jax.jit(lambda y: xla_cpu_gb.gb_list_gradient(gb, y, theta, lists[k]))(x)
+    assert float(jnp.abs(got - want).max()) <= 1e-12 * float(jnp.abs(want).max())
+    fast, ref = gradient_fn(system), make_gradient(system)
+    assert "xla_cpu_periodic" in fast.__module__
+    a, b = fast(x, theta, lists), ref(x, theta, lists)
+    assert float(jnp.abs(a - b).max()) <= 1e-12 * float(jnp.abs(b).max())
+    dx = jnp.asarray(np.random.default_rng(0).normal(size=x.shape))
+    dp = jnp.zeros_like(theta).at[gb.radius_index[3]].set(1.0)
+    t_fast = jax.jvp(lambda y, p: fast(y, p, lists), (x, theta), (dx, dp))[1]
+    t_ref = jax.jvp(lambda y, p: ref(y, p, lists), (x, theta), (dx, dp))[1]
+    np.testing.assert_array_equal(np.asarray(t_fast), np.asarray(t_ref))
+    small = dataclasses.replace(gb, neighbour_capacity=8)
+    over = small.build_neighbours(x)
+    assert np.isnan(np.asarray(xla_cpu_gb.gb_list_gradient(small, x, theta, over))).all()
+
+
 @pytest.mark.slow
 def test_cutoff_gb_dx_dtheta_matches_central_finite_differences(peptide, cut_system):
     """dx/dθ of two GB parameters over 100 Langevin steps of 0.5 fs against central

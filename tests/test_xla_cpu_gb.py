@@ -188,6 +188,13 @@ pdb = app.PDBFile(os.path.join(os.path.dirname(app.__file__), "data", "test.pdb"
 system, x = tm.load_system(tm.strip_solvent(pdb.topology, pdb.positions), implicit_solvent="obc2")
 g = jax.jit(xla_cpu_gb.make_gradient(system))(jnp.asarray(x), jnp.asarray(system.params))
 np.save(sys.argv[1], np.asarray(g))
+cut, x = tm.load_system(tm.strip_solvent(pdb.topology, pdb.positions), implicit_solvent="obc2",
+                        nonbonded_method="CutoffNonPeriodic", cutoff=0.8)
+gb = [t for t in cut.terms if t.kind == "gb"][0]
+nb = gb.build_neighbours(jnp.asarray(x))
+g = jax.jit(lambda y, p: xla_cpu_gb.gb_list_gradient(gb, y, p, nb))(jnp.asarray(x),
+                                                                     jnp.asarray(cut.params))
+np.save(sys.argv[1].replace(".npy", "_list.npy"), np.asarray(g))
 """
 
 
@@ -197,7 +204,8 @@ np.save(sys.argv[1], np.asarray(g))
 )
 def test_result_does_not_depend_on_threads(villin_obc2, tmp_path):
     """Rows go to 16 fixed units whatever the threads: one thread and two give bitwise
-    the same gradient on villin/OBC2."""
+    the same gradient on villin/OBC2, all pairs and (the cutoff GB's list call) on a
+    Verlet list."""
     out = tmp_path / "one_cpu.npy"
     # compiled afresh under one CPU, not loaded from the session's cache (conftest.py)
     env = fresh_compile_env(os.environ)
@@ -205,6 +213,14 @@ def test_result_does_not_depend_on_threads(villin_obc2, tmp_path):
     system, x = villin_obc2
     g = jax.jit(xla_cpu_gb.make_gradient(system))(jnp.asarray(x), jnp.asarray(system.params))
     np.testing.assert_array_equal(np.asarray(g), np.load(out))
+    cut, x = tm.load_system((system.topology, x), implicit_solvent="obc2",
+                            nonbonded_method="CutoffNonPeriodic", cutoff=0.8)  # fmt: skip
+    gb = [t for t in cut.terms if t.kind == "gb"][0]
+    nb = gb.build_neighbours(jnp.asarray(x))
+    g = jax.jit(lambda y, p: xla_cpu_gb.gb_list_gradient(gb, y, p, nb))(
+        jnp.asarray(x), jnp.asarray(cut.params)
+    )
+    np.testing.assert_array_equal(np.asarray(g), np.load(str(out).replace(".npy", "_list.npy")))
 
 
 _SANITIZED = """
@@ -222,6 +238,15 @@ for cache in (xla_cpu_gb.CACHE_BYTES, 0):
     g = jax.jit(pairs)(x, theta)
     assert np.isfinite(np.asarray(g)).all()
 g = jax.jit(fast)(x, theta)
+assert float(jnp.abs(g - want).max()) <= 1e-11 * float(jnp.abs(want).max())
+# the cutoff GB on its Verlet list (0.6 nm: rows of every length, heads ending anywhere)
+cut, _ = tm.load_system(tm.build_peptide("AAAAAAA"), implicit_solvent="obc2",
+                        nonbonded_method="CutoffNonPeriodic", cutoff=0.6)
+gbc = [t for t in cut.terms if t.kind == "gb"][0]
+lst = gbc.build_neighbours(x)
+theta = jnp.asarray(cut.params)
+g = jax.jit(lambda y, p: xla_cpu_gb.gb_list_gradient(gbc, y, p, lst))(x, theta)
+want = gbc.gradient(x, theta, lst)
 assert float(jnp.abs(g - want).max()) <= 1e-11 * float(jnp.abs(want).max())
 print(system.n_atoms, "atoms: clean")
 """

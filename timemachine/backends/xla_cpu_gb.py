@@ -40,6 +40,7 @@ from timemachine.structured import register_fast_gradient
 from timemachine.structured.autodiff import gradient_part
 
 TARGET = "tm_pair_gradient"
+LIST_TARGET = "tm_gb_list_gradient"
 # -fno-math-errno: sqrt of a SIMD vector stays one instruction (no errno branch per lane)
 FLAGS = ("-O3", "-march=native", "-fno-math-errno")
 # pass 1 keeps T'/r of every pair for pass 3 (8 N² bytes) up to this size: N ≤ 4,096
@@ -66,8 +67,32 @@ def available() -> tuple[bool, str]:
 
 def _register() -> None:
     _STATE["lib"] = xla_cpu.load_library(  # kept loaded for the process
-        "tm_xla_cpu_gb.cpp", "tm_xla_cpu_gb", {TARGET: "TmPairGradient"}, FLAGS
+        "tm_xla_cpu_gb.cpp",
+        "tm_xla_cpu_gb",
+        {TARGET: "TmPairGradient", LIST_TARGET: "TmGbListGradient"},
+        FLAGS,
     )
+
+
+def gb_list_gradient(term, x, params, neighbours):
+    """∇_x (N, 3) kJ/mol/nm of a cutoff ``OBC2`` term on its Verlet list
+    (``cutoffs.Neighbours`` of every pair) in the custom call: the three passes of
+    ``gbsa.obc2_neighbour_gradient`` (its reference, equal to round-off), each pair once
+    from the heads of the rows; NaN where the list overflowed. Not differentiable (the
+    callers wrap it in a ``jax.custom_jvp``)."""
+    ok, why = available()
+    if not ok:
+        raise SimulationError(f"the CPU custom call {LIST_TARGET} cannot run here: {why}")
+    per_atom = [params[np.asarray(a)] for a in (term.charge_index, term.radius_index,
+                                                 term.scale_index)]  # fmt: skip
+    call = jax.ffi.ffi_call(LIST_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float64),
+                            vmap_method="sequential")  # fmt: skip
+    grad = call(
+        jnp.asarray(x, jnp.float64), *per_atom, jnp.asarray(neighbours.idx, jnp.int32),
+        pre=np.float64(gb_prefactor(term.solute_dielectric, term.solvent_dielectric)),
+        cutoff=np.float64(term.cutoff),
+    )  # fmt: skip
+    return grad * jnp.where(neighbours.overflow, jnp.nan, 1.0)
 
 
 def exclusion_lists(pair_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -14,9 +14,12 @@ summing its pairs over a Verlet list (``timemachine.neighbours``):
 * ``tm_pme_charge_spread`` and ``tm_pme_force_gather``: PME's charge spread and force
   gather around XLA's real FFT (``cutoffs.pme_reciprocal_gradient``).
 
-The rest of the term (PME's self and exclusion terms, the 1-4 exceptions, the dispersion
-correction) keeps ``jax.grad``; bonds, angles and torsions go to the bonded custom call
-of :mod:`timemachine.backends.xla_cpu` with no tangents. :func:`make_gradient` is
+A cutoff ``OBC2`` term on its Verlet list takes ``tm_gb_list_gradient`` of
+:mod:`timemachine.backends.xla_cpu_gb` (the Born integrals, dE/dB and the chain, each pair
+once from the heads of the rows). The rest of a ``CutoffNonbonded`` term (PME's self and
+exclusion terms, the 1-4 exceptions, the dispersion correction) keeps ``jax.grad``;
+bonds, angles and torsions go to the bonded custom call of
+:mod:`timemachine.backends.xla_cpu` with no tangents. :func:`make_gradient` is
 registered with :func:`timemachine.structured.register_fast_gradient`, so
 ``gradient_fn(system)`` (``EquilibriumChains``, plain dynamics, ``tm.simulate``'s
 primal where it runs plain steps) uses it; ``timemachine.structured.make_gradient`` (the
@@ -30,11 +33,13 @@ compiler, ``TIMEMACHINE_HOST_KERNELS`` not 0) and in float64.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timemachine.backends import xla_cpu
+from timemachine.backends import xla_cpu, xla_cpu_gb
 from timemachine.backends.tables import coordinate_term_groups
 from timemachine.potentials import cutoffs
 from timemachine.structured import make_gradient as reference_gradient
@@ -89,12 +94,15 @@ def make_gradient(system):
     if not xla_cpu.available()[0]:
         return None
     by_tables = coordinate_only(system)
+    gb_ok = xla_cpu_gb.available()[0]
     parts = []
     for term, tabled in zip(system.terms, by_tables, strict=True):
         if tabled:
             parts.append(None)
         elif getattr(term, "uses_neighbours", False) and hasattr(term, "_long_range"):
             parts.append(_term_gradient(term))
+        elif getattr(term, "uses_neighbours", False) and term.kind == "gb" and gb_ok:
+            parts.append(functools.partial(xla_cpu_gb.gb_list_gradient, term))
         else:
             parts.append(gradient_part(term))
     covered = [t for t, c in zip(system.terms, by_tables, strict=True) if c]

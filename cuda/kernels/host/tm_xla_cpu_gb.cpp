@@ -369,6 +369,234 @@ ffi::Error PairGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- on a Verlet list
+//
+// The same three passes for OBC2 with a cutoff (OpenMM's CutoffNonPeriodic GB,
+// timemachine/potentials/gbsa.py): only pairs with r < r_c enter ψ and the pair sum (the
+// shift -1/r_c of the pair energy has no gradient), taken once each from the heads of the
+// rows of a Verlet list of every pair (cutoffs.Neighbours: row i's partners j > i first,
+// padded with N), W partners at a time, their coordinates and parameters gathered. The
+// units, their order and the sums' order are the all-pairs call's: bitwise the same on
+// any number of threads, for a given list.
+
+// row i's head: its partners j > i within the cutoff, into jo (padded to a multiple of W
+// with atom N, far away); returns their count
+int64_t list_head(const Atoms& at, const int32_t* row, int64_t k, int64_t i, double rc2,
+                  int64_t* jo) {
+  int64_t m = 0;
+  const double xi = at.x[i], yi = at.y[i], zi = at.z[i];
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t j = row[s];
+    if (j >= at.n || j <= i) break;
+    const double dx = xi - at.x[j], dy = yi - at.y[j], dz = zi - at.z[j];
+    jo[m] = j;  // written always, kept within the cutoff
+    m += dx * dx + dy * dy + dz * dz < rc2;
+  }
+  for (int64_t t = m; t < (m + W - 1) / W * W; ++t) jo[t] = at.n;
+  return m;
+}
+
+inline vd gather(const double* a, const int64_t* j) {
+  vd v;
+  for (int l = 0; l < W; ++l) v[l] = a[j[l]];
+  return v;
+}
+inline void scatter_add(double* a, const int64_t* j, vd v) {
+  for (int l = 0; l < W; ++l) a[j[l]] += v[l];
+}
+
+inline Block list_block(const Atoms& at, int64_t i, const int64_t* j) {
+  Block b;
+  b.dx = bcast(at.x[i]) - gather(at.x, j);
+  b.dy = bcast(at.y[i]) - gather(at.y, j);
+  b.dz = bcast(at.z[i]) - gather(at.z, j);
+  b.r2 = b.dx * b.dx + b.dy * b.dy + b.dz * b.dz;
+  b.r = tmk::tm_sqrt(b.r2);
+  vl lane;
+  for (int l = 0; l < W; ++l) lane[l] = j[l];
+  b.valid = lane < at.n;
+  return b;
+}
+
+void psi_list_row(const Atoms& at, int64_t i, const int64_t* js, int64_t m, Acc& u) {
+  const vd or_i = bcast(at.off[i]), sr_i = bcast(at.sr[i]);
+  vd acc = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const Block b = list_block(at, i, js + s);
+    const vd or_j = gather(at.off, js + s), sr_j = gather(at.sr, js + s);
+    const vd inv_r = 1.0 / b.r;
+    vd tij, dij, tji, dji;
+    tmk::gb_integral_d(b.r, inv_r, or_i, sr_j, tij, dij);
+    tmk::gb_integral_d(b.r, inv_r, or_j, sr_i, tji, dji);
+    acc += sel(b.valid & ((b.r + sr_j) - or_i >= 0.0), tij, vd{});
+    scatter_add(u.a, js + s, sel(b.valid & ((b.r + sr_i) - or_j >= 0.0), tji, vd{}));
+  }
+  u.a[i] += hsum(acc);
+}
+
+void pair_list_row(const Atoms& at, int64_t i, const int64_t* js, int64_t m, Acc& u) {
+  vd acc = {}, gx = {}, gy = {}, gz = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const Block b = list_block(at, i, js + s);
+    const vd qq = bcast(at.qgb[i]) * gather(at.qgb, js + s);
+    const Jet<vd, 3> h = tmk::gb_pair(seed<3>(b.r, 0), seed<3>(bcast(at.born[i]), 1),
+                                      seed<3>(gather(at.born, js + s), 2), at.pre);
+    acc += sel(b.valid, qq * h.d[1], vd{});
+    scatter_add(u.a, js + s, sel(b.valid, qq * h.d[2], vd{}));
+    const vd f = sel(b.valid, qq * h.d[0] / b.r, vd{});
+    const vd fx = f * b.dx, fy = f * b.dy, fz = f * b.dz;
+    gx += fx;
+    gy += fy;
+    gz += fz;
+    scatter_add(u.gx, js + s, -fx);
+    scatter_add(u.gy, js + s, -fy);
+    scatter_add(u.gz, js + s, -fz);
+  }
+  u.a[i] += hsum(acc);
+  u.gx[i] += hsum(gx);
+  u.gy[i] += hsum(gy);
+  u.gz[i] += hsum(gz);
+}
+
+void chain_list_row(const Atoms& at, int64_t k, const int64_t* js, int64_t m, Acc& u) {
+  const vd or_k = bcast(at.off[k]), sr_k = bcast(at.sr[k]), c_k = bcast(at.cfac[k]);
+  vd gx = {}, gy = {}, gz = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const Block b = list_block(at, k, js + s);
+    const vd or_j = gather(at.off, js + s), sr_j = gather(at.sr, js + s);
+    const vd inv_r = 1.0 / b.r;
+    vd t, akj, ajk;
+    tmk::gb_integral_d(b.r, inv_r, or_k, sr_j, t, akj);
+    tmk::gb_integral_d(b.r, inv_r, or_j, sr_k, t, ajk);
+    akj = sel(b.valid & ((b.r + sr_j) - or_k >= 0.0), akj * inv_r, vd{});
+    ajk = sel(b.valid & ((b.r + sr_k) - or_j >= 0.0), ajk * inv_r, vd{});
+    const vd sv = c_k * akj + gather(at.cfac, js + s) * ajk;
+    const vd fx = sv * b.dx, fy = sv * b.dy, fz = sv * b.dz;
+    gx += fx;
+    gy += fy;
+    gz += fz;
+    scatter_add(u.gx, js + s, -fx);
+    scatter_add(u.gy, js + s, -fy);
+    scatter_add(u.gz, js + s, -fz);
+  }
+  u.gx[k] += hsum(gx);
+  u.gy[k] += hsum(gy);
+  u.gz[k] += hsum(gz);
+}
+
+thread_local Scratch t_heads;
+
+ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                              ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
+                              ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::S32> idx,
+                              double pre, double cutoff, ffi::ResultBuffer<ffi::F64> grad) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_gb_list_gradient: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const size_t un = (size_t)n;
+  if (q_gb.element_count() != un || radius.element_count() != un ||
+      scale.element_count() != un)
+    return ffi::Error::InvalidArgument(
+        "tm_gb_list_gradient: the charge, radius and scale must be (" + std::to_string(n) +
+        ",)");
+  const auto id = idx.dimensions();
+  if (id.size() != 2 || id[0] != n)
+    return ffi::Error::InvalidArgument("tm_gb_list_gradient: idx must have shape (N, K)");
+  if (!(cutoff > 0.0))
+    return ffi::Error::InvalidArgument("tm_gb_list_gradient: the cutoff must be > 0");
+  const int64_t k = id[1];
+  double* g = grad->typed_data();
+  std::memset(g, 0, sizeof(double) * 3 * un);
+  if (n < 2) return ffi::Error::Success();
+
+  // structure of arrays, padded with W far-away atoms (each beyond the cutoff of all)
+  const int64_t np = n + W;
+  enum { X, Y, Z, OFF, SR, BORN, QGB, CFAC, B1, NSOA };
+  double* soa = t_soa.get((size_t)NSOA * np);
+  auto col = [&](int c) { return soa + (size_t)c * np; };
+  const double* xs = x.typed_data();
+  for (int64_t i = 0; i < np; ++i) {
+    const bool real = i < n;
+    col(X)[i] = real ? xs[3 * i] : 1e4 + 10.0 * (double)i;
+    col(Y)[i] = real ? xs[3 * i + 1] : 0.0;
+    col(Z)[i] = real ? xs[3 * i + 2] : 0.0;
+    const double rad = real ? radius.typed_data()[i] : 0.15;
+    col(OFF)[i] = rad - tmk::GB_DIELECTRIC_OFFSET;
+    col(SR)[i] = (real ? scale.typed_data()[i] : 0.8) * col(OFF)[i];
+    col(QGB)[i] = real ? q_gb.typed_data()[i] : 0.0;
+    col(BORN)[i] = 0.15;
+    col(CFAC)[i] = 0.0;
+  }
+  Atoms at{n,         col(X),    col(Y),    col(Z),    col(OFF), col(SR), col(BORN),
+           col(QGB),  col(CFAC), nullptr,   nullptr,   nullptr,  nullptr, nullptr,
+           pre};
+
+  // the rows' heads within the cutoff, found once for the three passes
+  const int64_t cap = (k + W - 1) / W * W;
+  int64_t* heads = reinterpret_cast<int64_t*>(t_heads.get((size_t)(n * cap + n)));
+  int64_t* counts = heads + n * cap;
+  const int32_t* list = idx.typed_data();
+  const double rc2 = cutoff * cutoff;
+  {
+    const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+    std::function<void(int)> work = [&](int u) {
+      for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i)
+        counts[i] = list_head(at, list + i * k, k, i, rc2, heads + i * cap);
+    };
+    parallel_units(pool, units, work);
+  }
+
+  const size_t per_unit = 4 * (size_t)np;  // a, gx, gy, gz
+  double* ub = t_units.get(UNITS * per_unit);
+  auto unit = [&](int u) {
+    double* b = ub + u * per_unit;
+    return Acc{b, b + np, b + 2 * np, b + 3 * np, nullptr};
+  };
+  std::memset(ub, 0, sizeof(double) * UNITS * per_unit);
+  auto run = [&](auto&& row) {
+    std::function<void(int)> work = [&](int u) {
+      Acc acc = unit(u);
+      for (int64_t i = u; i < n; i += UNITS) row(i, heads + i * cap, counts[i], acc);
+    };
+    parallel_units(pool, UNITS, work);
+  };
+  auto sum_a = [&](int64_t i) {
+    double s = 0.0;
+    for (int u = 0; u < UNITS; ++u) s += unit(u).a[i];
+    return s;
+  };
+  // pass 1: ψ → B, b'
+  run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { psi_list_row(at, i, js, m, u); });
+  for (int64_t i = 0; i < n; ++i) {
+    const double psi = sum_a(i) * col(OFF)[i];
+    const tmk::J1 b =
+        tmk::gb_born(tmk::seed1(psi, true), tmk::seed1(radius.typed_data()[i], false));
+    col(BORN)[i] = b.v;
+    col(B1)[i] = b.d[0];
+  }
+  for (int u = 0; u < UNITS; ++u) std::memset(unit(u).a, 0, sizeof(double) * np);
+  // pass 2: β and the pair gradient
+  run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { pair_list_row(at, i, js, m, u); });
+  for (int64_t i = 0; i < n; ++i) {  // c = β b' or
+    const tmk::J1 e = tmk::gb_self(tmk::seed1(col(BORN)[i], true),
+                                   tmk::seed1(col(QGB)[i], false),
+                                   tmk::seed1(radius.typed_data()[i], false), pre);
+    col(CFAC)[i] = (e.d[0] + sum_a(i)) * col(B1)[i] * col(OFF)[i];
+  }
+  // pass 3: the Born-radius chain
+  run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { chain_list_row(at, i, js, m, u); });
+  for (int u = 0; u < UNITS; ++u) {
+    const Acc a = unit(u);
+    for (int64_t i = 0; i < n; ++i) {
+      g[3 * i] += a.gx[i];
+      g[3 * i + 1] += a.gy[i];
+      g[3 * i + 2] += a.gz[i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPairGradient, PairGradientImpl,
@@ -385,5 +613,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPairGradient, PairGradientImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // excl
                                   .Attr<double>("pre")
                                   .Attr<double>("cache_bytes")
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGbListGradient, GbListGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // q_gb
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // radius
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Attr<double>("pre")
+                                  .Attr<double>("cutoff")
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
 );

@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -44,6 +43,9 @@ from timemachine import neighbours  # noqa: E402
 from timemachine.bench.plain_md import native_gb_system  # noqa: E402
 from timemachine.files import atomic_write_text  # noqa: E402
 from timemachine.fitting.sampling import EquilibriumChains  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from periodic_bench import _median_time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VILLIN = os.path.join(HERE, "..", "examples", "rg_villin", "villin_hp35.pdb")
@@ -65,15 +67,6 @@ def villin_grid(copies):
         shift = SPACING * np.array([c // (side * side), (c // side) % side, c % side])
         modeller.add(pdb.topology, (x + shift) * unit.nanometer)
     return modeller.topology, np.asarray(modeller.positions.value_in_unit(unit.nanometer))
-
-
-def _median_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ours(system, x, integ, steps):

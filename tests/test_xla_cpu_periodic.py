@@ -97,10 +97,19 @@ def test_the_compiled_build_from_a_mask_has_the_jax_builds_partners(water, perio
     mask = np.asarray(term.pair_mask)
     idx, overflow = xla_cpu.neighbour_build(jnp.asarray(x), box, 0.6, 200, mask=mask)
     ref = _jax_build(jnp.asarray(x), mask, box, 0.6, 200)
-    if periodic:  # the compiled build takes its cell list (the box is 3.7 radii across)
-        assert _parts(idx, system.n_atoms) == _parts(ref.idx, system.n_atoms)
-    else:  # every atom by index, as the JAX build
-        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.idx))
+    # the compiled build takes its cell list: the box is 3.7 radii across, and without
+    # one a virtual box around the atoms (whose images never come within the radius)
+    assert _parts(idx, system.n_atoms) == _parts(ref.idx, system.n_atoms)
+    if not periodic:  # a spread-out x (3 cells a side per atom) or a NaN: every j by index
+        far = np.asarray(x) * np.array([1.0, 1.0, 1000.0])
+        got, _ = xla_cpu.neighbour_build(jnp.asarray(far), None, 0.6, 200, mask=mask)
+        want = _jax_build(jnp.asarray(far), mask, None, 0.6, 200).idx
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        bad = np.asarray(x).copy()
+        bad[3, 1] = np.nan
+        got, _ = xla_cpu.neighbour_build(jnp.asarray(bad), None, 0.6, 200, mask=mask)
+        want = _jax_build(jnp.asarray(bad), mask, None, 0.6, 200).idx
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not bool(overflow) and not bool(ref.overflow)
     # the lists: every allowed pair within the radius, each in both rows
     n = system.n_atoms
@@ -193,6 +202,19 @@ g_fast = np.asarray(jax.jit(lambda y: structured.gradient_fn(system)(y, theta, l
 others = [t for t in system.terms if t is not term]
 g_other = np.asarray(jax.jit(jax.grad(lambda y: sum(t.energy(y, theta) for t in others)))(x))
 assert np.abs(g_fast - (gj + g_other)).max() <= 1e-10 * np.abs(gj).max()
+# without a box: the list build's cells in a virtual box around the atoms, every pair
+# (generalized Born's list) and the masked pairs, against the dense JAX build
+from timemachine.potentials import cutoffs
+pos = np.asarray(x)
+near = np.sum((pos[:, None] - pos[None]) ** 2, -1) < 0.36
+mask = np.asarray(term.pair_mask)
+for allowed in (None, mask):
+    idx, over = xla_cpu.neighbour_build(x, None, 0.6, 160, mask=allowed)
+    want = near & ~np.eye(len(pos), dtype=bool) & (True if allowed is None else mask)
+    got = np.zeros_like(want)
+    r, c = np.nonzero(np.asarray(idx) < len(pos))
+    got[r, np.asarray(idx)[r, c]] = True
+    assert not bool(over) and (got == want).all()
 print(system.n_atoms, "atoms", wrt.size, "tangents", "clean")
 """
 
@@ -205,7 +227,8 @@ def test_periodic_custom_calls_run_clean_under_address_and_undefined_behaviour_s
     partials, PME field gather and tangent spread and gather) built with ASan and UBSan
     inside XLA's compiled programs: a TIP3P box 1.6 nm across with PME, cutoff 0.75 nm,
     the tangents of its charges, σ and ε (6: a partial chunk); the results match the
-    pure-JAX paths. The reaction field runs the same code with the erfc off."""
+    pure-JAX paths; the list build without a box (its virtual box's cells). The reaction
+    field runs the same code with the erfc off."""
     import os
     import subprocess
     import sys

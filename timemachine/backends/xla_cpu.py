@@ -284,12 +284,14 @@ def neighbour_build(x, box, radius, capacity, exclusions=None, mask=None):
     The allowed pairs: ``exclusions``, the (N, M) ``cutoffs.exclusion_table`` (the JAX
     build's cell-list case: the box must be 2.5 radii across), ``mask``, the (N, N)
     bool of allowed pairs, or neither: every pair (generalized Born's list). In a
-    periodic ``box`` (3,) nm 2.5 radii across the candidates
-    come from a cell list (O(N): cells of edge ≥ radius/2, the 5³ around each atom's,
-    skipping those wholly beyond the radius; the order within a row's two parts then
-    differs from the JAX build's), else they are every atom by index (the JAX build's
-    order; box (3,) or None). The cells hold every atom, so only a row over ``capacity``
-    overflows."""
+    periodic ``box`` (3,) nm 2.5 radii across, and without a box (box None: cells of a
+    virtual box around the atoms, its edges their extent plus the radius, so that the
+    minimum image keeps exactly the true pairs), the candidates come from a cell list
+    (O(N): cells of edge ≥ radius/2, the 5³ around each atom's, skipping those wholly
+    beyond the radius; the order within a row's two parts then differs from the JAX
+    build's), else (a small periodic box; x not finite or more than 8 cells per atom)
+    they are every atom by index (the JAX build's order). The cells hold every atom, so
+    only a row over ``capacity`` overflows."""
     n = x.shape[0]
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
     if mask is None:

@@ -190,6 +190,15 @@ def _pair_and_slopes(r, born_i, born_j, qq, pre, cutoff, inside):
     return energy, d_r, d_born_i
 
 
+def _pair_block(x, charge, born, pre, cutoff, i, j):
+    """A row block's pairs (``_list_rows``) and their GB pair energies and slopes
+    (``_pair_and_slopes``): (d, inside, r, j, energy, d/dr, d/dB_i)."""
+    d, inside, r, j = _list_rows(x, i, j, cutoff)
+    qq = charge[i][:, None] * charge[j]
+    return (d, inside, r, j,
+            *_pair_and_slopes(r, born[i][:, None], born[j], qq, pre, cutoff, inside))  # fmt: skip
+
+
 def _list_blocks(neighbours, pairs_per_block):
     from timemachine.potentials.cutoffs import _row_blocks
 
@@ -232,11 +241,7 @@ def obc2_neighbour_energy(x, charge, radius, scale, neighbours, cutoff,
     rows, table = _list_blocks(neighbours, pairs_per_block)
 
     def one_block(args):
-        i, j = args
-        _, inside, r, j = _list_rows(x, i, j, cutoff)
-        qq = charge[i][:, None] * charge[j]
-        energy, _, _ = _pair_and_slopes(r, born[i][:, None], born[j], qq, pre, cutoff, inside)
-        return jnp.sum(energy)
+        return jnp.sum(_pair_block(x, charge, born, pre, cutoff, *args)[4])
 
     e_pair = 0.5 * jnp.sum(jax.lax.map(jax.checkpoint(one_block), (rows, table)))
     e = jnp.sum(gb_self(born, charge, radius, pre)) + e_pair
@@ -265,11 +270,7 @@ def obc2_neighbour_gradient(x, charge, radius, scale, neighbours, cutoff,
     rows, table = _list_blocks(neighbours, pairs_per_block)
 
     def pair_born_slope(args):
-        i, j = args
-        _, inside, r, j = _list_rows(x, i, j, cutoff)
-        qq = charge[i][:, None] * charge[j]
-        _, _, d_born = _pair_and_slopes(r, born[i][:, None], born[j], qq, pre, cutoff, inside)
-        return jnp.sum(d_born, axis=1)
+        return jnp.sum(_pair_block(x, charge, born, pre, cutoff, *args)[6], axis=1)
 
     _, self_slope = jax.jvp(lambda b: gb_self(b, charge, radius, pre), (born,),
                             (jnp.ones_like(born),))  # fmt: skip
@@ -277,10 +278,8 @@ def obc2_neighbour_gradient(x, charge, radius, scale, neighbours, cutoff,
     c = (self_slope + pair_slope) * dborn
 
     def gradient_rows(args):
-        i, j = args
-        d, inside, r, j = _list_rows(x, i, j, cutoff)
-        qq = charge[i][:, None] * charge[j]
-        _, d_r, _ = _pair_and_slopes(r, born[i][:, None], born[j], qq, pre, cutoff, inside)
+        i = args[0]
+        d, inside, r, j, _, d_r, _ = _pair_block(x, charge, born, pre, cutoff, *args)
         _, slope_i = _born_term_and_slope(r, offset_r[i][:, None], sr[j], inside)
         _, slope_j = _born_term_and_slope(r, offset_r[j], sr[i][:, None], inside)
         w = (d_r + c[i][:, None] * slope_i + c[j] * slope_j) / r

@@ -1194,9 +1194,10 @@ thread_local Scratch t_cellx, t_runr2;  // the members' coordinates; a run's r²
 // The Verlet list of cutoffs.build_neighbours: every allowed pair within `radius`, in
 // both rows, each row's partners j > i first, then those j < i, the first K kept, padded
 // with N. The allowed pairs are an exclusion table's (N, M) complement (mask empty) or
-// an (N, N) mask. In a periodic box 2.5 radii across, atom i's candidates are the atoms
-// of the cells around its own (below); otherwise every j by index (the JAX build's
-// order). The partners are the JAX build's; their order within each part differs where
+// an (N, N) mask, or every pair (an (N, 0) table). In a periodic box 2.5 radii across,
+// or without one (a virtual box around the atoms), atom i's candidates are the atoms of
+// the cells around its own (below); otherwise every j by index (the JAX build's order).
+// The partners are the JAX build's; their order within each part differs where
 // the cells do. overflow (int32) is 1 when a row had more than K partners (the cells
 // hold every atom: no cell overflows, unlike the JAX table).
 ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
@@ -1219,8 +1220,30 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     return ffi::Error::InvalidArgument("tm_neighbour_build: box must be (3,) or empty");
   const double* xs = x.typed_data();
   const double* bx = box.element_count() ? box.typed_data() : nullptr;
-  // a periodic box 2.5 radii across takes the cell list (below), whichever the JAX build
-  // would use (it sums densely where its own cells would hold a third of the box)
+  // no periodic box (CutoffNonPeriodic, generalized Born): the cells of a virtual one,
+  // each edge the atoms' extent plus the radius and at least 2.5 radii. No image of an
+  // atom then comes within the radius of another along any axis, so the minimum image
+  // keeps exactly the true pairs, each at its true distance (|d| < r < L/2). Dense where
+  // x is not finite or so spread out that the cells would outnumber 8 per atom.
+  double vbox[3];
+  if (!bx && n > 0) {
+    bool finite = true;
+    for (int64_t a = 0; a < 3 * n; ++a) finite = finite && std::isfinite(xs[a]);
+    double cells = 1.0;
+    for (int e = 0; finite && e < 3; ++e) {
+      double lo = xs[e], hi = xs[e];
+      for (int64_t i = 1; i < n; ++i) {
+        lo = std::min(lo, xs[3 * i + e]);
+        hi = std::max(hi, xs[3 * i + e]);
+      }
+      vbox[e] = std::max(hi - lo + 1.001 * radius, 2.501 * radius);
+      cells *= std::floor(vbox[e] / (0.5 * radius));
+    }
+    if (finite && radius > 0.0 && cells <= 8.0 * (double)n + 64.0) bx = vbox;
+  }
+  // a box (periodic, or the virtual one) 2.5 radii across takes the cell list (below),
+  // whichever the JAX build would use (it sums densely where its own cells would hold a
+  // third of the box, and without a periodic box always)
   bool use_cells = bx != nullptr;
   for (int e = 0; use_cells && e < 3; ++e) use_cells = std::floor(bx[e] / (0.5 * radius)) >= 5;
   // the allowed pairs: the exclusion table's rows (mask empty; the JAX build's cell-list

@@ -418,6 +418,19 @@ inline Block list_block(const Atoms& at, int64_t i, const int64_t* j) {
   return b;
 }
 
+// a pair force f d (f = φ'/r, d = x_i - x_j) onto row i's sums and, negated, onto the
+// partners' in the unit's arrays
+inline void add_pair_forces(Acc& u, const int64_t* js, const Block& b, vd f, vd& gx, vd& gy,
+                            vd& gz) {
+  const vd fx = f * b.dx, fy = f * b.dy, fz = f * b.dz;
+  gx += fx;
+  gy += fy;
+  gz += fz;
+  scatter_add(u.gx, js, -fx);
+  scatter_add(u.gy, js, -fy);
+  scatter_add(u.gz, js, -fz);
+}
+
 void psi_list_row(const Atoms& at, int64_t i, const int64_t* js, int64_t m, Acc& u) {
   const vd or_i = bcast(at.off[i]), sr_i = bcast(at.sr[i]);
   vd acc = {};
@@ -443,14 +456,7 @@ void pair_list_row(const Atoms& at, int64_t i, const int64_t* js, int64_t m, Acc
                                       seed<3>(gather(at.born, js + s), 2), at.pre);
     acc += sel(b.valid, qq * h.d[1], vd{});
     scatter_add(u.a, js + s, sel(b.valid, qq * h.d[2], vd{}));
-    const vd f = sel(b.valid, qq * h.d[0] / b.r, vd{});
-    const vd fx = f * b.dx, fy = f * b.dy, fz = f * b.dz;
-    gx += fx;
-    gy += fy;
-    gz += fz;
-    scatter_add(u.gx, js + s, -fx);
-    scatter_add(u.gy, js + s, -fy);
-    scatter_add(u.gz, js + s, -fz);
+    add_pair_forces(u, js + s, b, sel(b.valid, qq * h.d[0] / b.r, vd{}), gx, gy, gz);
   }
   u.a[i] += hsum(acc);
   u.gx[i] += hsum(gx);
@@ -470,14 +476,7 @@ void chain_list_row(const Atoms& at, int64_t k, const int64_t* js, int64_t m, Ac
     tmk::gb_integral_d(b.r, inv_r, or_j, sr_k, t, ajk);
     akj = sel(b.valid & ((b.r + sr_j) - or_k >= 0.0), akj * inv_r, vd{});
     ajk = sel(b.valid & ((b.r + sr_k) - or_j >= 0.0), ajk * inv_r, vd{});
-    const vd sv = c_k * akj + gather(at.cfac, js + s) * ajk;
-    const vd fx = sv * b.dx, fy = sv * b.dy, fz = sv * b.dz;
-    gx += fx;
-    gy += fy;
-    gz += fz;
-    scatter_add(u.gx, js + s, -fx);
-    scatter_add(u.gy, js + s, -fy);
-    scatter_add(u.gz, js + s, -fz);
+    add_pair_forces(u, js + s, b, c_k * akj + gather(at.cfac, js + s) * ajk, gx, gy, gz);
   }
   u.gx[k] += hsum(gx);
   u.gy[k] += hsum(gy);

@@ -341,6 +341,31 @@ def test_the_plain_step_takes_the_list_custom_call(peptide, cut_system):
     assert np.isnan(np.asarray(xla_cpu_gb.gb_list_gradient(small, x, theta, over))).all()
 
 
+def test_chains_and_sensitivities_on_the_gb_list_match_the_exact_sums(peptide, cut_system):
+    """Two equilibrium chains (60 steps of 1 fs: lists rebuilt on schedule every 12 steps
+    and whenever stale) and 30 steps of dx/dθ for GB radii and torsion barriers, on the
+    Verlet lists and with them off (every pair, every step): the same to round-off."""
+    from timemachine import neighbours
+    from timemachine.fitting.sampling import EquilibriumChains
+
+    _, x = peptide
+    exact = neighbours.with_neighbour_list(cut_system, x, skin=0)
+    assert neighbours.has_neighbours(cut_system) and not neighbours.has_neighbours(exact)
+    integ = tm.LangevinIntegrator(300.0, 1.0, 0.001, seed=3)
+    assert int(neighbours.period(cut_system, integ.dt)) == 12
+    chains = {}
+    for name, system in (("exact", exact), ("listed", cut_system)):
+        run = EquilibriumChains(system, x, integ, n_chains=2, save_every=30)
+        chains[name] = run.sample(np.asarray(system.params), 60).x
+    assert np.abs(chains["exact"] - chains["listed"]).max() < 1e-10
+    wrt = cut_system.select(["gb/*/radius", "torsion/*/k*"])[:8]
+    d = {name: np.asarray(tm.simulate(system, x, integ, 30, wrt=wrt, save_every=30,
+                                      progress=False).dx_dtheta)
+         for name, system in (("exact", exact), ("listed", cut_system))}  # fmt: skip
+    assert np.abs(d["exact"]).max() > 0
+    assert np.abs(d["listed"] - d["exact"]).max() <= 1e-10 * np.abs(d["exact"]).max()
+
+
 @pytest.mark.slow
 def test_cutoff_gb_dx_dtheta_matches_central_finite_differences(peptide, cut_system):
     """dx/dθ of two GB parameters over 100 Langevin steps of 0.5 fs against central

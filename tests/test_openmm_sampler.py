@@ -127,6 +127,38 @@ def test_openmm_chains_on_the_reference_platform_resume_bit_for_bit(tmp_path):
                **{**kw, "sampler": "jax"})  # fmt: skip
 
 
+def test_for_system_keeps_the_systems_cutoff(tmp_path):
+    """sampler="openmm" rebuilds the engine's System in OpenMM with its nonbonded method:
+    OBC2 with CutoffNonPeriodic (the reaction field and the GB pairs within the cutoff, the
+    LJ switch) gives OpenMM Reference the engine's energy and forces to 1e-9 (measured
+    1e-11); with NoCutoff it would be hundreds of kJ/mol away. A periodic System is
+    refused, naming the way."""
+    import openmm as mm
+    import openmm.unit as unit
+    from conftest import TIP3P_FILES, tip3p_box
+
+    top, x = tm.build_peptide("AKDEGRSTAKDEW", phi=-140.0, psi=130.0)  # 3.7 nm long
+    system, x = tm.load_system((top, x), implicit_solvent="obc2", switch_distance=0.8,
+                               nonbonded_method="CutoffNonPeriodic", cutoff=1.0)  # fmt: skip
+    samp = OpenMMSampler.for_system(system, x, platform="Reference")
+    ctx = mm.Context(samp.openmm_system, mm.VerletIntegrator(0.001),
+                     mm.Platform.getPlatformByName("Reference"))  # fmt: skip
+    ctx.setPositions(x * unit.nanometer)
+    state = ctx.getState(getEnergy=True, getForces=True)
+    e = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    f = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    e_ref, f_ref = float(system.energy(x)), -np.asarray(system.gradient(x))
+    assert abs(e - e_ref) <= 1e-9 * abs(e_ref), (e, e_ref)
+    assert np.sqrt(np.mean((f - f_ref) ** 2)) <= 1e-9 * np.sqrt(np.mean(f_ref**2))
+    no_cutoff, _ = tm.load_system((top, x), implicit_solvent="obc2")
+    assert abs(float(no_cutoff.energy(x)) - e_ref) > 100.0
+    box_top, box_x = tip3p_box(1.6)
+    periodic, box_x = tm.load_system((box_top, box_x), forcefield=TIP3P_FILES,
+                                     nonbonded_method="PME", cutoff=0.75)  # fmt: skip
+    with pytest.raises(InputError, match=r"this one is periodic: pass sampler=OpenMMSampler"):
+        OpenMMSampler.for_system(periodic, box_x, platform="Reference")
+
+
 def test_what_the_openmm_sampler_cannot_do_is_refused_naming_it(solvated):
     s = solvated
     samp = OpenMMSampler(s.openmm_system, s.positions, platform="Reference", minimize=False)

@@ -213,23 +213,42 @@ class OpenMMSampler:
     def for_system(cls, system: System, x, platform=None, properties=None):
         """The sampler of the engine's own System in OpenMM: its force field exported
         (``timemachine.export_forcefield``, the native GBSAOBCForce for OBC2) and built
-        on its topology without cutoffs or constraints, started at ``x`` (N, 3) nm. This
-        is ``sampler="openmm"``."""
+        on its topology without constraints, with the System's nonbonded method (NoCutoff,
+        or CutoffNonPeriodic with its cutoff and switch: reaction field and, in OBC2, the
+        GB pairs within the same cutoff), started at ``x`` (N, 3) nm. This is
+        ``sampler="openmm"``. A periodic System is refused: it comes from an OpenMM
+        System of its own (``OpenMMSampler(openmm_system, positions)``)."""
         import os
         import tempfile
 
         import openmm.app as app
+        import openmm.unit as unit
 
         from timemachine.io import export_forcefield
 
         if system.topology is None:
             raise InputError('sampler="openmm" needs a System with a topology (load_system)')
+        options = {"nonbondedMethod": app.NoCutoff}
+        for t in system.terms:
+            if t.kind != "nonbonded-cutoff":
+                continue
+            if t.box is not None:
+                raise InputError(
+                    'sampler="openmm" rebuilds a System without cutoffs or with '
+                    "CutoffNonPeriodic; this one is periodic: pass "
+                    "sampler=OpenMMSampler(openmm_system, positions) with the OpenMM System "
+                    "it came from"
+                )
+            options = {"nonbondedMethod": app.CutoffNonPeriodic,
+                       "nonbondedCutoff": t.cutoff * unit.nanometer}  # fmt: skip
+            if t.switch_distance is not None:
+                options["switchDistance"] = t.switch_distance * unit.nanometer
         with tempfile.TemporaryDirectory(prefix="timemachine-openmm-") as tmp:
             path = os.path.join(tmp, "forcefield.xml")
             export_forcefield(system, system.params, path)
             omm = app.ForceField(path).createSystem(
-                system.topology, nonbondedMethod=app.NoCutoff, constraints=None,
-                rigidWater=False, removeCMMotion=False,
+                system.topology, constraints=None, rigidWater=False, removeCMMotion=False,
+                **options,
             )  # fmt: skip
         return cls(omm, x, platform=platform, properties=properties, minimize=False)
 

@@ -137,14 +137,14 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
     x = np.asarray(x, dtype=np.float64)
     terms = []
     for t in system.terms:
-        if getattr(t, "kind", None) == "gb" and t.cutoff is not None:
-            # generalized Born: every pair (no exclusions), no periodic images
-            capacity = 0
-            if skin > 0:
-                counts = cutoffs.neighbour_counts(x, None, None, t.cutoff + skin)
-                capacity = int(np.ceil(counts.max() * margin)) + 16
-            t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity)
-        elif hasattr(t, "build_neighbours") and getattr(t, "kind", None) != "gb":
+        if getattr(t, "kind", None) == "gb":
+            if t.cutoff is not None:  # every pair (GB excludes none), no periodic images
+                capacity = 0
+                if skin > 0:
+                    counts = cutoffs.neighbour_counts(x, None, None, t.cutoff + skin)
+                    capacity = int(np.ceil(counts.max() * margin)) + 16
+                t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity)
+        elif hasattr(t, "build_neighbours"):
             if skin == 0:
                 t = dataclasses.replace(t, skin=0.0, neighbour_capacity=0,
                                         neighbour_cells=None, neighbour_cell_capacity=0,

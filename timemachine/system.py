@@ -475,7 +475,8 @@ class OBC2:
         return cutoffs.build_neighbours(x, None, None, self.cutoff + self.skin,
                                         self.neighbour_capacity)  # fmt: skip
 
-    def _per_atom(self, params):
+    def per_atom(self, params):
+        """(charge e, radius nm, scale), each (N,), from θ (P_all,)."""
         return (params[self.charge_index], params[self.radius_index],
                 params[self.scale_index])  # fmt: skip
 
@@ -484,11 +485,11 @@ class OBC2:
         Born integrals and pairs are summed over it, else over all pairs (exact)."""
         if neighbours is not None:
             return potentials.gbsa.obc2_neighbour_energy(
-                x, *self._per_atom(params), neighbours, self.cutoff,
+                x, *self.per_atom(params), neighbours, self.cutoff,
                 self.solute_dielectric, self.solvent_dielectric,
             )  # fmt: skip
         return potentials.obc2_energy(
-            x, *self._per_atom(params), self.solute_dielectric, self.solvent_dielectric,
+            x, *self.per_atom(params), self.solute_dielectric, self.solvent_dielectric,
             self.cutoff,
         )  # fmt: skip
 
@@ -496,7 +497,7 @@ class OBC2:
         """∇_x E (N, 3) kJ/mol/nm on a fresh Verlet list, written out (no scatter;
         ``gbsa.obc2_neighbour_gradient``)."""
         return potentials.gbsa.obc2_neighbour_gradient(
-            x, *self._per_atom(params), neighbours, self.cutoff,
+            x, *self.per_atom(params), neighbours, self.cutoff,
             self.solute_dielectric, self.solvent_dielectric,
         )  # fmt: skip
 

@@ -83,12 +83,11 @@ def gb_list_gradient(term, x, params, neighbours):
     ok, why = available()
     if not ok:
         raise SimulationError(f"the CPU custom call {LIST_TARGET} cannot run here: {why}")
-    per_atom = [params[np.asarray(a)] for a in (term.charge_index, term.radius_index,
-                                                 term.scale_index)]  # fmt: skip
     call = jax.ffi.ffi_call(LIST_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float64),
                             vmap_method="sequential")  # fmt: skip
     grad = call(
-        jnp.asarray(x, jnp.float64), *per_atom, jnp.asarray(neighbours.idx, jnp.int32),
+        jnp.asarray(x, jnp.float64), *term.per_atom(params),
+        jnp.asarray(neighbours.idx, jnp.int32),
         pre=np.float64(gb_prefactor(term.solute_dielectric, term.solvent_dielectric)),
         cutoff=np.float64(term.cutoff),
     )  # fmt: skip

@@ -94,14 +94,14 @@ def make_gradient(system):
     if not xla_cpu.available()[0]:
         return None
     by_tables = coordinate_only(system)
-    gb_ok = xla_cpu_gb.available()[0]
     parts = []
     for term, tabled in zip(system.terms, by_tables, strict=True):
         if tabled:
             parts.append(None)
         elif getattr(term, "uses_neighbours", False) and hasattr(term, "_long_range"):
             parts.append(_term_gradient(term))
-        elif getattr(term, "uses_neighbours", False) and term.kind == "gb" and gb_ok:
+        elif (getattr(term, "uses_neighbours", False) and term.kind == "gb"
+              and xla_cpu_gb.available()[0]):  # fmt: skip
             parts.append(functools.partial(xla_cpu_gb.gb_list_gradient, term))
         else:
             parts.append(gradient_part(term))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from timemachine.constants import COULOMB_GB
 from timemachine.errors import InputError
+from timemachine.potentials.cutoffs import _row_blocks
 from timemachine.potentials.nonbonded import pair_distances
 
 DIELECTRIC_OFFSET = 0.009  # nm
@@ -199,16 +200,10 @@ def _pair_block(x, charge, born, pre, cutoff, i, j):
             *_pair_and_slopes(r, born[i][:, None], born[j], qq, pre, cutoff, inside))  # fmt: skip
 
 
-def _list_blocks(neighbours, pairs_per_block):
-    from timemachine.potentials.cutoffs import _row_blocks
-
-    return _row_blocks(neighbours, 1, pairs_per_block)
-
-
 def _list_born_radii(x, offset_r, sr, radius, neighbours, cutoff, pairs_per_block):
     """(B (N,), dB/dI (N,)): the Born radii from I_i summed over row i of the list."""
     n = x.shape[0]
-    rows, table = _list_blocks(neighbours, pairs_per_block)
+    rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def one_block(args):
         i, j = args
@@ -238,7 +233,7 @@ def obc2_neighbour_energy(x, charge, radius, scale, neighbours, cutoff,
     sr = scale * offset_r
     born, _ = _list_born_radii(x, offset_r, sr, radius, neighbours, cutoff, pairs_per_block)
     pre = gb_prefactor(solute_dielectric, solvent_dielectric)
-    rows, table = _list_blocks(neighbours, pairs_per_block)
+    rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def one_block(args):
         return jnp.sum(_pair_block(x, charge, born, pre, cutoff, *args)[4])
@@ -267,7 +262,7 @@ def obc2_neighbour_gradient(x, charge, radius, scale, neighbours, cutoff,
     born, dborn = _list_born_radii(x, offset_r, sr, radius, neighbours, cutoff,
                                    pairs_per_block)  # fmt: skip
     pre = gb_prefactor(solute_dielectric, solvent_dielectric)
-    rows, table = _list_blocks(neighbours, pairs_per_block)
+    rows, table = _row_blocks(neighbours, 1, pairs_per_block)
 
     def pair_born_slope(args):
         return jnp.sum(_pair_block(x, charge, born, pre, cutoff, *args)[6], axis=1)

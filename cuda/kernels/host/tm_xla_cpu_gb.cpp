@@ -229,6 +229,44 @@ void chain_row(const Atoms& at, int64_t k, Acc& u, const double* cache) {
   u.gz[k] += hsum(gz);
 }
 
+// Between the passes, shared by the all-pairs and the list calls (sum_a(i): atom i's sum
+// over the units, in unit order):
+// after pass 1, B_i = b(ψ_i) and b'_i from ψ_i = or_i Σ T
+template <class SumA>
+void born_from_psi(int64_t n, const double* off, const double* radius, SumA sum_a,
+                   double* born, double* b1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const tmk::J1 b =
+        tmk::gb_born(tmk::seed1(sum_a(i) * off[i], true), tmk::seed1(radius[i], false));
+    born[i] = b.v;
+    b1[i] = b.d[0];
+  }
+}
+
+// after pass 2, c_i = β_i b'_i or_i with β_i = e'(B_i) + the pair sums
+template <class SumA>
+void chain_factors(int64_t n, const double* born, const double* q, const double* radius,
+                   const double* off, const double* b1, double pre, SumA sum_a, double* cfac) {
+  for (int64_t i = 0; i < n; ++i) {
+    const tmk::J1 e = tmk::gb_self(tmk::seed1(born[i], true), tmk::seed1(q[i], false),
+                                   tmk::seed1(radius[i], false), pre);
+    cfac[i] = (e.d[0] + sum_a(i)) * b1[i] * off[i];
+  }
+}
+
+// the units' gradients added into g (N, 3), in unit order
+template <class Unit>
+void add_unit_gradients(int64_t n, Unit unit, double* g) {
+  for (int k = 0; k < UNITS; ++k) {
+    const Acc u = unit(k);
+    for (int64_t i = 0; i < n; ++i) {
+      g[3 * i] += u.gx[i];
+      g[3 * i + 1] += u.gy[i];
+      g[3 * i + 2] += u.gz[i];
+    }
+  }
+}
+
 ffi::Error PairGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                             ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
                             ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::F64> q_nb,
@@ -331,12 +369,7 @@ ffi::Error PairGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   clear(true);
   if (gb) {  // pass 1: ψ → B, b'
     run([&](int64_t i, Acc& u) { psi_row(at, i, u, cache_row(i)); });
-    for (int64_t i = 0; i < n; ++i) {
-      const double psi = sum_a(i) * col(OFF)[i];
-      const tmk::J1 b = tmk::gb_born(tmk::seed1(psi, true), tmk::seed1(radius.typed_data()[i], false));
-      col(BORN)[i] = b.v;
-      col(B1)[i] = b.d[0];
-    }
+    born_from_psi(n, col(OFF), radius.typed_data(), sum_a, col(BORN), col(B1));
     for (int k = 0; k < UNITS; ++k) std::memset(unit(k).a, 0, sizeof(double) * np);
   }
   // pass 2: β and the c-free pair gradient
@@ -347,25 +380,14 @@ ffi::Error PairGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   else
     run([&](int64_t i, Acc& u) { pair_row<false, true>(at, i, u); });
   if (gb) {  // c = β b' or, then pass 3
-    for (int64_t i = 0; i < n; ++i) {
-      const double bi = col(BORN)[i];
-      const tmk::J1 e = tmk::gb_self(tmk::seed1(bi, true), tmk::seed1(col(QGB)[i], false),
-                                     tmk::seed1(radius.typed_data()[i], false), pre);
-      col(CFAC)[i] = (e.d[0] + sum_a(i)) * col(B1)[i] * col(OFF)[i];
-    }
+    chain_factors(n, col(BORN), col(QGB), radius.typed_data(), col(OFF), col(B1), pre, sum_a,
+                  col(CFAC));
     if (cached)
       run([&](int64_t i, Acc& u) { chain_row<true>(at, i, u, cache_row(i)); });
     else
       run([&](int64_t i, Acc& u) { chain_row<false>(at, i, u, nullptr); });
   }
-  for (int k = 0; k < UNITS; ++k) {
-    const Acc u = unit(k);
-    for (int64_t i = 0; i < n; ++i) {
-      g[3 * i] += u.gx[i];
-      g[3 * i + 1] += u.gy[i];
-      g[3 * i + 2] += u.gz[i];
-    }
-  }
+  add_unit_gradients(n, unit, g);
   return ffi::Error::Success();
 }
 
@@ -567,32 +589,15 @@ ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   };
   // pass 1: ψ → B, b'
   run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { psi_list_row(at, i, js, m, u); });
-  for (int64_t i = 0; i < n; ++i) {
-    const double psi = sum_a(i) * col(OFF)[i];
-    const tmk::J1 b =
-        tmk::gb_born(tmk::seed1(psi, true), tmk::seed1(radius.typed_data()[i], false));
-    col(BORN)[i] = b.v;
-    col(B1)[i] = b.d[0];
-  }
+  born_from_psi(n, col(OFF), radius.typed_data(), sum_a, col(BORN), col(B1));
   for (int u = 0; u < UNITS; ++u) std::memset(unit(u).a, 0, sizeof(double) * np);
   // pass 2: β and the pair gradient
   run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { pair_list_row(at, i, js, m, u); });
-  for (int64_t i = 0; i < n; ++i) {  // c = β b' or
-    const tmk::J1 e = tmk::gb_self(tmk::seed1(col(BORN)[i], true),
-                                   tmk::seed1(col(QGB)[i], false),
-                                   tmk::seed1(radius.typed_data()[i], false), pre);
-    col(CFAC)[i] = (e.d[0] + sum_a(i)) * col(B1)[i] * col(OFF)[i];
-  }
+  chain_factors(n, col(BORN), col(QGB), radius.typed_data(), col(OFF), col(B1), pre, sum_a,
+                col(CFAC));
   // pass 3: the Born-radius chain
   run([&](int64_t i, const int64_t* js, int64_t m, Acc& u) { chain_list_row(at, i, js, m, u); });
-  for (int u = 0; u < UNITS; ++u) {
-    const Acc a = unit(u);
-    for (int64_t i = 0; i < n; ++i) {
-      g[3 * i] += a.gx[i];
-      g[3 * i + 1] += a.gy[i];
-      g[3 * i + 2] += a.gz[i];
-    }
-  }
+  add_unit_gradients(n, unit, g);
   return ffi::Error::Success();
 }
 

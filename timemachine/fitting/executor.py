@@ -180,15 +180,18 @@ class Executor:
 
     def map(self, fn, items, *shared) -> list:
         """``[fn(item, *shared) for item in items]``, the results in the order of
-        ``items``. On Dask each item is one task and ``shared`` is scattered to every
-        worker once (one copy per worker, so compiled programs keyed on it are reused
-        across that worker's tasks).
+        ``items``. On Dask each item is one task and ``shared`` is scattered to one
+        worker, each other worker fetching it once for its first task (one copy per
+        worker, so compiled programs keyed on it are reused across that worker's tasks).
+        Not ``broadcast``: the scheduler's replication retries a worker that died during
+        it forever (30 s connect timeouts, seen in CI), and the fetches serve as well.
 
         Scattered data has no task to recompute it: if every worker holding a copy dies
         (Dask's memory manager keeps one copy of data no waiting task needs), the tasks
-        that need it are cancelled ("lost dependencies"). Those items are then submitted
-        again with the shared values scattered afresh, up to ``MAX_RESUBMITS`` times; the
-        tasks are pure, so a re-run gives the same numbers. A task's own error is raised.
+        that need it are cancelled ("lost dependencies"); a scatter to a worker that just
+        died fails. Those items are then submitted again with the shared values
+        scattered afresh, up to ``MAX_RESUBMITS`` times; the tasks are pure, so a re-run
+        gives the same numbers. A task's own error is raised.
         """
         items = list(items)
         if self.kind == "in-process":
@@ -199,12 +202,15 @@ class Executor:
 
         results, pending = [None] * len(items), list(range(len(items)))
         for _ in range(1 + MAX_RESUBMITS):
-            futures_shared = [
-                self.client.scatter([s], broadcast=True, hash=False)[0] for s in shared
-            ]
-            futures = {i: self.client.submit(fn, items[i], *futures_shared, pure=False)
-                       for i in pending}  # fmt: skip
+            futures, futures_shared = {}, []
             try:
+                try:
+                    for value in shared:
+                        futures_shared.append(self.client.scatter([value], hash=False)[0])
+                except OSError:  # the worker it went to died (CommClosedError and timeouts)
+                    continue
+                futures = {i: self.client.submit(fn, items[i], *futures_shared, pure=False)
+                           for i in pending}  # fmt: skip
                 pending = []
                 for i, f in futures.items():
                     try:

@@ -24,6 +24,18 @@ each N, interleaved:
 
 Each is the median of 3 timings of ``--steps`` steps after a compiling warm-up. The
 exponents are least-squares slopes of log(ms) against log(N) (1: linear; 2: all pairs).
+
+Then the sensitivity rows, for ``--zeta-copies`` copies, P = ``--params`` torsion
+barriers (the first of ``torsion/*/k*``):
+
+* ``gb_zeta_ms``: one call of the GB term's structured ζ on its list
+  (``OBC2.gradient_and_zeta``: per-pair scalars and the Born-radius chain contracted with
+  all P tangents at once), against ``gb_linearize_ms``: the same ζ by ``jax.linearize``
+  of the term's list gradient, vmapped over the tangents (what ζ was before), and
+  ``gb_gradient_ms``: the plain list gradient (the custom call);
+* ``sensitivity_ms`` and ``plain_ms``: the marginal cost of one step of ``tm.simulate``
+  carrying dx/dθ and of one plain step of the whole System (``periodic_bench``'s
+  ``_marginal``), and their ratio.
 """
 
 import argparse
@@ -45,7 +57,7 @@ from timemachine.files import atomic_write_text  # noqa: E402
 from timemachine.fitting.sampling import EquilibriumChains  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from periodic_bench import _median_time  # noqa: E402
+from periodic_bench import _median_time, time_plain_marginal, time_sensitivity  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VILLIN = os.path.join(HERE, "..", "examples", "rg_villin", "villin_hp35.pdb")
@@ -94,6 +106,43 @@ def openmm_runner(topology, x, cutoff, integ, steps):
     return lambda: (lmi.step(steps), ctx.getState(getEnergy=True))
 
 
+def zeta_row(copies, cutoff, n_params, integ, steps):
+    """The sensitivity row (module docstring) of ``copies`` villins."""
+    import jax.numpy as jnp
+
+    from timemachine.backends import xla_cpu_gb
+    from timemachine.structured.autodiff import autodiff_part
+
+    top, x = villin_grid(copies)
+    system, x = tm.load_system(
+        (top, x), forcefield=FILES[:1], implicit_solvent="obc2",
+        nonbonded_method="CutoffNonPeriodic", cutoff=cutoff,
+    )  # fmt: skip
+    k = next(i for i, t in enumerate(system.terms) if t.kind == "gb")
+    gb = system.terms[k]
+    wrt = system.select(["torsion/*/k*"])[:n_params]
+    theta = jnp.asarray(system.params)
+    nb = jax.jit(lambda y: neighbours.build(system, y))(x)[k]
+    t = jnp.asarray(np.random.default_rng(0).normal(0.0, 0.01, (wrt.size,) + x.shape))
+    calls = {
+        "gb_zeta_ms": jax.jit(lambda y, th, dx, nb: gb.gradient_and_zeta(y, th, dx, wrt, nb)),
+        "gb_linearize_ms": jax.jit(lambda y, th, dx, nb: autodiff_part(gb, wrt)(y, th, dx, nb)),
+    }
+    args = {name: (x, theta, t, nb) for name in calls}
+    calls["gb_gradient_ms"] = jax.jit(lambda y, th, nb: xla_cpu_gb.gb_list_gradient(gb, y, th, nb))
+    args["gb_gradient_ms"] = (x, theta, nb)
+    row = {"copies": copies, "n_atoms": int(system.n_atoms), "n_params": int(wrt.size),
+           "gb_list_capacity": int(gb.neighbour_capacity)}  # fmt: skip
+    for name, fn in calls.items():
+        jax.block_until_ready(fn(*args[name]))  # compiles
+        row[name] = 1e3 * _median_time(lambda f=fn, a=args[name]: jax.block_until_ready(f(*a)))
+    row["gb_linearize_over_zeta"] = row["gb_linearize_ms"] / row["gb_zeta_ms"]
+    row["plain_ms"], _ = time_plain_marginal(system, x, integ, steps)
+    row["sensitivity_ms"], _, _ = time_sensitivity(system, x, integ, steps, wrt=wrt)
+    row["sensitivity_over_plain"] = row["sensitivity_ms"] / row["plain_ms"]
+    return row
+
+
 def _exponent(rows, key):
     pts = [(r["n_atoms"], r[key]) for r in rows if r.get(key)]
     if len(pts) < 2:
@@ -109,6 +158,8 @@ def main():
     ap.add_argument("--cutoff", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--exact-up-to", type=int, default=6000)
+    ap.add_argument("--zeta-copies", type=int, nargs="*", default=[1, 4])
+    ap.add_argument("--params", type=int, default=20)
     args = ap.parse_args()
     integ = tm.LangevinIntegrator(300.0, 1.0, 0.001, seed=0)
     rows = []
@@ -135,9 +186,13 @@ def main():
         row["list_over_openmm"] = row["list_ms"] / row["openmm_ms"]
         rows.append(row)
         print(f"{copies} copies: {row}", file=sys.stderr, flush=True)
+    zeta_rows = []
+    for copies in args.zeta_copies:
+        zeta_rows.append(zeta_row(copies, args.cutoff, args.params, integ, args.steps))
+        print(f"sensitivity, {copies} copies: {zeta_rows[-1]}", file=sys.stderr, flush=True)
     record = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
               "jax": jax.__version__, "cutoff_nm": args.cutoff, "dt_ps": integ.dt,
-              "steps_timed": args.steps, "rows": rows,
+              "steps_timed": args.steps, "rows": rows, "zeta_rows": zeta_rows,
               "exponent_list": _exponent(rows, "list_ms"),
               "exponent_exact": _exponent(rows, "exact_ms"),
               "exponent_openmm": _exponent(rows, "openmm_ms")}  # fmt: skip
@@ -149,9 +204,23 @@ def main():
         print(f"| {r['n_atoms']} | {r['list_ms']:.1f} | {exact} | {r['openmm_ms']:.2f} | "
               f"{r['list_over_openmm']:.1f} |")  # fmt: skip
     print(
-        f"cost ∝ N^{record['exponent_list']:.2f} on the list, "
-        f"N^{record['exponent_exact'] or float('nan'):.2f} over all pairs, "
-        f"OpenMM CPU N^{record['exponent_openmm']:.2f}; JSON: {args.json}"
+        "| N | P | GB ζ, structured (ms) | GB ζ, linearize (ms) | GB gradient (ms) | "
+        "sensitivity step (ms) | plain step (ms) | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in zeta_rows:
+        print(f"| {r['n_atoms']} | {r['n_params']} | {r['gb_zeta_ms']:.1f} | "
+              f"{r['gb_linearize_ms']:.0f} | {r['gb_gradient_ms']:.2f} | "
+              f"{r['sensitivity_ms']:.1f} | {r['plain_ms']:.2f} | "
+              f"{r['sensitivity_over_plain']:.1f} |")  # fmt: skip
+
+    def fmt(e):
+        return "n/a" if e is None else f"{e:.2f}"
+
+    print(
+        f"cost ∝ N^{fmt(record['exponent_list'])} on the list, "
+        f"N^{fmt(record['exponent_exact'])} over all pairs, "
+        f"OpenMM CPU N^{fmt(record['exponent_openmm'])}; JSON: {args.json}"
     )
 
 

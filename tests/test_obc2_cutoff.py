@@ -341,6 +341,66 @@ def test_the_plain_step_takes_the_list_custom_call(peptide, cut_system):
     assert np.isnan(np.asarray(xla_cpu_gb.gb_list_gradient(small, x, theta, over))).all()
 
 
+def test_the_structured_list_zeta_is_jax_jvp_of_the_exact_gradient(peptide, cut_system):
+    """``OBC2.gradient_and_zeta`` on the list (the Hessian-vector products from per-pair
+    scalars and the Born-radius chain, ``gbsa.obc2_neighbour_gradient_and_zeta``; the
+    mixed partials by forward mode of the list gradient): against jax.jvp of jax.grad of
+    the exact cutoff energy (no list), ≤ 1e-12 relative, for tangents alone (a torsion k,
+    which the term does not use, repeated), for the mixed partials alone (t = 0: a charge,
+    a radius and a scale, one repeated), in small blocks (several per row set) and with
+    no tangents at all; the gradient it returns is the exact one; and an overflowing list
+    gives NaN."""
+    import jax
+    import jax.numpy as jnp
+
+    from timemachine import neighbours
+    from timemachine.potentials import gbsa
+
+    _, x = peptide
+    k = next(i for i, t in enumerate(cut_system.terms) if t.kind == "gb")
+    gb = cut_system.terms[k]
+    x, theta = jnp.asarray(x), jnp.asarray(cut_system.params)
+    nb = neighbours.build(cut_system, x)[k]
+    names = cut_system.param_names
+    torsion = next(i for i, n in enumerate(names) if n.startswith("torsion/"))
+    charge = next(i for i, n in enumerate(names) if n.startswith("charge/"))
+    grad = jax.grad(gb.energy, argnums=0)  # the exact cutoff sum over all pairs
+
+    def reference(wrt, t):
+        one = jnp.eye(theta.size)
+
+        def one_tangent(dx, p):
+            return jax.jvp(grad, (x, theta), (dx, one[p]))[1]
+
+        return np.asarray(jax.jit(jax.vmap(one_tangent))(t, wrt))
+
+    rng = np.random.default_rng(4)
+    radius, scale = names.index("gb/C/radius"), names.index("gb/O/scale")
+    cases = {
+        "tangents": (np.array([torsion, torsion, torsion]), rng.normal(0, 1e-2, (3, *x.shape))),
+        "mixed": (np.array([charge, radius, scale, radius]), np.zeros((4, *x.shape))),
+    }
+    want_grad = np.asarray(grad(x, theta))
+    for label, (wrt, t) in cases.items():
+        want = reference(wrt, t)
+        assert np.abs(want).max() > 0, label
+        g, z = jax.jit(lambda y, th, dx, w=wrt: gb.gradient_and_zeta(y, th, dx, w, nb))(
+            x, theta, jnp.asarray(t))  # fmt: skip
+        assert np.abs(np.asarray(z) - want).max() <= 1e-12 * np.abs(want).max(), label
+        assert np.abs(np.asarray(g) - want_grad).max() <= 1e-12 * np.abs(want_grad).max()
+    wrt, t = cases["tangents"]
+    small = gbsa.obc2_neighbour_gradient_and_zeta(
+        x, *gb.per_atom(theta), nb, gb.cutoff, jnp.asarray(t), elements_per_block=3 * 2000
+    )[1]  # fmt: skip
+    assert np.abs(np.asarray(small) - reference(wrt, t)).max() <= 1e-12 * np.abs(small).max()
+    g0, z0 = gb.gradient_and_zeta(x, theta, jnp.zeros((0, *x.shape)), np.zeros(0, int), nb)
+    assert z0.shape == (0, *x.shape)
+    assert np.abs(np.asarray(g0) - want_grad).max() <= 1e-12 * np.abs(want_grad).max()
+    over = dataclasses.replace(gb, neighbour_capacity=8)
+    g, z = over.gradient_and_zeta(x, theta, jnp.asarray(t), wrt, over.build_neighbours(x))
+    assert np.isnan(np.asarray(g)).all() and np.isnan(np.asarray(z)).all()
+
+
 def test_chains_and_sensitivities_on_the_gb_list_match_the_exact_sums(peptide, cut_system):
     """Two equilibrium chains (60 steps of 1 fs: lists rebuilt on schedule every 12 steps
     and whenever stale) and 30 steps of dx/dθ for GB radii and torsion barriers, on the

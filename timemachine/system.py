@@ -428,11 +428,12 @@ class OBC2:
 
     ``cutoff``: None (all pairs) or r_c in nm, OpenMM's ``CutoffNonPeriodic`` GB (pairs with
     r < r_c only, the pair term shifted by -1/r_c; ``timemachine.potentials.gbsa``). With
-    a cutoff the term has no structured part and no CUDA kernel: ζ comes from forward-mode
-    autodiff of its gradient, and backend="cuda" refuses it. With a cutoff and a ``skin``
-    > 0 (``timemachine.neighbours.with_neighbour_list``) the step programs sum its Born
+    a cutoff the term has no all-pairs structured part and no CUDA kernel (backend="cuda"
+    refuses it). With a cutoff and a ``skin`` > 0
+    (``timemachine.neighbours.with_neighbour_list``) the step programs sum its Born
     integrals and pairs over a Verlet list of every pair (``neighbour_capacity`` partners
-    per row): O(N K), not O(N²).
+    per row): O(N K), not O(N²), and ζ on that list is structured
+    (``gradient_and_zeta``); without a list, ζ is forward-mode autodiff of its gradient.
     """
 
     kind = "gb"
@@ -500,6 +501,29 @@ class OBC2:
             x, *self.per_atom(params), neighbours, self.cutoff,
             self.solute_dielectric, self.solvent_dielectric,
         )  # fmt: skip
+
+    def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=None):
+        """(∇_x E (N, 3), ζ (P, N, 3)) on a fresh Verlet list for tangents dx (P, N, 3)
+        and parameters ``wrt`` (P,): the Hessian-vector products from per-pair scalars
+        and the Born-radius chain, contracted with all P tangents at once
+        (``gbsa.obc2_neighbour_gradient_and_zeta``); the mixed partials ∂²E/∂x∂θ_p of
+        the wrt parameters this term uses (charges, radii, scales) by one forward-mode
+        derivative of the list gradient each. ``host`` is unused (no compiled ζ)."""
+        wrt = np.asarray(wrt)
+        g, hvp = potentials.gbsa.obc2_neighbour_gradient_and_zeta(
+            x, *self.per_atom(params), neighbours, self.cutoff, dx,
+            self.solute_dielectric, self.solvent_dielectric,
+        )  # fmt: skip
+        used = np.concatenate([np.asarray(i) for i in (self.charge_index, self.radius_index,
+                                                        self.scale_index)])  # fmt: skip
+        cols = np.flatnonzero(np.isin(wrt, used))
+        if not cols.size:
+            return g, hvp
+        onehot = np.zeros((cols.size, params.shape[0]))
+        onehot[np.arange(cols.size), wrt[cols]] = 1.0
+        _, lin = jax.linearize(lambda th: self.gradient(x, th, neighbours), params)
+        mixed = jax.vmap(lin)(jnp.asarray(onehot, params.dtype))
+        return g, hvp.at[cols].add(mixed)
 
     def coordinate_groups(self, where):
         return []

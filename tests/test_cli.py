@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from timemachine.cli import main
@@ -23,6 +24,16 @@ def test_run_writes_trajectory_summary_and_plot(tmp_path, capsys):
     assert models == 45
     assert (out / "energy_temperature.png").stat().st_size > 10_000
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_run_takes_a_cutoff_method(tmp_path):
+    out = tmp_path / "out"
+    argv = ["run", "--nonbonded-method", "CutoffNonPeriodic", "--cutoff", "0.9", "--time",
+            "0.04", "--save-interval", "0.02", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nonbonded_method"] == "CutoffNonPeriodic" and summary["cutoff_nm"] == 0.9
+    assert summary["n_steps"] == 40 and np.isfinite(summary["final_potential_energy_kJ_mol"])
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
@@ -218,6 +229,7 @@ def test_numeric_flags_out_of_range_are_usage_errors(argv, fragments, nothing_bu
         (["fit", "--compare", "nosuch.xml"], ["--compare", "nosuch.xml"]),
         (["fit", "--compare", "amber99sbnmr.xml", "--validate-ns", "0"], ["--validate-ns 0"]),
         (["run", "--pdb", "nosuch.pdb"], ["--pdb", "nosuch.pdb"]),
+        (["run", "--cutoff", "0.9"], ["--cutoff 0.9 nm", "NoCutoff", "CutoffNonPeriodic"]),
         (["fit", "--n-workers", "3"], ["--n-workers 3", "applies to --executor dask"]),
         (
             ["fit", "--experiment", "recovery", "--executor", "tcp://h:8786", "--n-workers", "2"],

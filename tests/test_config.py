@@ -50,6 +50,23 @@ def test_a_good_configuration_gets_its_defaults(tmp_path):
     assert cfg["parameters"]["wrt"] == ["torsion/*/k*"]
 
 
+def test_a_cutoff_method_reaches_the_system(tmp_path):
+    """``[system].nonbonded_method = "CutoffNonPeriodic"`` without a cutoff takes OpenMM's
+    1 nm; ``build_system`` gives the GB and reaction-field terms that cutoff (on Verlet
+    lists), and ``--set system.cutoff=0.9`` changes it."""
+    from timemachine.config import build_system
+
+    text = _replace('sequence = "AAA"', 'sequence = "AAA"\nimplicit_solvent = "obc2"\n'
+                    'nonbonded_method = "CutoffNonPeriodic"\nminimize = false')  # fmt: skip
+    cfg = load_config(_write(tmp_path, text), "simulate")
+    assert cfg["system"]["cutoff"] == 1.0
+    cfg = load_config(_write(tmp_path, text), "simulate", [parse_override("system.cutoff=0.9")])
+    system = build_system(cfg)[0]
+    cut = {t.kind: t.cutoff for t in system.terms if getattr(t, "cutoff", None) is not None}
+    assert cut == {"gb": 0.9, "nonbonded-cutoff": 0.9}
+    assert all(t.uses_neighbours for t in system.terms if t.kind in cut)
+
+
 def test_overrides_replace_single_keys(tmp_path):
     over = [parse_override("simulate.steps=80"), parse_override("simulate.method=window")]
     cfg = load_config(_write(tmp_path, GOOD), "simulate", over)
@@ -126,6 +143,21 @@ BAD = {
         _replace('sequence = "AAA"', 'sequence = "AAA"\nimplicit_solvent = "gbn2"'),
         r"implicit_solvent = 'gbn2': must be one of obc2, none",
     ),
+    "cutoff without a cutoff method": (
+        _replace('sequence = "AAA"', 'sequence = "AAA"\ncutoff = 1.2'),
+        r"\[system\]\.cutoff = 1\.2: NoCutoff takes every pair.*CutoffNonPeriodic",
+    ),
+    "periodic method": (
+        _replace('sequence = "AAA"', 'sequence = "AAA"\nnonbonded_method = "PME"'),
+        r"\[system\]\.nonbonded_method = 'PME': must be one of NoCutoff, CutoffNonPeriodic",
+    ),
+    "negative cutoff": (
+        _replace(
+            'sequence = "AAA"',
+            'sequence = "AAA"\nnonbonded_method = "CutoffNonPeriodic"\ncutoff = -1.0',
+        ),
+        r"\[system\]\.cutoff = -1\.0: must be > 0 \(nm\)",
+    ),  # fmt: skip
     "section given a value": (GOOD.replace("[system]", 'output = "x"\n[system]'), r"output"),
     "not TOML": (GOOD + "\nsteps = = 3\n", r"run\.toml: not valid TOML"),
     "section of another command": (GOOD + "\n[fdcheck]\nsteps = 3\n", r"\[fdcheck\].*unknown"),

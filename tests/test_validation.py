@@ -131,6 +131,9 @@ def test_exported_forcefield_validates(tmp_path, ala3_targets):
             InputError,
             "more than once",
         ),
+        (dict(nonbonded_method="PME"), InputError, "nonbonded_method='PME'"),
+        (dict(cutoff=1.0), InputError, "cutoff=1.0 with NoCutoff"),
+        (dict(nonbonded_method="CutoffNonPeriodic", cutoff=-0.5), InputError, "-0.5"),
     ],
 )
 def test_bad_input(ala3_targets, change, error, match):
@@ -141,6 +144,49 @@ def test_bad_input(ala3_targets, change, error, match):
     tgts = kwargs.pop("targets")
     with pytest.raises(error, match=match):
         validate_openmm(files, top, x, tgts, n_blocks=kwargs.pop("n_blocks", 2), **kwargs)
+
+
+def test_the_validated_model_is_the_engines_with_its_cutoff(tmp_path):
+    """A model fitted with CutoffNonPeriodic (GB pairs and reaction field within 0.8 nm)
+    is validated as that model: ``openmm_system``, which ``validate_openmm`` samples, built
+    from the exported XML with the same method and cutoff (no constraints), gives the
+    engine's energy and forces to 1e-9 relative on an extended peptide longer than the
+    cutoff, where NoCutoff's differ by more than 1%; the result records the settings."""
+    import jax
+    import openmm as mm
+    import openmm.unit as unit
+
+    from timemachine.fitting.validation import openmm_system
+
+    top, x = tm.build_peptide("AKDEGRSTAK", phi=-140.0, psi=130.0)
+    options = {"nonbonded_method": "CutoffNonPeriodic", "cutoff": 0.8}
+    system, x = tm.load_system((top, x), implicit_solvent="obc2", **options)
+    path = tm.export_forcefield(system, system.params, tmp_path / "fitted.xml")
+    e, g = jax.value_and_grad(system.energy_fn())(x, jax.numpy.asarray(system.params))
+
+    def openmm_energy_forces(omm):
+        ctx = mm.Context(
+            omm, mm.VerletIntegrator(0.001), mm.Platform.getPlatformByName("Reference")
+        )
+        ctx.setPositions(x * unit.nanometer)
+        st = ctx.getState(getEnergy=True, getForces=True)
+        kj = unit.kilojoule_per_mole
+        forces = st.getForces(asNumpy=True).value_in_unit(kj / unit.nanometer)
+        return st.getPotentialEnergy().value_in_unit(kj), forces
+
+    e_omm, f_omm = openmm_energy_forces(openmm_system((path,), top, None, **options))
+    assert abs(e_omm - float(e)) <= 1e-9 * abs(float(e))
+    assert np.abs(f_omm + np.asarray(g)).max() <= 1e-9 * np.abs(f_omm).max()
+    e_all, _ = openmm_energy_forces(openmm_system((path,), top, None))
+    assert abs(e_all - float(e)) > 1e-2 * abs(float(e))
+    j = JCoupling3HNHA(top)
+    target = make_target(j, np.asarray(j(x)), 1.0, name="3J")
+    r = validate_openmm((path,), top, x, [target], time_ns=0.002, n_seeds=1, save_every_ps=0.2,
+                        equilibration_ps=0.2, n_blocks=2, platform="Reference", progress=False,
+                        **options)  # fmt: skip
+    assert r.n_frames == 10 and np.isfinite(r.chi2)
+    assert r.settings["nonbonded_method"] == "CutoffNonPeriodic"
+    assert r.settings["cutoff_nm"] == 0.8
 
 
 def test_chains_on_worker_processes_give_the_same_numbers(ala3_targets):

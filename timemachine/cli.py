@@ -238,6 +238,9 @@ def build_parser():
     r.add_argument("--pdb", help="simulate this PDB instead of building a peptide")
     r.add_argument("--forcefield", nargs="+", help="default amber99sbildn.xml")
     r.add_argument("--implicit-solvent", choices=["obc2", "none"], help="default obc2")
+    r.add_argument("--nonbonded-method", choices=["NoCutoff", "CutoffNonPeriodic"],
+                   help="default NoCutoff (every pair)")  # fmt: skip
+    r.add_argument("--cutoff", type=_positive, help="nm, with CutoffNonPeriodic (default 1.0)")
     r.add_argument("--temperature", type=_nonnegative, help="K (default 300)")
     r.add_argument("--friction", type=_nonnegative, help="1/ps (default 1)")
     r.add_argument("--dt", type=_positive, help="ps (default 0.001)")
@@ -400,7 +403,8 @@ def build_parser():
 
 #: timemachine run's defaults, applied after the configuration file (if any)
 RUN_DEFAULTS = dict(sequence="AAA", pdb=None, forcefield=["amber99sbildn.xml"],
-                    implicit_solvent="obc2", temperature=300.0, friction=1.0, dt=0.001,
+                    implicit_solvent="obc2", nonbonded_method="NoCutoff", cutoff=None,
+                    temperature=300.0, friction=1.0, dt=0.001,
                     time=20.0, save_interval=0.1, seed=0, out="timemachine-out")  # fmt: skip
 
 
@@ -414,7 +418,9 @@ def run_args(args):
         cfg = load_config(args.config, "run", [parse_override(t) for t in args.set])
         s, i = cfg["system"], cfg["integrator"]
         values = dict(pdb=s["pdb"], sequence=s["sequence"], forcefield=s["forcefield"],
-                      implicit_solvent=s["implicit_solvent"], temperature=i["temperature"],
+                      implicit_solvent=s["implicit_solvent"],
+                      nonbonded_method=s["nonbonded_method"], cutoff=s["cutoff"],
+                      temperature=i["temperature"],
                       friction=i["friction"], dt=i["dt"], seed=i["seed"],
                       time=cfg["run"]["time"], save_interval=cfg["run"]["save_interval"],
                       out=cfg["output"]["dir"])  # fmt: skip
@@ -423,7 +429,7 @@ def run_args(args):
     elif args.set:
         raise ConfigError("--set needs a configuration file: timemachine run CONFIG --set ...")
     for key, default in RUN_DEFAULTS.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             value = values.get(key)
             setattr(args, key, default if value is None else value)
     return args

@@ -152,6 +152,13 @@ _INT, _REAL, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
 #: ``[executor].kind``'s choices (``timemachine.fitting.executor.EXECUTORS``)
 EXECUTORS = ("in-process", "dask")
 
+#: ``[system].nonbonded_method``'s choices: those of ``load_system`` that need no periodic
+#: box (a configuration builds a peptide or reads a PDB without one)
+NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic")
+
+#: OpenMM's default nonbonded cutoff, nm (``ForceField.createSystem``'s nonbondedCutoff)
+DEFAULT_CUTOFF = 1.0
+
 #: data sets shipped in ``timemachine/data`` that ``[targets].builtin`` names
 BUILTIN_TARGETS = ("graf2007",)
 
@@ -163,6 +170,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
             (list, str), "OpenMM force-field XML files", default=["amber99sbildn.xml"]
         ),
         "implicit_solvent": Key(_STR, "implicit solvent", default="none", choices=("obc2", "none")),
+        "nonbonded_method": Key(
+            _STR,
+            "OpenMM's nonbonded method: every pair, or reaction field (and with obc2 the GB "
+            "pairs) within the cutoff, summed over Verlet lists",
+            default="NoCutoff",
+            choices=NONBONDED_METHODS,
+        ),
+        "cutoff": Key(
+            _REAL,
+            "the cutoff (nm), with CutoffNonPeriodic (default 1.0, as OpenMM's)",
+            default=None,
+            check=_positive("nm"),
+        ),  # fmt: skip
         "minimize": Key(_BOOL, "minimise before dynamics", default=True),
     },
     "integrator": {
@@ -542,6 +562,13 @@ def _check_consistency(cfg, label, base, command):
         if not os.path.isfile(pdb):
             raise ConfigError(f"{label}: [system].pdb = {system['pdb']!r}: file not found ({pdb})")
         system["pdb"] = pdb
+    if system["nonbonded_method"] == "NoCutoff" and system["cutoff"] is not None:
+        raise ConfigError(
+            f"{label}: [system].cutoff = {system['cutoff']}: NoCutoff takes every pair; set "
+            '[system].nonbonded_method = "CutoffNonPeriodic" for a cutoff'
+        )
+    if system["nonbonded_method"] != "NoCutoff" and system["cutoff"] is None:
+        system["cutoff"] = DEFAULT_CUTOFF
     files = system["forcefield"]
     files = [files] if isinstance(files, str) else list(files)
     if not files:
@@ -737,6 +764,13 @@ def build_structure(cfg):
     return build_peptide(s["sequence"], tuple(s["forcefield"]))
 
 
+def nonbonded_options(cfg) -> dict:
+    """``load_system``'s (and ``validate_openmm``'s) ``nonbonded_method`` and ``cutoff``
+    of a checked configuration's ``[system]``."""
+    s = cfg["system"]
+    return {"nonbonded_method": s["nonbonded_method"], "cutoff": s["cutoff"]}
+
+
 def build_system(cfg):
     """The objects a checked configuration describes: (system, x (N, 3) nm, topology, wrt
     (P,) int64, integrator); ``x`` minimised when ``[system].minimize``.
@@ -754,7 +788,8 @@ def build_system(cfg):
     files = tuple(s["forcefield"])
     structure = build_structure(cfg)
     solvent = None if s["implicit_solvent"] == "none" else s["implicit_solvent"]
-    system, x = load_system(structure, forcefield=files, implicit_solvent=solvent)
+    system, x = load_system(structure, forcefield=files, implicit_solvent=solvent,
+                            **nonbonded_options(cfg))  # fmt: skip
     try:  # θ order, as System.select gives it
         wrt = system.select(cfg["parameters"]["wrt"])
     except InputError as exc:

@@ -43,6 +43,7 @@ from timemachine.config import (
     build_targets,
     config_label,
     executor_of,
+    nonbonded_options,
 )
 
 __all__ = ["HISTORY_COLUMNS", "run_fit_job", "write_history_csv"]
@@ -74,6 +75,7 @@ def _validate(cfg, files, time_ns, n_seeds, seed, n_workers=1, progress=False):
         friction=i["friction"],
         progress=progress,
         n_workers=n_workers,
+        **nonbonded_options(cfg),
     )
     out = res.to_dict()
     held = {t.name for t in targets} - {t.name for t in fitted}
@@ -89,6 +91,8 @@ def _describe(cfg):
     what = s["sequence"] if s["pdb"] is None else os.path.basename(s["pdb"])
     files = " + ".join(os.path.basename(f) for f in s["forcefield"])
     solvent = {"obc2": " + OBC2", "none": ", vacuum"}[s["implicit_solvent"]]
+    if s["nonbonded_method"] != "NoCutoff":
+        solvent += f", {s['nonbonded_method']} {s['cutoff']:g} nm"
     return f"{what}, {files}{solvent}, {cfg['integrator']['temperature']:g} K"
 
 
@@ -312,6 +316,7 @@ def run_fit_job(cfg, *, resume=False, quiet=False, log=None, preset=None) -> dic
                     build_structure(cfg),
                     forcefield=(ff,),
                     implicit_solvent=None if solvent == "none" else solvent,
+                    **nonbonded_options(cfg),
                 )
                 path = os.path.join(out, "compare-" + os.path.basename(ff))
                 export_forcefield(other, other.params, path, forcefield=(ff,))

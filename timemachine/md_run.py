@@ -53,7 +53,7 @@ def check_simulation_args(args) -> None:
     Raises:
         InputError: a time step, run time or save interval that is not a finite number > 0,
             a save interval shorter than the time step or longer than the run, a negative
-            temperature or friction.
+            temperature or friction, a cutoff without a cutoff method.
         MissingFileError: a ``--forcefield`` or ``--pdb`` file that does not exist.
     """
     from timemachine.checks import check_real
@@ -65,6 +65,12 @@ def check_simulation_args(args) -> None:
     interval = check_real(args.save_interval, "--save-interval", unit="ps")
     check_real(args.temperature, "--temperature", allow_zero=True, unit="K")
     check_real(args.friction, "--friction", allow_zero=True, unit="1/ps")
+    method = getattr(args, "nonbonded_method", "NoCutoff")
+    if method == "NoCutoff" and getattr(args, "cutoff", None) is not None:
+        raise InputError(
+            f"--cutoff {args.cutoff:g} nm with --nonbonded-method NoCutoff, which takes every "
+            "pair: use --nonbonded-method CutoffNonPeriodic"
+        )
     if interval > total:
         raise InputError(
             f"--save-interval {interval:g} ps is longer than the run, --time {total:g} ps: "
@@ -108,8 +114,10 @@ def run_simulation(args) -> dict:
         label = f"peptide {args.sequence}"
     solvent = None if args.implicit_solvent == "none" else args.implicit_solvent
     system, x = tm.load_system(
-        structure, forcefield=tuple(args.forcefield), implicit_solvent=solvent
-    )
+        structure, forcefield=tuple(args.forcefield), implicit_solvent=solvent,
+        nonbonded_method=getattr(args, "nonbonded_method", "NoCutoff"),
+        cutoff=getattr(args, "cutoff", None),
+    )  # fmt: skip
     log = (lambda message: None) if args.quiet else print
     log(
         f"{label}: {system.n_atoms} atoms, {system.n_params} typed parameters, "
@@ -181,6 +189,10 @@ def run_simulation(args) -> dict:
         "structure": label,
         "forcefield": list(args.forcefield),
         "implicit_solvent": solvent,
+        "nonbonded_method": getattr(args, "nonbonded_method", "NoCutoff"),
+        "cutoff_nm": next(
+            (float(t.cutoff) for t in system.terms if getattr(t, "cutoff", None) is not None), None
+        ),  # fmt: skip
         "n_atoms": system.n_atoms,
         "n_steps": int(n_steps),
         "dt_ps": args.dt,

@@ -297,6 +297,63 @@ def _run_chain(
     return chain, time.perf_counter() - t0
 
 
+_METHODS = ("NoCutoff", "CutoffNonPeriodic")
+
+
+def _nonbonded(method, cutoff):
+    """``createSystem``'s nonbonded keywords for ``validate_openmm``'s method and cutoff;
+    InputError naming a bad one."""
+    import openmm.app as app
+    import openmm.unit as unit
+
+    if method not in _METHODS:
+        raise InputError(f"nonbonded_method={method!r}; choose one of {list(_METHODS)}")
+    if method == "NoCutoff":
+        if cutoff is not None:
+            raise InputError(f"cutoff={cutoff!r} with NoCutoff, which takes every pair")
+        return {"nonbondedMethod": app.NoCutoff}
+    cutoff = 1.0 if cutoff is None else cutoff
+    ok = isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool)
+    if not ok or not math.isfinite(cutoff) or cutoff <= 0:
+        raise InputError(f"cutoff must be a number > 0 (nm), got {cutoff!r}")
+    return {"nonbondedMethod": app.CutoffNonPeriodic,
+            "nonbondedCutoff": float(cutoff) * unit.nanometer}  # fmt: skip
+
+
+def openmm_system(forcefield_files, topology, constraints="HBonds", nonbonded_method="NoCutoff",
+                  cutoff=None):  # fmt: skip
+    """The OpenMM System ``validate_openmm`` samples: ``forcefield_files`` on ``topology``
+    with ``constraints`` (``validate_openmm``'s choices) and the nonbonded method and
+    cutoff of the fitted model (NoCutoff, or CutoffNonPeriodic with ``cutoff`` nm: the
+    reaction field and, in implicit solvent, the GB pairs within it).
+
+    Raises:
+      MissingFileError: a force-field file that does not exist.
+      InputError: files that cannot parametrise the topology, or a bad method or cutoff.
+    """
+    import openmm.app as app
+
+    from timemachine.io.forcefield_xml import check_forcefield_files
+
+    nonbonded = _nonbonded(nonbonded_method, cutoff)
+    check_forcefield_files(forcefield_files)
+    try:
+        ff = app.ForceField(*forcefield_files)
+    except ValueError as e:
+        missing = [f for f in forcefield_files if f'Could not locate file "{f}"' in str(e)]
+        if missing:
+            raise MissingFileError(f"force-field file {missing[0]!r} not found") from None
+        raise InputError(f"force-field files {list(forcefield_files)}: {e}") from e
+    try:
+        return ff.createSystem(
+            topology, constraints=getattr(app, constraints) if constraints else None, **nonbonded
+        )  # fmt: skip
+    except ValueError as e:
+        raise InputError(
+            f"force-field files {list(forcefield_files)} cannot parametrise the topology: {e}"
+        ) from e
+
+
 def validate_openmm(
     forcefield_files,
     topology,
@@ -318,6 +375,8 @@ def validate_openmm(
     progress=None,
     keep_frames=False,
     n_workers=1,
+    nonbonded_method="NoCutoff",
+    cutoff=None,
 ) -> ValidationResult:
     """Sample ``forcefield_files`` with OpenMM and score the targets' observables on it.
 
@@ -346,6 +405,10 @@ def validate_openmm(
         n_workers: run the chains on this many spawned processes (one chain per task);
             the frames, and so every number, are the same as with 1 (same seeds, same
             platform), only sooner on a machine with that many free cores.
+        nonbonded_method: "NoCutoff" (every pair) or "CutoffNonPeriodic" (reaction field
+            and, with implicit solvent, the GB pairs within ``cutoff``): the model the
+            engine fitted (``load_system``'s), built the same way in OpenMM.
+        cutoff: nm, with CutoffNonPeriodic (None: OpenMM's default, 1 nm).
 
     Returns:
         :class:`ValidationResult`.
@@ -358,12 +421,10 @@ def validate_openmm(
     """
     import jax
     import openmm as mm
-    import openmm.app as app
     import openmm.unit as unit
 
     from timemachine.fitting.loss import target_vector
     from timemachine.fitting.targets import Target
-    from timemachine.io.forcefield_xml import check_forcefield_files
 
     t_start = time.perf_counter()
     if isinstance(forcefield_files, (str, os.PathLike)):
@@ -396,6 +457,7 @@ def validate_openmm(
         raise InputError(f"equilibration_ps must be ≥ 0, got {equilibration_ps!r}")
     if constraints not in _CONSTRAINTS:
         raise InputError(f"constraints={constraints!r}; choose one of {list(_CONSTRAINTS)}")
+    nonbonded = _nonbonded(nonbonded_method, cutoff)  # refused before the force field loads
     n_seeds, n_blocks = int(n_seeds), int(n_blocks)
     steps_per_save = round(save_every_ps / dt)
     if steps_per_save < 1 or abs(steps_per_save * dt - save_every_ps) > 1e-9 * save_every_ps:
@@ -410,24 +472,7 @@ def validate_openmm(
     equil_steps = round(equilibration_ps / dt)
 
     tv = target_vector(targets)
-    check_forcefield_files(forcefield_files)
-    try:
-        ff = app.ForceField(*forcefield_files)
-    except ValueError as e:
-        missing = [f for f in forcefield_files if f'Could not locate file "{f}"' in str(e)]
-        if missing:
-            raise MissingFileError(f"force-field file {missing[0]!r} not found") from None
-        raise InputError(f"force-field files {list(forcefield_files)}: {e}") from e
-    try:
-        omm = ff.createSystem(
-            topology,
-            nonbondedMethod=app.NoCutoff,
-            constraints=getattr(app, constraints) if constraints else None,
-        )
-    except ValueError as e:
-        raise InputError(
-            f"force-field files {list(forcefield_files)} cannot parametrise the topology: {e}"
-        ) from e
+    omm = openmm_system(forcefield_files, topology, constraints, nonbonded_method, cutoff)
     x0 = positions.value_in_unit(unit.nanometer) if unit.is_quantity(positions) else positions
     x0 = np.asarray(x0, dtype=np.float64).reshape(-1, 3)
     if x0.shape[0] != omm.getNumParticles():
@@ -525,7 +570,10 @@ def validate_openmm(
             "dt_ps": float(dt),
             "constraints": constraints or "none",
             "save_every_ps": float(save_every_ps),
-            "nonbonded_method": "NoCutoff",
+            "nonbonded_method": nonbonded_method,
+            "cutoff_nm": None
+            if nonbonded_method == "NoCutoff"
+            else float(nonbonded["nonbondedCutoff"].value_in_unit(unit.nanometer)),
         },
         values=values,
         chain=chain_of,

@@ -28,11 +28,13 @@ exponents are least-squares slopes of log(ms) against log(N) (1: linear; 2: all 
 Then the sensitivity rows, for ``--zeta-copies`` copies, P = ``--params`` torsion
 barriers (the first of ``torsion/*/k*``):
 
-* ``gb_zeta_ms``: one call of the GB term's structured ζ on its list
-  (``OBC2.gradient_and_zeta``: per-pair scalars and the Born-radius chain contracted with
-  all P tangents at once), against ``gb_linearize_ms``: the same ζ by ``jax.linearize``
-  of the term's list gradient, vmapped over the tangents (what ζ was before), and
-  ``gb_gradient_ms``: the plain list gradient (the custom call);
+* ``gb_zeta_ms``: one call of the GB term's structured ζ on its list as the sensitivity
+  step runs it (``OBC2.gradient_and_zeta`` with the CPU custom call ``tm_gb_list_zeta``:
+  per-pair scalars and the Born-radius chain contracted with all P tangents at once),
+  against ``gb_zeta_jax_ms``: its XLA reference (``gbsa.obc2_neighbour_gradient_and_zeta``),
+  ``gb_linearize_ms``: the same ζ by ``jax.linearize`` of the term's list gradient,
+  vmapped over the tangents (what ζ was before), and ``gb_gradient_ms``: the plain list
+  gradient (the custom call ``tm_gb_list_gradient``);
 * ``sensitivity_ms`` and ``plain_ms``: the marginal cost of one step of ``tm.simulate``
   carrying dx/dθ and of one plain step of the whole System (``periodic_bench``'s
   ``_marginal``), and their ratio.
@@ -110,7 +112,7 @@ def zeta_row(copies, cutoff, n_params, integ, steps):
     """The sensitivity row (module docstring) of ``copies`` villins."""
     import jax.numpy as jnp
 
-    from timemachine.backends import xla_cpu_gb
+    from timemachine.backends import xla_cpu, xla_cpu_gb
     from timemachine.structured.autodiff import autodiff_part
 
     top, x = villin_grid(copies)
@@ -125,7 +127,10 @@ def zeta_row(copies, cutoff, n_params, integ, steps):
     nb = jax.jit(lambda y: neighbours.build(system, y))(x)[k]
     t = jnp.asarray(np.random.default_rng(0).normal(0.0, 0.01, (wrt.size,) + x.shape))
     calls = {
-        "gb_zeta_ms": jax.jit(lambda y, th, dx, nb: gb.gradient_and_zeta(y, th, dx, wrt, nb)),
+        "gb_zeta_ms": jax.jit(
+            lambda y, th, dx, nb: gb.gradient_and_zeta(y, th, dx, wrt, nb, host=xla_cpu)
+        ),
+        "gb_zeta_jax_ms": jax.jit(lambda y, th, dx, nb: gb.gradient_and_zeta(y, th, dx, wrt, nb)),
         "gb_linearize_ms": jax.jit(lambda y, th, dx, nb: autodiff_part(gb, wrt)(y, th, dx, nb)),
     }
     args = {name: (x, theta, t, nb) for name in calls}
@@ -137,6 +142,7 @@ def zeta_row(copies, cutoff, n_params, integ, steps):
         jax.block_until_ready(fn(*args[name]))  # compiles
         row[name] = 1e3 * _median_time(lambda f=fn, a=args[name]: jax.block_until_ready(f(*a)))
     row["gb_linearize_over_zeta"] = row["gb_linearize_ms"] / row["gb_zeta_ms"]
+    row["gb_zeta_over_gradient"] = row["gb_zeta_ms"] / row["gb_gradient_ms"]
     row["plain_ms"], _ = time_plain_marginal(system, x, integ, steps)
     row["sensitivity_ms"], _, _ = time_sensitivity(system, x, integ, steps, wrt=wrt)
     row["sensitivity_over_plain"] = row["sensitivity_ms"] / row["plain_ms"]
@@ -154,7 +160,7 @@ def _exponent(rows, key):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(HERE, "obc2_cutoff_bench.json"))
-    ap.add_argument("--copies", type=int, nargs="+", default=[2, 4, 9, 18, 35])
+    ap.add_argument("--copies", type=int, nargs="*", default=[2, 4, 9, 18, 35])
     ap.add_argument("--cutoff", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--exact-up-to", type=int, default=6000)
@@ -204,12 +210,13 @@ def main():
         print(f"| {r['n_atoms']} | {r['list_ms']:.1f} | {exact} | {r['openmm_ms']:.2f} | "
               f"{r['list_over_openmm']:.1f} |")  # fmt: skip
     print(
-        "| N | P | GB ζ, structured (ms) | GB ζ, linearize (ms) | GB gradient (ms) | "
-        "sensitivity step (ms) | plain step (ms) | ratio |"
+        "| N | P | GB ζ, custom call (ms) | GB ζ, XLA (ms) | GB ζ, linearize (ms) | "
+        "GB gradient (ms) | sensitivity step (ms) | plain step (ms) | ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in zeta_rows:
         print(f"| {r['n_atoms']} | {r['n_params']} | {r['gb_zeta_ms']:.1f} | "
+              f"{r['gb_zeta_jax_ms']:.0f} | "
               f"{r['gb_linearize_ms']:.0f} | {r['gb_gradient_ms']:.2f} | "
               f"{r['sensitivity_ms']:.1f} | {r['plain_ms']:.2f} | "
               f"{r['sensitivity_over_plain']:.1f} |")  # fmt: skip

@@ -195,6 +195,11 @@ nb = gb.build_neighbours(jnp.asarray(x))
 g = jax.jit(lambda y, p: xla_cpu_gb.gb_list_gradient(gb, y, p, nb))(jnp.asarray(x),
                                                                      jnp.asarray(cut.params))
 np.save(sys.argv[1].replace(".npy", "_list.npy"), np.asarray(g))
+t = jnp.asarray(np.random.default_rng(0).normal(size=(6, *x.shape)))
+g, z = jax.jit(lambda y, p: xla_cpu_gb.gb_list_zeta(gb, y, p, nb, t))(jnp.asarray(x),
+                                                                       jnp.asarray(cut.params))
+np.save(sys.argv[1].replace(".npy", "_zeta.npy"), np.concatenate([np.asarray(g)[None],
+                                                                  np.asarray(z)]))
 """
 
 
@@ -205,7 +210,8 @@ np.save(sys.argv[1].replace(".npy", "_list.npy"), np.asarray(g))
 def test_result_does_not_depend_on_threads(villin_obc2, tmp_path):
     """Rows go to 16 fixed units whatever the threads: one thread and two give bitwise
     the same gradient on villin/OBC2, all pairs and (the cutoff GB's list call) on a
-    Verlet list."""
+    Verlet list; the list ζ call (each row its own atom's sums) gives the same ∇E and H·t
+    bits too."""
     out = tmp_path / "one_cpu.npy"
     # compiled afresh under one CPU, not loaded from the session's cache (conftest.py)
     env = fresh_compile_env(os.environ)
@@ -221,6 +227,12 @@ def test_result_does_not_depend_on_threads(villin_obc2, tmp_path):
         jnp.asarray(x), jnp.asarray(cut.params)
     )
     np.testing.assert_array_equal(np.asarray(g), np.load(str(out).replace(".npy", "_list.npy")))
+    t = jnp.asarray(np.random.default_rng(0).normal(size=(6, *x.shape)))
+    g, z = jax.jit(lambda y, p: xla_cpu_gb.gb_list_zeta(gb, y, p, nb, t))(
+        jnp.asarray(x), jnp.asarray(cut.params)
+    )
+    got = np.concatenate([np.asarray(g)[None], np.asarray(z)])
+    np.testing.assert_array_equal(got, np.load(str(out).replace(".npy", "_zeta.npy")))
 
 
 _SANITIZED = """
@@ -248,6 +260,12 @@ theta = jnp.asarray(cut.params)
 g = jax.jit(lambda y, p: xla_cpu_gb.gb_list_gradient(gbc, y, p, lst))(x, theta)
 want = gbc.gradient(x, theta, lst)
 assert float(jnp.abs(g - want).max()) <= 1e-11 * float(jnp.abs(want).max())
+# the list ζ call (its values are checked against JAX in test_obc2_cutoff.py); P = 5: a
+# padded vector of tangents
+t = jnp.asarray(np.random.default_rng(0).normal(size=(5, *x.shape)))
+g, z = jax.jit(lambda y, p: xla_cpu_gb.gb_list_zeta(gbc, y, p, lst, t))(x, theta)
+assert float(jnp.abs(g - want).max()) <= 1e-11 * float(jnp.abs(want).max())
+assert np.isfinite(np.asarray(z)).all() and float(jnp.abs(z).max()) > 0
 print(system.n_atoms, "atoms: clean")
 """
 

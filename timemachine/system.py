@@ -508,12 +508,20 @@ class OBC2:
         and the Born-radius chain, contracted with all P tangents at once
         (``gbsa.obc2_neighbour_gradient_and_zeta``); the mixed partials ∂²E/∂x∂θ_p of
         the wrt parameters this term uses (charges, radii, scales) by one forward-mode
-        derivative of the list gradient each. ``host`` is unused (no compiled ζ)."""
+        derivative of the list gradient each. ``host``: None, or the CPU custom call's
+        module (``timemachine.backends.xla_cpu``, passed in from the sensitivity layer),
+        whose ``gb_list_zeta`` computes ∇E and H·t in compiled code where it can run
+        (the gbsa function being its reference)."""
         wrt = np.asarray(wrt)
-        g, hvp = potentials.gbsa.obc2_neighbour_gradient_and_zeta(
-            x, *self.per_atom(params), neighbours, self.cutoff, dx,
-            self.solute_dielectric, self.solvent_dielectric,
-        )  # fmt: skip
+        call = getattr(host, "gb_list_zeta", None)
+        fast = None if call is None else call(self, x, params, neighbours, dx)
+        if fast is not None:
+            g, hvp = fast
+        else:
+            g, hvp = potentials.gbsa.obc2_neighbour_gradient_and_zeta(
+                x, *self.per_atom(params), neighbours, self.cutoff, dx,
+                self.solute_dielectric, self.solvent_dielectric,
+            )  # fmt: skip
         used = np.concatenate([np.asarray(i) for i in (self.charge_index, self.radius_index,
                                                         self.scale_index)])  # fmt: skip
         cols = np.flatnonzero(np.isin(wrt, used))

@@ -58,6 +58,74 @@ TM_HD void gb_integral_d(const T& r, const T& inv_r, const T& or_i, const T& sr_
               0.5 * (dlower * inv_l - inv_u) * inv_r - 0.5 * ln * inv_r * inv_r);
 }
 
+// gb_integral with its first and second derivatives along r (the list ζ's pair scalars,
+// host/tm_xla_cpu_gb.cpp). With a = r - sr²/r, Q = 1/U² - 1/L², λ = ln(L/U) and L'' = 0:
+//   T'' = ½ [2L'²/L³ - 2/U³ + ¼ (a'' Q + 2 a' Q' + a Q'') + ½ (λ''/r - 2λ'/r² + 2λ/r³)],
+//   a' = 1 + sr²/r², a'' = -2 sr²/r³, Q' = 2L'/L³ - 2/U³, Q'' = 6/U⁴ - 6L'²/L⁴,
+//   λ' = L'/L - 1/U, λ'' = 1/U² - L'²/L²;
+// T and T' as gb_integral_d's. Same scalar types as gb_integral_d.
+template <class T>
+TM_HD void gb_integral_d2(const T& r, const T& inv_r, const T& or_i, const T& sr_j, T& t,
+                          T& dt, T& ddt) {
+  const T upper = r + sr_j;
+  const T diff = r - sr_j;
+  const T lower = tm_max(or_i, tm_fabs(diff));
+  const T dl = tm_select(or_i >= tm_fabs(diff), T{}, tm_select(diff < 0.0, T{} - 1.0, T{} + 1.0));
+  const T dl2 = dl * dl;
+  const T inv_lu = 1.0 / (lower * upper);
+  const T inv_l = upper * inv_lu, inv_u = lower * inv_lu;
+  const T inv_l2 = inv_l * inv_l, inv_u2 = inv_u * inv_u;
+  const T inv_l3 = inv_l2 * inv_l, inv_u3 = inv_u2 * inv_u;
+  const T s2r = sr_j * sr_j * inv_r;  // sr²/r
+  const T a = r - s2r, da = 1.0 + s2r * inv_r, dda = -2.0 * s2r * inv_r * inv_r;
+  const T q = inv_u2 - inv_l2, dq = 2.0 * (dl * inv_l3 - inv_u3);
+  const T ddq = 6.0 * (inv_u2 * inv_u2 - dl2 * inv_l2 * inv_l2);
+  const T ln = tm_log(lower * inv_u);
+  const T dln = dl * inv_l - inv_u, ddln = inv_u2 - dl2 * inv_l2;
+  const T inv_r2 = inv_r * inv_r;
+  t = 0.5 * (inv_l - inv_u + 0.25 * a * q + 0.5 * ln * inv_r);
+  dt = 0.5 * (-dl * inv_l2 + inv_u2 + 0.25 * (da * q + a * dq) + 0.5 * (dln - ln * inv_r) * inv_r);
+  ddt = 0.5 * (2.0 * (dl2 * inv_l3 - inv_u3) + 0.25 * (dda * q + 2.0 * da * dq + a * ddq) +
+               0.5 * (ddln - 2.0 * (dln - ln * inv_r) * inv_r) * inv_r);
+}
+
+// The partial derivatives of one pair's h = Q/f, f = √g, g = r² + u e^{-r²/4u}, u = B_i B_j,
+// Q = q_i q_j pre, in closed form (the list ζ's pair scalars): with e = e^{-r²/4u},
+//   g_r = r (2 - e/2), g_u = e (1 + r²/4u), g_rr = 2 - e/2 + r² e/4u, g_ru = -r³ e/8u²,
+//   g_uu = r⁴ e/16u³;  h_x = -½ Q g^{-3/2} g_x,  h_xy = ¾ Q g^{-5/2} g_x g_y - ½ Q g^{-3/2} g_xy;
+// by B_i and B_j through u: h_i = h_u B_j, h_ii = h_uu B_j², h_ij = h_uu u + h_u,
+// h_ri = h_ru B_j, h_rj = h_ru B_i.
+template <class T>
+struct GBPairPartials {
+  T r, i, rr, ri, rj, ii, ij;
+};
+template <class T>
+TM_HD GBPairPartials<T> gb_pair_partials(const T& r, const T& bi, const T& bj, const T& qq,
+                                         double pre) {
+  const T u = bi * bj;
+  const T inv_u = 1.0 / u;
+  const T r2 = r * r;
+  const T x4 = 0.25 * r2 * inv_u;  // r²/4u
+  const T e = tm_exp(T{} - x4);
+  const T g = r2 + u * e;
+  const T inv_g = 1.0 / g;
+  const T a1 = -0.5 * (qq * pre) * inv_g * tm_sqrt(inv_g);  // -½ Q g^{-3/2}
+  const T a2 = -1.5 * a1 * inv_g;                            //  ¾ Q g^{-5/2}
+  const T g_r = r * (2.0 - 0.5 * e), g_u = e * (1.0 + x4);
+  const T g_rr = 2.0 - 0.5 * e + x4 * e, g_ru = -0.5 * r * x4 * e * inv_u;
+  const T g_uu = x4 * x4 * e * inv_u;
+  const T h_u = a1 * g_u, h_uu = a2 * g_u * g_u + a1 * g_uu, h_ru = a2 * g_r * g_u + a1 * g_ru;
+  GBPairPartials<T> h;
+  h.r = a1 * g_r;
+  h.rr = a2 * g_r * g_r + a1 * g_rr;
+  h.i = h_u * bj;
+  h.ii = h_uu * bj * bj;
+  h.ij = h_uu * u + h_u;
+  h.ri = h_ru * bj;
+  h.rj = h_ru * bi;
+  return h;
+}
+
 // B(ψ, radius); the offset radius or = radius - 0.009 is a function of radius
 template <class T>
 TM_HD T gb_born(const T& psi, const T& radius) {

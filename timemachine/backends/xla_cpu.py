@@ -242,6 +242,16 @@ def neighbour_pairs(x, box, idx, atoms, consts, dx_dtheta, mix_p=None):
                 dx_dtheta, mix_p)  # fmt: skip
 
 
+def gb_list_zeta(term, x, params, neighbours, tangents):
+    """``xla_cpu_gb.gb_list_zeta`` (the cutoff GB's ∇E and H·t on its list, compiled), or
+    None where that library cannot run here (the caller then takes the JAX path)."""
+    from timemachine.backends import xla_cpu_gb
+
+    if not xla_cpu_gb.available()[0]:
+        return None
+    return xla_cpu_gb.gb_list_zeta(term, x, params, neighbours, tangents)
+
+
 def pme_spread(w, dw, idx, charge, dq, dx, grid):
     """PME's tangent spread in the custom call: (P, K_x, K_y, K_z) δQ_p = Σ_j dq_p,j W_j +
     q_j ∇W_j · dx_p,j, with atom j's stencil the product of its B-spline weights ``w``
@@ -338,6 +348,7 @@ def pme_field_gather(potential, w, dw, ddw, idx):
 __all__ = [
     "BondedTables",
     "available",
+    "gb_list_zeta",
     "load_library",
     "neighbour_build",
     "neighbour_forces",

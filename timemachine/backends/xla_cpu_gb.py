@@ -41,6 +41,7 @@ from timemachine.structured.autodiff import gradient_part
 
 TARGET = "tm_pair_gradient"
 LIST_TARGET = "tm_gb_list_gradient"
+LIST_ZETA_TARGET = "tm_gb_list_zeta"
 # -fno-math-errno: sqrt of a SIMD vector stays one instruction (no errno branch per lane)
 FLAGS = ("-O3", "-march=native", "-fno-math-errno")
 # pass 1 keeps T'/r of every pair for pass 3 (8 N² bytes) up to this size: N ≤ 4,096
@@ -69,7 +70,11 @@ def _register() -> None:
     _STATE["lib"] = xla_cpu.load_library(  # kept loaded for the process
         "tm_xla_cpu_gb.cpp",
         "tm_xla_cpu_gb",
-        {TARGET: "TmPairGradient", LIST_TARGET: "TmGbListGradient"},
+        {
+            TARGET: "TmPairGradient",
+            LIST_TARGET: "TmGbListGradient",
+            LIST_ZETA_TARGET: "TmGbListZeta",
+        },  # fmt: skip
         FLAGS,
     )
 
@@ -92,6 +97,30 @@ def gb_list_gradient(term, x, params, neighbours):
         cutoff=np.float64(term.cutoff),
     )  # fmt: skip
     return grad * jnp.where(neighbours.overflow, jnp.nan, 1.0)
+
+
+def gb_list_zeta(term, x, params, neighbours, tangents):
+    """(∇_x E (N, 3) kJ/mol/nm, H·t (P, N, 3)) of a cutoff ``OBC2`` term on its Verlet list
+    for tangents (P, N, 3), in the custom call ``tm_gb_list_zeta``: the three row passes of
+    ``gbsa.obc2_neighbour_gradient_and_zeta`` (its reference, equal to round-off; the
+    mixed partials are not here), pair scalars in closed form W partners at a time, then
+    contracted with W tangents at a time. Each row writes only its own atom's sums: the
+    same bits on any number of threads. NaN where the list overflowed. Not
+    differentiable."""
+    ok, why = available()
+    if not ok:
+        raise SimulationError(f"the CPU custom call {LIST_ZETA_TARGET} cannot run here: {why}")
+    shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float64),
+              jax.ShapeDtypeStruct(tangents.shape, jnp.float64))  # fmt: skip
+    call = jax.ffi.ffi_call(LIST_ZETA_TARGET, shapes, vmap_method="sequential")
+    grad, hvp = call(
+        jnp.asarray(x, jnp.float64), *term.per_atom(params),
+        jnp.asarray(neighbours.idx, jnp.int32), jnp.asarray(tangents, jnp.float64),
+        pre=np.float64(gb_prefactor(term.solute_dielectric, term.solvent_dielectric)),
+        cutoff=np.float64(term.cutoff),
+    )  # fmt: skip
+    bad = jnp.where(neighbours.overflow, jnp.nan, 1.0)
+    return grad * bad, hvp * bad
 
 
 def exclusion_lists(pair_mask) -> tuple[np.ndarray, np.ndarray]:

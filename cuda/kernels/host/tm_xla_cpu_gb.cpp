@@ -41,6 +41,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "../cpu_simd.cuh"  // vd, vl, W; exp and log of vd; Scratch, parallel_units
 #include "../gbsa.cuh"
@@ -601,6 +602,369 @@ ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------- ζ on a Verlet list (tm_gb_list_zeta)
+//
+// ∇E and the Hessian-vector products H·t_p of the cutoff GB on its list for all P tangents
+// at once: gbsa.obc2_neighbour_gradient_and_zeta (the reference, equal to round-off), the
+// same three passes over whole rows (each pair in both of its atoms' rows, so a row writes
+// only its own atom's sums: no units, bitwise the same on any number of threads):
+//   A. I_i = Σ_j T_ij and δI_i = Σ_j T'_ij δr_ij        → B_i, δB_i = B'(I_i) δI_i
+//   B. β_i = e'_i + Σ_j h_i(ij), δβ_i = (e''_i + Σ_j h_ii) δB_i + Σ_j (h_ij δB_j + h_ri δr_ij)
+//                                                        → c_i = β_i B'_i, δc_i
+//   C. ∇_i E = Σ_j φ_ij d_ij / r and
+//      δ∇_i E = Σ_j [(δφ_ij - φ_ij δr_ij / r) d_ij + φ_ij (t_i - t_j)] / r
+// with δr_ij = d_ij·(t_i - t_j)/r, φ_ij = h_r + c_i T'_ij + c_j T'_ji and
+// δφ_ij = (h_rr + c_i T''_ij + c_j T''_ji) δr_ij + h_ri δB_i + h_rj δB_j + T'_ij δc_i + T'_ji δc_j.
+// Each pass first evaluates its pair scalars W partners at a time (gb_integral_d2,
+// gb_pair_partials: closed forms, gbsa.cuh) into the row's scratch, then contracts them
+// with the tangents, W tangents at a time: the per-atom tangent arrays are kept as
+// (N + 1, ·, PW) rows (P padded to PW, a multiple of W; row N is zero for padding).
+
+struct ZetaRows {  // what the passes share
+  int64_t n, pw;
+  const double *x, *y, *z, *off, *sr, *q;
+  const int64_t* heads;  // (N, cap) partners within the cutoff, padded with N
+  const int64_t* counts;
+  int64_t cap;
+  double pre;
+  const double* t;   // (N + 1, 3, PW) tangents
+  double* isum;      // (N,) I
+  double* di;        // (N + 1, PW) δI
+  double* born;      // (N + 1,) B
+  double* hsum;      // (N,) Σ_j h_i
+  double* hii;       // (N,) Σ_j h_ii
+  double* ddb;       // (N, PW) Σ_j (h_ij δB_j + h_ri δr_ij)
+  double* dborn;     // (N + 1, PW) δB
+  double* cfac;      // (N + 1,) c = β B'
+  double* dc;        // (N + 1, PW) δc
+  double* grad;      // (N, 3)
+  double* hvp;       // (N, 3, PW)
+};
+
+// row i's partners, all of them within the cutoff (the list holds both directions)
+int64_t list_row(const ZetaRows& z, const int32_t* row, int64_t k, int64_t i, double rc2,
+                 int64_t* jo) {
+  int64_t m = 0;
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t j = row[s];
+    if (j >= z.n || j == i) continue;
+    const double dx = z.x[i] - z.x[j], dy = z.y[i] - z.y[j], dz = z.z[i] - z.z[j];
+    jo[m] = j;
+    m += dx * dx + dy * dy + dz * dz < rc2;
+  }
+  for (int64_t t = m; t < (m + W - 1) / W * W; ++t) jo[t] = z.n;
+  return m;
+}
+
+struct PairBlock {  // W partners of row i: d, r, 1/r
+  vd dx, dy, dz, r, inv_r;
+};
+inline PairBlock pair_block(const ZetaRows& z, int64_t i, const int64_t* j) {
+  PairBlock b;
+  b.dx = bcast(z.x[i]) - gather(z.x, j);
+  b.dy = bcast(z.y[i]) - gather(z.y, j);
+  b.dz = bcast(z.z[i]) - gather(z.z, j);
+  b.r = tmk::tm_sqrt(b.dx * b.dx + b.dy * b.dy + b.dz * b.dz);
+  b.inv_r = 1.0 / b.r;
+  return b;
+}
+
+// the row's scratch: per partner, the displacement and up to five pair scalars
+struct RowScratch {
+  double *dx, *dy, *dz, *s0, *s1, *s2, *s3, *s4;
+};
+thread_local Scratch t_zrow;
+RowScratch row_scratch(int64_t cap) {
+  double* b = t_zrow.get(8 * (size_t)cap);
+  return RowScratch{b, b + cap, b + 2 * cap, b + 3 * cap,
+                    b + 4 * cap, b + 5 * cap, b + 6 * cap, b + 7 * cap};
+}
+inline void keep_d(const RowScratch& w, int64_t s, const PairBlock& b) {
+  store(w.dx + s, b.dx);
+  store(w.dy + s, b.dy);
+  store(w.dz + s, b.dz);
+}
+
+// pass A, row i: I_i, δI_i
+void zeta_integrals_row(const ZetaRows& z, int64_t i, const RowScratch& w) {
+  const int64_t* js = z.heads + i * z.cap;
+  const int64_t m = z.counts[i];
+  const vd or_i = bcast(z.off[i]);
+  vd acc = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const PairBlock b = pair_block(z, i, js + s);
+    const vd sr_j = gather(z.sr, js + s);
+    vd t, dt;
+    tmk::gb_integral_d(b.r, b.inv_r, or_i, sr_j, t, dt);
+    vl lane;
+    for (int l = 0; l < W; ++l) lane[l] = js[s + l];
+    const vl use = (lane < z.n) & ((b.r + sr_j) - or_i >= 0.0);
+    acc += sel(use, t, vd{});
+    keep_d(w, s, b);
+    store(w.s0 + s, sel(use, dt * b.inv_r, vd{}));
+  }
+  z.isum[i] = hsum(acc);
+  const double* ti = z.t + i * 3 * z.pw;
+  for (int64_t c = 0; c < z.pw; c += W) {
+    const vd t0 = load(ti + c), t1 = load(ti + z.pw + c), t2 = load(ti + 2 * z.pw + c);
+    vd a = {};
+    for (int64_t s = 0; s < m; ++s) {
+      const double* tj = z.t + js[s] * 3 * z.pw + c;
+      a += w.s0[s] * (w.dx[s] * (t0 - load(tj)) + w.dy[s] * (t1 - load(tj + z.pw)) +
+                      w.dz[s] * (t2 - load(tj + 2 * z.pw)));
+    }
+    store(z.di + i * z.pw + c, a);
+  }
+}
+
+// pass B, row i: Σ_j h_i, Σ_j h_ii, Σ_j (h_ij δB_j + h_ri δr_ij)
+void zeta_chain_row(const ZetaRows& z, int64_t i, const RowScratch& w) {
+  const int64_t* js = z.heads + i * z.cap;
+  const int64_t m = z.counts[i];
+  vd sum_i = {}, sum_ii = {}, sx = {}, sy = {}, sz = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const PairBlock b = pair_block(z, i, js + s);
+    vl lane;
+    for (int l = 0; l < W; ++l) lane[l] = js[s + l];
+    const vl valid = lane < z.n;
+    const vd qq = bcast(z.q[i]) * gather(z.q, js + s);
+    const auto h = tmk::gb_pair_partials(b.r, bcast(z.born[i]), gather(z.born, js + s), qq, z.pre);
+    sum_i += sel(valid, h.i, vd{});
+    sum_ii += sel(valid, h.ii, vd{});
+    const vd wri = sel(valid, h.ri * b.inv_r, vd{});
+    sx += wri * b.dx;
+    sy += wri * b.dy;
+    sz += wri * b.dz;
+    keep_d(w, s, b);
+    store(w.s0 + s, sel(valid, h.ij, vd{}));
+    store(w.s1 + s, wri);
+  }
+  z.hsum[i] = hsum(sum_i);
+  z.hii[i] = hsum(sum_ii);
+  const double rx = hsum(sx), ry = hsum(sy), rz = hsum(sz);
+  const double* ti = z.t + i * 3 * z.pw;
+  for (int64_t c = 0; c < z.pw; c += W) {
+    vd a = rx * load(ti + c) + ry * load(ti + z.pw + c) + rz * load(ti + 2 * z.pw + c);
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t j = js[s];
+      const double* tj = z.t + j * 3 * z.pw + c;
+      a += w.s0[s] * load(z.dborn + j * z.pw + c) -
+           w.s1[s] * (w.dx[s] * load(tj) + w.dy[s] * load(tj + z.pw) +
+                      w.dz[s] * load(tj + 2 * z.pw));
+    }
+    store(z.ddb + i * z.pw + c, a);
+  }
+}
+
+// pass C, row i: ∇_i E and (H·t)_i
+void zeta_forces_row(const ZetaRows& z, int64_t i, const RowScratch& w) {
+  const int64_t* js = z.heads + i * z.cap;
+  const int64_t m = z.counts[i];
+  const vd or_i = bcast(z.off[i]), sr_i = bcast(z.sr[i]), c_i = bcast(z.cfac[i]);
+  vd gx = {}, gy = {}, gz = {}, phi_sum = {};
+  vd bx = {}, by = {}, bz = {}, cx = {}, cy = {}, cz = {};
+  for (int64_t s = 0; s < m; s += W) {
+    const PairBlock b = pair_block(z, i, js + s);
+    vl lane;
+    for (int l = 0; l < W; ++l) lane[l] = js[s + l];
+    const vl valid = lane < z.n;
+    const vd or_j = gather(z.off, js + s), sr_j = gather(z.sr, js + s);
+    const vd c_j = gather(z.cfac, js + s);
+    const vd qq = bcast(z.q[i]) * gather(z.q, js + s);
+    const auto h = tmk::gb_pair_partials(b.r, bcast(z.born[i]), gather(z.born, js + s), qq, z.pre);
+    vd t, ti1, ti2, tj1, tj2;
+    tmk::gb_integral_d2(b.r, b.inv_r, or_i, sr_j, t, ti1, ti2);
+    tmk::gb_integral_d2(b.r, b.inv_r, or_j, sr_i, t, tj1, tj2);
+    const vl use_ij = valid & ((b.r + sr_j) - or_i >= 0.0);
+    const vl use_ji = valid & ((b.r + sr_i) - or_j >= 0.0);
+    ti1 = sel(use_ij, ti1, vd{});
+    ti2 = sel(use_ij, ti2, vd{});
+    tj1 = sel(use_ji, tj1, vd{});
+    tj2 = sel(use_ji, tj2, vd{});
+    const vd phi_r = sel(valid, (h.r + c_i * ti1 + c_j * tj1) * b.inv_r, vd{});
+    const vd a =
+        sel(valid, ((h.rr + c_i * ti2 + c_j * tj2) - phi_r) * b.inv_r * b.inv_r, vd{});
+    const vd own_b = sel(valid, h.ri * b.inv_r, vd{}), own_c = ti1 * b.inv_r;
+    gx += phi_r * b.dx;
+    gy += phi_r * b.dy;
+    gz += phi_r * b.dz;
+    phi_sum += phi_r;
+    bx += own_b * b.dx;
+    by += own_b * b.dy;
+    bz += own_b * b.dz;
+    cx += own_c * b.dx;
+    cy += own_c * b.dy;
+    cz += own_c * b.dz;
+    keep_d(w, s, b);
+    store(w.s0 + s, a);
+    store(w.s1 + s, phi_r);
+    store(w.s2 + s, sel(valid, h.rj * b.inv_r, vd{}));
+    store(w.s3 + s, tj1 * b.inv_r);
+  }
+  z.grad[3 * i] = hsum(gx);
+  z.grad[3 * i + 1] = hsum(gy);
+  z.grad[3 * i + 2] = hsum(gz);
+  const double ps = hsum(phi_sum);
+  const double rb[3] = {hsum(bx), hsum(by), hsum(bz)}, rc[3] = {hsum(cx), hsum(cy), hsum(cz)};
+  const double* ti = z.t + i * 3 * z.pw;
+  for (int64_t c = 0; c < z.pw; c += W) {
+    const vd t0 = load(ti + c), t1 = load(ti + z.pw + c), t2 = load(ti + 2 * z.pw + c);
+    const vd db_i = load(z.dborn + i * z.pw + c), dc_i = load(z.dc + i * z.pw + c);
+    vd z0 = {}, z1 = {}, z2 = {};
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t j = js[s];
+      const double* tj = z.t + j * 3 * z.pw + c;
+      const vd u0 = load(tj), u1 = load(tj + z.pw), u2 = load(tj + 2 * z.pw);
+      const double dx = w.dx[s], dy = w.dy[s], dz = w.dz[s], phi_r = w.s1[s];
+      const vd sdot = dx * (t0 - u0) + dy * (t1 - u1) + dz * (t2 - u2);
+      const vd coef = w.s0[s] * sdot + w.s2[s] * load(z.dborn + j * z.pw + c) +
+                      w.s3[s] * load(z.dc + j * z.pw + c);
+      z0 += coef * dx - phi_r * u0;
+      z1 += coef * dy - phi_r * u1;
+      z2 += coef * dz - phi_r * u2;
+    }
+    double* out = z.hvp + i * 3 * z.pw + c;
+    store(out, z0 + ps * t0 + rb[0] * db_i + rc[0] * dc_i);
+    store(out + z.pw, z1 + ps * t1 + rb[1] * db_i + rc[1] * dc_i);
+    store(out + 2 * z.pw, z2 + ps * t2 + rb[2] * db_i + rc[2] * dc_i);
+  }
+}
+
+thread_local Scratch t_zsoa, t_zheads, t_ztan;
+
+ffi::Error GbListZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                          ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
+                          ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::S32> idx,
+                          ffi::Buffer<ffi::F64> tangents, double pre, double cutoff,
+                          ffi::ResultBuffer<ffi::F64> grad, ffi::ResultBuffer<ffi::F64> hvp) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != 3)
+    return ffi::Error::InvalidArgument("tm_gb_list_zeta: x must have shape (N, 3)");
+  const int64_t n = xd[0];
+  const size_t un = (size_t)n;
+  if (q_gb.element_count() != un || radius.element_count() != un ||
+      scale.element_count() != un)
+    return ffi::Error::InvalidArgument(
+        "tm_gb_list_zeta: the charge, radius and scale must be (" + std::to_string(n) + ",)");
+  const auto id = idx.dimensions();
+  if (id.size() != 2 || id[0] != n)
+    return ffi::Error::InvalidArgument("tm_gb_list_zeta: idx must have shape (N, K)");
+  const auto td = tangents.dimensions();
+  if (td.size() != 3 || td[1] != n || td[2] != 3)
+    return ffi::Error::InvalidArgument("tm_gb_list_zeta: the tangents must be (P, N, 3)");
+  if (!(cutoff > 0.0))
+    return ffi::Error::InvalidArgument("tm_gb_list_zeta: the cutoff must be > 0");
+  const int64_t k = id[1], p = td[0];
+  const int64_t pw = std::max<int64_t>(W, (p + W - 1) / W * W);
+  double* g = grad->typed_data();
+  double* out = hvp->typed_data();
+  std::memset(g, 0, sizeof(double) * 3 * un);
+  std::memset(out, 0, sizeof(double) * 3 * un * (size_t)p);
+  if (n < 2) return ffi::Error::Success();
+
+  // per-atom arrays, N + 1 long (atom N: the padding partner, far away, zero tangents)
+  const int64_t n1 = n + 1;
+  enum { X, Y, Z, OFF, SR, Q, ISUM, BORN, HSUM, HII, CFAC, NSOA };
+  double* soa = t_zsoa.get((size_t)NSOA * n1 + 3 * un);
+  auto col = [&](int c) { return soa + (size_t)c * n1; };
+  const double* xs = x.typed_data();
+  for (int64_t i = 0; i < n1; ++i) {
+    const bool real = i < n;
+    col(X)[i] = real ? xs[3 * i] : 1e6;
+    col(Y)[i] = real ? xs[3 * i + 1] : 0.0;
+    col(Z)[i] = real ? xs[3 * i + 2] : 0.0;
+    const double rad = real ? radius.typed_data()[i] : 0.15;
+    col(OFF)[i] = rad - tmk::GB_DIELECTRIC_OFFSET;
+    col(SR)[i] = (real ? scale.typed_data()[i] : 0.8) * col(OFF)[i];
+    col(Q)[i] = real ? q_gb.typed_data()[i] : 0.0;
+    col(BORN)[i] = 0.15;
+    col(CFAC)[i] = 0.0;
+  }
+  // the tangents and the per-atom tangent sums, (N + 1) rows of PW
+  const size_t rows3 = (size_t)n1 * 3 * pw, rows1 = (size_t)n1 * pw;
+  double* tb = t_ztan.get(rows3 + 4 * rows1 + (size_t)n * 3 * pw);
+  std::memset(tb, 0, sizeof(double) * (rows3 + 4 * rows1));
+  const double* ts = tangents.typed_data();
+  for (int64_t q = 0; q < p; ++q)
+    for (int64_t i = 0; i < n; ++i)
+      for (int c = 0; c < 3; ++c) tb[(i * 3 + c) * pw + q] = ts[(q * n + i) * 3 + c];
+  ZetaRows z{};
+  z.n = n;
+  z.pw = pw;
+  z.x = col(X);
+  z.y = col(Y);
+  z.z = col(Z);
+  z.off = col(OFF);
+  z.sr = col(SR);
+  z.q = col(Q);
+  z.pre = pre;
+  z.t = tb;
+  z.di = tb + rows3;
+  z.ddb = z.di + rows1;
+  z.dborn = z.ddb + rows1;
+  z.dc = z.dborn + rows1;
+  z.hvp = z.dc + rows1;
+  z.isum = col(ISUM);
+  z.born = col(BORN);
+  z.hsum = col(HSUM);
+  z.hii = col(HII);
+  z.cfac = col(CFAC);
+  z.grad = g;
+
+  // every row's partners within the cutoff, found once for the three passes
+  z.cap = (k + W - 1) / W * W;
+  int64_t* heads = reinterpret_cast<int64_t*>(t_zheads.get((size_t)(n * z.cap + n)));
+  int64_t* counts = heads + n * z.cap;
+  const int32_t* list = idx.typed_data();
+  const double rc2 = cutoff * cutoff;
+  z.heads = heads;
+  z.counts = counts;
+  // rows in fixed contiguous chunks; a row writes only its own atom's sums
+  const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
+  auto rows = [&](auto&& row) {
+    std::function<void(int)> work = [&](int u) {
+      const RowScratch w = row_scratch(std::max<int64_t>(z.cap, W));
+      for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) row(i, w);
+    };
+    parallel_units(pool, units, work);
+  };
+  rows([&](int64_t i, const RowScratch&) {
+    counts[i] = list_row(z, list + i * k, k, i, rc2, heads + i * z.cap);
+  });
+  // A: I, δI → B, δB
+  rows([&](int64_t i, const RowScratch& w) { zeta_integrals_row(z, i, w); });
+  std::vector<double> b1(n), b2(n);
+  for (int64_t i = 0; i < n; ++i) {
+    // B(ψ) to second order in ψ = or I: dB/dI = or B'(ψ), d²B/dI² = or² B''(ψ)
+    const tmk::J12 b = tmk::gb_born(tmk::seed2<2>(z.isum[i] * col(OFF)[i], true, 0),
+                                    tmk::seed2<2>(radius.typed_data()[i], false, -1));
+    const double o = col(OFF)[i];
+    col(BORN)[i] = b.v.v;
+    b1[i] = o * b.v.d[0];
+    b2[i] = o * o * b.d[0].d[0];
+    for (int64_t c = 0; c < pw; ++c) z.dborn[i * pw + c] = b1[i] * z.di[i * pw + c];
+  }
+  // B: β, δβ → c, δc
+  rows([&](int64_t i, const RowScratch& w) { zeta_chain_row(z, i, w); });
+  for (int64_t i = 0; i < n; ++i) {
+    const tmk::J12 e = tmk::gb_self(tmk::seed2<2>(col(BORN)[i], true, 0),
+                                    tmk::seed2<2>(col(Q)[i], false, -1),
+                                    tmk::seed2<2>(radius.typed_data()[i], false, -1), pre);
+    const double beta = e.v.d[0] + z.hsum[i], dd = e.d[0].d[0] + z.hii[i];
+    col(CFAC)[i] = beta * b1[i];
+    for (int64_t c = 0; c < pw; ++c) {
+      const double dbeta = dd * z.dborn[i * pw + c] + z.ddb[i * pw + c];
+      z.dc[i * pw + c] = dbeta * b1[i] + beta * b2[i] * z.di[i * pw + c];
+    }
+  }
+  // C: ∇E and H·t
+  rows([&](int64_t i, const RowScratch& w) { zeta_forces_row(z, i, w); });
+  for (int64_t q = 0; q < p; ++q)
+    for (int64_t i = 0; i < n; ++i)
+      for (int c = 0; c < 3; ++c) out[(q * n + i) * 3 + c] = z.hvp[(i * 3 + c) * pw + q];
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TmPairGradient, PairGradientImpl,
@@ -631,4 +995,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGbListGradient, GbListGradientImpl,
                                   .Attr<double>("pre")
                                   .Attr<double>("cutoff")
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TmGbListZeta, GbListZetaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // q_gb
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // radius
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx
+                                  .Arg<ffi::Buffer<ffi::F64>>()  // tangents (P, N, 3)
+                                  .Attr<double>("pre")
+                                  .Attr<double>("cutoff")
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // grad (N, 3)
+                                  .Ret<ffi::Buffer<ffi::F64>>()  // H·t (P, N, 3)
 );

@@ -186,6 +186,31 @@ def test_bad_settings_are_refused(water):
                        neighbour_skin=-1.0)  # fmt: skip
 
 
+def test_partner_counts_are_the_lists_row_lengths(water, peptide_box):
+    """``partner_counts`` (a k-d tree, which sizes the lists at load) gives every row's
+    partners exactly as the list build counts them (``neighbour_counts``): a periodic
+    water box with its exclusions, through cells and densely; trialanine in water with
+    reaction field; and a non-periodic peptide's every pair (the cutoff GB's list)."""
+    cases = []
+    for system, x in ((water[1], water[2]), peptide_box):
+        _, t = _term(system)
+        radius = t.cutoff + t.skin
+        box = np.asarray(t.box)
+        table = cutoffs.exclusion_table(t.exclusion_idx, system.n_atoms)
+        cases.append((x, box, radius, t.exclusion_idx, t.pair_mask, None, 0))
+        cells = cutoffs.cell_grid(box, radius)
+        if cells is not None:
+            cap = cutoffs.cell_capacity(x, box, cells)
+            cases.append((x, box, radius, t.exclusion_idx, table, cells, cap))
+    top, x = tm.build_peptide("AKDEGRSTAK", phi=-140.0, psi=130.0)
+    cases.append((x, None, 1.1, None, None, None, 0))
+    for x, box, radius, excl, allowed, cells, cap in cases:
+        want = cutoffs.neighbour_counts(x, allowed, box, radius, cells, cap)
+        got = cutoffs.partner_counts(x, box, radius, excl)
+        assert want.max() > 0
+        np.testing.assert_array_equal(got, want)
+
+
 def test_exclusion_table_lists_each_excluded_partner():
     pairs = np.array([[0, 1], [0, 2], [1, 2], [3, 4]])
     table = cutoffs.exclusion_table(pairs, 6)

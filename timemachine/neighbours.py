@@ -141,7 +141,7 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
             if t.cutoff is not None:  # every pair (GB excludes none), no periodic images
                 capacity = 0
                 if skin > 0:
-                    counts = cutoffs.neighbour_counts(x, None, None, t.cutoff + skin)
+                    counts = cutoffs.partner_counts(x, None, t.cutoff + skin)
                     capacity = int(np.ceil(counts.max() * margin)) + 16
                 t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity)
         elif hasattr(t, "build_neighbours"):
@@ -165,8 +165,7 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
                             cells = None  # the dense build is cheaper in a small box
                 box = None if t.box is None else np.asarray(t.box)
                 table = cutoffs.exclusion_table(t.exclusion_idx, system.n_atoms)
-                allowed = t.pair_mask if cells is None else table
-                counts = cutoffs.neighbour_counts(x, allowed, box, radius, cells, cell_cap or 0)
+                counts = cutoffs.partner_counts(x, box, radius, t.exclusion_idx)
                 capacity = int(np.ceil(counts.max() * margin)) + 16
                 t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity,
                                         neighbour_cells=cells,

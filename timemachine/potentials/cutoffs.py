@@ -750,6 +750,32 @@ def neighbour_counts(x, allowed, box, radius, cells=None, cell_capacity=0) -> np
     return np.asarray(counts).reshape(-1)[:n]
 
 
+def partner_counts(x, box, radius, exclusions=None) -> np.ndarray:
+    """(N,) partners per row of the Verlet list of x (N, 3) nm within ``radius`` nm
+    (numpy): the atoms closer than it (minimum image in a rectangular ``box``, nm, or
+    None), less the ``exclusions`` ((X, 2) pairs, or None) among them. What sizes a
+    list's capacity. A k-d tree (scipy's cKDTree, periodic with the box): O(N log N),
+    where ``neighbour_counts``' scan of the candidates is O(N²) without cells."""
+    from scipy.spatial import cKDTree
+
+    x = np.asarray(x, dtype=np.float64)
+    if box is None:
+        tree = cKDTree(x)
+    else:
+        box = np.asarray(box, dtype=np.float64)
+        tree = cKDTree(np.mod(x, box), boxsize=box)
+    counts = tree.query_ball_point(tree.data, radius, return_length=True) - 1  # not itself
+    counts = np.asarray(counts, dtype=np.int64)
+    if exclusions is not None and len(exclusions):
+        pairs = np.asarray(exclusions, dtype=np.int64).reshape(-1, 2)
+        d = x[pairs[:, 0]] - x[pairs[:, 1]]
+        if box is not None:
+            d = d - box * np.round(d / box)
+        near = np.einsum("ij,ij->i", d, d) < radius * radius
+        counts -= np.bincount(pairs[near].reshape(-1), minlength=len(x))
+    return counts
+
+
 def max_displacement2(x, reference, box):
     """max_i |x_i - reference_i|² (nm², minimum image when ``box`` is given): how far the
     farthest atom has moved since a list was built."""

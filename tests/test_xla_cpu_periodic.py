@@ -89,26 +89,36 @@ def test_the_compiled_cell_list_build_has_the_jax_builds_partners(edge):
     assert bool(_jax_build(jnp.asarray(x), table, box, radius, 200, cells, 5).overflow)
 
 
+@pytest.mark.parametrize("allowed", ["mask", "table"])
 @pytest.mark.parametrize("periodic", [True, False])
-def test_the_compiled_build_from_a_mask_has_the_jax_builds_partners(water, periodic):
+def test_the_compiled_build_from_a_mask_has_the_jax_builds_partners(water, periodic, allowed):
+    """The allowed pairs given as the (N, N) mask or as the term's (N, M) exclusion table
+    (what the term keeps: no N² array), through the cells and densely (the JAX build's
+    dense scan takes the table row block by row block)."""
     system, x = water
     term = system.terms[-1]
     box = jnp.asarray(term.box) if periodic else None
     mask = np.asarray(term.pair_mask)
-    idx, overflow = xla_cpu.neighbour_build(jnp.asarray(x), box, 0.6, 200, mask=mask)
-    ref = _jax_build(jnp.asarray(x), mask, box, 0.6, 200)
+    given = mask if allowed == "mask" else np.asarray(term.exclusion_rows)
+    kw = {"mask": given} if allowed == "mask" else {"exclusions": given}
+    idx, overflow = xla_cpu.neighbour_build(jnp.asarray(x), box, 0.6, 200, **kw)
+    ref = _jax_build(jnp.asarray(x), given, box, 0.6, 200)
     # the compiled build takes its cell list: the box is 3.7 radii across, and without
     # one a virtual box around the atoms (whose images never come within the radius)
     assert _parts(idx, system.n_atoms) == _parts(ref.idx, system.n_atoms)
+    if periodic:  # a box under 2.5 radii across: every j by index, as the JAX build
+        got, _ = xla_cpu.neighbour_build(jnp.asarray(x), box, 1.05, 400, **kw)
+        want = _jax_build(jnp.asarray(x), given, box, 1.05, 400).idx
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     if not periodic:  # a spread-out x (3 cells a side per atom) or a NaN: every j by index
         far = np.asarray(x) * np.array([1.0, 1.0, 1000.0])
-        got, _ = xla_cpu.neighbour_build(jnp.asarray(far), None, 0.6, 200, mask=mask)
-        want = _jax_build(jnp.asarray(far), mask, None, 0.6, 200).idx
+        got, _ = xla_cpu.neighbour_build(jnp.asarray(far), None, 0.6, 200, **kw)
+        want = _jax_build(jnp.asarray(far), given, None, 0.6, 200).idx
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         bad = np.asarray(x).copy()
         bad[3, 1] = np.nan
-        got, _ = xla_cpu.neighbour_build(jnp.asarray(bad), None, 0.6, 200, mask=mask)
-        want = _jax_build(jnp.asarray(bad), mask, None, 0.6, 200).idx
+        got, _ = xla_cpu.neighbour_build(jnp.asarray(bad), None, 0.6, 200, **kw)
+        want = _jax_build(jnp.asarray(bad), given, None, 0.6, 200).idx
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not bool(overflow) and not bool(ref.overflow)
     # the lists: every allowed pair within the radius, each in both rows
@@ -215,6 +225,17 @@ for allowed in (None, mask):
     r, c = np.nonzero(np.asarray(idx) < len(pos))
     got[r, np.asarray(idx)[r, c]] = True
     assert not bool(over) and (got == want).all()
+# the exclusion table in a periodic box under 2.5 radii across (every j by index; the
+# radius under half the box, as load_system requires)
+box = jnp.asarray(term.box)
+idx, over = xla_cpu.neighbour_build(x, box, 0.79, 400, exclusions=term.exclusion_rows)
+d = pos[:, None] - pos[None]
+d = d - np.asarray(term.box) * np.round(d / np.asarray(term.box))
+want = (np.sum(d * d, -1) < 0.79**2) & mask
+got = np.zeros_like(want)
+r, c = np.nonzero(np.asarray(idx) < len(pos))
+got[r, np.asarray(idx)[r, c]] = True
+assert not bool(over) and (got == want).all()
 print(system.n_atoms, "atoms", wrt.size, "tangents", "clean")
 """
 

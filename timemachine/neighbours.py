@@ -147,8 +147,8 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
         elif hasattr(t, "build_neighbours"):
             if skin == 0:
                 t = dataclasses.replace(t, skin=0.0, neighbour_capacity=0,
-                                        neighbour_cells=None, neighbour_cell_capacity=0,
-                                        neighbour_exclusions=None)  # fmt: skip
+                                        neighbour_cells=None,
+                                        neighbour_cell_capacity=0)  # fmt: skip
             else:
                 radius = t.cutoff + skin
                 cells = cell_cap = None
@@ -164,12 +164,10 @@ def with_neighbour_list(system, x, skin=0.1, margin=1.3):
                         if 27 * cell_cap >= system.n_atoms:
                             cells = None  # the dense build is cheaper in a small box
                 box = None if t.box is None else np.asarray(t.box)
-                table = cutoffs.exclusion_table(t.exclusion_idx, system.n_atoms)
                 counts = cutoffs.partner_counts(x, box, radius, t.exclusion_idx)
                 capacity = int(np.ceil(counts.max() * margin)) + 16
                 t = dataclasses.replace(t, skin=float(skin), neighbour_capacity=capacity,
                                         neighbour_cells=cells,
-                                        neighbour_cell_capacity=int(cell_cap or 0),
-                                        neighbour_exclusions=table)  # fmt: skip
+                                        neighbour_cell_capacity=int(cell_cap or 0))  # fmt: skip
         terms.append(t)
     return System(system.masses, terms, system.param_names, system.params, system.topology)

@@ -244,8 +244,10 @@ class CutoffNonbonded:
     and ``grid``: erfc-screened direct space within the cutoff, the smooth-PME reciprocal
     sum (order 5), the self energy and the excluded pairs' correction.
 
-    charge_index, sigma_index, epsilon_index: (N,) into θ; pair_mask: (N, N) bool, True
-    for full-strength pairs; exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
+    charge_index, sigma_index, epsilon_index: (N,) into θ; exclusion_rows: (N, M) int32,
+    row i the atoms excluded from i, padded with -1 (``cutoffs.exclusion_table``: no
+    (N, N) array is kept, so memory stays O(N) at 10⁵ atoms; ``pair_mask`` builds the
+    dense mask on demand); exception_idx (E, 2), coulomb_scale, lj_scale (E,) as
     ``Nonbonded``'s; class_sigma_index, class_epsilon_index, class_counts: (C,) the atom
     classes of the dispersion correction (counts a tuple); box: (3,) nm (periodic) or
     None; exclusion_idx: (X, 2) every excluded pair, i < j in lexicographic order.
@@ -262,7 +264,7 @@ class CutoffNonbonded:
     charge_index: np.ndarray
     sigma_index: np.ndarray
     epsilon_index: np.ndarray
-    pair_mask: np.ndarray
+    exclusion_rows: np.ndarray  # (N, M) int32, ``cutoffs.exclusion_table(exclusion_idx)``
     exception_idx: np.ndarray
     coulomb_scale: np.ndarray
     lj_scale: np.ndarray
@@ -283,7 +285,17 @@ class CutoffNonbonded:
     neighbour_capacity: int = 0  # partners per row of the Verlet list
     neighbour_cells: tuple | None = None  # the list build's cells (edge ≥ cutoff + skin)
     neighbour_cell_capacity: int = 0
-    neighbour_exclusions: np.ndarray | None = None  # (N, M) ``cutoffs.exclusion_table``
+
+    @property
+    def pair_mask(self) -> np.ndarray:
+        """(N, N) bool, True for the full-strength pairs (not excluded, not 1-4, not
+        i = j), built from ``exclusion_idx`` on each call: O(N²) memory, for checks on
+        small systems; the term itself uses ``exclusion_rows``."""
+        n = np.asarray(self.charge_index).shape[0]
+        mask = ~np.eye(n, dtype=bool)
+        pairs = np.asarray(self.exclusion_idx, dtype=np.int64).reshape(-1, 2)
+        mask[pairs[:, 0], pairs[:, 1]] = mask[pairs[:, 1], pairs[:, 0]] = False
+        return mask
 
     @property
     def uses_neighbours(self) -> bool:
@@ -295,9 +307,8 @@ class CutoffNonbonded:
         from timemachine.potentials import cutoffs
 
         box = None if self.box is None else jnp.asarray(self.box)
-        allowed = self.pair_mask if self.neighbour_cells is None else self.neighbour_exclusions
         return cutoffs.build_neighbours(
-            x, allowed, box, self.cutoff + self.skin, self.neighbour_capacity,
+            x, self.exclusion_rows, box, self.cutoff + self.skin, self.neighbour_capacity,
             self.neighbour_cells, self.neighbour_cell_capacity,
         )  # fmt: skip
 
@@ -322,7 +333,7 @@ class CutoffNonbonded:
                 self.cells, self.cell_capacity, self.switch_distance, self.alpha,
             )  # fmt: skip
         else:
-            e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.pair_mask, box, self.cutoff,
+            e = cutoffs.cutoff_pair_energy(x, q, sig, eps, self.exclusion_rows, box, self.cutoff,
                                             self.dielectric, self.switch_distance,
                                             self.alpha)  # fmt: skip
         return e + self._long_range(x, params)
@@ -414,9 +425,9 @@ class CutoffNonbonded:
 
 CutoffNonbonded = _pytree(
     CutoffNonbonded,
-    ["charge_index", "sigma_index", "epsilon_index", "pair_mask", "exception_idx",
+    ["charge_index", "sigma_index", "epsilon_index", "exclusion_rows", "exception_idx",
      "coulomb_scale", "lj_scale", "class_sigma_index", "class_epsilon_index", "box",
-     "exclusion_idx", "neighbour_exclusions"],
+     "exclusion_idx"],
     ["class_counts", "cutoff", "dielectric", "switch_distance", "dispersion_correction",
      "alpha", "grid", "cells", "cell_capacity", "skin", "neighbour_capacity",
      "neighbour_cells", "neighbour_cell_capacity"],

@@ -291,9 +291,8 @@ def neighbour_build(x, box, radius, capacity, exclusions=None, mask=None):
     built in compiled code: the same partners in each row, those j > i first, then those
     j < i (``cutoffs.Neighbours``).
 
-    The allowed pairs: ``exclusions``, the (N, M) ``cutoffs.exclusion_table`` (the JAX
-    build's cell-list case: the box must be 2.5 radii across), ``mask``, the (N, N)
-    bool of allowed pairs, or neither: every pair (generalized Born's list). In a
+    The allowed pairs: ``exclusions``, the (N, M) ``cutoffs.exclusion_table``, ``mask``,
+    the (N, N) bool of allowed pairs, or neither: every pair (generalized Born's list). In a
     periodic ``box`` (3,) nm 2.5 radii across, and without a box (box None: cells of a
     virtual box around the atoms, its edges their extent plus the radius, so that the
     minimum image keeps exactly the true pairs), the candidates come from a cell list

@@ -56,7 +56,7 @@ def build_list(x, box, radius, capacity, cells, cell_capacity, allowed):
         return None
     if allowed is None:  # every pair (generalized Born)
         return xla_cpu.neighbour_build(x, box, radius, capacity)
-    if cells is None:  # the JAX build's dense case: ``allowed`` is the (N, N) mask
+    if jnp.asarray(allowed).dtype == jnp.bool_:  # an (N, N) mask of the allowed pairs
         return xla_cpu.neighbour_build(x, box, radius, capacity, mask=allowed)
     return xla_cpu.neighbour_build(x, box, radius, capacity, exclusions=allowed)
 

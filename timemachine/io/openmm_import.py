@@ -420,12 +420,11 @@ def _nonbonded_term(f, ff, data, topology, params):
     )
 
     nbrs = _bond_graph(topology)
-    mask = ~np.eye(n, dtype=bool)
-    exc, cs, ls = [], [], []
+    excluded, exc, cs, ls = [], [], [], []  # every exception's pair; the 1-4s' parameters
     c14, l14 = float(gen.coulomb14scale), float(gen.lj14scale)
     for e in range(f.getNumExceptions()):
         i, j, qq, sig, eps = f.getExceptionParameters(e)
-        mask[i, j] = mask[j, i] = False
+        excluded.append((i, j))
         qq, sig, eps = qq._value, sig._value, eps._value
         d = _graph_distance(nbrs, i, j)
         where = f"nonbonded exception {e} (atoms {i}-{j})"
@@ -446,7 +445,10 @@ def _nonbonded_term(f, ff, data, topology, params):
         ls.append(l14)
     exc = np.array(exc, dtype=np.int64).reshape(-1, 2)
     method = f.getNonbondedMethod()
-    if method == f.NoCutoff:
+    if method == f.NoCutoff:  # all pairs: the (N, N) mask of full-strength pairs
+        mask = ~np.eye(n, dtype=bool)
+        pairs = np.asarray(excluded, np.int64).reshape(-1, 2)
+        mask[pairs[:, 0], pairs[:, 1]] = mask[pairs[:, 1], pairs[:, 0]] = False
         return Nonbonded(qi, si, ei, mask, exc, np.array(cs), np.array(ls)), qi
     box = alpha = grid = None
     if method in (f.CutoffPeriodic, f.PME):
@@ -458,12 +460,15 @@ def _nonbonded_term(f, ff, data, topology, params):
         alpha, grid = _pme_parameters(f, box)
     elif method != f.CutoffPeriodic and method != f.CutoffNonPeriodic:
         raise ForceFieldError(f"NonbondedForce method {method} is not computed by the engine")
+    from timemachine.potentials.cutoffs import exclusion_table
+
     # every excluded pair (1-2, 1-3 and the 1-4 exceptions), i < j, lexicographic
-    exclusions = np.argwhere(np.triu(~mask, 1)).astype(np.int64).reshape(-1, 2)
+    exclusions = np.unique(np.sort(np.asarray(excluded, np.int64).reshape(-1, 2), axis=1),
+                           axis=0)  # fmt: skip
     classes = sorted(set(zip(si.tolist(), ei.tolist(), strict=True)))
     counts = tuple(int(np.sum((si == a) & (ei == b))) for a, b in classes)
     term = CutoffNonbonded(
-        qi, si, ei, mask, exc, np.array(cs), np.array(ls),
+        qi, si, ei, exclusion_table(exclusions, n), exc, np.array(cs), np.array(ls),
         np.array([a for a, _ in classes], dtype=np.int64),
         np.array([b for _, b in classes], dtype=np.int64),
         counts, box, exclusions,

@@ -71,7 +71,20 @@ def _pair_sum(d, allowed, q_i, q_j, sig_i, sig_j, sqrt_eps_i, sqrt_eps_j, cutoff
     return jnp.sum(jnp.where(inside, lj + coul, 0.0))
 
 
-def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielectric,
+def _allowed_rows(allowed, i, n):
+    """(B, N) bool: which partners rows ``i`` (B,) may take, from ``allowed``: the (N, N)
+    bool mask of full-strength pairs, or an (N, M) ``exclusion_table`` (its rows'
+    excluded partners set False in a row block of ones: O(B N), no (N, N) array)."""
+    if allowed.dtype == jnp.bool_:
+        return allowed[i]
+    excluded = allowed[i]
+    excluded = jnp.where(excluded >= 0, excluded, n)  # padding: dropped
+    rows = jnp.ones((i.shape[0], n), bool)
+    rows = rows.at[jnp.arange(i.shape[0])[:, None], excluded].set(False, mode="drop")
+    return rows & (jnp.arange(n)[None, :] != i[:, None])
+
+
+def cutoff_pair_energy(x, charge, sigma, epsilon, allowed, box, cutoff, dielectric,
                        switch_distance=None, alpha=None, block=128):  # fmt: skip
     """The pair sum over full-strength pairs within the cutoff: LJ (switched) plus the
     reaction field (module docstring), or with ``alpha`` PME's direct-space Coulomb
@@ -79,7 +92,8 @@ def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielec
 
     Args:
       x: (N, 3) nm; charge (e), sigma (nm), epsilon (kJ/mol): (N,).
-      pair_mask: (N, N) bool, True for pairs at full strength (not excluded, not 1-4).
+      allowed: the pairs at full strength (not excluded, not 1-4): an (N, N) bool mask
+        (True for them), or the (N, M) int ``exclusion_table`` of the others.
       box: (3,) nm edge lengths, or None (``CutoffNonPeriodic``: no images).
       cutoff: r_c, nm; dielectric: ε_rf; switch_distance: r_sw nm or None.
       alpha: the Ewald splitting parameter α (nm⁻¹), or None for the reaction field.
@@ -92,11 +106,11 @@ def cutoff_pair_energy(x, charge, sigma, epsilon, pair_mask, box, cutoff, dielec
     sqrt_eps = safe_sqrt(epsilon)
     pad = -n % block
     rows = jnp.arange(n + pad).reshape(-1, block)
-    mask = jnp.asarray(pair_mask)  # gathered by rows: no padded (N², constant) copy to fold
+    allowed = jnp.asarray(allowed)  # gathered by rows: no padded constant copy to fold
 
     def one_block(idx):
         i = jnp.minimum(idx, n - 1)
-        m = mask[i] & (idx < n)[:, None]
+        m = _allowed_rows(allowed, i, n) & (idx < n)[:, None]
         d = x[i][:, None, :] - x[None, :, :]
         if box is not None:
             d = minimum_image(d, box)
@@ -667,7 +681,7 @@ def _scan_candidates(x, allowed, box, radius, cells, cell_capacity, block, row_f
         if allowed is None:
             pass  # every pair (generalized Born)
         elif cells is None:
-            valid = valid & allowed[i]
+            valid = valid & _allowed_rows(allowed, i, n)
         else:
             valid = valid & ~jnp.any(j[:, :, None] == allowed[i][:, None, :], axis=-1)
         r2 = 0.0
@@ -705,8 +719,8 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
     The candidates are the atoms of the 27 cells around each atom's cell (``cells`` (3,)
     per edge, of edge ≥ radius, ``cell_capacity`` atoms each: O(N)), with ``allowed`` the
     ``exclusion_table`` (N, M) of the excluded pairs; or all N (cells None: O(N²), for
-    small or non-periodic boxes), with ``allowed`` the (N, N) bool mask of full-strength
-    pairs; ``allowed`` None allows every pair (generalized Born's list). Jittable; no
+    small or non-periodic boxes), with ``allowed`` that table or the (N, N) bool mask of
+    full-strength pairs; ``allowed`` None allows every pair (generalized Born's list). Jittable; no
     derivatives (integers). A compiled build registered with
     ``register_list_builder`` runs in its place (the same partners per row; their order
     within the j > i and j < i parts may differ).

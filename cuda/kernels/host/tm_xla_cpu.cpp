@@ -1246,17 +1246,13 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   // third of the box, and without a periodic box always)
   bool use_cells = bx != nullptr;
   for (int e = 0; use_cells && e < 3; ++e) use_cells = std::floor(bx[e] / (0.5 * radius)) >= 5;
-  // the allowed pairs: the exclusion table's rows (mask empty; the JAX build's cell-list
-  // case, so the box holds cells), the (N, N) mask, or every pair (an (N, 0) table and
-  // no mask: generalized Born, which excludes nothing)
+  // the allowed pairs: the exclusion table's rows (mask empty), the (N, N) mask, or every
+  // pair (an (N, 0) table and no mask: generalized Born, which excludes nothing)
   const auto ad = allowed.dimensions();
   const bool every_pair = mask.element_count() == 0 && ad.size() == 2 && ad[1] == 0;
   const bool has_table = mask.element_count() == 0 && !every_pair;
   if (has_table && (ad.size() != 2 || ad[0] != n))
     return ffi::Error::InvalidArgument("tm_neighbour_build: the exclusion table must be (N, M)");
-  if (has_table && !use_cells)
-    return ffi::Error::InvalidArgument(
-        "tm_neighbour_build: an exclusion table needs a box 2.5 radii across");
   if (!has_table && !every_pair && mask.element_count() != (size_t)(n * n))
     return ffi::Error::InvalidArgument("tm_neighbour_build: the mask must be (N, N)");
   const double r2max = radius * radius;
@@ -1275,14 +1271,21 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     return r2 < r2max;
   };
   const bool* mk = (has_table || every_pair) ? nullptr : mask.typed_data();
+  // the allowed pairs: the exclusion table's row, or the mask's
+  const int64_t m = has_table ? ad[1] : 0;
+  const int32_t* ex = allowed.typed_data();
   if (!use_cells) {
     const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
     std::function<void(int)> work = [&](int u) {
       RowFill fill(k);
       for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
         fill.start(i);
-        for (int64_t j = 0; j < n; ++j)
-          if (j != i && (mk == nullptr || mk[i * n + j]) && within(i, j)) fill.add(j);
+        for (int64_t j = 0; j < n; ++j) {
+          if (j == i || (mk != nullptr && !mk[i * n + j]) || !within(i, j)) continue;
+          bool excluded = false;
+          for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
+          if (!excluded) fill.add(j);
+        }
         if (fill.finish(list + i * k, n)) over.store(1, std::memory_order_relaxed);
       }
     };
@@ -1318,9 +1321,6 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     std::vector<int32_t> fill(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < n; ++i) members[fill[cell_of[i]]++] = (int32_t)i;
   }
-  // the allowed pairs: the exclusion table's row (with cells), or the mask's
-  const int64_t m = has_table ? ad[1] : 0;
-  const int32_t* ex = allowed.typed_data();
   // the members' coordinates in cell order, so that a run's distances are one SIMD loop
   double* cell_x = t_cellx.get(3 * n);
   for (int64_t s = 0; s < n; ++s)

@@ -777,7 +777,9 @@ def partner_counts(x, box, radius, exclusions=None) -> np.ndarray:
         tree = cKDTree(x)
     else:
         box = np.asarray(box, dtype=np.float64)
-        tree = cKDTree(np.mod(x, box), boxsize=box)
+        wrapped = np.mod(x, box)
+        wrapped[wrapped >= box] = 0.0  # a tiny negative coordinate rounds to the box edge
+        tree = cKDTree(wrapped, boxsize=box)
     counts = tree.query_ball_point(tree.data, radius, return_length=True) - 1  # not itself
     counts = np.asarray(counts, dtype=np.int64)
     if exclusions is not None and len(exclusions):

@@ -455,6 +455,8 @@ def test_the_list_zeta_custom_call_is_its_jax_reference(peptide, cut_system):
     small = dataclasses.replace(gb, neighbour_capacity=8)
     g, z = xla_cpu_gb.gb_list_zeta(small, x, theta, small.build_neighbours(x), t)
     assert np.isnan(np.asarray(g)).all() and np.isnan(np.asarray(z)).all()
+    with pytest.raises(Exception, match=r"tm_gb_list_zeta: the tangents must be \(P, N, 3\)"):
+        jax.block_until_ready(xla_cpu_gb.gb_list_zeta(gb, x, theta, nb, t[:, :-1]))
 
 
 def test_chains_and_sensitivities_on_the_gb_list_match_the_exact_sums(peptide, cut_system):

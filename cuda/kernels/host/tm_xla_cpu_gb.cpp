@@ -508,26 +508,61 @@ void chain_list_row(const Atoms& at, int64_t k, const int64_t* js, int64_t m, Ac
 
 thread_local Scratch t_heads;
 
-ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
-                              ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
-                              ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::S32> idx,
-                              double pre, double cutoff, ffi::ResultBuffer<ffi::F64> grad) {
+// The list calls' operands checked: x (N, 3), the charge, radius and scale (N,), the list
+// idx (N, K), a cutoff > 0; sets n and k
+ffi::Error check_gb_list_args(const std::string& name, ffi::Buffer<ffi::F64>& x,
+                              ffi::Buffer<ffi::F64>& q_gb, ffi::Buffer<ffi::F64>& radius,
+                              ffi::Buffer<ffi::F64>& scale, ffi::Buffer<ffi::S32>& idx,
+                              double cutoff, int64_t* n_out, int64_t* k_out) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_gb_list_gradient: x must have shape (N, 3)");
+    return ffi::Error::InvalidArgument(name + ": x must have shape (N, 3)");
   const int64_t n = xd[0];
   const size_t un = (size_t)n;
   if (q_gb.element_count() != un || radius.element_count() != un ||
       scale.element_count() != un)
-    return ffi::Error::InvalidArgument(
-        "tm_gb_list_gradient: the charge, radius and scale must be (" + std::to_string(n) +
-        ",)");
+    return ffi::Error::InvalidArgument(name + ": the charge, radius and scale must be (" +
+                                       std::to_string(n) + ",)");
   const auto id = idx.dimensions();
   if (id.size() != 2 || id[0] != n)
-    return ffi::Error::InvalidArgument("tm_gb_list_gradient: idx must have shape (N, K)");
-  if (!(cutoff > 0.0))
-    return ffi::Error::InvalidArgument("tm_gb_list_gradient: the cutoff must be > 0");
-  const int64_t k = id[1];
+    return ffi::Error::InvalidArgument(name + ": idx must have shape (N, K)");
+  if (!(cutoff > 0.0)) return ffi::Error::InvalidArgument(name + ": the cutoff must be > 0");
+  *n_out = n;
+  *k_out = id[1];
+  return ffi::Error::Success();
+}
+
+// The list calls' per-atom columns, rows [0, rows): the N atoms, then far-away padding
+// atoms (distinct positions 10 nm apart, 10⁴ nm out: beyond the cutoff of every atom,
+// with valid radii and no charge); B and c set to placeholders
+struct GBColumns {
+  double *x, *y, *z, *off, *sr, *q, *born, *cfac;
+};
+void fill_gb_columns(int64_t n, int64_t rows, const double* xs, const double* radius,
+                     const double* scale, const double* q, const GBColumns& c) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const bool real = i < n;
+    c.x[i] = real ? xs[3 * i] : 1e4 + 10.0 * (double)i;
+    c.y[i] = real ? xs[3 * i + 1] : 0.0;
+    c.z[i] = real ? xs[3 * i + 2] : 0.0;
+    c.off[i] = (real ? radius[i] : 0.15) - tmk::GB_DIELECTRIC_OFFSET;
+    c.sr[i] = (real ? scale[i] : 0.8) * c.off[i];
+    c.q[i] = real ? q[i] : 0.0;
+    c.born[i] = 0.15;
+    c.cfac[i] = 0.0;
+  }
+}
+
+ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
+                              ffi::Buffer<ffi::F64> q_gb, ffi::Buffer<ffi::F64> radius,
+                              ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::S32> idx,
+                              double pre, double cutoff, ffi::ResultBuffer<ffi::F64> grad) {
+  int64_t n, k;
+  if (auto e = check_gb_list_args("tm_gb_list_gradient", x, q_gb, radius, scale, idx, cutoff,
+                                  &n, &k);
+      e.failure())
+    return e;
+  const size_t un = (size_t)n;
   double* g = grad->typed_data();
   std::memset(g, 0, sizeof(double) * 3 * un);
   if (n < 2) return ffi::Error::Success();
@@ -537,19 +572,10 @@ ffi::Error GbListGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   enum { X, Y, Z, OFF, SR, BORN, QGB, CFAC, B1, NSOA };
   double* soa = t_soa.get((size_t)NSOA * np);
   auto col = [&](int c) { return soa + (size_t)c * np; };
-  const double* xs = x.typed_data();
-  for (int64_t i = 0; i < np; ++i) {
-    const bool real = i < n;
-    col(X)[i] = real ? xs[3 * i] : 1e4 + 10.0 * (double)i;
-    col(Y)[i] = real ? xs[3 * i + 1] : 0.0;
-    col(Z)[i] = real ? xs[3 * i + 2] : 0.0;
-    const double rad = real ? radius.typed_data()[i] : 0.15;
-    col(OFF)[i] = rad - tmk::GB_DIELECTRIC_OFFSET;
-    col(SR)[i] = (real ? scale.typed_data()[i] : 0.8) * col(OFF)[i];
-    col(QGB)[i] = real ? q_gb.typed_data()[i] : 0.0;
-    col(BORN)[i] = 0.15;
-    col(CFAC)[i] = 0.0;
-  }
+  fill_gb_columns(n, np, x.typed_data(), radius.typed_data(), scale.typed_data(),
+                  q_gb.typed_data(),
+                  GBColumns{col(X), col(Y), col(Z), col(OFF), col(SR), col(QGB), col(BORN),
+                            col(CFAC)});
   Atoms at{n,         col(X),    col(Y),    col(Z),    col(OFF), col(SR), col(BORN),
            col(QGB),  col(CFAC), nullptr,   nullptr,   nullptr,  nullptr, nullptr,
            pre};
@@ -837,24 +863,16 @@ ffi::Error GbListZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                           ffi::Buffer<ffi::F64> scale, ffi::Buffer<ffi::S32> idx,
                           ffi::Buffer<ffi::F64> tangents, double pre, double cutoff,
                           ffi::ResultBuffer<ffi::F64> grad, ffi::ResultBuffer<ffi::F64> hvp) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] != 3)
-    return ffi::Error::InvalidArgument("tm_gb_list_zeta: x must have shape (N, 3)");
-  const int64_t n = xd[0];
+  int64_t n, k;
+  if (auto e = check_gb_list_args("tm_gb_list_zeta", x, q_gb, radius, scale, idx, cutoff, &n,
+                                  &k);
+      e.failure())
+    return e;
   const size_t un = (size_t)n;
-  if (q_gb.element_count() != un || radius.element_count() != un ||
-      scale.element_count() != un)
-    return ffi::Error::InvalidArgument(
-        "tm_gb_list_zeta: the charge, radius and scale must be (" + std::to_string(n) + ",)");
-  const auto id = idx.dimensions();
-  if (id.size() != 2 || id[0] != n)
-    return ffi::Error::InvalidArgument("tm_gb_list_zeta: idx must have shape (N, K)");
   const auto td = tangents.dimensions();
   if (td.size() != 3 || td[1] != n || td[2] != 3)
     return ffi::Error::InvalidArgument("tm_gb_list_zeta: the tangents must be (P, N, 3)");
-  if (!(cutoff > 0.0))
-    return ffi::Error::InvalidArgument("tm_gb_list_zeta: the cutoff must be > 0");
-  const int64_t k = id[1], p = td[0];
+  const int64_t p = td[0];
   const int64_t pw = std::max<int64_t>(W, (p + W - 1) / W * W);
   double* g = grad->typed_data();
   double* out = hvp->typed_data();
@@ -865,21 +883,12 @@ ffi::Error GbListZetaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   // per-atom arrays, N + 1 long (atom N: the padding partner, far away, zero tangents)
   const int64_t n1 = n + 1;
   enum { X, Y, Z, OFF, SR, Q, ISUM, BORN, HSUM, HII, CFAC, NSOA };
-  double* soa = t_zsoa.get((size_t)NSOA * n1 + 3 * un);
+  double* soa = t_zsoa.get((size_t)NSOA * n1);
   auto col = [&](int c) { return soa + (size_t)c * n1; };
-  const double* xs = x.typed_data();
-  for (int64_t i = 0; i < n1; ++i) {
-    const bool real = i < n;
-    col(X)[i] = real ? xs[3 * i] : 1e6;
-    col(Y)[i] = real ? xs[3 * i + 1] : 0.0;
-    col(Z)[i] = real ? xs[3 * i + 2] : 0.0;
-    const double rad = real ? radius.typed_data()[i] : 0.15;
-    col(OFF)[i] = rad - tmk::GB_DIELECTRIC_OFFSET;
-    col(SR)[i] = (real ? scale.typed_data()[i] : 0.8) * col(OFF)[i];
-    col(Q)[i] = real ? q_gb.typed_data()[i] : 0.0;
-    col(BORN)[i] = 0.15;
-    col(CFAC)[i] = 0.0;
-  }
+  fill_gb_columns(n, n1, x.typed_data(), radius.typed_data(), scale.typed_data(),
+                  q_gb.typed_data(),
+                  GBColumns{col(X), col(Y), col(Z), col(OFF), col(SR), col(Q), col(BORN),
+                            col(CFAC)});
   // the tangents and the per-atom tangent sums, (N + 1) rows of PW
   const size_t rows3 = (size_t)n1 * 3 * pw, rows1 = (size_t)n1 * pw;
   double* tb = t_ztan.get(rows3 + 4 * rows1 + (size_t)n * 3 * pw);

@@ -357,15 +357,21 @@ def obc2_neighbour_gradient_and_zeta(x, charge, radius, scale, neighbours, cutof
     # (P, B, K) elementwise gathers cost XLA on CPU several times the arithmetic
     tan = jnp.moveaxis(tangents, 0, -1)  # (N, 3, P)
 
-    def geometry(i, j, extra=()):
+    def per_atom(*extra):
+        """(N, (3 + len(extra)) P): the tangents and the per-atom (N, P) arrays ``extra``
+        side by side, built once per pass (outside its map over the blocks)."""
+        return jnp.concatenate([tan.reshape(n, 3 * p), *extra], axis=1)
+
+    def geometry(i, j, atoms, extra=0):
         """The block's pairs, each tangent's δr_ij r_ij = d_ij·(t_i - t_j) (B, K, P), and
-        the partners' rows of the per-atom (N, P) arrays ``extra``."""
+        the partners' rows of the ``extra`` (N, P) arrays after the tangents in ``atoms``
+        (``per_atom``'s)."""
         d, inside, r, j = _list_rows(x, i, j, cutoff)
-        per_atom = jnp.concatenate([tan.reshape(n, 3 * p), *extra], axis=1)[j]
-        t_j = per_atom[..., : 3 * p].reshape(*j.shape, 3, p)
+        rows_j = atoms[j]
+        t_j = rows_j[..., : 3 * p].reshape(*j.shape, 3, p)
         t_i = tan[i]  # (B, 3, P)
         s = sum(d[k][..., None] * (t_i[:, None, k] - t_j[:, :, k]) for k in range(3))
-        rest = [per_atom[..., 3 * p + m * p : 3 * p + (m + 1) * p] for m in range(len(extra))]
+        rest = [rows_j[..., 3 * p + m * p : 3 * p + (m + 1) * p] for m in range(extra)]
         return d, inside, r, j, s, t_i, t_j, rest
 
     def born_terms(r, i, j, inside, swap=False):
@@ -376,9 +382,11 @@ def obc2_neighbour_gradient_and_zeta(x, charge, radius, scale, neighbours, cutof
         return [jnp.where(use, v, zero)
                 for v in _radial(lambda s: born_integral(s, or_, sr_), r)]  # fmt: skip
 
+    tangent_rows = per_atom()
+
     def integrals(args):
         i, j = args
-        _, inside, r, j, s, _, _, _ = geometry(i, j)
+        _, inside, r, j, s, _, _, _ = geometry(i, j, tangent_rows)
         t0, t1, _ = born_terms(r, i, j, inside)
         t0, t1 = jax.lax.optimization_barrier((t0, t1))
         return jnp.sum(t0, axis=1), jnp.sum((t1 / r)[..., None] * s, axis=1)
@@ -396,9 +404,11 @@ def obc2_neighbour_gradient_and_zeta(x, charge, radius, scale, neighbours, cutof
         zero = jnp.zeros_like(r)
         return {k: jnp.where(inside, v, zero) for k, v in h.items()}
 
+    chain_rows = per_atom(dborn)
+
     def chain(args):
         i, j = args
-        _, inside, r, j, s, _, _, (db_j,) = geometry(i, j, (dborn,))
+        _, inside, r, j, s, _, _, (db_j,) = geometry(i, j, chain_rows, 1)
         h = pair_scalars(i, j, r, inside)
         w_ij, w_ri = jax.lax.optimization_barrier((h["ij"], h["ri"] / r))
         ddb = jnp.sum(w_ij[..., None] * db_j + w_ri[..., None] * s, axis=1)
@@ -411,9 +421,11 @@ def obc2_neighbour_gradient_and_zeta(x, charge, radius, scale, neighbours, cutof
     c = beta * b1
     dc = dbeta * b1[:, None] + (beta * b2)[:, None] * di_sum  # (N, P)
 
+    force_rows = per_atom(dborn, dc)
+
     def forces(args):
         i, j = args
-        d, inside, r, j, s, t_i, t_j, (db_j, dc_j) = geometry(i, j, (dborn, dc))
+        d, inside, r, j, s, t_i, t_j, (db_j, dc_j) = geometry(i, j, force_rows, 2)
         h = pair_scalars(i, j, r, inside)
         _, ti1, ti2 = born_terms(r, i, j, inside)
         _, tj1, tj2 = born_terms(r, i, j, inside, swap=True)

@@ -77,6 +77,7 @@ from collections.abc import Callable
 
 import tomllib
 
+from timemachine.constants import DEFAULT_CUTOFF
 from timemachine.errors import InputError
 
 __all__ = [
@@ -155,9 +156,6 @@ EXECUTORS = ("in-process", "dask")
 #: ``[system].nonbonded_method``'s choices: those of ``load_system`` that need no periodic
 #: box (a configuration builds a peptide or reads a PDB without one)
 NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic")
-
-#: OpenMM's default nonbonded cutoff, nm (``ForceField.createSystem``'s nonbondedCutoff)
-DEFAULT_CUTOFF = 1.0
 
 #: data sets shipped in ``timemachine/data`` that ``[targets].builtin`` names
 BUILTIN_TARGETS = ("graf2007",)

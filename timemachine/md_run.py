@@ -113,10 +113,10 @@ def run_simulation(args) -> dict:
         structure = tm.build_peptide(args.sequence, forcefield=tuple(args.forcefield))
         label = f"peptide {args.sequence}"
     solvent = None if args.implicit_solvent == "none" else args.implicit_solvent
+    method = getattr(args, "nonbonded_method", "NoCutoff")
     system, x = tm.load_system(
         structure, forcefield=tuple(args.forcefield), implicit_solvent=solvent,
-        nonbonded_method=getattr(args, "nonbonded_method", "NoCutoff"),
-        cutoff=getattr(args, "cutoff", None),
+        nonbonded_method=method, cutoff=getattr(args, "cutoff", None),
     )  # fmt: skip
     log = (lambda message: None) if args.quiet else print
     log(
@@ -189,7 +189,7 @@ def run_simulation(args) -> dict:
         "structure": label,
         "forcefield": list(args.forcefield),
         "implicit_solvent": solvent,
-        "nonbonded_method": getattr(args, "nonbonded_method", "NoCutoff"),
+        "nonbonded_method": method,
         "cutoff_nm": next(
             (float(t.cutoff) for t in system.terms if getattr(t, "cutoff", None) is not None), None
         ),  # fmt: skip

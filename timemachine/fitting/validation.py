@@ -300,24 +300,15 @@ def _run_chain(
 _METHODS = ("NoCutoff", "CutoffNonPeriodic")
 
 
-def _nonbonded(method, cutoff):
-    """``createSystem``'s nonbonded keywords for ``validate_openmm``'s method and cutoff;
-    InputError naming a bad one."""
-    import openmm.app as app
-    import openmm.unit as unit
+def _nonbonded(method, cutoff, topology=None):
+    """``createSystem``'s nonbonded keywords for ``validate_openmm``'s method (one without
+    a periodic box) and cutoff, checked as ``load_system`` checks its own; InputError
+    naming a bad one."""
+    from timemachine.io.openmm_import import _nonbonded_options
 
     if method not in _METHODS:
         raise InputError(f"nonbonded_method={method!r}; choose one of {list(_METHODS)}")
-    if method == "NoCutoff":
-        if cutoff is not None:
-            raise InputError(f"cutoff={cutoff!r} with NoCutoff, which takes every pair")
-        return {"nonbondedMethod": app.NoCutoff}
-    cutoff = 1.0 if cutoff is None else cutoff
-    ok = isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool)
-    if not ok or not math.isfinite(cutoff) or cutoff <= 0:
-        raise InputError(f"cutoff must be a number > 0 (nm), got {cutoff!r}")
-    return {"nonbondedMethod": app.CutoffNonPeriodic,
-            "nonbondedCutoff": float(cutoff) * unit.nanometer}  # fmt: skip
+    return _nonbonded_options(topology, method, cutoff, None, "validate_openmm's topology")
 
 
 def openmm_system(forcefield_files, topology, constraints="HBonds", nonbonded_method="NoCutoff",
@@ -335,7 +326,7 @@ def openmm_system(forcefield_files, topology, constraints="HBonds", nonbonded_me
 
     from timemachine.io.forcefield_xml import check_forcefield_files
 
-    nonbonded = _nonbonded(nonbonded_method, cutoff)
+    nonbonded = _nonbonded(nonbonded_method, cutoff, topology)
     check_forcefield_files(forcefield_files)
     try:
         ff = app.ForceField(*forcefield_files)

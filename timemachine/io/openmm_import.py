@@ -12,11 +12,13 @@ Every parameter rebuilt from θ is checked against OpenMM's value for that term.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import defaultdict
 
 import numpy as np
 
+from timemachine.constants import DEFAULT_CUTOFF
 from timemachine.errors import ForceFieldError, InputError, MissingFileError
 from timemachine.system import (
     OBC2,
@@ -110,11 +112,18 @@ def _nonbonded_options(topology, nonbonded_method, cutoff, switch_distance, sour
             f"nonbonded_method must be one of {NONBONDED_METHODS}, got {nonbonded_method!r}"
         )
     if nonbonded_method == "NoCutoff":
-        if cutoff is not None or switch_distance is not None:
-            raise InputError("cutoff and switch_distance apply to the cutoff methods, not NoCutoff")
+        given = [f"{name}={v!r}" for name, v in (("cutoff", cutoff),
+                                                 ("switch_distance", switch_distance))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise InputError(
+                f"{' and '.join(given)} with NoCutoff, which takes every pair: cutoff and "
+                "switch_distance apply to the cutoff methods"
+            )
         return {"nonbondedMethod": app.NoCutoff}
-    cutoff = 1.0 if cutoff is None else cutoff
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
+    cutoff = DEFAULT_CUTOFF if cutoff is None else cutoff
+    if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float))
+            or not math.isfinite(cutoff) or not cutoff > 0):  # fmt: skip
         raise InputError(f"cutoff must be a number > 0 (nm), got {cutoff!r}")
     options = {"nonbondedMethod": getattr(app, nonbonded_method),
                "nonbondedCutoff": float(cutoff) * unit.nanometer}  # fmt: skip

@@ -292,10 +292,7 @@ class CutoffNonbonded:
         i = j), built from ``exclusion_idx`` on each call: O(N²) memory, for checks on
         small systems; the term itself uses ``exclusion_rows``."""
         n = np.asarray(self.charge_index).shape[0]
-        mask = ~np.eye(n, dtype=bool)
-        pairs = np.asarray(self.exclusion_idx, dtype=np.int64).reshape(-1, 2)
-        mask[pairs[:, 0], pairs[:, 1]] = mask[pairs[:, 1], pairs[:, 0]] = False
-        return mask
+        return potentials.nonbonded.full_strength_mask(n, self.exclusion_idx)
 
     @property
     def uses_neighbours(self) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 
 from timemachine.constants import DEFAULT_CUTOFF
 from timemachine.errors import ForceFieldError, InputError, MissingFileError
+from timemachine.potentials.nonbonded import full_strength_mask
 from timemachine.system import (
     OBC2,
     CutoffNonbonded,
@@ -455,9 +456,7 @@ def _nonbonded_term(f, ff, data, topology, params):
     exc = np.array(exc, dtype=np.int64).reshape(-1, 2)
     method = f.getNonbondedMethod()
     if method == f.NoCutoff:  # all pairs: the (N, N) mask of full-strength pairs
-        mask = ~np.eye(n, dtype=bool)
-        pairs = np.asarray(excluded, np.int64).reshape(-1, 2)
-        mask[pairs[:, 0], pairs[:, 1]] = mask[pairs[:, 1], pairs[:, 0]] = False
+        mask = full_strength_mask(n, excluded)
         return Nonbonded(qi, si, ei, mask, exc, np.array(cs), np.array(ls)), qi
     box = alpha = grid = None
     if method in (f.CutoffPeriodic, f.PME):

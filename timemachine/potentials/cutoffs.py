@@ -741,8 +741,9 @@ def build_neighbours(x, allowed, box, radius, capacity, cells=None, cell_capacit
 
 
 def neighbour_counts(x, allowed, box, radius, cells=None, cell_capacity=0) -> np.ndarray:
-    """(N,) partners per row of the Verlet list of x (numpy): what sizes ``capacity``;
-    ``allowed`` as ``build_neighbours``'. Raises InputError if a cell overflows."""
+    """(N,) partners per row of the Verlet list of x (numpy), counted by the list build's
+    own scan of the candidates (``allowed`` as ``build_neighbours``'): the reference of
+    ``partner_counts``, which sizes the lists. Raises InputError if a cell overflows."""
     from timemachine.errors import InputError
 
     n = x.shape[0]

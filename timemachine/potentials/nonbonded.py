@@ -10,6 +10,7 @@ Lorentz-Berthelot combination: σ_ij = (σ_i + σ_j)/2, ε_ij = sqrt(ε_i ε_j).
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from timemachine.constants import COULOMB
 
@@ -46,6 +47,15 @@ def pair_distances(x):
     d = x[:, None, :] - x[None, :, :]
     eye = jnp.eye(n, dtype=x.dtype)
     return jnp.sqrt(jnp.sum(d * d, axis=-1) + eye)
+
+
+def full_strength_mask(n, excluded) -> np.ndarray:
+    """(N, N) bool numpy mask of the pairs at full strength: every i ≠ j but the
+    ``excluded`` (X, 2) pairs (either order), i.e. ``nonbonded_all_pairs``' pair_mask."""
+    mask = ~np.eye(n, dtype=bool)
+    pairs = np.asarray(excluded, dtype=np.int64).reshape(-1, 2)
+    mask[pairs[:, 0], pairs[:, 1]] = mask[pairs[:, 1], pairs[:, 0]] = False
+    return mask
 
 
 def nonbonded_all_pairs(x, charge, sigma, epsilon, pair_mask):

@@ -163,6 +163,47 @@ def test_plain_gradient_in_the_custom_calls_matches_the_jax_reference(box, reque
                                float(np.abs(t_ref).max()))  # fmt: skip
 
 
+def test_the_pair_call_sums_ewalds_exclusion_correction_in_its_rows(water):
+    """tm_neighbour_pairs with the exclusion table: its ∇E and ζ minus the call's without
+    it are Ewald's exclusion correction (cutoffs.ewald_exclusion_gradient_and_zeta, the
+    closed form over the (X, 2) pairs, with its charge mixed partials) to 1e-12; the
+    correction is not small (TIP3P's O-H pairs); under the reaction field the table is
+    refused by name."""
+    system, x = water
+    term = next(t for t in system.terms if getattr(t, "uses_neighbours", False))
+    nb = neighbours.build(system, jnp.asarray(x))[system.terms.index(term)]
+    theta = jnp.asarray(system.params)
+    q = theta[term.charge_index]
+    wrt = system.select(["charge/*", "bond/*"])  # mixed partials: the charges alone here
+    p, n = wrt.size, system.n_atoms
+    dx = jnp.asarray(np.random.default_rng(4).normal(size=(p, n, 3)))
+    mix_p = np.full((3, n), -1, np.int32)
+    dq = np.zeros((p, n))
+    for col, w in enumerate(wrt):
+        hit = np.asarray(term.charge_index) == w
+        mix_p[0, hit], dq[col, hit] = col, 1.0
+    atoms = jnp.stack([q, theta[term.sigma_index], jnp.sqrt(theta[term.epsilon_index]),
+                       0.5 / jnp.sqrt(theta[term.epsilon_index])])  # fmt: skip
+    atoms = jnp.where(jnp.isfinite(atoms), atoms, 0.0)
+    consts = [term.cutoff, term.switch_distance or -1.0, 0.0, term.alpha]
+    box = jnp.asarray(term.box)
+    call = jax.jit(xla_cpu.neighbour_pairs)
+    g1, z1 = call(jnp.asarray(x), box, nb.idx, atoms, consts, dx, mix_p, term.exclusion_rows)
+    g0, z0 = call(jnp.asarray(x), box, nb.idx, atoms, consts, dx, mix_p)
+    g_ex, z_ex = cutoffs.ewald_exclusion_gradient_and_zeta(
+        jnp.asarray(x), q, term.exclusion_idx, term.alpha, dx, jnp.asarray(dq)
+    )
+    assert np.abs(np.asarray(g_ex)).max() > 100.0 and np.abs(np.asarray(z_ex)).max() > 100.0
+    np.testing.assert_allclose(np.asarray(g1 - g0), np.asarray(g_ex), rtol=0,
+                               atol=1e-12 * float(np.abs(g_ex).max()))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(z1 - z0), np.asarray(z_ex), rtol=0,
+                               atol=1e-12 * float(np.abs(z_ex).max()))  # fmt: skip
+    with pytest.raises(Exception, match="needs PME"):
+        consts_rf = [term.cutoff, -1.0, 1.0, 0.0]
+        jax.block_until_ready(call(jnp.asarray(x), box, nb.idx, atoms, consts_rf, dx, mix_p,
+                                   term.exclusion_rows))  # fmt: skip
+
+
 def test_pme_reciprocal_gradient_in_the_custom_calls_matches_autodiff(water):
     system, x = water
     term = system.terms[-1]

@@ -350,10 +350,10 @@ class CutoffNonbonded:
     def gradient_and_zeta(self, x, params, dx, wrt, neighbours, host=None):
         """(∇_x E (N, 3), ζ (P, N, 3)) on a fresh Verlet list for tangents dx (P, N, 3)
         and parameters ``wrt`` (P,): the pairs' from per-pair scalars
-        (``cutoffs.neighbour_pair_gradient_and_zeta``), PME's reciprocal part written out
-        with one batched spread, FFT and gather for all P
-        (``cutoffs.pme_reciprocal_gradient_and_zeta``), the excluded pairs' erf correction
-        in closed form (``cutoffs.ewald_exclusion_gradient_and_zeta``), the rest by
+        (``cutoffs.neighbour_pair_gradient_and_zeta``, which with PME also takes the
+        excluded pairs' erf correction in closed form, in the custom call's pass over the
+        rows), PME's reciprocal part written out with one batched spread, FFT and gather
+        for all P (``cutoffs.pme_reciprocal_gradient_and_zeta``), the rest by
         ``jax.linearize``.
         ``host``: the CPU custom call (``timemachine.backends.xla_cpu``, passed in from
         the sensitivity layer) for the pairs' contraction and PME's spread and gather, or
@@ -368,22 +368,21 @@ class CutoffNonbonded:
             hit = np.asarray(index)[:, None] == wrt[None, :]
             cols = np.nonzero(hit.any(0))[0]
             onehots[kind] = (cols, hit[:, cols].astype(np.float64)) if cols.size else None
+        pme = self.alpha is not None
         g, z = cutoffs.neighbour_pair_gradient_and_zeta(
             x, params[self.charge_index], params[self.sigma_index], params[self.epsilon_index],
             neighbours, box, self.cutoff, self.dielectric, self.switch_distance, self.alpha,
             dx, onehots, None if host is None else host.neighbour_pairs,
+            (self.exclusion_rows, self.exclusion_idx) if pme else None,
         )  # fmt: skip
         onehot = jnp.zeros((wrt.shape[0], params.shape[0]), params.dtype)
         onehot = onehot.at[np.arange(wrt.shape[0]), wrt].set(1.0)
-        if self.alpha is not None:
+        if pme:
             q, dq = params[self.charge_index], onehot[:, self.charge_index]
             g_rec, z_rec = cutoffs.pme_reciprocal_gradient_and_zeta(
                 x, q, box, self.alpha, self.grid, dx, dq, host=host
             )  # fmt: skip
-            g_ex, z_ex = cutoffs.ewald_exclusion_gradient_and_zeta(
-                x, q, self.exclusion_idx, self.alpha, dx, dq
-            )  # fmt: skip
-            g, z = g + g_rec + g_ex, z + z_rec + z_ex
+            g, z = g + g_rec, z + z_rec
         rest = jax.grad(lambda y, p: self._long_range(y, p, reciprocal=False,
                                                       exclusions=False))  # fmt: skip
         g_rest, lin = jax.linearize(rest, x, params)

@@ -214,7 +214,7 @@ class BondedTables:
         )
 
 
-def neighbour_pairs(x, box, idx, atoms, consts, dx_dtheta, mix_p=None):
+def neighbour_pairs(x, box, idx, atoms, consts, dx_dtheta, mix_p=None, exclusions=None):
     """∇E (N, 3) and ζ (P, N, 3) of a Verlet list's cutoff pairs in the custom call, the
     per-pair scalars computed there with the closed forms of ``cutoffs._pair_scalars``
     (``cutoffs.neighbour_pair_gradient_and_zeta`` is the JAX reference).
@@ -228,18 +228,25 @@ def neighbour_pairs(x, box, idx, atoms, consts, dx_dtheta, mix_p=None):
       dx_dtheta: (P, N, 3) tangents.
       mix_p: optional (3, N) int32, the tangent of atom a's charge, σ and ε (-1: none);
         given, ζ also gets the pairs' mixed partials ∂(∇E)/∂θ_p.
+      exclusions: optional (N, M) int32, row i the atoms excluded from i (-1 after the
+        last; ``cutoffs.exclusion_table``), with PME only: ∇E and ζ then also hold
+        Ewald's correction -k_e q_i q_j erf(α r)/r over those pairs, without periodic
+        images (``cutoffs.ewald_exclusion_gradient_and_zeta`` is its reference), each
+        row's excluded partners summed after its listed ones.
 
     Rows are independent and summed in the list's order: bitwise the same on any number
     of threads."""
     box = jnp.zeros((0,), jnp.float64) if box is None else jnp.asarray(box, jnp.float64)
     mix_p = jnp.zeros((0,), jnp.int32) if mix_p is None else jnp.asarray(mix_p, jnp.int32)
+    excl = (jnp.zeros((0,), jnp.int32) if exclusions is None
+            else jnp.asarray(exclusions, jnp.int32))  # fmt: skip
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float64),
         jax.ShapeDtypeStruct(dx_dtheta.shape, jnp.float64),
     )
     call = jax.ffi.ffi_call(NEIGHBOUR_TARGET, out, vmap_method="sequential")
     return call(x, box, idx.astype(jnp.int32), atoms, jnp.asarray(consts, jnp.float64),
-                dx_dtheta, mix_p)  # fmt: skip
+                dx_dtheta, mix_p, excl)  # fmt: skip
 
 
 def gb_list_zeta(term, x, params, neighbours, tangents):

@@ -969,7 +969,7 @@ def _pair_scalars(r, sig, cutoff, switch_distance, k_rf, alpha):
 
 def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neighbours, box,
                                      cutoff, dielectric, switch_distance, alpha, tangents,
-                                     onehots, host=None,
+                                     onehots, host=None, ewald_exclusions=None,
                                      elements_per_block=1 << 22):  # fmt: skip
     """∇_x E (N, 3) and ζ (P, N, 3) of the Verlet-list pair sum, from per-pair scalars
     contracted with all P tangents at once (the all-pairs path's structure, sparse).
@@ -995,10 +995,16 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
         in one pass over the list, this function's XLA path being its reference. It is
         used where every atom's parameter of a kind is at most one tangent (no repeated
         wrt entries), else the XLA path runs.
+      ewald_exclusions: None, or (PME) the excluded pairs as (table (N, M), pairs (X, 2))
+        (``exclusion_table`` of the pairs): ∇E and ζ then also hold Ewald's exclusion
+        correction (``ewald_exclusion_gradient_and_zeta``), which the custom call sums
+        in the same pass as each row's listed pairs (no scatters).
       elements_per_block: P · rows · K per block, the memory of one (P, B, K) array.
 
     Returns: (grad (N, 3) kJ/mol/nm, ζ (P, N, 3) kJ/mol/nm/[θ]), NaN on an overflowed list.
     """
+    if ewald_exclusions is not None and alpha is None:
+        raise ValueError("ewald_exclusions: Ewald's exclusion correction needs PME's alpha")
     n, capacity = neighbours.idx.shape
     p = tangents.shape[0]
     k_rf, c_rf = reaction_field_constants(cutoff, dielectric)
@@ -1021,7 +1027,8 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
         consts = jnp.asarray([cutoff, -1.0 if switch_distance is None else switch_distance,
                               k_rf, 0.0 if alpha is None else alpha], x.dtype)  # fmt: skip
         grad, zeta = host(x, box, neighbours.idx, atoms, consts, tangents,
-                          mix_p if kinds else None)  # fmt: skip
+                          mix_p if kinds else None,
+                          None if ewald_exclusions is None else ewald_exclusions[0])  # fmt: skip
         return grad * bad, zeta * bad
     rows, table = _row_blocks(neighbours, max(p, 1), elements_per_block)
     t_k = [tangents[..., k] for k in range(3)]  # (P, N) each
@@ -1067,4 +1074,12 @@ def neighbour_pair_gradient_and_zeta(x, charge, sigma, epsilon, neighbours: Neig
     blocks = jax.lax.map(one_block, (rows, table))
     grad = blocks[0].reshape(-1, 3)[:n] * bad
     zeta = jnp.moveaxis(blocks[1], 1, 0).reshape(p, -1, 3)[:, :n]
+    if ewald_exclusions is not None:
+        dq = jnp.zeros((p, n), x.dtype)  # each tangent's charge derivatives
+        if "charge" in kinds:
+            cols, onehot = kinds["charge"]
+            dq = dq.at[cols].add(onehot.T)
+        g_ex, z_ex = ewald_exclusion_gradient_and_zeta(x, charge, ewald_exclusions[1], alpha,
+                                                       tangents, dq)  # fmt: skip
+        grad, zeta = grad + g_ex * bad, zeta + z_ex
     return grad, zeta * bad

@@ -508,6 +508,7 @@ inline void radial_batch(const double* r2s, const tmk::CutoffForm& pc, bool fast
 }
 
 constexpr int PREFETCH = 16;  // pass 3's look-ahead, pairs
+constexpr double TWO_OVER_SQRT_PI = 1.1283791670955126;
 static_assert(PREFETCH <= FB, "the rows' scratch holds FB slots beyond the list");
 
 // One row's partners within the cutoff (passes 1 and 2 of neighbour_pair_rows), each
@@ -651,8 +652,8 @@ void tangent_group(const RowPairs& rp, int64_t m, const double* t, int64_t strid
 void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx, int64_t n,
                          int64_t k, const PackedAtoms& pa, const tmk::CutoffForm& pc,
                          bool fast_erfc, int64_t i0, int64_t i1, int64_t chunks,
-                         const double* t, double* z, const int32_t* mix_p, double* grad,
-                         RowPairs& rp) {
+                         const double* t, double* z, const int32_t* mix_p, const int32_t* excl,
+                         int64_t mx, double* grad, RowPairs& rp) {
   const int64_t stride = chunks * 3 * LANES;  // one atom's tangents
   const double rc2 = pc.cutoff * pc.cutoff;
   double inv_box[3] = {0.0, 0.0, 0.0};
@@ -713,22 +714,64 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
           for (int e = 0; e < 3; ++e) own[mk][e] += mi[mk] * d[e];
       }
     }
-    for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]);
+    // PME: row i's excluded partners (excl, -1 after the last) join the row after its
+    // listed ones, their u = -k_e q_i q_j erf(α r)/r with no periodic image (as
+    // cutoffs.ewald_exclusion_gradient_and_zeta, their reference): the reciprocal sum's
+    // share of pairs that must not interact. Scalars here, in table order.
+    double gx[3] = {0.0, 0.0, 0.0}, mx6[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, bx_ = 0.0,
+           own_q[3] = {0.0, 0.0, 0.0};
+    int64_t me = m;
+    for (int64_t s = 0; excl && s < mx; ++s) {
+      const int32_t j = excl[i * mx + s];
+      if (j < 0) break;
+      const double d[3] = {x[3 * i] - x[3 * j], x[3 * i + 1] - x[3 * j + 1],
+                           x[3 * i + 2] - x[3 * j + 2]};
+      const double r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2], r = std::sqrt(r2);
+      const double erf = std::erf(pc.alpha * r);
+      const double gauss = TWO_OVER_SQRT_PI * pc.alpha * std::exp(-pc.alpha * pc.alpha * r2);
+      const double s1 = gauss / r - erf / r2;  // s' of s = erf(α r)/r
+      const double s2 = -2.0 * pc.alpha * pc.alpha * gauss - 2.0 * gauss / r2 + 2.0 * erf / (r2 * r);
+      const double b_unit = -s1 / r, a_unit = -(s2 - s1 / r) / r2;  // per unit k_e q_i q_j
+      const double qj = pa.par[4 * j], b = qi * qj * b_unit, a = qi * qj * a_unit;
+      rp.j[me] = j;
+      rp.b[me] = b;
+      for (int e = 0; e < 3; ++e) {
+        rp.d[e][me] = d[e];
+        rp.ad[e][me] = a * d[e];
+        gx[e] += b * d[e];
+        own_q[e] += tmk::COULOMB * b_unit * qj * d[e];
+      }
+      mx6[0] += a * d[0] * d[0];
+      mx6[1] += a * d[1] * d[1];
+      mx6[2] += a * d[2] * d[2];
+      mx6[3] += a * d[0] * d[1];
+      mx6[4] += a * d[0] * d[2];
+      mx6[5] += a * d[1] * d[2];
+      bx_ += b;
+      rp.mj[0][me] = qi * b_unit;
+      rp.mj[1][me] = 0.0;
+      rp.mj[2][me] = 0.0;
+      ++me;
+    }
+    if (me > m)
+      for (int64_t s = me; s < me + PREFETCH; ++s) rp.j[s] = n;  // pass 3's look-ahead
+    for (int e = 0; e < 3; ++e) grad[3 * i + e] = hsum(gv[e]) + gx[e];
     if (chunks == 0) continue;
-    const double bs = hsum(bv), mxx = hsum(mv[0]) + bs, myy = hsum(mv[1]) + bs,
-                 mzz = hsum(mv[2]) + bs, mxy = hsum(mv[3]), mxz = hsum(mv[4]),
-                 myz = hsum(mv[5]);
+    const double bs = hsum(bv) + bx_, mxx = hsum(mv[0]) + mx6[0] + bs,
+                 myy = hsum(mv[1]) + mx6[1] + bs, mzz = hsum(mv[2]) + mx6[2] + bs,
+                 mxy = hsum(mv[3]) + mx6[3], mxz = hsum(mv[4]) + mx6[4],
+                 myz = hsum(mv[5]) + mx6[5];
     const double mi[6] = {mxx, myy, mzz, mxy, mxz, myz};
     for (int64_t c0 = 0; c0 < chunks; c0 += GROUP) {  // pass 3
       switch (std::min<int64_t>(GROUP, chunks - c0)) {
-        case 1: tangent_group<1>(rp, m, t, stride, c0, i, mi, z); break;
-        case 2: tangent_group<2>(rp, m, t, stride, c0, i, mi, z); break;
-        case 3: tangent_group<3>(rp, m, t, stride, c0, i, mi, z); break;
-        default: tangent_group<GROUP>(rp, m, t, stride, c0, i, mi, z); break;
+        case 1: tangent_group<1>(rp, me, t, stride, c0, i, mi, z); break;
+        case 2: tangent_group<2>(rp, me, t, stride, c0, i, mi, z); break;
+        case 3: tangent_group<3>(rp, me, t, stride, c0, i, mi, z); break;
+        default: tangent_group<GROUP>(rp, me, t, stride, c0, i, mi, z); break;
       }
     }
     if (!mix_p) continue;
-    for (int64_t s = 0; s < m; ++s) {  // the partners' parameters, in list order
+    for (int64_t s = 0; s < me; ++s) {  // the partners' parameters, in list order
       const int64_t j = rp.j[s];
       for (int mk = 0; mk < 3; ++mk) {
         const int32_t pj = mix_p[mk * n + j];
@@ -744,7 +787,7 @@ void neighbour_pair_rows(const double* x, const double* box, const int32_t* idx,
       const int32_t pi_ = mix_p[mk * n + i];
       if (pi_ < 0) continue;
       double* zz = z + i * stride + (pi_ / LANES) * 3 * LANES + pi_ % LANES;
-      for (int e = 0; e < 3; ++e) zz[e * LANES] += hsum(own[mk][e]);
+      for (int e = 0; e < 3; ++e) zz[e * LANES] += hsum(own[mk][e]) + (mk ? 0.0 : own_q[e]);
     }
   }
 }
@@ -796,7 +839,7 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
                               ffi::Buffer<ffi::F64> box, ffi::Buffer<ffi::S32> idx,
                               ffi::Buffer<ffi::F64> atoms, ffi::Buffer<ffi::F64> consts,
                               ffi::Buffer<ffi::F64> dx, ffi::Buffer<ffi::S32> mix_p,
-                              ffi::ResultBuffer<ffi::F64> grad,
+                              ffi::Buffer<ffi::S32> excl, ffi::ResultBuffer<ffi::F64> grad,
                               ffi::ResultBuffer<ffi::F64> zeta) {
   ListArgs la;
   if (auto e = read_list_args("tm_neighbour_pairs", x, box, idx, atoms, consts, &la);
@@ -814,6 +857,18 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   if (mp)
     for (int64_t a = 0; a < 3 * n; ++a)
       if (mp[a] >= p) return ffi::Error::InvalidArgument("tm_neighbour_pairs: mix_p >= P");
+  const auto ed = excl.dimensions();
+  if (excl.element_count() != 0 && (ed.size() != 2 || ed[0] != n))
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: excl must be (N, M) or empty");
+  const int32_t* ex = excl.element_count() ? excl.typed_data() : nullptr;
+  const int64_t mx = ex ? ed[1] : 0;
+  if (ex && !la.pc.pme)
+    return ffi::Error::InvalidArgument("tm_neighbour_pairs: excl (Ewald's exclusion "
+                                       "correction) needs PME (alpha > 0)");
+  for (int64_t a = 0; a < n * mx; ++a)
+    if (ex[a] >= n || ex[a] == a / mx)
+      return ffi::Error::InvalidArgument("tm_neighbour_pairs: excl holds an atom >= N or "
+                                         "an atom excluded from itself");
   const tmk::CutoffForm& pc = la.pc;
   const bool fast_erfc = la.fast_erfc;
   const int64_t chunks = (p + LANES - 1) / LANES;
@@ -834,12 +889,13 @@ ffi::Error NeighbourPairsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
   const PackedAtoms pa = pack_atoms(x.typed_data(), atoms.typed_data(), n, true);
   // units: row ranges, each with every chunk (the scalars are computed once per pair)
   const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
-  const int64_t cap = (k + FB - 1) / FB * FB + FB;
+  const int64_t cap = (k + FB - 1) / FB * FB + FB + mx;  // + the excluded partners
   double* g = grad->typed_data();
   std::function<void(int)> work = [&](int u) {
     RowPairs rp(t_zrows.get(RowPairs::doubles(cap)), cap);
     neighbour_pair_rows(x.typed_data(), bx, idx.typed_data(), n, k, pa, pc, fast_erfc,
-                        n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, g, rp);
+                        n * u / units, n * (u + 1) / units, chunks, dxt, zt, mp, ex, mx, g,
+                        rp);
   };
   parallel_units(pool, units, work);
   double* z = zeta->typed_data();
@@ -1573,6 +1629,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TmNeighbourPairs, NeighbourPairsImpl,
                                   .Arg<ffi::Buffer<ffi::F64>>()  // consts (4,)
                                   .Arg<ffi::Buffer<ffi::F64>>()  // dx
                                   .Arg<ffi::Buffer<ffi::S32>>()  // mix_p
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // excl (N, M) or empty
                                   .Ret<ffi::Buffer<ffi::F64>>()  // grad
                                   .Ret<ffi::Buffer<ffi::F64>>()  // zeta
 );

@@ -1,6 +1,7 @@
 """A C++ XLA custom call for the CPU: ∇E and ζ of the internal-coordinate terms, the
 all-pairs Hessian contraction of ζ, a Verlet list's cutoff pairs (``neighbour_pairs``: ∇E
-and ζ with the pair scalars computed in C++), and PME's tangent spread and gather
+and ζ with the pair scalars computed in C++, with PME's excluded-pair correction in the
+same rows), and PME's tangent spread and gather
 (``pme_spread``, ``pme_gather``).
 
 The structured ζ (``timemachine.sensitivity.zeta``) needs, for every bond, angle, proper

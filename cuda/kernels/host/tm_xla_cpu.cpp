@@ -645,6 +645,8 @@ void tangent_group(const RowPairs& rp, int64_t m, const double* t, int64_t strid
 //  2. their scalars, FU vectors of W pairs per iteration (as neighbour_force_rows),
 //     into rp, with ∇_i E, the mixed partials of atom i's own parameters and the row's
 //     matrix M_i = Σ_j A d dᵀ + B I summed;
+//  2b. with PME and an exclusion table, row i's excluded partners appended to the kept
+//     ones, their scalars those of Ewald's correction -k_e q_i q_j erf(α r)/r;
 //  3. the tangents, GROUP chunks at a time (tangent_group): ζ_i = M_i t_i -
 //     Σ_j (A d dᵀ + B I) t_j, the sums in registers over the kept pairs in list order
 //     (the t_i - t_j form would take three more operations per pair and lane), then the

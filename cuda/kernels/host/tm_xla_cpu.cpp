@@ -1329,21 +1329,22 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
     return r2 < r2max;
   };
   const bool* mk = (has_table || every_pair) ? nullptr : mask.typed_data();
-  // the allowed pairs: the exclusion table's row, or the mask's
+  // the allowed pairs: the exclusion table's row, or the mask's (j ≠ i checked apart)
   const int64_t m = has_table ? ad[1] : 0;
   const int32_t* ex = allowed.typed_data();
+  auto permitted = [&](int64_t i, int64_t j) {
+    bool excluded = mk != nullptr && !mk[i * n + j];
+    for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
+    return !excluded;
+  };
   if (!use_cells) {
     const int units = (int)std::max<int64_t>(1, std::min<int64_t>(4 * pool.num_threads(), n));
     std::function<void(int)> work = [&](int u) {
       RowFill fill(k);
       for (int64_t i = n * u / units; i < n * (u + 1) / units; ++i) {
         fill.start(i);
-        for (int64_t j = 0; j < n; ++j) {
-          if (j == i || (mk != nullptr && !mk[i * n + j]) || !within(i, j)) continue;
-          bool excluded = false;
-          for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
-          if (!excluded) fill.add(j);
-        }
+        for (int64_t j = 0; j < n; ++j)
+          if (j != i && within(i, j) && permitted(i, j)) fill.add(j);
         if (fill.finish(list + i * k, n)) over.store(1, std::memory_order_relaxed);
       }
     };
@@ -1421,10 +1422,7 @@ ffi::Error NeighbourBuildImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F64> x,
         for (int64_t s = 0; s < len; ++s) {
           if (!(r2[s] < r2max)) continue;
           const int64_t j = members[s0 + s];
-          if (j == i) continue;
-          bool excluded = mk != nullptr && !mk[i * n + j];
-          for (int64_t q = 0; q < m; ++q) excluded |= ex[i * m + q] == j;
-          if (!excluded) fill.add(j);
+          if (j != i && permitted(i, j)) fill.add(j);
         }
       };
       for (int64_t a = -reach; a <= reach; ++a)

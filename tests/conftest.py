@@ -138,7 +138,7 @@ def villin():
 
 
 SANITIZER_FLAGS = (
-    "-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
+    "-O1 -g1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
 )
 
 

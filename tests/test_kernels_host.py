@@ -20,6 +20,7 @@ optimisation level (compilation is most of this file's time; the arithmetic is t
 IEEE float64, without fast-math).
 """
 
+import ctypes
 import time
 
 import jax
@@ -556,3 +557,38 @@ def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(sani
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]
     assert report.count("clean") == 2, report[-6000:]
+
+
+def test_concurrent_builds_of_one_library_compile_it_once(tmp_path, monkeypatch):
+    """Two threads asking for the same library at once (two test or Dask workers starting
+    together) share one compiler run: the second waits on the build's lock and loads the
+    first one's output. The compiler is a wrapper that logs each call and is slow enough
+    (1 s) for the two requests to overlap."""
+    import threading
+
+    from timemachine.backends.host import build_shared_library
+
+    cxx = host_compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\necho call >> "{log}"\nsleep 1\nexec {cxx} "$@"\n')
+    wrapper.chmod(0o755)
+    src = tmp_path / "tiny.cpp"
+    src.write_text('extern "C" int tm_tiny() { return 7; }\n')
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("TIMEMACHINE_CACHE", str(tmp_path / "cache"))
+    paths = []
+
+    def build():
+        paths.append(build_shared_library(str(src), "tiny", ["-O1"]))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(paths) == 2 and paths[0] == paths[1]
+    assert log.read_text().count("call") == 1
+    assert ctypes.CDLL(paths[0]).tm_tiny() == 7

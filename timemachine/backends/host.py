@@ -11,6 +11,7 @@ a serial loop over the same thread indices, in the same order of launches. It is
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
@@ -62,18 +63,25 @@ def build_shared_library(src, prefix, flags, include_dirs=(), key_extra="") -> s
             digest.update(os.path.basename(path).encode() + f.read())
     digest.update(" ".join((cxx,) + tuple(flags) + tuple(include_dirs) + (key_extra,)).encode())
     out = os.path.join(_cache_dir(), f"{prefix}_{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
-        os.close(fd)
-        includes = [f"-I{d}" for d in include_dirs]
-        cmd = [cxx, "-std=c++17", *flags, *includes, "-fPIC", "-shared", "-o", tmp, src]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.remove(tmp)
-            raise SimulationError(
-                f"host build of {os.path.basename(src)} failed ({' '.join(cmd)}):\n{proc.stderr}"
-            )
-        os.replace(tmp, out)  # atomic: a concurrent build never loads a half-written file
+    if os.path.exists(out):
+        return out
+    # one build at a time per library: a second process (a test worker, a Dask worker)
+    # waits for the first one's build instead of compiling the same sources beside it
+    with open(out + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(out):
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+            os.close(fd)
+            includes = [f"-I{d}" for d in include_dirs]
+            cmd = [cxx, "-std=c++17", *flags, *includes, "-fPIC", "-shared", "-o", tmp, src]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                os.remove(tmp)
+                raise SimulationError(
+                    f"host build of {os.path.basename(src)} failed ({' '.join(cmd)}):\n"
+                    f"{proc.stderr}"
+                )
+            os.replace(tmp, out)  # atomic: a reader never loads a half-written file
     return out
 
 

@@ -35,7 +35,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))  # benchmarks/, on the plugin's path
+ROOT = os.path.dirname(HERE)
 FOLDER_ENV = "TM_SUITE_PROFILE_DIR"  # where each pytest process writes its records
 
 EVENTS = {
@@ -47,7 +48,8 @@ SMALL_S = 0.05  # a "small" program: under this many seconds of backend compile
 
 
 class Recorder:
-    """Sums of ``jax.monitoring`` events since it was made, per test."""
+    """Running sums of ``jax.monitoring`` events since it was registered (the plugin takes
+    each test's share as the difference across the test)."""
 
     def __init__(self):
         self.totals = collections.Counter()
@@ -165,15 +167,14 @@ def report(summary, top):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "suite_profile.json"))
+    parser.add_argument("--json", default=os.path.join(HERE, "suite_profile.json"))
     parser.add_argument("--top", type=int, default=40, help="rows of each table")
     parser.add_argument("pytest_args", nargs="*", help="after --: replaces -n 2 --dist loadfile")
     args = parser.parse_args(argv)
     extra = args.pytest_args or ["-n", "2", "--dist", "loadfile"]
     with tempfile.TemporaryDirectory(prefix="tm-suite-profile-") as folder:
         env = dict(os.environ, **{FOLDER_ENV: folder})
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "suite_profile",
                                *extra], cwd=ROOT, env=env)  # fmt: skip
@@ -192,10 +193,10 @@ def main(argv=None):
     }  # fmt: skip
     print(f"pytest took {elapsed:.0f} s (exit status {proc.returncode})\n")
     print(report(summary, args.top))
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=1)
-    os.replace(tmp, args.json)  # never a half-written file
+    sys.path.insert(0, ROOT)
+    from timemachine.files import atomic_json
+
+    atomic_json(args.json, summary)  # never a half-written file
     return proc.returncode
 
 
